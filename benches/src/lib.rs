@@ -75,3 +75,17 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() - 1) as f64 * p / 100.0).round() as usize;
     sorted[i]
 }
+
+/// CPU seconds (user + system) used so far by this process (`children`: by its waited-for
+/// children). Under a noisy machine CPU time is steadier than wall time.
+pub fn cpu_seconds(children: bool) -> f64 {
+    let who = if children { libc::RUSAGE_CHILDREN } else { libc::RUSAGE_SELF };
+    // SAFETY: getrusage writes into the zeroed struct we pass; nothing else is touched.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `u` outlives the call.
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}

@@ -72,11 +72,11 @@ impl Store {
             if !marked.insert(id) {
                 continue;
             }
-            if let Some(loc) = self.location(&id)? {
-                if loc.is_node {
-                    let node = Node::decode(&self.get_chunk(&id)?, &|| format!("node {id}"))?;
-                    stack.extend(node.links.into_iter().filter(|h| !h.is_zero() && !marked.contains(h)));
-                }
+            if let Some(loc) = self.location(&id)?
+                && loc.is_node
+            {
+                let node = Node::decode(&self.get_chunk(&id)?, &|| format!("node {id}"))?;
+                stack.extend(node.links.into_iter().filter(|h| !h.is_zero() && !marked.contains(h)));
             }
         }
         Ok(())

@@ -280,10 +280,10 @@ impl Store {
         if let Some(id) = self.get_ref(name_or_id)? {
             return Ok(id);
         }
-        if let Ok(id) = name_or_id.parse::<Hash>() {
-            if self.contains(&id)? {
-                return Ok(id);
-            }
+        if let Ok(id) = name_or_id.parse::<Hash>()
+            && self.contains(&id)?
+        {
+            return Ok(id);
         }
         Err(Error::NotFound(format!("no ref or object named {name_or_id:?}")))
     }

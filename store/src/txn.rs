@@ -176,10 +176,10 @@ impl Txn {
     }
 
     fn pack_writer(&mut self) -> Result<&mut PackWriter> {
-        if self.pack.as_ref().is_some_and(|p| p.len() >= MAX_PACK_BYTES) {
-            if let Some(full) = self.pack.take() {
-                self.finished_packs.push(full);
-            }
+        if self.pack.as_ref().is_some_and(|p| p.len() >= MAX_PACK_BYTES)
+            && let Some(full) = self.pack.take()
+        {
+            self.finished_packs.push(full);
         }
         if self.pack.is_none() {
             let number = self.store.alloc_pack();

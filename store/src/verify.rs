@@ -9,7 +9,7 @@ use crate::blob::BlobManifest;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::image::{Progress, Root, SEGMENT_PAGES};
-use crate::node::{Node, kind};
+use crate::node::kind;
 use crate::pack::Location;
 use crate::store::{Store, key};
 
@@ -139,10 +139,10 @@ impl Store {
             if id.is_zero() || !marked.insert(id) {
                 continue;
             }
-            if self.location(&id)?.is_some_and(|l| l.is_node) {
-                if let Ok(node) = self.get_node(&id) {
-                    stack.extend(node.links);
-                }
+            if self.location(&id)?.is_some_and(|l| l.is_node)
+                && let Ok(node) = self.get_node(&id)
+            {
+                stack.extend(node.links);
             }
         }
         Ok(())
@@ -204,14 +204,12 @@ impl Store {
                     if note(format!("{path} {}", id.short()), &id) {
                         continue;
                     }
-                    if let Ok(Some(loc)) = self.location(&id) {
-                        if loc.is_node {
-                            if let Ok(n) = self.get_node(&id) {
-                                let inner = Node::new(n.kind, n.links, Vec::new());
-                                for l in inner.links {
-                                    stack.push((l, format!("{path} {} ->", id.short())));
-                                }
-                            }
+                    if let Ok(Some(loc)) = self.location(&id)
+                        && loc.is_node
+                        && let Ok(n) = self.get_node(&id)
+                    {
+                        for l in n.links {
+                            stack.push((l, format!("{path} {} ->", id.short())));
                         }
                     }
                 }

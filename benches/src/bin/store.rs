@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::json;
-use snapfork_benches::{captured_images, mbps, median, percentile};
+use snapfork_benches::{captured_images, cpu_seconds, mbps, median, percentile};
 use snapfork_store::{IngestOptions, OpenOptions, PageSet, Store};
 
 const PAGE: usize = 4096;
@@ -30,11 +30,14 @@ fn main() -> anyhow::Result<()> {
 
     // zstd -1 -T0, the baseline.
     let zst = tmp.path().join("a.zst");
+    let cpu0 = cpu_seconds(true);
     let (zstd_time, ()) = median(reps, || zstd(&a, &zst))?;
+    let zstd_cpu = (cpu_seconds(true) - cpu0) / reps as f64;
     let zstd_size = fs::metadata(&zst)?.len();
 
     // First ingest into a fresh store.
     let mut n = 0;
+    let cpu0 = cpu_seconds(false);
     let (ingest_time, (first, first_pack_bytes)) = median(reps, || {
         n += 1;
         let dir = tmp.path().join(format!("first-{n}"));
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         let packs = dir_size(&dir.join("packs"))?;
         Ok((info, packs))
     })?;
+    let ingest_cpu = (cpu_seconds(false) - cpu0) / reps as f64;
 
     // Second ingest (mem-b onto mem-a): full re-ingest vs with the dirty-page set.
     let changed: PageSet = (0..da.len() / PAGE)
@@ -112,8 +116,9 @@ fn main() -> anyhow::Result<()> {
 
     let report = json!({
         "image_bytes": size,
-        "zstd_T0": {"seconds": zstd_time.as_secs_f64(), "mb_per_s": mbps(size, zstd_time), "bytes": zstd_size},
-        "first_ingest": {"seconds": ingest_time.as_secs_f64(), "mb_per_s": mbps(size, ingest_time),
+        "zstd_T0": {"seconds": zstd_time.as_secs_f64(), "cpu_seconds": zstd_cpu, "mb_per_s": mbps(size, zstd_time), "bytes": zstd_size},
+        "first_ingest": {"seconds": ingest_time.as_secs_f64(), "cpu_seconds": ingest_cpu, "mb_per_s": mbps(size, ingest_time),
+            "cpu_vs_zstd": zstd_cpu / ingest_cpu,
             "stored_bytes": first_pack_bytes, "zero_pages": first.zero_pages, "new_pages": first.new_pages,
             "speed_vs_zstd": zstd_time.as_secs_f64() / ingest_time.as_secs_f64(),
             "size_vs_zstd": first_pack_bytes as f64 / zstd_size as f64},
@@ -166,8 +171,9 @@ fn main() -> anyhow::Result<()> {
     println!("{:<44} {:>10.0}", "snapfork sequential materialize (MB/s)", mbps(size, seq_time));
     println!("random page read p50 {:.1} us, p99 {:.1} us", us(percentile(&lat, 50.0)), us(percentile(&lat, 99.0)));
     println!(
-        "ratios: ingest speed vs zstd {:.2}x, size vs zstd {:.2}x, increment vs changed-pages zstd {:.2}x, dirty-set speedup {:.1}x",
+        "ratios: ingest speed vs zstd {:.2}x (CPU {:.2}x), size vs zstd {:.2}x, increment vs changed-pages zstd {:.2}x, dirty-set speedup {:.1}x",
         r["first_ingest"]["speed_vs_zstd"].as_f64().unwrap_or(0.0),
+        r["first_ingest"]["cpu_vs_zstd"].as_f64().unwrap_or(0.0),
         r["first_ingest"]["size_vs_zstd"].as_f64().unwrap_or(0.0),
         r["second_ingest"]["increment_vs_changed_zstd"].as_f64().unwrap_or(0.0),
         r["second_ingest"]["dirty_set_speedup"].as_f64().unwrap_or(0.0),
