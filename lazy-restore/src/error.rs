@@ -27,6 +27,9 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] snapfork_store::Error),
     /// A working-set record is malformed.
     #[error("working set: {0}")]
     WorkingSet(String),

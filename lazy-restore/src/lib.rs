@@ -20,10 +20,11 @@ pub mod restore;
 pub mod server;
 pub mod source;
 pub mod uffd;
+pub mod workingset;
 
 pub use error::{Error, Result};
 pub use restore::{
     CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport,
 };
 pub use server::{ServerEvent, ServerOptions, ServerSummary, UffdServer};
-pub use source::{CachedSource, PageSource, RawFileSource};
+pub use source::{CachedSource, PageSource, RawFileSource, SharedSources, StoreSource};

@@ -293,6 +293,18 @@ pub struct RestoreReport {
     pub fault_ns: Vec<u32>,
 }
 
+impl RestoreReport {
+    /// [`RestoreReport::touched`] as the store's page set, for an incremental ingest
+    /// (`IngestOptions { parent, dirty: Some(..) }`): only these pages can differ.
+    pub fn touched_pages(&self) -> snapfork_store::PageSet {
+        let mut set = snapfork_store::PageSet::new();
+        for &p in &self.touched {
+            set.insert(p);
+        }
+        set
+    }
+}
+
 /// A running restore.
 pub struct RestoreHandle {
     thread: Option<JoinHandle<RestoreReport>>,

@@ -232,3 +232,94 @@ impl PageSource for CachedSource {
         self.inner.name()
     }
 }
+
+/// An image in the snapfork store: every page read is verified against its blake3 id by
+/// [`snapfork_store::ImageReader`]; a mismatch is an error naming the image and the page.
+pub struct StoreSource {
+    reader: snapfork_store::ImageReader,
+}
+
+impl StoreSource {
+    /// Wraps an opened image.
+    pub fn new(reader: snapfork_store::ImageReader) -> Self {
+        StoreSource { reader }
+    }
+
+    /// Opens the image `name_or_id` (a ref or a hex id) of `store`.
+    pub fn open(store: &snapfork_store::Store, name_or_id: &str) -> Result<Self> {
+        Ok(StoreSource {
+            reader: store.open_image_ref(name_or_id)?,
+        })
+    }
+
+    /// The image's id.
+    pub fn id(&self) -> snapfork_store::Hash {
+        self.reader.id()
+    }
+
+    /// The underlying reader.
+    pub fn reader(&self) -> &snapfork_store::ImageReader {
+        &self.reader
+    }
+}
+
+impl PageSource for StoreSource {
+    fn page_size(&self) -> usize {
+        self.reader.page_size() as usize
+    }
+    fn page_count(&self) -> u64 {
+        self.reader.page_count()
+    }
+    fn size(&self) -> u64 {
+        // A short last page cannot be mapped by any region: the real size rejects such regions.
+        self.reader.size()
+    }
+    fn is_zero(&self, index: u64) -> bool {
+        // An unreadable segment is "not known zero": read_page then reports the error.
+        self.reader.page_id(index).is_ok_and(|id| id.is_zero())
+    }
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        self.reader
+            .read_page(index, buf)
+            .map(|_| ())
+            .map_err(|e| Error::Page {
+                image: self.reader.name().to_string(),
+                page: index,
+                message: e.to_string(),
+            })
+    }
+    fn name(&self) -> String {
+        self.reader.name().to_string()
+    }
+}
+
+/// Caches shared by all restores of a snapshot in one server process, keyed by image id.
+/// A cache lives while any restore (or the caller) holds it.
+#[derive(Default)]
+pub struct SharedSources {
+    map: Mutex<HashMap<String, std::sync::Weak<CachedSource>>>,
+}
+
+impl SharedSources {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cache for `key`, created with `open` and `capacity` bytes if none is alive.
+    pub fn get_or_open(
+        &self,
+        key: &str,
+        capacity: usize,
+        open: impl FnOnce() -> Result<Arc<dyn PageSource>>,
+    ) -> Result<Arc<CachedSource>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(key).and_then(|w| w.upgrade()) {
+            return Ok(c);
+        }
+        let c = Arc::new(CachedSource::new(open()?, capacity));
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key.to_string(), Arc::downgrade(&c));
+        Ok(c)
+    }
+}
