@@ -121,6 +121,8 @@ pub struct RestoreOptions {
     pub on_corrupt: CorruptPolicy,
     /// Keep at most this many fault service times (for percentiles).
     pub max_latency_samples: usize,
+    /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
+    pub prefetch_threads: usize,
 }
 
 impl Default for RestoreOptions {
@@ -132,6 +134,7 @@ impl Default for RestoreOptions {
             batch_bytes: 256 << 10,
             on_corrupt: CorruptPolicy::KillPeer,
             max_latency_samples: 1 << 20,
+            prefetch_threads: 2,
         }
     }
 }
@@ -424,22 +427,57 @@ pub fn start(
         let efd = Arc::new(eventfd()?);
         let (tx, rx) = std::sync::mpsc::sync_channel(8);
         let quit = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (source, efd, quit, installed) =
+        // Several readers share the plan: store reads (lookup, decompress, verify) are the cost,
+        // and they parallelise; the serving thread alone installs.
+        // Which run each region page belongs to: a demand fault on a planned page moves the
+        // readers' cursor past its run (they follow the guest instead of trailing it) and
+        // installs the rest of that run at once.
+        let mut run_of: Vec<Vec<u32>> = regions
+            .iter()
+            .map(|r| vec![u32::MAX; r.pages() as usize])
+            .collect();
+        for (i, run) in plan.iter().enumerate() {
+            for p in run.first..run.first + run.count {
+                run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
+            }
+        }
+        let plan = Arc::new(plan);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sweep = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for i in 0..opts.prefetch_threads.max(1) {
+            let (source, efd, quit2, installed) =
                 (source.clone(), efd.clone(), quit.clone(), installed.clone());
-            let regions = regions.clone();
-            std::thread::Builder::new()
-                .name("uffd-prefetch".into())
+            let (regions, plan, next, tx) =
+                (regions.clone(), plan.clone(), next.clone(), tx.clone());
+            let sweep = sweep.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("uffd-prefetch-{i}"))
                 .spawn(move || {
-                    prefetch_reader(plan, &regions, &*source, &installed, tx, &efd, &quit)
-                })
-                .map_err(|e| Error::io("spawn prefetch thread", e))?
-        };
+                    prefetch_reader(
+                        &plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2,
+                    )
+                });
+            match spawned {
+                Ok(h) => readers.push(h),
+                Err(e) => {
+                    quit.store(true, Relaxed);
+                    for h in readers {
+                        let _ = h.join();
+                    }
+                    return Err(Error::io("spawn prefetch thread", e));
+                }
+            }
+        }
+        drop(tx);
         serving.prefetch = Some(Prefetch {
             rx,
             efd,
             quit,
-            reader: Some(reader),
+            readers,
+            plan,
+            next,
+            run_of,
         });
     } else {
         stats.prefetch_done.store(true, Relaxed);
@@ -482,7 +520,10 @@ struct Prefetch {
     rx: Receiver<Batch>,
     efd: Arc<OwnedFd>,
     quit: Arc<AtomicBool>,
-    reader: Option<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
+    plan: Arc<Vec<Run>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    run_of: Vec<Vec<u32>>,
 }
 
 enum Stop {
@@ -565,8 +606,11 @@ fn all_zero(source: &dyn PageSource, r: &Region, p: u64) -> bool {
 }
 
 /// Reads the prefetch runs ahead of the serving thread (decompression overlaps the copies).
+#[allow(clippy::too_many_arguments)]
 fn prefetch_reader(
-    plan: Vec<Run>,
+    plan: &[Run],
+    next: &std::sync::atomic::AtomicUsize,
+    sweep: &std::sync::atomic::AtomicUsize,
     regions: &[Region],
     source: &dyn PageSource,
     installed: &[Arc<AtomicBitmap>],
@@ -584,7 +628,16 @@ fn prefetch_reader(
         unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         true
     };
-    for run in plan {
+    loop {
+        // First pass follows the cursor (which demand faults push forward); a second pass picks
+        // up the runs a jump skipped (their installed pages are skipped without reading).
+        let run = match plan.get(next.fetch_add(1, Relaxed)) {
+            Some(&run) => run,
+            None => match plan.get(sweep.fetch_add(1, Relaxed)) {
+                Some(&run) => run,
+                None => return,
+            },
+        };
         let r = &regions[run.region];
         let rps = r.page_size as usize;
         // Split the run into homogeneous pieces: data pages, zero pages; skip installed ones.
@@ -673,7 +726,7 @@ impl Serving {
         if let Some(mut pf) = self.prefetch.take() {
             pf.quit.store(true, Relaxed);
             drop(pf.rx);
-            if let Some(t) = pf.reader.take() {
+            for t in pf.readers.drain(..) {
                 let _ = t.join();
             }
         }
@@ -848,11 +901,19 @@ impl Serving {
         if removed || all_zero(&*self.source, &r, p) {
             self.install_zero(ri, p, 1)?;
         } else {
-            let max = if r.page_size == 4096 {
+            let mut max = if r.page_size == 4096 {
                 (self.opts.fault_around as u64 / r.page_size).max(1)
             } else {
                 1
             };
+            if let Some(pf) = &self.prefetch
+                && let Some(&idx) = pf.run_of[ri].get(p as usize)
+                && idx != u32::MAX
+            {
+                pf.next.fetch_max(idx as usize + 1, Relaxed);
+                let run = pf.plan[idx as usize];
+                max = max.max(run.first + run.count - p);
+            }
             let st = &self.states[ri];
             let mut n = 1;
             while n < max
@@ -1140,10 +1201,10 @@ impl Serving {
             }
             Err(TryRecvError::Empty) => Ok(false),
             Err(TryRecvError::Disconnected) => {
-                if let Some(mut pf) = self.prefetch.take()
-                    && let Some(t) = pf.reader.take()
-                {
-                    let _ = t.join();
+                if let Some(mut pf) = self.prefetch.take() {
+                    for t in pf.readers.drain(..) {
+                        let _ = t.join();
+                    }
                 }
                 self.stats.prefetch_done.store(true, Relaxed);
                 debug!(pid = self.peer.pid, "prefetch complete");
