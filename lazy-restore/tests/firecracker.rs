@@ -305,12 +305,9 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
         (
             "overlapping regions",
             format!(
-                "[{},{}]",
+                r#"[{},{{"base_host_virt_addr":{},"size":1048576,"offset":524288,"page_size":4096}}]"#,
                 region(1 << 20, 0),
-                format!(
-                    r#"{{"base_host_virt_addr":{},"size":1048576,"offset":524288,"page_size":4096}}"#,
-                    base + (4 << 20)
-                )
+                base + (4 << 20)
             ),
             vec![uffd],
             false,
