@@ -23,6 +23,11 @@ use crate::source::PageSource;
 use crate::uffd::{self, Event, Fill};
 use crate::{Error, Result};
 
+/// Most zero pages mapped by one demand fault on a zero page (2 MiB of 4 KiB pages).
+const ZERO_AROUND_PAGES: u64 = 512;
+/// Most zero pages per prefetch/fill zero batch (one UFFDIO_ZEROPAGE of 8 MiB).
+const ZERO_RUN_PAGES: u64 = 2048;
+
 /// 2 MiB: the hugetlb page size Firecracker uses.
 pub const HUGE_PAGE: u64 = 2 << 20;
 
@@ -509,6 +514,7 @@ struct Run {
     region: usize,
     first: u64,
     count: u64,
+    zero: bool,
 }
 
 enum Batch {
@@ -560,11 +566,19 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
     let ip = source.page_size() as u64;
     let mut seen: Vec<Bitmap> = regions.iter().map(|r| Bitmap::new(r.pages())).collect();
     let mut runs: Vec<Run> = Vec::new();
+    // Runs are homogeneous: data runs up to `batch_bytes`, zero runs much longer (no data moves).
     let push = |runs: &mut Vec<Run>, region: usize, p: u64| {
-        let max = (opts.batch_bytes as u64 / regions[region].page_size).max(1);
+        let r = &regions[region];
+        let zero = all_zero(source, r, p);
+        let max = if zero && r.page_size == 4096 {
+            ZERO_RUN_PAGES
+        } else {
+            (opts.batch_bytes as u64 / r.page_size).max(1)
+        };
         if let Some(last) = runs.last_mut()
             && last.region == region
             && last.first + last.count == p
+            && last.zero == zero
             && last.count < max
         {
             last.count += 1;
@@ -574,6 +588,7 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
             region,
             first: p,
             count: 1,
+            zero,
         });
     };
     for &page in &opts.prefetch {
@@ -661,6 +676,7 @@ fn prefetch_reader(
                     region: run.region,
                     first: p,
                     count: q - p,
+                    zero: true,
                 })) {
                     return;
                 }
@@ -692,6 +708,7 @@ fn prefetch_reader(
                         region: run.region,
                         first: p,
                         count: good,
+                        zero: false,
                     },
                     data,
                 }) {
@@ -899,7 +916,20 @@ impl Serving {
             }
         }
         if removed || all_zero(&*self.source, &r, p) {
-            self.install_zero(ri, p, 1)?;
+            // Zero pages come in long runs (free guest memory): map the following zero (or
+            // removed) pages too, in the same ioctl. They cost a page-table entry each, no copy.
+            let mut n = 1;
+            if r.page_size == 4096 {
+                let st = &self.states[ri];
+                while n < ZERO_AROUND_PAGES
+                    && p + n < r.pages()
+                    && !st.installed.get(p + n)
+                    && (st.removed.get(p + n) || all_zero(&*self.source, &r, p + n))
+                {
+                    n += 1;
+                }
+            }
+            self.install_zero(ri, p, n)?;
         } else {
             let mut max = if r.page_size == 4096 {
                 (self.opts.fault_around as u64 / r.page_size).max(1)
