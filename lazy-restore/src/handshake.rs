@@ -276,3 +276,39 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_released_shape_parses() {
+        let v11 = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0}]"#;
+        let v17 = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size_kib":4096}]"#;
+        let v112 = br#"[{"base_host_virt_addr":2097152,"size":4194304,"offset":0,"page_size":2097152,"page_size_kib":2097152}]"#;
+        let extra =
+            br#" [ {"offset":0,"size":8192,"base_host_virt_addr":4096,"slot":3,"x":{"y":[1]}} ] "#;
+        for m in [&v11[..], &v17[..], &extra[..]] {
+            let r = parse_regions(m).unwrap();
+            assert_eq!(r[0].page_size, 4096);
+            assert_eq!((r[0].base, r[0].size, r[0].offset), (4096, 8192, 0));
+        }
+        assert_eq!(parse_regions(v112).unwrap()[0].page_size, HUGE_PAGE);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        for (m, needle) in [
+            (&br#"[{"base_host_virt_addr":1,"size":2}]"#[..], "missing field"),
+            (br#"[{"base_host_virt_addr":1,"size":-2,"offset":0}]"#, "invalid value"),
+            (br#"[]"#, "empty"),
+            (br#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096,"page_size_kib":2097152}]"#, "disagree"),
+            (br#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":65536}]"#, "unsupported page size"),
+            (br#"[{"base_host_virt_addr":0,"size":4096,"offset":0}] []"#, "trailing"),
+            (b"\xff", "UTF-8"),
+        ] {
+            let e = parse_regions(m).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+}

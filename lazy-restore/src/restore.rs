@@ -1243,3 +1243,49 @@ impl Serving {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(base: u64, size: u64, offset: u64) -> Region {
+        Region {
+            base,
+            size,
+            offset,
+            page_size: 4096,
+        }
+    }
+
+    #[test]
+    fn region_validation() {
+        let img = 1 << 20;
+        assert!(
+            validate_regions(
+                &[r(0x10000, 0x8000, 0), r(0x40000, 0x8000, 0x8000)],
+                img,
+                4096
+            )
+            .is_ok()
+        );
+        for (regions, needle) in [
+            (vec![], "no regions"),
+            (vec![r(0x10000, 0x8000, img)], "beyond the image"),
+            (vec![r(0x10000, u64::MAX - 4095, 0)], "beyond the image"),
+            (vec![r(0x10001, 0x8000, 0)], "not aligned"),
+            (
+                vec![r(0x10000, 0x8000, 0), r(0x80000, 0x8000, 0x4000)],
+                "overlap in the image",
+            ),
+            (
+                vec![r(0x10000, 0x8000, 0), r(0x14000, 0x8000, 0x8000)],
+                "overlap in memory",
+            ),
+        ] {
+            let e = validate_regions(&regions, img, 4096)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+}
