@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// present).
     #[arg(long, default_value_t = 4)]
     fault_around_kib: usize,
+    /// Largest sequential read-ahead window, KiB (faults that follow one another through memory
+    /// install 2, 4, 8... pages at once); 0 disables.
+    #[arg(long, default_value_t = 256)]
+    readahead_kib: usize,
     /// Cache of decompressed pages shared by the restores, in MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mib: usize,
@@ -190,6 +194,7 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         max_restores: a.max_restores,
         restore: RestoreOptions {
             fault_around: a.fault_around_kib.max(4) << 10,
+            readahead: a.readahead_kib << 10,
             prefetch: prefetch.clone(),
             fill: a.fill,
             on_corrupt,

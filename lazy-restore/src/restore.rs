@@ -128,6 +128,9 @@ pub struct RestoreOptions {
     pub max_latency_samples: usize,
     /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
     pub prefetch_threads: usize,
+    /// Largest sequential read-ahead window in bytes (4 KiB regions): demand faults that follow
+    /// one another through memory install 2, 4, 8... pages at once. 0 or 4096 disables it.
+    pub readahead: usize,
 }
 
 impl Default for RestoreOptions {
@@ -140,6 +143,7 @@ impl Default for RestoreOptions {
             on_corrupt: CorruptPolicy::KillPeer,
             max_latency_samples: 1 << 20,
             prefetch_threads: 2,
+            readahead: 256 << 10,
         }
     }
 }
@@ -401,7 +405,11 @@ pub fn start(
     let pid = peer.pid;
     let live_ws = Arc::new(Mutex::new(Vec::new()));
     let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
-    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes);
+    let buf_len = opts
+        .fault_around
+        .max(max_page)
+        .max(opts.batch_bytes)
+        .max(opts.readahead);
     let mut serving = Serving {
         uffd,
         states: regions
@@ -426,6 +434,8 @@ pub fn start(
         live_ws: live_ws.clone(),
         fault_ns: Vec::new(),
         prefetch: None,
+        seq_next: (usize::MAX, 0),
+        seq: 0,
     };
     let plan = prefetch_plan(&regions, source.as_ref(), &opts);
     if !plan.is_empty() {
@@ -553,6 +563,9 @@ struct Serving {
     live_ws: Arc<Mutex<Vec<u64>>>,
     fault_ns: Vec<u32>,
     prefetch: Option<Prefetch>,
+    /// The page right after the last demand-installed run, and how many faults in a row hit it.
+    seq_next: (usize, u64),
+    seq: u32,
 }
 
 /// The image pages behind region page `p` of `r`.
@@ -908,6 +921,11 @@ impl Serving {
             return Ok(());
         }
         let removed = st.removed.get(p);
+        self.seq = if self.seq_next == (ri, p) {
+            self.seq.saturating_add(1)
+        } else {
+            0
+        };
         if !removed && !self.states[ri].recorded.set(p, true) {
             let first = image_pages(&r, p, self.source.page_size() as u64).start;
             self.ws.push(first);
@@ -930,12 +948,19 @@ impl Serving {
                 }
             }
             self.install_zero(ri, p, n)?;
+            self.seq_next = (ri, p + n);
         } else {
             let mut max = if r.page_size == 4096 {
                 (self.opts.fault_around as u64 / r.page_size).max(1)
             } else {
                 1
             };
+            // Sequential read-ahead: each fault right after the previous demand run doubles
+            // the window (2, 4, ... pages, up to `readahead`); any other fault resets it.
+            if r.page_size == 4096 && self.seq > 0 {
+                let cap = (self.opts.readahead as u64 / r.page_size).max(1);
+                max = max.max((1u64 << self.seq.min(20)).min(cap));
+            }
             if let Some(pf) = &self.prefetch
                 && let Some(&idx) = pf.run_of[ri].get(p as usize)
                 && idx != u32::MAX
@@ -956,6 +981,7 @@ impl Serving {
             }
             let n = self.read_run(ri, p, n)?;
             self.install_data(ri, p, n, None, false)?;
+            self.seq_next = (ri, p + n.max(1));
         }
         if self.fault_ns.len() < self.opts.max_latency_samples {
             self.fault_ns

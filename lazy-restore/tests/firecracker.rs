@@ -230,7 +230,11 @@ fn killed_client_leaves_others_served_and_leaks_nothing() {
         ended.iter().all(|r| r.end == EndReason::PeerExited),
         "{ended:?}"
     );
-    assert!(ended.iter().any(|r| r.working_set.len() >= 300));
+    assert!(
+        ended
+            .iter()
+            .any(|r| r.stats.pages_copied + r.stats.pages_zeroed >= 300)
+    );
     srv.stop();
     // Every serving thread and descriptor is gone once the server returns.
     std::thread::sleep(Duration::from_millis(100));
@@ -421,8 +425,11 @@ fn kvm_guest_faults_are_served() {
     let want = expected_checksum(&bytes[4 << 20..]);
     assert_eq!(res.unwrap()["checksum"].as_u64().unwrap() as u32, want);
     let (ended, _) = srv.wait_ended(1, T);
-    // Every page was faulted through KVM (no user-space access touched guest memory).
-    assert_eq!(ended[0].stats.faults, 1024, "{:?}", ended[0].stats);
+    // Only KVM touched guest memory: every page was installed through faults KVM took (the
+    // guest reads sequentially, so read-ahead serves several pages per fault).
+    let st = &ended[0].stats;
+    assert!(st.faults > 0, "{st:?}");
+    assert_eq!(st.pages_copied + st.pages_zeroed, 1024, "{st:?}");
     srv.stop();
 }
 
@@ -453,7 +460,8 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
     let ws = &ended[0].working_set;
     // The recorded order starts with the touch pattern (zero pages included: they fault too).
     assert_eq!(&ws[..pattern.len()], &pattern[..]);
-    assert_eq!(ws.len(), 2048);
+    // Then the sequential comparison faults the rest (with read-ahead: fewer faults than pages).
+    assert!(ws.len() > pattern.len() && ws.len() <= 2048, "{}", ws.len());
     // Second restore prefetches the first 200 recorded pages.
     let srv = TestServer::start(
         dir.path().join("b.sock"),
