@@ -31,6 +31,9 @@ pub enum UffdCmd {
     /// Benchmarks on your own snapshots.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The recorded working set of a memory image (what `serve-uffd` prefetches).
+    #[command(subcommand, name = "working-set")]
+    WorkingSet(WsCmd),
     /// Internal: the guest process of `bench restore`.
     #[command(name = "__bench-guest", hide = true)]
     BenchGuest(GuestArgs),
@@ -84,6 +87,32 @@ pub enum BenchCmd {
     /// Restore latency of a stored image: Firecracker's File backend (cold and warm page cache),
     /// eager restore, lazy restore and lazy restore with the working set prefetched, side by side.
     Restore(BenchArgs),
+}
+
+/// Working-set commands.
+#[derive(Subcommand, Debug)]
+pub enum WsCmd {
+    /// Show the stored working set of an image.
+    Show {
+        /// The image: a ref or a hex id.
+        reference: String,
+        /// Also list the pages.
+        #[arg(long)]
+        pages: bool,
+    },
+    /// Store a working set for an image from a page list (whitespace/comma separated, `a-b`).
+    Set {
+        /// The image: a ref or a hex id.
+        reference: String,
+        /// The page list.
+        #[arg(long)]
+        pattern: PathBuf,
+    },
+    /// Delete the stored working set of an image.
+    Rm {
+        /// The image: a ref or a hex id.
+        reference: String,
+    },
 }
 
 /// `bench restore` options.
@@ -145,6 +174,7 @@ pub fn run(cmd: UffdCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
         UffdCmd::ServeUffd(a) => serve(a, global),
         UffdCmd::Bench(BenchCmd::Restore(a)) => bench(a, global),
+        UffdCmd::WorkingSet(c) => working_set(c, global),
         UffdCmd::BenchGuest(a) => guest(a, global),
     }
 }
@@ -284,6 +314,91 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     Ok(Report::new(j, text))
 }
 
+fn open_rw(global: &Global) -> anyhow::Result<Store> {
+    Store::open(
+        &global.store,
+        OpenOptions {
+            create: false,
+            lock_timeout: global.lock_timeout(),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("open store {}", global.store.display()))
+}
+
+fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
+    match cmd {
+        WsCmd::Show { reference, pages } => {
+            let store = open_ro(global)?;
+            let image = store.open_image_ref(&reference)?;
+            let id = image.id();
+            let blob = store.get_ref(&workingset::ref_name(&id))?;
+            let ws = workingset::load(&store, &id)?;
+            let n = ws.as_ref().map_or(0, |w| w.len());
+            let total = image.page_count().max(1) as f64;
+            let mut j = json!({
+                "image": id.to_hex(), "ref": workingset::ref_name(&id),
+                "id": blob.map(|b| b.to_hex()), "pages": n, "fraction": n as f64 / total,
+            });
+            if pages {
+                j["list"] = json!(ws.clone().unwrap_or_default());
+            }
+            let text = match &ws {
+                None => format!("image {} has no working set", id.short()),
+                Some(w) => {
+                    let mut t = format!(
+                        "image {}: working set of {} pages ({:.1}%)",
+                        id.short(),
+                        w.len(),
+                        100.0 * w.len() as f64 / total
+                    );
+                    if pages {
+                        t += "\n";
+                        t += &w
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                    }
+                    t
+                }
+            };
+            Ok(Report::new(j, text))
+        }
+        WsCmd::Set { reference, pattern } => {
+            let store = open_rw(global)?;
+            let image = store.open_image_ref(&reference)?;
+            let text = std::fs::read_to_string(&pattern)
+                .with_context(|| format!("read {}", pattern.display()))?;
+            let pages = workingset::parse_pattern(&text)?;
+            if let Some(bad) = pages.iter().find(|&&p| p >= image.page_count()) {
+                bail!(
+                    "page {bad} is beyond the image ({} pages)",
+                    image.page_count()
+                );
+            }
+            let blob = workingset::save(&store, &image.id(), image.page_size(), &pages)?;
+            Ok(Report::new(
+                json!({"id": blob.to_hex(), "image": image.id().to_hex(), "pages": pages.len()}),
+                format!(
+                    "stored a working set of {} pages for {}",
+                    pages.len(),
+                    image.id().short()
+                ),
+            ))
+        }
+        WsCmd::Rm { reference } => {
+            let store = open_rw(global)?;
+            let id = store.resolve(&reference)?;
+            workingset::delete(&store, &id)?;
+            Ok(Report::new(
+                json!({"image": id.to_hex(), "deleted": true}),
+                format!("deleted the working set of {}", id.short()),
+            ))
+        }
+    }
+}
+
 fn save_ws(
     global: &Global,
     id: &snapfork_store::Hash,
@@ -291,14 +406,7 @@ fn save_ws(
     ws: &[u64],
 ) -> anyhow::Result<String> {
     // The serving store is read-only (the engine may hold the writer lock); take it briefly.
-    let store = Store::open(
-        &global.store,
-        OpenOptions {
-            create: false,
-            lock_timeout: global.lock_timeout(),
-            ..Default::default()
-        },
-    )?;
+    let store = open_rw(global)?;
     Ok(workingset::save(&store, id, ps, ws)?.to_hex())
 }
 
