@@ -37,14 +37,9 @@ fn cached(store: &Store) -> Arc<dyn PageSource> {
     Arc::new(CachedSource::new(src, 64 << 20))
 }
 
-#[test]
-fn corrupt_page_kills_only_its_vm() {
-    if !require_root() {
-        return;
-    }
-    let dir = tempdir();
-    let (store, image) = store_with_image(dir.path(), 1024);
-    // Flip a byte inside the stored copy of page 100 (a data page).
+/// A store holding the synthetic image as "vm", with the stored bytes of page 100 flipped.
+fn corrupt_store(dir: &std::path::Path) -> (Store, std::path::PathBuf) {
+    let (store, image) = store_with_image(dir, 1024);
     let reader = store.open_image_ref("vm").unwrap();
     let id = reader.page_id(100).unwrap();
     let loc = store.location(&id).unwrap().unwrap();
@@ -64,13 +59,57 @@ fn corrupt_page_kills_only_its_vm() {
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     }
     let store = Store::open(
-        dir.path().join("store"),
+        dir.join("store"),
         OpenOptions {
             read_only: true,
             ..Default::default()
         },
     )
     .unwrap();
+    (store, image)
+}
+
+#[test]
+fn corrupt_page_poisoned_raises_sigbus_only_on_that_page() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
+    let srv = TestServer::start(
+        dir.path().join("uffd.sock"),
+        cached(&store),
+        ServerOptions {
+            restore: snapfork_lazy_restore::RestoreOptions {
+                on_corrupt: snapfork_lazy_restore::CorruptPolicy::Poison,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    // Pages 0..99 read fine, then page 100 raises SIGBUS instead of showing wrong bytes.
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let (st, res) = wait_child(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    // Exactly the pages before the corrupt one were installed; page 100 got the poison marker.
+    let st = &ended[0].stats;
+    assert_eq!(st.pages_copied + st.pages_zeroed, 100, "{st:?}");
+    srv.stop();
+}
+
+#[test]
+fn corrupt_page_kills_only_its_vm() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
     let srv = TestServer::start(
         dir.path().join("uffd.sock"),
         cached(&store),
