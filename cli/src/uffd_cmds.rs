@@ -14,8 +14,8 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use snapfork_lazy_restore::client::{FakeVm, RegionSpec, Shape};
 use snapfork_lazy_restore::{
-    CachedSource, CorruptPolicy, PageSource, RestoreOptions, ServerEvent, ServerOptions,
-    StoreSource, UffdServer, workingset,
+    CachedSource, CorruptPolicy, PageSource, RestoreOptions, ServerEvent, ServerOptions, StoreSource, UffdServer,
+    workingset,
 };
 use snapfork_store::{OpenOptions, Store};
 
@@ -182,12 +182,7 @@ pub fn run(cmd: UffdCmd, global: &Global) -> anyhow::Result<Report> {
 fn open_ro(global: &Global) -> anyhow::Result<Store> {
     Store::open(
         &global.store,
-        OpenOptions {
-            read_only: true,
-            create: false,
-            lock_timeout: global.lock_timeout(),
-            ..Default::default()
-        },
+        OpenOptions { read_only: true, create: false, lock_timeout: global.lock_timeout(), ..Default::default() },
     )
     .with_context(|| format!("open store {}", global.store.display()))
 }
@@ -209,15 +204,8 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         "poison" => CorruptPolicy::Poison,
         other => bail!("--on-corrupt must be kill or poison, not {other:?}"),
     };
-    let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(
-        Arc::new(src),
-        a.cache_mib.saturating_mul(1 << 20),
-    ));
-    let prefetch = if a.no_prefetch {
-        Vec::new()
-    } else {
-        stored_ws.clone().unwrap_or_default()
-    };
+    let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(Arc::new(src), a.cache_mib.saturating_mul(1 << 20)));
+    let prefetch = if a.no_prefetch { Vec::new() } else { stored_ws.clone().unwrap_or_default() };
     let opts = ServerOptions {
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.001)),
         idle_timeout: a.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
@@ -298,10 +286,8 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     })?;
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
-    let text = format!(
-        "served {} restores ({} refused), stopped: {}",
-        summary.started, summary.refused, summary.reason
-    );
+    let text =
+        format!("served {} restores ({} refused), stopped: {}", summary.started, summary.refused, summary.reason);
     let mut j = json!({
         "image": id.to_hex(), "socket": a.socket, "started": summary.started,
         "refused": summary.refused, "ended": summary.ended, "reason": summary.reason,
@@ -315,15 +301,8 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
 }
 
 fn open_rw(global: &Global) -> anyhow::Result<Store> {
-    Store::open(
-        &global.store,
-        OpenOptions {
-            create: false,
-            lock_timeout: global.lock_timeout(),
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("open store {}", global.store.display()))
+    Store::open(&global.store, OpenOptions { create: false, lock_timeout: global.lock_timeout(), ..Default::default() })
+        .with_context(|| format!("open store {}", global.store.display()))
 }
 
 fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
@@ -354,11 +333,7 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
                     );
                     if pages {
                         t += "\n";
-                        t += &w
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(" ");
+                        t += &w.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
                     }
                     t
                 }
@@ -368,23 +343,15 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
         WsCmd::Set { reference, pattern } => {
             let store = open_rw(global)?;
             let image = store.open_image_ref(&reference)?;
-            let text = std::fs::read_to_string(&pattern)
-                .with_context(|| format!("read {}", pattern.display()))?;
+            let text = std::fs::read_to_string(&pattern).with_context(|| format!("read {}", pattern.display()))?;
             let pages = workingset::parse_pattern(&text)?;
             if let Some(bad) = pages.iter().find(|&&p| p >= image.page_count()) {
-                bail!(
-                    "page {bad} is beyond the image ({} pages)",
-                    image.page_count()
-                );
+                bail!("page {bad} is beyond the image ({} pages)", image.page_count());
             }
             let blob = workingset::save(&store, &image.id(), image.page_size(), &pages)?;
             Ok(Report::new(
                 json!({"id": blob.to_hex(), "image": image.id().to_hex(), "pages": pages.len()}),
-                format!(
-                    "stored a working set of {} pages for {}",
-                    pages.len(),
-                    image.id().short()
-                ),
+                format!("stored a working set of {} pages for {}", pages.len(), image.id().short()),
             ))
         }
         WsCmd::Rm { reference } => {
@@ -399,12 +366,7 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
     }
 }
 
-fn save_ws(
-    global: &Global,
-    id: &snapfork_store::Hash,
-    ps: u32,
-    ws: &[u64],
-) -> anyhow::Result<String> {
+fn save_ws(global: &Global, id: &snapfork_store::Hash, ps: u32, ws: &[u64]) -> anyhow::Result<String> {
     // The serving store is read-only (the engine may hold the writer lock); take it briefly.
     let store = open_rw(global)?;
     Ok(workingset::save(&store, id, ps, ws)?.to_hex())
@@ -421,11 +383,7 @@ fn drop_cache(path: &Path) -> anyhow::Result<()> {
     // SAFETY: fadvise on a descriptor we own; no memory is passed.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if r != 0 {
-        bail!(
-            "posix_fadvise({}): {}",
-            path.display(),
-            std::io::Error::from_raw_os_error(r)
-        );
+        bail!("posix_fadvise({}): {}", path.display(), std::io::Error::from_raw_os_error(r));
     }
     Ok(())
 }
@@ -555,9 +513,8 @@ impl Bench<'_> {
         n: usize,
     ) -> anyhow::Result<(Vec<GuestResult>, u64)> {
         let t0 = Instant::now();
-        let children: Vec<_> = (0..n)
-            .map(|_| self.guest_cmd(mode, pattern, socket).spawn())
-            .collect::<std::io::Result<_>>()?;
+        let children: Vec<_> =
+            (0..n).map(|_| self.guest_cmd(mode, pattern, socket).spawn()).collect::<std::io::Result<_>>()?;
         let mut out = Vec::new();
         for c in children {
             let o = c.wait_with_output()?;
@@ -579,11 +536,7 @@ impl Bench<'_> {
         fill: bool,
         n: usize,
         warm: bool,
-    ) -> anyhow::Result<(
-        Vec<GuestResult>,
-        u64,
-        Vec<snapfork_lazy_restore::RestoreReport>,
-    )> {
+    ) -> anyhow::Result<(Vec<GuestResult>, u64, Vec<snapfork_lazy_restore::RestoreReport>)> {
         if self.cold_store {
             drop_store_cache(self.store.dir())?;
         }
@@ -595,12 +548,7 @@ impl Bench<'_> {
             source,
             ServerOptions {
                 max_restores: Some(n + warm as usize),
-                restore: RestoreOptions {
-                    fault_around: self.fault_around,
-                    prefetch,
-                    fill,
-                    ..Default::default()
-                },
+                restore: RestoreOptions { fault_around: self.fault_around, prefetch, fill, ..Default::default() },
                 ..Default::default()
             },
         )?;
@@ -619,8 +567,7 @@ impl Bench<'_> {
         // With `warm`, a first restore fills the server's shared page cache, as when a snapshot
         // is forked again; only the following restores are measured.
         let res = if warm {
-            self.guests("uffd", pattern, Some(&socket), 1)
-                .and_then(|_| self.guests("uffd", pattern, Some(&socket), n))
+            self.guests("uffd", pattern, Some(&socket), 1).and_then(|_| self.guests("uffd", pattern, Some(&socket), n))
         } else {
             self.guests("uffd", pattern, Some(&socket), n)
         };
@@ -681,10 +628,9 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         }
     };
     let ws = match &a.pattern {
-        Some(p) => workingset::parse_pattern(&std::fs::read_to_string(p)?)?
-            .into_iter()
-            .filter(|&x| x < pages)
-            .collect(),
+        Some(p) => {
+            workingset::parse_pattern(&std::fs::read_to_string(p)?)?.into_iter().filter(|&x| x < pages).collect()
+        }
         None => random_ws(pages, a.working_set, a.seed),
     };
     if ws.is_empty() {
@@ -713,9 +659,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         fault_around: a.fault_around_kib.max(4) << 10,
         cold_store: a.cold_store,
     };
-    let nonzero = (0..pages)
-        .filter(|&i| reader.page_id(i).is_ok_and(|h| !h.is_zero()))
-        .count() as u64;
+    let nonzero = (0..pages).filter(|&i| reader.page_id(i).is_ok_and(|h| !h.is_zero())).count() as u64;
     let mut rows: Vec<Row> = Vec::new();
     let forks = a.forks.max(1);
 
@@ -734,13 +678,9 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     rows.push(row("eager", &g[0], nonzero));
     // 3. Lazy; its recorded working set feeds 4.
     let (g, _, reps) = b.lazy("lazy", &ws_file, Vec::new(), false, 1, false)?;
-    let installed =
-        |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
+    let installed = |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
     let mut r = row("lazy", &g[0], reps.first().map(installed).unwrap_or(0));
-    let recorded = reps
-        .first()
-        .map(|r| r.working_set.clone())
-        .unwrap_or_default();
+    let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
     if let Some(rep) = reps.first() {
         // The server's own service time per fault (the table's p50/p99 are what the guest felt).
         let mut ns = rep.fault_ns.clone();
@@ -750,18 +690,10 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     rows.push(r);
     // 4. Lazy with the recorded working set prefetched.
     let (g, _, reps) = b.lazy("prefetch", &ws_file, recorded.clone(), false, 1, false)?;
-    rows.push(row(
-        "lazy+prefetch",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    rows.push(row("lazy+prefetch", &g[0], reps.first().map(installed).unwrap_or(0)));
     // The same when the server has restored this snapshot before (its page cache is warm).
     let (g, _, reps) = b.lazy("prefetchw", &ws_file, recorded.clone(), false, 1, true)?;
-    rows.push(row(
-        "lazy+pf warm",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    rows.push(row("lazy+pf warm", &g[0], reps.first().map(installed).unwrap_or(0)));
     // Full sequential fault-in: eager vs lazy (demand only) vs lazy with --fill.
     if a.cold_store {
         drop_store_cache(store.dir())?;
@@ -769,26 +701,15 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     let (g, _) = b.guests("eager", &all_file, None, 1)?;
     rows.push(row("full: eager", &g[0], nonzero));
     let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
-    rows.push(row(
-        "full: lazy",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    rows.push(row("full: lazy", &g[0], reps.first().map(installed).unwrap_or(0)));
     let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
-    rows.push(row(
-        "full: lazy+fill",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    rows.push(row("full: lazy+fill", &g[0], reps.first().map(installed).unwrap_or(0)));
 
     // Every mode read the same bytes.
     let want = rows[1].checksum;
     for r in &rows[..6] {
         if r.checksum != want {
-            bail!(
-                "{} read different bytes than file-warm (checksum mismatch)",
-                r.mode
-            );
+            bail!("{} read different bytes than file-warm (checksum mismatch)", r.mode);
         }
     }
     let fwant = rows[6].checksum;
@@ -800,15 +721,13 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
 
     // N concurrent restores of each kind.
     if forks > 1 {
-        let fork_row =
-            |rows: &mut Vec<Row>, mode: &str, g: &[GuestResult], wall: u64, extra_kib: u64| {
-                if let Some(r) = rows.iter_mut().find(|r| r.mode == mode) {
-                    r.forks = g.len();
-                    r.forks_wall_ms = wall as f64 / 1e6;
-                    r.forks_mem_mib =
-                        (g.iter().map(|x| x.pss_kib).sum::<u64>() + extra_kib) as f64 / 1024.0;
-                }
-            };
+        let fork_row = |rows: &mut Vec<Row>, mode: &str, g: &[GuestResult], wall: u64, extra_kib: u64| {
+            if let Some(r) = rows.iter_mut().find(|r| r.mode == mode) {
+                r.forks = g.len();
+                r.forks_wall_ms = wall as f64 / 1e6;
+                r.forks_mem_mib = (g.iter().map(|x| x.pss_kib).sum::<u64>() + extra_kib) as f64 / 1024.0;
+            }
+        };
         drop_cache(&raw)?;
         let (g, w) = b.guests("file", &ws_file, None, forks)?;
         fork_row(&mut rows, "file-cold", &g, w, 0);
@@ -826,19 +745,10 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         fork_row(&mut rows, "lazy+prefetch", &g, w, cache_kib(&reps));
     }
 
-    let get = |m: &str| {
-        rows.iter()
-            .find(|r| r.mode == m)
-            .cloned()
-            .unwrap_or_default()
-    };
+    let get = |m: &str| rows.iter().find(|r| r.mode == m).cloned().unwrap_or_default();
     let (cold, warm, pf) = (get("file-cold"), get("file-warm"), get("lazy+prefetch"));
     let pfw = get("lazy+pf warm");
-    let (feager, fseq, ffill) = (
-        get("full: eager"),
-        get("full: lazy"),
-        get("full: lazy+fill"),
-    );
+    let (feager, fseq, ffill) = (get("full: eager"), get("full: lazy"), get("full: lazy+fill"));
     let ratios = json!({
         "prefetch_vs_file_warm": pf.total_ms / warm.total_ms,
         "prefetch_vs_file_cold": pf.total_ms / cold.total_ms,
@@ -866,11 +776,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         "pages",
         "p50 us",
         "p99 us",
-        if forks > 1 {
-            format!(" {:>12} {:>12}", format!("{forks} forks ms"), "forks MiB")
-        } else {
-            String::new()
-        }
+        if forks > 1 { format!(" {:>12} {:>12}", format!("{forks} forks ms"), "forks MiB") } else { String::new() }
     );
     for r in &rows {
         text += &format!(
@@ -882,11 +788,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
             r.pages_installed,
             r.p50_us,
             r.p99_us,
-            if r.forks > 1 {
-                format!(" {:>12.1} {:>12.1}", r.forks_wall_ms, r.forks_mem_mib)
-            } else {
-                String::new()
-            }
+            if r.forks > 1 { format!(" {:>12.1} {:>12.1}", r.forks_wall_ms, r.forks_mem_mib) } else { String::new() }
         );
     }
     text += &format!(
@@ -912,11 +814,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
 
 /// A grouped bar chart: setup and touch time per mode, log-free, labelled.
 fn svg(rows: &[Row]) -> String {
-    let max = rows
-        .iter()
-        .map(|r| r.total_ms)
-        .fold(0.0f64, f64::max)
-        .max(1e-3);
+    let max = rows.iter().map(|r| r.total_ms).fold(0.0f64, f64::max).max(1e-3);
     let (w, bar_h, gap, left) = (900.0, 22.0, 10.0, 150.0);
     let h = rows.len() as f64 * (bar_h + gap) + 60.0;
     let scale = (w - left - 120.0) / max;
@@ -1044,10 +942,7 @@ fn guest(a: GuestArgs, global: &Global) -> anyhow::Result<Report> {
                                     // SAFETY: page i of our fresh mapping; threads write
                                     // disjoint pages.
                                     let dst = unsafe {
-                                        std::slice::from_raw_parts_mut(
-                                            (addr + (i * 4096) as usize) as *mut u8,
-                                            4096,
-                                        )
+                                        std::slice::from_raw_parts_mut((addr + (i * 4096) as usize) as *mut u8, 4096)
                                     };
                                     reader.read_page_with_id(i, &id, dst)?;
                                 }
@@ -1066,11 +961,7 @@ fn guest(a: GuestArgs, global: &Global) -> anyhow::Result<Report> {
         }
         "uffd" => {
             let socket = a.socket.as_deref().context("--socket")?;
-            let mut vm = FakeVm::new(&[RegionSpec {
-                size: a.size,
-                offset: 0,
-                page_size: 4096,
-            }])?;
+            let mut vm = FakeVm::new(&[RegionSpec { size: a.size, offset: 0, page_size: 4096 }])?;
             vm.connect(socket, Shape::V1_12, &[])?;
             let p = vm.regions[0].ptr as *const u8;
             _vm = Some(vm);

@@ -8,18 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [store, name] = &args[..] else {
         return Err("usage: read_speed STORE REF".into());
     };
-    let store = Store::open(
-        store,
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
+    let store = Store::open(store, OpenOptions { read_only: true, ..Default::default() })?;
     let r = store.open_image_ref(name)?;
     let t = std::time::Instant::now();
-    let ids: Vec<_> = (0..r.page_count())
-        .map(|i| r.page_id(i))
-        .collect::<Result<_, _>>()?;
+    let ids: Vec<_> = (0..r.page_count()).map(|i| r.page_id(i)).collect::<Result<_, _>>()?;
     let t_ids = t.elapsed();
     let mut buf = vec![0u8; r.page_size() as usize];
     let t = std::time::Instant::now();

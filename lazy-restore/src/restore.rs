@@ -62,10 +62,7 @@ pub fn validate_regions(regions: &[Region], image_size: u64, image_page: u64) ->
             return bad(format!("region {i}: unsupported page size {}", r.page_size));
         }
         if r.page_size % image_page != 0 {
-            return bad(format!(
-                "region {i}: page size {} is not a multiple of the image's {image_page}",
-                r.page_size
-            ));
+            return bad(format!("region {i}: page size {} is not a multiple of the image's {image_page}", r.page_size));
         }
         if r.size == 0 || r.size % r.page_size != 0 {
             return bad(format!(
@@ -162,11 +159,7 @@ pub struct Peer {
 impl Peer {
     /// A peer identified by `pid`, with a pidfd opened now.
     pub fn from_pid(pid: i32) -> Self {
-        Peer {
-            pid: Some(pid),
-            pidfd: pidfd_open(pid).ok(),
-            conn: None,
-        }
+        Peer { pid: Some(pid), pidfd: pidfd_open(pid).ok(), conn: None }
     }
 }
 
@@ -192,11 +185,7 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
             0,
         )
     };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Live counters of a restore.
@@ -356,9 +345,7 @@ impl RestoreHandle {
             Some(Ok(r)) => r,
             _ => RestoreReport {
                 pid,
-                end: EndReason::Failed {
-                    message: "serving thread panicked".into(),
-                },
+                end: EndReason::Failed { message: "serving thread panicked".into() },
                 stats: self.stats.snapshot(),
                 working_set: Vec::new(),
                 touched: Vec::new(),
@@ -398,18 +385,11 @@ pub fn start(
     }
     let stop = Arc::new(eventfd()?);
     let stats = Arc::new(RestoreStats::default());
-    let installed: Vec<Arc<AtomicBitmap>> = regions
-        .iter()
-        .map(|r| Arc::new(AtomicBitmap::new(r.pages())))
-        .collect();
+    let installed: Vec<Arc<AtomicBitmap>> = regions.iter().map(|r| Arc::new(AtomicBitmap::new(r.pages()))).collect();
     let pid = peer.pid;
     let live_ws = Arc::new(Mutex::new(Vec::new()));
     let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
-    let buf_len = opts
-        .fault_around
-        .max(max_page)
-        .max(opts.batch_bytes)
-        .max(opts.readahead);
+    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes).max(opts.readahead);
     let mut serving = Serving {
         uffd,
         states: regions
@@ -447,10 +427,7 @@ pub fn start(
         // Which run each region page belongs to: a demand fault on a planned page moves the
         // readers' cursor past its run (they follow the guest instead of trailing it) and
         // installs the rest of that run at once.
-        let mut run_of: Vec<Vec<u32>> = regions
-            .iter()
-            .map(|r| vec![u32::MAX; r.pages() as usize])
-            .collect();
+        let mut run_of: Vec<Vec<u32>> = regions.iter().map(|r| vec![u32::MAX; r.pages() as usize]).collect();
         for (i, run) in plan.iter().enumerate() {
             for p in run.first..run.first + run.count {
                 run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
@@ -461,18 +438,12 @@ pub fn start(
         let sweep = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut readers = Vec::new();
         for i in 0..opts.prefetch_threads.max(1) {
-            let (source, efd, quit2, installed) =
-                (source.clone(), efd.clone(), quit.clone(), installed.clone());
-            let (regions, plan, next, tx) =
-                (regions.clone(), plan.clone(), next.clone(), tx.clone());
+            let (source, efd, quit2, installed) = (source.clone(), efd.clone(), quit.clone(), installed.clone());
+            let (regions, plan, next, tx) = (regions.clone(), plan.clone(), next.clone(), tx.clone());
             let sweep = sweep.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("uffd-prefetch-{i}"))
-                .spawn(move || {
-                    prefetch_reader(
-                        &plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2,
-                    )
-                });
+                .spawn(move || prefetch_reader(&plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2));
             match spawned {
                 Ok(h) => readers.push(h),
                 Err(e) => {
@@ -485,15 +456,7 @@ pub fn start(
             }
         }
         drop(tx);
-        serving.prefetch = Some(Prefetch {
-            rx,
-            efd,
-            quit,
-            readers,
-            plan,
-            next,
-            run_of,
-        });
+        serving.prefetch = Some(Prefetch { rx, efd, quit, readers, plan, next, run_of });
     } else {
         stats.prefetch_done.store(true, Relaxed);
     }
@@ -502,13 +465,7 @@ pub fn start(
         .name(format!("uffd-{}", pid.unwrap_or(0)))
         .spawn(move || serving.run(&stop2))
         .map_err(|e| Error::io("spawn serving thread", e))?;
-    Ok(RestoreHandle {
-        thread: Some(thread),
-        stop,
-        stats,
-        pid,
-        live_ws,
-    })
+    Ok(RestoreHandle { thread: Some(thread), stop, stats, pid, live_ws })
 }
 
 struct RegionState {
@@ -583,11 +540,8 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
     let push = |runs: &mut Vec<Run>, region: usize, p: u64| {
         let r = &regions[region];
         let zero = all_zero(source, r, p);
-        let max = if zero && r.page_size == 4096 {
-            ZERO_RUN_PAGES
-        } else {
-            (opts.batch_bytes as u64 / r.page_size).max(1)
-        };
+        let max =
+            if zero && r.page_size == 4096 { ZERO_RUN_PAGES } else { (opts.batch_bytes as u64 / r.page_size).max(1) };
         if let Some(last) = runs.last_mut()
             && last.region == region
             && last.first + last.count == p
@@ -597,19 +551,11 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
             last.count += 1;
             return;
         }
-        runs.push(Run {
-            region,
-            first: p,
-            count: 1,
-            zero,
-        });
+        runs.push(Run { region, first: p, count: 1, zero });
     };
     for &page in &opts.prefetch {
         let byte = page.saturating_mul(ip);
-        let Some(ri) = regions
-            .iter()
-            .position(|r| byte >= r.offset && byte < r.offset + r.size)
-        else {
+        let Some(ri) = regions.iter().position(|r| byte >= r.offset && byte < r.offset + r.size) else {
             continue;
         };
         let p = (byte - regions[ri].offset) / regions[ri].page_size;
@@ -685,12 +631,7 @@ fn prefetch_reader(
                 q += 1;
             }
             if zero {
-                if !send(Batch::Zero(Run {
-                    region: run.region,
-                    first: p,
-                    count: q - p,
-                    zero: true,
-                })) {
+                if !send(Batch::Zero(Run { region: run.region, first: p, count: q - p, zero: true })) {
                     return;
                 }
                 p = q;
@@ -716,15 +657,7 @@ fn prefetch_reader(
             }
             if good > 0 {
                 data.truncate(good as usize * rps);
-                if !send(Batch::Data {
-                    run: Run {
-                        region: run.region,
-                        first: p,
-                        count: good,
-                        zero: false,
-                    },
-                    data,
-                }) {
+                if !send(Batch::Data { run: Run { region: run.region, first: p, count: good, zero: false }, data }) {
                     return;
                 }
             }
@@ -743,11 +676,7 @@ impl Serving {
         let end = match self.serve(stop) {
             Ok(()) => EndReason::Stopped,
             Err(Stop::Gone) => EndReason::PeerExited,
-            Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage {
-                page,
-                pid: self.peer.pid,
-                message,
-            },
+            Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage { page, pid: self.peer.pid, message },
             Err(Stop::Fatal(message)) => {
                 error!(pid = self.peer.pid, "restore failed: {message}");
                 EndReason::Failed { message }
@@ -770,12 +699,7 @@ impl Serving {
             }
         }
         touched.sort_unstable();
-        info!(
-            pid = self.peer.pid,
-            ?end,
-            faults = self.ws.len(),
-            "restore ended"
-        );
+        info!(pid = self.peer.pid, ?end, faults = self.ws.len(), "restore ended");
         RestoreReport {
             pid: self.peer.pid,
             end,
@@ -798,30 +722,14 @@ impl Serving {
             }
             // Nothing to do: sleep until a fault, the peer's exit, a stop request or a batch.
             let mut fds = vec![
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
             if let Some(pidfd) = &self.peer.pidfd {
-                fds.push(libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             if let Some(pf) = &self.prefetch {
-                fds.push(libc::pollfd {
-                    fd: pf.efd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: pf.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -859,9 +767,7 @@ impl Serving {
         for ev in events.drain(..) {
             match ev {
                 Event::Pagefault { addr, .. } => self.pending.push_back(addr),
-                Event::Remove { start, end } | Event::Unmap { start, end } => {
-                    self.apply_remove(start, end)
-                }
+                Event::Remove { start, end } | Event::Unmap { start, end } => self.apply_remove(start, end),
                 Event::Other(code) => debug!(code, "ignored userfaultfd event"),
             }
         }
@@ -896,12 +802,7 @@ impl Serving {
         self.states
             .iter()
             .position(|s| addr >= s.r.base && addr < s.r.base + s.r.size)
-            .map(|i| {
-                (
-                    i,
-                    (addr - self.states[i].r.base) / self.states[i].r.page_size,
-                )
-            })
+            .map(|i| (i, (addr - self.states[i].r.base) / self.states[i].r.page_size))
     }
 
     fn on_fault(&mut self, addr: u64) -> std::result::Result<(), Stop> {
@@ -921,11 +822,7 @@ impl Serving {
             return Ok(());
         }
         let removed = st.removed.get(p);
-        self.seq = if self.seq_next == (ri, p) {
-            self.seq.saturating_add(1)
-        } else {
-            0
-        };
+        self.seq = if self.seq_next == (ri, p) { self.seq.saturating_add(1) } else { 0 };
         if !removed && !self.states[ri].recorded.set(p, true) {
             let first = image_pages(&r, p, self.source.page_size() as u64).start;
             self.ws.push(first);
@@ -950,11 +847,7 @@ impl Serving {
             self.install_zero(ri, p, n)?;
             self.seq_next = (ri, p + n);
         } else {
-            let mut max = if r.page_size == 4096 {
-                (self.opts.fault_around as u64 / r.page_size).max(1)
-            } else {
-                1
-            };
+            let mut max = if r.page_size == 4096 { (self.opts.fault_around as u64 / r.page_size).max(1) } else { 1 };
             // Sequential read-ahead: each fault right after the previous demand run doubles
             // the window (2, 4, ... pages, up to `readahead`); any other fault resets it.
             if r.page_size == 4096 && self.seq > 0 {
@@ -984,8 +877,7 @@ impl Serving {
             self.seq_next = (ri, p + n.max(1));
         }
         if self.fault_ns.len() < self.opts.max_latency_samples {
-            self.fault_ns
-                .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+            self.fault_ns.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
         Ok(())
     }
@@ -1032,11 +924,7 @@ impl Serving {
                 Err(Stop::Corrupt(i, msg))
             }
             _ => {
-                error!(
-                    pid = self.peer.pid,
-                    page = i,
-                    "corrupt page: poisoning it (an access raises SIGBUS): {msg}"
-                );
+                error!(pid = self.peer.pid, page = i, "corrupt page: poisoning it (an access raises SIGBUS): {msg}");
                 match uffd::poison(self.fd(), r.base + p * r.page_size, r.page_size as usize) {
                     Ok(Fill::Gone) => Err(Stop::Gone),
                     Ok(_) => {
@@ -1161,13 +1049,7 @@ impl Serving {
 
     /// UFFDIO_COPY of `n` region pages at page `p` from `src`, following the kernel's rules.
     /// Returns the pages this call installed.
-    fn copy_pages(
-        &mut self,
-        ri: usize,
-        p: u64,
-        n: u64,
-        src: *const u8,
-    ) -> std::result::Result<u64, Stop> {
+    fn copy_pages(&mut self, ri: usize, p: u64, n: u64, src: *const u8) -> std::result::Result<u64, Stop> {
         let r = self.states[ri].r;
         let len = (n * r.page_size) as usize;
         let dst = r.base + p * r.page_size;
@@ -1188,8 +1070,7 @@ impl Serving {
             }
             self.stats.ioctls.fetch_add(1, Relaxed);
             // SAFETY: `src` points to `len` readable bytes (the caller's buffer of n pages).
-            let res =
-                unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
+            let res = unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
             match res {
                 Ok(Fill::Done) => {
                     let d = (end - done) as u64 / r.page_size;
@@ -1248,9 +1129,7 @@ impl Serving {
                         j += 1;
                     }
                     self.install_zero(run.region, todo[i], (j - i) as u64)?;
-                    self.stats
-                        .pages_prefetched
-                        .fetch_add((j - i) as u64, Relaxed);
+                    self.stats.pages_prefetched.fetch_add((j - i) as u64, Relaxed);
                     i = j;
                 }
                 Ok(true)
@@ -1275,42 +1154,22 @@ mod tests {
     use super::*;
 
     fn r(base: u64, size: u64, offset: u64) -> Region {
-        Region {
-            base,
-            size,
-            offset,
-            page_size: 4096,
-        }
+        Region { base, size, offset, page_size: 4096 }
     }
 
     #[test]
     fn region_validation() {
         let img = 1 << 20;
-        assert!(
-            validate_regions(
-                &[r(0x10000, 0x8000, 0), r(0x40000, 0x8000, 0x8000)],
-                img,
-                4096
-            )
-            .is_ok()
-        );
+        assert!(validate_regions(&[r(0x10000, 0x8000, 0), r(0x40000, 0x8000, 0x8000)], img, 4096).is_ok());
         for (regions, needle) in [
             (vec![], "no regions"),
             (vec![r(0x10000, 0x8000, img)], "beyond the image"),
             (vec![r(0x10000, u64::MAX - 4095, 0)], "beyond the image"),
             (vec![r(0x10001, 0x8000, 0)], "not aligned"),
-            (
-                vec![r(0x10000, 0x8000, 0), r(0x80000, 0x8000, 0x4000)],
-                "overlap in the image",
-            ),
-            (
-                vec![r(0x10000, 0x8000, 0), r(0x14000, 0x8000, 0x8000)],
-                "overlap in memory",
-            ),
+            (vec![r(0x10000, 0x8000, 0), r(0x80000, 0x8000, 0x4000)], "overlap in the image"),
+            (vec![r(0x10000, 0x8000, 0), r(0x14000, 0x8000, 0x8000)], "overlap in memory"),
         ] {
-            let e = validate_regions(&regions, img, 4096)
-                .unwrap_err()
-                .to_string();
+            let e = validate_regions(&regions, img, 4096).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} lacks {needle}");
         }
     }

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use snapfork_lazy_restore::{
-    CachedSource, EndReason, PageSource, ServerOptions, StoreSource, workingset,
-};
+use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, ServerOptions, StoreSource, workingset};
 use snapfork_store::{IngestOptions, OpenOptions, Store};
 
 const T: Duration = Duration::from_secs(60);
@@ -26,9 +24,7 @@ fn store_with_image(dir: &std::path::Path, pages: u64) -> (Store, std::path::Pat
     let image = dir.join("mem.raw");
     make_image(&image, pages);
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
-    store
-        .ingest_image(&image, &IngestOptions::default(), Some("vm"))
-        .unwrap();
+    store.ingest_image(&image, &IngestOptions::default(), Some("vm")).unwrap();
     (store, image)
 }
 
@@ -48,24 +44,13 @@ fn corrupt_store(dir: &std::path::Path) -> (Store, std::path::PathBuf) {
     drop(store);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&pack)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
         let at = loc.offset + loc.stored_len as u64 / 2;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     }
-    let store = Store::open(
-        dir.join("store"),
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(dir.join("store"), OpenOptions { read_only: true, ..Default::default() }).unwrap();
     (store, image)
 }
 
@@ -110,11 +95,7 @@ fn corrupt_page_kills_only_its_vm() {
     }
     let dir = tempdir();
     let (store, image) = corrupt_store(dir.path());
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        cached(&store),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), cached(&store), ServerOptions::default());
     // The victim maps the whole image (it will touch page 100); the other maps pages 256..768.
     let victim = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image,
@@ -127,18 +108,11 @@ fn corrupt_page_kills_only_its_vm() {
     }));
     let (vs, vres) = wait_child(victim);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        vs.signal(),
-        Some(libc::SIGKILL),
-        "victim not killed: {vs:?} {vres:?}"
-    );
+    assert_eq!(vs.signal(), Some(libc::SIGKILL), "victim not killed: {vs:?} {vres:?}");
     let (os, ores) = wait_child(other);
     assert!(os.success(), "{os:?} {ores:?}");
     let (ended, _) = srv.wait_ended(2, T);
-    let corrupt: Vec<_> = ended
-        .iter()
-        .filter(|r| matches!(r.end, EndReason::CorruptPage { .. }))
-        .collect();
+    let corrupt: Vec<_> = ended.iter().filter(|r| matches!(r.end, EndReason::CorruptPage { .. })).collect();
     assert_eq!(corrupt.len(), 1, "{ended:?}");
     match &corrupt[0].end {
         EndReason::CorruptPage { page, pid, message } => {
@@ -163,11 +137,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     let id = store.resolve("vm").unwrap();
     assert!(workingset::load(&store, &id).unwrap().is_none());
     let pattern: Vec<u64> = (0..300u64).map(|i| (i * 13) % 2048).collect();
-    let srv = TestServer::start(
-        dir.path().join("a.sock"),
-        source.clone(),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("a.sock"), source.clone(), ServerOptions::default());
     let c = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image,
         "regions": [{"size": 8 << 20, "offset": 0}], "touch": pattern,
@@ -182,13 +152,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     assert_eq!(loaded, report.working_set);
     assert_eq!(&loaded[..300], &pattern[..]);
     // The ref keeps the blob through gc.
-    store
-        .gc(&snapfork_store::GcOptions {
-            dry_run: false,
-            grace: Duration::ZERO,
-            ..Default::default()
-        })
-        .unwrap();
+    store.gc(&snapfork_store::GcOptions { dry_run: false, grace: Duration::ZERO, ..Default::default() }).unwrap();
     assert_eq!(workingset::load(&store, &id).unwrap().unwrap(), loaded);
     // Incremental ingest from the touched set reproduces the image.
     let touched = report.touched_pages();
@@ -196,11 +160,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     let info = store
         .ingest_image(
             &image,
-            &IngestOptions {
-                parent: Some(id),
-                dirty: Some(touched),
-                ..Default::default()
-            },
+            &IngestOptions { parent: Some(id), dirty: Some(touched), ..Default::default() },
             Some("vm2"),
         )
         .unwrap();
