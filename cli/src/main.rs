@@ -6,6 +6,7 @@
 
 mod output;
 mod store_cmds;
+mod uffd_cmds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,6 +47,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
+    #[command(flatten)]
+    Uffd(uffd_cmds::UffdCmd),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
     output::init_tracing();
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
+        Command::Uffd(cmd) => uffd_cmds::run(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }
