@@ -82,6 +82,35 @@ fn ingest_cat_ls_stats_rm_gc_speak_json() {
 }
 
 #[test]
+fn a_second_process_waits_for_the_writer_then_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let file = tmp.path().join("f");
+    fs::write(&file, vec![1u8; 3 * PAGE]).unwrap();
+    let held = Store::open(&store_dir, OpenOptions::default()).unwrap();
+    let start = Instant::now();
+    let out =
+        snapfork(&store_dir).args(["--lock-timeout", "0.7", "ingest", "--name", "x"]).arg(&file).output().unwrap();
+    let waited = start.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("locked by process {}", std::process::id())), "{err}");
+    assert!(waited >= Duration::from_millis(700), "it did not wait: {waited:?}");
+    // Readers do not wait for the writer.
+    let ls = json(&snapfork(&store_dir).args(["ls", "--json"]).output().unwrap());
+    assert_eq!(ls["refs"].as_array().map(Vec::len), Some(0));
+    // Once the holder goes, the same command succeeds.
+    drop(held);
+    json(
+        &snapfork(&store_dir)
+            .args(["--lock-timeout", "0.7", "ingest", "--json", "--name", "x"])
+            .arg(&file)
+            .output()
+            .unwrap(),
+    );
+}
+
+#[test]
 fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
