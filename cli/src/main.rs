@@ -4,7 +4,9 @@
 //! function per command and prints the result, as a human-readable line or (with `--json`) as one
 //! JSON object for agents.
 
+mod demo;
 mod output;
+mod sandbox_cmds;
 mod store_cmds;
 
 use std::path::PathBuf;
@@ -55,6 +57,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
+    #[command(flatten)]
+    Engine(sandbox_cmds::EngineCmd),
 }
 
 fn main() {
@@ -62,6 +66,7 @@ fn main() {
     output::init_tracing();
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
+        Command::Engine(cmd) => sandbox_cmds::run_top(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }
