@@ -10,10 +10,14 @@
 pub mod clone;
 pub mod error;
 pub mod hash;
+pub mod manifest;
+pub mod repo;
+pub mod statcache;
 pub mod sys;
 #[cfg(feature = "testfs")]
 pub mod testfs;
 pub mod walk;
+pub mod workspace;
 
 pub use clone::{CloneOptions, CloneReport, CopyMode, clone_file, clone_tree};
 pub use error::{Error, Result};
