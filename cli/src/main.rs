@@ -4,6 +4,7 @@
 //! function per command and prints the result, as a human-readable line or (with `--json`) as one
 //! JSON object for agents.
 
+mod fs_cmds;
 mod output;
 mod store_cmds;
 
@@ -55,6 +56,8 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
+    #[command(flatten)]
+    Fs(fs_cmds::FsCmd),
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
     output::init_tracing();
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
+        Command::Fs(cmd) => fs_cmds::run(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }

@@ -317,6 +317,8 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     let ws = canonical(dir)?;
     let record = workspace_record(repo, &ws)?;
     let cache = load_cache(repo, &ws)?;
+    let staging = repo.staging_dir();
+    std::fs::create_dir_all(&staging).ctx("create", &staging)?;
     let scan = walk::scan(&ws)?;
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
@@ -567,14 +569,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
-            // Hard-linked files are not cached: their ctime changes with links made elsewhere.
-            let e = &scan.entries[i];
-            if e.subdir.is_some() || !groups.contains(&(e.meta.dev, e.meta.ino)) {
-                new_cache.entries.insert(
-                    rel_bytes(i),
-                    CacheEntry::new(&s.meta, s.id, s.xattrs.clone()),
-                );
-            }
+            new_cache.entries.insert(rel_bytes(i), CacheEntry::new(&s.meta, s.id, s.xattrs.clone()));
         }
         tx.meta_put(
             &format!("fsfork/statcache/{}", ws_key(&ws)),
@@ -868,6 +863,19 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)),
             )?;
         }
+        let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Hard-linked files are cached once all their links exist (linking changes ctime).
+        for (di, d) in dirs.iter().enumerate() {
+            for e in d.entries.iter().filter(|e| e.link_group != 0 && e.kind == Kind::File) {
+                let n = valid_name(&e.name, ckpt)?;
+                let rel = d.rel.join(OsStr::from_bytes(&e.name));
+                let st = sys::lstatat(dfds[di].as_fd(), &n).ctx("stat", dst.join(&rel))?;
+                cache.entries.insert(
+                    rel.into_os_string().into_encoded_bytes(),
+                    CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
+                );
+            }
+        }
         // Directory metadata last, then their stat for the cache.
         let dir_cache: Vec<Result<(Vec<u8>, CacheEntry)>> = (0..dirs.len())
             .into_par_iter()
@@ -883,7 +891,6 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 ))
             })
             .collect();
-        let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
         for r in dir_cache {
             let (k, v) = r?;
             // The root is not an entry of the walk; only subdirectories are cached.
