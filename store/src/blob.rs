@@ -1,0 +1,175 @@
+//! Blobs: arbitrary files (a VMM state file, a gVisor checkpoint image), stored with
+//! content-defined chunking so that successive versions share their unchanged chunks even when
+//! bytes were inserted or removed before them.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::Hash;
+use crate::node::{Node, kind};
+use crate::store::Store;
+use crate::txn::Txn;
+
+/// Chunk size bounds (FastCDC 2020): 16 KiB minimum, 64 KiB average, 256 KiB maximum.
+pub const CHUNK_MIN: usize = 16 << 10;
+/// Average chunk size.
+pub const CHUNK_AVG: usize = 64 << 10;
+/// Maximum chunk size.
+pub const CHUNK_MAX: usize = 256 << 10;
+
+/// What storing a blob added.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BlobInfo {
+    /// The blob's id (its manifest node).
+    pub id: Hash,
+    /// Size in bytes.
+    pub size: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Chunks the store did not have before.
+    pub new_chunks: u64,
+    /// Bytes the new chunks and the manifest take in packs.
+    pub new_stored_bytes: u64,
+}
+
+impl Txn {
+    /// Stores `data` as a blob.
+    pub fn put_blob(&mut self, data: &[u8]) -> Result<BlobInfo> {
+        let before = self.appended_bytes();
+        let cuts: Vec<(usize, usize)> =
+            fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| (c.offset, c.length))
+                .collect();
+        let items: Vec<(Hash, &[u8])> = cuts
+            .par_iter()
+            .map(|&(off, len)| {
+                let chunk = &data[off..off + len];
+                (Hash::of(chunk), chunk)
+            })
+            .collect();
+        let mut new_chunks = 0;
+        for batch in items.chunks(256) {
+            new_chunks += self.put_chunks(batch, false)?.chunks;
+        }
+        let mut body = Vec::with_capacity(8 + 4 * items.len());
+        body.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        for (_, chunk) in &items {
+            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+        }
+        let links = items.iter().map(|(h, _)| *h).collect();
+        let id = self.put_node(&Node::new(kind::BLOB, links, body))?;
+        Ok(BlobInfo {
+            id,
+            size: data.len() as u64,
+            chunks: items.len() as u64,
+            new_chunks,
+            new_stored_bytes: self.appended_bytes() - before,
+        })
+    }
+
+    /// Stores the file at `path` as a blob.
+    pub fn put_blob_file(&mut self, path: &Path) -> Result<BlobInfo> {
+        let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
+        let size = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        if size == 0 {
+            return self.put_blob(&[]);
+        }
+        // Read rather than mmap: a file truncated by another process while we read it must be
+        // an error, not a SIGBUS.
+        let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
+        self.put_blob(&data)
+    }
+}
+
+/// A stored blob's manifest.
+pub(crate) struct BlobManifest {
+    pub size: u64,
+    pub chunks: Vec<(Hash, u32)>,
+}
+
+impl BlobManifest {
+    pub(crate) fn from_node(node: &Node, what: &dyn Fn() -> String) -> Result<BlobManifest> {
+        if node.kind != kind::BLOB {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a blob (node kind {})",
+                what(),
+                node.kind
+            )));
+        }
+        let bad = || Error::Corrupt {
+            what: what(),
+            detail: "malformed blob manifest".into(),
+        };
+        let b = &node.body;
+        if b.len() != 8 + 4 * node.links.len() {
+            return Err(bad());
+        }
+        let size = u64::from_le_bytes(b[..8].try_into().map_err(|_| bad())?);
+        let chunks: Vec<(Hash, u32)> = node
+            .links
+            .iter()
+            .zip(b[8..].chunks_exact(4))
+            .map(|(h, l)| (*h, u32::from_le_bytes([l[0], l[1], l[2], l[3]])))
+            .collect();
+        if chunks.iter().map(|(_, l)| u64::from(*l)).sum::<u64>() != size {
+            return Err(bad());
+        }
+        Ok(BlobManifest { size, chunks })
+    }
+}
+
+impl Store {
+    /// Stores one blob in its own transaction and, with `name`, points that ref at it.
+    pub fn put_blob_file(&self, path: &Path, name: Option<&str>) -> Result<BlobInfo> {
+        let mut tx = self.begin()?;
+        let info = tx.put_blob_file(path)?;
+        if let Some(name) = name {
+            tx.set_ref(name, info.id)?;
+        }
+        tx.commit()?;
+        Ok(info)
+    }
+
+    /// The size of blob `id`.
+    pub fn blob_size(&self, id: &Hash) -> Result<u64> {
+        let what = || format!("blob {}", id.short());
+        Ok(BlobManifest::from_node(&self.get_node(id)?, &what)?.size)
+    }
+
+    /// Writes blob `id` to `out`, verifying every chunk; returns its size.
+    pub fn read_blob(&self, id: &Hash, out: &mut dyn Write) -> Result<u64> {
+        let what = || format!("blob {}", id.short());
+        let manifest = BlobManifest::from_node(&self.get_node(id)?, &what)?;
+        let mut buf = vec![0u8; CHUNK_MAX];
+        for (k, (chunk, len)) in manifest.chunks.iter().enumerate() {
+            if *len as usize > buf.len() {
+                buf.resize(*len as usize, 0);
+            }
+            let n = self.read_chunk_into(chunk, &mut buf, &|| {
+                format!("blob {} chunk {k}", id.short())
+            })?;
+            if n != *len as usize {
+                return Err(Error::Corrupt {
+                    what: format!("blob {} chunk {k}", id.short()),
+                    detail: "wrong length".into(),
+                });
+            }
+            out.write_all(&buf[..n]).ctx(|| "write blob".to_string())?;
+        }
+        Ok(manifest.size)
+    }
+
+    /// Reads blob `id` into memory.
+    pub fn get_blob(&self, id: &Hash) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_blob(id, &mut out)?;
+        Ok(out)
+    }
+}

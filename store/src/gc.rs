@@ -1,0 +1,293 @@
+//! Garbage collection: mark what refs reach, sweep the rest, rewrite sparse packs.
+//!
+//! Safe while transactions run in this process: gc holds the commit lock from its mark to the end
+//! of its sweep (ingests keep hashing and writing; only their final commit waits), keeps the
+//! closure of every id a transaction has pinned (dedup hits, parents), and never touches packs a
+//! transaction is writing. Pack files and staged files that no index entry names (the remains of
+//! a killed process) are removed once older than the grace period.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::time::{Duration, SystemTime};
+
+use rocksdb::WriteBatch;
+use serde::Serialize;
+
+use crate::error::{IoContext, Result};
+use crate::hash::Hash;
+use crate::node::Node;
+use crate::pack::{FILE_MAGIC, Location, PackWriter, RECORD_HEADER, pack_path, parse_pack_name};
+use crate::store::{Store, key, sync_dir};
+
+/// How to collect.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Report what would go; change nothing.
+    pub dry_run: bool,
+    /// Unreferenced pack and staged files younger than this are kept: they may belong to an
+    /// ingest that has not committed yet.
+    pub grace: Duration,
+    /// Packs whose live fraction falls below this are rewritten.
+    pub repack_below: f64,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            grace: Duration::from_secs(3600),
+            repack_below: 0.5,
+        }
+    }
+}
+
+/// What gc did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    /// True when nothing was changed.
+    pub dry_run: bool,
+    /// Refs (roots) followed.
+    pub roots: u64,
+    /// Objects reachable from them (chunks and file objects).
+    pub live_objects: u64,
+    /// Chunks removed from the index.
+    pub removed_chunks: u64,
+    /// Their stored bytes.
+    pub removed_chunk_bytes: u64,
+    /// File objects removed.
+    pub removed_files: u64,
+    /// Their bytes.
+    pub removed_file_bytes: u64,
+    /// Packs rewritten because most of them was dead.
+    pub repacked: u64,
+    /// Pack files deleted (emptied, rewritten or orphaned).
+    pub removed_packs: u64,
+    /// Pack bytes on disk before and after.
+    pub pack_bytes_before: u64,
+    /// Pack bytes on disk after (or as they would be).
+    pub pack_bytes_after: u64,
+}
+
+impl Store {
+    /// Every object reachable from `roots` (chunk ids and file object ids).
+    pub(crate) fn reachable(
+        &self,
+        roots: impl IntoIterator<Item = Hash>,
+        marked: &mut HashSet<Hash>,
+    ) -> Result<()> {
+        let mut stack: Vec<Hash> = roots.into_iter().filter(|h| !h.is_zero()).collect();
+        while let Some(id) = stack.pop() {
+            if !marked.insert(id) {
+                continue;
+            }
+            if let Some(loc) = self.location(&id)? {
+                if loc.is_node {
+                    let node = Node::decode(&self.get_chunk(&id)?, &|| format!("node {id}"))?;
+                    stack.extend(
+                        node.links
+                            .into_iter()
+                            .filter(|h| !h.is_zero() && !marked.contains(h)),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects garbage (see the module docs).
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        if self.is_read_only() && !opts.dry_run {
+            return Err(crate::Error::ReadOnly);
+        }
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..GcReport::default()
+        };
+        let _commits = self
+            .inner
+            .commit_lock
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+
+        // Mark.
+        let refs = self.list_refs("")?;
+        report.roots = refs.len() as u64;
+        let mut marked = HashSet::new();
+        self.reachable(refs.iter().map(|(_, h)| *h), &mut marked)?;
+
+        // Sweep, holding the pin table so no transaction can start relying on what we remove.
+        let pins = self.inner.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let pinned: Vec<Hash> = pins.keys().copied().collect();
+        self.reachable(pinned, &mut marked)?;
+        report.live_objects = marked.len() as u64;
+        let mut batch = WriteBatch::default();
+        let mut live_per_pack: HashMap<u32, u64> = HashMap::new();
+        let mut live_locs: HashMap<u32, Vec<(Hash, Location)>> = HashMap::new();
+        let mut indexed_packs = HashSet::new();
+        self.scan(key::CHUNK, |k, v| {
+            let (Some(id), Some(loc)) = (Hash::from_slice(k), Location::decode(v)) else {
+                return Ok(());
+            };
+            indexed_packs.insert(loc.pack);
+            if marked.contains(&id) {
+                *live_per_pack.entry(loc.pack).or_default() +=
+                    RECORD_HEADER + u64::from(loc.stored_len);
+                live_locs.entry(loc.pack).or_default().push((id, loc));
+            } else {
+                report.removed_chunks += 1;
+                report.removed_chunk_bytes += u64::from(loc.stored_len);
+                batch.delete(key::id(key::CHUNK, &id));
+            }
+            Ok(())
+        })?;
+        let mut dead_files = Vec::new();
+        self.scan(key::FILE, |k, v| {
+            let Some(id) = Hash::from_slice(k) else {
+                return Ok(());
+            };
+            if !marked.contains(&id) {
+                report.removed_files += 1;
+                report.removed_file_bytes += v
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes);
+                batch.delete(key::id(key::FILE, &id));
+                dead_files.push(id);
+            }
+            Ok(())
+        })?;
+        if !opts.dry_run {
+            self.write_batch(batch)?;
+        }
+        drop(pins);
+        if !opts.dry_run {
+            for id in &dead_files {
+                let path = self.file_object_path(id);
+                if let Err(e) = fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a dead file object");
+                }
+            }
+        }
+
+        // Packs: delete the dead, rewrite the sparse.
+        let active = self
+            .inner
+            .active_packs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let packs_dir = self.packs_dir();
+        let mut repack_into: Option<PackWriter> = None;
+        let mut moved = WriteBatch::default();
+        let mut to_delete = Vec::new();
+        for entry in fs::read_dir(&packs_dir).ctx(|| format!("list {}", packs_dir.display()))? {
+            let entry = entry.ctx(|| format!("list {}", packs_dir.display()))?;
+            let Some(n) = entry.file_name().to_str().and_then(parse_pack_name) else {
+                continue;
+            };
+            let meta = entry
+                .metadata()
+                .ctx(|| format!("stat {}", entry.path().display()))?;
+            report.pack_bytes_before += meta.len();
+            if active.contains(&n) {
+                report.pack_bytes_after += meta.len();
+                continue;
+            }
+            let live = live_per_pack.get(&n).copied().unwrap_or(0);
+            let payload = meta.len().saturating_sub(FILE_MAGIC.len() as u64).max(1);
+            if live == 0 {
+                let age = SystemTime::now()
+                    .duration_since(meta.modified().unwrap_or(SystemTime::now()))
+                    .unwrap_or_default();
+                // A pack whose chunks all died is garbage; one that the index never named may be
+                // an ingest in progress elsewhere, so it gets the grace period.
+                if indexed_packs.contains(&n) || age >= opts.grace {
+                    to_delete.push(n);
+                    report.removed_packs += 1;
+                } else {
+                    report.pack_bytes_after += meta.len();
+                }
+                continue;
+            }
+            if (live as f64) / (payload as f64) < opts.repack_below {
+                report.repacked += 1;
+                report.removed_packs += 1;
+                report.pack_bytes_after += live;
+                if opts.dry_run {
+                    continue;
+                }
+                if repack_into.is_none() {
+                    let number = self.alloc_pack();
+                    self.inner
+                        .active_packs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(number);
+                    repack_into = Some(PackWriter::create(&packs_dir, number)?);
+                }
+                let writer = repack_into.as_mut().expect("repack pack was just created");
+                for (id, loc) in live_locs.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+                    let mut payload = vec![0u8; loc.stored_len as usize];
+                    self.inner
+                        .packs
+                        .read_at(loc.pack, loc.offset, &mut payload)?;
+                    let new = writer.append(id, loc.is_node, loc.codec, loc.raw_len, &payload)?;
+                    moved.put(key::id(key::CHUNK, id), new.encode());
+                }
+                to_delete.push(n);
+            } else {
+                report.pack_bytes_after += meta.len();
+            }
+        }
+        if opts.dry_run {
+            return Ok(report);
+        }
+        if let Some(mut writer) = repack_into {
+            writer.sync()?;
+            sync_dir(&packs_dir)?;
+            report.pack_bytes_after += FILE_MAGIC.len() as u64;
+            self.write_batch(moved)?;
+            self.inner
+                .active_packs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&writer.number);
+        }
+        for n in to_delete {
+            let path = pack_path(&packs_dir, n);
+            fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+            self.inner.packs.forget(n);
+        }
+        sync_dir(&packs_dir)?;
+        self.clean_staging(opts.grace)?;
+        Ok(report)
+    }
+
+    /// Removes staged files and unindexed object files older than `grace`.
+    fn clean_staging(&self, grace: Duration) -> Result<()> {
+        let staging = self.staging_dir();
+        let Ok(entries) = fs::read_dir(&staging) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age >= grace);
+            if old {
+                let path = entry.path();
+                let result = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(path = %path.display(), error = %e, "could not clean staging");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,672 @@
+//! Images: VM memory files and raw disk images, stored page by page.
+//!
+//! An image's manifest is a two-level tree of [`Node`]s: a root holding the image's geometry and
+//! the ids of its segments, and segments of [`SEGMENT_PAGES`] page ids each ([`Hash::ZERO`] for a
+//! zero page, which stores nothing). Two images that share most pages share most segments, so
+//! their manifests share most of their bytes, and diffing them compares segment ids first and
+//! looks inside only the segments that differ.
+//!
+//! An image whose size is not a multiple of the page size ends in a short page: its id is the hash
+//! of the bytes that exist, and reads return exactly `size` bytes.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::Hash;
+use crate::node::{Node, kind};
+use crate::pageset::PageSet;
+use crate::store::Store;
+use crate::txn::Txn;
+
+/// Pages per segment: 1024 ids (32 KiB of manifest) describe 4 MiB of 4 KiB pages.
+pub const SEGMENT_PAGES: u64 = 1024;
+/// The default page size.
+pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+/// Work is done in batches of about this many bytes, hashed and compressed in parallel.
+const BATCH_BYTES: u64 = 8 << 20;
+
+/// A progress callback: called with the number of image bytes just processed.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// How to ingest an image.
+#[derive(Clone, Default)]
+pub struct IngestOptions {
+    /// Page size in bytes (0 means 4096). A power of two from 512 bytes to 1 GiB; memory files
+    /// backed by 2 MiB huge pages use 2097152.
+    pub page_size: u32,
+    /// The image this one derives from (a previous checkpoint of the same VM).
+    pub parent: Option<Hash>,
+    /// With `parent`: the pages that may differ from it (a dirty log, the pages a lazy restore
+    /// installed). Only these are read and hashed; the others are taken from the parent.
+    pub dirty: Option<PageSet>,
+    /// With `parent`: the file is a Firecracker diff snapshot, a sparse file holding only the
+    /// dirty pages at their offsets; holes mean "as in the parent".
+    pub diff_snapshot: bool,
+    /// Called as bytes are processed.
+    pub progress: Option<Progress>,
+}
+
+/// What an ingest produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageInfo {
+    /// The image's id (its root manifest).
+    pub id: Hash,
+    /// Size in bytes.
+    pub size: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// Number of pages (the last may be short).
+    pub pages: u64,
+    /// Pages that are all zero.
+    pub zero_pages: u64,
+    /// Pages read and hashed by this ingest (the rest came from the parent).
+    pub hashed_pages: u64,
+    /// Pages (chunks) the store did not have before.
+    pub new_pages: u64,
+    /// Uncompressed bytes of the new pages.
+    pub new_raw_bytes: u64,
+    /// Bytes the new pages and manifests take in packs.
+    pub new_stored_bytes: u64,
+    /// Segments taken unchanged from the parent.
+    pub reused_segments: u64,
+}
+
+/// The root of an image manifest.
+#[derive(Clone, Debug)]
+pub(crate) struct Root {
+    pub page_size: u32,
+    pub size: u64,
+    pub segments: Vec<Hash>,
+}
+
+impl Root {
+    fn node(&self) -> Node {
+        let mut body = Vec::with_capacity(17);
+        body.push(1u8);
+        body.extend_from_slice(&self.page_size.to_le_bytes());
+        body.extend_from_slice(&self.size.to_le_bytes());
+        body.extend_from_slice(&(SEGMENT_PAGES as u32).to_le_bytes());
+        Node::new(kind::IMAGE_ROOT, self.segments.clone(), body)
+    }
+
+    pub(crate) fn from_node(node: &Node, what: &dyn Fn() -> String) -> Result<Root> {
+        let bad = |d: &str| Error::Corrupt {
+            what: what(),
+            detail: d.to_string(),
+        };
+        if node.kind != kind::IMAGE_ROOT {
+            return Err(Error::InvalidInput(format!(
+                "{} is not an image (node kind {})",
+                what(),
+                node.kind
+            )));
+        }
+        let b = &node.body;
+        if b.len() != 17 || b[0] != 1 {
+            return Err(bad("unknown image root format"));
+        }
+        let page_size = u32::from_le_bytes(b[1..5].try_into().map_err(|_| bad("body"))?);
+        let size = u64::from_le_bytes(b[5..13].try_into().map_err(|_| bad("body"))?);
+        let seg = u32::from_le_bytes(b[13..17].try_into().map_err(|_| bad("body"))?);
+        if !valid_page_size(page_size) || u64::from(seg) != SEGMENT_PAGES {
+            return Err(bad("bad geometry"));
+        }
+        let pages = size.div_ceil(u64::from(page_size));
+        if node.links.len() as u64 != pages.div_ceil(SEGMENT_PAGES) {
+            return Err(bad("segment count does not match size"));
+        }
+        Ok(Root {
+            page_size,
+            size,
+            segments: node.links.clone(),
+        })
+    }
+
+    fn pages(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.page_size))
+    }
+
+    fn segment_len(&self, s: u64) -> u64 {
+        (self.pages() - s * SEGMENT_PAGES).min(SEGMENT_PAGES)
+    }
+}
+
+fn valid_page_size(ps: u32) -> bool {
+    ps.is_power_of_two() && (512..=1 << 30).contains(&ps)
+}
+
+/// True when every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: any initialised bytes are a valid u128; align_to only reinterprets them.
+    let (head, body, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// The byte ranges of `file` that hold data (SEEK_DATA/SEEK_HOLE); the whole file where the
+/// filesystem does not say.
+fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{Whence, lseek};
+    let fd = file.as_fd();
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        let Ok(start) = lseek(fd, pos as i64, Whence::SeekData) else {
+            break;
+        };
+        let start = start as u64;
+        let end = lseek(fd, start as i64, Whence::SeekHole)
+            .map_or(size, |e| e as u64)
+            .min(size);
+        if end <= start {
+            break;
+        }
+        out.push((start, end));
+        pos = end;
+    }
+    if out.is_empty() && size > 0 && lseek(fd, 0, Whence::SeekData).is_err() {
+        // ENXIO means "no data at all": a fully sparse file. Other errors: assume all data.
+        if nix::errno::Errno::last() != nix::errno::Errno::ENXIO {
+            out.push((0, size));
+        }
+    }
+    out
+}
+
+impl Txn {
+    /// Ingests the image file at `path` (see [`IngestOptions`]). The image is readable by id
+    /// after [`Txn::commit`].
+    pub fn ingest_image(&mut self, path: &Path, opts: &IngestOptions) -> Result<ImageInfo> {
+        let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
+        let size = file
+            .metadata()
+            .ctx(|| format!("stat {}", path.display()))?
+            .len();
+        let ps = if opts.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            opts.page_size
+        };
+        if !valid_page_size(ps) {
+            return Err(Error::InvalidInput(format!(
+                "page size {ps} is not a power of two from 512 to 1 GiB"
+            )));
+        }
+        let ps64 = u64::from(ps);
+        let pages = size.div_ceil(ps64);
+        let parent = match opts.parent {
+            Some(p) => {
+                self.pin(p);
+                let root =
+                    Root::from_node(&self.store.get_node(&p)?, &|| format!("parent image {p}"))?;
+                if root.page_size != ps {
+                    return Err(Error::InvalidInput(format!(
+                        "page size {ps} differs from the parent's {}",
+                        root.page_size
+                    )));
+                }
+                Some(root)
+            }
+            None => None,
+        };
+        if (opts.dirty.is_some() || opts.diff_snapshot) && parent.is_none() {
+            return Err(Error::InvalidInput(
+                "a dirty-page set or a diff snapshot needs a parent image".into(),
+            ));
+        }
+        let parent_pages = parent.as_ref().map_or(0, Root::pages);
+        // Pages that hold data in the file: holes are zero (or, in a diff snapshot, unchanged).
+        let mut data = PageSet::new();
+        for (start, end) in data_extents(&file, size) {
+            data.insert_range(start / ps64, end.div_ceil(ps64));
+        }
+        let parent_size = parent.as_ref().map_or(0, |p| p.size);
+        let read_from_file = |i: u64| -> bool {
+            // New pages, and a last page whose length differs from the parent's, come from the file.
+            if i >= parent_pages || (i + 1 == pages && parent_size != size) {
+                return true;
+            }
+            if opts.diff_snapshot {
+                data.contains(i)
+            } else if let Some(dirty) = &opts.dirty {
+                dirty.contains(i)
+            } else {
+                true
+            }
+        };
+
+        let mut info = ImageInfo {
+            id: Hash::ZERO,
+            size,
+            page_size: ps,
+            pages,
+            zero_pages: 0,
+            hashed_pages: 0,
+            new_pages: 0,
+            new_raw_bytes: 0,
+            new_stored_bytes: 0,
+            reused_segments: 0,
+        };
+        let nseg = pages.div_ceil(SEGMENT_PAGES);
+        let mut segments = Vec::with_capacity(nseg as usize);
+        let batch_pages = (BATCH_BYTES / ps64).clamp(1, SEGMENT_PAGES);
+        let mut buf = vec![0u8; (batch_pages * ps64) as usize];
+        for s in 0..nseg {
+            let start = s * SEGMENT_PAGES;
+            let end = (start + SEGMENT_PAGES).min(pages);
+            // The parent's segment at this position, and whether it covers exactly these pages.
+            let parent_seg = parent
+                .as_ref()
+                .and_then(|p| p.segments.get(s as usize).copied());
+            let parent_ids = match parent_seg {
+                Some(seg) => Some(self.segment_ids(&seg)?),
+                None => None,
+            };
+            if let (Some(seg), Some(p)) = (parent_seg, &parent) {
+                // The last page's length must match too: a parent of another size ends differently.
+                let same_shape = p.segment_len(s) == end - start && (end < pages || p.size == size);
+                if same_shape && !(start..end).any(&read_from_file) {
+                    let ids = parent_ids.as_deref().unwrap_or_default();
+                    info.zero_pages += ids.iter().filter(|h| h.is_zero()).count() as u64;
+                    info.reused_segments += 1;
+                    segments.push(seg);
+                    report(opts, (end - start) * ps64);
+                    continue;
+                }
+            }
+            let mut ids = Vec::with_capacity((end - start) as usize);
+            let mut b = start;
+            while b < end {
+                let e = (b + batch_pages).min(end);
+                self.ingest_batch(
+                    &file,
+                    path,
+                    size,
+                    ps64,
+                    b,
+                    e,
+                    &data,
+                    &read_from_file,
+                    parent_ids.as_deref(),
+                    start,
+                    &mut buf,
+                    &mut ids,
+                    &mut info,
+                )?;
+                report(opts, (e - b) * ps64);
+                b = e;
+            }
+            info.zero_pages += ids.iter().filter(|h| h.is_zero()).count() as u64;
+            let before = self.appended_bytes();
+            segments.push(self.put_node(&Node::new(kind::IMAGE_SEGMENT, ids, Vec::new()))?);
+            info.new_stored_bytes += self.appended_bytes() - before;
+        }
+        let before = self.appended_bytes();
+        info.id = self.put_node(
+            &Root {
+                page_size: ps,
+                size,
+                segments,
+            }
+            .node(),
+        )?;
+        info.new_stored_bytes += self.appended_bytes() - before;
+        Ok(info)
+    }
+
+    /// Hashes and stores pages `b..e` of one segment that starts at page `seg_start`.
+    #[allow(clippy::too_many_arguments)]
+    fn ingest_batch(
+        &mut self,
+        file: &File,
+        path: &Path,
+        size: u64,
+        ps: u64,
+        b: u64,
+        e: u64,
+        data: &PageSet,
+        read_from_file: &dyn Fn(u64) -> bool,
+        parent_ids: Option<&[Hash]>,
+        seg_start: u64,
+        buf: &mut [u8],
+        ids: &mut Vec<Hash>,
+        info: &mut ImageInfo,
+    ) -> Result<()> {
+        // Read each run of pages that holds data with one pread.
+        let page_len = |i: u64| -> usize { (size - i * ps).min(ps) as usize };
+        let mut wanted = Vec::with_capacity((e - b) as usize);
+        let mut i = b;
+        while i < e {
+            if !read_from_file(i) {
+                i += 1;
+                continue;
+            }
+            wanted.push(i);
+            if !data.contains(i) {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < e && read_from_file(i) && data.contains(i) {
+                i += 1;
+            }
+            for j in run_start + 1..i {
+                wanted.push(j);
+            }
+            let from = ((run_start - b) * ps) as usize;
+            let len = ((i - 1) * ps + page_len(i - 1) as u64 - run_start * ps) as usize;
+            file.read_exact_at(&mut buf[from..from + len], run_start * ps)
+                .ctx(|| format!("read {} at {}", path.display(), run_start * ps))?;
+        }
+        let hashed: Vec<(u64, Hash)> = wanted
+            .par_iter()
+            .map(|&i| {
+                if !data.contains(i) {
+                    return (i, Hash::ZERO);
+                }
+                let off = ((i - b) * ps) as usize;
+                let page = &buf[off..off + page_len(i)];
+                (
+                    i,
+                    if is_zero(page) {
+                        Hash::ZERO
+                    } else {
+                        Hash::of(page)
+                    },
+                )
+            })
+            .collect();
+        info.hashed_pages += hashed.len() as u64;
+        let items: Vec<(Hash, &[u8])> = hashed
+            .iter()
+            .filter(|(_, h)| !h.is_zero())
+            .map(|&(i, h)| {
+                let off = ((i - b) * ps) as usize;
+                (h, &buf[off..off + page_len(i)])
+            })
+            .collect();
+        let added = self.put_chunks(&items, false)?;
+        info.new_pages += added.chunks;
+        info.new_raw_bytes += added.raw_bytes;
+        info.new_stored_bytes += added.stored_bytes;
+        let mut hashed = hashed.into_iter().peekable();
+        for i in b..e {
+            match hashed.peek() {
+                Some(&(j, h)) if j == i => {
+                    ids.push(h);
+                    hashed.next();
+                }
+                _ => ids.push(
+                    parent_ids
+                        .and_then(|p| p.get((i - seg_start) as usize))
+                        .copied()
+                        .unwrap_or(Hash::ZERO),
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn segment_ids(&mut self, seg: &Hash) -> Result<Vec<Hash>> {
+        let node = self.store.get_node(seg)?;
+        if node.kind != kind::IMAGE_SEGMENT {
+            return Err(Error::Corrupt {
+                what: format!("segment {seg}"),
+                detail: "not a segment node".into(),
+            });
+        }
+        Ok(node.links)
+    }
+}
+
+fn report(opts: &IngestOptions, bytes: u64) {
+    if let Some(p) = &opts.progress {
+        p(bytes);
+    }
+}
+
+impl Store {
+    /// Ingests one image in its own transaction and, with `name`, points that ref at it.
+    pub fn ingest_image(
+        &self,
+        path: &Path,
+        opts: &IngestOptions,
+        name: Option<&str>,
+    ) -> Result<ImageInfo> {
+        let mut tx = self.begin()?;
+        let info = tx.ingest_image(path, opts)?;
+        if let Some(name) = name {
+            tx.set_ref(name, info.id)?;
+        }
+        tx.commit()?;
+        Ok(info)
+    }
+
+    /// Opens image `id` for reading; errors name it by its id.
+    pub fn open_image(&self, id: &Hash) -> Result<ImageReader> {
+        ImageReader::open(self.clone(), *id, id.short())
+    }
+
+    /// Opens the image a ref (or hex id) names; errors name it as given.
+    pub fn open_image_ref(&self, name_or_id: &str) -> Result<ImageReader> {
+        let id = self.resolve(name_or_id)?;
+        ImageReader::open(self.clone(), id, name_or_id.to_string())
+    }
+}
+
+/// Random and sequential access to a stored image. Every page read is verified.
+/// Shareable across threads; segments are loaded once, on first use.
+pub struct ImageReader {
+    store: Store,
+    id: Hash,
+    name: String,
+    root: Root,
+    cache: Vec<OnceLock<Arc<[Hash]>>>,
+}
+
+impl ImageReader {
+    fn open(store: Store, id: Hash, name: String) -> Result<ImageReader> {
+        let node = store.get_node(&id).map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound(format!("image {name}")),
+            e => e,
+        })?;
+        let root = Root::from_node(&node, &|| format!("image {name}"))?;
+        let cache = (0..root.segments.len()).map(|_| OnceLock::new()).collect();
+        Ok(ImageReader {
+            store,
+            id,
+            name,
+            root,
+            cache,
+        })
+    }
+
+    /// The image's id.
+    pub fn id(&self) -> Hash {
+        self.id
+    }
+
+    /// The name used in errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.root.size
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.root.page_size
+    }
+
+    /// Number of pages (the last may be short).
+    pub fn page_count(&self) -> u64 {
+        self.root.pages()
+    }
+
+    /// Length of page `i` in bytes: the page size, less for a short last page.
+    pub fn page_len(&self, i: u64) -> usize {
+        let ps = u64::from(self.root.page_size);
+        self.root.size.saturating_sub(i * ps).min(ps) as usize
+    }
+
+    /// The ids of the segments.
+    pub fn segment_ids(&self) -> &[Hash] {
+        &self.root.segments
+    }
+
+    /// The page ids of segment `s`.
+    pub fn segment(&self, s: usize) -> Result<Arc<[Hash]>> {
+        let slot = self
+            .cache
+            .get(s)
+            .ok_or_else(|| Error::InvalidInput(format!("segment {s} out of range")))?;
+        if let Some(ids) = slot.get() {
+            return Ok(ids.clone());
+        }
+        let seg = self.root.segments[s];
+        let what = || format!("image {} segment {s}", self.name);
+        let mut bytes = vec![0u8; 16 + SEGMENT_PAGES as usize * 32];
+        let n = self.store.read_chunk_into(&seg, &mut bytes, &what)?;
+        let node = Node::decode(&bytes[..n], &what)?;
+        let expected = self.root.segment_len(s as u64) as usize;
+        if node.kind != kind::IMAGE_SEGMENT || node.links.len() != expected {
+            return Err(Error::Corrupt {
+                what: what(),
+                detail: "segment does not match its image".into(),
+            });
+        }
+        let ids: Arc<[Hash]> = node.links.into();
+        Ok(slot.get_or_init(|| ids).clone())
+    }
+
+    /// The id of page `i`; [`Hash::ZERO`] for a zero page.
+    pub fn page_id(&self, i: u64) -> Result<Hash> {
+        if i >= self.page_count() {
+            return Err(Error::InvalidInput(format!(
+                "page {i} is beyond image {} ({} pages)",
+                self.name,
+                self.page_count()
+            )));
+        }
+        let seg = self.segment((i / SEGMENT_PAGES) as usize)?;
+        Ok(seg[(i % SEGMENT_PAGES) as usize])
+    }
+
+    /// Reads page `i` into `buf` (at least [`ImageReader::page_len`] bytes; anything past the
+    /// page is zero-filled). Returns false for a zero page. A page whose bytes do not match its
+    /// id is an error naming this image and the page.
+    pub fn read_page(&self, i: u64, buf: &mut [u8]) -> Result<bool> {
+        let id = self.page_id(i)?;
+        self.read_page_with_id(i, &id, buf)
+    }
+
+    /// [`ImageReader::read_page`] for a caller that already knows the page's id.
+    pub fn read_page_with_id(&self, i: u64, id: &Hash, buf: &mut [u8]) -> Result<bool> {
+        let len = self.page_len(i);
+        if buf.len() < len {
+            return Err(Error::InvalidInput(format!(
+                "buffer of {} bytes for a page of {len}",
+                buf.len()
+            )));
+        }
+        if id.is_zero() {
+            buf.fill(0);
+            return Ok(false);
+        }
+        let n = self
+            .store
+            .read_chunk_into(id, buf, &|| format!("image {} page {i}", self.name))?;
+        if n != len {
+            return Err(Error::Corrupt {
+                what: format!("image {} page {i}", self.name),
+                detail: format!("holds {n} bytes, expected {len}"),
+            });
+        }
+        buf[n..].fill(0);
+        Ok(true)
+    }
+
+    /// Writes the image to `path`, leaving zero pages as holes so the file stays sparse.
+    /// Returns the bytes of data written.
+    pub fn materialize(&self, path: &Path, progress: Option<&Progress>) -> Result<u64> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .ctx(|| format!("create {}", path.display()))?;
+        file.set_len(self.root.size)
+            .ctx(|| format!("size {}", path.display()))?;
+        let ps = u64::from(self.root.page_size);
+        let written = (0..self.root.segments.len())
+            .into_par_iter()
+            .map(|s| -> Result<u64> {
+                let ids = self.segment(s)?;
+                let mut buf = vec![0u8; ps as usize];
+                let mut written = 0;
+                for (k, id) in ids.iter().enumerate() {
+                    if id.is_zero() {
+                        continue;
+                    }
+                    let i = s as u64 * SEGMENT_PAGES + k as u64;
+                    self.read_page_with_id(i, id, &mut buf)?;
+                    let len = self.page_len(i);
+                    file.write_all_at(&buf[..len], i * ps)
+                        .ctx(|| format!("write {}", path.display()))?;
+                    written += len as u64;
+                }
+                if let Some(p) = progress {
+                    p(ids.len() as u64 * ps);
+                }
+                Ok(written)
+            })
+            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+        file.sync_all()
+            .ctx(|| format!("fsync {}", path.display()))?;
+        Ok(written)
+    }
+
+    /// The pages whose content differs between this image and `other`. Costs time in proportion
+    /// to the segments that differ.
+    pub fn changed_pages(&self, other: &ImageReader) -> Result<PageSet> {
+        let mut changed = PageSet::new();
+        let pages = self.page_count().max(other.page_count());
+        let nseg = self.root.segments.len().max(other.root.segments.len());
+        for s in 0..nseg {
+            let start = s as u64 * SEGMENT_PAGES;
+            let end = (start + SEGMENT_PAGES).min(pages);
+            let (a, b) = (self.root.segments.get(s), other.root.segments.get(s));
+            if a.is_some() && a == b && self.page_len(end - 1) == other.page_len(end - 1) {
+                continue;
+            }
+            let ids_a = if a.is_some() {
+                Some(self.segment(s)?)
+            } else {
+                None
+            };
+            let ids_b = if b.is_some() {
+                Some(other.segment(s)?)
+            } else {
+                None
+            };
+            for i in start..end {
+                let k = (i - start) as usize;
+                let pa = ids_a.as_ref().and_then(|v| v.get(k));
+                let pb = ids_b.as_ref().and_then(|v| v.get(k));
+                if pa != pb || self.page_len(i) != other.page_len(i) {
+                    changed.insert(i);
+                }
+            }
+        }
+        Ok(changed)
+    }
+}

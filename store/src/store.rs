@@ -1,0 +1,541 @@
+//! The store handle: opening, the index, chunk reads, refs, metadata and file objects.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rocksdb::{BlockBasedOptions, DB, Direction, IteratorMode, WriteBatch, WriteOptions};
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::Hash;
+use crate::lock::StoreLock;
+use crate::node::Node;
+use crate::pack::{Codec, Location, PackFiles, parse_pack_name};
+use crate::txn::Txn;
+
+/// Index key prefixes. One RocksDB column family; the first byte says what a key is.
+pub(crate) mod key {
+    /// `c` + id: a chunk's [`Location`](crate::pack::Location).
+    pub const CHUNK: u8 = b'c';
+    /// `f` + id: a file object (value: its size, u64 LE).
+    pub const FILE: u8 = b'f';
+    /// `r` + name: a ref (value: the id it names).
+    pub const REF: u8 = b'r';
+    /// `m` + key: caller metadata.
+    pub const META: u8 = b'm';
+
+    pub fn id(prefix: u8, id: &crate::Hash) -> [u8; 33] {
+        let mut k = [0u8; 33];
+        k[0] = prefix;
+        k[1..].copy_from_slice(id.as_bytes());
+        k
+    }
+
+    pub fn named(prefix: u8, name: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + name.len());
+        k.push(prefix);
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+}
+
+const FORMAT: &str = "snapfork-store 1\n";
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open without the writer lock; writes fail with [`Error::ReadOnly`]. Several readers and one
+    /// writer may have a store open at once.
+    pub read_only: bool,
+    /// How long to wait for another process that holds the writer lock.
+    pub lock_timeout: Duration,
+    /// Create the store if `dir` holds none.
+    pub create: bool,
+    /// zstd level for new chunks.
+    pub compression_level: i32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            lock_timeout: Duration::from_secs(30),
+            create: true,
+            compression_level: 1,
+        }
+    }
+}
+
+/// A content-addressed store on local disk. Cheap to clone; all clones share one open store.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub db: DB,
+    pub packs: PackFiles,
+    pub read_only: bool,
+    pub level: i32,
+    /// Next pack number to hand out.
+    pub next_pack: AtomicU32,
+    /// Packs that uncommitted transactions are writing: gc leaves them alone.
+    pub active_packs: Mutex<HashSet<u32>>,
+    /// Ids that uncommitted transactions rely on (dedup hits, parents): gc keeps their closure.
+    pub pins: Mutex<HashMap<Hash, u32>>,
+    /// Commits take it shared; gc takes it exclusively so that nothing commits between its mark
+    /// and its sweep.
+    pub commit_lock: RwLock<()>,
+    _lock: Option<StoreLock>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+impl Store {
+    /// Opens (or with `opts.create`, creates) the store at `dir`.
+    pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Store> {
+        let dir = dir.as_ref().to_path_buf();
+        let format_path = dir.join("FORMAT");
+        if !format_path.exists() {
+            if !opts.create || opts.read_only {
+                return Err(Error::NotFound(format!(
+                    "no snapfork store at {}",
+                    dir.display()
+                )));
+            }
+            fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        }
+        let lock = if opts.read_only {
+            None
+        } else {
+            Some(StoreLock::acquire(&dir, opts.lock_timeout)?)
+        };
+        if !opts.read_only {
+            for sub in ["packs", "objects", "staging"] {
+                fs::create_dir_all(dir.join(sub))
+                    .ctx(|| format!("create {}/{sub}", dir.display()))?;
+            }
+            if !format_path.exists() {
+                write_durably(&format_path, FORMAT.as_bytes())?;
+            }
+        }
+        let found =
+            fs::read_to_string(&format_path).ctx(|| format!("read {}", format_path.display()))?;
+        if found != FORMAT {
+            return Err(Error::InvalidInput(format!(
+                "{} holds format {:?}; this snapfork reads {:?}",
+                dir.display(),
+                found.trim(),
+                FORMAT.trim()
+            )));
+        }
+        let db = open_index(&dir.join("index"), opts.read_only)?;
+        let next_pack = max_pack_number(&dir.join("packs"))?.map_or(1, |n| n + 1);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                packs: PackFiles::new(dir.join("packs")),
+                dir,
+                db,
+                read_only: opts.read_only,
+                level: opts.compression_level,
+                next_pack: AtomicU32::new(next_pack),
+                active_packs: Mutex::default(),
+                pins: Mutex::default(),
+                commit_lock: RwLock::default(),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Starts a transaction: everything it writes becomes visible, durably and at once, on
+    /// [`Txn::commit`], or not at all.
+    pub fn begin(&self) -> Result<Txn> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(Txn::new(self.clone()))
+    }
+
+    /// Where a chunk lives, if the store has it.
+    pub fn location(&self, id: &Hash) -> Result<Option<Location>> {
+        match self.inner.db.get_pinned(key::id(key::CHUNK, id))? {
+            None => Ok(None),
+            Some(v) => Location::decode(&v)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt {
+                    what: format!("index entry of {id}"),
+                    detail: "bad location".into(),
+                }),
+        }
+    }
+
+    /// True when the store holds chunk `id` (a page, blob chunk or node).
+    pub fn contains(&self, id: &Hash) -> Result<bool> {
+        Ok(self.inner.db.get_pinned(key::id(key::CHUNK, id))?.is_some())
+    }
+
+    /// Reads chunk `id`, verified against its id, into `out`, which must hold at least its raw
+    /// length; returns that length. `what` names the chunk in errors ("image vm page 7").
+    pub fn read_chunk_into(
+        &self,
+        id: &Hash,
+        out: &mut [u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<usize> {
+        let loc = self.location(id)?.ok_or_else(|| Error::Corrupt {
+            what: what(),
+            detail: format!("chunk {id} is missing from the store"),
+        })?;
+        match self.read_located(id, &loc, out, what) {
+            // gc may have moved the chunk to a new pack between our lookup and our read.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let loc = self.location(id)?.ok_or_else(|| Error::Corrupt {
+                    what: what(),
+                    detail: format!("chunk {id} is missing from the store"),
+                })?;
+                self.read_located(id, &loc, out, what)
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) fn read_located(
+        &self,
+        id: &Hash,
+        loc: &Location,
+        out: &mut [u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<usize> {
+        let raw_len = loc.raw_len as usize;
+        if out.len() < raw_len {
+            return Err(Error::InvalidInput(format!(
+                "buffer of {} bytes for a chunk of {raw_len}",
+                out.len()
+            )));
+        }
+        let out = &mut out[..raw_len];
+        let corrupt = |detail: String| Error::Corrupt {
+            what: what(),
+            detail,
+        };
+        match loc.codec {
+            Codec::Raw => {
+                if loc.stored_len != loc.raw_len {
+                    return Err(corrupt("raw chunk with mismatched lengths".into()));
+                }
+                self.inner.packs.read_at(loc.pack, loc.offset, out)?;
+            }
+            Codec::Zstd => SCRATCH.with_borrow_mut(|scratch| -> Result<()> {
+                scratch.resize(loc.stored_len as usize, 0);
+                self.inner.packs.read_at(loc.pack, loc.offset, scratch)?;
+                DECOMPRESSOR.with_borrow_mut(|d| {
+                    if d.is_none() {
+                        *d = Some(
+                            zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?,
+                        );
+                    }
+                    let d = d.as_mut().expect("decompressor was just created");
+                    match d.decompress_to_buffer(&scratch[..], &mut out[..]) {
+                        Ok(n) if n == raw_len => Ok(()),
+                        Ok(n) => Err(corrupt(format!(
+                            "decompressed to {n} bytes, expected {raw_len}"
+                        ))),
+                        Err(e) => Err(corrupt(format!("does not decompress: {e}"))),
+                    }
+                })
+            })?,
+        }
+        let actual = Hash::of(out);
+        if actual != *id {
+            return Err(corrupt(format!(
+                "content hashes to {} instead of {}",
+                actual.short(),
+                id.short()
+            )));
+        }
+        Ok(raw_len)
+    }
+
+    /// Reads chunk `id`, verified.
+    pub fn get_chunk(&self, id: &Hash) -> Result<Vec<u8>> {
+        let loc = self
+            .location(id)?
+            .ok_or_else(|| Error::NotFound(format!("object {id}")))?;
+        let mut out = vec![0u8; loc.raw_len as usize];
+        self.read_chunk_into(id, &mut out, &|| format!("object {id}"))?;
+        Ok(out)
+    }
+
+    /// Reads node `id`, verified.
+    pub fn get_node(&self, id: &Hash) -> Result<Node> {
+        let bytes = self.get_chunk(id)?;
+        Node::decode(&bytes, &|| format!("node {id}"))
+    }
+
+    // ----- refs -----
+
+    /// The id that ref `name` names.
+    pub fn get_ref(&self, name: &str) -> Result<Option<Hash>> {
+        Ok(self
+            .inner
+            .db
+            .get_pinned(key::named(key::REF, name))?
+            .and_then(|v| Hash::from_slice(&v)))
+    }
+
+    /// All refs whose names start with `prefix`, sorted by name.
+    pub fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Hash)>> {
+        let start = key::named(key::REF, prefix);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            if let Some(id) = Hash::from_slice(&v) {
+                out.push((name, id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves a ref name or a 64-character hex id to an id the store holds.
+    pub fn resolve(&self, name_or_id: &str) -> Result<Hash> {
+        if let Some(id) = self.get_ref(name_or_id)? {
+            return Ok(id);
+        }
+        if let Ok(id) = name_or_id.parse::<Hash>() {
+            if self.contains(&id)? {
+                return Ok(id);
+            }
+        }
+        Err(Error::NotFound(format!(
+            "no ref or object named {name_or_id:?}"
+        )))
+    }
+
+    // ----- caller metadata -----
+
+    /// Reads metadata `key`.
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.inner.db.get(key::named(key::META, key))?)
+    }
+
+    /// All metadata entries whose keys start with `prefix`.
+    pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let start = key::named(key::META, prefix);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes metadata `key` durably (`None` deletes it).
+    pub fn meta_put(&self, key: &str, value: Option<&[u8]>) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut batch = WriteBatch::default();
+        match value {
+            Some(v) => batch.put(key::named(key::META, key), v),
+            None => batch.delete(key::named(key::META, key)),
+        }
+        self.write_batch(batch)
+    }
+
+    // ----- file objects -----
+
+    /// Where file object `id` lives once committed.
+    pub fn file_object_path(&self, id: &Hash) -> PathBuf {
+        let hex = id.to_hex();
+        self.inner
+            .dir
+            .join("objects")
+            .join(&hex[..2])
+            .join(&hex[2..])
+    }
+
+    /// A directory, on the store's filesystem, where callers prepare files for
+    /// [`Txn::adopt_file_object`].
+    pub fn staging_dir(&self) -> PathBuf {
+        self.inner.dir.join("staging")
+    }
+
+    /// True when the store holds file object `id`.
+    pub fn has_file_object(&self, id: &Hash) -> Result<bool> {
+        Ok(self.inner.db.get_pinned(key::id(key::FILE, id))?.is_some())
+    }
+
+    // ----- internals shared by the other modules -----
+
+    pub(crate) fn write_batch(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.inner.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    pub(crate) fn alloc_pack(&self) -> u32 {
+        self.inner.next_pack.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub(crate) fn packs_dir(&self) -> PathBuf {
+        self.inner.dir.join("packs")
+    }
+
+    /// Every (key suffix, value) under one key prefix.
+    pub(crate) fn scan(
+        &self,
+        prefix: u8,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let start = [prefix];
+        for item in self
+            .inner
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if k.first() != Some(&prefix) {
+                break;
+            }
+            f(&k[1..], &v)?;
+        }
+        Ok(())
+    }
+
+    /// Marks `ids` as relied upon by an uncommitted transaction.
+    pub(crate) fn pin(&self, ids: &[Hash]) {
+        let mut pins = self.inner.pins.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            *pins.entry(*id).or_insert(0) += 1;
+        }
+    }
+
+    pub(crate) fn unpin(&self, ids: &[Hash]) {
+        let mut pins = self.inner.pins.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let Some(n) = pins.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Looks up many chunk locations at once.
+    pub(crate) fn locations(&self, ids: &[Hash]) -> Result<Vec<Option<Location>>> {
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| key::id(key::CHUNK, id)).collect();
+        self.inner
+            .db
+            .multi_get(&keys)
+            .into_iter()
+            .zip(ids)
+            .map(|(r, id)| match r? {
+                None => Ok(None),
+                Some(v) => Location::decode(&v)
+                    .map(Some)
+                    .ok_or_else(|| Error::Corrupt {
+                        what: format!("index entry of {id}"),
+                        detail: "bad location".into(),
+                    }),
+            })
+            .collect()
+    }
+}
+
+/// Writes a small file and makes it and its directory entry durable.
+pub(crate) fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data).ctx(|| format!("write {}", tmp.display()))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("fsync {}", tmp.display()))?;
+    fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsyncs a directory, making the creation or removal of its entries durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+fn open_index(path: &Path, read_only: bool) -> Result<DB> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(!read_only);
+    opts.increase_parallelism(2);
+    opts.set_max_open_files(512);
+    // Keys are random hashes and values are tiny: compression buys nothing, bloom filters make
+    // the misses of a first ingest (most of its lookups) cheap.
+    opts.set_compression_type(rocksdb::DBCompressionType::None);
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    if let Ok(cache) = rocksdb::Cache::new_lru_cache(64 << 20) {
+        table.set_block_cache(&cache);
+    }
+    table.set_cache_index_and_filter_blocks(true);
+    opts.set_block_based_table_factory(&table);
+    opts.set_write_buffer_size(64 << 20);
+    let db = if read_only {
+        DB::open_for_read_only(&opts, path, false)?
+    } else {
+        DB::open(&opts, path)?
+    };
+    Ok(db)
+}
+
+fn max_pack_number(dir: &Path) -> Result<Option<u32>> {
+    let mut max = None;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("list {}", dir.display()),
+                source: e,
+            });
+        }
+    };
+    for entry in entries {
+        let entry = entry.ctx(|| format!("list {}", dir.display()))?;
+        if let Some(n) = entry.file_name().to_str().and_then(parse_pack_name) {
+            max = max.max(Some(n));
+        }
+    }
+    Ok(max)
+}

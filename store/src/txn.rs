@@ -1,0 +1,332 @@
+//! Transactions: the only way data enters the store.
+//!
+//! A transaction appends new chunks to packs of its own, stages file objects and collects index
+//! updates. [`Txn::commit`] makes pack data and file objects durable first, then applies every
+//! index update in one synced RocksDB batch: a crash before that batch leaves only unreferenced
+//! pack bytes (which gc reclaims), never an index entry pointing at lost data.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use rocksdb::WriteBatch;
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::Hash;
+use crate::node::Node;
+use crate::pack::{Codec, Location, MAX_PACK_BYTES, PackWriter};
+use crate::store::{Store, key, sync_dir};
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+/// What a batch of chunk writes added.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Added {
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+/// An open transaction (see the module docs). Dropping it without commit abandons its writes.
+pub struct Txn {
+    pub(crate) store: Store,
+    pack: Option<PackWriter>,
+    finished_packs: Vec<PackWriter>,
+    new_chunks: HashMap<Hash, Location>,
+    /// Ids known to exist in the index, pinned against gc until this transaction ends.
+    pinned: HashSet<Hash>,
+    files: Vec<(PathBuf, Hash, u64)>,
+    batch: WriteBatch,
+    created_packs: bool,
+    /// Bytes appended to packs so far.
+    appended: u64,
+}
+
+impl Txn {
+    pub(crate) fn new(store: Store) -> Txn {
+        Txn {
+            store,
+            pack: None,
+            finished_packs: Vec::new(),
+            new_chunks: HashMap::new(),
+            pinned: HashSet::new(),
+            files: Vec::new(),
+            batch: WriteBatch::default(),
+            created_packs: false,
+            appended: 0,
+        }
+    }
+
+    /// The store this transaction writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stores `data` as a chunk; returns its id.
+    pub fn put_chunk(&mut self, data: &[u8]) -> Result<Hash> {
+        let id = Hash::of(data);
+        self.put_chunks(&[(id, data)], false)?;
+        Ok(id)
+    }
+
+    /// Stores a node; returns its id.
+    pub fn put_node(&mut self, node: &Node) -> Result<Hash> {
+        let bytes = node.encode();
+        let id = Hash::of(&bytes);
+        self.put_chunks(&[(id, &bytes)], true)?;
+        Ok(id)
+    }
+
+    /// Pins `id` (and so all it links to) against gc until this transaction ends: for objects a
+    /// new manifest refers to without writing them (a parent image's segments, say).
+    pub fn pin(&mut self, id: Hash) {
+        if self.pinned.insert(id) {
+            self.store.pin(&[id]);
+        }
+    }
+
+    /// Which of `ids` already exist (in the store or in this transaction). Existing ones are
+    /// pinned first, then looked up, so that a concurrent gc cannot remove them under us.
+    pub(crate) fn known(&mut self, ids: &[Hash]) -> Result<Vec<bool>> {
+        let mut answer = vec![true; ids.len()];
+        let mut ask = Vec::new();
+        let mut ask_at = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if !self.new_chunks.contains_key(id) && !self.pinned.contains(id) {
+                ask.push(*id);
+                ask_at.push(i);
+            }
+        }
+        if ask.is_empty() {
+            return Ok(answer);
+        }
+        self.store.pin(&ask);
+        let found = self.store.locations(&ask);
+        let found = match found {
+            Ok(f) => f,
+            Err(e) => {
+                self.store.unpin(&ask);
+                return Err(e);
+            }
+        };
+        let mut not_found = Vec::new();
+        for ((id, i), loc) in ask.iter().zip(ask_at).zip(found) {
+            if loc.is_some() {
+                self.pinned.insert(*id);
+            } else {
+                answer[i] = false;
+                not_found.push(*id);
+            }
+        }
+        self.store.unpin(&not_found);
+        Ok(answer)
+    }
+
+    /// Stores every chunk of `items` (id, uncompressed bytes) that the store lacks: compressed in
+    /// parallel, appended in order.
+    pub(crate) fn put_chunks(&mut self, items: &[(Hash, &[u8])], is_node: bool) -> Result<Added> {
+        let ids: Vec<Hash> = items.iter().map(|(id, _)| *id).collect();
+        let known = self.known(&ids)?;
+        let mut seen = HashSet::new();
+        let todo: Vec<&(Hash, &[u8])> = items
+            .iter()
+            .zip(known)
+            .filter(|(item, known)| !known && seen.insert(item.0))
+            .map(|(item, _)| item)
+            .collect();
+        let level = self.store.inner.level;
+        let encoded: Vec<(Codec, Option<Vec<u8>>)> = todo
+            .par_iter()
+            .map(|(_, data)| compress(data, level))
+            .collect();
+        let mut added = Added::default();
+        for ((id, data), (codec, compressed)) in todo.into_iter().zip(encoded) {
+            let payload: &[u8] = compressed.as_deref().unwrap_or(data);
+            let raw_len = u32::try_from(data.len()).map_err(|_| {
+                Error::InvalidInput(format!("chunk of {} bytes is too large", data.len()))
+            })?;
+            let loc = self
+                .pack_writer()?
+                .append(id, is_node, codec, raw_len, payload)?;
+            self.new_chunks.insert(*id, loc);
+            added.chunks += 1;
+            added.raw_bytes += data.len() as u64;
+            added.stored_bytes += payload.len() as u64;
+            self.appended += payload.len() as u64;
+        }
+        Ok(added)
+    }
+
+    fn pack_writer(&mut self) -> Result<&mut PackWriter> {
+        if self
+            .pack
+            .as_ref()
+            .is_some_and(|p| p.len() >= MAX_PACK_BYTES)
+        {
+            if let Some(full) = self.pack.take() {
+                self.finished_packs.push(full);
+            }
+        }
+        if self.pack.is_none() {
+            let number = self.store.alloc_pack();
+            self.store
+                .inner
+                .active_packs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(number);
+            self.pack = Some(PackWriter::create(&self.store.packs_dir(), number)?);
+            self.created_packs = true;
+        }
+        Ok(self.pack.as_mut().expect("pack was just created"))
+    }
+
+    /// Payload bytes this transaction has appended to packs so far.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended
+    }
+
+    /// Adds file object `id`: a file at `staged`, inside [`Store::staging_dir`], whose content
+    /// hashes to `id`. On commit it is made durable and moved into the object directory.
+    pub fn adopt_file_object(&mut self, staged: &Path, id: Hash) -> Result<()> {
+        if self.store.has_file_object(&id)? {
+            self.pin(id);
+            fs::remove_file(staged).ctx(|| format!("remove {}", staged.display()))?;
+            return Ok(());
+        }
+        if self.files.iter().any(|(_, f, _)| *f == id) {
+            fs::remove_file(staged).ctx(|| format!("remove {}", staged.display()))?;
+            return Ok(());
+        }
+        let size = fs::symlink_metadata(staged)
+            .ctx(|| format!("stat {}", staged.display()))?
+            .len();
+        self.files.push((staged.to_path_buf(), id, size));
+        Ok(())
+    }
+
+    /// Points ref `name` at `id` on commit.
+    pub fn set_ref(&mut self, name: &str, id: Hash) -> Result<()> {
+        validate_ref_name(name)?;
+        self.pin(id);
+        self.batch.put(key::named(key::REF, name), id.as_bytes());
+        Ok(())
+    }
+
+    /// Deletes ref `name` on commit.
+    pub fn delete_ref(&mut self, name: &str) {
+        self.batch.delete(key::named(key::REF, name));
+    }
+
+    /// Writes metadata `key` on commit (`None` deletes it).
+    pub fn meta_put(&mut self, key: &str, value: Option<&[u8]>) {
+        match value {
+            Some(v) => self.batch.put(key::named(key::META, key), v),
+            None => self.batch.delete(key::named(key::META, key)),
+        }
+    }
+
+    /// Makes everything durable, then visible in one atomic index update.
+    pub fn commit(mut self) -> Result<()> {
+        // 1. Pack data on disk before anything names it.
+        let mut packs = std::mem::take(&mut self.finished_packs);
+        packs.extend(self.pack.take());
+        for p in &mut packs {
+            p.sync()?;
+        }
+        if self.created_packs {
+            sync_dir(&self.store.packs_dir())?;
+        }
+        // 2. File objects: fsync, move into place, fsync their directories.
+        let mut dirs = HashSet::new();
+        for (staged, id, size) in std::mem::take(&mut self.files) {
+            fs::File::open(&staged)
+                .and_then(|f| f.sync_all())
+                .ctx(|| format!("fsync {}", staged.display()))?;
+            let dest = self.store.file_object_path(&id);
+            let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+            fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+            fs::rename(&staged, &dest)
+                .ctx(|| format!("move {} to {}", staged.display(), dest.display()))?;
+            dirs.insert(dir);
+            self.batch.put(key::id(key::FILE, &id), size.to_le_bytes());
+        }
+        for dir in &dirs {
+            sync_dir(dir)?;
+        }
+        if !dirs.is_empty() {
+            sync_dir(&self.store.dir().join("objects"))?;
+        }
+        // 3. The index, in one synced batch, while gc is not between its mark and its sweep.
+        for (id, loc) in &self.new_chunks {
+            self.batch.put(key::id(key::CHUNK, id), loc.encode());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let store = self.store.clone();
+        let _guard = store
+            .inner
+            .commit_lock
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        store.write_batch(batch)?;
+        drop(packs);
+        Ok(())
+    }
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        let pinned: Vec<Hash> = self.pinned.drain().collect();
+        self.store.unpin(&pinned);
+        let mut active = self
+            .store
+            .inner
+            .active_packs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for p in self.finished_packs.iter().chain(self.pack.as_ref()) {
+            active.remove(&p.number);
+        }
+        // Packs of an abandoned transaction stay on disk unreferenced until gc reclaims them;
+        // staged files likewise (gc clears staging entries older than its grace period).
+    }
+}
+
+/// Refuses ref names that would be ambiguous or unprintable.
+pub fn validate_ref_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('/')
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/@:+=".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "bad ref name {name:?}: use 1-255 of A-Z a-z 0-9 . _ - / @ : + = (no leading '/', no '..')"
+        )))
+    }
+}
+
+/// Compresses `data` with zstd at `level`; `None` when that does not save at least 1/16.
+fn compress(data: &[u8], level: i32) -> (Codec, Option<Vec<u8>>) {
+    COMPRESSOR.with_borrow_mut(|slot| {
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let Some((_, c)) = slot.as_mut() else {
+            return (Codec::Raw, None);
+        };
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+        match c.compress_to_buffer(data, &mut out) {
+            Ok(n) if n + data.len() / 16 < data.len() => (Codec::Zstd, Some(out)),
+            _ => (Codec::Raw, None),
+        }
+    })
+}
