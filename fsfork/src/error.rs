@@ -39,6 +39,9 @@ pub enum Error {
     /// A checkpoint name or id could not be resolved.
     #[error("no such checkpoint: {0}")]
     NoSuchCheckpoint(String),
+    /// An error from the content-addressed store.
+    #[error(transparent)]
+    Store(#[from] snapfork_store::Error),
 }
 
 /// The crate's result type.

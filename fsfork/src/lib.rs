@@ -13,6 +13,7 @@ pub mod hash;
 pub mod manifest;
 pub mod repo;
 pub mod statcache;
+mod store_impl;
 pub mod sys;
 #[cfg(feature = "testfs")]
 pub mod testfs;

@@ -237,6 +237,8 @@ struct Seen {
     staged: Option<PathBuf>,
     cvs: Option<Vec<ChainingValue>>,
     hashed: Option<u64>,
+    /// The stat cache vouched for it.
+    hit: bool,
     /// The stat to cache (the one taken before the contents were read).
     meta: Meta,
 }
@@ -368,6 +370,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             let err_path = || ws.join(scan.rel_path(e));
             let mut s = Seen {
                 meta: e.meta,
+                hit: hit.is_some(),
                 ..Seen::default()
             };
             s.xattrs = match (hit, e.subdir) {
@@ -569,7 +572,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
-            new_cache.entries.insert(rel_bytes(i), CacheEntry::new(&s.meta, s.id, s.xattrs.clone()));
+            new_cache.entries.insert(
+                rel_bytes(i),
+                CacheEntry::new(&s.meta, s.id, s.xattrs.clone()),
+            );
         }
         tx.meta_put(
             &format!("fsfork/statcache/{}", ws_key(&ws)),
@@ -616,7 +622,11 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         dirs: scan.dirs.len() as u64,
         files,
         bytes,
-        unchanged_files: files - hashed_files,
+        unchanged_files: seen
+            .iter()
+            .zip(&scan.entries)
+            .filter(|(s, e)| s.hit && e.meta.kind() == Kind::File)
+            .count() as u64,
         hashed_files,
         hashed_bytes,
         new_objects,
@@ -866,7 +876,11 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
         // Hard-linked files are cached once all their links exist (linking changes ctime).
         for (di, d) in dirs.iter().enumerate() {
-            for e in d.entries.iter().filter(|e| e.link_group != 0 && e.kind == Kind::File) {
+            for e in d
+                .entries
+                .iter()
+                .filter(|e| e.link_group != 0 && e.kind == Kind::File)
+            {
                 let n = valid_name(&e.name, ckpt)?;
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
                 let st = sys::lstatat(dfds[di].as_fd(), &n).ctx("stat", dst.join(&rel))?;

@@ -28,7 +28,10 @@ fn secs<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
 }
 
 fn sh(args: &[&str]) -> Result<()> {
-    let st = Command::new(args[0]).args(&args[1..]).status().with_context(|| format!("run {args:?}"))?;
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .with_context(|| format!("run {args:?}"))?;
     if !st.success() {
         bail!("{args:?} failed");
     }
@@ -61,7 +64,11 @@ fn make_tree(root: &Path, files: usize, rng: &mut impl RngCore) -> Result<u64> {
     for i in 0..files {
         let dir = root.join(format!("pkg{:03}/sub{}", i / 100, (i / 10) % 10));
         std::fs::create_dir_all(&dir)?;
-        let len = if i < large { 80 << 20 } else { rng.random_range(1024..40 * 1024) };
+        let len = if i < large {
+            80 << 20
+        } else {
+            rng.random_range(1024..40 * 1024)
+        };
         rng.fill_bytes(&mut buf[..len]);
         std::fs::File::create(dir.join(format!("f{i}.dat")))?.write_all(&buf[..len])?;
         total += len as u64;
@@ -89,7 +96,11 @@ fn hash_whole(path: &Path) -> Result<blake3::Hash> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| -> usize {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let rounds = arg("--rounds", 3);
     let nfiles = arg("--files", 10_000);
@@ -102,10 +113,17 @@ fn main() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let src = root.join("ws");
     let bytes = make_tree(&src, nfiles, &mut rng)?;
-    eprintln!("tree: {nfiles} files, {:.0} MiB on XFS at {}", bytes as f64 / 1048576.0, root.display());
+    eprintln!(
+        "tree: {nfiles} files, {:.0} MiB on XFS at {}",
+        bytes as f64 / 1048576.0,
+        root.display()
+    );
     let store = Store::open(root.join("store"), OpenOptions::default())?;
     let (t_first, c0) = secs(|| Ok(workspace::checkpoint(&store, &src, Some("base"))?))?;
-    eprintln!("first checkpoint: {:.3} s ({} new objects)", t_first, c0.new_objects);
+    eprintln!(
+        "first checkpoint: {:.3} s ({} new objects)",
+        t_first, c0.new_objects
+    );
 
     // 1. Forks, alternating so that every contender sees the same cache state.
     let (mut t_fork, mut t_clone, mut t_cp_ref, mut t_cp_copy) = (vec![], vec![], vec![], vec![]);
@@ -119,10 +137,32 @@ fn main() -> Result<()> {
         t_clone.push(secs(|| Ok(clone_tree(&src, &dst, &CloneOptions::default())?))?.0);
         rm(&dst)?;
         let dst = root.join(format!("cpref{r}"));
-        t_cp_ref.push(secs(|| sh(&["cp", "-a", "--reflink=always", src.to_str().unwrap_or(""), dst.to_str().unwrap_or("")]))?.0);
+        t_cp_ref.push(
+            secs(|| {
+                sh(&[
+                    "cp",
+                    "-a",
+                    "--reflink=always",
+                    src.to_str().unwrap_or(""),
+                    dst.to_str().unwrap_or(""),
+                ])
+            })?
+            .0,
+        );
         rm(&dst)?;
         let dst = root.join(format!("cpcopy{r}"));
-        t_cp_copy.push(secs(|| sh(&["cp", "-a", "--reflink=never", src.to_str().unwrap_or(""), dst.to_str().unwrap_or("")]))?.0);
+        t_cp_copy.push(
+            secs(|| {
+                sh(&[
+                    "cp",
+                    "-a",
+                    "--reflink=never",
+                    src.to_str().unwrap_or(""),
+                    dst.to_str().unwrap_or(""),
+                ])
+            })?
+            .0,
+        );
         rm(&dst)?;
     }
 
@@ -133,7 +173,10 @@ fn main() -> Result<()> {
         for k in 0..10 {
             let i = 10 + (r * 977 + k * 131) % (nfiles - 10);
             let p = src.join(format!("pkg{:03}/sub{}/f{i}.dat", i / 100, (i / 10) % 10));
-            std::fs::OpenOptions::new().append(true).open(&p)?.write_all(format!("edit {r} {k}\n").as_bytes())?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&p)?
+                .write_all(format!("edit {r} {k}\n").as_bytes())?;
         }
         let (t, c) = secs(|| Ok(workspace::checkpoint(&store, &src, Some("10 files"))?))?;
         hashed10 = c.hashed_files;
@@ -153,7 +196,13 @@ fn main() -> Result<()> {
         let copy = root.join("revert-baseline");
         let other = root.join("revert-src");
         if r == 0 {
-            sh(&["cp", "-a", "--reflink=always", src.to_str().unwrap_or(""), other.to_str().unwrap_or("")])?;
+            sh(&[
+                "cp",
+                "-a",
+                "--reflink=always",
+                src.to_str().unwrap_or(""),
+                other.to_str().unwrap_or(""),
+            ])?;
             sync();
         }
         t_revert_cp.push(
@@ -161,7 +210,13 @@ fn main() -> Result<()> {
                 if copy.exists() {
                     std::fs::remove_dir_all(&copy)?;
                 }
-                sh(&["cp", "-a", "--reflink=always", other.to_str().unwrap_or(""), copy.to_str().unwrap_or("")])
+                sh(&[
+                    "cp",
+                    "-a",
+                    "--reflink=always",
+                    other.to_str().unwrap_or(""),
+                    copy.to_str().unwrap_or(""),
+                ])
             })?
             .0,
         );
@@ -226,7 +281,10 @@ fn main() -> Result<()> {
     if json {
         println!("{report}");
     } else {
-        println!("fsfork benchmark: {nfiles} files, {:.0} MiB, XFS (loop, reflink=1), median of {rounds}", bytes as f64 / 1048576.0);
+        println!(
+            "fsfork benchmark: {nfiles} files, {:.0} MiB, XFS (loop, reflink=1), median of {rounds}",
+            bytes as f64 / 1048576.0
+        );
         println!("{:<48} {:>10}", "what", "seconds");
         let rows = [
             ("snapfork fork (restore from checkpoint)", m(&t_fork)),
@@ -244,7 +302,9 @@ fn main() -> Result<()> {
         for (k, v) in rows {
             println!("{k:<48} {v:>10.3}");
         }
-        println!("hashed bytes: scattered {hashed_scatter}, contiguous {hashed_contig}; 10-file checkpoint read {hashed10} files");
+        println!(
+            "hashed bytes: scattered {hashed_scatter}, contiguous {hashed_contig}; 10-file checkpoint read {hashed10} files"
+        );
         println!("{report}");
     }
     Ok(())
