@@ -5,6 +5,7 @@
 //! JSON object for agents.
 
 mod demo;
+mod fs_cmds;
 mod output;
 mod sandbox_cmds;
 mod store_cmds;
@@ -59,6 +60,8 @@ enum Command {
     Store(store_cmds::StoreCmd),
     #[command(flatten)]
     Engine(sandbox_cmds::EngineCmd),
+    #[command(flatten)]
+    Fs(fs_cmds::FsCmd),
 }
 
 fn main() {
@@ -67,6 +70,7 @@ fn main() {
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
         Command::Engine(cmd) => sandbox_cmds::run_top(cmd, &cli.global),
+        Command::Fs(cmd) => fs_cmds::run(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }

@@ -8,6 +8,9 @@ pub enum Error {
     /// The store failed (I/O, corruption, lock, missing object).
     #[error(transparent)]
     Store(#[from] snapfork_store::Error),
+    /// The workspace layer (fsfork) failed.
+    #[error("workspace: {0}")]
+    Workspace(#[from] snapfork_fsfork::Error),
     /// A runtime (runsc, Firecracker, ...) command failed.
     #[error("{what}: {detail}")]
     Runtime {
