@@ -4,6 +4,7 @@
 //! function per command and prints the result, as a human-readable line or (with `--json`) as one
 //! JSON object for agents.
 
+mod daemon;
 mod demo;
 mod fs_cmds;
 mod output;

@@ -37,15 +37,84 @@ pub enum EngineCmd {
     },
     /// The end-to-end demo on a real gVisor sandbox: checkpoint, risky action, revert, fork 3.
     Demo(crate::demo::DemoArgs),
+    /// Serve every engine operation over HTTP/JSON on a Unix socket (see docs/api.md).
+    Daemon(crate::daemon::DaemonArgs),
 }
 
-/// Runs one engine command.
-pub fn run_top(cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
+/// Runs one engine command: through the daemon when one serves this store, else directly.
+pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
-        EngineCmd::Sandbox(c) => run(c, global),
-        EngineCmd::Export { snap, out } => export(&snap, &out, global),
-        EngineCmd::Import { file } => import(&file, global),
-        EngineCmd::Demo(a) => crate::demo::run(a, global),
+        EngineCmd::Demo(a) => return crate::demo::run(a, global),
+        EngineCmd::Daemon(a) => return crate::daemon::serve(a, global),
+        _ => {}
+    }
+    // Paths are the caller's: make them absolute before anything (the daemon has another cwd).
+    absolutize(&mut cmd)?;
+    if let Some(report) = crate::daemon::try_call(&cmd, global)? {
+        return Ok(report);
+    }
+    let engine = open_engine(global)?;
+    runtime()?.block_on(execute(cmd, global, &engine))
+}
+
+fn absolutize(cmd: &mut EngineCmd) -> anyhow::Result<()> {
+    let abs = |p: &mut PathBuf| -> anyhow::Result<()> {
+        *p = std::path::absolute(&*p)?;
+        Ok(())
+    };
+    match cmd {
+        EngineCmd::Sandbox(SandboxCmd::Run(a)) => {
+            if let Some(p) = a.rootfs.as_mut() {
+                abs(p)?;
+            }
+            if let Some(p) = a.workspace.as_mut() {
+                abs(p)?;
+            }
+            if let Some(p) = a.memory.as_mut() {
+                abs(p)?;
+            }
+            for p in a.state.iter_mut().chain(a.disk.iter_mut()) {
+                abs(p)?;
+            }
+            for m in a.ro_mounts.iter_mut() {
+                if let Some((src, dst)) = m.split_once(':') {
+                    *m = format!("{}:{dst}", std::path::absolute(src)?.display());
+                }
+            }
+        }
+        EngineCmd::Export { out, .. } => abs(out)?,
+        EngineCmd::Import { file } => abs(file)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Executes one engine command on an open engine (the CLI's direct path and the daemon's).
+pub async fn execute(cmd: EngineCmd, global: &Global, engine: &Engine) -> anyhow::Result<Report> {
+    match cmd {
+        EngineCmd::Sandbox(c) => run_async(c, global, engine).await,
+        EngineCmd::Export { snap, out } => {
+            let r = engine.export(&snap, &out).await?;
+            let text = format!(
+                "exported {} to {}: {} nodes, {} chunks, {} files, {} bytes",
+                &r.id[..12],
+                out.display(),
+                r.nodes,
+                r.chunks,
+                r.files,
+                r.bytes
+            );
+            Ok(Report::new(serde_json::to_value(&r)?, text))
+        }
+        EngineCmd::Import { file } => {
+            let r = engine.import(&file).await?;
+            let text = format!(
+                "imported snapshot {}: {} nodes, {} chunks, {} files ({} already present)",
+                r.id, r.nodes, r.chunks, r.files, r.already_present
+            );
+            Ok(Report::new(serde_json::to_value(&r)?, text))
+        }
+        EngineCmd::Demo(_) | EngineCmd::Daemon(_) => bail!("not available through the daemon"),
     }
 }
 
@@ -144,8 +213,9 @@ pub enum SandboxCmd {
     },
 }
 
-/// `sandbox run` arguments.
-#[derive(Args, Debug)]
+/// `sandbox run` arguments (also the body of `POST /v1/sandboxes`).
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunArgs {
     /// The sandbox's name.
     pub name: String,
@@ -188,6 +258,27 @@ pub struct RunArgs {
     /// gvisor: the command to run (after --).
     #[arg(last = true)]
     pub cmd: Vec<String>,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        RunArgs {
+            name: String::new(),
+            driver: "gvisor".into(),
+            rootfs: None,
+            busybox: false,
+            workspace: None,
+            workspace_mount: "/workspace".into(),
+            ro_mounts: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            memory: None,
+            state: vec![],
+            disk: vec![],
+            page_size: 4096,
+            cmd: vec![],
+        }
+    }
 }
 
 /// Opens the store (creating it) and the engine next to it.
@@ -264,13 +355,6 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
         other => bail!("unknown driver {other} (gvisor, raw)"),
     };
     Ok(RunSpec { name: a.name, driver, workspace: a.workspace })
-}
-
-/// Runs one sandbox command.
-pub fn run(cmd: SandboxCmd, global: &Global) -> anyhow::Result<Report> {
-    let engine = open_engine(global)?;
-    let rt = runtime()?;
-    rt.block_on(run_async(cmd, global, &engine))
 }
 
 async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow::Result<Report> {
@@ -379,29 +463,3 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
     })
 }
 
-/// `snapfork export SNAP -o FILE`.
-pub fn export(snap: &str, out: &std::path::Path, global: &Global) -> anyhow::Result<Report> {
-    let engine = open_engine(global)?;
-    let r = runtime()?.block_on(engine.export(snap, out))?;
-    let text = format!(
-        "exported {} to {}: {} nodes, {} chunks, {} files, {} bytes",
-        &r.id[..12],
-        out.display(),
-        r.nodes,
-        r.chunks,
-        r.files,
-        r.bytes
-    );
-    Ok(Report::new(serde_json::to_value(&r)?, text))
-}
-
-/// `snapfork import FILE`.
-pub fn import(file: &std::path::Path, global: &Global) -> anyhow::Result<Report> {
-    let engine = open_engine(global)?;
-    let r = runtime()?.block_on(engine.import(file))?;
-    let text = format!(
-        "imported snapshot {}: {} nodes, {} chunks, {} files ({} already present)",
-        r.id, r.nodes, r.chunks, r.files, r.already_present
-    );
-    Ok(Report::new(serde_json::to_value(&r)?, text))
-}
