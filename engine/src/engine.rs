@@ -338,9 +338,9 @@ impl Engine {
         self.blocking(move |i| {
             let s = i.load_snapshot(i.resolve(&snap)?)?;
             let prepared = i.prepare_state(&s)?;
-            let r = i.restore_as(&s, &as_name, prepared.as_deref());
+            let r = i.restore_as(&s, &as_name, prepared.as_ref().map(|p| p.dir.as_path()));
             if let Some(p) = prepared {
-                let _ = std::fs::remove_dir_all(p);
+                p.release();
             }
             r
         })
@@ -376,7 +376,7 @@ impl Engine {
             let prepared = prepared.clone();
             let inner = self.inner.clone();
             tasks.push(tokio::task::spawn_blocking(move || {
-                inner.restore_as(&s, &name, prepared.as_deref())
+                inner.restore_as(&s, &name, prepared.as_ref().map(|p| p.dir.as_path()))
             }));
         }
         let mut out = Vec::new();
@@ -392,7 +392,7 @@ impl Engine {
             }
         }
         if let Some(p) = prepared {
-            let _ = std::fs::remove_dir_all(p);
+            p.release();
         }
         if let Some(e) = first_err {
             // All or nothing: forks that did start are removed again.
@@ -778,66 +778,85 @@ impl Inner {
                 }
                 clock.step("runsc checkpoint");
                 let image = img_dir.join("checkpoint.img");
-                let stored = (|| -> Result<()> {
-                    let size = file_size(&image)?;
-                    let info = tx.put_blob_file(&image)?;
-                    added += info.new_stored_bytes;
-                    let id = info.id;
-                    parts.push(model::Part {
-                        role: Role::State,
-                        name: "checkpoint.img".into(),
-                        kind: PartKind::Blob,
-                        id: id.to_hex(),
-                        size,
+                // runsc checkpoint ended the sandbox (its container is deleted in the background).
+                self.runsc.discard(&rid);
+                let new_rid = self.runtime_id(name, rec.generation + 1);
+                let restore_in_place = || -> Result<()> {
+                    let _ = self.runsc.destroy(&new_rid);
+                    self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
+                };
+                // With --leave-running, the sandbox comes back from the image just written while
+                // the image is stored (both only read it), so it waits for neither the other.
+                let (restored, stored, file_hash) = std::thread::scope(|scope| {
+                    let restoring = opts.leave_running.then(|| scope.spawn(restore_in_place));
+                    let hashing = scope.spawn(|| hash_file(&image));
+                    let stored = (|| -> Result<Hash> {
+                        let size = file_size(&image)?;
+                        let info = tx.put_blob_file(&image)?;
+                        added += info.new_stored_bytes;
+                        parts.push(model::Part {
+                            role: Role::State,
+                            name: "checkpoint.img".into(),
+                            kind: PartKind::Blob,
+                            id: info.id.to_hex(),
+                            size,
+                        });
+                        Ok(info.id)
+                    })();
+                    let restored = restoring.map(|h| {
+                        h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into())))
                     });
-                    Ok(())
-                })();
-                clock.step("ingest");
-                let committed = stored.and_then(|_| {
+                    let file_hash = hashing.join().ok().and_then(|h| h.ok());
+                    (restored, stored, file_hash)
+                });
+                clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
+                let committed = stored.and_then(|blob| {
                     let body = self.snapshot_body(&rec, parent, opts, &parts);
                     let node = body.to_node()?;
                     let id = tx.put_node(&node)?;
                     tx.set_ref(&head_ref(name), id)?;
                     tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
                     tx.commit()?;
-                    Ok(id)
+                    Ok((id, blob))
                 });
                 clock.step("commit");
-                // runsc checkpoint ended the sandbox: bring it back when asked to, or when the
-                // snapshot failed (the sandbox must stay as it was).
-                self.runsc.discard(&rid);
-                let restart = opts.leave_running || committed.is_err();
+                // The sandbox must stay as it was when the snapshot failed: bring it back then too.
+                let restored = match restored {
+                    Some(r) => Some(r),
+                    None if committed.is_err() => Some(restore_in_place()),
+                    None => None,
+                };
                 let mut restart_err = None;
-                if restart {
-                    rec.generation += 1;
-                    let new_rid = self.runtime_id(name, rec.generation);
-                    let _ = self.runsc.destroy(&new_rid);
-                    match self.runsc.restore_detached(
-                        &new_rid,
-                        &self.bundle_dir(name),
-                        &img_dir,
-                        &self.console_log(name),
-                    ) {
-                        Ok(()) => {
-                            rec.runtime_id = Some(new_rid);
-                            rec.status = Status::Running;
-                            if was_paused {
-                                let _ = self.runsc.pause(rec.runtime_id.as_deref().unwrap_or_default());
-                                rec.status = Status::Paused;
-                            }
-                        }
-                        Err(e) => {
-                            rec.runtime_id = None;
-                            rec.status = Status::Exited;
-                            restart_err = Some(e);
+                match restored {
+                    Some(Ok(())) => {
+                        rec.generation += 1;
+                        rec.runtime_id = Some(new_rid.clone());
+                        rec.status = Status::Running;
+                        if was_paused {
+                            let _ = self.runsc.pause(&new_rid);
+                            rec.status = Status::Paused;
                         }
                     }
-                    clock.step("restore in place");
-                } else {
-                    rec.runtime_id = None;
-                    rec.status = Status::Stopped;
+                    Some(Err(e)) => {
+                        rec.generation += 1;
+                        rec.runtime_id = None;
+                        rec.status = Status::Exited;
+                        restart_err = Some(e);
+                    }
+                    None => {
+                        rec.runtime_id = None;
+                        rec.status = Status::Stopped;
+                    }
                 }
-                let _ = std::fs::remove_dir_all(&img_dir);
+                // Keep the image for later restores and forks of this snapshot (verified by its
+                // whole-file hash before use); drop it when it cannot be cached.
+                match (&committed, file_hash) {
+                    (Ok((_, blob)), Some(h)) => self.cache_image(blob, &img_dir, &h),
+                    _ => {
+                        let _ = std::fs::remove_dir_all(&img_dir);
+                    }
+                }
+                let committed = committed.map(|(id, _)| id);
                 match committed {
                     Ok(id) => {
                         rec.head = Some(id.to_hex());
@@ -924,9 +943,57 @@ impl Inner {
 
     // ---- restore / fork / revert ----------------------------------------------------------
 
-    /// Materializes the runtime state a restore needs (gvisor: the checkpoint image) into a
-    /// temporary directory, verified chunk by chunk on the way out of the store.
-    fn prepare_state(&self, s: &Snapshot) -> Result<Option<PathBuf>> {
+    /// The directory of the image cache entry for state blob `blob`.
+    fn cache_dir(&self, blob: &Hash) -> PathBuf {
+        self.state.join("cache").join(blob.to_hex())
+    }
+
+    /// Moves a checkpoint image directory into the cache under its blob id, with the image's
+    /// whole-file blake3 beside it; evicts the least recently used entries beyond the budget.
+    fn cache_image(&self, blob: &Hash, img_dir: &Path, file_hash: &Hash) {
+        let dest = self.cache_dir(blob);
+        let moved = (|| -> Result<()> {
+            if dest.exists() {
+                return Err(Error::Exists(dest.display().to_string()));
+            }
+            std::fs::create_dir_all(self.state.join("cache")).map_err(|e| Error::io("mkdir cache", e))?;
+            write_synced(&img_dir.join("blake3"), file_hash.to_hex().as_bytes())?;
+            rename(img_dir, &dest)
+        })();
+        if moved.is_err() {
+            let _ = std::fs::remove_dir_all(img_dir);
+        }
+        self.evict_cache();
+    }
+
+    fn evict_cache(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state.join("cache")) else { return };
+        let mut v: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let img = e.path().join("checkpoint.img");
+                let m = std::fs::metadata(&img).ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        v.sort();
+        let mut total: u64 = v.iter().map(|x| x.1).sum();
+        let mut count = v.len();
+        let recent = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for (mtime, len, path) in v {
+            if (total <= IMAGE_CACHE_BYTES && count <= IMAGE_CACHE_ENTRIES) || mtime > recent {
+                break;
+            }
+            let _ = std::fs::remove_dir_all(&path);
+            total -= len;
+            count -= 1;
+        }
+    }
+
+    /// Materializes the runtime state a restore needs (gvisor: the checkpoint image): from the
+    /// image cache when its whole-file hash still matches, else out of the store, verified chunk
+    /// by chunk, into a temporary directory.
+    fn prepare_state(&self, s: &Snapshot) -> Result<Option<Prepared>> {
         if s.body.driver != "gvisor" {
             return Ok(None);
         }
@@ -936,17 +1003,36 @@ impl Inner {
             .iter()
             .find(|p| p.role == Role::State && p.kind == PartKind::Blob)
             .ok_or_else(|| Error::corrupt(format!("snapshot {}", s.id), "gvisor snapshot without a state image"))?;
+        let blob = Snapshot::part_id(part)?;
+        let cached = self.cache_dir(&blob);
+        if let Ok(expected) = std::fs::read_to_string(cached.join("blake3")) {
+            let img = cached.join("checkpoint.img");
+            match hash_file(&img) {
+                Ok(h) if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(part.size) => {
+                    // Mark it used, so eviction leaves it alone while runsc reads it.
+                    let _ = std::fs::File::options()
+                        .append(true)
+                        .open(&img)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok(Some(Prepared { dir: cached, temporary: false }));
+                }
+                _ => {
+                    tracing::warn!(blob = %blob.short(), "cached image does not match its hash; reading the store");
+                    let _ = std::fs::remove_dir_all(&cached);
+                }
+            }
+        }
         let dir = tempdir(&self.state.join("tmp"), "img")?;
         let path = dir.join("checkpoint.img");
         let r = (|| -> Result<()> {
             let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-            self.store.read_blob(&Snapshot::part_id(part)?, &mut w)?;
+            self.store.read_blob(&blob, &mut w)?;
             std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             Ok(())
         })();
         match r {
-            Ok(()) => Ok(Some(dir)),
+            Ok(()) => Ok(Some(Prepared { dir, temporary: true })),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
@@ -1038,7 +1124,7 @@ impl Inner {
         clock.step("prepare state");
         let cleanup_prepared = || {
             if let Some(p) = &prepared {
-                let _ = std::fs::remove_dir_all(p);
+                p.release();
             }
         };
         let old_rid = rec.runtime_id.clone();
@@ -1094,7 +1180,7 @@ impl Inner {
             DriverConfig::Gvisor(cfg) => {
                 let rid = self.runtime_id(name, new_gen);
                 let bundle = self.bundle_dir(name);
-                let img = prepared.clone().ok_or_else(|| Error::Invalid("state image not prepared".into()));
+                let img = prepared.as_ref().map(|p| p.dir.clone()).ok_or_else(|| Error::Invalid("state image not prepared".into()));
                 let started = img.and_then(|img| {
                     cfg.write_bundle(&bundle, ws.as_deref())?;
                     let _ = self.runsc.destroy(&rid);
@@ -1384,6 +1470,32 @@ fn render_tree(entries: &[LogEntry]) -> String {
     }
     walk(&mut out, &children, None, "");
     out
+}
+
+/// Upper bounds of the local cache of runsc images (beyond them, least recently used go).
+const IMAGE_CACHE_BYTES: u64 = 4 << 30;
+const IMAGE_CACHE_ENTRIES: usize = 32;
+
+/// A state image ready for `runsc restore`: a cache entry or a temporary directory.
+#[derive(Clone, Debug)]
+struct Prepared {
+    dir: PathBuf,
+    temporary: bool,
+}
+
+impl Prepared {
+    fn release(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// blake3 of a whole file (memory-mapped, both cores).
+fn hash_file(p: &Path) -> Result<Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(p).map_err(|e| Error::io(format!("hash {}", p.display()), e))?;
+    Ok(Hash(*h.finalize().as_bytes()))
 }
 
 fn file_size(p: &Path) -> Result<u64> {

@@ -193,11 +193,10 @@ impl Runsc {
         self.exec(&all, None, "exec")
     }
 
-    /// Kills container `id` now and deletes it in the background: runsc's `delete` waits about
-    /// a second for the sandbox's processes, which no caller should wait for once the sandbox is
-    /// replaced. The delete runs as its own process, so it completes even if this one exits.
+    /// Deletes container `id` (killing it if needed) in the background: runsc's `delete` waits
+    /// about a second for the sandbox's processes, which no caller should wait for once the
+    /// sandbox is replaced. The delete runs as its own process, so it completes even if this one exits.
     pub fn discard(&self, id: &str) {
-        let _ = self.kill(id);
         let mut cmd = self.command();
         cmd.args(["delete", "--force", id]).stdout(Stdio::null()).stderr(Stdio::null());
         match cmd.spawn() {
