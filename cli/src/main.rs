@@ -10,6 +10,7 @@ mod fs_cmds;
 mod output;
 mod sandbox_cmds;
 mod store_cmds;
+mod uffd_cmds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,6 +64,8 @@ enum Command {
     Engine(sandbox_cmds::EngineCmd),
     #[command(flatten)]
     Fs(fs_cmds::FsCmd),
+    #[command(flatten)]
+    Uffd(uffd_cmds::UffdCmd),
 }
 
 fn main() {
@@ -72,6 +75,7 @@ fn main() {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
         Command::Engine(cmd) => sandbox_cmds::run_top(cmd, &cli.global),
         Command::Fs(cmd) => fs_cmds::run(cmd, &cli.global),
+        Command::Uffd(cmd) => uffd_cmds::run(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }
