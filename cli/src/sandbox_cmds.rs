@@ -73,6 +73,12 @@ fn absolutize(cmd: &mut EngineCmd) -> anyhow::Result<()> {
             if let Some(p) = a.memory.as_mut() {
                 abs(p)?;
             }
+            if let Some(p) = a.api_socket.as_mut() {
+                abs(p)?;
+            }
+            if let Some(p) = a.firecracker_bin.as_mut() {
+                abs(p)?;
+            }
             for p in a.state.iter_mut().chain(a.disk.iter_mut()) {
                 abs(p)?;
             }
@@ -219,7 +225,7 @@ pub enum SandboxCmd {
 pub struct RunArgs {
     /// The sandbox's name.
     pub name: String,
-    /// gvisor or raw.
+    /// gvisor, firecracker or raw.
     #[arg(long, default_value = "gvisor")]
     pub driver: String,
     /// gvisor: root filesystem directory.
@@ -252,9 +258,18 @@ pub struct RunArgs {
     /// raw: disk image (repeatable).
     #[arg(long)]
     pub disk: Vec<PathBuf>,
-    /// raw: memory page size.
+    /// raw, firecracker: memory page size.
     #[arg(long, default_value_t = 4096)]
     pub page_size: u32,
+    /// firecracker: the running microVM's API socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// firecracker: the binary restores start (default: $FIRECRACKER, else firecracker).
+    #[arg(long)]
+    pub firecracker_bin: Option<PathBuf>,
+    /// firecracker: take Diff snapshots on top of the previous one.
+    #[arg(long)]
+    pub diff: bool,
     /// gvisor: the command to run (after --).
     #[arg(last = true)]
     pub cmd: Vec<String>,
@@ -276,6 +291,9 @@ impl Default for RunArgs {
             state: vec![],
             disk: vec![],
             page_size: 4096,
+            api_socket: None,
+            firecracker_bin: None,
+            diff: false,
             cmd: vec![],
         }
     }
@@ -352,7 +370,15 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
                 page_size: a.page_size,
             })
         }
-        other => bail!("unknown driver {other} (gvisor, raw)"),
+        "firecracker" => DriverConfig::Firecracker(snapfork_engine::FirecrackerConfig {
+            api_socket: std::path::absolute(a.api_socket.context("firecracker: give --api-socket")?)?,
+            binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
+            disks: a.disk.into_iter().map(std::path::absolute).collect::<Result<_, _>>()?,
+            page_size: a.page_size,
+            diff: a.diff,
+            pid: None,
+        }),
+        other => bail!("unknown driver {other} (gvisor, firecracker, raw)"),
     };
     Ok(RunSpec { name: a.name, driver, workspace: a.workspace })
 }

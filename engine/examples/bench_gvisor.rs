@@ -92,6 +92,8 @@ fn main() {
     let base = Runsc::new(dir.join("runsc-base"));
     std::fs::create_dir_all(&base.root).unwrap();
     let (mut b_ck, mut b_rs, mut b_fork, mut b_img) = (vec![], vec![], vec![], 0u64);
+    let mut b_lr = vec![];
+    let (mut s_lr, mut s_cold) = (vec![], vec![]);
     // ---- snapfork ----
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
     let engine = Engine::open(store, EngineOptions { state_dir: dir.join("engine"), runsc: None }).unwrap();
@@ -138,7 +140,15 @@ fn main() {
             h.join().unwrap();
         }
         b_fork.push(ms(t.elapsed()));
-        for rid in [format!("{id}-r"), format!("{id}-f0"), format!("{id}-f1"), format!("{id}-f2"), id.clone()] {
+        // Checkpoint and keep running: plain runsc needs checkpoint + restore (its own
+        // --leave-running never returns; see engine/README.md).
+        let img2 = dir.join(format!("b-img2-{round}"));
+        std::fs::create_dir_all(&img2).unwrap();
+        let t = Instant::now();
+        base.checkpoint(&rid, &img2).unwrap();
+        base.restore_detached(&format!("{id}-r2"), &bundle, &img2, &log).unwrap();
+        b_lr.push(ms(t.elapsed()));
+        for rid in [format!("{id}-r"), format!("{id}-r2"), format!("{id}-f0"), format!("{id}-f1"), format!("{id}-f2"), id.clone()] {
             base.discard(&rid);
         }
 
@@ -162,14 +172,22 @@ fn main() {
             let t = Instant::now();
             engine.fork(&ck.id, 3, Some(&format!("{name}-f"))).await.unwrap();
             s_fork.push(ms(t.elapsed()));
-            // Second checkpoint of the restored sandbox after it ran a little: what it adds.
+            // Restore with the local image cache emptied: the image comes out of the store.
+            let _ = std::fs::remove_dir_all(dir.join("engine/cache"));
+            let t = Instant::now();
+            engine.restore(&ck.id, &format!("{name}-cold")).await.unwrap();
+            s_cold.push(ms(t.elapsed()));
+            // Second checkpoint of the restored sandbox after it ran a little, kept running:
+            // its time, and what it adds to the store.
             let rlog = r.workspace.clone().unwrap().join("counter.log");
             let n = count(&rlog);
             wait_past(&rlog, n + 3);
+            let t = Instant::now();
             let ck2 = engine
-                .checkpoint(&format!("{name}-r"), CheckpointOptions { leave_running: false, ..Default::default() })
+                .checkpoint(&format!("{name}-r"), CheckpointOptions { leave_running: true, ..Default::default() })
                 .await
                 .unwrap();
+            s_lr.push(ms(t.elapsed()));
             second_added.push(ck2.stored_bytes_added as f64);
             for s in engine.ls().await.unwrap() {
                 engine.rm(&s.name).await.unwrap();
@@ -189,6 +207,10 @@ fn main() {
     println!("| checkpoint (sandbox stops) | {bc:.0} ms | {sc:.0} ms | {:+.0}% |", pct(sc, bc));
     println!("| restore into a new sandbox | {br:.0} ms | {sr:.0} ms | {:+.0}% |", pct(sr, br));
     println!("| fork x3 (parallel) | {bf:.0} ms | {sf:.0} ms | {:+.0}% |", pct(sf, bf));
+    let (bl, sl) = (median(b_lr), median(s_lr));
+    println!("| checkpoint, keep running | {bl:.0} ms | {sl:.0} ms | {:+.0}% |", pct(sl, bl));
+    let sco = median(s_cold);
+    println!("| restore, image read from the store (cache empty) | {br:.0} ms | {sco:.0} ms | {:+.0}% |", pct(sco, br));
     println!(
         "first checkpoint stored {:.1} MB; a second checkpoint (same process, seconds later) added {:.1} MB",
         median(first_added) / 1e6,

@@ -24,6 +24,7 @@ use crate::model::{
     self, PartKind, Role, SandboxRecord, Snapshot, SnapshotBody, Status, check_name, head_ref,
     snaps_prefix, tag_ref,
 };
+use crate::firecracker::{ApiClient, FirecrackerConfig};
 use crate::raw::RawConfig;
 use crate::runsc::Runsc;
 use crate::workspace;
@@ -56,6 +57,8 @@ pub enum DriverConfig {
     Gvisor(GvisorConfig),
     /// Memory, state and disk files of any VMM, given as paths.
     Raw(RawConfig),
+    /// A Firecracker microVM driven through its API socket.
+    Firecracker(FirecrackerConfig),
 }
 
 impl DriverConfig {
@@ -64,6 +67,7 @@ impl DriverConfig {
         match self {
             DriverConfig::Gvisor(_) => "gvisor",
             DriverConfig::Raw(_) => "raw",
+            DriverConfig::Firecracker(_) => "firecracker",
         }
     }
 
@@ -71,6 +75,7 @@ impl DriverConfig {
         match self {
             DriverConfig::Gvisor(c) => serde_json::to_value(c),
             DriverConfig::Raw(c) => serde_json::to_value(c),
+            DriverConfig::Firecracker(c) => serde_json::to_value(c),
         }
         .map_err(|e| Error::Invalid(e.to_string()))
     }
@@ -80,6 +85,7 @@ impl DriverConfig {
         match driver {
             "gvisor" => Ok(DriverConfig::Gvisor(serde_json::from_value(config.clone()).map_err(bad)?)),
             "raw" => Ok(DriverConfig::Raw(serde_json::from_value(config.clone()).map_err(bad)?)),
+            "firecracker" => Ok(DriverConfig::Firecracker(serde_json::from_value(config.clone()).map_err(bad)?)),
             other => Err(Error::Invalid(format!("unknown driver {other}"))),
         }
     }
@@ -248,6 +254,8 @@ struct Inner {
     runsc: Runsc,
     /// Short hash of the state directory, part of every runtime id.
     tag: String,
+    /// One UFFD page server per memory image restored (Firecracker): image id -> socket.
+    uffd: Mutex<HashMap<Hash, (PathBuf, Arc<std::sync::atomic::AtomicBool>)>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -272,7 +280,14 @@ impl Engine {
         let canonical = std::fs::canonicalize(&state).unwrap_or_else(|_| state.clone());
         let tag = Hash::of(canonical.as_os_str().as_encoded_bytes()).to_hex()[..8].to_string();
         Ok(Engine {
-            inner: Arc::new(Inner { store, state, runsc, tag, locks: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                store,
+                state,
+                runsc,
+                tag,
+                uffd: Mutex::new(HashMap::new()),
+                locks: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
@@ -688,6 +703,12 @@ impl Inner {
                     // A raw sandbox is driven by its own VMM; the engine only records it.
                     rec.status = Status::Running;
                 }
+                DriverConfig::Firecracker(cfg) => {
+                    // Attach to a running microVM: it must answer on its API socket.
+                    let info = ApiClient::new(&cfg.api_socket).instance_info()?;
+                    tracing::info!(sandbox = %name, ?info, "attached to firecracker");
+                    rec.status = Status::Running;
+                }
             }
             self.save_record(&rec)?;
             Ok(rec)
@@ -882,6 +903,120 @@ impl Inner {
                         Err(e)
                     }
                 }
+            }
+            DriverConfig::Firecracker(cfg) => {
+                let api = ApiClient::new(&cfg.api_socket);
+                api.pause()?;
+                clock.step("pause");
+                let dir = tempdir(&self.state.join("tmp"), "fc")?;
+                let result = (|| -> Result<Hash> {
+                    // Files first, while paused (memory and files of one instant).
+                    if let Some(ws) = &rec.workspace {
+                        let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                        parts.push(model::Part {
+                            role: Role::Workspace,
+                            name: "workspace".into(),
+                            kind: PartKind::Workspace,
+                            id: w.id.to_hex(),
+                            size: w.bytes,
+                        });
+                    }
+                    clock.step("workspace");
+                    let prev = |role: Role, name: &str| {
+                        parent_snap.as_ref().and_then(|p| {
+                            p.body
+                                .parts
+                                .iter()
+                                .find(|x| x.role == role && x.name == name && x.kind == PartKind::Image)
+                                .and_then(|x| Snapshot::part_id(x).ok())
+                        })
+                    };
+                    let prev_mem = prev(Role::Memory, "mem");
+                    // A Diff snapshot holds only the pages dirtied since the last one: it is
+                    // ingested onto the parent's image.
+                    let diff = cfg.diff && prev_mem.is_some();
+                    let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
+                    api.create_snapshot(diff, &vmstate, &mem)?;
+                    clock.step(if diff { "snapshot/create Diff" } else { "snapshot/create Full" });
+                    let info = tx.put_blob_file(&vmstate)?;
+                    added += info.new_stored_bytes;
+                    parts.push(model::Part {
+                        role: Role::State,
+                        name: "vmstate".into(),
+                        kind: PartKind::Blob,
+                        id: info.id.to_hex(),
+                        size: info.size,
+                    });
+                    let opts_mem = snapfork_store::IngestOptions {
+                        page_size: cfg.page_size,
+                        parent: prev_mem,
+                        diff_snapshot: diff,
+                        ..Default::default()
+                    };
+                    let m = tx.ingest_image(&mem, &opts_mem)?;
+                    added += m.new_stored_bytes;
+                    parts.push(model::Part {
+                        role: Role::Memory,
+                        name: "mem".into(),
+                        kind: PartKind::Image,
+                        id: m.id.to_hex(),
+                        size: m.size,
+                    });
+                    for disk in &cfg.disks {
+                        let dname = disk
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .ok_or_else(|| Error::Invalid(format!("bad disk path {}", disk.display())))?
+                            .to_string();
+                        model::check_part_name(&dname)?;
+                        let o = snapfork_store::IngestOptions {
+                            page_size: 4096,
+                            parent: prev(Role::Disk, &dname),
+                            ..Default::default()
+                        };
+                        let d = tx.ingest_image(disk, &o)?;
+                        added += d.new_stored_bytes;
+                        parts.push(model::Part {
+                            role: Role::Disk,
+                            name: dname,
+                            kind: PartKind::Image,
+                            id: d.id.to_hex(),
+                            size: d.size,
+                        });
+                    }
+                    clock.step("ingest");
+                    let body = self.snapshot_body(&rec, parent, opts, &parts);
+                    let id = tx.put_node(&body.to_node()?)?;
+                    tx.set_ref(&head_ref(name), id)?;
+                    tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
+                    tx.commit()?;
+                    clock.step("commit");
+                    Ok(id)
+                })();
+                let _ = std::fs::remove_dir_all(&dir);
+                // Resume when asked to, and always when the snapshot failed (as it was).
+                if opts.leave_running || result.is_err() {
+                    let resumed = api.resume();
+                    clock.step("resume");
+                    if result.is_ok() {
+                        resumed?;
+                    }
+                    rec.status = Status::Running;
+                } else {
+                    rec.status = Status::Paused;
+                }
+                let id = result?;
+                rec.head = Some(id.to_hex());
+                self.save_record(&rec)?;
+                Ok(CheckpointReport {
+                    id: id.to_hex(),
+                    sandbox: name.to_string(),
+                    parent: parent.map(|p| p.to_hex()),
+                    parts,
+                    status: rec.status,
+                    stored_bytes_added: added,
+                    timings: clock.done(),
+                })
             }
             DriverConfig::Raw(cfg) => {
                 let prev_parts = parent_snap.map(|s| s.body.parts).unwrap_or_default();
@@ -1080,6 +1215,12 @@ impl Inner {
                     rec.status = Status::Running;
                     clock.step("runsc restore");
                 }
+                DriverConfig::Firecracker(cfg) => {
+                    let new_cfg = self.start_firecracker(s, cfg, &dir, name)?;
+                    rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                    rec.status = Status::Running;
+                    clock.step("firecracker load (uffd)");
+                }
                 DriverConfig::Raw(_) => {
                     let files = dir.join("files");
                     let cfg = crate::raw::materialize(&self.store, &s.body.parts, &files)?;
@@ -1197,6 +1338,19 @@ impl Inner {
                 rec.runtime_id = Some(rid);
                 rec.status = Status::Running;
             }
+            DriverConfig::Firecracker(cfg) => {
+                // Firecracker loads snapshots only before boot: a new process takes over.
+                let dir = self.sandbox_dir(name).join(format!("vm-{new_gen}"));
+                match self.start_firecracker(&s, cfg, &dir, name) {
+                    Ok(new_cfg) => {
+                        kill_pid(cfg.pid);
+                        rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                        rec.status = Status::Running;
+                    }
+                    Err(e) => return Err(undo(e)),
+                }
+                clock.step("firecracker load (uffd)");
+            }
             DriverConfig::Raw(cfg) => {
                 if let Err(e) = crate::raw::revert(&self.store, &s.body.parts, cfg) {
                     return Err(undo(e));
@@ -1218,10 +1372,117 @@ impl Inner {
         Ok(Self::info(&rec, clock.done()))
     }
 
+    /// The UFFD page server for memory image `mem` (one per image, shared by every restore and
+    /// fork of it), started on first use.
+    fn uffd_server(&self, mem: Hash) -> Result<PathBuf> {
+        let mut map = self.uffd.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((sock, _)) = map.get(&mem) {
+            return Ok(sock.clone());
+        }
+        let dir = self.state.join("uffd");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        let sock = dir.join(format!("{}.sock", &mem.to_hex()[..16]));
+        let reader = self.store.open_image(&mem)?;
+        let source = Arc::new(snapfork_lazy_restore::StoreSource::new(reader));
+        let server = snapfork_lazy_restore::UffdServer::bind(&sock, source, Default::default())
+            .map_err(|e| Error::Runtime { what: "uffd server".into(), detail: e.to_string() })?;
+        let stop = server.stopper();
+        let id = mem.short();
+        std::thread::Builder::new()
+            .name(format!("uffd-{id}"))
+            .spawn(move || {
+                let r = server.run(|_, ev| tracing::info!(image = %id, ?ev, "uffd"));
+                tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
+            })
+            .map_err(|e| Error::io("spawn uffd server", e))?;
+        map.insert(mem, (sock.clone(), stop));
+        Ok(sock)
+    }
+
+    /// Starts a Firecracker process in `dir` and loads snapshot `s` into it with its memory served
+    /// by the UFFD server of the snapshot's memory image; returns the new VM's config.
+    fn start_firecracker(&self, s: &Snapshot, cfg: &FirecrackerConfig, dir: &Path, name: &str) -> Result<FirecrackerConfig> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        let part = |role: Role| {
+            s.part(role)
+                .ok_or_else(|| Error::corrupt(format!("snapshot {}", s.id.short()), format!("no {role:?} part")))
+        };
+        let vmstate = dir.join("vmstate");
+        {
+            let mut f = std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
+            self.store.read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
+        }
+        let mut disks = Vec::new();
+        for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
+            model::check_part_name(&p.name)?;
+            let dest = dir.join(&p.name);
+            self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&dest, None)?;
+            disks.push(dest);
+        }
+        let uffd = self.uffd_server(Snapshot::part_id(part(Role::Memory)?)?)?;
+        let api_sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&api_sock);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.console_log(name))
+            .map_err(|e| Error::io("open console log", e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
+        let binary = cfg.binary();
+        let mut child = std::process::Command::new(&binary)
+            .arg("--api-sock")
+            .arg(&api_sock)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| Error::Runtime {
+                what: "firecracker start".into(),
+                detail: format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display()),
+            })?;
+        let pid = child.id() as i32;
+        // Reap it whenever it exits (it is ours; a zombie would look alive to `ls`).
+        std::thread::spawn(move || child.wait());
+        let loaded = crate::firecracker::wait_for_api(&api_sock, std::time::Duration::from_secs(10))
+            .and_then(|_| ApiClient::new(&api_sock).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true));
+        if let Err(e) = loaded {
+            kill_pid(Some(pid));
+            return Err(e);
+        }
+        Ok(FirecrackerConfig {
+            api_socket: api_sock,
+            binary: cfg.binary.clone(),
+            disks,
+            page_size: cfg.page_size,
+            diff: cfg.diff,
+            pid: Some(pid),
+        })
+    }
+
+    /// Kills the Firecracker process the engine started for `rec`, if any.
+    fn kill_firecracker(&self, rec: &SandboxRecord) {
+        if rec.driver == "firecracker" {
+            if let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config) {
+                kill_pid(cfg.pid);
+            }
+        }
+    }
+
     // ---- stop / rm / ls -------------------------------------------------------------------
 
     /// Updates `rec.status` from what the runtime says.
     fn refresh(&self, rec: &mut SandboxRecord) -> Result<()> {
+        if rec.driver == "firecracker" {
+            if let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config) {
+                if let Some(pid) = cfg.pid {
+                    if rec.status != Status::Stopped && !Path::new(&format!("/proc/{pid}")).exists() {
+                        rec.status = Status::Exited;
+                        self.save_record(rec)?;
+                    }
+                }
+            }
+            return Ok(());
+        }
         if rec.driver != "gvisor" {
             return Ok(());
         }
@@ -1242,6 +1503,7 @@ impl Inner {
 
     fn stop(&self, name: &str) -> Result<SandboxInfo> {
         let mut rec = self.load_record(name)?;
+        self.kill_firecracker(&rec);
         if let Some(rid) = rec.runtime_id.take() {
             self.runsc.destroy(&rid)?;
         }
@@ -1252,6 +1514,7 @@ impl Inner {
 
     fn remove(&self, name: &str) -> Result<()> {
         let rec = self.load_record(name)?;
+        self.kill_firecracker(&rec);
         if let Some(rid) = &rec.runtime_id {
             self.runsc.destroy(rid)?;
         }
@@ -1470,6 +1733,13 @@ fn render_tree(entries: &[LogEntry]) -> String {
     }
     walk(&mut out, &children, None, "");
     out
+}
+
+/// SIGKILLs `pid` (a process this engine started).
+fn kill_pid(pid: Option<i32>) {
+    if let Some(p) = pid.filter(|p| *p > 1) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// Upper bounds of the local cache of runsc images (beyond them, least recently used go).

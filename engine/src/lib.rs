@@ -16,6 +16,7 @@
 pub mod bundle;
 pub mod engine;
 pub mod error;
+pub mod firecracker;
 pub mod gvisor;
 pub mod model;
 pub mod raw;
@@ -29,6 +30,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use gvisor::GvisorConfig;
 pub use model::{Snapshot, SnapshotBody, Status};
+pub use firecracker::FirecrackerConfig;
 pub use raw::RawConfig;
 
 /// The tokio runtime the engine runs on, re-exported for callers without their own dependency.

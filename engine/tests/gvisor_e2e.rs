@@ -174,6 +174,18 @@ async fn gvisor_export_import_restore_and_gc() {
     .unwrap()
     .unwrap();
 
+    // A damaged cached image is detected (whole-file hash) and the store's copy used instead.
+    let cache = dir.path().join("engine/cache");
+    let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let img = entry.join("checkpoint.img");
+    let mut b = std::fs::read(&img).unwrap();
+    let mid = b.len() / 3;
+    b[mid] ^= 0xFF;
+    std::fs::write(&img, &b).unwrap();
+    let r = engine.restore(&ck.id, "from-store").await.unwrap();
+    let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
+    assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
+
     let bundle = dir.path().join("snap.sfb");
     let ex = engine.export(&ck.id, &bundle).await.unwrap();
     assert!(ex.bytes > 0 && ex.nodes > 0);
