@@ -666,7 +666,9 @@ impl Inner {
                 let w = std::fs::canonicalize(w).map_err(|e| Error::io(format!("workspace {}", w.display()), e))?;
                 (w, false)
             }
-            None => (self.state.join("workspaces").join(&name), true),
+            // A fresh path per sandbox incarnation: fsfork keys its stat cache by path, and a
+            // later sandbox of the same name must not inherit it.
+            None => (self.state.join("workspaces").join(format!("{name}.{}", model::now_ms())), true),
         };
         let result = (|| -> Result<SandboxRecord> {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
@@ -733,6 +735,26 @@ impl Inner {
     // ---- checkpoint -----------------------------------------------------------------------
 
     fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
+        let mut created = Vec::new();
+        let r = self.checkpoint_inner(name, opts, &mut created);
+        // fsfork names every workspace checkpoint with a ref of its own. A committed snapshot
+        // links its workspace checkpoint (that keeps it alive); a failed one must leave nothing
+        // behind; either way fsfork's ref goes, so gc can reclaim the tree with the snapshot.
+        if !created.is_empty() {
+            let dropped = self.store.begin().and_then(|mut tx| {
+                for w in &created {
+                    tx.delete_ref(&workspace::checkpoint_ref(w));
+                }
+                tx.commit()
+            });
+            if let Err(e) = dropped {
+                tracing::warn!(error = %e, "could not drop fsfork's workspace checkpoint refs");
+            }
+        }
+        r
+    }
+
+    fn checkpoint_inner(&self, name: &str, opts: &CheckpointOptions, created: &mut Vec<Hash>) -> Result<CheckpointReport> {
         let mut clock = Clock::new();
         let mut rec = self.load_record(name)?;
         self.refresh(&mut rec)?;
@@ -770,6 +792,8 @@ impl Inner {
                     // the memory image taken next is of this same instant.
                     if let Some(ws) = &rec.workspace {
                         let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                    created.push(w.id);
+                        created.push(w.id);
                         parts.push(model::Part {
                             role: Role::Workspace,
                             name: "workspace".into(),
@@ -913,6 +937,8 @@ impl Inner {
                     // Files first, while paused (memory and files of one instant).
                     if let Some(ws) = &rec.workspace {
                         let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                    created.push(w.id);
+                        created.push(w.id);
                         parts.push(model::Part {
                             role: Role::Workspace,
                             name: "workspace".into(),
@@ -1026,6 +1052,7 @@ impl Inner {
                 clock.step("ingest files");
                 if let Some(ws) = &rec.workspace {
                     let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                    created.push(w.id);
                     parts.push(model::Part {
                         role: Role::Workspace,
                         name: "workspace".into(),
@@ -1183,7 +1210,7 @@ impl Inner {
         }
         let driver = DriverConfig::from_parts(&s.body.driver, &s.body.config)?;
         let dir = self.sandbox_dir(name);
-        let ws = self.state.join("workspaces").join(name);
+        let ws = self.state.join("workspaces").join(format!("{name}.{}", model::now_ms()));
         let result = (|| -> Result<SandboxRecord> {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
             match s.part(Role::Workspace) {

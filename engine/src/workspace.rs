@@ -61,6 +61,11 @@ pub fn checkpoint(store: &Store, dir: &Path, message: &str) -> Result<WorkspaceC
     })
 }
 
+/// The ref fsfork sets for workspace checkpoint `id`.
+pub fn checkpoint_ref(id: &Hash) -> String {
+    format!("{}{}", ws::CHECKPOINT_REF_PREFIX, id.to_hex())
+}
+
 /// Materializes the workspace of `part` into the new directory `dest` (reflinks where the
 /// store's filesystem allows).
 pub fn materialize(store: &Store, part: &Part, dest: &Path) -> Result<()> {
