@@ -450,8 +450,9 @@ impl Engine {
         for e in entries.flatten() {
             let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
             if let Ok(rec) = self.inner.load_record(&name) {
-                if let Some(rid) = rec.runtime_id {
-                    let _ = self.inner.runsc.destroy(&rid);
+                self.inner.kill_firecracker(&rec);
+                if let Some(rid) = &rec.runtime_id {
+                    let _ = self.inner.runsc.destroy(rid);
                 }
             }
         }

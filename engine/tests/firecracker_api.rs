@@ -225,12 +225,14 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let _guard = common::Guard(engine.clone());
     let me = std::env::current_exe().unwrap();
     let api = dir.path().join("vm.sock");
-    let mut vm = std::process::Command::new(&me)
-        .arg("--api-sock")
-        .arg(&api)
-        .env("FAKE_FC_SEED", "1")
-        .spawn()
-        .unwrap();
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me)
+            .arg("--api-sock")
+            .arg(&api)
+            .env("FAKE_FC_SEED", "1")
+            .spawn()
+            .unwrap(),
+    );
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
     let disk = dir.path().join("rootfs.ext4");
     std::fs::write(&disk, vec![5u8; 8 * PAGE]).unwrap();
@@ -306,6 +308,14 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
     }
-    let _ = vm.kill();
-    let _ = vm.wait();
+}
+
+/// The stand-in "running VM" dies with the test, also when it panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
