@@ -42,7 +42,10 @@ fn lines(path: &Path) -> Vec<i64> {
 }
 
 fn tail(v: &[i64], n: usize) -> String {
-    let s: Vec<String> = v[v.len().saturating_sub(n)..].iter().map(|x| x.to_string()).collect();
+    let s: Vec<String> = v[v.len().saturating_sub(n)..]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
     s.join(" ")
 }
 
@@ -53,7 +56,11 @@ async fn wait_lines(path: &Path, n: usize) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("the sandbox did not write {} lines to {}", n, path.display())
+    anyhow::bail!(
+        "the sandbox did not write {} lines to {}",
+        n,
+        path.display()
+    )
 }
 
 /// Runs the demo.
@@ -76,9 +83,16 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         }
     }
     let mut timings: Vec<(String, f64)> = Vec::new();
-    let cfg = GvisorConfig::new(rootfs, vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()]);
+    let cfg = GvisorConfig::new(
+        rootfs,
+        vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()],
+    );
     let started = engine
-        .run(RunSpec { name: name.clone(), driver: DriverConfig::Gvisor(cfg), workspace: None })
+        .run(RunSpec {
+            name: name.clone(),
+            driver: DriverConfig::Gvisor(cfg),
+            workspace: None,
+        })
         .await?;
     timings.push(("run".into(), started.timings.total_ms));
     let ws = started.workspace.clone().unwrap_or_default();
@@ -93,7 +107,11 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let ck = engine
         .checkpoint(
             &name,
-            CheckpointOptions { message: "before risky action".into(), leave_running: true, ..Default::default() },
+            CheckpointOptions {
+                message: "before risky action".into(),
+                leave_running: true,
+                ..Default::default()
+            },
         )
         .await?;
     timings.push(("checkpoint".into(), ck.timings.total_ms));
@@ -107,13 +125,24 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     ));
 
     engine
-        .exec(&name, vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()])
+        .exec(
+            &name,
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "rm -rf /workspace/*; kill -USR1 1".into(),
+            ],
+        )
         .await?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let after = lines(&log);
     say(format!(
         "3. risky action: workspace deleted and counter corrupted; counter.log now: {}",
-        if after.is_empty() { "(gone)".into() } else { tail(&after, 3) }
+        if after.is_empty() {
+            "(gone)".into()
+        } else {
+            tail(&after, 3)
+        }
     ));
 
     let rv = engine.revert(&name, &ck.id).await?;
@@ -161,7 +190,11 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let ck2 = engine
         .checkpoint(
             &forks[0].name,
-            CheckpointOptions { message: "fork 1 after diverging".into(), leave_running: true, ..Default::default() },
+            CheckpointOptions {
+                message: "fork 1 after diverging".into(),
+                leave_running: true,
+                ..Default::default()
+            },
         )
         .await?;
     timings.push(("second checkpoint (fork 1)".into(), ck2.timings.total_ms));
@@ -179,7 +212,10 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let stats = tokio::task::spawn_blocking(move || store.stats("")).await??;
     say(format!(
         "\nstore: {} logical bytes across {} refs, {} stored in packs; dedup ratio {:.2}",
-        stats.total.logical_bytes, stats.total.refs, stats.total.stored_bytes, stats.total.dedup_ratio
+        stats.total.logical_bytes,
+        stats.total.refs,
+        stats.total.stored_bytes,
+        stats.total.dedup_ratio
     ));
     if !a.keep {
         for f in &forks {
@@ -197,7 +233,10 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         "store": serde_json::to_value(&stats.total)?,
     });
     if !consecutive {
-        anyhow::bail!("revert did not restore memory and files consistently: {}", tail(&back, 12));
+        anyhow::bail!(
+            "revert did not restore memory and files consistently: {}",
+            tail(&back, 12)
+        );
     }
     Ok(Report::new(report, String::new()))
 }

@@ -301,7 +301,10 @@ impl Default for RunArgs {
 
 /// Opens the store (creating it) and the engine next to it.
 pub fn open_engine(global: &Global) -> anyhow::Result<Engine> {
-    let opts = OpenOptions { lock_timeout: global.lock_timeout(), ..Default::default() };
+    let opts = OpenOptions {
+        lock_timeout: global.lock_timeout(),
+        ..Default::default()
+    };
     let store = Store::open(&global.store, opts)
         .with_context(|| format!("opening store {}", global.store.display()))?;
     let eopts = EngineOptions::for_store(&store);
@@ -357,7 +360,8 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             cfg.workspace_mount = a.workspace_mount;
             for m in a.ro_mounts {
                 let (src, dst) = m.split_once(':').context("--ro-mount wants SRC:DST")?;
-                cfg.ro_mounts.push((std::path::absolute(src)?, dst.to_string()));
+                cfg.ro_mounts
+                    .push((std::path::absolute(src)?, dst.to_string()));
             }
             DriverConfig::Gvisor(cfg)
         }
@@ -371,16 +375,26 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             })
         }
         "firecracker" => DriverConfig::Firecracker(snapfork_engine::FirecrackerConfig {
-            api_socket: std::path::absolute(a.api_socket.context("firecracker: give --api-socket")?)?,
+            api_socket: std::path::absolute(
+                a.api_socket.context("firecracker: give --api-socket")?,
+            )?,
             binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
-            disks: a.disk.into_iter().map(std::path::absolute).collect::<Result<_, _>>()?,
+            disks: a
+                .disk
+                .into_iter()
+                .map(std::path::absolute)
+                .collect::<Result<_, _>>()?,
             page_size: a.page_size,
             diff: a.diff,
             pid: None,
         }),
         other => bail!("unknown driver {other} (gvisor, firecracker, raw)"),
     };
-    Ok(RunSpec { name: a.name, driver, workspace: a.workspace })
+    Ok(RunSpec {
+        name: a.name,
+        driver,
+        workspace: a.workspace,
+    })
 }
 
 async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow::Result<Report> {
@@ -390,17 +404,33 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
             let i = engine.run(spec).await?;
             Report::new(info_json(&i), format!("started {}", info_text(&i)))
         }
-        SandboxCmd::Checkpoint { name, message, labels, leave_running } => {
+        SandboxCmd::Checkpoint {
+            name,
+            message,
+            labels,
+            leave_running,
+        } => {
             let mut l = BTreeMap::new();
             for kv in labels {
                 let (k, v) = kv.split_once('=').context("--label wants KEY=VALUE")?;
                 l.insert(k.to_string(), v.to_string());
             }
             let r = engine
-                .checkpoint(&name, CheckpointOptions { message, labels: l, leave_running })
+                .checkpoint(
+                    &name,
+                    CheckpointOptions {
+                        message,
+                        labels: l,
+                        leave_running,
+                    },
+                )
                 .await?;
-            let steps: Vec<String> =
-                r.timings.steps.iter().map(|(s, ms)| format!("{s} {ms:.0} ms")).collect();
+            let steps: Vec<String> = r
+                .timings
+                .steps
+                .iter()
+                .map(|(s, ms)| format!("{s} {ms:.0} ms"))
+                .collect();
             let text = format!(
                 "snapshot {} of {} ({:?}): {:.0} ms [{}], {} bytes added to the store",
                 &r.id[..12],
@@ -457,18 +487,27 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
         SandboxCmd::Tag { snap, tag, delete } => {
             if delete {
                 engine.untag(&snap).await?;
-                Report::new(json!({"id": snap, "deleted": true}), format!("removed tag {snap}"))
+                Report::new(
+                    json!({"id": snap, "deleted": true}),
+                    format!("removed tag {snap}"),
+                )
             } else {
                 let tag = tag.context("give SNAP TAG")?;
                 let id = engine.tag(&snap, &tag).await?;
-                Report::new(json!({"id": tag, "snapshot": id}), format!("tag {tag} -> {}", &id[..12]))
+                Report::new(
+                    json!({"id": tag, "snapshot": id}),
+                    format!("tag {tag} -> {}", &id[..12]),
+                )
             }
         }
         SandboxCmd::Rm { names } => {
             for n in &names {
                 engine.rm(n).await?;
             }
-            Report::new(json!({"removed": names}), format!("removed {}", names.join(" ")))
+            Report::new(
+                json!({"removed": names}),
+                format!("removed {}", names.join(" ")),
+            )
         }
         SandboxCmd::Stop { name } => {
             let i = engine.stop(&name).await?;
@@ -488,4 +527,3 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
         }
     })
 }
-

@@ -80,9 +80,12 @@ impl GvisorConfig {
                 self.rootfs.display()
             )));
         }
-        for dst in std::iter::once(&self.workspace_mount).chain(self.ro_mounts.iter().map(|m| &m.1)) {
+        for dst in std::iter::once(&self.workspace_mount).chain(self.ro_mounts.iter().map(|m| &m.1))
+        {
             if !dst.starts_with('/') || dst.split('/').any(|c| c == "..") {
-                return Err(Error::Invalid(format!("gvisor: bad mount destination {dst}")));
+                return Err(Error::Invalid(format!(
+                    "gvisor: bad mount destination {dst}"
+                )));
             }
         }
         Ok(())
@@ -103,8 +106,10 @@ impl GvisorConfig {
                 "source": src, "options": ["rbind", "ro"]}));
         }
         if let Some(ws) = workspace {
-            mounts.push(serde_json::json!({"destination": self.workspace_mount, "type": "bind",
-                "source": ws, "options": ["rbind", "rw"]}));
+            mounts.push(
+                serde_json::json!({"destination": self.workspace_mount, "type": "bind",
+                "source": ws, "options": ["rbind", "rw"]}),
+            );
         }
         serde_json::json!({
             "ociVersion": "1.0.0",
@@ -131,7 +136,8 @@ impl GvisorConfig {
 
     /// Writes `bundle/config.json`.
     pub fn write_bundle(&self, bundle: &Path, workspace: Option<&Path>) -> Result<()> {
-        std::fs::create_dir_all(bundle).map_err(|e| Error::io(format!("mkdir {}", bundle.display()), e))?;
+        std::fs::create_dir_all(bundle)
+            .map_err(|e| Error::io(format!("mkdir {}", bundle.display()), e))?;
         let spec = serde_json::to_vec_pretty(&self.oci_spec(workspace))
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let path = bundle.join("config.json");
@@ -147,7 +153,9 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
         .map(Path::new)
         .find(|p| p.exists())
         .ok_or_else(|| {
-            Error::Invalid("busybox not found: install Debian's busybox-static (scripts/setup.sh)".into())
+            Error::Invalid(
+                "busybox not found: install Debian's busybox-static (scripts/setup.sh)".into(),
+            )
         })?;
     let bin = dir.join("bin");
     for d in ["bin", "proc", "dev", "sys", "tmp", "workspace", "etc"] {
@@ -156,11 +164,12 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     }
     let target = bin.join("busybox");
     if !target.exists() {
-        std::fs::copy(busybox, &target).map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
+        std::fs::copy(busybox, &target)
+            .map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
     }
     for applet in [
-        "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd", "seq",
-        "true", "date", "touch", "cp", "grep",
+        "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd",
+        "seq", "true", "date", "touch", "cp", "grep",
     ] {
         let link = bin.join(applet);
         if std::fs::symlink_metadata(&link).is_err() {

@@ -28,9 +28,9 @@ pub use engine::{
     RunSpec, SandboxInfo, SnapshotDiff, Timings,
 };
 pub use error::{Error, Result};
+pub use firecracker::FirecrackerConfig;
 pub use gvisor::GvisorConfig;
 pub use model::{Snapshot, SnapshotBody, Status};
-pub use firecracker::FirecrackerConfig;
 pub use raw::RawConfig;
 
 /// The tokio runtime the engine runs on, re-exported for callers without their own dependency.

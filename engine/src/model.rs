@@ -103,7 +103,8 @@ impl Snapshot {
 
     /// A part's store id.
     pub fn part_id(part: &Part) -> Result<Hash> {
-        parse_hash(&part.id).ok_or_else(|| Error::corrupt("snapshot part", format!("bad id {}", part.id)))
+        parse_hash(&part.id)
+            .ok_or_else(|| Error::corrupt("snapshot part", format!("bad id {}", part.id)))
     }
 }
 
@@ -138,14 +139,22 @@ impl SnapshotBody {
     pub fn from_node(id: Hash, node: &Node) -> Result<Snapshot> {
         let what = format!("snapshot {id}");
         if node.kind != KIND_SNAPSHOT {
-            return Err(Error::NotFound(format!("{id} is not a snapshot (node kind {})", node.kind)));
+            return Err(Error::NotFound(format!(
+                "{id} is not a snapshot (node kind {})",
+                node.kind
+            )));
         }
         let body: SnapshotBody = serde_json::from_slice(&node.body)
             .map_err(|e| Error::corrupt(&what, format!("unparsable body: {e}")))?;
         if body.version != 1 {
-            return Err(Error::corrupt(&what, format!("unknown version {}", body.version)));
+            return Err(Error::corrupt(
+                &what,
+                format!("unknown version {}", body.version),
+            ));
         }
-        let expected = body.to_node().map_err(|e| Error::corrupt(&what, e.to_string()))?;
+        let expected = body
+            .to_node()
+            .map_err(|e| Error::corrupt(&what, e.to_string()))?;
         if expected.links != node.links {
             return Err(Error::corrupt(&what, "links do not match the body"));
         }

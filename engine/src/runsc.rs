@@ -140,11 +140,25 @@ impl Runsc {
     }
 
     /// `runsc restore -detach`: a new container `id` from the image in `image_dir`.
-    pub fn restore_detached(&self, id: &str, bundle: &Path, image_dir: &Path, log: &Path) -> Result<()> {
+    pub fn restore_detached(
+        &self,
+        id: &str,
+        bundle: &Path,
+        image_dir: &Path,
+        log: &Path,
+    ) -> Result<()> {
         let b = bundle.display().to_string();
         let img = image_dir.display().to_string();
         self.exec(
-            &["restore", "-detach", "--image-path", &img, "-bundle", &b, id],
+            &[
+                "restore",
+                "-detach",
+                "--image-path",
+                &img,
+                "-bundle",
+                &b,
+                id,
+            ],
             Some(log),
             "restore",
         )?;
@@ -154,7 +168,11 @@ impl Runsc {
     /// `runsc checkpoint`: writes `image_dir/checkpoint.img`; the sandbox is gone afterwards.
     pub fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<()> {
         let img = image_dir.display().to_string();
-        self.exec(&["checkpoint", "--image-path", &img, id], None, "checkpoint")?;
+        self.exec(
+            &["checkpoint", "--image-path", &img, id],
+            None,
+            "checkpoint",
+        )?;
         let file = image_dir.join("checkpoint.img");
         // runsc has been seen exiting 0 without a usable image when the sandbox died under it.
         match std::fs::metadata(&file) {
@@ -183,7 +201,8 @@ impl Runsc {
 
     /// `runsc delete --force`: removes the container, killing it if it still runs.
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.exec(&["delete", "--force", id], None, "delete").map(|_| ())
+        self.exec(&["delete", "--force", id], None, "delete")
+            .map(|_| ())
     }
 
     /// `runsc exec ID ARGS...`: runs a command inside the sandbox and returns its stdout.
@@ -198,7 +217,9 @@ impl Runsc {
     /// sandbox is replaced. The delete runs as its own process, so it completes even if this one exits.
     pub fn discard(&self, id: &str) {
         let mut cmd = self.command();
-        cmd.args(["delete", "--force", id]).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.args(["delete", "--force", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         match cmd.spawn() {
             Ok(mut child) => {
                 // Reap it in a long-running process (daemon, tests); in a CLI that exits first,

@@ -38,12 +38,28 @@ fn node(d: snapfork_fsfork::repo::NodeData) -> Node {
 fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
     let store = engine.store();
     let mut tx = store.begin().unwrap();
-    let inner = tx.put_node(&node(manifest::encode_dir(vec![entry(evil, Kind::Dir, None)]))).unwrap();
-    let root = tx.put_node(&node(manifest::encode_dir(vec![entry(b"", Kind::Dir, Some(inner))]))).unwrap();
+    let inner = tx
+        .put_node(&node(manifest::encode_dir(vec![entry(
+            evil,
+            Kind::Dir,
+            None,
+        )])))
+        .unwrap();
+    let root = tx
+        .put_node(&node(manifest::encode_dir(vec![entry(
+            b"",
+            Kind::Dir,
+            Some(inner),
+        )])))
+        .unwrap();
     let info = serde_json::json!({"v": 1, "message": null, "time": 0.0, "workspace": "/x",
         "parent": null, "files": 0, "bytes": 0});
     let ck = tx
-        .put_node(&Node::new(KIND_CHECKPOINT, vec![root], serde_json::to_vec(&info).unwrap()))
+        .put_node(&Node::new(
+            KIND_CHECKPOINT,
+            vec![root],
+            serde_json::to_vec(&info).unwrap(),
+        ))
         .unwrap();
     let body = SnapshotBody {
         version: 1,
@@ -54,7 +70,13 @@ fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
         created_ms: 0,
         driver: "raw".into(),
         config: serde_json::json!({}),
-        parts: vec![Part { role: Role::Workspace, name: "workspace".into(), kind: PartKind::Workspace, id: ck.to_hex(), size: 0 }],
+        parts: vec![Part {
+            role: Role::Workspace,
+            name: "workspace".into(),
+            kind: PartKind::Workspace,
+            id: ck.to_hex(),
+            size: 0,
+        }],
     };
     let id = tx.put_node(&body.to_node().unwrap()).unwrap();
     tx.set_ref("tag/evil", id).unwrap();
@@ -64,7 +86,11 @@ fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
 
 fn assert_empty(engine: &snapfork_engine::Engine) {
     let store = engine.store();
-    assert!(store.list_refs("").unwrap().is_empty(), "{:?}", store.list_refs("").unwrap());
+    assert!(
+        store.list_refs("").unwrap().is_empty(),
+        "{:?}",
+        store.list_refs("").unwrap()
+    );
     let t = store.stats("").unwrap().total;
     assert_eq!((t.chunks, t.file_objects), (0, 0), "{t:?}");
 }
@@ -76,7 +102,10 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     }
     let (dir, src) = new_engine();
     let (_dir2, dst) = new_engine();
-    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."].into_iter().enumerate() {
+    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."]
+        .into_iter()
+        .enumerate()
+    {
         let id = plant(&src, evil);
         let bundle = dir.path().join(format!("evil{k}.sfb"));
         src.export(&id.to_hex(), &bundle).await.unwrap();
@@ -91,10 +120,19 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     std::fs::write(ws.join("f"), vec![7u8; 100_000]).unwrap();
     let mem = dir.path().join("mem");
     std::fs::write(&mem, vec![1u8; 65536]).unwrap();
-    let cfg = snapfork_engine::RawConfig { memory: Some(mem), state: vec![], disks: vec![], page_size: 4096 };
-    ok.run(snapfork_engine::RunSpec { name: "g".into(), driver: snapfork_engine::DriverConfig::Raw(cfg), workspace: Some(ws) })
-        .await
-        .unwrap();
+    let cfg = snapfork_engine::RawConfig {
+        memory: Some(mem),
+        state: vec![],
+        disks: vec![],
+        page_size: 4096,
+    };
+    ok.run(snapfork_engine::RunSpec {
+        name: "g".into(),
+        driver: snapfork_engine::DriverConfig::Raw(cfg),
+        workspace: Some(ws),
+    })
+    .await
+    .unwrap();
     let ck = ok.checkpoint("g", Default::default()).await.unwrap();
     let good = dir.path().join("good.sfb");
     ok.export(&ck.id, &good).await.unwrap();

@@ -25,7 +25,11 @@ pub fn require(test: &str, need_runsc: bool) -> bool {
     if root && runsc {
         return true;
     }
-    let why = if !root { "needs root" } else { "needs runsc (scripts/setup.sh)" };
+    let why = if !root {
+        "needs root"
+    } else {
+        "needs runsc (scripts/setup.sh)"
+    };
     eprintln!("!!!!!!!! {test}: {why}: NOT RUN !!!!!!!!");
     if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
         return false;
@@ -35,9 +39,15 @@ pub fn require(test: &str, need_runsc: bool) -> bool {
 
 /// A fresh store and engine in a temp dir (kept alive by the returned TempDir).
 pub fn new_engine() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("sf-engine-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
-    let opts = EngineOptions { state_dir: dir.path().join("engine"), runsc: None };
+    let opts = EngineOptions {
+        state_dir: dir.path().join("engine"),
+        runsc: None,
+    };
     let engine = Engine::open(store, opts).unwrap();
     (dir, engine)
 }
@@ -55,7 +65,11 @@ pub fn counter_spec(name: &str, rootfs: &Path) -> RunSpec {
         rootfs.to_path_buf(),
         vec!["/bin/sh".into(), "-c".into(), COUNTER.into()],
     );
-    RunSpec { name: name.into(), driver: DriverConfig::Gvisor(cfg), workspace: None }
+    RunSpec {
+        name: name.into(),
+        driver: DriverConfig::Gvisor(cfg),
+        workspace: None,
+    }
 }
 
 /// The numbers in a counter log.
@@ -76,7 +90,11 @@ pub async fn wait_lines(path: &Path, n: usize) -> Vec<i64> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("{} never reached {n} lines: {:?}", path.display(), lines(path));
+    panic!(
+        "{} never reached {n} lines: {:?}",
+        path.display(),
+        lines(path)
+    );
 }
 
 /// Removes every sandbox of the engine (tests must not leave sandboxes running).
