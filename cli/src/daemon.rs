@@ -191,9 +191,9 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
     let sb = |c| Ok(EngineCmd::Sandbox(c));
     match (method, seg.as_slice()) {
         ("GET", ["v1", "sandboxes"]) => sb(S::Ls),
-        ("POST", ["v1", "sandboxes"]) => {
-            sb(S::Run(serde_json::from_value::<RunArgs>(body.clone())?))
-        }
+        ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(
+            body.clone(),
+        )?))),
         ("POST", ["v1", "sandboxes", name, "checkpoint"]) => sb(S::Checkpoint {
             name: name.to_string(),
             message: opt_field(body, "message")?,
@@ -355,10 +355,10 @@ async fn read_request(conn: &mut tokio::net::UnixStream) -> anyhow::Result<Reque
     let target = first.next().context("no target")?.to_string();
     let mut len = 0usize;
     for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().context("bad Content-Length")?;
-            }
+        if let Some((k, v)) = l.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().context("bad Content-Length")?;
         }
     }
     if len > MAX_BODY {

@@ -128,7 +128,7 @@ pub async fn execute(cmd: EngineCmd, global: &Global, engine: &Engine) -> anyhow
 #[derive(Subcommand, Debug)]
 pub enum SandboxCmd {
     /// Start a sandbox.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Snapshot a sandbox (memory, runtime state and workspace, consistent with each other).
     Checkpoint {
         /// The sandbox.
@@ -400,7 +400,7 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
 async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow::Result<Report> {
     Ok(match cmd {
         SandboxCmd::Run(a) => {
-            let spec = run_spec(a, global)?;
+            let spec = run_spec(*a, global)?;
             let i = engine.run(spec).await?;
             Report::new(info_json(&i), format!("started {}", info_text(&i)))
         }

@@ -86,13 +86,13 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // On a failed test: stop every sandbox, then the daemon.
-        if let Ok(out) = snapfork(&self.store).args(["sandbox", "ls"]).output() {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
-                    let _ = snapfork(&self.store)
-                        .args(["sandbox", "rm", s["name"].as_str().unwrap_or("")])
-                        .output();
-                }
+        if let Ok(out) = snapfork(&self.store).args(["sandbox", "ls"]).output()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+                let _ = snapfork(&self.store)
+                    .args(["sandbox", "rm", s["name"].as_str().unwrap_or("")])
+                    .output();
             }
         }
         let _ = self.child.kill();

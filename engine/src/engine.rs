@@ -1410,13 +1410,12 @@ impl Inner {
         let old_rid = rec.runtime_id.clone();
         let was_running = rec.status == Status::Running;
         // Freeze the old incarnation (not kill: on failure it resumes as if nothing happened).
-        if was_running {
-            if let Some(rid) = &old_rid {
-                if let Err(e) = self.runsc.pause(rid) {
-                    cleanup_prepared();
-                    return Err(e);
-                }
-            }
+        if was_running
+            && let Some(rid) = &old_rid
+            && let Err(e) = self.runsc.pause(rid)
+        {
+            cleanup_prepared();
+            return Err(e);
         }
         clock.step("pause");
         // The workspace goes back atomically; the old tree stays aside until the end. The paused
@@ -1426,10 +1425,8 @@ impl Inner {
             (Some(dir), Some(p)) => match workspace::revert(&self.store, dir, p) {
                 Ok(old) => Some(old),
                 Err(e) => {
-                    if was_running {
-                        if let Some(rid) = &old_rid {
-                            let _ = self.runsc.resume(rid);
-                        }
+                    if was_running && let Some(rid) = &old_rid {
+                        let _ = self.runsc.resume(rid);
                     }
                     cleanup_prepared();
                     return Err(e);
@@ -1447,10 +1444,8 @@ impl Inner {
                     workspace::remove_old_tree(aside);
                 }
             }
-            if was_running {
-                if let Some(rid) = &old_rid {
-                    let _ = self.runsc.resume(rid);
-                }
+            if was_running && let Some(rid) = &old_rid {
+                let _ = self.runsc.resume(rid);
             }
             cleanup_prepared();
             e
@@ -1632,12 +1627,11 @@ impl Inner {
 
     /// Kills the Firecracker process the engine started for `rec`, if any.
     fn kill_firecracker(&self, rec: &SandboxRecord) {
-        if rec.driver == "firecracker" {
-            if let Ok(DriverConfig::Firecracker(cfg)) =
+        if rec.driver == "firecracker"
+            && let Ok(DriverConfig::Firecracker(cfg)) =
                 DriverConfig::from_parts(&rec.driver, &rec.config)
-            {
-                kill_pid(cfg.pid);
-            }
+        {
+            kill_pid(cfg.pid);
         }
     }
 
@@ -1648,14 +1642,12 @@ impl Inner {
         if rec.driver == "firecracker" {
             if let Ok(DriverConfig::Firecracker(cfg)) =
                 DriverConfig::from_parts(&rec.driver, &rec.config)
+                && let Some(pid) = cfg.pid
+                && rec.status != Status::Stopped
+                && !Path::new(&format!("/proc/{pid}")).exists()
             {
-                if let Some(pid) = cfg.pid {
-                    if rec.status != Status::Stopped && !Path::new(&format!("/proc/{pid}")).exists()
-                    {
-                        rec.status = Status::Exited;
-                        self.save_record(rec)?;
-                    }
-                }
+                rec.status = Status::Exited;
+                self.save_record(rec)?;
             }
             return Ok(());
         }
@@ -1700,10 +1692,10 @@ impl Inner {
             tx.delete_ref(&r);
         }
         tx.commit()?;
-        if rec.owns_workspace {
-            if let Some(ws) = &rec.workspace {
-                remove_dir_if_exists(ws)?;
-            }
+        if rec.owns_workspace
+            && let Some(ws) = &rec.workspace
+        {
+            remove_dir_if_exists(ws)?;
         }
         remove_dir_if_exists(&self.sandbox_dir(name))?;
         Ok(())

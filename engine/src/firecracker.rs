@@ -130,13 +130,13 @@ impl ApiClient {
             if n == 0 || line == "\r\n" || line == "\n" {
                 break;
             }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-length") {
-                    len = v
-                        .trim()
-                        .parse()
-                        .map_err(|_| self.err(&what, "bad Content-Length"))?;
-                }
+            if let Some((k, v)) = line.split_once(':')
+                && k.trim().eq_ignore_ascii_case("content-length")
+            {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| self.err(&what, "bad Content-Length"))?;
             }
         }
         if len > 16 << 20 {

@@ -119,10 +119,10 @@ mod fake {
                 if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                     break;
                 }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    len = v.trim().parse().unwrap_or(0);
                 }
             }
             let mut body = vec![0; len];
