@@ -746,8 +746,6 @@ impl Inner {
                     let bundle = self.bundle_dir(&name);
                     cfg.write_bundle(&bundle, Some(&workspace))?;
                     let rid = self.runtime_id(&name, rec.generation);
-                    // A stale container of that id (from a crashed engine) would make run fail.
-                    let _ = self.runsc.destroy(&rid);
                     self.runsc
                         .run_detached(&rid, &bundle, &self.console_log(&name))?;
                     rec.runtime_id = Some(rid);
@@ -890,7 +888,6 @@ impl Inner {
                 self.runsc.discard(&rid);
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
-                    let _ = self.runsc.destroy(&new_rid);
                     self.runsc.restore_detached(
                         &new_rid,
                         &self.bundle_dir(name),
@@ -1345,7 +1342,6 @@ impl Inner {
                     let bundle = self.bundle_dir(name);
                     cfg.write_bundle(&bundle, Some(&ws))?;
                     let rid = self.runtime_id(name, rec.generation);
-                    let _ = self.runsc.destroy(&rid);
                     self.runsc
                         .restore_detached(&rid, &bundle, img, &self.console_log(name))?;
                     rec.runtime_id = Some(rid);
@@ -1461,7 +1457,6 @@ impl Inner {
                     .ok_or_else(|| Error::Invalid("state image not prepared".into()));
                 let started = img.and_then(|img| {
                     cfg.write_bundle(&bundle, ws.as_deref())?;
-                    let _ = self.runsc.destroy(&rid);
                     self.runsc
                         .restore_detached(&rid, &bundle, &img, &self.console_log(name))
                 });

@@ -132,11 +132,23 @@ impl Runsc {
         Ok(stdout)
     }
 
+    /// Runs a create-style command; when a stale container of that id exists (left by a crashed
+    /// engine), removes it and tries once more. Checking first would cost a runsc call every time.
+    fn create_retrying(&self, args: &[&str], id: &str, log: &Path, what: &str) -> Result<()> {
+        match self.exec(args, Some(log), what) {
+            Err(Error::Runtime { detail, .. }) if detail.contains("already exists") => {
+                tracing::warn!(id, "removing a stale container of the same id");
+                self.destroy(id)?;
+                self.exec(args, Some(log), what).map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
     /// `runsc run -detach`: creates and starts container `id` from `bundle`; its stdio goes to `log`.
     pub fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<()> {
         let b = bundle.display().to_string();
-        self.exec(&["run", "-detach", "-bundle", &b, id], Some(log), "run")?;
-        Ok(())
+        self.create_retrying(&["run", "-detach", "-bundle", &b, id], id, log, "run")
     }
 
     /// `runsc restore -detach`: a new container `id` from the image in `image_dir`.
@@ -149,20 +161,12 @@ impl Runsc {
     ) -> Result<()> {
         let b = bundle.display().to_string();
         let img = image_dir.display().to_string();
-        self.exec(
-            &[
-                "restore",
-                "-detach",
-                "--image-path",
-                &img,
-                "-bundle",
-                &b,
-                id,
-            ],
-            Some(log),
+        self.create_retrying(
+            &["restore", "-detach", "--image-path", &img, "-bundle", &b, id],
+            id,
+            log,
             "restore",
-        )?;
-        Ok(())
+        )
     }
 
     /// `runsc checkpoint`: writes `image_dir/checkpoint.img`; the sandbox is gone afterwards.
