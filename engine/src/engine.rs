@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -873,7 +874,21 @@ impl Inner {
                     }
                     return Err(e);
                 }
-                if let Err(e) = self.runsc.checkpoint(&rid, &img_dir) {
+                // The image is stored while runsc writes it (segment by segment, as the file
+                // grows), so the store's work hides behind runsc's; checked against the finished
+                // file below.
+                let image = img_dir.join("checkpoint.img");
+                let done = AtomicBool::new(false);
+                let (ck, streamed) = std::thread::scope(|scope| {
+                    let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
+                    let ck = self.runsc.checkpoint(&rid, &img_dir);
+                    done.store(true, Ordering::SeqCst);
+                    let streamed = ingest.join().unwrap_or_else(|_| {
+                        Err(Error::Invalid("ingest thread panicked".into()))
+                    });
+                    (ck, streamed)
+                });
+                if let Err(e) = ck {
                     // runsc kills the sandbox only after a complete image; if it is still there,
                     // it is still the sandbox it was.
                     let _ = std::fs::remove_dir_all(&img_dir);
@@ -882,8 +897,7 @@ impl Inner {
                     }
                     return Err(e);
                 }
-                clock.step("runsc checkpoint");
-                let image = img_dir.join("checkpoint.img");
+                clock.step("runsc checkpoint + streamed ingest");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
                 let new_rid = self.runtime_id(name, rec.generation + 1);
@@ -900,25 +914,40 @@ impl Inner {
                 let (restored, stored, file_hash) = std::thread::scope(|scope| {
                     let restoring = opts.leave_running.then(|| scope.spawn(restore_in_place));
                     let hashing = scope.spawn(|| hash_file(&image));
+                    let file_hash = hashing.join().ok().and_then(|h| h.ok());
                     let stored = (|| -> Result<Hash> {
                         let size = file_size(&image)?;
-                        let info = tx.put_blob_file(&image)?;
-                        added += info.new_stored_bytes;
-                        parts.push(model::Part {
-                            role: Role::State,
-                            name: "checkpoint.img".into(),
-                            kind: PartKind::Blob,
-                            id: info.id.to_hex(),
-                            size,
-                        });
-                        Ok(info.id)
+                        // What was streamed must be exactly the finished file; otherwise
+                        // (runsc rewrote a part it had written) store the file again, whole.
+                        let segs = match streamed {
+                            Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => segs,
+                            other => {
+                                if let Err(e) = other {
+                                    tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
+                                } else {
+                                    tracing::warn!("image changed while it was streamed; storing it again");
+                                }
+                                let info = tx.put_blob_file(&image)?;
+                                vec![(info.id, size, info.new_stored_bytes)]
+                            }
+                        };
+                        for (k, (id, len, new)) in segs.iter().enumerate() {
+                            added += new;
+                            parts.push(model::Part {
+                                role: Role::State,
+                                name: format!("checkpoint.img.{k:03}"),
+                                kind: PartKind::Blob,
+                                id: id.to_hex(),
+                                size: *len,
+                            });
+                        }
+                        Ok(state_key(&parts))
                     })();
                     let restored = restoring.map(|h| {
                         h.join().unwrap_or_else(|_| {
                             Err(Error::Invalid("restore thread panicked".into()))
                         })
                     });
-                    let file_hash = hashing.join().ok().and_then(|h| h.ok());
                     (restored, stored, file_hash)
                 });
                 clock.step(if opts.leave_running {
@@ -1244,24 +1273,26 @@ impl Inner {
         if s.body.driver != "gvisor" {
             return Ok(None);
         }
-        let part = s
+        let segs: Vec<&model::Part> = s
             .body
             .parts
             .iter()
-            .find(|p| p.role == Role::State && p.kind == PartKind::Blob)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    format!("snapshot {}", s.id),
-                    "gvisor snapshot without a state image",
-                )
-            })?;
-        let blob = Snapshot::part_id(part)?;
+            .filter(|p| p.role == Role::State && p.kind == PartKind::Blob)
+            .collect();
+        if segs.is_empty() {
+            return Err(Error::corrupt(
+                format!("snapshot {}", s.id),
+                "gvisor snapshot without a state image",
+            ));
+        }
+        let total: u64 = segs.iter().map(|p| p.size).sum();
+        let blob = state_key(&s.body.parts);
         let cached = self.cache_dir(&blob);
         if let Ok(expected) = std::fs::read_to_string(cached.join("blake3")) {
             let img = cached.join("checkpoint.img");
             match hash_file(&img) {
                 Ok(h)
-                    if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(part.size) =>
+                    if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(total) =>
                 {
                     // Mark it used, so eviction leaves it alone while runsc reads it.
                     let _ = std::fs::File::options()
@@ -1285,7 +1316,9 @@ impl Inner {
             let mut f = std::fs::File::create(&path)
                 .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-            self.store.read_blob(&blob, &mut w)?;
+            for p in &segs {
+                self.store.read_blob(&Snapshot::part_id(p)?, &mut w)?;
+            }
             std::io::Write::flush(&mut w)
                 .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             Ok(())
@@ -1983,6 +2016,60 @@ impl Prepared {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Size of the segments a runsc image is stored in while it is being written.
+const SEGMENT: u64 = 16 << 20;
+
+/// Stores `image` segment by segment while runsc writes it, until `done` is set and the file has
+/// been read to its end. Returns (blob id, length, new stored bytes) per segment and the blake3 of
+/// all bytes read, for the caller to check against the finished file.
+fn stream_ingest(
+    tx: &mut snapfork_store::Txn,
+    image: &Path,
+    done: &AtomicBool,
+) -> Result<(Vec<(Hash, u64, u64)>, Hash)> {
+    use std::os::unix::fs::FileExt;
+    let mut file: Option<std::fs::File> = None;
+    let mut off = 0u64;
+    let mut segs = Vec::new();
+    let mut whole = blake3::Hasher::new();
+    let mut buf = vec![0u8; SEGMENT as usize];
+    loop {
+        // Read the flag before the size: once set, the size seen next is the final one.
+        let finished = done.load(Ordering::SeqCst);
+        if file.is_none() {
+            file = std::fs::File::open(image).ok();
+        }
+        if let Some(f) = &file {
+            let size = f
+                .metadata()
+                .map_err(|e| Error::io(format!("stat {}", image.display()), e))?
+                .len();
+            while size - off >= SEGMENT || (finished && size > off) {
+                let n = (size - off).min(SEGMENT) as usize;
+                f.read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| Error::io(format!("read {}", image.display()), e))?;
+                whole.update(&buf[..n]);
+                let info = tx.put_blob(&buf[..n])?;
+                segs.push((info.id, n as u64, info.new_stored_bytes));
+                off += n as u64;
+            }
+        }
+        if finished {
+            return Ok((segs, Hash(*whole.finalize().as_bytes())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The key of a snapshot's runsc image (its segments' ids, in order) in the image cache.
+fn state_key(parts: &[model::Part]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    for p in parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob) {
+        h.update(p.id.as_bytes());
+    }
+    Hash(*h.finalize().as_bytes())
 }
 
 /// blake3 of a whole file (memory-mapped, both cores).
