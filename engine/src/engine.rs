@@ -843,37 +843,12 @@ impl Inner {
                     .clone()
                     .ok_or_else(|| Error::Invalid("no runtime id".into()))?;
                 let was_paused = rec.status == Status::Paused;
-                if !was_paused {
-                    self.runsc.pause(&rid)?;
-                }
-                clock.step("pause");
                 let img_dir = tempdir(&self.state.join("tmp"), "ckpt")?;
-                // From here until the runtime step succeeded, failure means: resume, clean up.
-                let staged = (|| -> Result<()> {
-                    // Files first, while paused: nothing in the sandbox can write them now, and
-                    // the memory image taken next is of this same instant.
-                    if let Some(ws) = &rec.workspace {
-                        let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
-                        created.push(w.id);
-                        created.push(w.id);
-                        parts.push(model::Part {
-                            role: Role::Workspace,
-                            name: "workspace".into(),
-                            kind: PartKind::Workspace,
-                            id: w.id.to_hex(),
-                            size: w.bytes,
-                        });
-                    }
-                    clock.step("workspace");
-                    Ok(())
-                })();
-                if let Err(e) = staged {
-                    let _ = std::fs::remove_dir_all(&img_dir);
-                    if !was_paused {
-                        let _ = self.runsc.resume(&rid);
-                    }
-                    return Err(e);
-                }
+                // No pause of our own: runsc checkpoint stops every task before it saves memory
+                // and ends the sandbox afterwards, so once it returns nothing can change the
+                // workspace, which then holds exactly the files of the memory image's instant.
+                // The workspace is checkpointed right then, before anything (a restore in place)
+                // may write to it again.
                 // The image is stored while runsc writes it (segment by segment, as the file
                 // grows), so the store's work hides behind runsc's; checked against the finished
                 // file below.
@@ -889,17 +864,31 @@ impl Inner {
                     (ck, streamed)
                 });
                 if let Err(e) = ck {
-                    // runsc kills the sandbox only after a complete image; if it is still there,
-                    // it is still the sandbox it was.
+                    // runsc ends the sandbox only after a complete image: it is as it was.
                     let _ = std::fs::remove_dir_all(&img_dir);
-                    if !was_paused {
-                        let _ = self.runsc.resume(&rid);
-                    }
                     return Err(e);
                 }
                 clock.step("runsc checkpoint + streamed ingest");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
+                let mut ws_err = None;
+                if let Some(ws) = &rec.workspace {
+                    match workspace::checkpoint(&self.store, ws, &opts.message) {
+                        Ok(w) => {
+                            created.push(w.id);
+                            parts.push(model::Part {
+                                role: Role::Workspace,
+                                name: "workspace".into(),
+                                kind: PartKind::Workspace,
+                                id: w.id.to_hex(),
+                                size: w.bytes,
+                            });
+                        }
+                        // The snapshot fails; the sandbox is brought back below.
+                        Err(e) => ws_err = Some(e),
+                    }
+                }
+                clock.step("workspace");
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
                     self.runsc.restore_detached(
@@ -916,6 +905,9 @@ impl Inner {
                     let hashing = scope.spawn(|| hash_file(&image));
                     let file_hash = hashing.join().ok().and_then(|h| h.ok());
                     let stored = (|| -> Result<Hash> {
+                        if let Some(e) = ws_err.take() {
+                            return Err(e);
+                        }
                         let size = file_size(&image)?;
                         // What was streamed must be exactly the finished file; otherwise
                         // (runsc rewrote a part it had written) store the file again, whole.
@@ -1040,7 +1032,6 @@ impl Inner {
                     // Files first, while paused (memory and files of one instant).
                     if let Some(ws) = &rec.workspace {
                         let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
-                        created.push(w.id);
                         created.push(w.id);
                         parts.push(model::Part {
                             role: Role::Workspace,
