@@ -58,15 +58,16 @@ pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     // A restored Firecracker VM takes its memory from a UFFD server in the process that
     // restored it: that must be the daemon, not this short-lived command.
     if let EngineCmd::Sandbox(
-        SandboxCmd::Restore { snap, .. } | SandboxCmd::Fork { snap, .. } | SandboxCmd::Revert { snap, .. },
+        SandboxCmd::Restore { snap, .. }
+        | SandboxCmd::Fork { snap, .. }
+        | SandboxCmd::Revert { snap, .. },
     ) = &cmd
+        && rt.block_on(engine.show(snap))?.body.driver == "firecracker"
     {
-        if rt.block_on(engine.show(snap))?.body.driver == "firecracker" {
-            bail!(
-                "restoring a firecracker snapshot needs `snapfork daemon` running for this store \
+        bail!(
+            "restoring a firecracker snapshot needs `snapfork daemon` running for this store \
                  (it serves the restored VMs' memory over userfaultfd for as long as they run)"
-            );
-        }
+        );
     }
     rt.block_on(execute(cmd, global, &engine))
 }

@@ -858,9 +858,9 @@ impl Inner {
                     let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
                     let ck = self.runsc.checkpoint(&rid, &img_dir);
                     done.store(true, Ordering::SeqCst);
-                    let streamed = ingest.join().unwrap_or_else(|_| {
-                        Err(Error::Invalid("ingest thread panicked".into()))
-                    });
+                    let streamed = ingest
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
                     (ck, streamed)
                 });
                 if let Err(e) = ck {
@@ -912,12 +912,19 @@ impl Inner {
                         // What was streamed must be exactly the finished file; otherwise
                         // (runsc rewrote a part it had written) store the file again, whole.
                         let segs = match streamed {
-                            Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => segs,
+                            Ok((segs, h))
+                                if Some(h) == file_hash
+                                    && segs.iter().map(|x| x.1).sum::<u64>() == size =>
+                            {
+                                segs
+                            }
                             other => {
                                 if let Err(e) = other {
                                     tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
                                 } else {
-                                    tracing::warn!("image changed while it was streamed; storing it again");
+                                    tracing::warn!(
+                                        "image changed while it was streamed; storing it again"
+                                    );
                                 }
                                 let info = tx.put_blob_file(&image)?;
                                 vec![(info.id, size, info.new_stored_bytes)]
@@ -1282,9 +1289,7 @@ impl Inner {
         if let Ok(expected) = std::fs::read_to_string(cached.join("blake3")) {
             let img = cached.join("checkpoint.img");
             match hash_file(&img) {
-                Ok(h)
-                    if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(total) =>
-                {
+                Ok(h) if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(total) => {
                     // Mark it used, so eviction leaves it alone while runsc reads it.
                     let _ = std::fs::File::options()
                         .append(true)
@@ -2012,6 +2017,9 @@ impl Prepared {
 /// Size of the segments a runsc image is stored in while it is being written.
 const SEGMENT: u64 = 16 << 20;
 
+/// One stored segment of a runsc image: blob id, length, new stored bytes.
+type Segment = (Hash, u64, u64);
+
 /// Stores `image` segment by segment while runsc writes it, until `done` is set and the file has
 /// been read to its end. Returns (blob id, length, new stored bytes) per segment and the blake3 of
 /// all bytes read, for the caller to check against the finished file.
@@ -2019,7 +2027,7 @@ fn stream_ingest(
     tx: &mut snapfork_store::Txn,
     image: &Path,
     done: &AtomicBool,
-) -> Result<(Vec<(Hash, u64, u64)>, Hash)> {
+) -> Result<(Vec<Segment>, Hash)> {
     use std::os::unix::fs::FileExt;
     let mut file: Option<std::fs::File> = None;
     let mut off = 0u64;
@@ -2057,7 +2065,10 @@ fn stream_ingest(
 /// The key of a snapshot's runsc image (its segments' ids, in order) in the image cache.
 fn state_key(parts: &[model::Part]) -> Hash {
     let mut h = blake3::Hasher::new();
-    for p in parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob) {
+    for p in parts
+        .iter()
+        .filter(|p| p.role == Role::State && p.kind == PartKind::Blob)
+    {
         h.update(p.id.as_bytes());
     }
     Hash(*h.finalize().as_bytes())

@@ -162,7 +162,15 @@ impl Runsc {
         let b = bundle.display().to_string();
         let img = image_dir.display().to_string();
         self.create_retrying(
-            &["restore", "-detach", "--image-path", &img, "-bundle", &b, id],
+            &[
+                "restore",
+                "-detach",
+                "--image-path",
+                &img,
+                "-bundle",
+                &b,
+                id,
+            ],
             id,
             log,
             "restore",
