@@ -118,7 +118,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let at_ck = *lines(&log).iter().filter(|&&x| x > 0).max().unwrap_or(&0);
     engine.tag(&ck.id, &format!("{name}-safe")).await?;
     say(format!(
-        "2. checkpoint {} \"before risky action\" in {:.0} ms (memory image + workspace, taken while paused); {} bytes stored; tagged {name}-safe",
+        "2. checkpoint {} \"before risky action\" in {:.0} ms (memory image + workspace of one instant); {} bytes stored; tagged {name}-safe",
         &ck.id[..12],
         ck.timings.total_ms,
         ck.stored_bytes_added
