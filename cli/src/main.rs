@@ -21,12 +21,7 @@ use clap::{Parser, Subcommand};
 #[derive(clap::Args, Debug, Clone)]
 pub struct Global {
     /// The store directory.
-    #[arg(
-        long,
-        global = true,
-        env = "SNAPFORK_STORE",
-        default_value = ".snapfork"
-    )]
+    #[arg(long, global = true, env = "SNAPFORK_STORE", default_value = ".snapfork")]
     pub store: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long, global = true)]
@@ -44,11 +39,7 @@ impl Global {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "snapfork",
-    version,
-    about = "Snapshot and fork engine for sandbox state"
-)]
+#[command(name = "snapfork", version, about = "Snapshot and fork engine for sandbox state")]
 struct Cli {
     #[command(flatten)]
     global: Global,
