@@ -650,15 +650,17 @@ struct Fiemap {
     extents: [FiemapExtent; 256],
 }
 
-/// All extents of `fd` (holes are simply absent).
-pub fn fiemap(fd: BorrowedFd<'_>) -> io::Result<Vec<Extent>> {
+/// All extents of `fd` (holes are simply absent). With `sync`, dirty data is flushed first so
+/// that delayed allocations get real addresses (not needed for a fresh reflink, whose extents
+/// all exist on disk, nor for an immutable store object).
+pub fn fiemap(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut start = 0u64;
     loop {
         let mut fm = Box::new(Fiemap {
             fm_start: start,
             fm_length: u64::MAX - start,
-            fm_flags: FIEMAP_FLAG_SYNC,
+            fm_flags: if sync { FIEMAP_FLAG_SYNC } else { 0 },
             fm_mapped_extents: 0,
             fm_extent_count: 256,
             fm_reserved: 0,

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -249,29 +249,30 @@ static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
 /// the block CVs of `prev` where the staged copy still shares extents with that object.
 fn stage_and_hash(
     repo: &dyn Repo,
+    (staging, sdir): (&Path, BorrowedFd<'_>),
     sfd: &OwnedFd,
     size: u64,
     prev: Option<Id>,
     c: &Counters,
 ) -> Result<(PathBuf, Id, Option<Vec<ChainingValue>>, u64)> {
-    let staging = repo.staging_dir();
     let name = format!(
         "fsfork-{}-{}",
         std::process::id(),
         STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let path = staging.join(&name);
-    let sdir = sys::open_root_dir(&staging).ctx("open", &staging)?;
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
     let dfd = sys::openat(
-        sdir.as_fd(),
+        sdir,
         &cname,
         libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
         0o444,
     )
     .ctx("create", &path)?;
     let result = (|| {
+        let t0 = Instant::now();
         clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
         let mut h = None;
@@ -295,10 +296,21 @@ fn stage_and_hash(
                 .ctx("hash", &path)?,
             );
         }
+        let t_compare = t0.elapsed() - t_stage;
+        let incremental = h.is_some();
         let h = match h {
             Some(h) => h,
             None => hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?,
         };
+        tracing::debug!(
+            size,
+            incremental,
+            hashed = h.hashed_bytes,
+            stage_ms = t_stage.as_secs_f64() * 1e3,
+            compare_and_hash_ms = t_compare.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "staged and hashed"
+        );
         Ok((Id(h.id), h.cvs, h.hashed_bytes))
     })();
     match result {
@@ -321,7 +333,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     let cache = load_cache(repo, &ws)?;
     let staging = repo.staging_dir();
     std::fs::create_dir_all(&staging).ctx("create", &staging)?;
+    let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
+    let t_load = start.elapsed();
     let scan = walk::scan(&ws)?;
+    let t_scan = start.elapsed();
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
         None => None,
@@ -403,8 +418,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                                 reason: "changed type during the checkpoint".into(),
                             });
                         }
-                        let (staged, id, cvs, hashed) =
-                            stage_and_hash(repo, &sfd, m.size, cached.and_then(|c| c.id), &c)?;
+                        let (staged, id, cvs, hashed) = stage_and_hash(
+                            repo,
+                            (&staging, staging_fd.as_fd()),
+                            &sfd,
+                            m.size,
+                            cached.and_then(|c| c.id),
+                            &c,
+                        )?;
                         s.id = Some(id);
                         s.staged = Some(staged);
                         s.cvs = cvs;
@@ -452,6 +473,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let result = (|| -> Result<(Id, u64, u64)> {
         let mut record = record;
+        let t_seen = start.elapsed();
         let mut tx = repo.begin()?;
         let mut adopted = HashSet::new();
         let mut new_objects = 0u64;
@@ -593,7 +615,16 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             reason: e.to_string(),
         })?;
         tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
+        let t_nodes = start.elapsed();
         tx.commit()?;
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            scan_ms = (t_scan - t_load).as_secs_f64() * 1e3,
+            read_ms = (t_seen - t_scan).as_secs_f64() * 1e3,
+            nodes_ms = (t_nodes - t_seen).as_secs_f64() * 1e3,
+            commit_ms = (start.elapsed() - t_nodes).as_secs_f64() * 1e3,
+            "checkpoint phases"
+        );
         Ok((id, new_objects, files))
     })();
     let (id, new_objects, files) = match result {
