@@ -259,10 +259,10 @@ pub fn clone_tree(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneRe
     let scan = walk::scan(src)?;
     let (_pfd, _name, root) = create_root(dst)?;
     let result = clone_scanned(&scan, src, root, dst, opts);
-    if result.is_err() {
-        if let Err(e) = std::fs::remove_dir_all(dst) {
-            tracing::warn!(path = %dst.display(), error = %e, "could not remove partial clone");
-        }
+    if result.is_err()
+        && let Err(e) = std::fs::remove_dir_all(dst)
+    {
+        tracing::warn!(path = %dst.display(), error = %e, "could not remove partial clone");
     }
     result
 }

@@ -111,8 +111,7 @@ impl StatCache {
             return None;
         }
         let mut entries = HashMap::new();
-        loop {
-            let Some(l) = take(4) else { break };
+        while let Some(l) = take(4) {
             let l = u32::from_le_bytes(l.try_into().ok()?) as usize;
             let path = take(l)?.to_vec();
             let mut u = [0u64; 5];

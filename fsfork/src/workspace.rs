@@ -783,6 +783,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
     let start = Instant::now();
     sys::raise_nofile_limit();
     let (_info, dirs) = load_tree(repo, ckpt)?;
+    let t_load = start.elapsed();
     let (_pfd, _pname, root) = clone::create_root(dst)?;
     let result = (|| {
         let mut dfds: Vec<OwnedFd> = Vec::with_capacity(dirs.len());
@@ -814,6 +815,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let cache = Mutex::new(StatCache::default());
         let skipped = Mutex::new(Vec::new());
         let files = AtomicU64::new(0);
+        let t_dirs = start.elapsed();
         work.par_iter().try_for_each(|&(di, ei)| -> Result<()> {
             let d = &dirs[di];
             let e = &d.entries[ei];
@@ -936,6 +938,12 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 ))
             })
             .collect();
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            mkdir_ms = (t_dirs - t_load).as_secs_f64() * 1e3,
+            total_ms = start.elapsed().as_secs_f64() * 1e3,
+            "materialize phases"
+        );
         for r in dir_cache {
             let (k, v) = r?;
             // The root is not an entry of the walk; only subdirectories are cached.
@@ -994,18 +1002,18 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
     Ok(report)
 }
 
+/// Makes one independent copy of a checkpoint at the new directory `dst`, recorded as a fork.
+pub fn fork_one(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> {
+    restore_as(repo, ckpt, dst, "fork")
+}
+
 /// Makes `n` independent copies of a checkpoint as `into/fork-1` .. `into/fork-N` (`into` is
 /// created if missing).
 pub fn fork(repo: &dyn Repo, ckpt: &Id, n: usize, into: &Path) -> Result<Vec<RestoreReport>> {
     std::fs::create_dir_all(into).ctx("create", into)?;
     let mut out = Vec::with_capacity(n);
     for i in 1..=n {
-        out.push(restore_as(
-            repo,
-            ckpt,
-            &into.join(format!("fork-{i}")),
-            "fork",
-        )?);
+        out.push(fork_one(repo, ckpt, &into.join(format!("fork-{i}")))?);
     }
     Ok(out)
 }

@@ -112,6 +112,13 @@ fn main() -> Result<()> {
     let rounds = arg("--rounds", 3);
     let nfiles = arg("--files", 10_000);
     let json = args.iter().any(|a| a == "--json");
+    // --only fork|checkpoint|revert|image runs one part (for profiling with RUST_LOG=debug).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if !snapfork_fsfork::testfs::require_root("fsfork bench") {
         return Ok(());
     }
@@ -134,7 +141,7 @@ fn main() -> Result<()> {
 
     // 1. Forks, alternating so that every contender sees the same cache state.
     let (mut t_fork, mut t_clone, mut t_cp_ref, mut t_cp_copy) = (vec![], vec![], vec![], vec![]);
-    for r in 0..rounds {
+    for r in 0..if part("fork") { rounds } else { 0 } {
         let into = root.join(format!("forks{r}"));
         let (t, forks) = secs(|| Ok(workspace::fork(&store, &c0.id, 1, &into)?))?;
         t_fork.push(t);
@@ -176,7 +183,7 @@ fn main() -> Result<()> {
     // 2. Checkpoint after 10 files changed.
     let mut t_ck10 = vec![];
     let mut hashed10 = 0;
-    for r in 0..rounds {
+    for r in 0..if part("checkpoint") { rounds } else { 0 } {
         for k in 0..10 {
             let i = 10 + (r * 977 + k * 131) % (nfiles - 10);
             let p = src.join(format!("pkg{:03}/sub{}/f{i}.dat", i / 100, (i / 10) % 10));
@@ -195,7 +202,7 @@ fn main() -> Result<()> {
     let mut t_revert = vec![];
     let mut t_revert_cp = vec![];
     let last = workspace::checkpoint(&store, &src, None)?.id;
-    for r in 0..rounds {
+    for r in 0..if part("revert") { rounds } else { 0 } {
         let target = if r % 2 == 0 { c0.id } else { last };
         let (t, rep) = secs(|| Ok(workspace::revert(&store, &src, &target)?))?;
         t_revert.push(t);
@@ -243,7 +250,7 @@ fn main() -> Result<()> {
     let mut t_whole = vec![];
     let mut t_img_first = 0.0;
     let mut buf = vec![0u8; 64 << 20];
-    for r in 0..rounds {
+    for r in 0..if part("image") { rounds } else { 0 } {
         for (ci, case) in cases.iter_mut().enumerate() {
             let ws2 = root.join(format!("vm-{r}-{ci}"));
             std::fs::create_dir(&ws2)?;
@@ -289,7 +296,13 @@ fn main() -> Result<()> {
     let t_img_contig_synced: Vec<f64> = cases[3].1.clone();
     let (hashed_scatter, hashed_contig) = (cases[0].2, cases[2].2);
 
-    let m = |v: &Vec<f64>| median(v.clone());
+    let m = |v: &Vec<f64>| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            median(v.clone())
+        }
+    };
     let report = serde_json::json!({
         "files": nfiles, "bytes": bytes, "rounds": rounds, "fs": "xfs (loop, reflink=1)",
         "first_checkpoint_s": t_first,
