@@ -69,6 +69,8 @@ pub trait Repo: Send + Sync {
     fn file_object_path(&self, id: &Id) -> PathBuf;
     /// Whether the store holds file object `id`.
     fn has_file_object(&self, id: &Id) -> Result<bool>;
+    /// Whether the store holds object `id` (a node or chunk).
+    fn contains(&self, id: &Id) -> Result<bool>;
     /// Reads a node.
     fn get_node(&self, id: &Id) -> Result<NodeData>;
     /// Reads a ref.

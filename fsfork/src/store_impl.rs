@@ -24,6 +24,10 @@ impl Repo for Store {
         Ok(Store::has_file_object(self, &h(id))?)
     }
 
+    fn contains(&self, id: &Id) -> Result<bool> {
+        Ok(Store::contains(self, &h(id))?)
+    }
+
     fn get_node(&self, id: &Id) -> Result<NodeData> {
         let n = Store::get_node(self, &h(id))?;
         Ok(NodeData {

@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use crate::error::{Error, IoContext, Result};
 use crate::sys::{self, Time};
 
@@ -212,63 +214,98 @@ pub fn scan(root: &Path) -> Result<Scan> {
     let mut entries = Vec::new();
     // Keep room for the descriptors a clone opens on the destination side and for workers.
     let budget = (sys::nofile_limit() / 2).saturating_sub(64) as usize;
-    let mut i = 0;
-    while i < dirs.len() {
-        let names =
-            sys::read_dir(dirs[i].fd.as_fd()).ctx("read directory", root.join(&dirs[i].rel))?;
-        let mut sorted = names;
-        // Sorted by name bytes: deterministic manifests and walk order.
-        sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        for (name, _dtype) in sorted {
-            let rel = dirs[i].rel.join(OsStr::from_bytes(name.to_bytes()));
-            let st = match sys::lstatat(dirs[i].fd.as_fd(), &name) {
-                Ok(st) => st,
-                // Removed while we walked: it is simply not part of this tree.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(Error::io("stat", root.join(&rel), e)),
-            };
-            let meta = Meta::from_stat(&st);
-            let subdir = if meta.kind() == Kind::Dir {
-                if dirs.len() >= budget {
-                    return Err(Error::InvalidPath {
-                        path: root.to_path_buf(),
-                        reason: format!(
-                            "more than {budget} directories: raise the open file limit (ulimit -n)"
-                        ),
-                    });
-                }
-                let dfd = match sys::open_dir_at(dirs[i].fd.as_fd(), &name) {
-                    Ok(fd) => fd,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                    Err(e) => return Err(Error::io("open", root.join(&rel), e)),
+    // Level by level: the directories of one level are listed and stat'ed in parallel, then
+    // appended in order, so the result is the same as a sequential breadth-first walk.
+    let mut level: Vec<usize> = vec![0];
+    while !level.is_empty() {
+        let listed: Vec<Result<Vec<Found>>> = level
+            .par_iter()
+            .map(|&i| list_dir(root, &dirs[i]))
+            .collect();
+        let mut next = Vec::new();
+        for (&i, found) in level.iter().zip(listed) {
+            for f in found? {
+                let subdir = match f.dir_fd {
+                    Some(fd) => {
+                        if dirs.len() >= budget {
+                            return Err(Error::InvalidPath {
+                                path: root.to_path_buf(),
+                                reason: format!(
+                                    "more than {budget} directories: raise the open file limit (ulimit -n)"
+                                ),
+                            });
+                        }
+                        let rel = dirs[i].rel.join(OsStr::from_bytes(f.name.to_bytes()));
+                        dirs.push(Dir {
+                            parent: Some(i),
+                            name: f.name.clone(),
+                            rel,
+                            meta: f.meta,
+                            fd,
+                        });
+                        next.push(dirs.len() - 1);
+                        Some(dirs.len() - 1)
+                    }
+                    None => None,
                 };
-                // Re-stat through the descriptor: this is the directory we will actually read.
-                let st = sys::fstat(dfd.as_fd()).ctx("stat", root.join(&rel))?;
-                dirs.push(Dir {
-                    parent: Some(i),
-                    name: name.clone(),
-                    rel,
-                    meta: Meta::from_stat(&st),
-                    fd: dfd,
+                entries.push(Entry {
+                    dir: i,
+                    name: f.name,
+                    meta: f.meta,
+                    subdir,
                 });
-                Some(dirs.len() - 1)
-            } else {
-                None
-            };
-            let meta = match subdir {
-                Some(d) => dirs[d].meta,
-                None => meta,
-            };
-            entries.push(Entry {
-                dir: i,
-                name,
-                meta,
-                subdir,
-            });
+            }
         }
-        i += 1;
+        level = next;
     }
     Ok(Scan { dirs, entries })
+}
+
+/// One entry found in a directory listing.
+struct Found {
+    name: CString,
+    meta: Meta,
+    /// For a directory: its descriptor (its `meta` is then from `fstat` of that descriptor).
+    dir_fd: Option<OwnedFd>,
+}
+
+/// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed) and
+/// every subdirectory opened. Entries that vanish meanwhile are simply not part of the tree.
+fn list_dir(root: &Path, dir: &Dir) -> Result<Vec<Found>> {
+    let mut names = sys::read_dir(dir.fd.as_fd()).ctx("read directory", root.join(&dir.rel))?;
+    // Sorted by name bytes: deterministic manifests and walk order.
+    names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut out = Vec::with_capacity(names.len());
+    for (name, _dtype) in names {
+        let path = || root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes()));
+        let st = match sys::lstatat(dir.fd.as_fd(), &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(Error::io("stat", path(), e)),
+        };
+        let meta = Meta::from_stat(&st);
+        if meta.kind() != Kind::Dir {
+            out.push(Found {
+                name,
+                meta,
+                dir_fd: None,
+            });
+            continue;
+        }
+        let fd = match sys::open_dir_at(dir.fd.as_fd(), &name) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(Error::io("open", path(), e)),
+        };
+        // Re-stat through the descriptor: this is the directory that will actually be read.
+        let st = sys::fstat(fd.as_fd()).ctx("stat", path())?;
+        out.push(Found {
+            name,
+            meta: Meta::from_stat(&st),
+            dir_fd: Some(fd),
+        });
+    }
+    Ok(out)
 }
 
 /// Reads the extended attributes of an entry without following it.

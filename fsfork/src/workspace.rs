@@ -239,6 +239,10 @@ struct Seen {
     hashed: Option<u64>,
     /// The stat cache vouched for it.
     hit: bool,
+    /// ... and its atime is the cached one too, so its manifest entry is exactly as before.
+    same: bool,
+    /// For a directory that hit: the node id it had.
+    cached_node: Option<Id>,
     /// The stat to cache (the one taken before the contents were read).
     meta: Meta,
 }
@@ -386,6 +390,12 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             let mut s = Seen {
                 meta: e.meta,
                 hit: hit.is_some(),
+                same: hit.is_some_and(|h| h.atime == e.meta.atime),
+                cached_node: if e.subdir.is_some() {
+                    hit.and_then(|h| h.id)
+                } else {
+                    None
+                },
                 ..Seen::default()
             };
             s.xattrs = match (hit, e.subdir) {
@@ -532,17 +542,49 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 xattrs: s.xattrs.clone(),
             }
         };
+        for (e, s) in scan.entries.iter().zip(&seen) {
+            if e.meta.kind() == Kind::File {
+                files += 1;
+                bytes += s.meta.size;
+            }
+        }
+        // A directory whose own entry and every entry in it are exactly as cached (and whose
+        // subdirectories are reused too) has the very node it had: reuse it if the store still
+        // holds it, instead of encoding and hashing it again.
+        let mut dir_entry = vec![usize::MAX; scan.dirs.len()];
+        for (i, e) in scan.entries.iter().enumerate() {
+            if let Some(d) = e.subdir {
+                dir_entry[d] = i;
+            }
+        }
+        let mut reused = vec![false; scan.dirs.len()];
+        let mut reused_count = 0u64;
         for d in (0..scan.dirs.len()).rev() {
+            let own = dir_entry[d];
+            if own != usize::MAX
+                && seen[own].same
+                && let Some(nid) = seen[own].cached_node
+                && by_dir[d]
+                    .iter()
+                    .all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
+                && repo.contains(&nid)?
+            {
+                dir_ids[d] = Some(nid);
+                reused[d] = true;
+                reused_count += 1;
+                continue;
+            }
             let mut entries = Vec::with_capacity(by_dir[d].len());
             for &i in &by_dir[d] {
-                if scan.entries[i].meta.kind() == Kind::File {
-                    files += 1;
-                    bytes += seen[i].meta.size;
-                }
                 entries.push(entry_of(i, &dir_ids));
             }
             dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
         }
+        tracing::debug!(
+            reused = reused_count,
+            dirs = scan.dirs.len(),
+            "directory nodes"
+        );
         let root = &scan.dirs[0];
         let root_xattrs =
             sys::read_xattrs(XattrTarget::Fd(root.fd.as_fd())).ctx("read xattrs", &ws)?;
@@ -594,10 +636,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
-            new_cache.entries.insert(
-                rel_bytes(i),
-                CacheEntry::new(&s.meta, s.id, s.xattrs.clone()),
-            );
+            // Directories cache their node id, files their content id.
+            let id = match scan.entries[i].subdir {
+                Some(d) => dir_ids[d],
+                None => s.id,
+            };
+            new_cache
+                .entries
+                .insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
         }
         tx.meta_put(
             &format!("fsfork/statcache/{}", ws_key(&ws)),
