@@ -177,3 +177,26 @@ fn parallel_and_serial_agree() {
     }
     let _ = Path::new("");
 }
+
+/// The harness unmounts and removes its filesystem even when the test panics.
+#[test]
+fn testfs_cleans_up_on_panic() {
+    if !require_root("testfs_cleans_up_on_panic") {
+        return;
+    }
+    let dir = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(|| {
+        let fs = TestFs::new(FsType::Btrfs, 300).unwrap();
+        std::fs::write(fs.path().join("file"), b"data").unwrap();
+        *dir.lock().unwrap() = Some(fs.path().to_path_buf());
+        panic!("boom");
+    });
+    assert!(r.is_err());
+    let mnt = dir.lock().unwrap().clone().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*mnt.to_string_lossy()), "still mounted");
+    assert!(
+        !mnt.parent().unwrap().exists(),
+        "scratch directory left behind"
+    );
+}
