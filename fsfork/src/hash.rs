@@ -416,25 +416,6 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> std::fs::File {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!(
-            "fsfork-hash-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
-    }
-
-    fn rand_suffix() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        N.fetch_add(1, Ordering::Relaxed)
+        tempfile::tempfile().unwrap()
     }
 }
