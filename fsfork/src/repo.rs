@@ -63,6 +63,8 @@ pub struct NodeData {
 
 /// The store operations fsfork uses.
 pub trait Repo: Send + Sync {
+    /// The store's own directory (never part of a workspace tree).
+    fn root_dir(&self) -> PathBuf;
     /// A directory on the store's filesystem where file objects are prepared before adoption.
     fn staging_dir(&self) -> PathBuf;
     /// Where the file object `id` lives once adopted.

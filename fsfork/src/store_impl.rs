@@ -12,6 +12,10 @@ fn h(id: &Id) -> Hash {
 }
 
 impl Repo for Store {
+    fn root_dir(&self) -> PathBuf {
+        self.dir().to_path_buf()
+    }
+
     fn staging_dir(&self) -> PathBuf {
         Store::staging_dir(self)
     }

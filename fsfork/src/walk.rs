@@ -201,6 +201,12 @@ impl Scan {
 /// Walks the tree at `root` (which must be a directory; a symlink to one is accepted for the
 /// root only, as `cp -a` accepts it for its operand). Nothing below the root is followed.
 pub fn scan(root: &Path) -> Result<Scan> {
+    scan_excluding(root, None)
+}
+
+/// Like [`scan`], leaving out the directory whose (device, inode) is `exclude` (the store's own
+/// directory when it lies inside a workspace) and everything below it.
+pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> {
     sys::raise_nofile_limit();
     let fd = sys::open_root_dir(root).ctx("open", root)?;
     let st = sys::fstat(fd.as_fd()).ctx("stat", root)?;
@@ -220,7 +226,7 @@ pub fn scan(root: &Path) -> Result<Scan> {
     while !level.is_empty() {
         let listed: Vec<Result<Vec<Found>>> = level
             .par_iter()
-            .map(|&i| list_dir(root, &dirs[i]))
+            .map(|&i| list_dir(root, &dirs[i], exclude))
             .collect();
         let mut next = Vec::new();
         for (&i, found) in level.iter().zip(listed) {
@@ -271,7 +277,7 @@ struct Found {
 
 /// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed) and
 /// every subdirectory opened. Entries that vanish meanwhile are simply not part of the tree.
-fn list_dir(root: &Path, dir: &Dir) -> Result<Vec<Found>> {
+fn list_dir(root: &Path, dir: &Dir, exclude: Option<(u64, u64)>) -> Result<Vec<Found>> {
     let mut names = sys::read_dir(dir.fd.as_fd()).ctx("read directory", root.join(&dir.rel))?;
     // Sorted by name bytes: deterministic manifests and walk order.
     names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
@@ -284,6 +290,9 @@ fn list_dir(root: &Path, dir: &Dir) -> Result<Vec<Found>> {
             Err(e) => return Err(Error::io("stat", path(), e)),
         };
         let meta = Meta::from_stat(&st);
+        if exclude == Some((meta.dev, meta.ino)) {
+            continue;
+        }
         if meta.kind() != Kind::Dir {
             out.push(Found {
                 name,

@@ -38,6 +38,15 @@ fn ws_key(path: &Path) -> String {
     blake3::hash(path.as_os_str().as_bytes()).to_hex()[..32].to_string()
 }
 
+/// The (device, inode) of the store's directory: a workspace walk leaves it out, so that a
+/// store kept inside a workspace (e.g. the default `.snapfork`) is never recorded in it.
+fn store_key(repo: &dyn Repo) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(repo.root_dir())
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 fn canonical(dir: &Path) -> Result<PathBuf> {
     let p = std::fs::canonicalize(dir).ctx("resolve", dir)?;
     if !p.is_dir() {
@@ -339,7 +348,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     std::fs::create_dir_all(&staging).ctx("create", &staging)?;
     let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
     let t_load = start.elapsed();
-    let scan = walk::scan(&ws)?;
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let t_scan = start.elapsed();
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
@@ -1088,6 +1097,18 @@ pub struct RevertReport {
 pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     let start = Instant::now();
     let ws = canonical(dir)?;
+    // Swapping the tree would carry a store kept inside it off to the old tree, to be removed.
+    if let Ok(store) = std::fs::canonicalize(repo.root_dir())
+        && store.starts_with(&ws)
+    {
+        return Err(Error::InvalidPath {
+            path: ws,
+            reason: format!(
+                "the store {} is inside this workspace; keep it outside (--store) to revert",
+                store.display()
+            ),
+        });
+    }
     let name = ws.file_name().ok_or_else(|| Error::InvalidPath {
         path: ws.clone(),
         reason: "cannot revert /".into(),
@@ -1195,7 +1216,7 @@ fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat
 fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
     let ws = canonical(dir)?;
     let cache = load_cache(repo, &ws)?;
-    let scan = walk::scan(&ws)?;
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let items: Vec<Result<(Vec<u8>, Flat)>> = scan
         .entries
         .par_iter()

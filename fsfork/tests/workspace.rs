@@ -559,3 +559,27 @@ fn restore_and_revert_never_write_outside() {
     // A workspace path that is itself a link to a directory is resolved once (like cp).
     let _ = common::latin1_name();
 }
+
+/// A store kept inside the workspace (like the default `.snapfork`) is never recorded in its
+/// checkpoints, and reverting such a workspace is refused rather than moving the store away.
+#[test]
+fn store_inside_the_workspace_is_left_out() {
+    if !require_root("store_inside_the_workspace_is_left_out") {
+        return;
+    }
+    let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+    let ws = fs.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("a"), b"a").unwrap();
+    let store = Store::open(ws.join(".snapfork"), OpenOptions::default()).unwrap();
+    let c = workspace::checkpoint(&store, &ws, None).unwrap();
+    assert_eq!(c.files, 1);
+    let live = workspace::diff(&store, Side::Checkpoint(c.id), Side::Dir(&ws)).unwrap();
+    assert!(live.added.is_empty(), "{live:?}");
+    let dst = fs.path().join("r");
+    workspace::restore(&store, &c.id, &dst).unwrap();
+    assert!(!dst.join(".snapfork").exists());
+    let err = workspace::revert(&store, &ws, &c.id).unwrap_err();
+    assert!(err.to_string().contains("inside this workspace"), "{err}");
+    assert!(ws.join(".snapfork").exists());
+}
