@@ -690,15 +690,33 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<Extent>> {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit (trees are walked with one
-/// descriptor per directory).
+/// Raises the limit on open files as far as allowed (trees are walked with one descriptor per
+/// directory): to `fs.nr_open` where the process may raise its hard limit (root), else the soft
+/// limit to the hard one.
 pub fn raise_nofile_limit() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `rl` is a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 && rl.rlim_cur < rl.rlim_max {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    if nr_open > rl.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        // SAFETY: as above; fails harmlessly (EPERM) without CAP_SYS_RESOURCE.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return;
+        }
+    }
+    if rl.rlim_cur < rl.rlim_max {
         rl.rlim_cur = rl.rlim_max;
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };

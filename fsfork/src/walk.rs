@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::dirfds::{self, DirTable, FdRef};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::{self, Time};
 
@@ -152,8 +153,6 @@ pub struct Dir {
     pub rel: PathBuf,
     /// Its metadata.
     pub meta: Meta,
-    /// An open descriptor (O_RDONLY | O_DIRECTORY).
-    pub fd: OwnedFd,
 }
 
 /// A non-directory entry found by a walk (directories other than the root also appear here,
@@ -184,6 +183,8 @@ pub struct Scan {
     pub dirs: Vec<Dir>,
     /// Every entry below the root, grouped by directory in walk order.
     pub entries: Vec<Entry>,
+    /// Descriptors of the directories (kept open up to a budget, reopened beyond it).
+    pub fds: DirTable,
 }
 
 impl Scan {
@@ -192,9 +193,9 @@ impl Scan {
         self.dirs[e.dir].rel.join(e.name_os())
     }
 
-    /// The descriptor of directory `i`.
-    pub fn dir_fd(&self, i: usize) -> BorrowedFd<'_> {
-        self.dirs[i].fd.as_fd()
+    /// A descriptor of directory `i` (O_RDONLY | O_DIRECTORY).
+    pub fn dir_fd(&self, i: usize) -> std::io::Result<FdRef<'_>> {
+        self.fds.get(i)
     }
 }
 
@@ -207,7 +208,6 @@ pub fn scan(root: &Path) -> Result<Scan> {
 /// Like [`scan`], leaving out the directory whose (device, inode) is `exclude` (the store's own
 /// directory when it lies inside a workspace) and everything below it.
 pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> {
-    sys::raise_nofile_limit();
     let fd = sys::open_root_dir(root).ctx("open", root)?;
     let st = sys::fstat(fd.as_fd()).ctx("stat", root)?;
     let mut dirs = vec![Dir {
@@ -215,44 +215,50 @@ pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> 
         name: CString::default(),
         rel: PathBuf::new(),
         meta: Meta::from_stat(&st),
-        fd,
     }];
+    let mut fds = DirTable::new(fd, dirfds::budget());
     let mut entries = Vec::new();
-    // Keep room for the descriptors a clone opens on the destination side and for workers.
-    let budget = (sys::nofile_limit() / 2).saturating_sub(64) as usize;
     // Level by level: the directories of one level are listed and stat'ed in parallel, then
     // appended in order, so the result is the same as a sequential breadth-first walk.
     let mut level: Vec<usize> = vec![0];
     while !level.is_empty() {
-        let listed: Vec<Result<Vec<Found>>> = level
+        let listed: Vec<Result<(Option<OwnedFd>, Vec<Found>)>> = level
             .par_iter()
-            .map(|&i| list_dir(root, &dirs[i], exclude))
+            .map(|&i| {
+                let path = || root.join(&dirs[i].rel);
+                let fd = fds.get(i).map_err(|e| Error::io("open", path(), e))?;
+                let found = list_dir(root, &dirs[i], fd.fd(), exclude)?;
+                Ok((
+                    match fd {
+                        FdRef::Owned(o) => Some(o),
+                        FdRef::Borrowed(_) => None,
+                    },
+                    found,
+                ))
+            })
             .collect();
         let mut next = Vec::new();
-        for (&i, found) in level.iter().zip(listed) {
-            for f in found? {
-                let subdir = match f.dir_fd {
-                    Some(fd) => {
-                        if dirs.len() >= budget {
-                            return Err(Error::InvalidPath {
-                                path: root.to_path_buf(),
-                                reason: format!(
-                                    "more than {budget} directories: raise the open file limit (ulimit -n)"
-                                ),
-                            });
-                        }
-                        let rel = dirs[i].rel.join(OsStr::from_bytes(f.name.to_bytes()));
-                        dirs.push(Dir {
-                            parent: Some(i),
-                            name: f.name.clone(),
-                            rel,
-                            meta: f.meta,
-                            fd,
-                        });
-                        next.push(dirs.len() - 1);
-                        Some(dirs.len() - 1)
-                    }
-                    None => None,
+        for (&i, listed) in level.iter().zip(listed) {
+            let (opened, found) = listed?;
+            if let Some(fd) = opened {
+                // Kept for the consumers of the walk if the budget allows.
+                fds.keep(i, fd);
+            }
+            for f in found {
+                let subdir = if f.meta.kind() == Kind::Dir {
+                    let rel = dirs[i].rel.join(OsStr::from_bytes(f.name.to_bytes()));
+                    dirs.push(Dir {
+                        parent: Some(i),
+                        name: f.name.clone(),
+                        rel,
+                        meta: f.meta,
+                    });
+                    let d = fds.push(i, f.name.clone(), None);
+                    debug_assert_eq!(d, dirs.len() - 1);
+                    next.push(d);
+                    Some(d)
+                } else {
+                    None
                 };
                 entries.push(Entry {
                     dir: i,
@@ -264,55 +270,44 @@ pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> 
         }
         level = next;
     }
-    Ok(Scan { dirs, entries })
+    Ok(Scan { dirs, entries, fds })
 }
 
 /// One entry found in a directory listing.
 struct Found {
     name: CString,
     meta: Meta,
-    /// For a directory: its descriptor (its `meta` is then from `fstat` of that descriptor).
-    dir_fd: Option<OwnedFd>,
 }
 
-/// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed) and
-/// every subdirectory opened. Entries that vanish meanwhile are simply not part of the tree.
-fn list_dir(root: &Path, dir: &Dir, exclude: Option<(u64, u64)>) -> Result<Vec<Found>> {
-    let mut names = sys::read_dir(dir.fd.as_fd()).ctx("read directory", root.join(&dir.rel))?;
+/// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed).
+/// Entries that vanish meanwhile are simply not part of the tree.
+fn list_dir(
+    root: &Path,
+    dir: &Dir,
+    fd: BorrowedFd<'_>,
+    exclude: Option<(u64, u64)>,
+) -> Result<Vec<Found>> {
+    let mut names = sys::read_dir(fd).ctx("read directory", root.join(&dir.rel))?;
     // Sorted by name bytes: deterministic manifests and walk order.
     names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut out = Vec::with_capacity(names.len());
     for (name, _dtype) in names {
-        let path = || root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes()));
-        let st = match sys::lstatat(dir.fd.as_fd(), &name) {
+        let st = match sys::lstatat(fd, &name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(Error::io("stat", path(), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    "stat",
+                    root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes())),
+                    e,
+                ));
+            }
         };
         let meta = Meta::from_stat(&st);
         if exclude == Some((meta.dev, meta.ino)) {
             continue;
         }
-        if meta.kind() != Kind::Dir {
-            out.push(Found {
-                name,
-                meta,
-                dir_fd: None,
-            });
-            continue;
-        }
-        let fd = match sys::open_dir_at(dir.fd.as_fd(), &name) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(Error::io("open", path(), e)),
-        };
-        // Re-stat through the descriptor: this is the directory that will actually be read.
-        let st = sys::fstat(fd.as_fd()).ctx("stat", path())?;
-        out.push(Found {
-            name,
-            meta: Meta::from_stat(&st),
-            dir_fd: Some(fd),
-        });
+        out.push(Found { name, meta });
     }
     Ok(out)
 }

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::clone::{self, CopyMode, Counters, Skipped};
+use crate::dirfds::{self, DirTable};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
@@ -394,8 +395,12 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             let rel = rel_bytes(i);
             let cached = cache.entries.get(&rel);
             let hit = cached.filter(|ce| ce.matches(&e.meta));
-            let sdir = scan.dir_fd(e.dir);
             let err_path = || ws.join(scan.rel_path(e));
+            // Only opened when needed (a reopen if the walk could not keep it open).
+            let sdir = || {
+                scan.dir_fd(e.dir)
+                    .map_err(|x| Error::io("open", err_path(), x))
+            };
             let mut s = Seen {
                 meta: e.meta,
                 hit: hit.is_some(),
@@ -409,9 +414,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             };
             s.xattrs = match (hit, e.subdir) {
                 (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(d)))
-                    .map_err(|x| Error::io("read xattrs", err_path(), x))?,
-                (None, None) => walk::entry_xattrs(sdir, &e.name)
+                (None, Some(d)) => {
+                    let f = scan
+                        .dir_fd(d)
+                        .map_err(|x| Error::io("open", err_path(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("read xattrs", err_path(), x))?,
             };
             match e.meta.kind() {
@@ -422,7 +432,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                         s.id = None;
                     } else {
                         let sfd = sys::openat(
-                            sdir,
+                            sdir()?.fd(),
                             &e.name,
                             libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
                             0,
@@ -454,7 +464,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                     }
                 }
                 Kind::Symlink => {
-                    s.target = sys::readlinkat(sdir, &e.name)
+                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
                         .map_err(|x| Error::io("readlink", err_path(), x))?
                         .into_encoded_bytes();
                 }
@@ -595,8 +605,8 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             "directory nodes"
         );
         let root = &scan.dirs[0];
-        let root_xattrs =
-            sys::read_xattrs(XattrTarget::Fd(root.fd.as_fd())).ctx("read xattrs", &ws)?;
+        let root_xattrs = sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd()))
+            .ctx("read xattrs", &ws)?;
         let wrapper = manifest::encode_dir(vec![ManifestEntry {
             name: Vec::new(),
             kind: Kind::Dir,
@@ -841,12 +851,17 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
     let t_load = start.elapsed();
     let (_pfd, _pname, root) = clone::create_root(dst)?;
     let result = (|| {
-        let mut dfds: Vec<OwnedFd> = Vec::with_capacity(dirs.len());
-        dfds.push(root);
+        let mut dfds = DirTable::new(root, dirfds::budget());
         for d in &dirs[1..] {
-            let pfd = dfds[d.parent].as_fd();
-            sys::mkdirat(pfd, &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
-            dfds.push(sys::open_dir_at(pfd, &d.name).ctx("open", dst.join(&d.rel))?);
+            let pfd = dfds.get(d.parent).ctx("open", dst.join(&d.rel))?;
+            sys::mkdirat(pfd.fd(), &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
+            let fd = if dfds.is_open(d.parent) {
+                Some(sys::open_dir_at(pfd.fd(), &d.name).ctx("open", dst.join(&d.rel))?)
+            } else {
+                None
+            };
+            drop(pfd);
+            dfds.push(d.parent, d.name.clone(), fd);
         }
         let mut work = Vec::new();
         let mut links = Vec::new();
@@ -875,8 +890,9 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             let d = &dirs[di];
             let e = &d.entries[ei];
             let name = valid_name(&e.name, ckpt)?;
-            let ddir = dfds[di].as_fd();
             let rel = d.rel.join(OsStr::from_bytes(&e.name));
+            let ddir_ref = dfds.get(di).ctx("open", dst.join(&d.rel))?;
+            let ddir = ddir_ref.fd();
             let path = || dst.join(&rel);
             let meta = meta_of(e);
             let cached = match e.kind {
@@ -956,7 +972,11 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         for &((di, ei), (fdi, fei)) in &links {
             let (e, f) = (&dirs[di].entries[ei], &dirs[fdi].entries[fei]);
             let (n, fnm) = (valid_name(&e.name, ckpt)?, valid_name(&f.name, ckpt)?);
-            sys::linkat(dfds[fdi].as_fd(), &fnm, dfds[di].as_fd(), &n).ctx(
+            let (fdir, edir) = (
+                dfds.get(fdi).ctx("open", dst.join(&dirs[fdi].rel))?,
+                dfds.get(di).ctx("open", dst.join(&dirs[di].rel))?,
+            );
+            sys::linkat(fdir.fd(), &fnm, edir.fd(), &n).ctx(
                 "link",
                 dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)),
             )?;
@@ -971,7 +991,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             {
                 let n = valid_name(&e.name, ckpt)?;
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
-                let st = sys::lstatat(dfds[di].as_fd(), &n).ctx("stat", dst.join(&rel))?;
+                let st = sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n)
+                    .ctx("stat", dst.join(&rel))?;
                 cache.entries.insert(
                     rel.into_os_string().into_encoded_bytes(),
                     CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
@@ -983,7 +1004,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             .into_par_iter()
             .map(|i| {
                 let d = &dirs[i];
-                let fd = dfds[i].as_fd();
+                let fd_ref = dfds.get(i).ctx("open", dst.join(&d.rel))?;
+                let fd = fd_ref.fd();
                 clone::apply_meta_fd(fd, &meta_of(&d.meta), &d.meta.xattrs, &c)
                     .ctx("set metadata", dst.join(&d.rel))?;
                 let st = sys::fstat(fd).ctx("stat", dst.join(&d.rel))?;
@@ -1223,14 +1245,17 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
         .map(|e| {
             let rel = scan.rel_path(e).into_os_string().into_encoded_bytes();
             let hit = cache.entries.get(&rel).filter(|c| c.matches(&e.meta));
-            let sdir = scan.dir_fd(e.dir);
             let p = || ws.join(scan.rel_path(e));
+            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
             let kind = e.meta.kind();
             let xattrs = match (hit, e.subdir) {
                 (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(d)))
-                    .map_err(|x| Error::io("read xattrs", p(), x))?,
-                (None, None) => walk::entry_xattrs(sdir, &e.name)
+                (None, Some(d)) => {
+                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", p(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", p(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("read xattrs", p(), x))?,
             };
             let id = if kind == Kind::File && e.meta.size > 0 {
@@ -1238,7 +1263,7 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
                     Some(id) => Some(id),
                     None => {
                         let fd = sys::openat(
-                            sdir,
+                            sdir()?.fd(),
                             &e.name,
                             libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
                             0,
@@ -1253,7 +1278,7 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
                 None
             };
             let target = if kind == Kind::Symlink {
-                sys::readlinkat(sdir, &e.name)
+                sys::readlinkat(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("readlink", p(), x))?
                     .into_encoded_bytes()
             } else {

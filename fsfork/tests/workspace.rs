@@ -583,3 +583,29 @@ fn store_inside_the_workspace_is_left_out() {
     assert!(err.to_string().contains("inside this workspace"), "{err}");
     assert!(ws.join(".snapfork").exists());
 }
+
+/// More directories than the walk may keep open (half the 20,000 open-file limit here):
+/// checkpoint, restore and a second checkpoint still work, reopening directories on demand.
+#[test]
+fn checkpoint_restore_many_directories() {
+    let Some(env) = Env::new(FsType::Xfs, "checkpoint_restore_many_directories", 768) else {
+        return;
+    };
+    let ws = env.p("ws");
+    for a in 0..110 {
+        for b in 0..100 {
+            std::fs::create_dir_all(ws.join(format!("a{a}/b{b}"))).unwrap();
+        }
+        std::fs::write(ws.join(format!("a{a}/b{}/f", a % 100)), format!("{a}")).unwrap();
+    }
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!((c.dirs, c.files), (1 + 110 + 11_000, 110));
+    let dst = env.p("r");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    common::assert_same(&common::snapshot(&ws), &common::snapshot(&dst));
+    std::fs::write(ws.join("a109/b9/f"), "changed").unwrap();
+    let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c2.hashed_files, 1);
+    let d = workspace::diff(&env.store, Side::Checkpoint(c.id), Side::Checkpoint(c2.id)).unwrap();
+    assert_eq!(d.changed.len(), 1);
+}
