@@ -10,7 +10,7 @@ use snapfork_fsfork::workspace::{self, Side};
 use snapfork_store::{OpenOptions, Store};
 
 use crate::Global;
-use crate::output::Report;
+use crate::output::{self, Report};
 
 /// Workspace (directory tree) commands.
 #[derive(Subcommand, Debug)]
@@ -136,7 +136,18 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             let store = open(global, false)?;
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let start = std::time::Instant::now();
-            let forks = workspace::fork(&store, &id, count, &into)?;
+            std::fs::create_dir_all(&into).with_context(|| format!("create {}", into.display()))?;
+            let bar = output::progress(global, count as u64, "forking");
+            let mut forks = Vec::with_capacity(count);
+            for i in 1..=count {
+                forks.push(workspace::fork_one(
+                    &store,
+                    &id,
+                    &into.join(format!("fork-{i}")),
+                )?);
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
             let ms = start.elapsed().as_secs_f64() * 1000.0;
             let ids: Vec<_> = forks.iter().map(|f| f.path.clone()).collect();
             let text = forks

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::dirfds::{self, DirTable};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::{self, XattrTarget};
 use crate::walk::{self, Kind, Meta};
@@ -259,10 +260,10 @@ pub fn clone_tree(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneRe
     let scan = walk::scan(src)?;
     let (_pfd, _name, root) = create_root(dst)?;
     let result = clone_scanned(&scan, src, root, dst, opts);
-    if result.is_err() {
-        if let Err(e) = std::fs::remove_dir_all(dst) {
-            tracing::warn!(path = %dst.display(), error = %e, "could not remove partial clone");
-        }
+    if result.is_err()
+        && let Err(e) = std::fs::remove_dir_all(dst)
+    {
+        tracing::warn!(path = %dst.display(), error = %e, "could not remove partial clone");
     }
     result
 }
@@ -275,14 +276,18 @@ fn clone_scanned(
     opts: &CloneOptions,
 ) -> Result<CloneReport> {
     // Destination directories, parents first (scan order guarantees parents come first).
-    let mut ddirs: Vec<OwnedFd> = Vec::with_capacity(scan.dirs.len());
-    ddirs.push(root);
+    let mut ddirs = DirTable::new(root, dirfds::budget());
     for d in &scan.dirs[1..] {
         let parent = d.parent.unwrap_or(0);
-        let pfd = ddirs[parent].as_fd();
-        sys::mkdirat(pfd, &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
-        let fd = sys::open_dir_at(pfd, &d.name).ctx("open", dst.join(&d.rel))?;
-        ddirs.push(fd);
+        let pfd = ddirs.get(parent).ctx("open", dst.join(&d.rel))?;
+        sys::mkdirat(pfd.fd(), &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
+        let fd = if ddirs.is_open(parent) {
+            Some(sys::open_dir_at(pfd.fd(), &d.name).ctx("open", dst.join(&d.rel))?)
+        } else {
+            None
+        };
+        drop(pfd);
+        ddirs.push(parent, d.name.clone(), fd);
     }
 
     // Hard links: the first entry of each (dev, inode) is cloned, the others linked to it.
@@ -312,9 +317,14 @@ fn clone_scanned(
     let (files, symlinks, special) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let one = |i: &usize| -> Result<()> {
         let e = &scan.entries[*i];
-        let sdir = scan.dir_fd(e.dir);
-        let ddir = ddirs[e.dir].as_fd();
         let rel = || scan.rel_path(e);
+        let sdir_ref = scan
+            .dir_fd(e.dir)
+            .map_err(|err| Error::io("open", src.join(rel()), err))?;
+        let ddir_ref = ddirs
+            .get(e.dir)
+            .map_err(|err| Error::io("open", dst.join(rel()), err))?;
+        let (sdir, ddir) = (sdir_ref.fd(), ddir_ref.fd());
         match e.meta.kind() {
             Kind::File => {
                 // O_NONBLOCK: if the entry was swapped for a FIFO since the walk, do not hang.
@@ -385,16 +395,27 @@ fn clone_scanned(
     for &(i, target) in &links {
         let e = &scan.entries[i];
         let t = &scan.entries[target];
-        sys::linkat(ddirs[t.dir].as_fd(), &t.name, ddirs[e.dir].as_fd(), &e.name)
+        let (tdir, edir) = (ddirs.get(t.dir), ddirs.get(e.dir));
+        let (tdir, edir) = (
+            tdir.map_err(|err| Error::io("open", dst.join(scan.rel_path(t)), err))?,
+            edir.map_err(|err| Error::io("open", dst.join(scan.rel_path(e)), err))?,
+        );
+        sys::linkat(tdir.fd(), &t.name, edir.fd(), &e.name)
             .map_err(|err| Error::io("link", dst.join(scan.rel_path(e)), err))?;
     }
 
     // Directory metadata last: creating entries changes a directory's mtime.
     let dir_meta = |i: usize| -> Result<()> {
         let d = &scan.dirs[i];
-        let xattrs = sys::read_xattrs(XattrTarget::Fd(d.fd.as_fd()))
+        let sfd = scan
+            .dir_fd(i)
+            .map_err(|err| Error::io("open", src.join(&d.rel), err))?;
+        let xattrs = sys::read_xattrs(XattrTarget::Fd(sfd.fd()))
             .map_err(|err| Error::io("read xattrs", src.join(&d.rel), err))?;
-        apply_meta_fd(ddirs[i].as_fd(), &d.meta, &xattrs, &c)
+        let dfd = ddirs
+            .get(i)
+            .map_err(|err| Error::io("open", dst.join(&d.rel), err))?;
+        apply_meta_fd(dfd.fd(), &d.meta, &xattrs, &c)
             .map_err(|err| Error::io("set metadata", dst.join(&d.rel), err))
     };
     if opts.parallel {

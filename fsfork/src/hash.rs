@@ -206,8 +206,10 @@ pub fn same_blocks(
     old: BorrowedFd<'_>,
     old_len: u64,
 ) -> std::io::Result<Vec<bool>> {
-    let a = sys::fiemap(new)?;
-    let b = sys::fiemap(old)?;
+    // `new` is a fresh reflink and `old` an immutable object: neither has dirty data, and
+    // delayed allocations would show up flagged (and count as changed) anyway.
+    let a = sys::fiemap(new, false)?;
+    let b = sys::fiemap(old, false)?;
     Ok(same_blocks_from_extents(&a, new_len, &b, old_len))
 }
 
@@ -414,25 +416,6 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> std::fs::File {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!(
-            "fsfork-hash-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
-    }
-
-    fn rand_suffix() -> u64 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        N.fetch_add(1, Ordering::Relaxed)
+        tempfile::tempfile().unwrap()
     }
 }

@@ -8,6 +8,7 @@
 //!   longer share extents with its previous version.
 
 pub mod clone;
+pub mod dirfds;
 pub mod error;
 pub mod hash;
 pub mod manifest;

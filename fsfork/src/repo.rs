@@ -63,12 +63,16 @@ pub struct NodeData {
 
 /// The store operations fsfork uses.
 pub trait Repo: Send + Sync {
+    /// The store's own directory (never part of a workspace tree).
+    fn root_dir(&self) -> PathBuf;
     /// A directory on the store's filesystem where file objects are prepared before adoption.
     fn staging_dir(&self) -> PathBuf;
     /// Where the file object `id` lives once adopted.
     fn file_object_path(&self, id: &Id) -> PathBuf;
     /// Whether the store holds file object `id`.
     fn has_file_object(&self, id: &Id) -> Result<bool>;
+    /// Whether the store holds object `id` (a node or chunk).
+    fn contains(&self, id: &Id) -> Result<bool>;
     /// Reads a node.
     fn get_node(&self, id: &Id) -> Result<NodeData>;
     /// Reads a ref.

@@ -16,13 +16,16 @@ pub struct CacheEntry {
     pub size: u64,
     /// Modification time.
     pub mtime: Time,
+    /// Access time (not part of the match: reading a file changes it without changing the
+    /// file; used to tell whether a directory's manifest node is exactly as before).
+    pub atime: Time,
     /// Status change time.
     pub ctime: Time,
     /// Inode number.
     pub ino: u64,
     /// Device.
     pub dev: u64,
-    /// Content id of a regular file.
+    /// Content id of a regular file, or node id of a directory.
     pub id: Option<Id>,
     /// Extended attributes.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -34,6 +37,7 @@ impl CacheEntry {
         CacheEntry {
             size: meta.size,
             mtime: meta.mtime,
+            atime: meta.atime,
             ctime: meta.ctime,
             ino: meta.ino,
             dev: meta.dev,
@@ -59,7 +63,7 @@ pub struct StatCache {
     pub entries: HashMap<Vec<u8>, CacheEntry>,
 }
 
-const MAGIC: &[u8; 4] = b"FSC1";
+const MAGIC: &[u8; 4] = b"FSC2";
 
 impl StatCache {
     /// Encodes the cache.
@@ -69,11 +73,19 @@ impl StatCache {
         for (path, e) in &self.entries {
             b.extend_from_slice(&(path.len() as u32).to_le_bytes());
             b.extend_from_slice(path);
-            for v in [e.size, e.mtime.sec as u64, e.ctime.sec as u64, e.ino, e.dev] {
+            for v in [
+                e.size,
+                e.mtime.sec as u64,
+                e.ctime.sec as u64,
+                e.ino,
+                e.dev,
+                e.atime.sec as u64,
+            ] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
             b.extend_from_slice(&e.mtime.nsec.to_le_bytes());
             b.extend_from_slice(&e.ctime.nsec.to_le_bytes());
+            b.extend_from_slice(&e.atime.nsec.to_le_bytes());
             match e.id {
                 Some(id) => {
                     b.push(1);
@@ -111,16 +123,16 @@ impl StatCache {
             return None;
         }
         let mut entries = HashMap::new();
-        loop {
-            let Some(l) = take(4) else { break };
+        while let Some(l) = take(4) {
             let l = u32::from_le_bytes(l.try_into().ok()?) as usize;
             let path = take(l)?.to_vec();
-            let mut u = [0u64; 5];
+            let mut u = [0u64; 6];
             for v in &mut u {
                 *v = u64::from_le_bytes(take(8)?.try_into().ok()?);
             }
             let mn = u32::from_le_bytes(take(4)?.try_into().ok()?);
             let cn = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let an = u32::from_le_bytes(take(4)?.try_into().ok()?);
             let id = match take(1)?[0] {
                 1 => Some(Id(take(32)?.try_into().ok()?)),
                 _ => None,
@@ -146,6 +158,10 @@ impl StatCache {
                         sec: u[2] as i64,
                         nsec: cn,
                     },
+                    atime: Time {
+                        sec: u[5] as i64,
+                        nsec: an,
+                    },
                     ino: u[3],
                     dev: u[4],
                     id,
@@ -154,5 +170,43 @@ impl StatCache {
             );
         }
         Some(StatCache { entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_damage() {
+        let mut c = StatCache::default();
+        let meta = Meta {
+            size: 5,
+            mtime: Time { sec: 1, nsec: 2 },
+            atime: Time { sec: 3, nsec: 4 },
+            ctime: Time { sec: 5, nsec: 6 },
+            ino: 7,
+            dev: 8,
+            ..Meta::default()
+        };
+        c.entries.insert(
+            b"a/\xff".to_vec(),
+            CacheEntry::new(
+                &meta,
+                Some(Id([9; 32])),
+                vec![(b"user.x".to_vec(), b"y".to_vec())],
+            ),
+        );
+        c.entries
+            .insert(b"b".to_vec(), CacheEntry::new(&meta, None, vec![]));
+        let back = StatCache::decode(&c.encode());
+        assert_eq!(back.entries, c.entries);
+        assert!(back.entries[&b"b".to_vec()].matches(&meta));
+        let mut other = meta;
+        other.ctime.nsec += 1;
+        assert!(!back.entries[&b"b".to_vec()].matches(&other));
+        // A damaged cache is an empty cache, never an error.
+        let enc = c.encode();
+        assert!(StatCache::decode(&enc[..enc.len() - 3]).entries.is_empty());
     }
 }

@@ -12,6 +12,10 @@ fn h(id: &Id) -> Hash {
 }
 
 impl Repo for Store {
+    fn root_dir(&self) -> PathBuf {
+        self.dir().to_path_buf()
+    }
+
     fn staging_dir(&self) -> PathBuf {
         Store::staging_dir(self)
     }
@@ -22,6 +26,10 @@ impl Repo for Store {
 
     fn has_file_object(&self, id: &Id) -> Result<bool> {
         Ok(Store::has_file_object(self, &h(id))?)
+    }
+
+    fn contains(&self, id: &Id) -> Result<bool> {
+        Ok(Store::contains(self, &h(id))?)
     }
 
     fn get_node(&self, id: &Id) -> Result<NodeData> {

@@ -650,15 +650,17 @@ struct Fiemap {
     extents: [FiemapExtent; 256],
 }
 
-/// All extents of `fd` (holes are simply absent).
-pub fn fiemap(fd: BorrowedFd<'_>) -> io::Result<Vec<Extent>> {
+/// All extents of `fd` (holes are simply absent). With `sync`, dirty data is flushed first so
+/// that delayed allocations get real addresses (not needed for a fresh reflink, whose extents
+/// all exist on disk, nor for an immutable store object).
+pub fn fiemap(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut start = 0u64;
     loop {
         let mut fm = Box::new(Fiemap {
             fm_start: start,
             fm_length: u64::MAX - start,
-            fm_flags: FIEMAP_FLAG_SYNC,
+            fm_flags: if sync { FIEMAP_FLAG_SYNC } else { 0 },
             fm_mapped_extents: 0,
             fm_extent_count: 256,
             fm_reserved: 0,
@@ -688,15 +690,33 @@ pub fn fiemap(fd: BorrowedFd<'_>) -> io::Result<Vec<Extent>> {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit (trees are walked with one
-/// descriptor per directory).
+/// Raises the limit on open files as far as allowed (trees are walked with one descriptor per
+/// directory): to `fs.nr_open` where the process may raise its hard limit (root), else the soft
+/// limit to the hard one.
 pub fn raise_nofile_limit() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `rl` is a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 && rl.rlim_cur < rl.rlim_max {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    if nr_open > rl.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        // SAFETY: as above; fails harmlessly (EPERM) without CAP_SYS_RESOURCE.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return;
+        }
+    }
+    if rl.rlim_cur < rl.rlim_max {
         rl.rlim_cur = rl.rlim_max;
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };

@@ -6,6 +6,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
+use crate::dirfds::{self, DirTable, FdRef};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::{self, Time};
 
@@ -150,8 +153,6 @@ pub struct Dir {
     pub rel: PathBuf,
     /// Its metadata.
     pub meta: Meta,
-    /// An open descriptor (O_RDONLY | O_DIRECTORY).
-    pub fd: OwnedFd,
 }
 
 /// A non-directory entry found by a walk (directories other than the root also appear here,
@@ -182,6 +183,8 @@ pub struct Scan {
     pub dirs: Vec<Dir>,
     /// Every entry below the root, grouped by directory in walk order.
     pub entries: Vec<Entry>,
+    /// Descriptors of the directories (kept open up to a budget, reopened beyond it).
+    pub fds: DirTable,
 }
 
 impl Scan {
@@ -190,16 +193,21 @@ impl Scan {
         self.dirs[e.dir].rel.join(e.name_os())
     }
 
-    /// The descriptor of directory `i`.
-    pub fn dir_fd(&self, i: usize) -> BorrowedFd<'_> {
-        self.dirs[i].fd.as_fd()
+    /// A descriptor of directory `i` (O_RDONLY | O_DIRECTORY).
+    pub fn dir_fd(&self, i: usize) -> std::io::Result<FdRef<'_>> {
+        self.fds.get(i)
     }
 }
 
 /// Walks the tree at `root` (which must be a directory; a symlink to one is accepted for the
 /// root only, as `cp -a` accepts it for its operand). Nothing below the root is followed.
 pub fn scan(root: &Path) -> Result<Scan> {
-    sys::raise_nofile_limit();
+    scan_excluding(root, None)
+}
+
+/// Like [`scan`], leaving out the directory whose (device, inode) is `exclude` (the store's own
+/// directory when it lies inside a workspace) and everything below it.
+pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> {
     let fd = sys::open_root_dir(root).ctx("open", root)?;
     let st = sys::fstat(fd.as_fd()).ctx("stat", root)?;
     let mut dirs = vec![Dir {
@@ -207,68 +215,101 @@ pub fn scan(root: &Path) -> Result<Scan> {
         name: CString::default(),
         rel: PathBuf::new(),
         meta: Meta::from_stat(&st),
-        fd,
     }];
+    let mut fds = DirTable::new(fd, dirfds::budget());
     let mut entries = Vec::new();
-    // Keep room for the descriptors a clone opens on the destination side and for workers.
-    let budget = (sys::nofile_limit() / 2).saturating_sub(64) as usize;
-    let mut i = 0;
-    while i < dirs.len() {
-        let names =
-            sys::read_dir(dirs[i].fd.as_fd()).ctx("read directory", root.join(&dirs[i].rel))?;
-        let mut sorted = names;
-        // Sorted by name bytes: deterministic manifests and walk order.
-        sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        for (name, _dtype) in sorted {
-            let rel = dirs[i].rel.join(OsStr::from_bytes(name.to_bytes()));
-            let st = match sys::lstatat(dirs[i].fd.as_fd(), &name) {
-                Ok(st) => st,
-                // Removed while we walked: it is simply not part of this tree.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(Error::io("stat", root.join(&rel), e)),
-            };
-            let meta = Meta::from_stat(&st);
-            let subdir = if meta.kind() == Kind::Dir {
-                if dirs.len() >= budget {
-                    return Err(Error::InvalidPath {
-                        path: root.to_path_buf(),
-                        reason: format!(
-                            "more than {budget} directories: raise the open file limit (ulimit -n)"
-                        ),
+    // Level by level: the directories of one level are listed and stat'ed in parallel, then
+    // appended in order, so the result is the same as a sequential breadth-first walk.
+    let mut level: Vec<usize> = vec![0];
+    while !level.is_empty() {
+        let listed: Vec<Result<(Option<OwnedFd>, Vec<Found>)>> = level
+            .par_iter()
+            .map(|&i| {
+                let path = || root.join(&dirs[i].rel);
+                let fd = fds.get(i).map_err(|e| Error::io("open", path(), e))?;
+                let found = list_dir(root, &dirs[i], fd.fd(), exclude)?;
+                Ok((
+                    match fd {
+                        FdRef::Owned(o) => Some(o),
+                        FdRef::Borrowed(_) => None,
+                    },
+                    found,
+                ))
+            })
+            .collect();
+        let mut next = Vec::new();
+        for (&i, listed) in level.iter().zip(listed) {
+            let (opened, found) = listed?;
+            if let Some(fd) = opened {
+                // Kept for the consumers of the walk if the budget allows.
+                fds.keep(i, fd);
+            }
+            for f in found {
+                let subdir = if f.meta.kind() == Kind::Dir {
+                    let rel = dirs[i].rel.join(OsStr::from_bytes(f.name.to_bytes()));
+                    dirs.push(Dir {
+                        parent: Some(i),
+                        name: f.name.clone(),
+                        rel,
+                        meta: f.meta,
                     });
-                }
-                let dfd = match sys::open_dir_at(dirs[i].fd.as_fd(), &name) {
-                    Ok(fd) => fd,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                    Err(e) => return Err(Error::io("open", root.join(&rel), e)),
+                    let d = fds.push(i, f.name.clone(), None);
+                    debug_assert_eq!(d, dirs.len() - 1);
+                    next.push(d);
+                    Some(d)
+                } else {
+                    None
                 };
-                // Re-stat through the descriptor: this is the directory we will actually read.
-                let st = sys::fstat(dfd.as_fd()).ctx("stat", root.join(&rel))?;
-                dirs.push(Dir {
-                    parent: Some(i),
-                    name: name.clone(),
-                    rel,
-                    meta: Meta::from_stat(&st),
-                    fd: dfd,
+                entries.push(Entry {
+                    dir: i,
+                    name: f.name,
+                    meta: f.meta,
+                    subdir,
                 });
-                Some(dirs.len() - 1)
-            } else {
-                None
-            };
-            let meta = match subdir {
-                Some(d) => dirs[d].meta,
-                None => meta,
-            };
-            entries.push(Entry {
-                dir: i,
-                name,
-                meta,
-                subdir,
-            });
+            }
         }
-        i += 1;
+        level = next;
     }
-    Ok(Scan { dirs, entries })
+    Ok(Scan { dirs, entries, fds })
+}
+
+/// One entry found in a directory listing.
+struct Found {
+    name: CString,
+    meta: Meta,
+}
+
+/// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed).
+/// Entries that vanish meanwhile are simply not part of the tree.
+fn list_dir(
+    root: &Path,
+    dir: &Dir,
+    fd: BorrowedFd<'_>,
+    exclude: Option<(u64, u64)>,
+) -> Result<Vec<Found>> {
+    let mut names = sys::read_dir(fd).ctx("read directory", root.join(&dir.rel))?;
+    // Sorted by name bytes: deterministic manifests and walk order.
+    names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut out = Vec::with_capacity(names.len());
+    for (name, _dtype) in names {
+        let st = match sys::lstatat(fd, &name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    "stat",
+                    root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes())),
+                    e,
+                ));
+            }
+        };
+        let meta = Meta::from_stat(&st);
+        if exclude == Some((meta.dev, meta.ino)) {
+            continue;
+        }
+        out.push(Found { name, meta });
+    }
+    Ok(out)
 }
 
 /// Reads the extended attributes of an entry without following it.

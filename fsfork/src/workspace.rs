@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::clone::{self, CopyMode, Counters, Skipped};
+use crate::dirfds::{self, DirTable};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
@@ -36,6 +37,15 @@ fn now() -> f64 {
 /// that non-UTF-8 paths work.
 fn ws_key(path: &Path) -> String {
     blake3::hash(path.as_os_str().as_bytes()).to_hex()[..32].to_string()
+}
+
+/// The (device, inode) of the store's directory: a workspace walk leaves it out, so that a
+/// store kept inside a workspace (e.g. the default `.snapfork`) is never recorded in it.
+fn store_key(repo: &dyn Repo) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(repo.root_dir())
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn canonical(dir: &Path) -> Result<PathBuf> {
@@ -239,6 +249,10 @@ struct Seen {
     hashed: Option<u64>,
     /// The stat cache vouched for it.
     hit: bool,
+    /// ... and its atime is the cached one too, so its manifest entry is exactly as before.
+    same: bool,
+    /// For a directory that hit: the node id it had.
+    cached_node: Option<Id>,
     /// The stat to cache (the one taken before the contents were read).
     meta: Meta,
 }
@@ -249,29 +263,30 @@ static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
 /// the block CVs of `prev` where the staged copy still shares extents with that object.
 fn stage_and_hash(
     repo: &dyn Repo,
+    (staging, sdir): (&Path, BorrowedFd<'_>),
     sfd: &OwnedFd,
     size: u64,
     prev: Option<Id>,
     c: &Counters,
 ) -> Result<(PathBuf, Id, Option<Vec<ChainingValue>>, u64)> {
-    let staging = repo.staging_dir();
     let name = format!(
         "fsfork-{}-{}",
         std::process::id(),
         STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let path = staging.join(&name);
-    let sdir = sys::open_root_dir(&staging).ctx("open", &staging)?;
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
     let dfd = sys::openat(
-        sdir.as_fd(),
+        sdir,
         &cname,
         libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
         0o444,
     )
     .ctx("create", &path)?;
     let result = (|| {
+        let t0 = Instant::now();
         clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
         let mut h = None;
@@ -295,10 +310,21 @@ fn stage_and_hash(
                 .ctx("hash", &path)?,
             );
         }
+        let t_compare = t0.elapsed() - t_stage;
+        let incremental = h.is_some();
         let h = match h {
             Some(h) => h,
             None => hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?,
         };
+        tracing::debug!(
+            size,
+            incremental,
+            hashed = h.hashed_bytes,
+            stage_ms = t_stage.as_secs_f64() * 1e3,
+            compare_and_hash_ms = t_compare.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "staged and hashed"
+        );
         Ok((Id(h.id), h.cvs, h.hashed_bytes))
     })();
     match result {
@@ -321,7 +347,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     let cache = load_cache(repo, &ws)?;
     let staging = repo.staging_dir();
     std::fs::create_dir_all(&staging).ctx("create", &staging)?;
-    let scan = walk::scan(&ws)?;
+    let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
+    let t_load = start.elapsed();
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
+    let t_scan = start.elapsed();
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
         None => None,
@@ -366,18 +395,33 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             let rel = rel_bytes(i);
             let cached = cache.entries.get(&rel);
             let hit = cached.filter(|ce| ce.matches(&e.meta));
-            let sdir = scan.dir_fd(e.dir);
             let err_path = || ws.join(scan.rel_path(e));
+            // Only opened when needed (a reopen if the walk could not keep it open).
+            let sdir = || {
+                scan.dir_fd(e.dir)
+                    .map_err(|x| Error::io("open", err_path(), x))
+            };
             let mut s = Seen {
                 meta: e.meta,
                 hit: hit.is_some(),
+                same: hit.is_some_and(|h| h.atime == e.meta.atime),
+                cached_node: if e.subdir.is_some() {
+                    hit.and_then(|h| h.id)
+                } else {
+                    None
+                },
                 ..Seen::default()
             };
             s.xattrs = match (hit, e.subdir) {
                 (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(d)))
-                    .map_err(|x| Error::io("read xattrs", err_path(), x))?,
-                (None, None) => walk::entry_xattrs(sdir, &e.name)
+                (None, Some(d)) => {
+                    let f = scan
+                        .dir_fd(d)
+                        .map_err(|x| Error::io("open", err_path(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("read xattrs", err_path(), x))?,
             };
             match e.meta.kind() {
@@ -388,7 +432,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                         s.id = None;
                     } else {
                         let sfd = sys::openat(
-                            sdir,
+                            sdir()?.fd(),
                             &e.name,
                             libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
                             0,
@@ -403,8 +447,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                                 reason: "changed type during the checkpoint".into(),
                             });
                         }
-                        let (staged, id, cvs, hashed) =
-                            stage_and_hash(repo, &sfd, m.size, cached.and_then(|c| c.id), &c)?;
+                        let (staged, id, cvs, hashed) = stage_and_hash(
+                            repo,
+                            (&staging, staging_fd.as_fd()),
+                            &sfd,
+                            m.size,
+                            cached.and_then(|c| c.id),
+                            &c,
+                        )?;
                         s.id = Some(id);
                         s.staged = Some(staged);
                         s.cvs = cvs;
@@ -414,7 +464,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                     }
                 }
                 Kind::Symlink => {
-                    s.target = sys::readlinkat(sdir, &e.name)
+                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
                         .map_err(|x| Error::io("readlink", err_path(), x))?
                         .into_encoded_bytes();
                 }
@@ -452,6 +502,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let result = (|| -> Result<(Id, u64, u64)> {
         let mut record = record;
+        let t_seen = start.elapsed();
         let mut tx = repo.begin()?;
         let mut adopted = HashSet::new();
         let mut new_objects = 0u64;
@@ -510,20 +561,52 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 xattrs: s.xattrs.clone(),
             }
         };
+        for (e, s) in scan.entries.iter().zip(&seen) {
+            if e.meta.kind() == Kind::File {
+                files += 1;
+                bytes += s.meta.size;
+            }
+        }
+        // A directory whose own entry and every entry in it are exactly as cached (and whose
+        // subdirectories are reused too) has the very node it had: reuse it if the store still
+        // holds it, instead of encoding and hashing it again.
+        let mut dir_entry = vec![usize::MAX; scan.dirs.len()];
+        for (i, e) in scan.entries.iter().enumerate() {
+            if let Some(d) = e.subdir {
+                dir_entry[d] = i;
+            }
+        }
+        let mut reused = vec![false; scan.dirs.len()];
+        let mut reused_count = 0u64;
         for d in (0..scan.dirs.len()).rev() {
+            let own = dir_entry[d];
+            if own != usize::MAX
+                && seen[own].same
+                && let Some(nid) = seen[own].cached_node
+                && by_dir[d]
+                    .iter()
+                    .all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
+                && repo.contains(&nid)?
+            {
+                dir_ids[d] = Some(nid);
+                reused[d] = true;
+                reused_count += 1;
+                continue;
+            }
             let mut entries = Vec::with_capacity(by_dir[d].len());
             for &i in &by_dir[d] {
-                if scan.entries[i].meta.kind() == Kind::File {
-                    files += 1;
-                    bytes += seen[i].meta.size;
-                }
                 entries.push(entry_of(i, &dir_ids));
             }
             dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
         }
+        tracing::debug!(
+            reused = reused_count,
+            dirs = scan.dirs.len(),
+            "directory nodes"
+        );
         let root = &scan.dirs[0];
-        let root_xattrs =
-            sys::read_xattrs(XattrTarget::Fd(root.fd.as_fd())).ctx("read xattrs", &ws)?;
+        let root_xattrs = sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd()))
+            .ctx("read xattrs", &ws)?;
         let wrapper = manifest::encode_dir(vec![ManifestEntry {
             name: Vec::new(),
             kind: Kind::Dir,
@@ -572,10 +655,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
-            new_cache.entries.insert(
-                rel_bytes(i),
-                CacheEntry::new(&s.meta, s.id, s.xattrs.clone()),
-            );
+            // Directories cache their node id, files their content id.
+            let id = match scan.entries[i].subdir {
+                Some(d) => dir_ids[d],
+                None => s.id,
+            };
+            new_cache
+                .entries
+                .insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
         }
         tx.meta_put(
             &format!("fsfork/statcache/{}", ws_key(&ws)),
@@ -593,7 +680,16 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             reason: e.to_string(),
         })?;
         tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
+        let t_nodes = start.elapsed();
         tx.commit()?;
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            scan_ms = (t_scan - t_load).as_secs_f64() * 1e3,
+            read_ms = (t_seen - t_scan).as_secs_f64() * 1e3,
+            nodes_ms = (t_nodes - t_seen).as_secs_f64() * 1e3,
+            commit_ms = (start.elapsed() - t_nodes).as_secs_f64() * 1e3,
+            "checkpoint phases"
+        );
         Ok((id, new_objects, files))
     })();
     let (id, new_objects, files) = match result {
@@ -752,14 +848,20 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
     let start = Instant::now();
     sys::raise_nofile_limit();
     let (_info, dirs) = load_tree(repo, ckpt)?;
+    let t_load = start.elapsed();
     let (_pfd, _pname, root) = clone::create_root(dst)?;
     let result = (|| {
-        let mut dfds: Vec<OwnedFd> = Vec::with_capacity(dirs.len());
-        dfds.push(root);
+        let mut dfds = DirTable::new(root, dirfds::budget());
         for d in &dirs[1..] {
-            let pfd = dfds[d.parent].as_fd();
-            sys::mkdirat(pfd, &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
-            dfds.push(sys::open_dir_at(pfd, &d.name).ctx("open", dst.join(&d.rel))?);
+            let pfd = dfds.get(d.parent).ctx("open", dst.join(&d.rel))?;
+            sys::mkdirat(pfd.fd(), &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
+            let fd = if dfds.is_open(d.parent) {
+                Some(sys::open_dir_at(pfd.fd(), &d.name).ctx("open", dst.join(&d.rel))?)
+            } else {
+                None
+            };
+            drop(pfd);
+            dfds.push(d.parent, d.name.clone(), fd);
         }
         let mut work = Vec::new();
         let mut links = Vec::new();
@@ -783,12 +885,14 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let cache = Mutex::new(StatCache::default());
         let skipped = Mutex::new(Vec::new());
         let files = AtomicU64::new(0);
+        let t_dirs = start.elapsed();
         work.par_iter().try_for_each(|&(di, ei)| -> Result<()> {
             let d = &dirs[di];
             let e = &d.entries[ei];
             let name = valid_name(&e.name, ckpt)?;
-            let ddir = dfds[di].as_fd();
             let rel = d.rel.join(OsStr::from_bytes(&e.name));
+            let ddir_ref = dfds.get(di).ctx("open", dst.join(&d.rel))?;
+            let ddir = ddir_ref.fd();
             let path = || dst.join(&rel);
             let meta = meta_of(e);
             let cached = match e.kind {
@@ -868,7 +972,11 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         for &((di, ei), (fdi, fei)) in &links {
             let (e, f) = (&dirs[di].entries[ei], &dirs[fdi].entries[fei]);
             let (n, fnm) = (valid_name(&e.name, ckpt)?, valid_name(&f.name, ckpt)?);
-            sys::linkat(dfds[fdi].as_fd(), &fnm, dfds[di].as_fd(), &n).ctx(
+            let (fdir, edir) = (
+                dfds.get(fdi).ctx("open", dst.join(&dirs[fdi].rel))?,
+                dfds.get(di).ctx("open", dst.join(&dirs[di].rel))?,
+            );
+            sys::linkat(fdir.fd(), &fnm, edir.fd(), &n).ctx(
                 "link",
                 dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)),
             )?;
@@ -883,7 +991,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             {
                 let n = valid_name(&e.name, ckpt)?;
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
-                let st = sys::lstatat(dfds[di].as_fd(), &n).ctx("stat", dst.join(&rel))?;
+                let st = sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n)
+                    .ctx("stat", dst.join(&rel))?;
                 cache.entries.insert(
                     rel.into_os_string().into_encoded_bytes(),
                     CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
@@ -895,7 +1004,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             .into_par_iter()
             .map(|i| {
                 let d = &dirs[i];
-                let fd = dfds[i].as_fd();
+                let fd_ref = dfds.get(i).ctx("open", dst.join(&d.rel))?;
+                let fd = fd_ref.fd();
                 clone::apply_meta_fd(fd, &meta_of(&d.meta), &d.meta.xattrs, &c)
                     .ctx("set metadata", dst.join(&d.rel))?;
                 let st = sys::fstat(fd).ctx("stat", dst.join(&d.rel))?;
@@ -905,6 +1015,12 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 ))
             })
             .collect();
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            mkdir_ms = (t_dirs - t_load).as_secs_f64() * 1e3,
+            total_ms = start.elapsed().as_secs_f64() * 1e3,
+            "materialize phases"
+        );
         for r in dir_cache {
             let (k, v) = r?;
             // The root is not an entry of the walk; only subdirectories are cached.
@@ -963,18 +1079,18 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
     Ok(report)
 }
 
+/// Makes one independent copy of a checkpoint at the new directory `dst`, recorded as a fork.
+pub fn fork_one(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> {
+    restore_as(repo, ckpt, dst, "fork")
+}
+
 /// Makes `n` independent copies of a checkpoint as `into/fork-1` .. `into/fork-N` (`into` is
 /// created if missing).
 pub fn fork(repo: &dyn Repo, ckpt: &Id, n: usize, into: &Path) -> Result<Vec<RestoreReport>> {
     std::fs::create_dir_all(into).ctx("create", into)?;
     let mut out = Vec::with_capacity(n);
     for i in 1..=n {
-        out.push(restore_as(
-            repo,
-            ckpt,
-            &into.join(format!("fork-{i}")),
-            "fork",
-        )?);
+        out.push(fork_one(repo, ckpt, &into.join(format!("fork-{i}")))?);
     }
     Ok(out)
 }
@@ -1003,6 +1119,18 @@ pub struct RevertReport {
 pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     let start = Instant::now();
     let ws = canonical(dir)?;
+    // Swapping the tree would carry a store kept inside it off to the old tree, to be removed.
+    if let Ok(store) = std::fs::canonicalize(repo.root_dir())
+        && store.starts_with(&ws)
+    {
+        return Err(Error::InvalidPath {
+            path: ws,
+            reason: format!(
+                "the store {} is inside this workspace; keep it outside (--store) to revert",
+                store.display()
+            ),
+        });
+    }
     let name = ws.file_name().ok_or_else(|| Error::InvalidPath {
         path: ws.clone(),
         reason: "cannot revert /".into(),
@@ -1110,21 +1238,24 @@ fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat
 fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
     let ws = canonical(dir)?;
     let cache = load_cache(repo, &ws)?;
-    let scan = walk::scan(&ws)?;
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let items: Vec<Result<(Vec<u8>, Flat)>> = scan
         .entries
         .par_iter()
         .map(|e| {
             let rel = scan.rel_path(e).into_os_string().into_encoded_bytes();
             let hit = cache.entries.get(&rel).filter(|c| c.matches(&e.meta));
-            let sdir = scan.dir_fd(e.dir);
             let p = || ws.join(scan.rel_path(e));
+            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
             let kind = e.meta.kind();
             let xattrs = match (hit, e.subdir) {
                 (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(d)))
-                    .map_err(|x| Error::io("read xattrs", p(), x))?,
-                (None, None) => walk::entry_xattrs(sdir, &e.name)
+                (None, Some(d)) => {
+                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", p(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", p(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("read xattrs", p(), x))?,
             };
             let id = if kind == Kind::File && e.meta.size > 0 {
@@ -1132,7 +1263,7 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
                     Some(id) => Some(id),
                     None => {
                         let fd = sys::openat(
-                            sdir,
+                            sdir()?.fd(),
                             &e.name,
                             libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
                             0,
@@ -1147,7 +1278,7 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
                 None
             };
             let target = if kind == Kind::Symlink {
-                sys::readlinkat(sdir, &e.name)
+                sys::readlinkat(sdir()?.fd(), &e.name)
                     .map_err(|x| Error::io("readlink", p(), x))?
                     .into_encoded_bytes()
             } else {

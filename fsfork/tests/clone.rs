@@ -177,3 +177,48 @@ fn parallel_and_serial_agree() {
     }
     let _ = Path::new("");
 }
+
+/// The harness unmounts and removes its filesystem even when the test panics.
+#[test]
+fn testfs_cleans_up_on_panic() {
+    if !require_root("testfs_cleans_up_on_panic") {
+        return;
+    }
+    let dir = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(|| {
+        let fs = TestFs::new(FsType::Btrfs, 300).unwrap();
+        std::fs::write(fs.path().join("file"), b"data").unwrap();
+        *dir.lock().unwrap() = Some(fs.path().to_path_buf());
+        panic!("boom");
+    });
+    assert!(r.is_err());
+    let mnt = dir.lock().unwrap().clone().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*mnt.to_string_lossy()), "still mounted");
+    assert!(
+        !mnt.parent().unwrap().exists(),
+        "scratch directory left behind"
+    );
+}
+
+/// More directories than half the default open-file limit (20,000 here): the walk raises the
+/// limit (as root, to fs.nr_open) instead of failing.
+#[test]
+fn clone_tree_with_many_directories() {
+    let Some(fs) = fs(FsType::Xfs, "clone_tree_with_many_directories") else {
+        return;
+    };
+    let src = fs.path().join("deep");
+    for a in 0..120 {
+        for b in 0..100 {
+            std::fs::create_dir_all(src.join(format!("a{a}/b{b}"))).unwrap();
+        }
+        std::fs::write(src.join(format!("a{a}/f")), format!("{a}")).unwrap();
+    }
+    let dst = fs.path().join("copy");
+    let r = clone_tree(&src, &dst, &CloneOptions::default()).unwrap();
+    assert_eq!(r.dirs, 1 + 120 + 12_000);
+    assert_eq!(r.files, 120);
+    assert_eq!(std::fs::read_to_string(dst.join("a77/f")).unwrap(), "77");
+    assert!(dst.join("a119/b99").is_dir());
+}

@@ -106,6 +106,10 @@ fn checkpoint_restore_roundtrip(kind: FsType) {
     let r2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
     assert_eq!(r2.hashed_files, 0, "{r2:?}");
     assert_eq!(r2.parent, Some(r.id));
+    // Its directory nodes were reused from the stat cache: restoring it gives the same tree.
+    let dst2 = env.p("restored2");
+    workspace::restore(&env.store, &r2.id, &dst2).unwrap();
+    common::assert_same(&before, &common::snapshot(&dst2));
     let d = workspace::diff(&env.store, Side::Checkpoint(r.id), Side::Checkpoint(r2.id)).unwrap();
     assert!(
         d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(),
@@ -554,4 +558,54 @@ fn restore_and_revert_never_write_outside() {
     );
     // A workspace path that is itself a link to a directory is resolved once (like cp).
     let _ = common::latin1_name();
+}
+
+/// A store kept inside the workspace (like the default `.snapfork`) is never recorded in its
+/// checkpoints, and reverting such a workspace is refused rather than moving the store away.
+#[test]
+fn store_inside_the_workspace_is_left_out() {
+    if !require_root("store_inside_the_workspace_is_left_out") {
+        return;
+    }
+    let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+    let ws = fs.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("a"), b"a").unwrap();
+    let store = Store::open(ws.join(".snapfork"), OpenOptions::default()).unwrap();
+    let c = workspace::checkpoint(&store, &ws, None).unwrap();
+    assert_eq!(c.files, 1);
+    let live = workspace::diff(&store, Side::Checkpoint(c.id), Side::Dir(&ws)).unwrap();
+    assert!(live.added.is_empty(), "{live:?}");
+    let dst = fs.path().join("r");
+    workspace::restore(&store, &c.id, &dst).unwrap();
+    assert!(!dst.join(".snapfork").exists());
+    let err = workspace::revert(&store, &ws, &c.id).unwrap_err();
+    assert!(err.to_string().contains("inside this workspace"), "{err}");
+    assert!(ws.join(".snapfork").exists());
+}
+
+/// More directories than the walk may keep open (half the 20,000 open-file limit here):
+/// checkpoint, restore and a second checkpoint still work, reopening directories on demand.
+#[test]
+fn checkpoint_restore_many_directories() {
+    let Some(env) = Env::new(FsType::Xfs, "checkpoint_restore_many_directories", 768) else {
+        return;
+    };
+    let ws = env.p("ws");
+    for a in 0..110 {
+        for b in 0..100 {
+            std::fs::create_dir_all(ws.join(format!("a{a}/b{b}"))).unwrap();
+        }
+        std::fs::write(ws.join(format!("a{a}/b{}/f", a % 100)), format!("{a}")).unwrap();
+    }
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!((c.dirs, c.files), (1 + 110 + 11_000, 110));
+    let dst = env.p("r");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    common::assert_same(&common::snapshot(&ws), &common::snapshot(&dst));
+    std::fs::write(ws.join("a109/b9/f"), "changed").unwrap();
+    let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c2.hashed_files, 1);
+    let d = workspace::diff(&env.store, Side::Checkpoint(c.id), Side::Checkpoint(c2.id)).unwrap();
+    assert_eq!(d.changed.len(), 1);
 }

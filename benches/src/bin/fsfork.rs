@@ -94,6 +94,13 @@ fn hash_whole(path: &Path) -> Result<blake3::Hash> {
 }
 
 fn main() -> Result<()> {
+    // RUST_LOG=snapfork_fsfork=debug shows where a checkpoint spends its time.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| -> usize {
         args.iter()
@@ -105,6 +112,13 @@ fn main() -> Result<()> {
     let rounds = arg("--rounds", 3);
     let nfiles = arg("--files", 10_000);
     let json = args.iter().any(|a| a == "--json");
+    // --only fork|checkpoint|revert|image runs one part (for profiling with RUST_LOG=debug).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if !snapfork_fsfork::testfs::require_root("fsfork bench") {
         return Ok(());
     }
@@ -127,7 +141,7 @@ fn main() -> Result<()> {
 
     // 1. Forks, alternating so that every contender sees the same cache state.
     let (mut t_fork, mut t_clone, mut t_cp_ref, mut t_cp_copy) = (vec![], vec![], vec![], vec![]);
-    for r in 0..rounds {
+    for r in 0..if part("fork") { rounds } else { 0 } {
         let into = root.join(format!("forks{r}"));
         let (t, forks) = secs(|| Ok(workspace::fork(&store, &c0.id, 1, &into)?))?;
         t_fork.push(t);
@@ -169,7 +183,7 @@ fn main() -> Result<()> {
     // 2. Checkpoint after 10 files changed.
     let mut t_ck10 = vec![];
     let mut hashed10 = 0;
-    for r in 0..rounds {
+    for r in 0..if part("checkpoint") { rounds } else { 0 } {
         for k in 0..10 {
             let i = 10 + (r * 977 + k * 131) % (nfiles - 10);
             let p = src.join(format!("pkg{:03}/sub{}/f{i}.dat", i / 100, (i / 10) % 10));
@@ -188,7 +202,7 @@ fn main() -> Result<()> {
     let mut t_revert = vec![];
     let mut t_revert_cp = vec![];
     let last = workspace::checkpoint(&store, &src, None)?.id;
-    for r in 0..rounds {
+    for r in 0..if part("revert") { rounds } else { 0 } {
         let target = if r % 2 == 0 { c0.id } else { last };
         let (t, rep) = secs(|| Ok(workspace::revert(&store, &src, &target)?))?;
         t_revert.push(t);
@@ -222,48 +236,73 @@ fn main() -> Result<()> {
         );
     }
 
-    // 4. 1 GiB image, 1% of its 4 KiB pages changed (scattered), and 1% changed contiguously.
-    let ws2 = root.join("vm");
-    std::fs::create_dir(&ws2)?;
-    let img = ws2.join("disk.img");
-    {
-        let f = std::fs::File::create(&img)?;
-        let mut buf = vec![0u8; 64 << 20];
-        for k in 0..16u64 {
-            rng.fill_bytes(&mut buf);
-            f.write_all_at(&buf, k * (64 << 20))?;
-        }
-    }
-    sync();
-    let (t_img_first, _) = secs(|| Ok(workspace::checkpoint(&store, &ws2, None)?))?;
+    // 4. A 1 GiB image with one earlier checkpoint; 1% of it changed, either as scattered 4 KiB
+    //    pages or as one contiguous 10 MiB run; checkpointed right after the writes (their
+    //    writeback is part of the checkpoint) or after a `sync` (untimed). A fresh image per
+    //    case, so that fragmentation from earlier cases does not accumulate.
     let pages = (1u64 << 30) / 4096;
-    let (mut t_img, mut t_img_contig, mut t_whole) = (vec![], vec![], vec![]);
-    let (mut hashed_scatter, mut hashed_contig) = (0, 0);
-    for r in 0..rounds {
-        {
-            let f = std::fs::OpenOptions::new().write(true).open(&img)?;
-            let mut page = [0u8; 4096];
-            for _ in 0..pages / 100 {
-                rng.fill_bytes(&mut page);
-                f.write_all_at(&page, rng.random_range(0..pages) * 4096)?;
+    let mut cases: Vec<(&str, Vec<f64>, u64)> = vec![
+        ("scattered, right after the writes", vec![], 0),
+        ("scattered, after sync", vec![], 0),
+        ("contiguous, right after the writes", vec![], 0),
+        ("contiguous, after sync", vec![], 0),
+    ];
+    let mut t_whole = vec![];
+    let mut t_img_first = 0.0;
+    let mut buf = vec![0u8; 64 << 20];
+    for r in 0..if part("image") { rounds } else { 0 } {
+        for (ci, case) in cases.iter_mut().enumerate() {
+            let ws2 = root.join(format!("vm-{r}-{ci}"));
+            std::fs::create_dir(&ws2)?;
+            let img = ws2.join("disk.img");
+            {
+                let f = std::fs::File::create(&img)?;
+                for k in 0..16u64 {
+                    rng.fill_bytes(&mut buf);
+                    f.write_all_at(&buf, k * (64 << 20))?;
+                }
             }
+            sync();
+            t_img_first = secs(|| Ok(workspace::checkpoint(&store, &ws2, None)?))?.0;
+            {
+                let f = std::fs::OpenOptions::new().write(true).open(&img)?;
+                if ci < 2 {
+                    let mut page = [0u8; 4096];
+                    for _ in 0..pages / 100 {
+                        rng.fill_bytes(&mut page);
+                        f.write_all_at(&page, rng.random_range(0..pages) * 4096)?;
+                    }
+                } else {
+                    let run = &mut buf[..(pages / 100 * 4096) as usize];
+                    rng.fill_bytes(run);
+                    f.write_all_at(run, rng.random_range(0..900u64) << 20)?;
+                }
+            }
+            if ci % 2 == 1 {
+                sync();
+            }
+            let (t, c) = secs(|| Ok(workspace::checkpoint(&store, &ws2, None)?))?;
+            case.1.push(t);
+            case.2 = c.hashed_bytes;
+            if ci == 3 {
+                t_whole.push(secs(|| hash_whole(&img))?.0);
+            }
+            rm(&ws2)?;
         }
-        let (t, c) = secs(|| Ok(workspace::checkpoint(&store, &ws2, None)?))?;
-        t_img.push(t);
-        hashed_scatter = c.hashed_bytes;
-        {
-            let f = std::fs::OpenOptions::new().write(true).open(&img)?;
-            let mut buf = vec![0u8; (pages / 100 * 4096) as usize];
-            rng.fill_bytes(&mut buf);
-            f.write_all_at(&buf, (r as u64 * 97 + 5) << 20)?;
-        }
-        let (t, c) = secs(|| Ok(workspace::checkpoint(&store, &ws2, None)?))?;
-        t_img_contig.push(t);
-        hashed_contig = c.hashed_bytes;
-        t_whole.push(secs(|| hash_whole(&img))?.0);
     }
+    let t_img: Vec<f64> = cases[0].1.clone();
+    let t_img_synced: Vec<f64> = cases[1].1.clone();
+    let t_img_contig: Vec<f64> = cases[2].1.clone();
+    let t_img_contig_synced: Vec<f64> = cases[3].1.clone();
+    let (hashed_scatter, hashed_contig) = (cases[0].2, cases[2].2);
 
-    let m = |v: &Vec<f64>| median(v.clone());
+    let m = |v: &Vec<f64>| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            median(v.clone())
+        }
+    };
     let report = serde_json::json!({
         "files": nfiles, "bytes": bytes, "rounds": rounds, "fs": "xfs (loop, reflink=1)",
         "first_checkpoint_s": t_first,
@@ -275,8 +314,11 @@ fn main() -> Result<()> {
         "image_1pct_scattered_checkpoint_s": m(&t_img), "image_1pct_scattered_hashed_bytes": hashed_scatter,
         "image_1pct_contiguous_checkpoint_s": m(&t_img_contig), "image_1pct_contiguous_hashed_bytes": hashed_contig,
         "image_hash_whole_s": m(&t_whole),
+        "image_1pct_scattered_after_sync_checkpoint_s": m(&t_img_synced),
+        "image_1pct_contiguous_after_sync_checkpoint_s": m(&t_img_contig_synced),
         "all": { "fork": t_fork, "clone": t_clone, "cp_ref": t_cp_ref, "cp_copy": t_cp_copy, "ck10": t_ck10,
-                 "revert": t_revert, "revert_cp": t_revert_cp, "img": t_img, "img_contig": t_img_contig, "whole": t_whole },
+                 "revert": t_revert, "revert_cp": t_revert_cp, "img": t_img, "img_contig": t_img_contig, "whole": t_whole,
+                 "img_synced": t_img_synced, "img_contig_synced": t_img_contig_synced },
     });
     if json {
         println!("{report}");
@@ -297,6 +339,11 @@ fn main() -> Result<()> {
             ("baseline: rm -rf + cp -a --reflink=always", m(&t_revert_cp)),
             ("checkpoint, 1 GiB image, 1% pages scattered", m(&t_img)),
             ("checkpoint, 1 GiB image, 1% contiguous", m(&t_img_contig)),
+            ("  same, scattered, after sync (untimed)", m(&t_img_synced)),
+            (
+                "  same, contiguous, after sync (untimed)",
+                m(&t_img_contig_synced),
+            ),
             ("baseline: BLAKE3 of the whole 1 GiB image", m(&t_whole)),
         ];
         for (k, v) in rows {
