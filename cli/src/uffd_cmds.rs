@@ -14,8 +14,8 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use snapfork_lazy_restore::client::{FakeVm, RegionSpec, Shape};
 use snapfork_lazy_restore::{
-    CachedSource, CorruptPolicy, PageSource, RestoreOptions, ServerEvent, ServerOptions,
-    StoreSource, UffdServer, workingset,
+    CachedSource, CorruptPolicy, PageSource, RestoreOptions, ServerEvent, ServerOptions, StoreSource, UffdServer,
+    workingset,
 };
 use snapfork_store::{OpenOptions, Store};
 
@@ -31,6 +31,9 @@ pub enum UffdCmd {
     /// Benchmarks on your own snapshots.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The recorded working set of a memory image (what `serve-uffd` prefetches).
+    #[command(subcommand, name = "working-set")]
+    WorkingSet(WsCmd),
     /// Internal: the guest process of `bench restore`.
     #[command(name = "__bench-guest", hide = true)]
     BenchGuest(GuestArgs),
@@ -57,6 +60,10 @@ pub struct ServeArgs {
     /// present).
     #[arg(long, default_value_t = 4)]
     fault_around_kib: usize,
+    /// Largest sequential read-ahead window, KiB (faults that follow one another through memory
+    /// install 2, 4, 8... pages at once); 0 disables.
+    #[arg(long, default_value_t = 256)]
+    readahead_kib: usize,
     /// Cache of decompressed pages shared by the restores, in MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mib: usize,
@@ -80,6 +87,32 @@ pub enum BenchCmd {
     /// Restore latency of a stored image: Firecracker's File backend (cold and warm page cache),
     /// eager restore, lazy restore and lazy restore with the working set prefetched, side by side.
     Restore(BenchArgs),
+}
+
+/// Working-set commands.
+#[derive(Subcommand, Debug)]
+pub enum WsCmd {
+    /// Show the stored working set of an image.
+    Show {
+        /// The image: a ref or a hex id.
+        reference: String,
+        /// Also list the pages.
+        #[arg(long)]
+        pages: bool,
+    },
+    /// Store a working set for an image from a page list (whitespace/comma separated, `a-b`).
+    Set {
+        /// The image: a ref or a hex id.
+        reference: String,
+        /// The page list.
+        #[arg(long)]
+        pattern: PathBuf,
+    },
+    /// Delete the stored working set of an image.
+    Rm {
+        /// The image: a ref or a hex id.
+        reference: String,
+    },
 }
 
 /// `bench restore` options.
@@ -141,6 +174,7 @@ pub fn run(cmd: UffdCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
         UffdCmd::ServeUffd(a) => serve(a, global),
         UffdCmd::Bench(BenchCmd::Restore(a)) => bench(a, global),
+        UffdCmd::WorkingSet(c) => working_set(c, global),
         UffdCmd::BenchGuest(a) => guest(a, global),
     }
 }
@@ -148,12 +182,7 @@ pub fn run(cmd: UffdCmd, global: &Global) -> anyhow::Result<Report> {
 fn open_ro(global: &Global) -> anyhow::Result<Store> {
     Store::open(
         &global.store,
-        OpenOptions {
-            read_only: true,
-            create: false,
-            lock_timeout: global.lock_timeout(),
-            ..Default::default()
-        },
+        OpenOptions { read_only: true, create: false, lock_timeout: global.lock_timeout(), ..Default::default() },
     )
     .with_context(|| format!("open store {}", global.store.display()))
 }
@@ -175,21 +204,15 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         "poison" => CorruptPolicy::Poison,
         other => bail!("--on-corrupt must be kill or poison, not {other:?}"),
     };
-    let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(
-        Arc::new(src),
-        a.cache_mib.saturating_mul(1 << 20),
-    ));
-    let prefetch = if a.no_prefetch {
-        Vec::new()
-    } else {
-        stored_ws.clone().unwrap_or_default()
-    };
+    let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(Arc::new(src), a.cache_mib.saturating_mul(1 << 20)));
+    let prefetch = if a.no_prefetch { Vec::new() } else { stored_ws.clone().unwrap_or_default() };
     let opts = ServerOptions {
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.001)),
         idle_timeout: a.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
         max_restores: a.max_restores,
         restore: RestoreOptions {
             fault_around: a.fault_around_kib.max(4) << 10,
+            readahead: a.readahead_kib << 10,
             prefetch: prefetch.clone(),
             fill: a.fill,
             on_corrupt,
@@ -263,10 +286,8 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     })?;
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
-    let text = format!(
-        "served {} restores ({} refused), stopped: {}",
-        summary.started, summary.refused, summary.reason
-    );
+    let text =
+        format!("served {} restores ({} refused), stopped: {}", summary.started, summary.refused, summary.reason);
     let mut j = json!({
         "image": id.to_hex(), "socket": a.socket, "started": summary.started,
         "refused": summary.refused, "ended": summary.ended, "reason": summary.reason,
@@ -279,21 +300,75 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     Ok(Report::new(j, text))
 }
 
-fn save_ws(
-    global: &Global,
-    id: &snapfork_store::Hash,
-    ps: u32,
-    ws: &[u64],
-) -> anyhow::Result<String> {
+fn open_rw(global: &Global) -> anyhow::Result<Store> {
+    Store::open(&global.store, OpenOptions { create: false, lock_timeout: global.lock_timeout(), ..Default::default() })
+        .with_context(|| format!("open store {}", global.store.display()))
+}
+
+fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
+    match cmd {
+        WsCmd::Show { reference, pages } => {
+            let store = open_ro(global)?;
+            let image = store.open_image_ref(&reference)?;
+            let id = image.id();
+            let blob = store.get_ref(&workingset::ref_name(&id))?;
+            let ws = workingset::load(&store, &id)?;
+            let n = ws.as_ref().map_or(0, |w| w.len());
+            let total = image.page_count().max(1) as f64;
+            let mut j = json!({
+                "image": id.to_hex(), "ref": workingset::ref_name(&id),
+                "id": blob.map(|b| b.to_hex()), "pages": n, "fraction": n as f64 / total,
+            });
+            if pages {
+                j["list"] = json!(ws.clone().unwrap_or_default());
+            }
+            let text = match &ws {
+                None => format!("image {} has no working set", id.short()),
+                Some(w) => {
+                    let mut t = format!(
+                        "image {}: working set of {} pages ({:.1}%)",
+                        id.short(),
+                        w.len(),
+                        100.0 * w.len() as f64 / total
+                    );
+                    if pages {
+                        t += "\n";
+                        t += &w.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
+                    }
+                    t
+                }
+            };
+            Ok(Report::new(j, text))
+        }
+        WsCmd::Set { reference, pattern } => {
+            let store = open_rw(global)?;
+            let image = store.open_image_ref(&reference)?;
+            let text = std::fs::read_to_string(&pattern).with_context(|| format!("read {}", pattern.display()))?;
+            let pages = workingset::parse_pattern(&text)?;
+            if let Some(bad) = pages.iter().find(|&&p| p >= image.page_count()) {
+                bail!("page {bad} is beyond the image ({} pages)", image.page_count());
+            }
+            let blob = workingset::save(&store, &image.id(), image.page_size(), &pages)?;
+            Ok(Report::new(
+                json!({"id": blob.to_hex(), "image": image.id().to_hex(), "pages": pages.len()}),
+                format!("stored a working set of {} pages for {}", pages.len(), image.id().short()),
+            ))
+        }
+        WsCmd::Rm { reference } => {
+            let store = open_rw(global)?;
+            let id = store.resolve(&reference)?;
+            workingset::delete(&store, &id)?;
+            Ok(Report::new(
+                json!({"image": id.to_hex(), "deleted": true}),
+                format!("deleted the working set of {}", id.short()),
+            ))
+        }
+    }
+}
+
+fn save_ws(global: &Global, id: &snapfork_store::Hash, ps: u32, ws: &[u64]) -> anyhow::Result<String> {
     // The serving store is read-only (the engine may hold the writer lock); take it briefly.
-    let store = Store::open(
-        &global.store,
-        OpenOptions {
-            create: false,
-            lock_timeout: global.lock_timeout(),
-            ..Default::default()
-        },
-    )?;
+    let store = open_rw(global)?;
     Ok(workingset::save(&store, id, ps, ws)?.to_hex())
 }
 
@@ -308,11 +383,7 @@ fn drop_cache(path: &Path) -> anyhow::Result<()> {
     // SAFETY: fadvise on a descriptor we own; no memory is passed.
     let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if r != 0 {
-        bail!(
-            "posix_fadvise({}): {}",
-            path.display(),
-            std::io::Error::from_raw_os_error(r)
-        );
+        bail!("posix_fadvise({}): {}", path.display(), std::io::Error::from_raw_os_error(r));
     }
     Ok(())
 }
@@ -392,6 +463,8 @@ struct Row {
     pages_installed: u64,
     p50_us: f64,
     p99_us: f64,
+    server_p50_us: f64,
+    server_p99_us: f64,
     forks: usize,
     forks_wall_ms: f64,
     forks_mem_mib: f64,
@@ -440,9 +513,8 @@ impl Bench<'_> {
         n: usize,
     ) -> anyhow::Result<(Vec<GuestResult>, u64)> {
         let t0 = Instant::now();
-        let children: Vec<_> = (0..n)
-            .map(|_| self.guest_cmd(mode, pattern, socket).spawn())
-            .collect::<std::io::Result<_>>()?;
+        let children: Vec<_> =
+            (0..n).map(|_| self.guest_cmd(mode, pattern, socket).spawn()).collect::<std::io::Result<_>>()?;
         let mut out = Vec::new();
         for c in children {
             let o = c.wait_with_output()?;
@@ -463,11 +535,8 @@ impl Bench<'_> {
         prefetch: Vec<u64>,
         fill: bool,
         n: usize,
-    ) -> anyhow::Result<(
-        Vec<GuestResult>,
-        u64,
-        Vec<snapfork_lazy_restore::RestoreReport>,
-    )> {
+        warm: bool,
+    ) -> anyhow::Result<(Vec<GuestResult>, u64, Vec<snapfork_lazy_restore::RestoreReport>)> {
         if self.cold_store {
             drop_store_cache(self.store.dir())?;
         }
@@ -478,13 +547,8 @@ impl Bench<'_> {
             &socket,
             source,
             ServerOptions {
-                max_restores: Some(n),
-                restore: RestoreOptions {
-                    fault_around: self.fault_around,
-                    prefetch,
-                    fill,
-                    ..Default::default()
-                },
+                max_restores: Some(n + warm as usize),
+                restore: RestoreOptions { fault_around: self.fault_around, prefetch, fill, ..Default::default() },
                 ..Default::default()
             },
         )?;
@@ -500,13 +564,22 @@ impl Bench<'_> {
                 }
             })
         });
-        let res = self.guests("uffd", pattern, Some(&socket), n);
+        // With `warm`, a first restore fills the server's shared page cache, as when a snapshot
+        // is forked again; only the following restores are measured.
+        let res = if warm {
+            self.guests("uffd", pattern, Some(&socket), 1).and_then(|_| self.guests("uffd", pattern, Some(&socket), n))
+        } else {
+            self.guests("uffd", pattern, Some(&socket), n)
+        };
         if res.is_err() {
             stopper.store(true, Ordering::Relaxed);
         }
         let _ = th.join();
         let (g, wall) = res?;
-        let reports = std::mem::take(&mut *reports.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut reports = std::mem::take(&mut *reports.lock().unwrap_or_else(|p| p.into_inner()));
+        if warm && !reports.is_empty() {
+            reports.remove(0);
+        }
         Ok((g, wall, reports))
     }
 }
@@ -555,10 +628,9 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         }
     };
     let ws = match &a.pattern {
-        Some(p) => workingset::parse_pattern(&std::fs::read_to_string(p)?)?
-            .into_iter()
-            .filter(|&x| x < pages)
-            .collect(),
+        Some(p) => {
+            workingset::parse_pattern(&std::fs::read_to_string(p)?)?.into_iter().filter(|&x| x < pages).collect()
+        }
         None => random_ws(pages, a.working_set, a.seed),
     };
     if ws.is_empty() {
@@ -587,9 +659,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         fault_around: a.fault_around_kib.max(4) << 10,
         cold_store: a.cold_store,
     };
-    let nonzero = (0..pages)
-        .filter(|&i| reader.page_id(i).is_ok_and(|h| !h.is_zero()))
-        .count() as u64;
+    let nonzero = (0..pages).filter(|&i| reader.page_id(i).is_ok_and(|h| !h.is_zero())).count() as u64;
     let mut rows: Vec<Row> = Vec::new();
     let forks = a.forks.max(1);
 
@@ -607,58 +677,43 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     let (g, _) = b.guests("eager", &ws_file, None, 1)?;
     rows.push(row("eager", &g[0], nonzero));
     // 3. Lazy; its recorded working set feeds 4.
-    let (g, _, reps) = b.lazy("lazy", &ws_file, Vec::new(), false, 1)?;
-    let installed =
-        |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
+    let (g, _, reps) = b.lazy("lazy", &ws_file, Vec::new(), false, 1, false)?;
+    let installed = |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
     let mut r = row("lazy", &g[0], reps.first().map(installed).unwrap_or(0));
-    let recorded = reps
-        .first()
-        .map(|r| r.working_set.clone())
-        .unwrap_or_default();
+    let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
     if let Some(rep) = reps.first() {
+        // The server's own service time per fault (the table's p50/p99 are what the guest felt).
         let mut ns = rep.fault_ns.clone();
-        r.p50_us = pct(&mut ns, 0.5) as f64 / 1e3;
-        r.p99_us = pct(&mut ns, 0.99) as f64 / 1e3;
+        r.server_p50_us = pct(&mut ns, 0.5) as f64 / 1e3;
+        r.server_p99_us = pct(&mut ns, 0.99) as f64 / 1e3;
     }
     rows.push(r);
     // 4. Lazy with the recorded working set prefetched.
-    let (g, _, reps) = b.lazy("prefetch", &ws_file, recorded.clone(), false, 1)?;
-    rows.push(row(
-        "lazy+prefetch",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    let (g, _, reps) = b.lazy("prefetch", &ws_file, recorded.clone(), false, 1, false)?;
+    rows.push(row("lazy+prefetch", &g[0], reps.first().map(installed).unwrap_or(0)));
+    // The same when the server has restored this snapshot before (its page cache is warm).
+    let (g, _, reps) = b.lazy("prefetchw", &ws_file, recorded.clone(), false, 1, true)?;
+    rows.push(row("lazy+pf warm", &g[0], reps.first().map(installed).unwrap_or(0)));
     // Full sequential fault-in: eager vs lazy (demand only) vs lazy with --fill.
     if a.cold_store {
         drop_store_cache(store.dir())?;
     }
     let (g, _) = b.guests("eager", &all_file, None, 1)?;
     rows.push(row("full: eager", &g[0], nonzero));
-    let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1)?;
-    rows.push(row(
-        "full: lazy",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
-    let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1)?;
-    rows.push(row(
-        "full: lazy+fill",
-        &g[0],
-        reps.first().map(installed).unwrap_or(0),
-    ));
+    let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
+    rows.push(row("full: lazy", &g[0], reps.first().map(installed).unwrap_or(0)));
+    let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
+    rows.push(row("full: lazy+fill", &g[0], reps.first().map(installed).unwrap_or(0)));
 
     // Every mode read the same bytes.
     let want = rows[1].checksum;
-    for r in &rows[..5] {
+    for r in &rows[..6] {
         if r.checksum != want {
-            bail!(
-                "{} read different bytes than file-warm (checksum mismatch)",
-                r.mode
-            );
+            bail!("{} read different bytes than file-warm (checksum mismatch)", r.mode);
         }
     }
-    let fwant = rows[5].checksum;
-    for r in &rows[5..] {
+    let fwant = rows[6].checksum;
+    for r in &rows[6..] {
         if r.checksum != fwant {
             bail!("{} read different bytes than the eager restore", r.mode);
         }
@@ -666,15 +721,13 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
 
     // N concurrent restores of each kind.
     if forks > 1 {
-        let fork_row =
-            |rows: &mut Vec<Row>, mode: &str, g: &[GuestResult], wall: u64, extra_kib: u64| {
-                if let Some(r) = rows.iter_mut().find(|r| r.mode == mode) {
-                    r.forks = g.len();
-                    r.forks_wall_ms = wall as f64 / 1e6;
-                    r.forks_mem_mib =
-                        (g.iter().map(|x| x.pss_kib).sum::<u64>() + extra_kib) as f64 / 1024.0;
-                }
-            };
+        let fork_row = |rows: &mut Vec<Row>, mode: &str, g: &[GuestResult], wall: u64, extra_kib: u64| {
+            if let Some(r) = rows.iter_mut().find(|r| r.mode == mode) {
+                r.forks = g.len();
+                r.forks_wall_ms = wall as f64 / 1e6;
+                r.forks_mem_mib = (g.iter().map(|x| x.pss_kib).sum::<u64>() + extra_kib) as f64 / 1024.0;
+            }
+        };
         drop_cache(&raw)?;
         let (g, w) = b.guests("file", &ws_file, None, forks)?;
         fork_row(&mut rows, "file-cold", &g, w, 0);
@@ -686,27 +739,21 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         let cache_kib = |reps: &[snapfork_lazy_restore::RestoreReport]| {
             reps.iter().map(|r| r.stats.pages_copied).max().unwrap_or(0) * 4
         };
-        let (g, w, reps) = b.lazy("forks", &ws_file, Vec::new(), false, forks)?;
+        let (g, w, reps) = b.lazy("forks", &ws_file, Vec::new(), false, forks, false)?;
         fork_row(&mut rows, "lazy", &g, w, cache_kib(&reps));
-        let (g, w, reps) = b.lazy("forksp", &ws_file, recorded, false, forks)?;
+        let (g, w, reps) = b.lazy("forksp", &ws_file, recorded, false, forks, false)?;
         fork_row(&mut rows, "lazy+prefetch", &g, w, cache_kib(&reps));
     }
 
-    let get = |m: &str| {
-        rows.iter()
-            .find(|r| r.mode == m)
-            .cloned()
-            .unwrap_or_default()
-    };
+    let get = |m: &str| rows.iter().find(|r| r.mode == m).cloned().unwrap_or_default();
     let (cold, warm, pf) = (get("file-cold"), get("file-warm"), get("lazy+prefetch"));
-    let (feager, fseq, ffill) = (
-        get("full: eager"),
-        get("full: lazy"),
-        get("full: lazy+fill"),
-    );
+    let pfw = get("lazy+pf warm");
+    let (feager, fseq, ffill) = (get("full: eager"), get("full: lazy"), get("full: lazy+fill"));
     let ratios = json!({
         "prefetch_vs_file_warm": pf.total_ms / warm.total_ms,
         "prefetch_vs_file_cold": pf.total_ms / cold.total_ms,
+        "prefetch_warm_cache_vs_file_warm": pfw.total_ms / warm.total_ms,
+        "prefetch_warm_cache_vs_file_cold": pfw.total_ms / cold.total_ms,
         "full_lazy_vs_eager": fseq.total_ms / feager.total_ms,
         "full_lazy_fill_vs_eager": ffill.total_ms / feager.total_ms,
         "lazy_setup_ms": get("lazy").setup_ms,
@@ -729,11 +776,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         "pages",
         "p50 us",
         "p99 us",
-        if forks > 1 {
-            format!(" {:>12} {:>12}", format!("{forks} forks ms"), "forks MiB")
-        } else {
-            String::new()
-        }
+        if forks > 1 { format!(" {:>12} {:>12}", format!("{forks} forks ms"), "forks MiB") } else { String::new() }
     );
     for r in &rows {
         text += &format!(
@@ -745,17 +788,15 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
             r.pages_installed,
             r.p50_us,
             r.p99_us,
-            if r.forks > 1 {
-                format!(" {:>12.1} {:>12.1}", r.forks_wall_ms, r.forks_mem_mib)
-            } else {
-                String::new()
-            }
+            if r.forks > 1 { format!(" {:>12.1} {:>12.1}", r.forks_wall_ms, r.forks_mem_mib) } else { String::new() }
         );
     }
     text += &format!(
-        "lazy+prefetch / file-warm = {:.2}x, / file-cold = {:.2}x; full fault-in lazy / eager = {:.2}x (with --fill {:.2}x)",
+        "lazy+prefetch / file-warm = {:.2}x, / file-cold = {:.2}x (warm server cache: {:.2}x, {:.2}x); full fault-in lazy / eager = {:.2}x (with --fill {:.2}x)",
         pf.total_ms / warm.total_ms,
         pf.total_ms / cold.total_ms,
+        pfw.total_ms / warm.total_ms,
+        pfw.total_ms / cold.total_ms,
         fseq.total_ms / feager.total_ms,
         ffill.total_ms / feager.total_ms
     );
@@ -773,11 +814,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
 
 /// A grouped bar chart: setup and touch time per mode, log-free, labelled.
 fn svg(rows: &[Row]) -> String {
-    let max = rows
-        .iter()
-        .map(|r| r.total_ms)
-        .fold(0.0f64, f64::max)
-        .max(1e-3);
+    let max = rows.iter().map(|r| r.total_ms).fold(0.0f64, f64::max).max(1e-3);
     let (w, bar_h, gap, left) = (900.0, 22.0, 10.0, 150.0);
     let h = rows.len() as f64 * (bar_h + gap) + 60.0;
     let scale = (w - left - 120.0) / max;
@@ -905,10 +942,7 @@ fn guest(a: GuestArgs, global: &Global) -> anyhow::Result<Report> {
                                     // SAFETY: page i of our fresh mapping; threads write
                                     // disjoint pages.
                                     let dst = unsafe {
-                                        std::slice::from_raw_parts_mut(
-                                            (addr + (i * 4096) as usize) as *mut u8,
-                                            4096,
-                                        )
+                                        std::slice::from_raw_parts_mut((addr + (i * 4096) as usize) as *mut u8, 4096)
                                     };
                                     reader.read_page_with_id(i, &id, dst)?;
                                 }
@@ -927,11 +961,7 @@ fn guest(a: GuestArgs, global: &Global) -> anyhow::Result<Report> {
         }
         "uffd" => {
             let socket = a.socket.as_deref().context("--socket")?;
-            let mut vm = FakeVm::new(&[RegionSpec {
-                size: a.size,
-                offset: 0,
-                page_size: 4096,
-            }])?;
+            let mut vm = FakeVm::new(&[RegionSpec { size: a.size, offset: 0, page_size: 4096 }])?;
             vm.connect(socket, Shape::V1_12, &[])?;
             let p = vm.regions[0].ptr as *const u8;
             _vm = Some(vm);

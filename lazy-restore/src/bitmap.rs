@@ -12,10 +12,7 @@ pub struct Bitmap {
 impl Bitmap {
     /// `len` cleared bits.
     pub fn new(len: u64) -> Self {
-        Bitmap {
-            words: vec![0; len.div_ceil(64) as usize],
-            len,
-        }
+        Bitmap { words: vec![0; len.div_ceil(64) as usize], len }
     }
     /// Number of bits.
     pub fn len(&self) -> u64 {
@@ -64,10 +61,7 @@ pub struct AtomicBitmap {
 impl AtomicBitmap {
     /// `len` cleared bits.
     pub fn new(len: u64) -> Self {
-        AtomicBitmap {
-            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            len,
-        }
+        AtomicBitmap { words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), len }
     }
     /// Bit `i` (false when out of range).
     pub fn get(&self, i: u64) -> bool {
@@ -87,9 +81,6 @@ impl AtomicBitmap {
     }
     /// Number of set bits.
     pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
-            .sum()
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
     }
 }

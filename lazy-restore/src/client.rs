@@ -83,16 +83,8 @@ pub fn map_anonymous(size: u64, page_size: u64) -> Result<*mut u8> {
         flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
     }
     // SAFETY: a fresh anonymous mapping at an address the kernel picks.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        )
-    };
+    let ptr =
+        unsafe { libc::mmap(std::ptr::null_mut(), size as usize, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
     if ptr == libc::MAP_FAILED {
         return Err(Error::last_os(format!("mmap {size} bytes")));
     }
@@ -105,12 +97,7 @@ impl FakeVm {
         let t0 = Instant::now();
         let uffd = firecracker_uffd()?;
         let mut regions: Vec<Mapped> = Vec::new();
-        let mut vm = FakeVm {
-            uffd,
-            regions: Vec::new(),
-            stream: None,
-            setup_ns: 0,
-        };
+        let mut vm = FakeVm { uffd, regions: Vec::new(), stream: None, setup_ns: 0 };
         for spec in specs {
             let ptr = map_anonymous(spec.size, spec.page_size)?;
             regions.push(Mapped { ptr, spec: *spec });
@@ -157,8 +144,7 @@ impl FakeVm {
 
     /// Connects to `socket` and sends the handshake with `extra_fds` after the userfaultfd.
     pub fn connect(&mut self, socket: &Path, shape: Shape, extra_fds: &[RawFd]) -> Result<()> {
-        let stream = UnixStream::connect(socket)
-            .map_err(|e| Error::io(format!("connect {}", socket.display()), e))?;
+        let stream = UnixStream::connect(socket).map_err(|e| Error::io(format!("connect {}", socket.display()), e))?;
         let body = self.handshake_json(shape);
         let mut fds = vec![self.uffd.as_raw_fd()];
         fds.extend_from_slice(extra_fds);
@@ -192,10 +178,7 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> Result<
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: zeroed msghdr is valid; the fields are filled below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -218,10 +201,7 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> Result<
         return Err(Error::last_os("sendmsg"));
     }
     if n as usize != data.len() {
-        return Err(Error::Invalid(format!(
-            "sendmsg sent {n} of {} bytes",
-            data.len()
-        )));
+        return Err(Error::Invalid(format!("sendmsg sent {n} of {} bytes", data.len())));
     }
     Ok(())
 }

@@ -44,17 +44,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An `Io` error from the current `errno`.
     pub(crate) fn last_os(what: impl Into<String>) -> Self {
-        Error::Io {
-            what: what.into(),
-            source: io::Error::last_os_error(),
-        }
+        Error::Io { what: what.into(), source: io::Error::last_os_error() }
     }
 
     /// An `Io` error wrapping `source`.
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
+        Error::Io { what: what.into(), source }
     }
 }

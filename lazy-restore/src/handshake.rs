@@ -35,13 +35,11 @@ struct FcRegion {
 
 /// Parses the JSON array of regions (exact: one array, nothing but whitespace after it).
 pub fn parse_regions(msg: &[u8]) -> Result<Vec<Region>> {
-    let text = std::str::from_utf8(msg)
-        .map_err(|e| Error::Handshake(format!("message is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(msg).map_err(|e| Error::Handshake(format!("message is not UTF-8: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let raw: Vec<FcRegion> = serde::Deserialize::deserialize(&mut de)
         .map_err(|e| Error::Handshake(format!("not a JSON array of regions: {e}")))?;
-    de.end()
-        .map_err(|e| Error::Handshake(format!("trailing bytes after the region array: {e}")))?;
+    de.end().map_err(|e| Error::Handshake(format!("trailing bytes after the region array: {e}")))?;
     if raw.is_empty() {
         return Err(Error::Handshake("empty region array".into()));
     }
@@ -54,25 +52,16 @@ pub fn parse_regions(msg: &[u8]) -> Result<Vec<Region>> {
             };
             let page_size = match (r.page_size, r.page_size_kib.map(norm)) {
                 (Some(a), Some(b)) if a != b => {
-                    return Err(Error::Handshake(format!(
-                        "region {i}: page_size {a} and page_size_kib {b} disagree"
-                    )));
+                    return Err(Error::Handshake(format!("region {i}: page_size {a} and page_size_kib {b} disagree")));
                 }
                 (Some(a), _) => a,
                 (None, Some(b)) => b,
                 (None, None) => 4096,
             };
             if page_size != 4096 && page_size != HUGE_PAGE {
-                return Err(Error::Handshake(format!(
-                    "region {i}: unsupported page size {page_size}"
-                )));
+                return Err(Error::Handshake(format!("region {i}: unsupported page size {page_size}")));
             }
-            Ok(Region {
-                base: r.base_host_virt_addr,
-                size: r.size,
-                offset: r.offset,
-                page_size,
-            })
+            Ok(Region { base: r.base_host_virt_addr, size: r.size, offset: r.offset, page_size })
         })
         .collect()
 }
@@ -90,11 +79,7 @@ pub struct PeerCred {
 
 /// SO_PEERCRED of a connected AF_UNIX socket.
 pub fn peer_cred(stream: &UnixStream) -> Result<PeerCred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` and `len` are valid for writes of the sizes given.
     let r = unsafe {
@@ -109,11 +94,7 @@ pub fn peer_cred(stream: &UnixStream) -> Result<PeerCred> {
     if r != 0 {
         return Err(Error::last_os("getsockopt(SO_PEERCRED)"));
     }
-    Ok(PeerCred {
-        pid: cred.pid,
-        uid: cred.uid,
-        gid: cred.gid,
-    })
+    Ok(PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
 /// A received handshake.
@@ -138,27 +119,20 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Handshake(format!(
-                "timed out after {timeout:?} with {} bytes received",
-                data.len()
-            )));
+            return Err(Error::Handshake(format!("timed out after {timeout:?} with {} bytes received", data.len())));
         }
         wait_readable(stream, left)?;
         let n = recv_with_fds(stream, &mut chunk, &mut fds)?;
         if n == 0 {
             if data.is_empty() {
-                return Err(Error::Handshake(
-                    "connection closed before the handshake".into(),
-                ));
+                return Err(Error::Handshake("connection closed before the handshake".into()));
             }
             // Closed after a partial message: parse what we have, which fails precisely.
             break;
         }
         data.extend_from_slice(&chunk[..n]);
         if data.len() > MAX_MESSAGE {
-            return Err(Error::Handshake(format!(
-                "message larger than {MAX_MESSAGE} bytes"
-            )));
+            return Err(Error::Handshake(format!("message larger than {MAX_MESSAGE} bytes")));
         }
         // Complete once the JSON value is; an unfinished value means more is in flight.
         match serde_json::from_slice::<serde::de::IgnoredAny>(&data) {
@@ -172,32 +146,18 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
         return Err(Error::Handshake("no file descriptor in the message".into()));
     }
     if fds.len() > MAX_FDS {
-        return Err(Error::Handshake(format!(
-            "{} file descriptors (at most {MAX_FDS} accepted)",
-            fds.len()
-        )));
+        return Err(Error::Handshake(format!("{} file descriptors (at most {MAX_FDS} accepted)", fds.len())));
     }
     let nfds = fds.len();
     let Some(pos) = fds.iter().position(|f| uffd::is_userfaultfd(f.as_fd())) else {
-        return Err(Error::Handshake(
-            "none of the descriptors is a userfaultfd".into(),
-        ));
+        return Err(Error::Handshake("none of the descriptors is a userfaultfd".into()));
     };
     let uffd = fds.swap_remove(pos);
-    Ok(Handshake {
-        regions,
-        uffd,
-        fds: nfds,
-        bytes: data.len(),
-    })
+    Ok(Handshake { regions, uffd, fds: nfds, bytes: data.len() })
 }
 
 fn wait_readable(stream: &UnixStream, left: Duration) -> Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
     loop {
         // SAFETY: one valid pollfd.
@@ -223,10 +183,7 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE((ROOM * std::mem::size_of::<libc::c_int>()) as u32) };
     let mut cbuf = vec![0u64; (space as usize).div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: zeroed msghdr is a valid "empty" header; fields are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -235,13 +192,7 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
     msg.msg_controllen = space as _;
     let n = loop {
         // SAFETY: `msg` points to a valid iovec and control buffer that outlive the call.
-        let n = unsafe {
-            libc::recvmsg(
-                stream.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
@@ -258,8 +209,7 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const libc::c_int;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<libc::c_int>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<libc::c_int>();
                 for i in 0..count {
                     let fd = std::ptr::read_unaligned(data.add(i));
                     // SAFETY: SCM_RIGHTS installed this descriptor in our table for us.
@@ -270,9 +220,45 @@ fn recv_with_fds(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) ->
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(Error::Handshake(format!(
-            "more than {ROOM} file descriptors (control data truncated)"
-        )));
+        return Err(Error::Handshake(format!("more than {ROOM} file descriptors (control data truncated)")));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_released_shape_parses() {
+        let v11 = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0}]"#;
+        let v17 = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size_kib":4096}]"#;
+        let v112 = br#"[{"base_host_virt_addr":2097152,"size":4194304,"offset":0,"page_size":2097152,"page_size_kib":2097152}]"#;
+        let extra = br#" [ {"offset":0,"size":8192,"base_host_virt_addr":4096,"slot":3,"x":{"y":[1]}} ] "#;
+        for m in [&v11[..], &v17[..], &extra[..]] {
+            let r = parse_regions(m).unwrap();
+            assert_eq!(r[0].page_size, 4096);
+            assert_eq!((r[0].base, r[0].size, r[0].offset), (4096, 8192, 0));
+        }
+        assert_eq!(parse_regions(v112).unwrap()[0].page_size, HUGE_PAGE);
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        for (m, needle) in [
+            (&br#"[{"base_host_virt_addr":1,"size":2}]"#[..], "missing field"),
+            (br#"[{"base_host_virt_addr":1,"size":-2,"offset":0}]"#, "invalid value"),
+            (br#"[]"#, "empty"),
+            (
+                br#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096,"page_size_kib":2097152}]"#,
+                "disagree",
+            ),
+            (br#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":65536}]"#, "unsupported page size"),
+            (br#"[{"base_host_virt_addr":0,"size":4096,"offset":0}] []"#, "trailing"),
+            (b"\xff", "UTF-8"),
+        ] {
+            let e = parse_regions(m).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
 }

@@ -23,6 +23,11 @@ use crate::source::PageSource;
 use crate::uffd::{self, Event, Fill};
 use crate::{Error, Result};
 
+/// Most zero pages mapped by one demand fault on a zero page (2 MiB of 4 KiB pages).
+const ZERO_AROUND_PAGES: u64 = 512;
+/// Most zero pages per prefetch/fill zero batch (one UFFDIO_ZEROPAGE of 8 MiB).
+const ZERO_RUN_PAGES: u64 = 2048;
+
 /// 2 MiB: the hugetlb page size Firecracker uses.
 pub const HUGE_PAGE: u64 = 2 << 20;
 
@@ -57,10 +62,7 @@ pub fn validate_regions(regions: &[Region], image_size: u64, image_page: u64) ->
             return bad(format!("region {i}: unsupported page size {}", r.page_size));
         }
         if r.page_size % image_page != 0 {
-            return bad(format!(
-                "region {i}: page size {} is not a multiple of the image's {image_page}",
-                r.page_size
-            ));
+            return bad(format!("region {i}: page size {} is not a multiple of the image's {image_page}", r.page_size));
         }
         if r.size == 0 || r.size % r.page_size != 0 {
             return bad(format!(
@@ -121,6 +123,11 @@ pub struct RestoreOptions {
     pub on_corrupt: CorruptPolicy,
     /// Keep at most this many fault service times (for percentiles).
     pub max_latency_samples: usize,
+    /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
+    pub prefetch_threads: usize,
+    /// Largest sequential read-ahead window in bytes (4 KiB regions): demand faults that follow
+    /// one another through memory install 2, 4, 8... pages at once. 0 or 4096 disables it.
+    pub readahead: usize,
 }
 
 impl Default for RestoreOptions {
@@ -132,6 +139,8 @@ impl Default for RestoreOptions {
             batch_bytes: 256 << 10,
             on_corrupt: CorruptPolicy::KillPeer,
             max_latency_samples: 1 << 20,
+            prefetch_threads: 2,
+            readahead: 256 << 10,
         }
     }
 }
@@ -150,11 +159,7 @@ pub struct Peer {
 impl Peer {
     /// A peer identified by `pid`, with a pidfd opened now.
     pub fn from_pid(pid: i32) -> Self {
-        Peer {
-            pid: Some(pid),
-            pidfd: pidfd_open(pid).ok(),
-            conn: None,
-        }
+        Peer { pid: Some(pid), pidfd: pidfd_open(pid).ok(), conn: None }
     }
 }
 
@@ -180,11 +185,7 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
             0,
         )
     };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Live counters of a restore.
@@ -344,9 +345,7 @@ impl RestoreHandle {
             Some(Ok(r)) => r,
             _ => RestoreReport {
                 pid,
-                end: EndReason::Failed {
-                    message: "serving thread panicked".into(),
-                },
+                end: EndReason::Failed { message: "serving thread panicked".into() },
                 stats: self.stats.snapshot(),
                 working_set: Vec::new(),
                 touched: Vec::new(),
@@ -386,14 +385,11 @@ pub fn start(
     }
     let stop = Arc::new(eventfd()?);
     let stats = Arc::new(RestoreStats::default());
-    let installed: Vec<Arc<AtomicBitmap>> = regions
-        .iter()
-        .map(|r| Arc::new(AtomicBitmap::new(r.pages())))
-        .collect();
+    let installed: Vec<Arc<AtomicBitmap>> = regions.iter().map(|r| Arc::new(AtomicBitmap::new(r.pages()))).collect();
     let pid = peer.pid;
     let live_ws = Arc::new(Mutex::new(Vec::new()));
     let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
-    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes);
+    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes).max(opts.readahead);
     let mut serving = Serving {
         uffd,
         states: regions
@@ -418,29 +414,49 @@ pub fn start(
         live_ws: live_ws.clone(),
         fault_ns: Vec::new(),
         prefetch: None,
+        seq_next: (usize::MAX, 0),
+        seq: 0,
     };
     let plan = prefetch_plan(&regions, source.as_ref(), &opts);
     if !plan.is_empty() {
         let efd = Arc::new(eventfd()?);
         let (tx, rx) = std::sync::mpsc::sync_channel(8);
         let quit = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (source, efd, quit, installed) =
-                (source.clone(), efd.clone(), quit.clone(), installed.clone());
-            let regions = regions.clone();
-            std::thread::Builder::new()
-                .name("uffd-prefetch".into())
-                .spawn(move || {
-                    prefetch_reader(plan, &regions, &*source, &installed, tx, &efd, &quit)
-                })
-                .map_err(|e| Error::io("spawn prefetch thread", e))?
-        };
-        serving.prefetch = Some(Prefetch {
-            rx,
-            efd,
-            quit,
-            reader: Some(reader),
-        });
+        // Several readers share the plan: store reads (lookup, decompress, verify) are the cost,
+        // and they parallelise; the serving thread alone installs.
+        // Which run each region page belongs to: a demand fault on a planned page moves the
+        // readers' cursor past its run (they follow the guest instead of trailing it) and
+        // installs the rest of that run at once.
+        let mut run_of: Vec<Vec<u32>> = regions.iter().map(|r| vec![u32::MAX; r.pages() as usize]).collect();
+        for (i, run) in plan.iter().enumerate() {
+            for p in run.first..run.first + run.count {
+                run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
+            }
+        }
+        let plan = Arc::new(plan);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sweep = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for i in 0..opts.prefetch_threads.max(1) {
+            let (source, efd, quit2, installed) = (source.clone(), efd.clone(), quit.clone(), installed.clone());
+            let (regions, plan, next, tx) = (regions.clone(), plan.clone(), next.clone(), tx.clone());
+            let sweep = sweep.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("uffd-prefetch-{i}"))
+                .spawn(move || prefetch_reader(&plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2));
+            match spawned {
+                Ok(h) => readers.push(h),
+                Err(e) => {
+                    quit.store(true, Relaxed);
+                    for h in readers {
+                        let _ = h.join();
+                    }
+                    return Err(Error::io("spawn prefetch thread", e));
+                }
+            }
+        }
+        drop(tx);
+        serving.prefetch = Some(Prefetch { rx, efd, quit, readers, plan, next, run_of });
     } else {
         stats.prefetch_done.store(true, Relaxed);
     }
@@ -449,13 +465,7 @@ pub fn start(
         .name(format!("uffd-{}", pid.unwrap_or(0)))
         .spawn(move || serving.run(&stop2))
         .map_err(|e| Error::io("spawn serving thread", e))?;
-    Ok(RestoreHandle {
-        thread: Some(thread),
-        stop,
-        stats,
-        pid,
-        live_ws,
-    })
+    Ok(RestoreHandle { thread: Some(thread), stop, stats, pid, live_ws })
 }
 
 struct RegionState {
@@ -471,6 +481,7 @@ struct Run {
     region: usize,
     first: u64,
     count: u64,
+    zero: bool,
 }
 
 enum Batch {
@@ -482,7 +493,10 @@ struct Prefetch {
     rx: Receiver<Batch>,
     efd: Arc<OwnedFd>,
     quit: Arc<AtomicBool>,
-    reader: Option<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
+    plan: Arc<Vec<Run>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    run_of: Vec<Vec<u32>>,
 }
 
 enum Stop {
@@ -506,6 +520,9 @@ struct Serving {
     live_ws: Arc<Mutex<Vec<u64>>>,
     fault_ns: Vec<u32>,
     prefetch: Option<Prefetch>,
+    /// The page right after the last demand-installed run, and how many faults in a row hit it.
+    seq_next: (usize, u64),
+    seq: u32,
 }
 
 /// The image pages behind region page `p` of `r`.
@@ -519,28 +536,26 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
     let ip = source.page_size() as u64;
     let mut seen: Vec<Bitmap> = regions.iter().map(|r| Bitmap::new(r.pages())).collect();
     let mut runs: Vec<Run> = Vec::new();
+    // Runs are homogeneous: data runs up to `batch_bytes`, zero runs much longer (no data moves).
     let push = |runs: &mut Vec<Run>, region: usize, p: u64| {
-        let max = (opts.batch_bytes as u64 / regions[region].page_size).max(1);
+        let r = &regions[region];
+        let zero = all_zero(source, r, p);
+        let max =
+            if zero && r.page_size == 4096 { ZERO_RUN_PAGES } else { (opts.batch_bytes as u64 / r.page_size).max(1) };
         if let Some(last) = runs.last_mut()
             && last.region == region
             && last.first + last.count == p
+            && last.zero == zero
             && last.count < max
         {
             last.count += 1;
             return;
         }
-        runs.push(Run {
-            region,
-            first: p,
-            count: 1,
-        });
+        runs.push(Run { region, first: p, count: 1, zero });
     };
     for &page in &opts.prefetch {
         let byte = page.saturating_mul(ip);
-        let Some(ri) = regions
-            .iter()
-            .position(|r| byte >= r.offset && byte < r.offset + r.size)
-        else {
+        let Some(ri) = regions.iter().position(|r| byte >= r.offset && byte < r.offset + r.size) else {
             continue;
         };
         let p = (byte - regions[ri].offset) / regions[ri].page_size;
@@ -565,8 +580,11 @@ fn all_zero(source: &dyn PageSource, r: &Region, p: u64) -> bool {
 }
 
 /// Reads the prefetch runs ahead of the serving thread (decompression overlaps the copies).
+#[allow(clippy::too_many_arguments)]
 fn prefetch_reader(
-    plan: Vec<Run>,
+    plan: &[Run],
+    next: &std::sync::atomic::AtomicUsize,
+    sweep: &std::sync::atomic::AtomicUsize,
     regions: &[Region],
     source: &dyn PageSource,
     installed: &[Arc<AtomicBitmap>],
@@ -584,7 +602,16 @@ fn prefetch_reader(
         unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         true
     };
-    for run in plan {
+    loop {
+        // First pass follows the cursor (which demand faults push forward); a second pass picks
+        // up the runs a jump skipped (their installed pages are skipped without reading).
+        let run = match plan.get(next.fetch_add(1, Relaxed)) {
+            Some(&run) => run,
+            None => match plan.get(sweep.fetch_add(1, Relaxed)) {
+                Some(&run) => run,
+                None => return,
+            },
+        };
         let r = &regions[run.region];
         let rps = r.page_size as usize;
         // Split the run into homogeneous pieces: data pages, zero pages; skip installed ones.
@@ -604,11 +631,7 @@ fn prefetch_reader(
                 q += 1;
             }
             if zero {
-                if !send(Batch::Zero(Run {
-                    region: run.region,
-                    first: p,
-                    count: q - p,
-                })) {
+                if !send(Batch::Zero(Run { region: run.region, first: p, count: q - p, zero: true })) {
                     return;
                 }
                 p = q;
@@ -634,14 +657,7 @@ fn prefetch_reader(
             }
             if good > 0 {
                 data.truncate(good as usize * rps);
-                if !send(Batch::Data {
-                    run: Run {
-                        region: run.region,
-                        first: p,
-                        count: good,
-                    },
-                    data,
-                }) {
+                if !send(Batch::Data { run: Run { region: run.region, first: p, count: good, zero: false }, data }) {
                     return;
                 }
             }
@@ -660,11 +676,7 @@ impl Serving {
         let end = match self.serve(stop) {
             Ok(()) => EndReason::Stopped,
             Err(Stop::Gone) => EndReason::PeerExited,
-            Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage {
-                page,
-                pid: self.peer.pid,
-                message,
-            },
+            Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage { page, pid: self.peer.pid, message },
             Err(Stop::Fatal(message)) => {
                 error!(pid = self.peer.pid, "restore failed: {message}");
                 EndReason::Failed { message }
@@ -673,7 +685,7 @@ impl Serving {
         if let Some(mut pf) = self.prefetch.take() {
             pf.quit.store(true, Relaxed);
             drop(pf.rx);
-            if let Some(t) = pf.reader.take() {
+            for t in pf.readers.drain(..) {
                 let _ = t.join();
             }
         }
@@ -687,12 +699,7 @@ impl Serving {
             }
         }
         touched.sort_unstable();
-        info!(
-            pid = self.peer.pid,
-            ?end,
-            faults = self.ws.len(),
-            "restore ended"
-        );
+        info!(pid = self.peer.pid, ?end, faults = self.ws.len(), "restore ended");
         RestoreReport {
             pid: self.peer.pid,
             end,
@@ -715,30 +722,14 @@ impl Serving {
             }
             // Nothing to do: sleep until a fault, the peer's exit, a stop request or a batch.
             let mut fds = vec![
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
             if let Some(pidfd) = &self.peer.pidfd {
-                fds.push(libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             if let Some(pf) = &self.prefetch {
-                fds.push(libc::pollfd {
-                    fd: pf.efd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(libc::pollfd { fd: pf.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -776,9 +767,7 @@ impl Serving {
         for ev in events.drain(..) {
             match ev {
                 Event::Pagefault { addr, .. } => self.pending.push_back(addr),
-                Event::Remove { start, end } | Event::Unmap { start, end } => {
-                    self.apply_remove(start, end)
-                }
+                Event::Remove { start, end } | Event::Unmap { start, end } => self.apply_remove(start, end),
                 Event::Other(code) => debug!(code, "ignored userfaultfd event"),
             }
         }
@@ -813,12 +802,7 @@ impl Serving {
         self.states
             .iter()
             .position(|s| addr >= s.r.base && addr < s.r.base + s.r.size)
-            .map(|i| {
-                (
-                    i,
-                    (addr - self.states[i].r.base) / self.states[i].r.page_size,
-                )
-            })
+            .map(|i| (i, (addr - self.states[i].r.base) / self.states[i].r.page_size))
     }
 
     fn on_fault(&mut self, addr: u64) -> std::result::Result<(), Stop> {
@@ -838,6 +822,7 @@ impl Serving {
             return Ok(());
         }
         let removed = st.removed.get(p);
+        self.seq = if self.seq_next == (ri, p) { self.seq.saturating_add(1) } else { 0 };
         if !removed && !self.states[ri].recorded.set(p, true) {
             let first = image_pages(&r, p, self.source.page_size() as u64).start;
             self.ws.push(first);
@@ -846,13 +831,37 @@ impl Serving {
             }
         }
         if removed || all_zero(&*self.source, &r, p) {
-            self.install_zero(ri, p, 1)?;
+            // Zero pages come in long runs (free guest memory): map the following zero (or
+            // removed) pages too, in the same ioctl. They cost a page-table entry each, no copy.
+            let mut n = 1;
+            if r.page_size == 4096 {
+                let st = &self.states[ri];
+                while n < ZERO_AROUND_PAGES
+                    && p + n < r.pages()
+                    && !st.installed.get(p + n)
+                    && (st.removed.get(p + n) || all_zero(&*self.source, &r, p + n))
+                {
+                    n += 1;
+                }
+            }
+            self.install_zero(ri, p, n)?;
+            self.seq_next = (ri, p + n);
         } else {
-            let max = if r.page_size == 4096 {
-                (self.opts.fault_around as u64 / r.page_size).max(1)
-            } else {
-                1
-            };
+            let mut max = if r.page_size == 4096 { (self.opts.fault_around as u64 / r.page_size).max(1) } else { 1 };
+            // Sequential read-ahead: each fault right after the previous demand run doubles
+            // the window (2, 4, ... pages, up to `readahead`); any other fault resets it.
+            if r.page_size == 4096 && self.seq > 0 {
+                let cap = (self.opts.readahead as u64 / r.page_size).max(1);
+                max = max.max((1u64 << self.seq.min(20)).min(cap));
+            }
+            if let Some(pf) = &self.prefetch
+                && let Some(&idx) = pf.run_of[ri].get(p as usize)
+                && idx != u32::MAX
+            {
+                pf.next.fetch_max(idx as usize + 1, Relaxed);
+                let run = pf.plan[idx as usize];
+                max = max.max(run.first + run.count - p);
+            }
             let st = &self.states[ri];
             let mut n = 1;
             while n < max
@@ -865,10 +874,10 @@ impl Serving {
             }
             let n = self.read_run(ri, p, n)?;
             self.install_data(ri, p, n, None, false)?;
+            self.seq_next = (ri, p + n.max(1));
         }
         if self.fault_ns.len() < self.opts.max_latency_samples {
-            self.fault_ns
-                .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+            self.fault_ns.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
         Ok(())
     }
@@ -915,11 +924,7 @@ impl Serving {
                 Err(Stop::Corrupt(i, msg))
             }
             _ => {
-                error!(
-                    pid = self.peer.pid,
-                    page = i,
-                    "corrupt page: poisoning it (an access raises SIGBUS): {msg}"
-                );
+                error!(pid = self.peer.pid, page = i, "corrupt page: poisoning it (an access raises SIGBUS): {msg}");
                 match uffd::poison(self.fd(), r.base + p * r.page_size, r.page_size as usize) {
                     Ok(Fill::Gone) => Err(Stop::Gone),
                     Ok(_) => {
@@ -1044,13 +1049,7 @@ impl Serving {
 
     /// UFFDIO_COPY of `n` region pages at page `p` from `src`, following the kernel's rules.
     /// Returns the pages this call installed.
-    fn copy_pages(
-        &mut self,
-        ri: usize,
-        p: u64,
-        n: u64,
-        src: *const u8,
-    ) -> std::result::Result<u64, Stop> {
+    fn copy_pages(&mut self, ri: usize, p: u64, n: u64, src: *const u8) -> std::result::Result<u64, Stop> {
         let r = self.states[ri].r;
         let len = (n * r.page_size) as usize;
         let dst = r.base + p * r.page_size;
@@ -1071,8 +1070,7 @@ impl Serving {
             }
             self.stats.ioctls.fetch_add(1, Relaxed);
             // SAFETY: `src` points to `len` readable bytes (the caller's buffer of n pages).
-            let res =
-                unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
+            let res = unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
             match res {
                 Ok(Fill::Done) => {
                     let d = (end - done) as u64 / r.page_size;
@@ -1131,24 +1129,48 @@ impl Serving {
                         j += 1;
                     }
                     self.install_zero(run.region, todo[i], (j - i) as u64)?;
-                    self.stats
-                        .pages_prefetched
-                        .fetch_add((j - i) as u64, Relaxed);
+                    self.stats.pages_prefetched.fetch_add((j - i) as u64, Relaxed);
                     i = j;
                 }
                 Ok(true)
             }
             Err(TryRecvError::Empty) => Ok(false),
             Err(TryRecvError::Disconnected) => {
-                if let Some(mut pf) = self.prefetch.take()
-                    && let Some(t) = pf.reader.take()
-                {
-                    let _ = t.join();
+                if let Some(mut pf) = self.prefetch.take() {
+                    for t in pf.readers.drain(..) {
+                        let _ = t.join();
+                    }
                 }
                 self.stats.prefetch_done.store(true, Relaxed);
                 debug!(pid = self.peer.pid, "prefetch complete");
                 Ok(true)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(base: u64, size: u64, offset: u64) -> Region {
+        Region { base, size, offset, page_size: 4096 }
+    }
+
+    #[test]
+    fn region_validation() {
+        let img = 1 << 20;
+        assert!(validate_regions(&[r(0x10000, 0x8000, 0), r(0x40000, 0x8000, 0x8000)], img, 4096).is_ok());
+        for (regions, needle) in [
+            (vec![], "no regions"),
+            (vec![r(0x10000, 0x8000, img)], "beyond the image"),
+            (vec![r(0x10000, u64::MAX - 4095, 0)], "beyond the image"),
+            (vec![r(0x10001, 0x8000, 0)], "not aligned"),
+            (vec![r(0x10000, 0x8000, 0), r(0x80000, 0x8000, 0x4000)], "overlap in the image"),
+            (vec![r(0x10000, 0x8000, 0), r(0x14000, 0x8000, 0x8000)], "overlap in memory"),
+        ] {
+            let e = validate_regions(&regions, img, 4096).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
         }
     }
 }

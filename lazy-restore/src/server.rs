@@ -94,17 +94,11 @@ impl UffdServer {
             if meta.file_type().is_socket() {
                 let _ = std::fs::remove_file(path);
             } else {
-                return Err(Error::Invalid(format!(
-                    "{} exists and is not a socket",
-                    path.display()
-                )));
+                return Err(Error::Invalid(format!("{} exists and is not a socket", path.display())));
             }
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("set_nonblocking", e))?;
+        let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        listener.set_nonblocking(true).map_err(|e| Error::io("set_nonblocking", e))?;
         let prefetch = Arc::new(Mutex::new(opts.restore.prefetch.clone()));
         Ok(UffdServer {
             listener,
@@ -137,8 +131,7 @@ impl UffdServer {
     /// Accepts VMs and serves them until stopped, idle or `max_restores`; `on_event` sees every
     /// start, refusal and end (with the restore's report).
     pub fn run(&self, mut on_event: impl FnMut(&UffdServer, ServerEvent)) -> Result<ServerSummary> {
-        let (tx, rx) =
-            mpsc::channel::<(Option<i32>, Result<(RestoreHandle, Vec<Region>, usize)>)>();
+        let (tx, rx) = mpsc::channel::<(Option<i32>, Result<(RestoreHandle, Vec<Region>, usize)>)>();
         let mut handshakes: Vec<JoinHandle<()>> = Vec::new();
         let mut active: Vec<RestoreHandle> = Vec::new();
         let mut summary = ServerSummary::default();
@@ -156,16 +149,13 @@ impl UffdServer {
                         let tx = tx.clone();
                         let source = self.source.clone();
                         let mut ropts = self.opts.restore.clone();
-                        ropts.prefetch =
-                            self.prefetch.lock().map(|p| p.clone()).unwrap_or_default();
+                        ropts.prefetch = self.prefetch.lock().map(|p| p.clone()).unwrap_or_default();
                         let timeout = self.opts.handshake_timeout;
-                        let spawned = std::thread::Builder::new()
-                            .name("uffd-handshake".into())
-                            .spawn(move || {
-                                let pid = cred.map(|c| c.pid);
-                                let res = accept_vm(stream, cred, source, ropts, timeout);
-                                let _ = tx.send((pid, res));
-                            });
+                        let spawned = std::thread::Builder::new().name("uffd-handshake".into()).spawn(move || {
+                            let pid = cred.map(|c| c.pid);
+                            let res = accept_vm(stream, cred, source, ropts, timeout);
+                            let _ = tx.send((pid, res));
+                        });
                         match spawned {
                             Ok(h) => handshakes.push(h),
                             Err(e) => error!("cannot spawn a handshake thread: {e}"),
@@ -182,26 +172,13 @@ impl UffdServer {
                 match res {
                     Ok((handle, regions, fds)) => {
                         summary.started += 1;
-                        on_event(
-                            self,
-                            ServerEvent::Started {
-                                pid: pid.unwrap_or(0),
-                                regions,
-                                fds,
-                            },
-                        );
+                        on_event(self, ServerEvent::Started { pid: pid.unwrap_or(0), regions, fds });
                         active.push(handle);
                     }
                     Err(e) => {
                         summary.refused += 1;
                         error!(pid, "refused a connection: {e}");
-                        on_event(
-                            self,
-                            ServerEvent::Refused {
-                                pid,
-                                error: e.to_string(),
-                            },
-                        );
+                        on_event(self, ServerEvent::Refused { pid, error: e.to_string() });
                     }
                 }
             }
@@ -231,11 +208,8 @@ impl UffdServer {
             {
                 break "idle";
             }
-            let mut pfd = libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.listener),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd =
+                libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.listener), events: libc::POLLIN, revents: 0 };
             // Wake for connections at once; otherwise every 20 ms to reap ended restores.
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 20) };
@@ -251,13 +225,7 @@ impl UffdServer {
                 h.stop();
                 active.push(h);
             } else if let Err(e) = res {
-                on_event(
-                    self,
-                    ServerEvent::Refused {
-                        pid,
-                        error: e.to_string(),
-                    },
-                );
+                on_event(self, ServerEvent::Refused { pid, error: e.to_string() });
             }
         }
         for h in active {
@@ -285,14 +253,9 @@ fn accept_vm(
 ) -> Result<(RestoreHandle, Vec<Region>, usize)> {
     let pid = cred.map(|c| c.pid);
     // Open the pidfd before anything slow, so the pid cannot be recycled under us.
-    let pidfd = pid
-        .filter(|&p| p > 0)
-        .and_then(|p| restore::pidfd_open(p).ok());
+    let pidfd = pid.filter(|&p| p > 0).and_then(|p| restore::pidfd_open(p).ok());
     if pidfd.is_none() {
-        warn!(
-            pid,
-            "no pidfd for the peer: its exit is detected only through ESRCH"
-        );
+        warn!(pid, "no pidfd for the peer: its exit is detected only through ESRCH");
     }
     let hs = handshake::receive(&stream, timeout)?;
     info!(
@@ -304,11 +267,7 @@ fn accept_vm(
         "handshake received"
     );
     let regions = hs.regions.clone();
-    let peer = Peer {
-        pid,
-        pidfd,
-        conn: Some(stream),
-    };
+    let peer = Peer { pid, pidfd, conn: Some(stream) };
     let handle = restore::start(hs.uffd, hs.regions, source, peer, opts)?;
     Ok((handle, regions, hs.fds))
 }

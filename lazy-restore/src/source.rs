@@ -44,16 +44,10 @@ impl RawFileSource {
     /// Opens `path` with `page_size`-byte pages; the file size must be a multiple of it.
     pub fn open(path: &Path, page_size: usize) -> Result<Self> {
         if page_size == 0 || !page_size.is_power_of_two() {
-            return Err(Error::Invalid(format!(
-                "page size {page_size} is not a power of two"
-            )));
+            return Err(Error::Invalid(format!("page size {page_size} is not a power of two")));
         }
-        let file =
-            File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
+        let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let size = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
         if size % page_size as u64 != 0 {
             return Err(Error::Invalid(format!(
                 "{}: size {size} is not a multiple of the page size {page_size}",
@@ -62,13 +56,7 @@ impl RawFileSource {
         }
         let pages = size / page_size as u64;
         let holes = hole_bitmap(&file, size, page_size as u64, pages);
-        Ok(RawFileSource {
-            file,
-            path: path.to_path_buf(),
-            page_size,
-            pages,
-            holes,
-        })
+        Ok(RawFileSource { file, path: path.to_path_buf(), page_size, pages, holes })
     }
 }
 
@@ -109,25 +97,17 @@ impl PageSource for RawFileSource {
         self.pages
     }
     fn is_zero(&self, index: u64) -> bool {
-        self.holes
-            .get((index / 64) as usize)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        self.holes.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
     }
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
         if index >= self.pages || buf.len() != self.page_size {
-            return Err(Error::Page {
-                image: self.name(),
-                page: index,
-                message: "out of range".into(),
-            });
+            return Err(Error::Page { image: self.name(), page: index, message: "out of range".into() });
         }
-        self.file
-            .read_exact_at(buf, index * self.page_size as u64)
-            .map_err(|e| Error::Page {
-                image: self.name(),
-                page: index,
-                message: e.to_string(),
-            })
+        self.file.read_exact_at(buf, index * self.page_size as u64).map_err(|e| Error::Page {
+            image: self.name(),
+            page: index,
+            message: e.to_string(),
+        })
     }
     fn name(&self) -> String {
         self.path.display().to_string()
@@ -159,13 +139,7 @@ impl CachedSource {
         CachedSource {
             inner,
             shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        pages: HashMap::new(),
-                        order: VecDeque::new(),
-                        bytes: 0,
-                    })
-                })
+                .map(|_| Mutex::new(Shard { pages: HashMap::new(), order: VecDeque::new(), bytes: 0 }))
                 .collect(),
             shard_capacity: capacity / SHARDS,
             hits: Default::default(),
@@ -247,9 +221,7 @@ impl StoreSource {
 
     /// Opens the image `name_or_id` (a ref or a hex id) of `store`.
     pub fn open(store: &snapfork_store::Store, name_or_id: &str) -> Result<Self> {
-        Ok(StoreSource {
-            reader: store.open_image_ref(name_or_id)?,
-        })
+        Ok(StoreSource { reader: store.open_image_ref(name_or_id)? })
     }
 
     /// The image's id.
@@ -279,14 +251,11 @@ impl PageSource for StoreSource {
         self.reader.page_id(index).is_ok_and(|id| id.is_zero())
     }
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
-        self.reader
-            .read_page(index, buf)
-            .map(|_| ())
-            .map_err(|e| Error::Page {
-                image: self.reader.name().to_string(),
-                page: index,
-                message: e.to_string(),
-            })
+        self.reader.read_page(index, buf).map(|_| ()).map_err(|e| Error::Page {
+            image: self.reader.name().to_string(),
+            page: index,
+            message: e.to_string(),
+        })
     }
     fn name(&self) -> String {
         self.reader.name().to_string()

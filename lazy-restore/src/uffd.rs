@@ -64,21 +64,9 @@ struct UffdioPoison {
 }
 
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, std::mem::size_of::<UffdioRange>());
-const UFFDIO_COPY: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    0x03,
-    std::mem::size_of::<UffdioCopy>(),
-);
-const UFFDIO_ZEROPAGE: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    0x04,
-    std::mem::size_of::<UffdioZeropage>(),
-);
-const UFFDIO_POISON: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    0x08,
-    std::mem::size_of::<UffdioPoison>(),
-);
+const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_POISON: u64 = ioc(IOC_READ | IOC_WRITE, 0x08, std::mem::size_of::<UffdioPoison>());
 
 /// The outcome of an ioctl that fills a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,13 +103,7 @@ fn classify(res: libc::c_int, done: i64) -> io::Result<Fill> {
 /// # Safety
 /// `src` must be valid for reads of `len` bytes.
 pub unsafe fn copy(fd: BorrowedFd<'_>, dst: u64, src: *const u8, len: usize) -> io::Result<Fill> {
-    let mut arg = UffdioCopy {
-        dst,
-        src: src as u64,
-        len: len as u64,
-        mode: 0,
-        copy: 0,
-    };
+    let mut arg = UffdioCopy { dst, src: src as u64, len: len as u64, mode: 0, copy: 0 };
     // SAFETY: `arg` is a valid uffdio_copy for the duration of the call; the kernel reads `len`
     // bytes from `src`, which the caller guarantees are readable, and writes only into the other
     // process's registered range (never into ours).
@@ -132,14 +114,7 @@ pub unsafe fn copy(fd: BorrowedFd<'_>, dst: u64, src: *const u8, len: usize) -> 
 /// `UFFDIO_ZEROPAGE`: maps the shared zero page over `[dst, dst+len)` and wakes the waiters.
 /// Not available on hugetlb ranges (copy a zeroed buffer there).
 pub fn zeropage(fd: BorrowedFd<'_>, dst: u64, len: usize) -> io::Result<Fill> {
-    let mut arg = UffdioZeropage {
-        range: UffdioRange {
-            start: dst,
-            len: len as u64,
-        },
-        mode: 0,
-        zeropage: 0,
-    };
+    let mut arg = UffdioZeropage { range: UffdioRange { start: dst, len: len as u64 }, mode: 0, zeropage: 0 };
     // SAFETY: `arg` is a valid uffdio_zeropage; the ioctl touches only the registered range.
     let res = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
     classify(res, arg.zeropage)
@@ -148,14 +123,7 @@ pub fn zeropage(fd: BorrowedFd<'_>, dst: u64, len: usize) -> io::Result<Fill> {
 /// `UFFDIO_POISON`: makes later accesses to `[dst, dst+len)` raise SIGBUS (KVM reports
 /// a hardware-poisoned page) instead of seeing any content.
 pub fn poison(fd: BorrowedFd<'_>, dst: u64, len: usize) -> io::Result<Fill> {
-    let mut arg = UffdioPoison {
-        range: UffdioRange {
-            start: dst,
-            len: len as u64,
-        },
-        mode: 0,
-        updated: 0,
-    };
+    let mut arg = UffdioPoison { range: UffdioRange { start: dst, len: len as u64 }, mode: 0, updated: 0 };
     // SAFETY: `arg` is a valid uffdio_poison; the ioctl touches only the registered range.
     let res = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_POISON as _, &mut arg) };
     classify(res, arg.updated)
@@ -164,17 +132,10 @@ pub fn poison(fd: BorrowedFd<'_>, dst: u64, len: usize) -> io::Result<Fill> {
 /// `UFFDIO_WAKE`: wakes threads waiting on `[start, start+len)` (needed after EEXIST, when our copy
 /// did not wake anyone).
 pub fn wake(fd: BorrowedFd<'_>, start: u64, len: usize) -> io::Result<()> {
-    let mut arg = UffdioRange {
-        start,
-        len: len as u64,
-    };
+    let mut arg = UffdioRange { start, len: len as u64 };
     // SAFETY: `arg` is a valid uffdio_range for the duration of the call.
     let res = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) };
-    if res == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if res == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// One event read from a userfaultfd.
@@ -236,18 +197,9 @@ pub fn read_events(fd: BorrowedFd<'_>, out: &mut Vec<Event>) -> io::Result<bool>
                 u64::from_ne_bytes(w)
             };
             out.push(match msg[0] {
-                EVENT_PAGEFAULT => Event::Pagefault {
-                    flags: word(0),
-                    addr: word(1),
-                },
-                EVENT_REMOVE => Event::Remove {
-                    start: word(0),
-                    end: word(1),
-                },
-                EVENT_UNMAP => Event::Unmap {
-                    start: word(0),
-                    end: word(1),
-                },
+                EVENT_PAGEFAULT => Event::Pagefault { flags: word(0), addr: word(1) },
+                EVENT_REMOVE => Event::Remove { start: word(0), end: word(1) },
+                EVENT_UNMAP => Event::Unmap { start: word(0), end: word(1) },
                 other => Event::Other(other),
             });
         }

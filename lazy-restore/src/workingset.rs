@@ -122,10 +122,7 @@ pub fn parse_pattern(text: &str) -> Result<Vec<u64>> {
             if tok.is_empty() {
                 continue;
             }
-            let num = |s: &str| {
-                s.parse::<u64>()
-                    .map_err(|_| Error::WorkingSet(format!("bad page number {s:?}")))
-            };
+            let num = |s: &str| s.parse::<u64>().map_err(|_| Error::WorkingSet(format!("bad page number {s:?}")));
             if let Some((a, b)) = tok.split_once('-') {
                 let (a, b) = (num(a)?, num(b)?);
                 if b < a {
@@ -160,10 +157,7 @@ mod tests {
 
     #[test]
     fn pattern_text() {
-        assert_eq!(
-            parse_pattern("1, 2 # c\n10-12\n").unwrap(),
-            vec![1, 2, 10, 11, 12]
-        );
+        assert_eq!(parse_pattern("1, 2 # c\n10-12\n").unwrap(), vec![1, 2, 10, 11, 12]);
         assert!(parse_pattern("x").is_err());
     }
 }

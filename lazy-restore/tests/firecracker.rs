@@ -11,9 +11,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use snapfork_lazy_restore::client::{FakeVm, RegionSpec, send_with_fds};
-use snapfork_lazy_restore::{
-    CachedSource, EndReason, PageSource, RawFileSource, ServerEvent, ServerOptions,
-};
+use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, RawFileSource, ServerEvent, ServerOptions};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -37,11 +35,7 @@ fn every_release_shape_restores_exact_content_concurrently() {
     let dir = tempdir();
     let image = dir.path().join("mem.raw");
     make_image(&image, 3072); // 12 MiB
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     // Two regions: the second starts where the first ends in the file, like Firecracker's layout.
     let regions = json!([
         {"size": 8 << 20, "offset": 0},
@@ -80,16 +74,9 @@ fn handshake_over_one_kib_with_many_regions() {
     let dir = tempdir();
     let image = dir.path().join("mem.raw");
     make_image(&image, 2048);
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     // 64 regions of 128 KiB, listed out of file order: ~8 KiB of JSON.
-    let regions: Vec<_> = (0..64u64)
-        .rev()
-        .map(|i| json!({"size": 128 << 10, "offset": i * (128 << 10)}))
-        .collect();
+    let regions: Vec<_> = (0..64u64).rev().map(|i| json!({"size": 128 << 10, "offset": i * (128 << 10)})).collect();
     let child = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image, "regions": regions, "shape": "1.12",
     }));
@@ -112,11 +99,7 @@ fn remove_after_madvise_dontneed_reads_zeros() {
     let dir = tempdir();
     let image = dir.path().join("mem.raw");
     make_image(&image, 1024);
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     let child = spawn_child(json!({
         "role": "remove", "socket": srv.socket, "image": image,
         "regions": [{"size": 4 << 20, "offset": 0}],
@@ -162,11 +145,7 @@ fn hugetlb_2mib_regions() {
     let dir = tempdir();
     let image = dir.path().join("mem.raw");
     make_image(&image, 2048); // 8 MiB
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     let child = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image, "shape": "1.12",
         "regions": [
@@ -178,12 +157,7 @@ fn hugetlb_2mib_regions() {
     assert!(status.success(), "{status:?} {res:?}");
     let (ended, _) = srv.wait_ended(1, T);
     assert_eq!(ended[0].end, EndReason::PeerExited);
-    assert_eq!(
-        ended[0].stats.pages_copied + ended[0].stats.pages_zeroed,
-        4,
-        "{:?}",
-        ended[0].stats
-    );
+    assert_eq!(ended[0].stats.pages_copied + ended[0].stats.pages_zeroed, 4, "{:?}", ended[0].stats);
     srv.stop();
 }
 
@@ -197,11 +171,7 @@ fn killed_client_leaves_others_served_and_leaks_nothing() {
     make_image(&image, 4096);
     let threads0 = thread_count();
     let fds0 = fd_count();
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     let regions = json!([{"size": 16 << 20, "offset": 0}]);
     let mut victim = spawn_child(json!({
         "role": "hang", "socket": srv.socket, "image": image, "regions": regions,
@@ -226,11 +196,8 @@ fn killed_client_leaves_others_served_and_leaks_nothing() {
     let (status, res) = wait_child(other);
     assert!(status.success(), "{status:?} {res:?}");
     let (ended, _) = srv.wait_ended(2, T);
-    assert!(
-        ended.iter().all(|r| r.end == EndReason::PeerExited),
-        "{ended:?}"
-    );
-    assert!(ended.iter().any(|r| r.working_set.len() >= 300));
+    assert!(ended.iter().all(|r| r.end == EndReason::PeerExited), "{ended:?}");
+    assert!(ended.iter().any(|r| r.stats.pages_copied + r.stats.pages_zeroed >= 300));
     srv.stop();
     // Every serving thread and descriptor is gone once the server returns.
     std::thread::sleep(Duration::from_millis(100));
@@ -250,22 +217,14 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
     let srv = TestServer::start(
         dir.path().join("uffd.sock"),
         raw_source(&image),
-        ServerOptions {
-            handshake_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
+        ServerOptions { handshake_timeout: Duration::from_millis(500), ..Default::default() },
     );
     // A well-behaved VM runs alongside the hostile ones.
     let good = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image,
         "regions": [{"size": 4 << 20, "offset": 0}],
     }));
-    let vm = FakeVm::new(&[RegionSpec {
-        size: 1 << 20,
-        offset: 0,
-        page_size: 4096,
-    }])
-    .unwrap();
+    let vm = FakeVm::new(&[RegionSpec { size: 1 << 20, offset: 0, page_size: 4096 }]).unwrap();
     let base = vm.regions[0].ptr as u64;
     let uffd = vm.uffd.as_raw_fd();
     let null = std::fs::File::open("/dev/null").unwrap();
@@ -277,60 +236,27 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
     };
     let ok = format!("[{}]", region(1 << 20, 0));
     let cases: Vec<(&str, String, Vec<i32>, bool)> = vec![
-        (
-            "bad json",
-            "[{\"base_host_virt_addr\": 1,".to_string() + "]",
-            vec![uffd],
-            false,
-        ),
-        (
-            "not an array",
-            r#"{"regions": []}"#.into(),
-            vec![uffd],
-            false,
-        ),
+        ("bad json", "[{\"base_host_virt_addr\": 1,".to_string() + "]", vec![uffd], false),
+        ("not an array", r#"{"regions": []}"#.into(), vec![uffd], false),
         ("empty array", "[]".into(), vec![uffd], false),
-        (
-            "wrong size",
-            format!("[{}]", region(1000, 0)),
-            vec![uffd],
-            false,
-        ),
-        (
-            "beyond the image",
-            format!("[{}]", region(1 << 20, 4 << 20)),
-            vec![uffd],
-            false,
-        ),
+        ("wrong size", format!("[{}]", region(1000, 0)), vec![uffd], false),
+        ("beyond the image", format!("[{}]", region(1 << 20, 4 << 20)), vec![uffd], false),
         (
             "overlapping regions",
             format!(
-                "[{},{}]",
+                r#"[{},{{"base_host_virt_addr":{},"size":1048576,"offset":524288,"page_size":4096}}]"#,
                 region(1 << 20, 0),
-                format!(
-                    r#"{{"base_host_virt_addr":{},"size":1048576,"offset":524288,"page_size":4096}}"#,
-                    base + (4 << 20)
-                )
+                base + (4 << 20)
             ),
             vec![uffd],
             false,
         ),
-        (
-            "bad page size",
-            ok.replace("4096", "8192"),
-            vec![uffd],
-            false,
-        ),
+        ("bad page size", ok.replace("4096", "8192"), vec![uffd], false),
         ("no fd", ok.clone(), vec![], false),
         ("four fds", ok.clone(), vec![uffd, n, n, n], false),
         ("no userfaultfd", ok.clone(), vec![n], false),
         ("trailing garbage", format!("{ok}xyz"), vec![uffd], false),
-        (
-            "truncated then closed",
-            ok[..ok.len() / 2].to_string(),
-            vec![uffd],
-            true,
-        ),
+        ("truncated then closed", ok[..ok.len() / 2].to_string(), vec![uffd], true),
         ("silent", String::new(), vec![], false),
     ];
     let mut streams = Vec::new();
@@ -361,11 +287,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
                 ended += 1;
             }
             ServerEvent::Started { pid, .. } => {
-                assert_ne!(
-                    pid,
-                    std::process::id() as i32,
-                    "a hostile handshake was accepted"
-                )
+                assert_ne!(pid, std::process::id() as i32, "a hostile handshake was accepted")
             }
         }
     }
@@ -384,10 +306,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
         "trailing bytes",
         "no handshake within",
     ] {
-        assert!(
-            all.contains(needle),
-            "no refusal mentions {needle:?}:\n{all}"
-        );
+        assert!(all.contains(needle), "no refusal mentions {needle:?}:\n{all}");
     }
     drop(streams);
     srv.stop();
@@ -401,18 +320,11 @@ fn kvm_guest_faults_are_served() {
     if !require_root() {
         return;
     }
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "/dev/kvm missing"
-    );
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm missing");
     let dir = tempdir();
     let image = dir.path().join("mem.raw");
     make_image(&image, 2048); // 8 MiB
-    let srv = TestServer::start(
-        dir.path().join("uffd.sock"),
-        raw_source(&image),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
     // Region 0 (the guest's memory) is the second half of the file: offsets are honoured.
     let child = spawn_child(json!({
         "role": "kvm", "socket": srv.socket, "image": image, "shape": "1.12",
@@ -424,8 +336,11 @@ fn kvm_guest_faults_are_served() {
     let want = expected_checksum(&bytes[4 << 20..]);
     assert_eq!(res.unwrap()["checksum"].as_u64().unwrap() as u32, want);
     let (ended, _) = srv.wait_ended(1, T);
-    // Every page was faulted through KVM (no user-space access touched guest memory).
-    assert_eq!(ended[0].stats.faults, 1024, "{:?}", ended[0].stats);
+    // Only KVM touched guest memory: every page was installed through faults KVM took (the
+    // guest reads sequentially, so read-ahead serves several pages per fault).
+    let st = &ended[0].stats;
+    assert!(st.faults > 0, "{st:?}");
+    assert_eq!(st.pages_copied + st.pages_zeroed, 1024, "{st:?}");
     srv.stop();
 }
 
@@ -440,11 +355,7 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
     let source = raw_source(&image);
     let pattern: Vec<u64> = (0..200u64).map(|i| (i * 37) % 2048).collect();
     let regions = json!([{"size": 8 << 20, "offset": 0}]);
-    let srv = TestServer::start(
-        dir.path().join("a.sock"),
-        source.clone(),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("a.sock"), source.clone(), ServerOptions::default());
     let c = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
         "touch": pattern,
@@ -456,16 +367,14 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
     let ws = &ended[0].working_set;
     // The recorded order starts with the touch pattern (zero pages included: they fault too).
     assert_eq!(&ws[..pattern.len()], &pattern[..]);
-    assert_eq!(ws.len(), 2048);
+    // Then the sequential comparison faults the rest (with read-ahead: fewer faults than pages).
+    assert!(ws.len() > pattern.len() && ws.len() <= 2048, "{}", ws.len());
     // Second restore prefetches the first 200 recorded pages.
     let srv = TestServer::start(
         dir.path().join("b.sock"),
         source,
         ServerOptions {
-            restore: snapfork_lazy_restore::RestoreOptions {
-                prefetch: ws[..200].to_vec(),
-                ..Default::default()
-            },
+            restore: snapfork_lazy_restore::RestoreOptions { prefetch: ws[..200].to_vec(), ..Default::default() },
             ..Default::default()
         },
     );

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use snapfork_lazy_restore::{
-    CachedSource, EndReason, PageSource, ServerOptions, StoreSource, workingset,
-};
+use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, ServerOptions, StoreSource, workingset};
 use snapfork_store::{IngestOptions, OpenOptions, Store};
 
 const T: Duration = Duration::from_secs(60);
@@ -26,9 +24,7 @@ fn store_with_image(dir: &std::path::Path, pages: u64) -> (Store, std::path::Pat
     let image = dir.join("mem.raw");
     make_image(&image, pages);
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
-    store
-        .ingest_image(&image, &IngestOptions::default(), Some("vm"))
-        .unwrap();
+    store.ingest_image(&image, &IngestOptions::default(), Some("vm")).unwrap();
     (store, image)
 }
 
@@ -37,14 +33,9 @@ fn cached(store: &Store) -> Arc<dyn PageSource> {
     Arc::new(CachedSource::new(src, 64 << 20))
 }
 
-#[test]
-fn corrupt_page_kills_only_its_vm() {
-    if !require_root() {
-        return;
-    }
-    let dir = tempdir();
-    let (store, image) = store_with_image(dir.path(), 1024);
-    // Flip a byte inside the stored copy of page 100 (a data page).
+/// A store holding the synthetic image as "vm", with the stored bytes of page 100 flipped.
+fn corrupt_store(dir: &std::path::Path) -> (Store, std::path::PathBuf) {
+    let (store, image) = store_with_image(dir, 1024);
     let reader = store.open_image_ref("vm").unwrap();
     let id = reader.page_id(100).unwrap();
     let loc = store.location(&id).unwrap().unwrap();
@@ -53,29 +44,58 @@ fn corrupt_page_kills_only_its_vm() {
     drop(store);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&pack)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
         let at = loc.offset + loc.stored_len as u64 / 2;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
     }
-    let store = Store::open(
-        dir.path().join("store"),
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(dir.join("store"), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    (store, image)
+}
+
+#[test]
+fn corrupt_page_poisoned_raises_sigbus_only_on_that_page() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
     let srv = TestServer::start(
         dir.path().join("uffd.sock"),
         cached(&store),
-        ServerOptions::default(),
+        ServerOptions {
+            restore: snapfork_lazy_restore::RestoreOptions {
+                on_corrupt: snapfork_lazy_restore::CorruptPolicy::Poison,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     );
+    // Pages 0..99 read fine, then page 100 raises SIGBUS instead of showing wrong bytes.
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let (st, res) = wait_child(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    // Exactly the pages before the corrupt one were installed; page 100 got the poison marker.
+    let st = &ended[0].stats;
+    assert_eq!(st.pages_copied + st.pages_zeroed, 100, "{st:?}");
+    srv.stop();
+}
+
+#[test]
+fn corrupt_page_kills_only_its_vm() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
+    let srv = TestServer::start(dir.path().join("uffd.sock"), cached(&store), ServerOptions::default());
     // The victim maps the whole image (it will touch page 100); the other maps pages 256..768.
     let victim = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image,
@@ -88,18 +108,11 @@ fn corrupt_page_kills_only_its_vm() {
     }));
     let (vs, vres) = wait_child(victim);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        vs.signal(),
-        Some(libc::SIGKILL),
-        "victim not killed: {vs:?} {vres:?}"
-    );
+    assert_eq!(vs.signal(), Some(libc::SIGKILL), "victim not killed: {vs:?} {vres:?}");
     let (os, ores) = wait_child(other);
     assert!(os.success(), "{os:?} {ores:?}");
     let (ended, _) = srv.wait_ended(2, T);
-    let corrupt: Vec<_> = ended
-        .iter()
-        .filter(|r| matches!(r.end, EndReason::CorruptPage { .. }))
-        .collect();
+    let corrupt: Vec<_> = ended.iter().filter(|r| matches!(r.end, EndReason::CorruptPage { .. })).collect();
     assert_eq!(corrupt.len(), 1, "{ended:?}");
     match &corrupt[0].end {
         EndReason::CorruptPage { page, pid, message } => {
@@ -124,11 +137,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     let id = store.resolve("vm").unwrap();
     assert!(workingset::load(&store, &id).unwrap().is_none());
     let pattern: Vec<u64> = (0..300u64).map(|i| (i * 13) % 2048).collect();
-    let srv = TestServer::start(
-        dir.path().join("a.sock"),
-        source.clone(),
-        ServerOptions::default(),
-    );
+    let srv = TestServer::start(dir.path().join("a.sock"), source.clone(), ServerOptions::default());
     let c = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image,
         "regions": [{"size": 8 << 20, "offset": 0}], "touch": pattern,
@@ -143,13 +152,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     assert_eq!(loaded, report.working_set);
     assert_eq!(&loaded[..300], &pattern[..]);
     // The ref keeps the blob through gc.
-    store
-        .gc(&snapfork_store::GcOptions {
-            dry_run: false,
-            grace: Duration::ZERO,
-            ..Default::default()
-        })
-        .unwrap();
+    store.gc(&snapfork_store::GcOptions { dry_run: false, grace: Duration::ZERO, ..Default::default() }).unwrap();
     assert_eq!(workingset::load(&store, &id).unwrap().unwrap(), loaded);
     // Incremental ingest from the touched set reproduces the image.
     let touched = report.touched_pages();
@@ -157,11 +160,7 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     let info = store
         .ingest_image(
             &image,
-            &IngestOptions {
-                parent: Some(id),
-                dirty: Some(touched),
-                ..Default::default()
-            },
+            &IngestOptions { parent: Some(id), dirty: Some(touched), ..Default::default() },
             Some("vm2"),
         )
         .unwrap();

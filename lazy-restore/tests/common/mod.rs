@@ -65,10 +65,7 @@ pub fn make_image(path: &Path, pages: u64) {
 
 /// A unique temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("lazy-restore-test")
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix("lazy-restore-test").tempdir().unwrap()
 }
 
 /// A server on a thread; events are forwarded to a channel.
@@ -91,28 +88,17 @@ impl TestServer {
                 })
                 .unwrap()
         });
-        TestServer {
-            socket,
-            events: rx,
-            stop,
-            thread: Some(thread),
-        }
+        TestServer { socket, events: rx, stop, thread: Some(thread) }
     }
 
     /// Waits for the next event.
     pub fn next(&self, timeout: Duration) -> ServerEvent {
-        self.events
-            .recv_timeout(timeout)
-            .expect("no server event in time")
+        self.events.recv_timeout(timeout).expect("no server event in time")
     }
 
     /// Waits until `n` restores have ended (ignoring starts), returning the end events and the
     /// refusals seen on the way.
-    pub fn wait_ended(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> (Vec<snapfork_lazy_restore::RestoreReport>, Vec<String>) {
+    pub fn wait_ended(&self, n: usize, timeout: Duration) -> (Vec<snapfork_lazy_restore::RestoreReport>, Vec<String>) {
         let mut ended = Vec::new();
         let mut refused = Vec::new();
         let deadline = std::time::Instant::now() + timeout;
@@ -138,13 +124,7 @@ impl TestServer {
 pub fn spawn_child(role: Value) -> Child {
     let exe = std::env::current_exe().unwrap();
     Command::new(exe)
-        .args([
-            "--exact",
-            "child_entry",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "child_entry", "--include-ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, role.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -185,9 +165,7 @@ fn compare(vm: &FakeVm, i: usize, image: &std::fs::File) -> (u64, Vec<u64>) {
     let mut count = 0;
     let region = vm.region(i);
     for (p, got) in region.chunks_exact(PAGE).enumerate() {
-        image
-            .read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64)
-            .unwrap();
+        image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
         if got != &buf[..] {
             count += 1;
             if bad.len() < 16 {
@@ -219,9 +197,8 @@ pub fn child_main() {
         })
         .collect();
     let mut vm = FakeVm::new(&specs).unwrap();
-    let extra: Vec<std::fs::File> = (0..role["extra_fds"].as_u64().unwrap_or(0))
-        .map(|_| std::fs::File::open("/dev/null").unwrap())
-        .collect();
+    let extra: Vec<std::fs::File> =
+        (0..role["extra_fds"].as_u64().unwrap_or(0)).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
     let extra_fds: Vec<i32> = extra.iter().map(|f| f.as_raw_fd()).collect();
     vm.connect(
         Path::new(role["socket"].as_str().unwrap()),
@@ -234,10 +211,7 @@ pub fn child_main() {
         "fc" => {
             // Optional access pattern first (pages of region 0), then everything.
             if let Some(pat) = role["touch"].as_array() {
-                let offs: Vec<u64> = pat
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() * PAGE as u64)
-                    .collect();
+                let offs: Vec<u64> = pat.iter().map(|v| v.as_u64().unwrap() * PAGE as u64).collect();
                 // SAFETY: every offset is inside region 0.
                 unsafe { snapfork_lazy_restore::client::touch(vm.regions[0].ptr, &offs) };
             }
@@ -262,27 +236,18 @@ pub fn child_main() {
             let r = unsafe { libc::madvise(m.ptr.add(start).cast(), len, libc::MADV_DONTNEED) };
             assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
             let region = vm.region(0);
-            let nonzero = region[start..start + len]
-                .chunks_exact(PAGE)
-                .filter(|p| p.iter().any(|&b| b != 0))
-                .count();
+            let nonzero = region[start..start + len].chunks_exact(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count();
             // Outside the removed range the content is still the snapshot's.
             let mut buf = vec![0u8; PAGE];
             let mut outside_bad = 0;
             for p in (0..size / PAGE).filter(|p| p * PAGE < start || p * PAGE >= start + len) {
-                image
-                    .read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64)
-                    .unwrap();
+                image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
                 if region[p * PAGE..(p + 1) * PAGE] != buf[..] {
                     outside_bad += 1;
                 }
             }
             emit(json!({"before": n0, "nonzero_in_removed": nonzero, "outside_bad": outside_bad}));
-            std::process::exit(if n0 == 0 && nonzero == 0 && outside_bad == 0 {
-                0
-            } else {
-                3
-            });
+            std::process::exit(if n0 == 0 && nonzero == 0 && outside_bad == 0 { 0 } else { 3 });
         }
         "hang" => {
             let touch = role["touch_pages"].as_u64().unwrap_or(16) as usize;
@@ -361,13 +326,7 @@ fn kvm_checksum(vm: &FakeVm) -> u32 {
     let vcpu = vmfd.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     // Flat 32-bit protected mode without paging: no mode-switch code needed.
-    for seg in [
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.fs,
-        &mut sregs.gs,
-        &mut sregs.ss,
-    ] {
+    for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
         seg.base = 0;
         seg.limit = 0xffff_ffff;
         seg.selector = 0x10;
