@@ -82,86 +82,45 @@ pub fn to_request(cmd: &EngineCmd) -> anyhow::Result<(&'static str, String, Valu
     Ok(match cmd {
         EngineCmd::Sandbox(c) => match c {
             S::Run(a) => ("POST", "/v1/sandboxes".into(), serde_json::to_value(a)?),
-            S::Checkpoint {
-                name,
-                message,
-                labels,
-                leave_running,
-            } => (
+            S::Checkpoint { name, message, labels, leave_running } => (
                 "POST",
                 format!("/v1/sandboxes/{}/checkpoint", enc(name)),
                 json!({"message": message, "labels": labels, "leave_running": leave_running}),
             ),
-            S::Restore { snap, as_name } => (
-                "POST",
-                format!("/v1/snapshots/{}/restore", enc(snap)),
-                json!({"as": as_name}),
-            ),
-            S::Fork { snap, n, prefix } => (
-                "POST",
-                format!("/v1/snapshots/{}/fork", enc(snap)),
-                json!({"n": n, "prefix": prefix}),
-            ),
-            S::Revert { name, snap } => (
-                "POST",
-                format!("/v1/sandboxes/{}/revert", enc(name)),
-                json!({"snapshot": snap}),
-            ),
-            S::Diff { a, b } => (
-                "GET",
-                format!("/v1/diff?a={}&b={}", enc(a), enc(b)),
-                Value::Null,
-            ),
+            S::Restore { snap, as_name } => {
+                ("POST", format!("/v1/snapshots/{}/restore", enc(snap)), json!({"as": as_name}))
+            }
+            S::Fork { snap, n, prefix } => {
+                ("POST", format!("/v1/snapshots/{}/fork", enc(snap)), json!({"n": n, "prefix": prefix}))
+            }
+            S::Revert { name, snap } => {
+                ("POST", format!("/v1/sandboxes/{}/revert", enc(name)), json!({"snapshot": snap}))
+            }
+            S::Diff { a, b } => ("GET", format!("/v1/diff?a={}&b={}", enc(a), enc(b)), Value::Null),
             S::Log { name: Some(n) } => ("GET", format!("/v1/log?sandbox={}", enc(n)), Value::Null),
             S::Log { name: None } => ("GET", "/v1/log".into(), Value::Null),
             S::Show { snap } => ("GET", format!("/v1/snapshots/{}", enc(snap)), Value::Null),
-            S::Tag {
-                snap,
-                tag: _,
-                delete: true,
-            } => ("DELETE", format!("/v1/tags/{}", enc(snap)), Value::Null),
-            S::Tag {
-                snap,
-                tag: Some(t),
-                delete: false,
-            } => (
-                "PUT",
-                format!("/v1/tags/{}", enc(t)),
-                json!({"snapshot": snap}),
-            ),
+            S::Tag { snap, tag: _, delete: true } => ("DELETE", format!("/v1/tags/{}", enc(snap)), Value::Null),
+            S::Tag { snap, tag: Some(t), delete: false } => {
+                ("PUT", format!("/v1/tags/{}", enc(t)), json!({"snapshot": snap}))
+            }
             S::Tag { tag: None, .. } => bail!("give SNAP TAG"),
             S::Rm { names } => ("POST", "/v1/rm".into(), json!({"names": names})),
-            S::Stop { name } => (
-                "POST",
-                format!("/v1/sandboxes/{}/stop", enc(name)),
-                Value::Null,
-            ),
+            S::Stop { name } => ("POST", format!("/v1/sandboxes/{}/stop", enc(name)), Value::Null),
             S::Ls => ("GET", "/v1/sandboxes".into(), Value::Null),
-            S::Exec { name, cmd } => (
-                "POST",
-                format!("/v1/sandboxes/{}/exec", enc(name)),
-                json!({"cmd": cmd}),
-            ),
+            S::Exec { name, cmd } => ("POST", format!("/v1/sandboxes/{}/exec", enc(name)), json!({"cmd": cmd})),
         },
-        EngineCmd::Export { snap, out } => (
-            "POST",
-            "/v1/export".into(),
-            json!({"snapshot": snap, "output": out}),
-        ),
+        EngineCmd::Export { snap, out } => ("POST", "/v1/export".into(), json!({"snapshot": snap, "output": out})),
         EngineCmd::Import { file } => ("POST", "/v1/import".into(), json!({"file": file})),
         EngineCmd::Demo(_) | EngineCmd::Daemon(_) => bail!("not available through the daemon"),
     })
 }
 
 fn field<T: serde::de::DeserializeOwned>(body: &Value, key: &str) -> anyhow::Result<T> {
-    serde_json::from_value(body.get(key).cloned().unwrap_or(Value::Null))
-        .with_context(|| format!("body field {key:?}"))
+    serde_json::from_value(body.get(key).cloned().unwrap_or(Value::Null)).with_context(|| format!("body field {key:?}"))
 }
 
-fn opt_field<T: serde::de::DeserializeOwned + Default>(
-    body: &Value,
-    key: &str,
-) -> anyhow::Result<T> {
+fn opt_field<T: serde::de::DeserializeOwned + Default>(body: &Value, key: &str) -> anyhow::Result<T> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(T::default()),
         Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("body field {key:?}")),
@@ -177,82 +136,45 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         q.insert(dec(k)?, dec(v)?);
     }
-    let seg: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(dec)
-        .collect::<anyhow::Result<_>>()?;
+    let seg: Vec<String> = path.trim_matches('/').split('/').map(dec).collect::<anyhow::Result<_>>()?;
     let seg: Vec<&str> = seg.iter().map(String::as_str).collect();
-    let qget = |k: &str| {
-        q.get(k)
-            .cloned()
-            .ok_or_else(|| anyhow!("query parameter {k} missing"))
-    };
+    let qget = |k: &str| q.get(k).cloned().ok_or_else(|| anyhow!("query parameter {k} missing"));
     let sb = |c| Ok(EngineCmd::Sandbox(c));
     match (method, seg.as_slice()) {
         ("GET", ["v1", "sandboxes"]) => sb(S::Ls),
-        ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(
-            body.clone(),
-        )?))),
+        ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(body.clone())?))),
         ("POST", ["v1", "sandboxes", name, "checkpoint"]) => sb(S::Checkpoint {
             name: name.to_string(),
             message: opt_field(body, "message")?,
             labels: opt_field(body, "labels")?,
             leave_running: opt_field(body, "leave_running")?,
         }),
-        ("POST", ["v1", "sandboxes", name, "revert"]) => sb(S::Revert {
-            name: name.to_string(),
-            snap: field(body, "snapshot")?,
-        }),
-        ("POST", ["v1", "sandboxes", name, "stop"]) => sb(S::Stop {
-            name: name.to_string(),
-        }),
-        ("POST", ["v1", "sandboxes", name, "exec"]) => sb(S::Exec {
-            name: name.to_string(),
-            cmd: field(body, "cmd")?,
-        }),
-        ("DELETE", ["v1", "sandboxes", name]) => sb(S::Rm {
-            names: vec![name.to_string()],
-        }),
-        ("POST", ["v1", "rm"]) => sb(S::Rm {
-            names: field(body, "names")?,
-        }),
-        ("POST", ["v1", "snapshots", snap, "restore"]) => sb(S::Restore {
-            snap: snap.to_string(),
-            as_name: field(body, "as")?,
-        }),
+        ("POST", ["v1", "sandboxes", name, "revert"]) => {
+            sb(S::Revert { name: name.to_string(), snap: field(body, "snapshot")? })
+        }
+        ("POST", ["v1", "sandboxes", name, "stop"]) => sb(S::Stop { name: name.to_string() }),
+        ("POST", ["v1", "sandboxes", name, "exec"]) => sb(S::Exec { name: name.to_string(), cmd: field(body, "cmd")? }),
+        ("DELETE", ["v1", "sandboxes", name]) => sb(S::Rm { names: vec![name.to_string()] }),
+        ("POST", ["v1", "rm"]) => sb(S::Rm { names: field(body, "names")? }),
+        ("POST", ["v1", "snapshots", snap, "restore"]) => {
+            sb(S::Restore { snap: snap.to_string(), as_name: field(body, "as")? })
+        }
         ("POST", ["v1", "snapshots", snap, "fork"]) => sb(S::Fork {
             snap: snap.to_string(),
             n: body.get("n").and_then(Value::as_u64).unwrap_or(1) as usize,
             prefix: opt_field(body, "prefix")?,
         }),
-        ("GET", ["v1", "snapshots", snap]) => sb(S::Show {
-            snap: snap.to_string(),
-        }),
-        ("GET", ["v1", "diff"]) => sb(S::Diff {
-            a: qget("a")?,
-            b: qget("b")?,
-        }),
-        ("GET", ["v1", "log"]) => sb(S::Log {
-            name: q.get("sandbox").cloned(),
-        }),
-        ("PUT", ["v1", "tags", tag]) => sb(S::Tag {
-            snap: field(body, "snapshot")?,
-            tag: Some(tag.to_string()),
-            delete: false,
-        }),
-        ("DELETE", ["v1", "tags", tag]) => sb(S::Tag {
-            snap: tag.to_string(),
-            tag: None,
-            delete: true,
-        }),
-        ("POST", ["v1", "export"]) => Ok(EngineCmd::Export {
-            snap: field(body, "snapshot")?,
-            out: field(body, "output")?,
-        }),
-        ("POST", ["v1", "import"]) => Ok(EngineCmd::Import {
-            file: field(body, "file")?,
-        }),
+        ("GET", ["v1", "snapshots", snap]) => sb(S::Show { snap: snap.to_string() }),
+        ("GET", ["v1", "diff"]) => sb(S::Diff { a: qget("a")?, b: qget("b")? }),
+        ("GET", ["v1", "log"]) => sb(S::Log { name: q.get("sandbox").cloned() }),
+        ("PUT", ["v1", "tags", tag]) => {
+            sb(S::Tag { snap: field(body, "snapshot")?, tag: Some(tag.to_string()), delete: false })
+        }
+        ("DELETE", ["v1", "tags", tag]) => sb(S::Tag { snap: tag.to_string(), tag: None, delete: true }),
+        ("POST", ["v1", "export"]) => {
+            Ok(EngineCmd::Export { snap: field(body, "snapshot")?, out: field(body, "output")? })
+        }
+        ("POST", ["v1", "import"]) => Ok(EngineCmd::Import { file: field(body, "file")? }),
         _ => Err(anyhow!(NotFound(format!("no route {method} {path}")))),
     }
 }
@@ -284,11 +206,7 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
     };
     let (method, target, body) = to_request(cmd)?;
-    let body = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
+    let body = if body.is_null() { String::new() } else { body.to_string() };
     write!(
         stream,
         "{method} {target} HTTP/1.1\r\nHost: snapfork\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -297,29 +215,16 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
     let mut resp = Vec::new();
     stream.read_to_end(&mut resp)?;
     let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed response from the daemon")?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed status line from the daemon")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed response from the daemon")?;
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed status line from the daemon")?;
     let v: Value = serde_json::from_str(body).context("daemon response is not JSON")?;
     if status != 200 {
-        bail!(
-            "{}",
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("daemon error")
-        );
+        bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("daemon error"));
     }
     Ok(Some(Report::new(
         v.get("result").cloned().unwrap_or(Value::Null),
-        v.get("text")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        v.get("text").and_then(Value::as_str).unwrap_or_default().to_string(),
     )))
 }
 
@@ -374,11 +279,7 @@ async fn read_request(conn: &mut tokio::net::UnixStream) -> anyhow::Result<Reque
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(len);
-    Ok(Request {
-        method,
-        target,
-        body,
-    })
+    Ok(Request { method, target, body })
 }
 
 async fn respond(conn: &mut tokio::net::UnixStream, status: u16, body: &Value) {
@@ -397,22 +298,14 @@ async fn respond(conn: &mut tokio::net::UnixStream, status: u16, body: &Value) {
     let _ = conn.shutdown().await;
 }
 
-async fn handle(
-    mut conn: tokio::net::UnixStream,
-    engine: snapfork_engine::Engine,
-    global: Arc<Global>,
-) {
+async fn handle(mut conn: tokio::net::UnixStream, engine: snapfork_engine::Engine, global: Arc<Global>) {
     let req = match read_request(&mut conn).await {
         Ok(r) => r,
         Err(e) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})).await,
     };
     if req.method == "GET" && req.target == "/v1/health" {
-        return respond(
-            &mut conn,
-            200,
-            &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}),
-        )
-        .await;
+        return respond(&mut conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}))
+            .await;
     }
     let body: Value = if req.body.is_empty() {
         Value::Null
@@ -420,23 +313,14 @@ async fn handle(
         match serde_json::from_slice(&req.body) {
             Ok(v) => v,
             Err(e) => {
-                return respond(
-                    &mut conn,
-                    400,
-                    &json!({"error": format!("body is not JSON: {e}")}),
-                )
-                .await;
+                return respond(&mut conn, 400, &json!({"error": format!("body is not JSON: {e}")})).await;
             }
         }
     };
     let cmd = match from_request(&req.method, &req.target, &body) {
         Ok(c) => c,
         Err(e) => {
-            let status = if e.downcast_ref::<NotFound>().is_some() {
-                404
-            } else {
-                400
-            };
+            let status = if e.downcast_ref::<NotFound>().is_some() { 404 } else { 400 };
             return respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await;
         }
     };
@@ -446,8 +330,7 @@ async fn handle(
         Err(e) => {
             let status = match e.downcast_ref::<snapfork_engine::Error>() {
                 Some(snapfork_engine::Error::NotFound(_)) => 404,
-                Some(snapfork_engine::Error::Invalid(_))
-                | Some(snapfork_engine::Error::Exists(_)) => 400,
+                Some(snapfork_engine::Error::Invalid(_)) | Some(snapfork_engine::Error::Exists(_)) => 400,
                 _ => 500,
             };
             respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await
@@ -485,11 +368,7 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         use std::os::unix::fs::PermissionsExt;
         let listener = tokio::net::UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        eprintln!(
-            "snapfork daemon: serving {} on {}",
-            global.store.display(),
-            path.display()
-        );
+        eprintln!("snapfork daemon: serving {} on {}", global.store.display(), path.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -522,8 +401,5 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         }
         anyhow::Ok(served)
     })?;
-    Ok(Report::new(
-        json!({"stopped": true, "requests": served}),
-        format!("daemon stopped after {served} requests"),
-    ))
+    Ok(Report::new(json!({"stopped": true, "requests": served}), format!("daemon stopped after {served} requests")))
 }

@@ -34,18 +34,11 @@ pub struct DemoArgs {
 }
 
 fn lines(path: &Path) -> Vec<i64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 fn tail(v: &[i64], n: usize) -> String {
-    let s: Vec<String> = v[v.len().saturating_sub(n)..]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
+    let s: Vec<String> = v[v.len().saturating_sub(n)..].iter().map(|x| x.to_string()).collect();
     s.join(" ")
 }
 
@@ -56,11 +49,7 @@ async fn wait_lines(path: &Path, n: usize) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!(
-        "the sandbox did not write {} lines to {}",
-        n,
-        path.display()
-    )
+    anyhow::bail!("the sandbox did not write {} lines to {}", n, path.display())
 }
 
 /// Runs the demo.
@@ -83,17 +72,9 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         }
     }
     let mut timings: Vec<(String, f64)> = Vec::new();
-    let cfg = GvisorConfig::new(
-        rootfs,
-        vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()],
-    );
-    let started = engine
-        .run(RunSpec {
-            name: name.clone(),
-            driver: DriverConfig::Gvisor(cfg),
-            workspace: None,
-        })
-        .await?;
+    let cfg = GvisorConfig::new(rootfs, vec!["/bin/sh".into(), "-c".into(), COUNTER_SCRIPT.into()]);
+    let started =
+        engine.run(RunSpec { name: name.clone(), driver: DriverConfig::Gvisor(cfg), workspace: None }).await?;
     timings.push(("run".into(), started.timings.total_ms));
     let ws = started.workspace.clone().unwrap_or_default();
     let log = ws.join("counter.log");
@@ -107,11 +88,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let ck = engine
         .checkpoint(
             &name,
-            CheckpointOptions {
-                message: "before risky action".into(),
-                leave_running: true,
-                ..Default::default()
-            },
+            CheckpointOptions { message: "before risky action".into(), leave_running: true, ..Default::default() },
         )
         .await?;
     timings.push(("checkpoint".into(), ck.timings.total_ms));
@@ -124,25 +101,12 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         ck.stored_bytes_added
     ));
 
-    engine
-        .exec(
-            &name,
-            vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "rm -rf /workspace/*; kill -USR1 1".into(),
-            ],
-        )
-        .await?;
+    engine.exec(&name, vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()]).await?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let after = lines(&log);
     say(format!(
         "3. risky action: workspace deleted and counter corrupted; counter.log now: {}",
-        if after.is_empty() {
-            "(gone)".into()
-        } else {
-            tail(&after, 3)
-        }
+        if after.is_empty() { "(gone)".into() } else { tail(&after, 3) }
     ));
 
     let rv = engine.revert(&name, &ck.id).await?;
@@ -190,11 +154,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let ck2 = engine
         .checkpoint(
             &forks[0].name,
-            CheckpointOptions {
-                message: "fork 1 after diverging".into(),
-                leave_running: true,
-                ..Default::default()
-            },
+            CheckpointOptions { message: "fork 1 after diverging".into(), leave_running: true, ..Default::default() },
         )
         .await?;
     timings.push(("second checkpoint (fork 1)".into(), ck2.timings.total_ms));
@@ -212,10 +172,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     let stats = tokio::task::spawn_blocking(move || store.stats("")).await??;
     say(format!(
         "\nstore: {} logical bytes across {} refs, {} stored in packs; dedup ratio {:.2}",
-        stats.total.logical_bytes,
-        stats.total.refs,
-        stats.total.stored_bytes,
-        stats.total.dedup_ratio
+        stats.total.logical_bytes, stats.total.refs, stats.total.stored_bytes, stats.total.dedup_ratio
     ));
     if !a.keep {
         for f in &forks {
@@ -233,10 +190,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         "store": serde_json::to_value(&stats.total)?,
     });
     if !consecutive {
-        anyhow::bail!(
-            "revert did not restore memory and files consistently: {}",
-            tail(&back, 12)
-        );
+        anyhow::bail!("revert did not restore memory and files consistently: {}", tail(&back, 12));
     }
     Ok(Report::new(report, String::new()))
 }

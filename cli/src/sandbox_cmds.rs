@@ -8,8 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use snapfork_engine::{
-    CheckpointOptions, DriverConfig, Engine, EngineOptions, GvisorConfig, RawConfig, RunSpec,
-    SandboxInfo, tokio,
+    CheckpointOptions, DriverConfig, Engine, EngineOptions, GvisorConfig, RawConfig, RunSpec, SandboxInfo, tokio,
 };
 use snapfork_store::{OpenOptions, Store};
 
@@ -58,9 +57,7 @@ pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     // A restored Firecracker VM takes its memory from a UFFD server in the process that
     // restored it: that must be the daemon, not this short-lived command.
     if let EngineCmd::Sandbox(
-        SandboxCmd::Restore { snap, .. }
-        | SandboxCmd::Fork { snap, .. }
-        | SandboxCmd::Revert { snap, .. },
+        SandboxCmd::Restore { snap, .. } | SandboxCmd::Fork { snap, .. } | SandboxCmd::Revert { snap, .. },
     ) = &cmd
         && rt.block_on(engine.show(snap))?.body.driver == "firecracker"
     {
@@ -316,22 +313,16 @@ impl Default for RunArgs {
 
 /// Opens the store (creating it) and the engine next to it.
 pub fn open_engine(global: &Global) -> anyhow::Result<Engine> {
-    let opts = OpenOptions {
-        lock_timeout: global.lock_timeout(),
-        ..Default::default()
-    };
-    let store = Store::open(&global.store, opts)
-        .with_context(|| format!("opening store {}", global.store.display()))?;
+    let opts = OpenOptions { lock_timeout: global.lock_timeout(), ..Default::default() };
+    let store =
+        Store::open(&global.store, opts).with_context(|| format!("opening store {}", global.store.display()))?;
     let eopts = EngineOptions::for_store(&store);
     Ok(Engine::open(store, eopts)?)
 }
 
 /// A runtime for the engine's async API.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 fn info_json(i: &SandboxInfo) -> serde_json::Value {
@@ -375,8 +366,7 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             cfg.workspace_mount = a.workspace_mount;
             for m in a.ro_mounts {
                 let (src, dst) = m.split_once(':').context("--ro-mount wants SRC:DST")?;
-                cfg.ro_mounts
-                    .push((std::path::absolute(src)?, dst.to_string()));
+                cfg.ro_mounts.push((std::path::absolute(src)?, dst.to_string()));
             }
             DriverConfig::Gvisor(cfg)
         }
@@ -390,26 +380,16 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             })
         }
         "firecracker" => DriverConfig::Firecracker(snapfork_engine::FirecrackerConfig {
-            api_socket: std::path::absolute(
-                a.api_socket.context("firecracker: give --api-socket")?,
-            )?,
+            api_socket: std::path::absolute(a.api_socket.context("firecracker: give --api-socket")?)?,
             binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
-            disks: a
-                .disk
-                .into_iter()
-                .map(std::path::absolute)
-                .collect::<Result<_, _>>()?,
+            disks: a.disk.into_iter().map(std::path::absolute).collect::<Result<_, _>>()?,
             page_size: a.page_size,
             diff: a.diff,
             pid: None,
         }),
         other => bail!("unknown driver {other} (gvisor, firecracker, raw)"),
     };
-    Ok(RunSpec {
-        name: a.name,
-        driver,
-        workspace: a.workspace,
-    })
+    Ok(RunSpec { name: a.name, driver, workspace: a.workspace })
 }
 
 async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow::Result<Report> {
@@ -419,33 +399,14 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
             let i = engine.run(spec).await?;
             Report::new(info_json(&i), format!("started {}", info_text(&i)))
         }
-        SandboxCmd::Checkpoint {
-            name,
-            message,
-            labels,
-            leave_running,
-        } => {
+        SandboxCmd::Checkpoint { name, message, labels, leave_running } => {
             let mut l = BTreeMap::new();
             for kv in labels {
                 let (k, v) = kv.split_once('=').context("--label wants KEY=VALUE")?;
                 l.insert(k.to_string(), v.to_string());
             }
-            let r = engine
-                .checkpoint(
-                    &name,
-                    CheckpointOptions {
-                        message,
-                        labels: l,
-                        leave_running,
-                    },
-                )
-                .await?;
-            let steps: Vec<String> = r
-                .timings
-                .steps
-                .iter()
-                .map(|(s, ms)| format!("{s} {ms:.0} ms"))
-                .collect();
+            let r = engine.checkpoint(&name, CheckpointOptions { message, labels: l, leave_running }).await?;
+            let steps: Vec<String> = r.timings.steps.iter().map(|(s, ms)| format!("{s} {ms:.0} ms")).collect();
             let text = format!(
                 "snapshot {} of {} ({:?}): {:.0} ms [{}], {} bytes added to the store",
                 &r.id[..12],
@@ -465,10 +426,7 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
             let v = engine.fork(&snap, n, prefix.as_deref()).await?;
             let text: Vec<String> = v.iter().map(info_text).collect();
             let ids: Vec<&str> = v.iter().map(|i| i.name.as_str()).collect();
-            Report::new(
-                json!({"id": ids, "sandboxes": v.iter().map(info_json).collect::<Vec<_>>()}),
-                text.join("\n"),
-            )
+            Report::new(json!({"id": ids, "sandboxes": v.iter().map(info_json).collect::<Vec<_>>()}), text.join("\n"))
         }
         SandboxCmd::Revert { name, snap } => {
             let i = engine.revert(&name, &snap).await?;
@@ -502,27 +460,18 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
         SandboxCmd::Tag { snap, tag, delete } => {
             if delete {
                 engine.untag(&snap).await?;
-                Report::new(
-                    json!({"id": snap, "deleted": true}),
-                    format!("removed tag {snap}"),
-                )
+                Report::new(json!({"id": snap, "deleted": true}), format!("removed tag {snap}"))
             } else {
                 let tag = tag.context("give SNAP TAG")?;
                 let id = engine.tag(&snap, &tag).await?;
-                Report::new(
-                    json!({"id": tag, "snapshot": id}),
-                    format!("tag {tag} -> {}", &id[..12]),
-                )
+                Report::new(json!({"id": tag, "snapshot": id}), format!("tag {tag} -> {}", &id[..12]))
             }
         }
         SandboxCmd::Rm { names } => {
             for n in &names {
                 engine.rm(n).await?;
             }
-            Report::new(
-                json!({"removed": names}),
-                format!("removed {}", names.join(" ")),
-            )
+            Report::new(json!({"removed": names}), format!("removed {}", names.join(" ")))
         }
         SandboxCmd::Stop { name } => {
             let i = engine.stop(&name).await?;
@@ -531,10 +480,7 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
         SandboxCmd::Ls => {
             let v = engine.ls().await?;
             let text: Vec<String> = v.iter().map(info_text).collect();
-            Report::new(
-                json!({"sandboxes": v.iter().map(info_json).collect::<Vec<_>>()}),
-                text.join("\n"),
-            )
+            Report::new(json!({"sandboxes": v.iter().map(info_json).collect::<Vec<_>>()}), text.join("\n"))
         }
         SandboxCmd::Exec { name, cmd } => {
             let out = engine.exec(&name, cmd).await?;

@@ -6,16 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn require(test: &str) -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let runsc = Command::new("runsc")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let runsc = Command::new("runsc").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if root && runsc {
         return true;
     }
@@ -33,13 +25,8 @@ fn snapfork(store: &Path) -> Command {
 }
 
 fn json(out: std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 struct Daemon {
@@ -60,23 +47,14 @@ impl Daemon {
         let sock = store.join("engine/run/daemon.sock");
         let t = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "daemon did not come up"
-            );
+            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon {
-            child,
-            store: store.to_path_buf(),
-        }
+        Daemon { child, store: store.to_path_buf() }
     }
 
     fn term(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let st = self.child.wait().unwrap();
         std::mem::forget(self);
         st
@@ -90,9 +68,7 @@ impl Drop for Daemon {
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
         {
             for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
-                let _ = snapfork(&self.store)
-                    .args(["sandbox", "rm", s["name"].as_str().unwrap_or("")])
-                    .output();
+                let _ = snapfork(&self.store).args(["sandbox", "rm", s["name"].as_str().unwrap_or("")]).output();
             }
         }
         let _ = self.child.kill();
@@ -100,8 +76,7 @@ impl Drop for Daemon {
     }
 }
 
-const COUNTER: &str =
-    "i=0; while true; do i=$((i+1)); echo $i >> /workspace/counter.log; sleep 0.1; done";
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i >> /workspace/counter.log; sleep 0.1; done";
 
 #[test]
 fn daemon_ten_parallel_checkpoints_from_ten_clients() {
@@ -115,10 +90,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
     let daemon = Daemon::start(&store);
     // The socket is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(store.join("engine/run/daemon.sock"))
-        .unwrap()
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(store.join("engine/run/daemon.sock")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 
     let names: Vec<String> = (0..10).map(|k| format!("s{k}")).collect();
@@ -127,16 +99,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         .iter()
         .map(|n| {
             snapfork(&store)
-                .args([
-                    "sandbox",
-                    "run",
-                    "--busybox",
-                    n,
-                    "--",
-                    "/bin/sh",
-                    "-c",
-                    COUNTER,
-                ])
+                .args(["sandbox", "run", "--busybox", n, "--", "/bin/sh", "-c", COUNTER])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -154,14 +117,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         .iter()
         .map(|n| {
             snapfork(&store)
-                .args([
-                    "sandbox",
-                    "checkpoint",
-                    n,
-                    "-m",
-                    "parallel",
-                    "--leave-running",
-                ])
+                .args(["sandbox", "checkpoint", n, "-m", "parallel", "--leave-running"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -174,10 +130,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         assert_eq!(v["status"], "running");
         ids.push(v["id"].as_str().unwrap().to_string());
     }
-    eprintln!(
-        "10 parallel checkpoints through the daemon: {:?}",
-        t.elapsed()
-    );
+    eprintln!("10 parallel checkpoints through the daemon: {:?}", t.elapsed());
     let log = json(snapfork(&store).args(["sandbox", "log"]).output().unwrap());
     assert_eq!(log["snapshots"].as_array().unwrap().len(), 10);
 
@@ -192,12 +145,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         assert_eq!(s["status"], "running", "{s}");
     }
     // Restore one of the snapshots through the restarted daemon.
-    let r = json(
-        snapfork(&store)
-            .args(["sandbox", "restore", &ids[3], "--as", "again"])
-            .output()
-            .unwrap(),
-    );
+    let r = json(snapfork(&store).args(["sandbox", "restore", &ids[3], "--as", "again"]).output().unwrap());
     assert_eq!(r["id"], "again");
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use snapfork_engine::runsc::Runsc;
-use snapfork_engine::{
-    CheckpointOptions, DriverConfig, Engine, EngineOptions, GvisorConfig, RunSpec,
-};
+use snapfork_engine::{CheckpointOptions, DriverConfig, Engine, EngineOptions, GvisorConfig, RunSpec};
 use snapfork_store::{OpenOptions, Store};
 
 fn program(mib: u64) -> String {
@@ -37,41 +35,27 @@ fn rootfs(dir: &Path) -> PathBuf {
     for d in ["proc", "dev", "sys", "tmp", "workspace", "usr", "etc"] {
         std::fs::create_dir_all(r.join(d)).unwrap();
     }
-    for (l, t) in [
-        ("bin", "usr/bin"),
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-        ("sbin", "usr/sbin"),
-    ] {
+    for (l, t) in [("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/sbin")] {
         let _ = std::os::unix::fs::symlink(t, r.join(l));
     }
     r
 }
 
 fn config(rootfs: &Path, mib: u64) -> GvisorConfig {
-    let mut c = GvisorConfig::new(
-        rootfs.to_path_buf(),
-        vec!["/usr/bin/python3".into(), "-c".into(), program(mib)],
-    );
+    let mut c = GvisorConfig::new(rootfs.to_path_buf(), vec!["/usr/bin/python3".into(), "-c".into(), program(mib)]);
     c.ro_mounts.push((PathBuf::from("/usr"), "/usr".into()));
     c
 }
 
 fn count(path: &Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
 }
 
 /// Waits until the counter file grows past `n` lines (the process is up and past its heap fill).
 fn wait_past(path: &Path, n: usize) -> Duration {
     let t = Instant::now();
     while count(path) <= n {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "{} stuck at {n}",
-            path.display()
-        );
+        assert!(t.elapsed() < Duration::from_secs(120), "{} stuck at {n}", path.display());
         std::thread::sleep(Duration::from_millis(10));
     }
     t.elapsed()
@@ -87,31 +71,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn copy_tree(src: &Path, dst: &Path) {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(src)
-        .arg(dst)
-        .status()
-        .unwrap();
+    let st = std::process::Command::new("cp").arg("-a").arg(src).arg(dst).status().unwrap();
     assert!(st.success());
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let get = |flag: &str, d: u64| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
     };
     let mib = get("--mib", 100);
     let rounds = get("--rounds", 3) as usize;
     assert!(nix_is_root(), "bench_gvisor needs root (runsc)");
-    let tmp = tempfile::Builder::new()
-        .prefix("sf-bench-gvisor-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let tmp = tempfile::Builder::new().prefix("sf-bench-gvisor-").tempdir_in("/var/tmp").unwrap();
     let dir = tmp.path();
     let rootfs = rootfs(dir);
     let cfg = config(&rootfs, mib);
@@ -124,21 +96,9 @@ fn main() {
     let (mut s_lr, mut s_cold) = (vec![], vec![]);
     // ---- snapfork ----
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
-    let engine = Engine::open(
-        store,
-        EngineOptions {
-            state_dir: dir.join("engine"),
-            runsc: None,
-        },
-    )
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (mut s_ck, mut s_rs, mut s_fork, mut second_added, mut first_added) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let engine = Engine::open(store, EngineOptions { state_dir: dir.join("engine"), runsc: None }).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (mut s_ck, mut s_rs, mut s_fork, mut second_added, mut first_added) = (vec![], vec![], vec![], vec![], vec![]);
     let mut s_ck_steps = Vec::new();
 
     for round in 0..rounds {
@@ -172,8 +132,7 @@ fn main() {
                     copy_tree(&ws, &fws);
                     let fb = dir.join(format!("b-fork-bundle-{round}-{k}"));
                     cfg.write_bundle(&fb, Some(&fws)).unwrap();
-                    base.restore_detached(&format!("{id}-f{k}"), &fb, &img, &log)
-                        .unwrap();
+                    base.restore_detached(&format!("{id}-f{k}"), &fb, &img, &log).unwrap();
                 })
             })
             .collect();
@@ -187,8 +146,7 @@ fn main() {
         std::fs::create_dir_all(&img2).unwrap();
         let t = Instant::now();
         base.checkpoint(&rid, &img2).unwrap();
-        base.restore_detached(&format!("{id}-r2"), &bundle, &img2, &log)
-            .unwrap();
+        base.restore_detached(&format!("{id}-r2"), &bundle, &img2, &log).unwrap();
         b_lr.push(ms(t.elapsed()));
         for rid in [
             format!("{id}-r"),
@@ -205,20 +163,13 @@ fn main() {
         let name = format!("s{round}");
         rt.block_on(async {
             let info = engine
-                .run(RunSpec {
-                    name: name.clone(),
-                    driver: DriverConfig::Gvisor(cfg.clone()),
-                    workspace: None,
-                })
+                .run(RunSpec { name: name.clone(), driver: DriverConfig::Gvisor(cfg.clone()), workspace: None })
                 .await
                 .unwrap();
             let slog = info.workspace.clone().unwrap().join("counter.log");
             wait_past(&slog, 5);
             let t = Instant::now();
-            let ck = engine
-                .checkpoint(&name, CheckpointOptions::default())
-                .await
-                .unwrap();
+            let ck = engine.checkpoint(&name, CheckpointOptions::default()).await.unwrap();
             s_ck.push(ms(t.elapsed()));
             first_added.push(ck.stored_bytes_added as f64);
             s_ck_steps.push(ck.timings.steps.clone());
@@ -226,18 +177,12 @@ fn main() {
             let r = engine.restore(&ck.id, &format!("{name}-r")).await.unwrap();
             s_rs.push(ms(t.elapsed()));
             let t = Instant::now();
-            engine
-                .fork(&ck.id, 3, Some(&format!("{name}-f")))
-                .await
-                .unwrap();
+            engine.fork(&ck.id, 3, Some(&format!("{name}-f"))).await.unwrap();
             s_fork.push(ms(t.elapsed()));
             // Restore with the local image cache emptied: the image comes out of the store.
             let _ = std::fs::remove_dir_all(dir.join("engine/cache"));
             let t = Instant::now();
-            engine
-                .restore(&ck.id, &format!("{name}-cold"))
-                .await
-                .unwrap();
+            engine.restore(&ck.id, &format!("{name}-cold")).await.unwrap();
             s_cold.push(ms(t.elapsed()));
             // Second checkpoint of the restored sandbox after it ran a little, kept running:
             // its time, and what it adds to the store.
@@ -246,13 +191,7 @@ fn main() {
             wait_past(&rlog, n + 3);
             let t = Instant::now();
             let ck2 = engine
-                .checkpoint(
-                    &format!("{name}-r"),
-                    CheckpointOptions {
-                        leave_running: true,
-                        ..Default::default()
-                    },
-                )
+                .checkpoint(&format!("{name}-r"), CheckpointOptions { leave_running: true, ..Default::default() })
                 .await
                 .unwrap();
             s_lr.push(ms(t.elapsed()));
@@ -275,37 +214,19 @@ fn main() {
     );
     println!("| operation | plain runsc | snapfork | overhead |");
     println!("|---|---|---|---|");
-    println!(
-        "| checkpoint (sandbox stops) | {bc:.0} ms | {sc:.0} ms | {:+.0}% |",
-        pct(sc, bc)
-    );
-    println!(
-        "| restore into a new sandbox | {br:.0} ms | {sr:.0} ms | {:+.0}% |",
-        pct(sr, br)
-    );
-    println!(
-        "| fork x3 (parallel) | {bf:.0} ms | {sf:.0} ms | {:+.0}% |",
-        pct(sf, bf)
-    );
+    println!("| checkpoint (sandbox stops) | {bc:.0} ms | {sc:.0} ms | {:+.0}% |", pct(sc, bc));
+    println!("| restore into a new sandbox | {br:.0} ms | {sr:.0} ms | {:+.0}% |", pct(sr, br));
+    println!("| fork x3 (parallel) | {bf:.0} ms | {sf:.0} ms | {:+.0}% |", pct(sf, bf));
     let (bl, sl) = (median(b_lr), median(s_lr));
-    println!(
-        "| checkpoint, keep running | {bl:.0} ms | {sl:.0} ms | {:+.0}% |",
-        pct(sl, bl)
-    );
+    println!("| checkpoint, keep running | {bl:.0} ms | {sl:.0} ms | {:+.0}% |", pct(sl, bl));
     let sco = median(s_cold);
-    println!(
-        "| restore, image read from the store (cache empty) | {br:.0} ms | {sco:.0} ms | {:+.0}% |",
-        pct(sco, br)
-    );
+    println!("| restore, image read from the store (cache empty) | {br:.0} ms | {sco:.0} ms | {:+.0}% |", pct(sco, br));
     println!(
         "first checkpoint stored {:.1} MB; a second checkpoint (same process, seconds later) added {:.1} MB",
         median(first_added) / 1e6,
         median(second_added) / 1e6
     );
-    println!(
-        "snapfork checkpoint steps (last round): {:?}",
-        s_ck_steps.last().unwrap()
-    );
+    println!("snapfork checkpoint steps (last round): {:?}", s_ck_steps.last().unwrap());
 }
 
 fn nix_is_root() -> bool {

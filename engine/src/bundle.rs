@@ -73,23 +73,13 @@ impl<W: Write> Write for HashingWriter<W> {
 pub fn export(store: &Store, root: Hash, out: &Path) -> Result<BundleReport> {
     let root_node = store.get_node(&root)?;
     SnapshotBody::from_node(root, &root_node)?;
-    let tmp = out.with_file_name(format!(
-        ".{}.partial",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
+    let tmp =
+        out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let io = |e: std::io::Error| Error::io(format!("write {}", tmp.display()), e);
     let file = File::create(&tmp).map_err(io)?;
-    let mut w = HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: blake3::Hasher::new(),
-        written: 0,
-    };
-    let mut report = BundleReport {
-        id: root.to_hex(),
-        ..Default::default()
-    };
+    let mut w =
+        HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: blake3::Hasher::new(), written: 0 };
+    let mut report = BundleReport { id: root.to_hex(), ..Default::default() };
     let result = (|| -> Result<()> {
         w.write_all(MAGIC).map_err(io)?;
         w.write_all(root.as_bytes()).map_err(io)?;
@@ -114,12 +104,8 @@ pub fn export(store: &Store, root: Hash, out: &Path) -> Result<BundleReport> {
                 }
                 None if store.has_file_object(&id)? => {
                     let path = store.file_object_path(&id);
-                    let mut f = File::open(&path)
-                        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-                    let len = f
-                        .metadata()
-                        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-                        .len();
+                    let mut f = File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                    let len = f.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
                     w.write_all(&[TAG_FILE]).map_err(io)?;
                     w.write_all(id.as_bytes()).map_err(io)?;
                     w.write_all(&len.to_le_bytes()).map_err(io)?;
@@ -127,10 +113,7 @@ pub fn export(store: &Store, root: Hash, out: &Path) -> Result<BundleReport> {
                     let copied = copy_hashing(&mut f, &mut w, len, &mut hasher)
                         .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
                     if copied != len || Hash(*hasher.finalize().as_bytes()) != id {
-                        return Err(Error::corrupt(
-                            format!("file object {id}"),
-                            "content does not match its id",
-                        ));
+                        return Err(Error::corrupt(format!("file object {id}"), "content does not match its id"));
                     }
                     report.files += 1;
                 }
@@ -153,8 +136,7 @@ pub fn export(store: &Store, root: Hash, out: &Path) -> Result<BundleReport> {
     })();
     match result {
         Ok(()) => {
-            std::fs::rename(&tmp, out)
-                .map_err(|e| Error::io(format!("rename to {}", out.display()), e))?;
+            std::fs::rename(&tmp, out).map_err(|e| Error::io(format!("rename to {}", out.display()), e))?;
             Ok(report)
         }
         Err(e) => {
@@ -171,12 +153,7 @@ fn write_record(w: &mut impl Write, tag: u8, id: &Hash, bytes: &[u8]) -> std::io
     w.write_all(bytes)
 }
 
-fn copy_hashing(
-    r: &mut impl Read,
-    w: &mut impl Write,
-    len: u64,
-    hasher: &mut blake3::Hasher,
-) -> std::io::Result<u64> {
+fn copy_hashing(r: &mut impl Read, w: &mut impl Write, len: u64, hasher: &mut blake3::Hasher) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {
@@ -204,24 +181,17 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
     let what = format!("bundle {}", path.display());
     let bad = |detail: String| Error::corrupt(what.clone(), detail);
     let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let total = file
-        .metadata()
-        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-        .len();
+    let total = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut whole = blake3::Hasher::new();
     let mut pos = 0u64;
-    let read_exact = |r: &mut BufReader<File>,
-                      buf: &mut [u8],
-                      whole: &mut blake3::Hasher,
-                      pos: &mut u64|
-     -> Result<()> {
-        r.read_exact(buf)
-            .map_err(|e| bad(format!("truncated at byte {pos}: {e}")))?;
-        whole.update(buf);
-        *pos += buf.len() as u64;
-        Ok(())
-    };
+    let read_exact =
+        |r: &mut BufReader<File>, buf: &mut [u8], whole: &mut blake3::Hasher, pos: &mut u64| -> Result<()> {
+            r.read_exact(buf).map_err(|e| bad(format!("truncated at byte {pos}: {e}")))?;
+            whole.update(buf);
+            *pos += buf.len() as u64;
+            Ok(())
+        };
     // ---- pass 1: verify everything, keep nodes (small) and record where each object is ----
     let mut magic = [0u8; 16];
     read_exact(&mut r, &mut magic, &mut whole, &mut pos)?;
@@ -240,16 +210,12 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         if tag[0] == TAG_END {
             let expected = *whole.finalize().as_bytes();
             let mut digest = [0u8; 32];
-            r.read_exact(&mut digest)
-                .map_err(|e| bad(format!("truncated end record: {e}")))?;
+            r.read_exact(&mut digest).map_err(|e| bad(format!("truncated end record: {e}")))?;
             if digest != expected {
                 return Err(bad("whole-bundle checksum mismatch".into()));
             }
             let mut rest = [0u8; 1];
-            if r.read(&mut rest)
-                .map_err(|e| Error::io(format!("read {}", path.display()), e))?
-                != 0
-            {
+            if r.read(&mut rest).map_err(|e| Error::io(format!("read {}", path.display()), e))? != 0 {
                 return Err(bad("data after the end record".into()));
             }
             break;
@@ -261,19 +227,13 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         read_exact(&mut r, &mut len, &mut whole, &mut pos)?;
         let len = u64::from_le_bytes(len);
         if len > total.saturating_sub(pos) {
-            return Err(bad(format!(
-                "object {} claims {len} bytes, more than the bundle holds",
-                id.short()
-            )));
+            return Err(bad(format!("object {} claims {len} bytes, more than the bundle holds", id.short())));
         }
         let offset = pos;
         match tag[0] {
             TAG_NODE | TAG_CHUNK => {
                 if len > MAX_CHUNK {
-                    return Err(bad(format!(
-                        "object {} of {len} bytes is too large",
-                        id.short()
-                    )));
+                    return Err(bad(format!("object {} of {len} bytes is too large", id.short())));
                 }
                 buf.resize(len as usize, 0);
                 read_exact(&mut r, &mut buf, &mut whole, &mut pos)?;
@@ -296,37 +256,21 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                     left -= n as u64;
                 }
                 if Hash(*h.finalize().as_bytes()) != id {
-                    return Err(bad(format!(
-                        "file object {} does not match its id",
-                        id.short()
-                    )));
+                    return Err(bad(format!("file object {} does not match its id", id.short())));
                 }
             }
             t => {
-                return Err(bad(format!(
-                    "unknown record tag {t} at byte {}",
-                    offset - 41
-                )));
+                return Err(bad(format!("unknown record tag {t} at byte {}", offset - 41)));
             }
         }
-        entries.entry(id).or_insert(Entry {
-            tag: tag[0],
-            offset,
-            len,
-        });
+        entries.entry(id).or_insert(Entry { tag: tag[0], offset, len });
     }
     // ---- closure: everything reachable from the root exists, snapshots decode ----
-    let root_node = nodes
-        .get(&root)
-        .ok_or_else(|| bad("the root snapshot is not in the bundle".into()))?;
+    let root_node = nodes.get(&root).ok_or_else(|| bad("the root snapshot is not in the bundle".into()))?;
     if root_node.kind != KIND_SNAPSHOT {
         return Err(bad("the root is not a snapshot".into()));
     }
-    let mut report = BundleReport {
-        id: root.to_hex(),
-        bytes: total,
-        ..Default::default()
-    };
+    let mut report = BundleReport { id: root.to_hex(), bytes: total, ..Default::default() };
     let mut seen = HashSet::new();
     let mut queue = VecDeque::from([root]);
     while let Some(id) = queue.pop_front() {
@@ -354,35 +298,22 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
             report.already_present += 1;
             continue;
         }
-        return Err(bad(format!(
-            "object {id} is referenced but not in the bundle"
-        )));
+        return Err(bad(format!("object {id} is referenced but not in the bundle")));
     }
     // ---- pass 2: write, in one transaction ----
-    let staging = store.staging_dir().join(format!(
-        "import-{}-{}",
-        std::process::id(),
-        crate::model::now_ms()
-    ));
-    std::fs::create_dir_all(&staging)
-        .map_err(|e| Error::io(format!("mkdir {}", staging.display()), e))?;
+    let staging = store.staging_dir().join(format!("import-{}-{}", std::process::id(), crate::model::now_ms()));
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(format!("mkdir {}", staging.display()), e))?;
     let result = (|| -> Result<()> {
-        let mut f =
-            File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let mut f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         let mut tx = store.begin()?;
-        let mut ordered: Vec<(&Hash, &Entry)> = entries
-            .iter()
-            .filter(|(id, _)| seen.contains(*id))
-            .collect();
+        let mut ordered: Vec<(&Hash, &Entry)> = entries.iter().filter(|(id, _)| seen.contains(*id)).collect();
         ordered.sort_by_key(|(_, e)| e.offset);
         for (id, e) in ordered {
-            f.seek(SeekFrom::Start(e.offset))
-                .map_err(|err| Error::io("seek bundle", err))?;
+            f.seek(SeekFrom::Start(e.offset)).map_err(|err| Error::io("seek bundle", err))?;
             match e.tag {
                 TAG_NODE | TAG_CHUNK => {
                     let mut b = vec![0u8; e.len as usize];
-                    f.read_exact(&mut b)
-                        .map_err(|err| Error::io("read bundle", err))?;
+                    f.read_exact(&mut b).map_err(|err| Error::io("read bundle", err))?;
                     let got = if e.tag == TAG_NODE {
                         report.nodes += 1;
                         tx.put_node(&Node::decode(&b, &|| format!("bundle node {id}"))?)?
@@ -391,24 +322,18 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                         tx.put_chunk(&b)?
                     };
                     if got != *id {
-                        return Err(bad(format!(
-                            "object {} changed while importing",
-                            id.short()
-                        )));
+                        return Err(bad(format!("object {} changed while importing", id.short())));
                     }
                 }
                 _ => {
                     let staged = staging.join(id.to_hex());
-                    let mut out = File::create(&staged)
-                        .map_err(|err| Error::io(format!("create {}", staged.display()), err))?;
+                    let mut out =
+                        File::create(&staged).map_err(|err| Error::io(format!("create {}", staged.display()), err))?;
                     let mut h = blake3::Hasher::new();
                     let n = copy_hashing(&mut (&mut f).take(e.len), &mut out, e.len, &mut h)
                         .map_err(|err| Error::io("copy file object", err))?;
                     if n != e.len || Hash(*h.finalize().as_bytes()) != *id {
-                        return Err(bad(format!(
-                            "file object {} changed while importing",
-                            id.short()
-                        )));
+                        return Err(bad(format!("file object {} changed while importing", id.short())));
                     }
                     drop(out);
                     tx.adopt_file_object(&staged, *id)?;

@@ -23,8 +23,7 @@ use crate::error::{Error, Result};
 use crate::firecracker::{ApiClient, FirecrackerConfig};
 use crate::gvisor::GvisorConfig;
 use crate::model::{
-    self, PartKind, Role, SandboxRecord, Snapshot, SnapshotBody, Status, check_name, head_ref,
-    snaps_prefix, tag_ref,
+    self, PartKind, Role, SandboxRecord, Snapshot, SnapshotBody, Status, check_name, head_ref, snaps_prefix, tag_ref,
 };
 use crate::raw::RawConfig;
 use crate::runsc::Runsc;
@@ -43,10 +42,7 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// The default: `STORE/engine`.
     pub fn for_store(store: &Store) -> EngineOptions {
-        EngineOptions {
-            state_dir: store.dir().join("engine"),
-            runsc: None,
-        }
+        EngineOptions { state_dir: store.dir().join("engine"), runsc: None }
     }
 }
 
@@ -84,15 +80,9 @@ impl DriverConfig {
     fn from_parts(driver: &str, config: &serde_json::Value) -> Result<DriverConfig> {
         let bad = |e: serde_json::Error| Error::Invalid(format!("{driver} config: {e}"));
         match driver {
-            "gvisor" => Ok(DriverConfig::Gvisor(
-                serde_json::from_value(config.clone()).map_err(bad)?,
-            )),
-            "raw" => Ok(DriverConfig::Raw(
-                serde_json::from_value(config.clone()).map_err(bad)?,
-            )),
-            "firecracker" => Ok(DriverConfig::Firecracker(
-                serde_json::from_value(config.clone()).map_err(bad)?,
-            )),
+            "gvisor" => Ok(DriverConfig::Gvisor(serde_json::from_value(config.clone()).map_err(bad)?)),
+            "raw" => Ok(DriverConfig::Raw(serde_json::from_value(config.clone()).map_err(bad)?)),
+            "firecracker" => Ok(DriverConfig::Firecracker(serde_json::from_value(config.clone()).map_err(bad)?)),
             other => Err(Error::Invalid(format!("unknown driver {other}"))),
         }
     }
@@ -138,11 +128,7 @@ struct Clock {
 impl Clock {
     fn new() -> Clock {
         let now = Instant::now();
-        Clock {
-            start: now,
-            last: now,
-            t: Timings::default(),
-        }
+        Clock { start: now, last: now, t: Timings::default() }
     }
     fn step(&mut self, name: &str) {
         let now = Instant::now();
@@ -282,8 +268,7 @@ impl Engine {
         let state = opts.state_dir;
         for d in ["sandboxes", "workspaces", "runsc", "tmp"] {
             let p = state.join(d);
-            std::fs::create_dir_all(&p)
-                .map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
+            std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
         }
         let mut runsc = Runsc::new(state.join("runsc"));
         if let Some(b) = opts.runsc {
@@ -320,10 +305,7 @@ impl Engine {
         sorted.dedup();
         let mutexes: Vec<_> = {
             let mut map = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
-            sorted
-                .iter()
-                .map(|n| map.entry((*n).clone()).or_default().clone())
-                .collect()
+            sorted.iter().map(|n| map.entry((*n).clone()).or_default().clone()).collect()
         };
         let mut guards = Vec::with_capacity(mutexes.len());
         for m in mutexes {
@@ -332,17 +314,11 @@ impl Engine {
         guards
     }
 
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| Error::Runtime {
-                what: "engine task".into(),
-                detail: e.to_string(),
-            })?
+            .map_err(|e| Error::Runtime { what: "engine task".into(), detail: e.to_string() })?
     }
 
     /// Starts a new sandbox.
@@ -353,11 +329,7 @@ impl Engine {
     }
 
     /// Checkpoints sandbox `name` into a new snapshot.
-    pub async fn checkpoint(
-        &self,
-        name: &str,
-        opts: CheckpointOptions,
-    ) -> Result<CheckpointReport> {
+    pub async fn checkpoint(&self, name: &str, opts: CheckpointOptions) -> Result<CheckpointReport> {
         let name = name.to_string();
         let _g = self.lock(std::slice::from_ref(&name)).await;
         self.blocking(move |i| i.checkpoint(&name, &opts)).await
@@ -383,12 +355,7 @@ impl Engine {
 
     /// Starts `n` sandboxes from snapshot `snap`, named `PREFIX-1`.. (the first free numbers;
     /// PREFIX defaults to the snapshot's sandbox). They restore in parallel.
-    pub async fn fork(
-        &self,
-        snap: &str,
-        n: usize,
-        prefix: Option<&str>,
-    ) -> Result<Vec<SandboxInfo>> {
+    pub async fn fork(&self, snap: &str, n: usize, prefix: Option<&str>) -> Result<Vec<SandboxInfo>> {
         if n == 0 || n > 256 {
             return Err(Error::Invalid(format!("fork count {n} must be 1..=256")));
         }
@@ -403,10 +370,7 @@ impl Engine {
                 Ok((s, names))
             })
             .await
-            .map_err(|e| Error::Runtime {
-                what: "engine task".into(),
-                detail: e.to_string(),
-            })??
+            .map_err(|e| Error::Runtime { what: "engine task".into(), detail: e.to_string() })??
         };
         let _g = self.lock(&names).await;
         // One materialized state image serves every fork.
@@ -428,10 +392,7 @@ impl Engine {
                 Ok(Ok(info)) => out.push(info),
                 Ok(Err(e)) => first_err = first_err.or(Some(e)),
                 Err(e) => {
-                    first_err = first_err.or(Some(Error::Runtime {
-                        what: "fork task".into(),
-                        detail: e.to_string(),
-                    }))
+                    first_err = first_err.or(Some(Error::Runtime { what: "fork task".into(), detail: e.to_string() }))
                 }
             }
         }
@@ -542,8 +503,7 @@ impl Engine {
     /// One snapshot, decoded.
     pub async fn show(&self, snap: &str) -> Result<Snapshot> {
         let snap = snap.to_string();
-        self.blocking(move |i| i.load_snapshot(i.resolve(&snap)?))
-            .await
+        self.blocking(move |i| i.load_snapshot(i.resolve(&snap)?)).await
     }
 
     /// Resolves a snapshot spec: a tag, a sandbox name (its head), or a (prefix of an) id.
@@ -558,14 +518,9 @@ impl Engine {
         self.blocking(move |i| {
             let rec = i.load_record(&name)?;
             if rec.driver != "gvisor" {
-                return Err(Error::Invalid(format!(
-                    "exec needs a gvisor sandbox; {name} is {}",
-                    rec.driver
-                )));
+                return Err(Error::Invalid(format!("exec needs a gvisor sandbox; {name} is {}", rec.driver)));
             }
-            let rid = rec
-                .runtime_id
-                .ok_or_else(|| Error::Invalid(format!("sandbox {name} is not running")))?;
+            let rid = rec.runtime_id.ok_or_else(|| Error::Invalid(format!("sandbox {name} is not running")))?;
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             i.runsc.exec_in(&rid, &args)
         })
@@ -576,16 +531,14 @@ impl Engine {
     pub async fn export(&self, snap: &str, out: &Path) -> Result<crate::bundle::BundleReport> {
         let snap = snap.to_string();
         let out = out.to_path_buf();
-        self.blocking(move |i| crate::bundle::export(&i.store, i.resolve(&snap)?, &out))
-            .await
+        self.blocking(move |i| crate::bundle::export(&i.store, i.resolve(&snap)?, &out)).await
     }
 
     /// Verifies a bundle completely, then imports it (kept by ref `imported/ID`); a bundle that
     /// fails any check is refused and leaves nothing in the store.
     pub async fn import(&self, path: &Path) -> Result<crate::bundle::BundleReport> {
         let path = path.to_path_buf();
-        self.blocking(move |i| crate::bundle::import(&i.store, &path))
-            .await
+        self.blocking(move |i| crate::bundle::import(&i.store, &path)).await
     }
 }
 
@@ -608,15 +561,13 @@ impl Inner {
             }
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))
+        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))
     }
 
     /// Writes the record atomically (temp file, fsync, rename).
     fn save_record(&self, rec: &SandboxRecord) -> Result<()> {
         let dir = self.sandbox_dir(&rec.name);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let path = self.record_path(&rec.name);
         let tmp = dir.join("sandbox.json.tmp");
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -681,16 +632,12 @@ impl Inner {
                 return Ok(h);
             }
             if self.exists(spec) {
-                return Err(Error::NotFound(format!(
-                    "sandbox {spec} has no snapshot yet"
-                )));
+                return Err(Error::NotFound(format!("sandbox {spec} has no snapshot yet")));
             }
         }
-        self.store.resolve(spec).map_err(|_| {
-            Error::NotFound(format!(
-                "snapshot {spec} (no tag, sandbox or id of that name)"
-            ))
-        })
+        self.store
+            .resolve(spec)
+            .map_err(|_| Error::NotFound(format!("snapshot {spec} (no tag, sandbox or id of that name)")))
     }
 
     fn load_snapshot(&self, id: Hash) -> Result<Snapshot> {
@@ -709,22 +656,15 @@ impl Inner {
         let dir = self.sandbox_dir(&name);
         let (workspace, owns) = match &spec.workspace {
             Some(w) => {
-                let w = std::fs::canonicalize(w)
-                    .map_err(|e| Error::io(format!("workspace {}", w.display()), e))?;
+                let w = std::fs::canonicalize(w).map_err(|e| Error::io(format!("workspace {}", w.display()), e))?;
                 (w, false)
             }
             // A fresh path per sandbox incarnation: fsfork keys its stat cache by path, and a
             // later sandbox of the same name must not inherit it.
-            None => (
-                self.state
-                    .join("workspaces")
-                    .join(format!("{name}.{}", model::now_ms())),
-                true,
-            ),
+            None => (self.state.join("workspaces").join(format!("{name}.{}", model::now_ms())), true),
         };
         let result = (|| -> Result<SandboxRecord> {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
             if owns {
                 std::fs::create_dir_all(&workspace)
                     .map_err(|e| Error::io(format!("mkdir {}", workspace.display()), e))?;
@@ -747,8 +687,7 @@ impl Inner {
                     let bundle = self.bundle_dir(&name);
                     cfg.write_bundle(&bundle, Some(&workspace))?;
                     let rid = self.runtime_id(&name, rec.generation);
-                    self.runsc
-                        .run_detached(&rid, &bundle, &self.console_log(&name))?;
+                    self.runsc.run_detached(&rid, &bundle, &self.console_log(&name))?;
                     rec.runtime_id = Some(rid);
                     rec.status = Status::Running;
                 }
@@ -817,9 +756,7 @@ impl Inner {
         self.refresh(&mut rec)?;
         let driver = DriverConfig::from_parts(&rec.driver, &rec.config)?;
         let parent = match &rec.head {
-            Some(h) => Some(
-                model::parse_hash(h).ok_or_else(|| Error::corrupt("sandbox record", "bad head"))?,
-            ),
+            Some(h) => Some(model::parse_hash(h).ok_or_else(|| Error::corrupt("sandbox record", "bad head"))?),
             None => None,
         };
         let parent_snap = match parent {
@@ -838,10 +775,7 @@ impl Inner {
                         rec.status
                     )));
                 }
-                let rid = rec
-                    .runtime_id
-                    .clone()
-                    .ok_or_else(|| Error::Invalid("no runtime id".into()))?;
+                let rid = rec.runtime_id.clone().ok_or_else(|| Error::Invalid("no runtime id".into()))?;
                 let was_paused = rec.status == Status::Paused;
                 let img_dir = tempdir(&self.state.join("tmp"), "ckpt")?;
                 // No pause of our own: runsc checkpoint stops every task before it saves memory
@@ -858,9 +792,8 @@ impl Inner {
                     let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
                     let ck = self.runsc.checkpoint(&rid, &img_dir);
                     done.store(true, Ordering::SeqCst);
-                    let streamed = ingest
-                        .join()
-                        .unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
+                    let streamed =
+                        ingest.join().unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
                     (ck, streamed)
                 });
                 if let Err(e) = ck {
@@ -891,12 +824,7 @@ impl Inner {
                 clock.step("workspace");
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
-                    self.runsc.restore_detached(
-                        &new_rid,
-                        &self.bundle_dir(name),
-                        &img_dir,
-                        &self.console_log(name),
-                    )
+                    self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
                 };
                 // With --leave-running, the sandbox comes back from the image just written while
                 // the image is stored (both only read it), so it waits for neither the other.
@@ -912,19 +840,14 @@ impl Inner {
                         // What was streamed must be exactly the finished file; otherwise
                         // (runsc rewrote a part it had written) store the file again, whole.
                         let segs = match streamed {
-                            Ok((segs, h))
-                                if Some(h) == file_hash
-                                    && segs.iter().map(|x| x.1).sum::<u64>() == size =>
-                            {
+                            Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => {
                                 segs
                             }
                             other => {
                                 if let Err(e) = other {
                                     tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
                                 } else {
-                                    tracing::warn!(
-                                        "image changed while it was streamed; storing it again"
-                                    );
+                                    tracing::warn!("image changed while it was streamed; storing it again");
                                 }
                                 let info = tx.put_blob_file(&image)?;
                                 vec![(info.id, size, info.new_stored_bytes)]
@@ -942,18 +865,11 @@ impl Inner {
                         }
                         Ok(state_key(&parts))
                     })();
-                    let restored = restoring.map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Invalid("restore thread panicked".into()))
-                        })
-                    });
+                    let restored = restoring
+                        .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
                     (restored, stored, file_hash)
                 });
-                clock.step(if opts.leave_running {
-                    "ingest + restore in place"
-                } else {
-                    "ingest"
-                });
+                clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
                 let committed = stored.and_then(|blob| {
                     let body = self.snapshot_body(&rec, parent, opts, &parts);
                     let node = body.to_node()?;
@@ -1007,10 +923,7 @@ impl Inner {
                         self.save_record(&rec)?;
                         if let Some(e) = restart_err {
                             return Err(Error::Runtime {
-                                what: format!(
-                                    "snapshot {} committed, but restarting {name}",
-                                    id.short()
-                                ),
+                                what: format!("snapshot {} committed, but restarting {name}", id.short()),
                                 detail: e.to_string(),
                             });
                         }
@@ -1054,9 +967,7 @@ impl Inner {
                             p.body
                                 .parts
                                 .iter()
-                                .find(|x| {
-                                    x.role == role && x.name == name && x.kind == PartKind::Image
-                                })
+                                .find(|x| x.role == role && x.name == name && x.kind == PartKind::Image)
                                 .and_then(|x| Snapshot::part_id(x).ok())
                         })
                     };
@@ -1066,11 +977,7 @@ impl Inner {
                     let diff = cfg.diff && prev_mem.is_some();
                     let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
                     api.create_snapshot(diff, &vmstate, &mem)?;
-                    clock.step(if diff {
-                        "snapshot/create Diff"
-                    } else {
-                        "snapshot/create Full"
-                    });
+                    clock.step(if diff { "snapshot/create Diff" } else { "snapshot/create Full" });
                     let info = tx.put_blob_file(&vmstate)?;
                     added += info.new_stored_bytes;
                     parts.push(model::Part {
@@ -1099,9 +1006,7 @@ impl Inner {
                         let dname = disk
                             .file_name()
                             .and_then(|n| n.to_str())
-                            .ok_or_else(|| {
-                                Error::Invalid(format!("bad disk path {}", disk.display()))
-                            })?
+                            .ok_or_else(|| Error::Invalid(format!("bad disk path {}", disk.display())))?
                             .to_string();
                         model::check_part_name(&dname)?;
                         let o = snapfork_store::IngestOptions {
@@ -1227,8 +1132,7 @@ impl Inner {
             if dest.exists() {
                 return Err(Error::Exists(dest.display().to_string()));
             }
-            std::fs::create_dir_all(self.state.join("cache"))
-                .map_err(|e| Error::io("mkdir cache", e))?;
+            std::fs::create_dir_all(self.state.join("cache")).map_err(|e| Error::io("mkdir cache", e))?;
             write_synced(&img_dir.join("blake3"), file_hash.to_hex().as_bytes())?;
             rename(img_dir, &dest)
         })();
@@ -1271,17 +1175,10 @@ impl Inner {
         if s.body.driver != "gvisor" {
             return Ok(None);
         }
-        let segs: Vec<&model::Part> = s
-            .body
-            .parts
-            .iter()
-            .filter(|p| p.role == Role::State && p.kind == PartKind::Blob)
-            .collect();
+        let segs: Vec<&model::Part> =
+            s.body.parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob).collect();
         if segs.is_empty() {
-            return Err(Error::corrupt(
-                format!("snapshot {}", s.id),
-                "gvisor snapshot without a state image",
-            ));
+            return Err(Error::corrupt(format!("snapshot {}", s.id), "gvisor snapshot without a state image"));
         }
         let total: u64 = segs.iter().map(|p| p.size).sum();
         let blob = state_key(&s.body.parts);
@@ -1295,10 +1192,7 @@ impl Inner {
                         .append(true)
                         .open(&img)
                         .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                    return Ok(Some(Prepared {
-                        dir: cached,
-                        temporary: false,
-                    }));
+                    return Ok(Some(Prepared { dir: cached, temporary: false }));
                 }
                 _ => {
                     tracing::warn!(blob = %blob.short(), "cached image does not match its hash; reading the store");
@@ -1309,21 +1203,16 @@ impl Inner {
         let dir = tempdir(&self.state.join("tmp"), "img")?;
         let path = dir.join("checkpoint.img");
         let r = (|| -> Result<()> {
-            let mut f = std::fs::File::create(&path)
-                .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
             for p in &segs {
                 self.store.read_blob(&Snapshot::part_id(p)?, &mut w)?;
             }
-            std::io::Write::flush(&mut w)
-                .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             Ok(())
         })();
         match r {
-            Ok(()) => Ok(Some(Prepared {
-                dir,
-                temporary: true,
-            })),
+            Ok(()) => Ok(Some(Prepared { dir, temporary: true })),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
@@ -1339,17 +1228,12 @@ impl Inner {
         }
         let driver = DriverConfig::from_parts(&s.body.driver, &s.body.config)?;
         let dir = self.sandbox_dir(name);
-        let ws = self
-            .state
-            .join("workspaces")
-            .join(format!("{name}.{}", model::now_ms()));
+        let ws = self.state.join("workspaces").join(format!("{name}.{}", model::now_ms()));
         let result = (|| -> Result<SandboxRecord> {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
             match s.part(Role::Workspace) {
                 Some(p) => workspace::materialize(&self.store, p, &ws)?,
-                None => std::fs::create_dir_all(&ws)
-                    .map_err(|e| Error::io(format!("mkdir {}", ws.display()), e))?,
+                None => std::fs::create_dir_all(&ws).map_err(|e| Error::io(format!("mkdir {}", ws.display()), e))?,
             }
             clock.step("workspace");
             let mut rec = SandboxRecord {
@@ -1366,29 +1250,25 @@ impl Inner {
             };
             match &driver {
                 DriverConfig::Gvisor(cfg) => {
-                    let img = prepared
-                        .ok_or_else(|| Error::Invalid("state image not prepared".into()))?;
+                    let img = prepared.ok_or_else(|| Error::Invalid("state image not prepared".into()))?;
                     let bundle = self.bundle_dir(name);
                     cfg.write_bundle(&bundle, Some(&ws))?;
                     let rid = self.runtime_id(name, rec.generation);
-                    self.runsc
-                        .restore_detached(&rid, &bundle, img, &self.console_log(name))?;
+                    self.runsc.restore_detached(&rid, &bundle, img, &self.console_log(name))?;
                     rec.runtime_id = Some(rid);
                     rec.status = Status::Running;
                     clock.step("runsc restore");
                 }
                 DriverConfig::Firecracker(cfg) => {
                     let new_cfg = self.start_firecracker(s, cfg, &dir, name)?;
-                    rec.config = serde_json::to_value(&new_cfg)
-                        .map_err(|e| Error::Invalid(e.to_string()))?;
+                    rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                     rec.status = Status::Running;
                     clock.step("firecracker load (uffd)");
                 }
                 DriverConfig::Raw(_) => {
                     let files = dir.join("files");
                     let cfg = crate::raw::materialize(&self.store, &s.body.parts, &files)?;
-                    rec.config =
-                        serde_json::to_value(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                    rec.config = serde_json::to_value(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                     rec.status = Status::Stopped;
                     clock.step("materialize files");
                 }
@@ -1486,8 +1366,7 @@ impl Inner {
                     .ok_or_else(|| Error::Invalid("state image not prepared".into()));
                 let started = img.and_then(|img| {
                     cfg.write_bundle(&bundle, ws.as_deref())?;
-                    self.runsc
-                        .restore_detached(&rid, &bundle, &img, &self.console_log(name))
+                    self.runsc.restore_detached(&rid, &bundle, &img, &self.console_log(name))
                 });
                 if let Err(e) = started {
                     let _ = self.runsc.destroy(&rid);
@@ -1506,8 +1385,7 @@ impl Inner {
                 match self.start_firecracker(&s, cfg, &dir, name) {
                     Ok(new_cfg) => {
                         kill_pid(cfg.pid);
-                        rec.config = serde_json::to_value(&new_cfg)
-                            .map_err(|e| Error::Invalid(e.to_string()))?;
+                        rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                         rec.status = Status::Running;
                     }
                     Err(e) => return Err(undo(e)),
@@ -1543,16 +1421,12 @@ impl Inner {
             return Ok(sock.clone());
         }
         let dir = self.state.join("uffd");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let sock = dir.join(format!("{}.sock", &mem.to_hex()[..16]));
         let reader = self.store.open_image(&mem)?;
         let source = Arc::new(snapfork_lazy_restore::StoreSource::new(reader));
         let server = snapfork_lazy_restore::UffdServer::bind(&sock, source, Default::default())
-            .map_err(|e| Error::Runtime {
-                what: "uffd server".into(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| Error::Runtime { what: "uffd server".into(), detail: e.to_string() })?;
         let stop = server.stopper();
         let id = mem.short();
         std::thread::Builder::new()
@@ -1575,30 +1449,21 @@ impl Inner {
         dir: &Path,
         name: &str,
     ) -> Result<FirecrackerConfig> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let part = |role: Role| {
-            s.part(role).ok_or_else(|| {
-                Error::corrupt(
-                    format!("snapshot {}", s.id.short()),
-                    format!("no {role:?} part"),
-                )
-            })
+            s.part(role)
+                .ok_or_else(|| Error::corrupt(format!("snapshot {}", s.id.short()), format!("no {role:?} part")))
         };
         let vmstate = dir.join("vmstate");
         {
-            let mut f =
-                std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
-            self.store
-                .read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
+            let mut f = std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
+            self.store.read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
         }
         let mut disks = Vec::new();
         for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
             model::check_part_name(&p.name)?;
             let dest = dir.join(&p.name);
-            self.store
-                .open_image(&Snapshot::part_id(p)?)?
-                .materialize(&dest, None)?;
+            self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&dest, None)?;
             disks.push(dest);
         }
         let uffd = self.uffd_server(Snapshot::part_id(part(Role::Memory)?)?)?;
@@ -1609,9 +1474,7 @@ impl Inner {
             .append(true)
             .open(self.console_log(name))
             .map_err(|e| Error::io("open console log", e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Error::io("dup console log", e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
         let binary = cfg.binary();
         let mut child = std::process::Command::new(&binary)
             .arg("--api-sock")
@@ -1622,19 +1485,13 @@ impl Inner {
             .spawn()
             .map_err(|e| Error::Runtime {
                 what: "firecracker start".into(),
-                detail: format!(
-                    "{}: {e} (set $FIRECRACKER or the config's binary)",
-                    binary.display()
-                ),
+                detail: format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display()),
             })?;
         let pid = child.id() as i32;
         // Reap it whenever it exits (it is ours; a zombie would look alive to `ls`).
         std::thread::spawn(move || child.wait());
-        let loaded =
-            crate::firecracker::wait_for_api(&api_sock, std::time::Duration::from_secs(10))
-                .and_then(|_| {
-                    ApiClient::new(&api_sock).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true)
-                });
+        let loaded = crate::firecracker::wait_for_api(&api_sock, std::time::Duration::from_secs(10))
+            .and_then(|_| ApiClient::new(&api_sock).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true));
         if let Err(e) = loaded {
             kill_pid(Some(pid));
             return Err(e);
@@ -1652,8 +1509,7 @@ impl Inner {
     /// Kills the Firecracker process the engine started for `rec`, if any.
     fn kill_firecracker(&self, rec: &SandboxRecord) {
         if rec.driver == "firecracker"
-            && let Ok(DriverConfig::Firecracker(cfg)) =
-                DriverConfig::from_parts(&rec.driver, &rec.config)
+            && let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
         {
             kill_pid(cfg.pid);
         }
@@ -1664,8 +1520,7 @@ impl Inner {
     /// Updates `rec.status` from what the runtime says.
     fn refresh(&self, rec: &mut SandboxRecord) -> Result<()> {
         if rec.driver == "firecracker" {
-            if let Ok(DriverConfig::Firecracker(cfg)) =
-                DriverConfig::from_parts(&rec.driver, &rec.config)
+            if let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
                 && let Some(pid) = cfg.pid
                 && rec.status != Status::Stopped
                 && !Path::new(&format!("/proc/{pid}")).exists()
@@ -1728,8 +1583,7 @@ impl Inner {
     fn ls(&self) -> Result<Vec<SandboxInfo>> {
         let dir = self.state.join("sandboxes");
         let mut out = Vec::new();
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
@@ -1774,12 +1628,7 @@ impl Inner {
         }
         // Also label heads and tags when showing one sandbox's part of the tree.
         if name.is_some() {
-            for (r, h) in self
-                .store
-                .list_refs("tag/")?
-                .into_iter()
-                .chain(self.store.list_refs("sandbox/")?)
-            {
+            for (r, h) in self.store.list_refs("tag/")?.into_iter().chain(self.store.list_refs("sandbox/")?) {
                 let v = named.entry(h).or_default();
                 if !v.contains(&r) {
                     v.push(r);
@@ -1819,10 +1668,7 @@ impl Inner {
             })
             .collect();
         let tree = render_tree(&entries);
-        Ok(Log {
-            snapshots: entries,
-            tree,
-        })
+        Ok(Log { snapshots: entries, tree })
     }
 
     fn diff(&self, a: &str, b: &str) -> Result<SnapshotDiff> {
@@ -1831,11 +1677,7 @@ impl Inner {
         let mut parts = Vec::new();
         let mut files = Vec::new();
         for pb in &sb.body.parts {
-            let pa = sa
-                .body
-                .parts
-                .iter()
-                .find(|p| p.role == pb.role && p.name == pb.name);
+            let pa = sa.body.parts.iter().find(|p| p.role == pb.role && p.name == pb.name);
             let unit = match pb.kind {
                 PartKind::Image => "pages",
                 PartKind::Blob => "chunks",
@@ -1860,16 +1702,8 @@ impl Inner {
                     let n = ra.page_count().max(rb.page_count());
                     let mut changed = 0;
                     for i in 0..n {
-                        let x = if i < ra.page_count() {
-                            ra.page_id(i)?
-                        } else {
-                            Hash::ZERO
-                        };
-                        let y = if i < rb.page_count() {
-                            rb.page_id(i)?
-                        } else {
-                            Hash::ZERO
-                        };
+                        let x = if i < ra.page_count() { ra.page_id(i)? } else { Hash::ZERO };
+                        let y = if i < rb.page_count() { rb.page_id(i)? } else { Hash::ZERO };
                         if x != y {
                             changed += 1;
                         }
@@ -1877,8 +1711,7 @@ impl Inner {
                     (changed, n)
                 }
                 PartKind::Blob => {
-                    let la: std::collections::HashSet<Hash> =
-                        self.store.get_node(&ida)?.links.into_iter().collect();
+                    let la: std::collections::HashSet<Hash> = self.store.get_node(&ida)?.links.into_iter().collect();
                     let lb = self.store.get_node(&idb)?.links;
                     let changed = lb.iter().filter(|h| !la.contains(h)).count() as u64;
                     (changed, lb.len() as u64)
@@ -1893,23 +1726,14 @@ impl Inner {
             parts.push(PartDiff {
                 role: pb.role,
                 name: pb.name.clone(),
-                change: if ida == idb {
-                    "same".into()
-                } else {
-                    "changed".into()
-                },
+                change: if ida == idb { "same".into() } else { "changed".into() },
                 units_changed: changed,
                 units_total: total,
                 unit: unit.into(),
             });
         }
         for pa in &sa.body.parts {
-            if !sb
-                .body
-                .parts
-                .iter()
-                .any(|p| p.role == pa.role && p.name == pa.name)
-            {
+            if !sb.body.parts.iter().any(|p| p.role == pa.role && p.name == pa.name) {
                 parts.push(PartDiff {
                     role: pa.role,
                     name: pa.name.clone(),
@@ -1920,12 +1744,7 @@ impl Inner {
                 });
             }
         }
-        Ok(SnapshotDiff {
-            from: sa.id.to_hex(),
-            to: sb.id.to_hex(),
-            parts,
-            files,
-        })
+        Ok(SnapshotDiff { from: sa.id.to_hex(), to: sb.id.to_hex(), parts, files })
     }
 }
 
@@ -1938,12 +1757,7 @@ fn render_tree(entries: &[LogEntry]) -> String {
         children.entry(parent).or_default().push(e);
     }
     let mut out = String::new();
-    fn walk(
-        out: &mut String,
-        children: &HashMap<Option<&str>, Vec<&LogEntry>>,
-        parent: Option<&str>,
-        prefix: &str,
-    ) {
+    fn walk(out: &mut String, children: &HashMap<Option<&str>, Vec<&LogEntry>>, parent: Option<&str>, prefix: &str) {
         let Some(kids) = children.get(&parent) else {
             return;
         };
@@ -1956,21 +1770,9 @@ fn render_tree(entries: &[LogEntry]) -> String {
             } else {
                 "├─ "
             };
-            let refs = if e.refs.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", e.refs.join(", "))
-            };
-            let msg = if e.message.is_empty() {
-                String::new()
-            } else {
-                format!(" \"{}\"", e.message)
-            };
-            out.push_str(&format!(
-                "{prefix}{branch}{} [{}]{msg}{refs}\n",
-                &e.id[..12],
-                e.sandbox
-            ));
+            let refs = if e.refs.is_empty() { String::new() } else { format!(" ({})", e.refs.join(", ")) };
+            let msg = if e.message.is_empty() { String::new() } else { format!(" \"{}\"", e.message) };
+            out.push_str(&format!("{prefix}{branch}{} [{}]{msg}{refs}\n", &e.id[..12], e.sandbox));
             let next = if parent.is_none() {
                 prefix.to_string()
             } else if last {
@@ -1988,10 +1790,7 @@ fn render_tree(entries: &[LogEntry]) -> String {
 /// SIGKILLs `pid` (a process this engine started).
 fn kill_pid(pid: Option<i32>) {
     if let Some(p) = pid.filter(|p| *p > 1) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -2023,11 +1822,7 @@ type Segment = (Hash, u64, u64);
 /// Stores `image` segment by segment while runsc writes it, until `done` is set and the file has
 /// been read to its end. Returns (blob id, length, new stored bytes) per segment and the blake3 of
 /// all bytes read, for the caller to check against the finished file.
-fn stream_ingest(
-    tx: &mut snapfork_store::Txn,
-    image: &Path,
-    done: &AtomicBool,
-) -> Result<(Vec<Segment>, Hash)> {
+fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) -> Result<(Vec<Segment>, Hash)> {
     use std::os::unix::fs::FileExt;
     let mut file: Option<std::fs::File> = None;
     let mut off = 0u64;
@@ -2041,14 +1836,10 @@ fn stream_ingest(
             file = std::fs::File::open(image).ok();
         }
         if let Some(f) = &file {
-            let size = f
-                .metadata()
-                .map_err(|e| Error::io(format!("stat {}", image.display()), e))?
-                .len();
+            let size = f.metadata().map_err(|e| Error::io(format!("stat {}", image.display()), e))?.len();
             while size - off >= SEGMENT || (finished && size > off) {
                 let n = (size - off).min(SEGMENT) as usize;
-                f.read_exact_at(&mut buf[..n], off)
-                    .map_err(|e| Error::io(format!("read {}", image.display()), e))?;
+                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", image.display()), e))?;
                 whole.update(&buf[..n]);
                 let info = tx.put_blob(&buf[..n])?;
                 segs.push((info.id, n as u64, info.new_stored_bytes));
@@ -2065,10 +1856,7 @@ fn stream_ingest(
 /// The key of a snapshot's runsc image (its segments' ids, in order) in the image cache.
 fn state_key(parts: &[model::Part]) -> Hash {
     let mut h = blake3::Hasher::new();
-    for p in parts
-        .iter()
-        .filter(|p| p.role == Role::State && p.kind == PartKind::Blob)
-    {
+    for p in parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob) {
         h.update(p.id.as_bytes());
     }
     Hash(*h.finalize().as_bytes())
@@ -2077,28 +1865,21 @@ fn state_key(parts: &[model::Part]) -> Hash {
 /// blake3 of a whole file (memory-mapped, both cores).
 fn hash_file(p: &Path) -> Result<Hash> {
     let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(p)
-        .map_err(|e| Error::io(format!("hash {}", p.display()), e))?;
+    h.update_mmap_rayon(p).map_err(|e| Error::io(format!("hash {}", p.display()), e))?;
     Ok(Hash(*h.finalize().as_bytes()))
 }
 
 fn file_size(p: &Path) -> Result<u64> {
-    std::fs::metadata(p)
-        .map(|m| m.len())
-        .map_err(|e| Error::io(format!("stat {}", p.display()), e))
+    std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(format!("stat {}", p.display()), e))
 }
 
 fn rename(a: &Path, b: &Path) -> Result<()> {
-    std::fs::rename(a, b)
-        .map_err(|e| Error::io(format!("rename {} -> {}", a.display(), b.display()), e))
+    std::fs::rename(a, b).map_err(|e| Error::io(format!("rename {} -> {}", a.display(), b.display()), e))
 }
 
 /// `DIR/.NAME.suffix`: a hidden sibling on the same filesystem, so renames are atomic.
 fn sibling(p: &Path, suffix: &str) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     p.with_file_name(format!(".{name}.{suffix}"))
 }
 
@@ -2113,12 +1894,9 @@ fn remove_dir_if_exists(p: &Path) -> Result<()> {
 /// Writes `bytes` to `path` and fsyncs it.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)
-        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-    f.sync_all()
-        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    f.write_all(bytes).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    f.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))
 }
 
 /// A fresh, uniquely named directory under `parent`.

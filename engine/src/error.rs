@@ -50,18 +50,12 @@ pub enum Error {
 impl Error {
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     /// A corruption error.
     pub fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Error {
-        Error::Corrupt {
-            what: what.into(),
-            detail: detail.into(),
-        }
+        Error::Corrupt { what: what.into(), detail: detail.into() }
     }
 }
 

@@ -79,43 +79,28 @@ pub struct ApiResponse {
 impl ApiClient {
     /// A client of the API socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> ApiClient {
-        ApiClient {
-            socket: socket.into(),
-            timeout: Duration::from_secs(60),
-        }
+        ApiClient { socket: socket.into(), timeout: Duration::from_secs(60) }
     }
 
     fn err(&self, what: &str, detail: impl Into<String>) -> Error {
-        Error::Runtime {
-            what: format!("firecracker {what} ({})", self.socket.display()),
-            detail: detail.into(),
-        }
+        Error::Runtime { what: format!("firecracker {what} ({})", self.socket.display()), detail: detail.into() }
     }
 
     /// One HTTP/1.1 request; Firecracker keeps connections alive, so the body is read by its
     /// Content-Length.
-    pub fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<ApiResponse> {
+    pub fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
         let what = format!("{method} {path}");
-        let mut s = UnixStream::connect(&self.socket)
-            .map_err(|e| self.err(&what, format!("connect: {e}")))?;
-        s.set_read_timeout(Some(self.timeout))
-            .map_err(|e| self.err(&what, e.to_string()))?;
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| self.err(&what, format!("connect: {e}")))?;
+        s.set_read_timeout(Some(self.timeout)).map_err(|e| self.err(&what, e.to_string()))?;
         let b = body.map(|v| v.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
             b.len()
         );
-        s.write_all(req.as_bytes())
-            .map_err(|e| self.err(&what, format!("send: {e}")))?;
+        s.write_all(req.as_bytes()).map_err(|e| self.err(&what, format!("send: {e}")))?;
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
-        r.read_line(&mut status_line)
-            .map_err(|e| self.err(&what, format!("read: {e}")))?;
+        r.read_line(&mut status_line).map_err(|e| self.err(&what, format!("read: {e}")))?;
         let status: u16 = status_line
             .split_whitespace()
             .nth(1)
@@ -124,55 +109,34 @@ impl ApiClient {
         let mut len = 0usize;
         loop {
             let mut line = String::new();
-            let n = r
-                .read_line(&mut line)
-                .map_err(|e| self.err(&what, format!("read: {e}")))?;
+            let n = r.read_line(&mut line).map_err(|e| self.err(&what, format!("read: {e}")))?;
             if n == 0 || line == "\r\n" || line == "\n" {
                 break;
             }
             if let Some((k, v)) = line.split_once(':')
                 && k.trim().eq_ignore_ascii_case("content-length")
             {
-                len = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| self.err(&what, "bad Content-Length"))?;
+                len = v.trim().parse().map_err(|_| self.err(&what, "bad Content-Length"))?;
             }
         }
         if len > 16 << 20 {
             return Err(self.err(&what, format!("response of {len} bytes")));
         }
         let mut body = vec![0u8; len];
-        r.read_exact(&mut body)
-            .map_err(|e| self.err(&what, format!("read body: {e}")))?;
-        Ok(ApiResponse {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        r.read_exact(&mut body).map_err(|e| self.err(&what, format!("read body: {e}")))?;
+        Ok(ApiResponse { status, body: String::from_utf8_lossy(&body).into_owned() })
     }
 
-    fn expect_ok(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<ApiResponse> {
+    fn expect_ok(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
         let r = self.call(method, path, body)?;
         if (200..300).contains(&r.status) {
             return Ok(r);
         }
         let fault = serde_json::from_str::<serde_json::Value>(&r.body)
             .ok()
-            .and_then(|v| {
-                v.get("fault_message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
+            .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_else(|| r.body.clone());
-        Err(self.err(
-            &format!("{method} {path}"),
-            format!("HTTP {}: {fault}", r.status),
-        ))
+        Err(self.err(&format!("{method} {path}"), format!("HTTP {}: {fault}", r.status)))
     }
 
     /// `GET /`: the instance information (id, state, vmm_version).
@@ -183,22 +147,12 @@ impl ApiClient {
 
     /// `PATCH /vm {"state": "Paused"}`.
     pub fn pause(&self) -> Result<()> {
-        self.expect_ok(
-            "PATCH",
-            "/vm",
-            Some(&serde_json::json!({"state": "Paused"})),
-        )
-        .map(|_| ())
+        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Paused"}))).map(|_| ())
     }
 
     /// `PATCH /vm {"state": "Resumed"}`.
     pub fn resume(&self) -> Result<()> {
-        self.expect_ok(
-            "PATCH",
-            "/vm",
-            Some(&serde_json::json!({"state": "Resumed"})),
-        )
-        .map(|_| ())
+        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Resumed"}))).map(|_| ())
     }
 
     /// `PUT /snapshot/create`: a Full or Diff snapshot of the paused VM.
@@ -208,8 +162,7 @@ impl ApiClient {
             "snapshot_path": vmstate,
             "mem_file_path": mem,
         });
-        self.expect_ok("PUT", "/snapshot/create", Some(&body))
-            .map(|_| ())
+        self.expect_ok("PUT", "/snapshot/create", Some(&body)).map(|_| ())
     }
 
     /// `PUT /snapshot/load` with the Uffd memory backend at `uffd_socket`. Both the old
@@ -228,8 +181,7 @@ impl ApiClient {
             "track_dirty_pages": track_dirty,
             "resume_vm": resume,
         });
-        self.expect_ok("PUT", "/snapshot/load", Some(&body))
-            .map(|_| ())
+        self.expect_ok("PUT", "/snapshot/load", Some(&body)).map(|_| ())
     }
 }
 

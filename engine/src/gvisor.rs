@@ -34,10 +34,7 @@ pub struct GvisorConfig {
 }
 
 fn default_env() -> Vec<String> {
-    vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        "HOME=/workspace".into(),
-    ]
+    vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(), "HOME=/workspace".into()]
 }
 fn default_cwd() -> String {
     "/".into()
@@ -69,23 +66,14 @@ impl GvisorConfig {
             return Err(Error::Invalid("gvisor: no command given".into()));
         }
         if !self.rootfs.is_absolute() {
-            return Err(Error::Invalid(format!(
-                "gvisor: rootfs {} must be an absolute path",
-                self.rootfs.display()
-            )));
+            return Err(Error::Invalid(format!("gvisor: rootfs {} must be an absolute path", self.rootfs.display())));
         }
         if !self.rootfs.is_dir() {
-            return Err(Error::Invalid(format!(
-                "gvisor: rootfs {} is not a directory",
-                self.rootfs.display()
-            )));
+            return Err(Error::Invalid(format!("gvisor: rootfs {} is not a directory", self.rootfs.display())));
         }
-        for dst in std::iter::once(&self.workspace_mount).chain(self.ro_mounts.iter().map(|m| &m.1))
-        {
+        for dst in std::iter::once(&self.workspace_mount).chain(self.ro_mounts.iter().map(|m| &m.1)) {
             if !dst.starts_with('/') || dst.split('/').any(|c| c == "..") {
-                return Err(Error::Invalid(format!(
-                    "gvisor: bad mount destination {dst}"
-                )));
+                return Err(Error::Invalid(format!("gvisor: bad mount destination {dst}")));
             }
         }
         Ok(())
@@ -106,10 +94,8 @@ impl GvisorConfig {
                 "source": src, "options": ["rbind", "ro"]}));
         }
         if let Some(ws) = workspace {
-            mounts.push(
-                serde_json::json!({"destination": self.workspace_mount, "type": "bind",
-                "source": ws, "options": ["rbind", "rw"]}),
-            );
+            mounts.push(serde_json::json!({"destination": self.workspace_mount, "type": "bind",
+                "source": ws, "options": ["rbind", "rw"]}));
         }
         serde_json::json!({
             "ociVersion": "1.0.0",
@@ -136,10 +122,8 @@ impl GvisorConfig {
 
     /// Writes `bundle/config.json`.
     pub fn write_bundle(&self, bundle: &Path, workspace: Option<&Path>) -> Result<()> {
-        std::fs::create_dir_all(bundle)
-            .map_err(|e| Error::io(format!("mkdir {}", bundle.display()), e))?;
-        let spec = serde_json::to_vec_pretty(&self.oci_spec(workspace))
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::create_dir_all(bundle).map_err(|e| Error::io(format!("mkdir {}", bundle.display()), e))?;
+        let spec = serde_json::to_vec_pretty(&self.oci_spec(workspace)).map_err(|e| Error::Invalid(e.to_string()))?;
         let path = bundle.join("config.json");
         std::fs::write(&path, spec).map_err(|e| Error::io(format!("write {}", path.display()), e))
     }
@@ -148,15 +132,9 @@ impl GvisorConfig {
 /// Builds a minimal root filesystem at `dir` from a static busybox (Debian's `busybox-static`):
 /// `/bin/busybox` plus links for the applets the demo and tests use.
 pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            Error::Invalid(
-                "busybox not found: install Debian's busybox-static (scripts/setup.sh)".into(),
-            )
-        })?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].iter().map(Path::new).find(|p| p.exists()).ok_or_else(|| {
+        Error::Invalid("busybox not found: install Debian's busybox-static (scripts/setup.sh)".into())
+    })?;
     let bin = dir.join("bin");
     for d in ["bin", "proc", "dev", "sys", "tmp", "workspace", "etc"] {
         let p = dir.join(d);
@@ -164,12 +142,11 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     }
     let target = bin.join("busybox");
     if !target.exists() {
-        std::fs::copy(busybox, &target)
-            .map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
+        std::fs::copy(busybox, &target).map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
     }
     for applet in [
-        "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd",
-        "seq", "true", "date", "touch", "cp", "grep",
+        "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd", "seq", "true", "date",
+        "touch", "cp", "grep",
     ] {
         let link = bin.join(applet);
         if std::fs::symlink_metadata(&link).is_err() {

@@ -24,8 +24,8 @@ pub mod runsc;
 pub mod workspace;
 
 pub use engine::{
-    CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry,
-    RunSpec, SandboxInfo, SnapshotDiff, Timings,
+    CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry, RunSpec, SandboxInfo,
+    SnapshotDiff, Timings,
 };
 pub use error::{Error, Result};
 pub use firecracker::FirecrackerConfig;

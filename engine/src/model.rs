@@ -103,8 +103,7 @@ impl Snapshot {
 
     /// A part's store id.
     pub fn part_id(part: &Part) -> Result<Hash> {
-        parse_hash(&part.id)
-            .ok_or_else(|| Error::corrupt("snapshot part", format!("bad id {}", part.id)))
+        parse_hash(&part.id).ok_or_else(|| Error::corrupt("snapshot part", format!("bad id {}", part.id)))
     }
 }
 
@@ -139,22 +138,14 @@ impl SnapshotBody {
     pub fn from_node(id: Hash, node: &Node) -> Result<Snapshot> {
         let what = format!("snapshot {id}");
         if node.kind != KIND_SNAPSHOT {
-            return Err(Error::NotFound(format!(
-                "{id} is not a snapshot (node kind {})",
-                node.kind
-            )));
+            return Err(Error::NotFound(format!("{id} is not a snapshot (node kind {})", node.kind)));
         }
-        let body: SnapshotBody = serde_json::from_slice(&node.body)
-            .map_err(|e| Error::corrupt(&what, format!("unparsable body: {e}")))?;
+        let body: SnapshotBody =
+            serde_json::from_slice(&node.body).map_err(|e| Error::corrupt(&what, format!("unparsable body: {e}")))?;
         if body.version != 1 {
-            return Err(Error::corrupt(
-                &what,
-                format!("unknown version {}", body.version),
-            ));
+            return Err(Error::corrupt(&what, format!("unknown version {}", body.version)));
         }
-        let expected = body
-            .to_node()
-            .map_err(|e| Error::corrupt(&what, e.to_string()))?;
+        let expected = body.to_node().map_err(|e| Error::corrupt(&what, e.to_string()))?;
         if expected.links != node.links {
             return Err(Error::corrupt(&what, "links do not match the body"));
         }
@@ -168,13 +159,7 @@ impl SnapshotBody {
 
 /// Part names become file names when restored: plain names only.
 pub fn check_part_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 128
-        || name == "."
-        || name == ".."
-        || name.contains('/')
-        || name.contains('\0')
-    {
+    if name.is_empty() || name.len() > 128 || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(Error::Invalid(format!("bad part name {name:?}")));
     }
     Ok(())
@@ -186,9 +171,7 @@ pub fn check_name(name: &str) -> Result<()> {
         && name.len() <= 64
         && !name.starts_with('.')
         && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -254,10 +237,7 @@ pub fn snaps_prefix(name: &str) -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

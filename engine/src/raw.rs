@@ -54,10 +54,7 @@ impl RawConfig {
             }
         }
         if !self.page_size.is_power_of_two() || self.page_size < 4096 {
-            return Err(Error::Invalid(format!(
-                "raw: bad page size {}",
-                self.page_size
-            )));
+            return Err(Error::Invalid(format!("raw: bad page size {}", self.page_size)));
         }
         Ok(())
     }
@@ -76,21 +73,14 @@ fn part_name(p: &Path) -> Result<String> {
 /// Stores every file of `cfg` in `tx`; images are diffed against the same-named part of the
 /// parent snapshot (`prev`) so unchanged pages cost nothing.
 /// Returns the parts and the bytes they added to the store.
-pub fn checkpoint(
-    store: &Store,
-    tx: &mut Txn,
-    cfg: &RawConfig,
-    prev: &[Part],
-) -> Result<(Vec<Part>, u64)> {
+pub fn checkpoint(store: &Store, tx: &mut Txn, cfg: &RawConfig, prev: &[Part]) -> Result<(Vec<Part>, u64)> {
     let _ = store;
     cfg.validate()?;
     let mut parts = Vec::new();
     let mut added = 0;
     for (role, path) in cfg.files() {
         let name = part_name(path)?;
-        let size = std::fs::metadata(path)
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
+        let size = std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
         let (kind, id) = match role {
             Role::State => {
                 let info = tx.put_blob_file(path)?;
@@ -102,28 +92,14 @@ pub fn checkpoint(
                     .iter()
                     .find(|p| p.role == role && p.name == name && p.kind == PartKind::Image)
                     .and_then(|p| Snapshot::part_id(p).ok());
-                let page_size = if role == Role::Memory {
-                    cfg.page_size
-                } else {
-                    4096
-                };
-                let opts = IngestOptions {
-                    page_size,
-                    parent,
-                    ..Default::default()
-                };
+                let page_size = if role == Role::Memory { cfg.page_size } else { 4096 };
+                let opts = IngestOptions { page_size, parent, ..Default::default() };
                 let info = tx.ingest_image(path, &opts)?;
                 added += info.new_stored_bytes;
                 (PartKind::Image, info.id)
             }
         };
-        parts.push(Part {
-            role,
-            name,
-            kind,
-            id: id.to_hex(),
-            size,
-        });
+        parts.push(Part { role, name, kind, id: id.to_hex(), size });
     }
     Ok((parts, added))
 }
@@ -137,17 +113,15 @@ fn write_part(store: &Store, part: &Part, dest: &Path) -> Result<()> {
                 store.open_image(&id)?.materialize(&tmp, None)?;
             }
             PartKind::Blob => {
-                let mut f = std::fs::File::create(&tmp)
-                    .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+                let mut f =
+                    std::fs::File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
                 store.read_blob(&id, &mut w)?;
-                std::io::Write::flush(&mut w)
-                    .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+                std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
             }
             PartKind::Workspace => return Ok(()),
         }
-        std::fs::rename(&tmp, dest)
-            .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))
+        std::fs::rename(&tmp, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -158,12 +132,7 @@ fn write_part(store: &Store, part: &Part, dest: &Path) -> Result<()> {
 /// Writes every file part into `dir` and returns the config pointing at them.
 pub fn materialize(store: &Store, parts: &[Part], dir: &Path) -> Result<RawConfig> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
-    let mut cfg = RawConfig {
-        memory: None,
-        state: vec![],
-        disks: vec![],
-        page_size: 4096,
-    };
+    let mut cfg = RawConfig { memory: None, state: vec![], disks: vec![], page_size: 4096 };
     for p in parts {
         if p.kind == PartKind::Workspace {
             continue;

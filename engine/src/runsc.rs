@@ -52,16 +52,8 @@ pub struct ContainerState {
 impl Runsc {
     /// A runsc whose state lives in `root`; the binary is `$RUNSC` or `runsc` from `PATH`.
     pub fn new(root: PathBuf) -> Runsc {
-        let binary = std::env::var_os("RUNSC")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("runsc"));
-        Runsc {
-            binary,
-            root,
-            network: "none".into(),
-            platform: None,
-            timeout: Duration::from_secs(120),
-        }
+        let binary = std::env::var_os("RUNSC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runsc"));
+        Runsc { binary, root, network: "none".into(), platform: None, timeout: Duration::from_secs(120) }
     }
 
     fn command(&self) -> Command {
@@ -103,10 +95,7 @@ impl Runsc {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(Error::Runtime {
-                        what: format!("runsc {what}"),
-                        detail: e.to_string(),
-                    });
+                    return Err(Error::Runtime { what: format!("runsc {what}"), detail: e.to_string() });
                 }
             }
             if start.elapsed() > self.timeout {
@@ -123,10 +112,7 @@ impl Runsc {
         if !status.success() {
             let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
             let tail: String = last_lines(&stderr, 3);
-            return Err(Error::Runtime {
-                what: format!("runsc {what}"),
-                detail: format!("{status}: {tail}"),
-            });
+            return Err(Error::Runtime { what: format!("runsc {what}"), detail: format!("{status}: {tail}") });
         }
         tracing::debug!(?args, elapsed = ?start.elapsed(), "runsc done");
         Ok(stdout)
@@ -152,39 +138,16 @@ impl Runsc {
     }
 
     /// `runsc restore -detach`: a new container `id` from the image in `image_dir`.
-    pub fn restore_detached(
-        &self,
-        id: &str,
-        bundle: &Path,
-        image_dir: &Path,
-        log: &Path,
-    ) -> Result<()> {
+    pub fn restore_detached(&self, id: &str, bundle: &Path, image_dir: &Path, log: &Path) -> Result<()> {
         let b = bundle.display().to_string();
         let img = image_dir.display().to_string();
-        self.create_retrying(
-            &[
-                "restore",
-                "-detach",
-                "--image-path",
-                &img,
-                "-bundle",
-                &b,
-                id,
-            ],
-            id,
-            log,
-            "restore",
-        )
+        self.create_retrying(&["restore", "-detach", "--image-path", &img, "-bundle", &b, id], id, log, "restore")
     }
 
     /// `runsc checkpoint`: writes `image_dir/checkpoint.img`; the sandbox is gone afterwards.
     pub fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<()> {
         let img = image_dir.display().to_string();
-        self.exec(
-            &["checkpoint", "--image-path", &img, id],
-            None,
-            "checkpoint",
-        )?;
+        self.exec(&["checkpoint", "--image-path", &img, id], None, "checkpoint")?;
         let file = image_dir.join("checkpoint.img");
         // runsc has been seen exiting 0 without a usable image when the sandbox died under it.
         match std::fs::metadata(&file) {
@@ -213,8 +176,7 @@ impl Runsc {
 
     /// `runsc delete --force`: removes the container, killing it if it still runs.
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.exec(&["delete", "--force", id], None, "delete")
-            .map(|_| ())
+        self.exec(&["delete", "--force", id], None, "delete").map(|_| ())
     }
 
     /// `runsc exec ID ARGS...`: runs a command inside the sandbox and returns its stdout.
@@ -229,9 +191,7 @@ impl Runsc {
     /// sandbox is replaced. The delete runs as its own process, so it completes even if this one exits.
     pub fn discard(&self, id: &str) {
         let mut cmd = self.command();
-        cmd.args(["delete", "--force", id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(["delete", "--force", id]).stdout(Stdio::null()).stderr(Stdio::null());
         match cmd.spawn() {
             Ok(mut child) => {
                 // Reap it in a long-running process (daemon, tests); in a CLI that exits first,
@@ -245,15 +205,11 @@ impl Runsc {
     /// `runsc state`, or None when runsc does not know the container.
     pub fn state(&self, id: &str) -> Result<Option<ContainerState>> {
         match self.exec(&["state", id], None, "state") {
-            Ok(out) => serde_json::from_str(&out)
-                .map(Some)
-                .map_err(|e| Error::Runtime {
-                    what: "runsc state".into(),
-                    detail: format!("unparsable output ({e}): {}", last_lines(&out, 2)),
-                }),
-            Err(Error::Runtime { detail, .. })
-                if detail.contains("does not exist") || detail.contains("not exist") =>
-            {
+            Ok(out) => serde_json::from_str(&out).map(Some).map_err(|e| Error::Runtime {
+                what: "runsc state".into(),
+                detail: format!("unparsable output ({e}): {}", last_lines(&out, 2)),
+            }),
+            Err(Error::Runtime { detail, .. }) if detail.contains("does not exist") || detail.contains("not exist") => {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -296,11 +252,7 @@ impl Drop for TempDirGuard {
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = parent.join(format!(
-        ".exec-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = parent.join(format!(".exec-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
     Ok(dir)
 }

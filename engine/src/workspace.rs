@@ -51,11 +51,7 @@ pub struct WorkspaceCheckpoint {
 
 /// Checkpoints the tree at `dir` (the sandbox must be paused or stopped).
 pub fn checkpoint(store: &Store, dir: &Path, message: &str) -> Result<WorkspaceCheckpoint> {
-    let msg = if message.is_empty() {
-        None
-    } else {
-        Some(message)
-    };
+    let msg = if message.is_empty() { None } else { Some(message) };
     let r = ws::checkpoint(store, dir, msg)?;
     Ok(WorkspaceCheckpoint {
         id: Hash(r.id.0),
@@ -91,24 +87,13 @@ pub fn remove_old_tree(path: PathBuf) {
 
 /// Paths added, removed and changed from `a` to `b`.
 pub fn diff(store: &Store, a: &Part, b: &Part) -> Result<Vec<FileChange>> {
-    let d = ws::diff(
-        store,
-        ws::Side::Checkpoint(part_id(a)?),
-        ws::Side::Checkpoint(part_id(b)?),
-    )?;
+    let d = ws::diff(store, ws::Side::Checkpoint(part_id(a)?), ws::Side::Checkpoint(part_id(b)?))?;
     let mut out: Vec<FileChange> = Vec::new();
-    out.extend(d.added.into_iter().map(|path| FileChange {
-        path,
-        change: "added".into(),
-    }));
-    out.extend(d.removed.into_iter().map(|path| FileChange {
-        path,
-        change: "removed".into(),
-    }));
-    out.extend(d.changed.into_iter().map(|c| FileChange {
-        path: c.path,
-        change: format!("changed ({})", c.what.join(", ")),
-    }));
+    out.extend(d.added.into_iter().map(|path| FileChange { path, change: "added".into() }));
+    out.extend(d.removed.into_iter().map(|path| FileChange { path, change: "removed".into() }));
+    out.extend(
+        d.changed.into_iter().map(|c| FileChange { path: c.path, change: format!("changed ({})", c.what.join(", ")) }),
+    );
     out.sort_by(|x, y| x.path.cmp(&y.path));
     Ok(out)
 }
@@ -125,19 +110,11 @@ pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Res
                 _ => return Ok(None),
             },
         };
-        Ok(Some(NodeData {
-            kind: n.kind,
-            links: n.links.iter().map(|l| id(*l)).collect(),
-            body: n.body,
-        }))
+        Ok(Some(NodeData { kind: n.kind, links: n.links.iter().map(|l| id(*l)).collect(), body: n.body }))
     };
-    let first =
-        get(&tree)?.ok_or_else(|| Error::corrupt("workspace tree", "missing checkpoint node"))?;
+    let first = get(&tree)?.ok_or_else(|| Error::corrupt("workspace tree", "missing checkpoint node"))?;
     if first.kind != KIND_CHECKPOINT {
-        return Err(Error::corrupt(
-            "workspace tree",
-            format!("node kind {} is not a checkpoint", first.kind),
-        ));
+        return Err(Error::corrupt("workspace tree", format!("node kind {} is not a checkpoint", first.kind)));
     }
     let mut seen = HashSet::new();
     let mut queue = VecDeque::from([tree]);

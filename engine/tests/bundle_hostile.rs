@@ -38,29 +38,11 @@ fn node(d: snapfork_fsfork::repo::NodeData) -> Node {
 fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
     let store = engine.store();
     let mut tx = store.begin().unwrap();
-    let inner = tx
-        .put_node(&node(manifest::encode_dir(vec![entry(
-            evil,
-            Kind::Dir,
-            None,
-        )])))
-        .unwrap();
-    let root = tx
-        .put_node(&node(manifest::encode_dir(vec![entry(
-            b"",
-            Kind::Dir,
-            Some(inner),
-        )])))
-        .unwrap();
+    let inner = tx.put_node(&node(manifest::encode_dir(vec![entry(evil, Kind::Dir, None)]))).unwrap();
+    let root = tx.put_node(&node(manifest::encode_dir(vec![entry(b"", Kind::Dir, Some(inner))]))).unwrap();
     let info = serde_json::json!({"v": 1, "message": null, "time": 0.0, "workspace": "/x",
         "parent": null, "files": 0, "bytes": 0});
-    let ck = tx
-        .put_node(&Node::new(
-            KIND_CHECKPOINT,
-            vec![root],
-            serde_json::to_vec(&info).unwrap(),
-        ))
-        .unwrap();
+    let ck = tx.put_node(&Node::new(KIND_CHECKPOINT, vec![root], serde_json::to_vec(&info).unwrap())).unwrap();
     let body = SnapshotBody {
         version: 1,
         parent: None,
@@ -86,11 +68,7 @@ fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
 
 fn assert_empty(engine: &snapfork_engine::Engine) {
     let store = engine.store();
-    assert!(
-        store.list_refs("").unwrap().is_empty(),
-        "{:?}",
-        store.list_refs("").unwrap()
-    );
+    assert!(store.list_refs("").unwrap().is_empty(), "{:?}", store.list_refs("").unwrap());
     let t = store.stats("").unwrap().total;
     assert_eq!((t.chunks, t.file_objects), (0, 0), "{t:?}");
 }
@@ -102,10 +80,7 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     }
     let (dir, src) = new_engine();
     let (_dir2, dst) = new_engine();
-    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."]
-        .into_iter()
-        .enumerate()
-    {
+    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."].into_iter().enumerate() {
         let id = plant(&src, evil);
         let bundle = dir.path().join(format!("evil{k}.sfb"));
         src.export(&id.to_hex(), &bundle).await.unwrap();
@@ -120,12 +95,7 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     std::fs::write(ws.join("f"), vec![7u8; 100_000]).unwrap();
     let mem = dir.path().join("mem");
     std::fs::write(&mem, vec![1u8; 65536]).unwrap();
-    let cfg = snapfork_engine::RawConfig {
-        memory: Some(mem),
-        state: vec![],
-        disks: vec![],
-        page_size: 4096,
-    };
+    let cfg = snapfork_engine::RawConfig { memory: Some(mem), state: vec![], disks: vec![], page_size: 4096 };
     ok.run(snapfork_engine::RunSpec {
         name: "g".into(),
         driver: snapfork_engine::DriverConfig::Raw(cfg),

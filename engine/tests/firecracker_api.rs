@@ -38,11 +38,7 @@ fn main() {
         }
         return;
     }
-    let filter: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let filter: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with('-')).collect();
     if filter.is_empty() || filter.iter().any(|f| TEST.contains(f.as_str())) {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -73,11 +69,7 @@ mod fake {
             s,
             "HTTP/1.1 {status} {reason}\r\nServer: Firecracker API\r\nContent-Length: {}\r\n{}\r\n{b}",
             b.len(),
-            if b.is_empty() {
-                ""
-            } else {
-                "Content-Type: application/json\r\n"
-            }
+            if b.is_empty() { "" } else { "Content-Type: application/json\r\n" }
         );
     }
 
@@ -109,10 +101,7 @@ mod fake {
                 continue;
             }
             let mut it = line.split_whitespace();
-            let (method, path) = (
-                it.next().unwrap_or("").to_string(),
-                it.next().unwrap_or("").to_string(),
-            );
+            let (method, path) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or("").to_string());
             let mut len = 0;
             loop {
                 let mut h = String::new();
@@ -149,10 +138,7 @@ mod fake {
                     vm.state = "Running";
                     reply(s, 204, None)
                 }
-                other => fault(
-                    s,
-                    &format!("cannot change state to {other:?} from {}", vm.state),
-                ),
+                other => fault(s, &format!("cannot change state to {other:?} from {}", vm.state)),
             },
             ("PUT", "/snapshot/create") => {
                 if vm.state != "Paused" {
@@ -161,14 +147,10 @@ mod fake {
                 if std::mem::take(&mut vm.fail_next_create) {
                     return fault(s, "Create snapshot error: injected failure");
                 }
-                let (Some(st), Some(mp)) = (
-                    body["snapshot_path"].as_str(),
-                    body["mem_file_path"].as_str(),
-                ) else {
+                let (Some(st), Some(mp)) = (body["snapshot_path"].as_str(), body["mem_file_path"].as_str()) else {
                     return fault(s, "missing snapshot_path or mem_file_path");
                 };
-                let vmstate =
-                    json!({"regions": [{"size": vm.mem.len(), "offset": 0}], "page_size": PAGE});
+                let vmstate = json!({"regions": [{"size": vm.mem.len(), "offset": 0}], "page_size": PAGE});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
                 match body["snapshot_type"].as_str().unwrap_or("Full") {
@@ -178,8 +160,7 @@ mod fake {
                         f.set_len(vm.mem.len() as u64).unwrap();
                         for &p in &vm.dirty {
                             use std::os::unix::fs::FileExt;
-                            f.write_all_at(&vm.mem[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64)
-                                .unwrap();
+                            f.write_all_at(&vm.mem[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64).unwrap();
                         }
                     }
                     t => return fault(s, &format!("bad snapshot_type {t}")),
@@ -197,28 +178,17 @@ mod fake {
                 if body["mem_backend"]["backend_type"] != "Uffd" {
                     return fault(s, "this stand-in only does the Uffd backend");
                 }
-                let st: Value = serde_json::from_slice(
-                    &std::fs::read(body["snapshot_path"].as_str().unwrap()).unwrap(),
-                )
-                .unwrap();
+                let st: Value =
+                    serde_json::from_slice(&std::fs::read(body["snapshot_path"].as_str().unwrap()).unwrap()).unwrap();
                 let size = st["regions"][0]["size"].as_u64().unwrap();
-                let spec = snapfork_lazy_restore::client::RegionSpec {
-                    size,
-                    offset: 0,
-                    page_size: PAGE as u64,
-                };
+                let spec = snapfork_lazy_restore::client::RegionSpec { size, offset: 0, page_size: PAGE as u64 };
                 let mut fvm = snapfork_lazy_restore::client::FakeVm::new(&[spec]).unwrap();
                 let sock = PathBuf::from(body["mem_backend"]["backend_path"].as_str().unwrap());
-                fvm.connect(&sock, snapfork_lazy_restore::client::Shape::V1_12, &[])
-                    .unwrap();
+                fvm.connect(&sock, snapfork_lazy_restore::client::Shape::V1_12, &[]).unwrap();
                 // Touch every page: each is served by snapfork's UFFD server from the store.
                 vm.mem = fvm.region(0).to_vec();
                 vm._loaded = Some(fvm);
-                vm.state = if body["resume_vm"].as_bool() == Some(true) {
-                    "Running"
-                } else {
-                    "Paused"
-                };
+                vm.state = if body["resume_vm"].as_bool() == Some(true) { "Running" } else { "Paused" };
                 reply(s, 204, None)
             }
             ("PUT", "/fake/write") => {
@@ -233,13 +203,7 @@ mod fake {
             }
             ("GET", "/fake/memory") => {
                 let firsts: Vec<u8> = vm.mem.chunks(PAGE).map(|p| p[0]).collect();
-                reply(
-                    s,
-                    200,
-                    Some(
-                        json!({"blake3": blake3::hash(&vm.mem).to_hex().to_string(), "firsts": firsts}),
-                    ),
-                )
+                reply(s, 200, Some(json!({"blake3": blake3::hash(&vm.mem).to_hex().to_string(), "firsts": firsts})))
             }
             _ => fault(s, &format!("no route {method} {path}")),
         }
@@ -247,24 +211,18 @@ mod fake {
 }
 
 fn memory(api: &Path) -> Value {
-    let r = ApiClient::new(api)
-        .call("GET", "/fake/memory", None)
-        .unwrap();
+    let r = ApiClient::new(api).call("GET", "/fake/memory", None).unwrap();
     serde_json::from_str(&r.body).unwrap()
 }
 
 fn state(api: &Path) -> String {
-    ApiClient::new(api).instance_info().unwrap()["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    ApiClient::new(api).instance_info().unwrap()["state"].as_str().unwrap().to_string()
 }
 
 fn api_of(dir: &Path, name: &str) -> PathBuf {
-    let rec: Value = serde_json::from_slice(
-        &std::fs::read(dir.join("engine/sandboxes").join(name).join("sandbox.json")).unwrap(),
-    )
-    .unwrap();
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("engine/sandboxes").join(name).join("sandbox.json")).unwrap())
+            .unwrap();
     PathBuf::from(rec["config"]["api_socket"].as_str().unwrap())
 }
 
@@ -277,12 +235,7 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let me = std::env::current_exe().unwrap();
     let api = dir.path().join("vm.sock");
     let _vm = KillOnDrop(
-        std::process::Command::new(&me)
-            .arg("--api-sock")
-            .arg(&api)
-            .env("FAKE_FC_SEED", "1")
-            .spawn()
-            .unwrap(),
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
     );
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
     let disk = dir.path().join("rootfs.ext4");
@@ -299,86 +252,33 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
         pid: None,
     };
     engine
-        .run(RunSpec {
-            name: "vm".into(),
-            driver: DriverConfig::Firecracker(cfg),
-            workspace: Some(ws.clone()),
-        })
+        .run(RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: Some(ws.clone()) })
         .await
         .unwrap();
 
     // A: a Full snapshot; the VM runs on.
     let at_a = memory(&api);
-    let a = engine
-        .checkpoint(
-            "vm",
-            CheckpointOptions {
-                leave_running: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
     assert_eq!(state(&api), "Running");
-    assert!(
-        a.timings
-            .steps
-            .iter()
-            .any(|(s, _)| s == "snapshot/create Full"),
-        "{:?}",
-        a.timings
-    );
+    assert!(a.timings.steps.iter().any(|(s, _)| s == "snapshot/create Full"), "{:?}", a.timings);
 
     // The guest dirties two pages; B is a Diff snapshot ingested onto A's image.
     for (page, byte) in [(3, 0xAA), (10, 0xBB)] {
-        ApiClient::new(&api)
-            .call(
-                "PUT",
-                "/fake/write",
-                Some(&json!({"page": page, "byte": byte})),
-            )
-            .unwrap();
+        ApiClient::new(&api).call("PUT", "/fake/write", Some(&json!({"page": page, "byte": byte}))).unwrap();
     }
     std::fs::write(ws.join("task.txt"), "step 2").unwrap();
     let at_b = memory(&api);
-    let b = engine
-        .checkpoint(
-            "vm",
-            CheckpointOptions {
-                leave_running: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert!(
-        b.timings
-            .steps
-            .iter()
-            .any(|(s, _)| s == "snapshot/create Diff"),
-        "{:?}",
-        b.timings
-    );
+    let b = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert!(b.timings.steps.iter().any(|(s, _)| s == "snapshot/create Diff"), "{:?}", b.timings);
     let d = engine.diff(&a.id, &b.id).await.unwrap();
     let mem = d.parts.iter().find(|p| p.name == "mem").unwrap();
-    assert_eq!(
-        (mem.units_changed, mem.units_total),
-        (2, PAGES as u64),
-        "{d:?}"
-    );
+    assert_eq!((mem.units_changed, mem.units_total), (2, PAGES as u64), "{d:?}");
     assert!(d.files.iter().any(|f| f.path == "task.txt"));
 
     // A failing snapshot/create leaves no snapshot and the VM running.
-    ApiClient::new(&api)
-        .call("PUT", "/fake/fail-next-create", None)
-        .unwrap();
+    ApiClient::new(&api).call("PUT", "/fake/fail-next-create", None).unwrap();
     let refs = engine.store().list_refs("").unwrap();
-    assert!(
-        engine
-            .checkpoint("vm", CheckpointOptions::default())
-            .await
-            .is_err()
-    );
+    assert!(engine.checkpoint("vm", CheckpointOptions::default()).await.is_err());
     assert_eq!(engine.store().list_refs("").unwrap(), refs);
     assert_eq!(state(&api), "Running");
 
@@ -387,10 +287,7 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let rapi = api_of(dir.path(), "vm-b");
     assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
     assert_eq!(state(&rapi), "Running");
-    assert_eq!(
-        std::fs::read_to_string(r.workspace.unwrap().join("task.txt")).unwrap(),
-        "step 2"
-    );
+    assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("task.txt")).unwrap(), "step 2");
 
     // Fork A twice: both get A's memory (one server serves both), each in its own process.
     let forks = engine.fork(&a.id, 2, Some("vm-a")).await.unwrap();

@@ -27,14 +27,7 @@ async fn gvisor_checkpoint_fork3_revert() {
     wait_lines(&log, 5).await;
 
     let ck = engine
-        .checkpoint(
-            "orig",
-            CheckpointOptions {
-                message: "five".into(),
-                leave_running: true,
-                ..Default::default()
-            },
-        )
+        .checkpoint("orig", CheckpointOptions { message: "five".into(), leave_running: true, ..Default::default() })
         .await
         .unwrap();
     assert_eq!(ck.status, Status::Running);
@@ -42,10 +35,7 @@ async fn gvisor_checkpoint_fork3_revert() {
     // The original keeps running after the checkpoint.
     let n_at_ck = lines(&log).len();
     let later = wait_lines(&log, n_at_ck + 5).await;
-    assert!(
-        consecutive_from_one(&later),
-        "original after checkpoint: {later:?}"
-    );
+    assert!(consecutive_from_one(&later), "original after checkpoint: {later:?}");
 
     let forks = engine.fork(&ck.id, 3, Some("f")).await.unwrap();
     let names: Vec<&str> = forks.iter().map(|f| f.name.as_str()).collect();
@@ -54,63 +44,33 @@ async fn gvisor_checkpoint_fork3_revert() {
     for (k, f) in forks.iter().enumerate() {
         let step = 10i64.pow(k as u32 + 1);
         engine
-            .exec(
-                &f.name,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    format!("echo {step} > /workspace/step; kill -USR2 1"),
-                ],
-            )
+            .exec(&f.name, vec!["/bin/sh".into(), "-c".into(), format!("echo {step} > /workspace/step; kill -USR2 1")])
             .await
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The checkpointed file, read back from the snapshot: 1..=N.
     let snap = engine.show(&ck.id).await.unwrap();
-    let part = snap
-        .part(snapfork_engine::model::Role::Workspace)
-        .unwrap()
-        .clone();
+    let part = snap.part(snapfork_engine::model::Role::Workspace).unwrap().clone();
     let ckdir = dir.path().join("ck-workspace");
     snapfork_engine::workspace::materialize(engine.store(), &part, &ckdir).unwrap();
     let at_ck = lines(&ckdir.join("counter.log"));
     let n = at_ck.len();
-    assert!(
-        consecutive_from_one(&at_ck) && n >= 5 && n <= n_at_ck + 1,
-        "checkpointed: {at_ck:?}"
-    );
+    assert!(consecutive_from_one(&at_ck) && n >= 5 && n <= n_at_ck + 1, "checkpointed: {at_ck:?}");
     for (k, f) in forks.iter().enumerate() {
         let step = 10i64.pow(k as u32 + 1);
         let l = wait_lines(&f.workspace.clone().unwrap().join("counter.log"), n + 3).await;
         // Its file starts as the checkpointed file, and its counter continues from the
         // checkpointed memory (N+1, or N+step if the signal beat the first tick).
         assert_eq!(&l[..n], &at_ck[..], "fork {k}: {l:?}");
-        assert!(
-            l[n] == n as i64 + 1 || l[n] == n as i64 + step,
-            "fork {k}: {l:?}"
-        );
+        assert!(l[n] == n as i64 + 1 || l[n] == n as i64 + step, "fork {k}: {l:?}");
         // Then each goes its own way.
         let tail = &l[l.len() - 2..];
-        assert_eq!(
-            tail[1] - tail[0],
-            step,
-            "fork {k} continues with its own step: {l:?}"
-        );
+        assert_eq!(tail[1] - tail[0], step, "fork {k} continues with its own step: {l:?}");
     }
 
     // Wreck the original, then revert it.
-    engine
-        .exec(
-            "orig",
-            vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "rm -rf /workspace/*; kill -USR1 1".into(),
-            ],
-        )
-        .await
-        .unwrap();
+    engine.exec("orig", vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let wrecked = lines(&log);
     // The file was deleted and the counter corrupted (at most one line raced the signal).
@@ -132,24 +92,11 @@ async fn gvisor_checkpoint_fork3_revert() {
         assert!(refs.iter().any(|x| x == r), "{refs:?}");
     }
     // A second checkpoint of a fork is a child of the first.
-    let ck2 = engine
-        .checkpoint(
-            "f-1",
-            CheckpointOptions {
-                leave_running: false,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let ck2 = engine.checkpoint("f-1", CheckpointOptions { leave_running: false, ..Default::default() }).await.unwrap();
     assert_eq!(ck2.parent.as_deref(), Some(ck.id.as_str()));
     assert_eq!(ck2.status, Status::Stopped);
     let d = engine.diff(&ck.id, &ck2.id).await.unwrap();
-    assert!(
-        d.files.iter().any(|f| f.path.contains("counter.log")),
-        "{:?}",
-        d.files
-    );
+    assert!(d.files.iter().any(|f| f.path.contains("counter.log")), "{:?}", d.files);
     cleanup(&engine).await;
 }
 
@@ -165,10 +112,7 @@ async fn gvisor_parallel_checkpoints_and_dead_runtime() {
     let rootfs = rootfs(dir.path());
     let mut logs = Vec::new();
     for k in 0..3 {
-        let i = engine
-            .run(counter_spec(&format!("p{k}"), &rootfs))
-            .await
-            .unwrap();
+        let i = engine.run(counter_spec(&format!("p{k}"), &rootfs)).await.unwrap();
         logs.push(i.workspace.unwrap().join("counter.log"));
     }
     for l in &logs {
@@ -178,14 +122,7 @@ async fn gvisor_parallel_checkpoints_and_dead_runtime() {
     for k in 0..3 {
         let e = engine.clone();
         tasks.push(tokio::spawn(async move {
-            e.checkpoint(
-                &format!("p{k}"),
-                CheckpointOptions {
-                    leave_running: true,
-                    ..Default::default()
-                },
-            )
-            .await
+            e.checkpoint(&format!("p{k}"), CheckpointOptions { leave_running: true, ..Default::default() }).await
         }));
     }
     for t in tasks {
@@ -194,24 +131,11 @@ async fn gvisor_parallel_checkpoints_and_dead_runtime() {
     assert_eq!(engine.log(None).await.unwrap().snapshots.len(), 3);
 
     // Kill p0's runtime behind the engine's back: checkpoint fails, nothing is added.
-    let rid = engine
-        .ls()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.name == "p0")
-        .unwrap()
-        .runtime_id
-        .unwrap();
+    let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "p0").unwrap().runtime_id.unwrap();
     engine.runsc().kill(&rid).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = engine.store().list_refs("").unwrap();
-    assert!(
-        engine
-            .checkpoint("p0", CheckpointOptions::default())
-            .await
-            .is_err()
-    );
+    assert!(engine.checkpoint("p0", CheckpointOptions::default()).await.is_err());
     assert_eq!(engine.store().list_refs("").unwrap(), before);
     cleanup(&engine).await;
 }
@@ -229,24 +153,12 @@ async fn gvisor_export_import_restore_and_gc() {
     let info = engine.run(counter_spec("src", &rootfs)).await.unwrap();
     let log = info.workspace.unwrap().join("counter.log");
     wait_lines(&log, 4).await;
-    let ck = engine
-        .checkpoint(
-            "src",
-            CheckpointOptions {
-                leave_running: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let ck = engine.checkpoint("src", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
 
     // gc with the live sandbox: everything its head needs stays.
     let store = engine.store().clone();
     tokio::task::spawn_blocking(move || {
-        store.gc(&snapfork_store::GcOptions {
-            grace: Duration::ZERO,
-            ..Default::default()
-        })
+        store.gc(&snapfork_store::GcOptions { grace: Duration::ZERO, ..Default::default() })
     })
     .await
     .unwrap()
@@ -254,12 +166,7 @@ async fn gvisor_export_import_restore_and_gc() {
 
     // A damaged cached image is detected (whole-file hash) and the store's copy used instead.
     let cache = dir.path().join("engine/cache");
-    let entry = std::fs::read_dir(&cache)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
     let img = entry.join("checkpoint.img");
     let mut b = std::fs::read(&img).unwrap();
     let mid = b.len() / 3;
@@ -267,10 +174,7 @@ async fn gvisor_export_import_restore_and_gc() {
     std::fs::write(&img, &b).unwrap();
     let r = engine.restore(&ck.id, "from-store").await.unwrap();
     let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
-    assert!(
-        l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1),
-        "{l:?}"
-    );
+    assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
 
     let bundle = dir.path().join("snap.sfb");
     let ex = engine.export(&ck.id, &bundle).await.unwrap();
@@ -298,10 +202,7 @@ async fn gvisor_export_import_restore_and_gc() {
     assert_eq!(im.id, ck.id);
     let r = engine2.restore(&ck.id, "copy").await.unwrap();
     let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
-    assert!(
-        l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1),
-        "{l:?}"
-    );
+    assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
     cleanup(&engine2).await;
     cleanup(&engine).await;
     drop(dir2);

@@ -27,33 +27,16 @@ async fn raw_checkpoint_diff_restore_revert() {
     write(&mem, &[1, 0, 2, 3, 0, 4, 5, 6]);
     std::fs::write(&state, b"cpu registers v1").unwrap();
     write(&disk, &[9, 9, 0, 0]);
-    let cfg = RawConfig {
-        memory: Some(mem.clone()),
-        state: vec![state.clone()],
-        disks: vec![disk.clone()],
-        page_size: 4096,
-    };
+    let cfg =
+        RawConfig { memory: Some(mem.clone()), state: vec![state.clone()], disks: vec![disk.clone()], page_size: 4096 };
     let ws = dir.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::write(ws.join("notes.txt"), "v1").unwrap();
     engine
-        .run(RunSpec {
-            name: "vm".into(),
-            driver: DriverConfig::Raw(cfg),
-            workspace: Some(ws.clone()),
-        })
+        .run(RunSpec { name: "vm".into(), driver: DriverConfig::Raw(cfg), workspace: Some(ws.clone()) })
         .await
         .unwrap();
-    let a = engine
-        .checkpoint(
-            "vm",
-            CheckpointOptions {
-                message: "a".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions { message: "a".into(), ..Default::default() }).await.unwrap();
     assert_eq!(a.parts.len(), 4, "{:?}", a.parts);
 
     // Two pages of memory change, the state changes, a file changes.
@@ -61,10 +44,7 @@ async fn raw_checkpoint_diff_restore_revert() {
     std::fs::write(&state, b"cpu registers v2").unwrap();
     std::fs::write(ws.join("notes.txt"), "v2").unwrap();
     std::fs::write(ws.join("new.txt"), "x").unwrap();
-    let b = engine
-        .checkpoint("vm", CheckpointOptions::default())
-        .await
-        .unwrap();
+    let b = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
     assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
     let d = engine.diff(&a.id, &b.id).await.unwrap();
     let memd = d.parts.iter().find(|p| p.name == "mem").unwrap();
@@ -72,20 +52,14 @@ async fn raw_checkpoint_diff_restore_revert() {
     let diskd = d.parts.iter().find(|p| p.name == "disk.img").unwrap();
     assert_eq!(diskd.change, "same");
     let paths: Vec<&str> = d.files.iter().map(|f| f.path.as_str()).collect();
-    assert!(
-        paths.contains(&"notes.txt") && paths.contains(&"new.txt"),
-        "{paths:?}"
-    );
+    assert!(paths.contains(&"notes.txt") && paths.contains(&"new.txt"), "{paths:?}");
 
     // Restore A as a new sandbox: its files are A's.
     let r = engine.restore(&a.id, "vm2").await.unwrap();
     let snap = engine.show("vm2").await.unwrap();
     assert_eq!(snap.id.to_hex(), a.id);
     let files = dir.path().join("engine/sandboxes/vm2/files");
-    assert_eq!(
-        std::fs::read(files.join("vmstate")).unwrap(),
-        b"cpu registers v1"
-    );
+    assert_eq!(std::fs::read(files.join("vmstate")).unwrap(), b"cpu registers v1");
     assert_eq!(
         std::fs::read(files.join("mem")).unwrap(),
         std::fs::read(&mem)
@@ -98,10 +72,7 @@ async fn raw_checkpoint_diff_restore_revert() {
             })
             .unwrap()
     );
-    assert_eq!(
-        std::fs::read_to_string(r.workspace.unwrap().join("notes.txt")).unwrap(),
-        "v1"
-    );
+    assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("notes.txt")).unwrap(), "v1");
 
     // Revert the original to A: files in place and workspace back.
     engine.revert("vm", &a.id).await.unwrap();

@@ -17,19 +17,11 @@ pub const COUNTER: &str = "i=0; step=1; trap 'i=-999999' USR1; \
 pub fn require(test: &str, need_runsc: bool) -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     let runsc = !need_runsc
-        || std::process::Command::new("runsc")
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        || std::process::Command::new("runsc").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if root && runsc {
         return true;
     }
-    let why = if !root {
-        "needs root"
-    } else {
-        "needs runsc (scripts/setup.sh)"
-    };
+    let why = if !root { "needs root" } else { "needs runsc (scripts/setup.sh)" };
     eprintln!("!!!!!!!! {test}: {why}: NOT RUN !!!!!!!!");
     if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
         return false;
@@ -39,15 +31,9 @@ pub fn require(test: &str, need_runsc: bool) -> bool {
 
 /// A fresh store and engine in a temp dir (kept alive by the returned TempDir).
 pub fn new_engine() -> (tempfile::TempDir, Engine) {
-    let dir = tempfile::Builder::new()
-        .prefix("sf-engine-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
-    let opts = EngineOptions {
-        state_dir: dir.path().join("engine"),
-        runsc: None,
-    };
+    let opts = EngineOptions { state_dir: dir.path().join("engine"), runsc: None };
     let engine = Engine::open(store, opts).unwrap();
     (dir, engine)
 }
@@ -61,24 +47,13 @@ pub fn rootfs(dir: &Path) -> PathBuf {
 
 /// The counter sandbox spec.
 pub fn counter_spec(name: &str, rootfs: &Path) -> RunSpec {
-    let cfg = GvisorConfig::new(
-        rootfs.to_path_buf(),
-        vec!["/bin/sh".into(), "-c".into(), COUNTER.into()],
-    );
-    RunSpec {
-        name: name.into(),
-        driver: DriverConfig::Gvisor(cfg),
-        workspace: None,
-    }
+    let cfg = GvisorConfig::new(rootfs.to_path_buf(), vec!["/bin/sh".into(), "-c".into(), COUNTER.into()]);
+    RunSpec { name: name.into(), driver: DriverConfig::Gvisor(cfg), workspace: None }
 }
 
 /// The numbers in a counter log.
 pub fn lines(path: &Path) -> Vec<i64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// Waits until `path` holds at least `n` numbers.
@@ -90,11 +65,7 @@ pub async fn wait_lines(path: &Path, n: usize) -> Vec<i64> {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!(
-        "{} never reached {n} lines: {:?}",
-        path.display(),
-        lines(path)
-    );
+    panic!("{} never reached {n} lines: {:?}", path.display(), lines(path));
 }
 
 /// Removes every sandbox of the engine (tests must not leave sandboxes running).
