@@ -1,0 +1,1442 @@
+//! Workspace checkpoints in the store: checkpoint, restore, fork, revert, diff and log.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use blake3::hazmat::ChainingValue;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::clone::{self, CopyMode, Counters, Skipped};
+use crate::dirfds::{self, DirTable};
+use crate::error::{Error, IoContext, Result};
+use crate::hash::{self, Previous};
+use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
+use crate::repo::{Id, NodeData, Repo};
+use crate::statcache::{CacheEntry, StatCache};
+use crate::sys::{self, XattrTarget};
+use crate::walk::{self, Kind, Meta};
+
+/// Ref prefix under which every checkpoint is kept (so that gc keeps it).
+pub const CHECKPOINT_REF_PREFIX: &str = "fsfork/ckpt/";
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A workspace is identified by its canonical path; metadata keys use a hash of its bytes so
+/// that non-UTF-8 paths work.
+fn ws_key(path: &Path) -> String {
+    blake3::hash(path.as_os_str().as_bytes()).to_hex()[..32].to_string()
+}
+
+/// The (device, inode) of the store's directory: a workspace walk leaves it out, so that a
+/// store kept inside a workspace (e.g. the default `.snapfork`) is never recorded in it.
+fn store_key(repo: &dyn Repo) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(repo.root_dir())
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn canonical(dir: &Path) -> Result<PathBuf> {
+    let p = std::fs::canonicalize(dir).ctx("resolve", dir)?;
+    if !p.is_dir() {
+        return Err(Error::InvalidPath {
+            path: dir.to_path_buf(),
+            reason: "not a directory".into(),
+        });
+    }
+    Ok(p)
+}
+
+/// Where a new tree's canonical path will be (its parent must exist).
+fn canonical_new(dst: &Path) -> Result<PathBuf> {
+    let name = dst.file_name().ok_or_else(|| Error::InvalidPath {
+        path: dst.to_path_buf(),
+        reason: "has no final component".into(),
+    })?;
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(parent)
+        .ctx("resolve", parent)?
+        .join(name))
+}
+
+/// One event in a workspace's history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    /// "checkpoint", "revert", "restore" or "fork".
+    pub kind: String,
+    /// The checkpoint concerned (hex).
+    pub checkpoint: String,
+    /// Seconds since the epoch.
+    pub time: f64,
+    /// Message of a checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What the store remembers about a workspace directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    /// The canonical path (lossy).
+    pub path: String,
+    /// The checkpoint the tree was last taken at or put back to.
+    pub head: Option<String>,
+    /// The events, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// A tree made from a checkpoint (a fork or restore), listed under the checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Offspring {
+    /// The path of the new tree.
+    pub path: String,
+    /// "fork" or "restore".
+    pub kind: String,
+    /// Seconds since the epoch.
+    pub time: f64,
+}
+
+fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str) -> Result<T> {
+    Ok(match repo.meta_get(key)? {
+        Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(key, error = %e, "unreadable fsfork metadata; starting afresh");
+            T::default()
+        }),
+        None => T::default(),
+    })
+}
+
+fn save_json<T: Serialize>(repo: &dyn Repo, key: &str, v: &T) -> Result<()> {
+    let b = serde_json::to_vec(v).map_err(|e| Error::Corrupt {
+        id: key.into(),
+        reason: e.to_string(),
+    })?;
+    repo.meta_put(key, &b)
+}
+
+/// The record of the workspace at `path` (canonical).
+pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord> {
+    let mut r: WorkspaceRecord = load_json(repo, &format!("fsfork/ws/{}", ws_key(path)))?;
+    r.path = path.to_string_lossy().into_owned();
+    Ok(r)
+}
+
+fn save_record(repo: &dyn Repo, path: &Path, r: &WorkspaceRecord) -> Result<()> {
+    save_json(repo, &format!("fsfork/ws/{}", ws_key(path)), r)
+}
+
+fn load_cache(repo: &dyn Repo, path: &Path) -> Result<StatCache> {
+    Ok(repo
+        .meta_get(&format!("fsfork/statcache/{}", ws_key(path)))?
+        .map(|b| StatCache::decode(&b))
+        .unwrap_or_default())
+}
+
+fn save_cache(repo: &dyn Repo, path: &Path, c: &StatCache) -> Result<()> {
+    repo.meta_put(&format!("fsfork/statcache/{}", ws_key(path)), &c.encode())
+}
+
+fn cvs_key(id: &Id) -> String {
+    format!("fsfork/cvs/{}", id.hex())
+}
+
+fn load_cvs(repo: &dyn Repo, id: &Id) -> Option<Vec<ChainingValue>> {
+    let b = repo.meta_get(&cvs_key(id)).ok()??;
+    if b.len() % 32 != 0 {
+        return None;
+    }
+    Some(
+        b.chunks(32)
+            .map(|c| c.try_into().unwrap_or([0u8; 32]))
+            .collect(),
+    )
+}
+
+fn add_offspring(repo: &dyn Repo, ckpt: &Id, path: &Path, kind: &str) -> Result<()> {
+    let key = format!("fsfork/offspring/{}", ckpt.hex());
+    let mut list: Vec<Offspring> = load_json(repo, &key)?;
+    list.push(Offspring {
+        path: path.to_string_lossy().into_owned(),
+        kind: kind.into(),
+        time: now(),
+    });
+    save_json(repo, &key, &list)
+}
+
+/// The trees made from a checkpoint.
+pub fn offspring(repo: &dyn Repo, ckpt: &Id) -> Result<Vec<Offspring>> {
+    load_json(repo, &format!("fsfork/offspring/{}", ckpt.hex()))
+}
+
+/// Resolves a checkpoint given as a full or abbreviated id or a ref name.
+pub fn resolve_checkpoint(repo: &dyn Repo, name: &str) -> Result<Id> {
+    let id = repo.resolve(name)?.or_else(|| {
+        repo.get_ref(&format!("{CHECKPOINT_REF_PREFIX}{name}"))
+            .ok()
+            .flatten()
+    });
+    let id = id.ok_or_else(|| Error::NoSuchCheckpoint(name.to_string()))?;
+    let node = repo.get_node(&id)?;
+    if node.kind != KIND_CHECKPOINT {
+        return Err(Error::NoSuchCheckpoint(format!(
+            "{name} is not a workspace checkpoint"
+        )));
+    }
+    Ok(id)
+}
+
+/// Reads a checkpoint's info.
+pub fn checkpoint_info(repo: &dyn Repo, id: &Id) -> Result<CheckpointInfo> {
+    let node = repo.get_node(id)?;
+    Ok(manifest::decode_checkpoint(id, &node)?.0)
+}
+
+/// What a checkpoint did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointReport {
+    /// The checkpoint id.
+    pub id: Id,
+    /// The previous checkpoint of the workspace.
+    pub parent: Option<Id>,
+    /// Directories in the tree.
+    pub dirs: u64,
+    /// Regular files in the tree.
+    pub files: u64,
+    /// Logical bytes of regular files.
+    pub bytes: u64,
+    /// Files whose stat was unchanged (not read).
+    pub unchanged_files: u64,
+    /// Files read (reflinked into staging and hashed).
+    pub hashed_files: u64,
+    /// Bytes actually hashed (less than the changed files' size when blocks were reused).
+    pub hashed_bytes: u64,
+    /// File objects added to the store.
+    pub new_objects: u64,
+    /// How new objects got their bytes (reflink, or copy where the store is elsewhere).
+    pub mode: CopyMode,
+    /// Wall time in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.hex())
+    }
+}
+
+/// The result of looking at one entry during a checkpoint.
+#[derive(Default)]
+struct Seen {
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    id: Option<Id>,
+    target: Vec<u8>,
+    staged: Option<PathBuf>,
+    cvs: Option<Vec<ChainingValue>>,
+    hashed: Option<u64>,
+    /// The stat cache vouched for it.
+    hit: bool,
+    /// ... and its atime is the cached one too, so its manifest entry is exactly as before.
+    same: bool,
+    /// For a directory that hit: the node id it had.
+    cached_node: Option<Id>,
+    /// The stat to cache (the one taken before the contents were read).
+    meta: Meta,
+}
+
+static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Reflinks (or copies) an open file into the staging area and hashes the staged copy, reusing
+/// the block CVs of `prev` where the staged copy still shares extents with that object.
+fn stage_and_hash(
+    repo: &dyn Repo,
+    (staging, sdir): (&Path, BorrowedFd<'_>),
+    sfd: &OwnedFd,
+    size: u64,
+    prev: Option<Id>,
+    c: &Counters,
+) -> Result<(PathBuf, Id, Option<Vec<ChainingValue>>, u64)> {
+    let name = format!(
+        "fsfork-{}-{}",
+        std::process::id(),
+        STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = staging.join(&name);
+    let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
+    let dfd = sys::openat(
+        sdir,
+        &cname,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        0o444,
+    )
+    .ctx("create", &path)?;
+    let result = (|| {
+        let t0 = Instant::now();
+        clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let t_stage = t0.elapsed();
+        // Incremental: the previous object of this path, if it is still a file object with
+        // known block CVs, and the extents both share.
+        let mut h = None;
+        if size >= hash::CV_THRESHOLD
+            && let Some(p) = prev
+            && let Some(cvs) = load_cvs(repo, &p)
+            && let Ok(obj) = std::fs::File::open(repo.file_object_path(&p))
+            && let Ok(om) = obj.metadata()
+            && let Ok(same) = hash::same_blocks(dfd.as_fd(), size, obj.as_fd(), om.len())
+        {
+            h = Some(
+                hash::hash_incremental(
+                    dfd.as_fd(),
+                    size,
+                    Some(Previous {
+                        len: om.len(),
+                        cvs: &cvs,
+                        same: &same,
+                    }),
+                )
+                .ctx("hash", &path)?,
+            );
+        }
+        let t_compare = t0.elapsed() - t_stage;
+        let incremental = h.is_some();
+        let h = match h {
+            Some(h) => h,
+            None => hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?,
+        };
+        tracing::debug!(
+            size,
+            incremental,
+            hashed = h.hashed_bytes,
+            stage_ms = t_stage.as_secs_f64() * 1e3,
+            compare_and_hash_ms = t_compare.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "staged and hashed"
+        );
+        Ok((Id(h.id), h.cvs, h.hashed_bytes))
+    })();
+    match result {
+        Ok((id, cvs, hashed)) => Ok((path, id, cvs, hashed)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Records the tree `dir` as a checkpoint. Unchanged files (stat cache) are not read; changed
+/// files are reflinked into the store's staging area and hashed there (so the recorded bytes
+/// are exactly one version of the file even if it is being written), large ones only where
+/// their extents differ from the previous object.
+pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<CheckpointReport> {
+    let start = Instant::now();
+    let ws = canonical(dir)?;
+    let record = workspace_record(repo, &ws)?;
+    let cache = load_cache(repo, &ws)?;
+    let staging = repo.staging_dir();
+    std::fs::create_dir_all(&staging).ctx("create", &staging)?;
+    let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
+    let t_load = start.elapsed();
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
+    let t_scan = start.elapsed();
+    let parent = match &record.head {
+        Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
+        None => None,
+    };
+
+    // Hard links inside the tree: one link group per inode, hashed once.
+    let mut first: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut secondary: Vec<Option<usize>> = vec![None; scan.entries.len()];
+    for (i, e) in scan.entries.iter().enumerate() {
+        if e.subdir.is_none() && e.meta.nlink > 1 && e.meta.kind() == Kind::File {
+            match first.entry((e.meta.dev, e.meta.ino)) {
+                std::collections::hash_map::Entry::Occupied(o) => secondary[i] = Some(*o.get()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+    }
+    let groups: HashSet<(u64, u64)> = scan
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| secondary[i].map(|_| (e.meta.dev, e.meta.ino)))
+        .collect();
+
+    let c = Counters::default();
+    let rel_bytes = |i: usize| -> Vec<u8> {
+        scan.rel_path(&scan.entries[i])
+            .into_os_string()
+            .into_encoded_bytes()
+    };
+    let seen: Vec<Result<Seen>> = (0..scan.entries.len())
+        .into_par_iter()
+        .map(|i| -> Result<Seen> {
+            let e = &scan.entries[i];
+            if secondary[i].is_some() {
+                return Ok(Seen {
+                    meta: e.meta,
+                    ..Seen::default()
+                });
+            }
+            let rel = rel_bytes(i);
+            let cached = cache.entries.get(&rel);
+            let hit = cached.filter(|ce| ce.matches(&e.meta));
+            let err_path = || ws.join(scan.rel_path(e));
+            // Only opened when needed (a reopen if the walk could not keep it open).
+            let sdir = || {
+                scan.dir_fd(e.dir)
+                    .map_err(|x| Error::io("open", err_path(), x))
+            };
+            let mut s = Seen {
+                meta: e.meta,
+                hit: hit.is_some(),
+                same: hit.is_some_and(|h| h.atime == e.meta.atime),
+                cached_node: if e.subdir.is_some() {
+                    hit.and_then(|h| h.id)
+                } else {
+                    None
+                },
+                ..Seen::default()
+            };
+            s.xattrs = match (hit, e.subdir) {
+                (Some(h), _) => h.xattrs.clone(),
+                (None, Some(d)) => {
+                    let f = scan
+                        .dir_fd(d)
+                        .map_err(|x| Error::io("open", err_path(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
+                    .map_err(|x| Error::io("read xattrs", err_path(), x))?,
+            };
+            match e.meta.kind() {
+                Kind::File => {
+                    if let Some(h) = hit.filter(|h| h.id.is_some()) {
+                        s.id = h.id;
+                    } else if e.meta.size == 0 {
+                        s.id = None;
+                    } else {
+                        let sfd = sys::openat(
+                            sdir()?.fd(),
+                            &e.name,
+                            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+                            0,
+                        )
+                        .map_err(|x| Error::io("open", err_path(), x))?;
+                        let st = sys::fstat(sfd.as_fd())
+                            .map_err(|x| Error::io("stat", err_path(), x))?;
+                        let m = Meta::from_stat(&st);
+                        if m.kind() != Kind::File {
+                            return Err(Error::InvalidPath {
+                                path: err_path(),
+                                reason: "changed type during the checkpoint".into(),
+                            });
+                        }
+                        let (staged, id, cvs, hashed) = stage_and_hash(
+                            repo,
+                            (&staging, staging_fd.as_fd()),
+                            &sfd,
+                            m.size,
+                            cached.and_then(|c| c.id),
+                            &c,
+                        )?;
+                        s.id = Some(id);
+                        s.staged = Some(staged);
+                        s.cvs = cvs;
+                        s.hashed = Some(hashed);
+                        // Record the size that was actually captured.
+                        s.meta.size = m.size;
+                    }
+                }
+                Kind::Symlink => {
+                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
+                        .map_err(|x| Error::io("readlink", err_path(), x))?
+                        .into_encoded_bytes();
+                }
+                _ => {}
+            }
+            Ok(s)
+        })
+        .collect();
+    // Collect, cleaning every staged file if anything failed.
+    let mut seen_ok = Vec::with_capacity(seen.len());
+    let mut failure = None;
+    for s in seen {
+        match s {
+            Ok(s) => seen_ok.push(s),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for s in &seen_ok {
+            if let Some(p) = &s.staged {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        return Err(e);
+    }
+    let mut seen = seen_ok;
+    for i in 0..seen.len() {
+        if let Some(p) = secondary[i] {
+            seen[i].id = seen[p].id;
+            seen[i].meta.size = seen[p].meta.size;
+        }
+    }
+
+    let result = (|| -> Result<(Id, u64, u64)> {
+        let mut record = record;
+        let t_seen = start.elapsed();
+        let mut tx = repo.begin()?;
+        let mut adopted = HashSet::new();
+        let mut new_objects = 0u64;
+        for s in &seen {
+            let (Some(p), Some(id)) = (&s.staged, &s.id) else {
+                continue;
+            };
+            if adopted.contains(id) || repo.has_file_object(id)? {
+                let _ = std::fs::remove_file(p);
+                continue;
+            }
+            tx.adopt_file_object(p, id)?;
+            adopted.insert(*id);
+            new_objects += 1;
+        }
+        // Directory nodes bottom-up: children have larger indices than their parents.
+        let mut by_dir: Vec<Vec<usize>> = vec![Vec::new(); scan.dirs.len()];
+        for (i, e) in scan.entries.iter().enumerate() {
+            by_dir[e.dir].push(i);
+        }
+        let mut dir_ids: Vec<Option<Id>> = vec![None; scan.dirs.len()];
+        let mut files = 0u64;
+        let mut bytes = 0u64;
+        let entry_of = |i: usize, dir_ids: &[Option<Id>]| -> ManifestEntry {
+            let e = &scan.entries[i];
+            let s = &seen[i];
+            let kind = e.meta.kind();
+            ManifestEntry {
+                name: e.name.to_bytes().to_vec(),
+                kind,
+                mode: e.meta.mode,
+                uid: e.meta.uid,
+                gid: e.meta.gid,
+                size: match kind {
+                    Kind::File => s.meta.size,
+                    Kind::Symlink => s.target.len() as u64,
+                    _ => 0,
+                },
+                atime: e.meta.atime,
+                mtime: e.meta.mtime,
+                rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+                    e.meta.rdev
+                } else {
+                    0
+                },
+                link_group: if groups.contains(&(e.meta.dev, e.meta.ino)) {
+                    e.meta.ino
+                } else {
+                    0
+                },
+                link: match e.subdir {
+                    Some(d) => dir_ids[d],
+                    None => s.id,
+                },
+                target: s.target.clone(),
+                xattrs: s.xattrs.clone(),
+            }
+        };
+        for (e, s) in scan.entries.iter().zip(&seen) {
+            if e.meta.kind() == Kind::File {
+                files += 1;
+                bytes += s.meta.size;
+            }
+        }
+        // A directory whose own entry and every entry in it are exactly as cached (and whose
+        // subdirectories are reused too) has the very node it had: reuse it if the store still
+        // holds it, instead of encoding and hashing it again.
+        let mut dir_entry = vec![usize::MAX; scan.dirs.len()];
+        for (i, e) in scan.entries.iter().enumerate() {
+            if let Some(d) = e.subdir {
+                dir_entry[d] = i;
+            }
+        }
+        let mut reused = vec![false; scan.dirs.len()];
+        let mut reused_count = 0u64;
+        for d in (0..scan.dirs.len()).rev() {
+            let own = dir_entry[d];
+            if own != usize::MAX
+                && seen[own].same
+                && let Some(nid) = seen[own].cached_node
+                && by_dir[d]
+                    .iter()
+                    .all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
+                && repo.contains(&nid)?
+            {
+                dir_ids[d] = Some(nid);
+                reused[d] = true;
+                reused_count += 1;
+                continue;
+            }
+            let mut entries = Vec::with_capacity(by_dir[d].len());
+            for &i in &by_dir[d] {
+                entries.push(entry_of(i, &dir_ids));
+            }
+            dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
+        }
+        tracing::debug!(
+            reused = reused_count,
+            dirs = scan.dirs.len(),
+            "directory nodes"
+        );
+        let root = &scan.dirs[0];
+        let root_xattrs = sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd()))
+            .ctx("read xattrs", &ws)?;
+        let wrapper = manifest::encode_dir(vec![ManifestEntry {
+            name: Vec::new(),
+            kind: Kind::Dir,
+            mode: root.meta.mode,
+            uid: root.meta.uid,
+            gid: root.meta.gid,
+            size: 0,
+            atime: root.meta.atime,
+            mtime: root.meta.mtime,
+            rdev: 0,
+            link_group: 0,
+            link: dir_ids[0],
+            target: Vec::new(),
+            xattrs: root_xattrs,
+        }]);
+        let wrapper_id = tx.put_node(&wrapper)?;
+        let info = CheckpointInfo {
+            v: 1,
+            message: message.map(str::to_string),
+            time: now(),
+            workspace: ws.to_string_lossy().into_owned(),
+            parent: parent.map(|p| p.hex()),
+            files,
+            bytes,
+        };
+        let mut links = vec![wrapper_id];
+        links.extend(parent);
+        let body = serde_json::to_vec(&info).map_err(|e| Error::Corrupt {
+            id: "checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        let id = tx.put_node(&NodeData {
+            kind: KIND_CHECKPOINT,
+            links,
+            body,
+        })?;
+        tx.set_ref(&format!("{CHECKPOINT_REF_PREFIX}{}", id.hex()), &id)?;
+        // Block CVs of new large objects, the stat cache and the history commit with the
+        // checkpoint, so that they can never describe a checkpoint that does not exist.
+        let mut new_cache = StatCache::default();
+        let mut written_cvs = HashSet::new();
+        for (i, s) in seen.iter().enumerate() {
+            if let (Some(cvs), Some(oid)) = (&s.cvs, &s.id)
+                && written_cvs.insert(*oid)
+                && repo.meta_get(&cvs_key(oid))?.is_none()
+            {
+                tx.meta_put(&cvs_key(oid), cvs.as_flattened());
+            }
+            // Directories cache their node id, files their content id.
+            let id = match scan.entries[i].subdir {
+                Some(d) => dir_ids[d],
+                None => s.id,
+            };
+            new_cache
+                .entries
+                .insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
+        }
+        tx.meta_put(
+            &format!("fsfork/statcache/{}", ws_key(&ws)),
+            &new_cache.encode(),
+        );
+        record.head = Some(id.hex());
+        record.events.push(Event {
+            kind: "checkpoint".into(),
+            checkpoint: id.hex(),
+            time: now(),
+            message: message.map(str::to_string),
+        });
+        let rec = serde_json::to_vec(&record).map_err(|e| Error::Corrupt {
+            id: "workspace record".into(),
+            reason: e.to_string(),
+        })?;
+        tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
+        let t_nodes = start.elapsed();
+        tx.commit()?;
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            scan_ms = (t_scan - t_load).as_secs_f64() * 1e3,
+            read_ms = (t_seen - t_scan).as_secs_f64() * 1e3,
+            nodes_ms = (t_nodes - t_seen).as_secs_f64() * 1e3,
+            commit_ms = (start.elapsed() - t_nodes).as_secs_f64() * 1e3,
+            "checkpoint phases"
+        );
+        Ok((id, new_objects, files))
+    })();
+    let (id, new_objects, files) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            for s in &seen {
+                if let Some(p) = &s.staged {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            return Err(e);
+        }
+    };
+
+    let hashed: Vec<u64> = seen.iter().filter_map(|s| s.hashed).collect();
+    let (hashed_files, hashed_bytes) = (hashed.len() as u64, hashed.iter().sum::<u64>());
+    let bytes: u64 = seen
+        .iter()
+        .zip(&scan.entries)
+        .filter(|(_, e)| e.meta.kind() == Kind::File)
+        .map(|(s, _)| s.meta.size)
+        .sum();
+    let report = CheckpointReport {
+        id,
+        parent,
+        dirs: scan.dirs.len() as u64,
+        files,
+        bytes,
+        unchanged_files: seen
+            .iter()
+            .zip(&scan.entries)
+            .filter(|(s, e)| s.hit && e.meta.kind() == Kind::File)
+            .count() as u64,
+        hashed_files,
+        hashed_bytes,
+        new_objects,
+        mode: c.mode(),
+        elapsed_ms: start.elapsed().as_secs_f64() * 1000.0,
+    };
+    tracing::info!(id = %id, files, hashed_files, hashed_bytes, ms = report.elapsed_ms, "checkpoint");
+    Ok(report)
+}
+
+/// A directory of a checkpoint loaded for materialization.
+struct LoadedDir {
+    parent: usize,
+    name: CString,
+    rel: PathBuf,
+    meta: ManifestEntry,
+    entries: Vec<ManifestEntry>,
+}
+
+/// Loads every directory node of a checkpoint, parents first; `dirs[0]` is the root.
+fn load_tree(repo: &dyn Repo, ckpt: &Id) -> Result<(CheckpointInfo, Vec<LoadedDir>)> {
+    let node = repo.get_node(ckpt)?;
+    let (info, wrapper_id) = manifest::decode_checkpoint(ckpt, &node)?;
+    let wrapper = manifest::decode_dir(&wrapper_id, &repo.get_node(&wrapper_id)?)?;
+    let root = wrapper.into_iter().next().ok_or_else(|| Error::Corrupt {
+        id: wrapper_id.hex(),
+        reason: "empty root".into(),
+    })?;
+    let mut dirs = Vec::new();
+    let rid = root.link.ok_or_else(|| Error::Corrupt {
+        id: wrapper_id.hex(),
+        reason: "root has no listing".into(),
+    })?;
+    let entries = manifest::decode_dir(&rid, &repo.get_node(&rid)?)?;
+    dirs.push(LoadedDir {
+        parent: usize::MAX,
+        name: CString::default(),
+        rel: PathBuf::new(),
+        meta: root,
+        entries,
+    });
+    let mut i = 0;
+    while i < dirs.len() {
+        let subs: Vec<ManifestEntry> = dirs[i]
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .cloned()
+            .collect();
+        for e in subs {
+            let did = e.link.ok_or_else(|| Error::Corrupt {
+                id: rid.hex(),
+                reason: "directory without listing".into(),
+            })?;
+            let entries = manifest::decode_dir(&did, &repo.get_node(&did)?)?;
+            let name = valid_name(&e.name, &did)?;
+            let rel = dirs[i].rel.join(OsStr::from_bytes(&e.name));
+            dirs.push(LoadedDir {
+                parent: i,
+                name,
+                rel,
+                meta: e,
+                entries,
+            });
+        }
+        i += 1;
+    }
+    Ok((info, dirs))
+}
+
+/// A manifest name as a C string: never empty, `.`, `..`, or containing `/` or NUL, so that
+/// materializing cannot step outside the destination.
+fn valid_name(name: &[u8], node: &Id) -> Result<CString> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(Error::Corrupt {
+            id: node.hex(),
+            reason: format!("invalid name {:?}", String::from_utf8_lossy(name)),
+        });
+    }
+    CString::new(name).map_err(|_| Error::Corrupt {
+        id: node.hex(),
+        reason: "name with NUL".into(),
+    })
+}
+
+fn meta_of(e: &ManifestEntry) -> Meta {
+    Meta {
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        size: e.size,
+        atime: e.atime,
+        mtime: e.mtime,
+        rdev: e.rdev,
+        ..Meta::default()
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreReport {
+    /// The checkpoint restored.
+    pub checkpoint: Id,
+    /// The new tree.
+    pub path: PathBuf,
+    /// How file contents got there.
+    pub mode: CopyMode,
+    /// Directories created.
+    pub dirs: u64,
+    /// Regular files created.
+    pub files: u64,
+    /// Logical bytes of regular files.
+    pub bytes: u64,
+    /// Entries that could not be created.
+    pub skipped: Vec<Skipped>,
+    /// Wall time in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// Materializes a checkpoint into the new directory `dst` (reflinks from the store's file
+/// objects). Returns the report and the stat cache of the new tree (keyed by relative path).
+fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport, StatCache)> {
+    let start = Instant::now();
+    sys::raise_nofile_limit();
+    let (_info, dirs) = load_tree(repo, ckpt)?;
+    let t_load = start.elapsed();
+    let (_pfd, _pname, root) = clone::create_root(dst)?;
+    let result = (|| {
+        let mut dfds = DirTable::new(root, dirfds::budget());
+        for d in &dirs[1..] {
+            let pfd = dfds.get(d.parent).ctx("open", dst.join(&d.rel))?;
+            sys::mkdirat(pfd.fd(), &d.name, 0o700).ctx("mkdir", dst.join(&d.rel))?;
+            let fd = if dfds.is_open(d.parent) {
+                Some(sys::open_dir_at(pfd.fd(), &d.name).ctx("open", dst.join(&d.rel))?)
+            } else {
+                None
+            };
+            drop(pfd);
+            dfds.push(d.parent, d.name.clone(), fd);
+        }
+        let mut work = Vec::new();
+        let mut links = Vec::new();
+        let mut group_first: HashMap<u64, (usize, usize)> = HashMap::new();
+        for (di, d) in dirs.iter().enumerate() {
+            for (ei, e) in d.entries.iter().enumerate() {
+                if e.kind == Kind::Dir {
+                    continue;
+                }
+                if e.link_group != 0 && e.kind == Kind::File {
+                    if let Some(&f) = group_first.get(&e.link_group) {
+                        links.push(((di, ei), f));
+                        continue;
+                    }
+                    group_first.insert(e.link_group, (di, ei));
+                }
+                work.push((di, ei));
+            }
+        }
+        let c = Counters::default();
+        let cache = Mutex::new(StatCache::default());
+        let skipped = Mutex::new(Vec::new());
+        let files = AtomicU64::new(0);
+        let t_dirs = start.elapsed();
+        work.par_iter().try_for_each(|&(di, ei)| -> Result<()> {
+            let d = &dirs[di];
+            let e = &d.entries[ei];
+            let name = valid_name(&e.name, ckpt)?;
+            let rel = d.rel.join(OsStr::from_bytes(&e.name));
+            let ddir_ref = dfds.get(di).ctx("open", dst.join(&d.rel))?;
+            let ddir = ddir_ref.fd();
+            let path = || dst.join(&rel);
+            let meta = meta_of(e);
+            let cached = match e.kind {
+                Kind::File => {
+                    let fd = match e.link {
+                        Some(id) => {
+                            let op = repo.file_object_path(&id);
+                            let src = std::fs::File::open(&op)
+                                .map_err(|x| Error::io("open object", &op, x))?;
+                            clone::create_file(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
+                                .map_err(|x| Error::io("create", path(), x))?
+                        }
+                        None => {
+                            let fd = sys::openat(
+                                ddir,
+                                &name,
+                                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                                0o600,
+                            )
+                            .map_err(|x| Error::io("create", path(), x))?;
+                            clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
+                                .map_err(|x| Error::io("set metadata", path(), x))?;
+                            fd
+                        }
+                    };
+                    files.fetch_add(1, Ordering::Relaxed);
+                    let st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    (e.link_group == 0)
+                        .then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
+                }
+                Kind::Symlink => {
+                    sys::symlinkat(OsStr::from_bytes(&e.target), ddir, &name)
+                        .map_err(|x| Error::io("symlink", path(), x))?;
+                    clone::apply_meta_at(ddir, &name, &meta, &e.xattrs, &c)
+                        .map_err(|x| Error::io("set metadata", path(), x))?;
+                    let st = sys::lstatat(ddir, &name).map_err(|x| Error::io("stat", path(), x))?;
+                    Some(CacheEntry::new(
+                        &Meta::from_stat(&st),
+                        None,
+                        e.xattrs.clone(),
+                    ))
+                }
+                _ => match clone::create_special(ddir, &name, &meta) {
+                    Ok(()) => {
+                        clone::apply_meta_at(ddir, &name, &meta, &e.xattrs, &c)
+                            .map_err(|x| Error::io("set metadata", path(), x))?;
+                        let st =
+                            sys::lstatat(ddir, &name).map_err(|x| Error::io("stat", path(), x))?;
+                        Some(CacheEntry::new(
+                            &Meta::from_stat(&st),
+                            None,
+                            e.xattrs.clone(),
+                        ))
+                    }
+                    Err(x) if x.raw_os_error() == Some(libc::EPERM) => {
+                        skipped
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Skipped {
+                                path: rel.to_string_lossy().into_owned(),
+                                reason: format!("{:?}: {x}", e.kind),
+                            });
+                        None
+                    }
+                    Err(x) => return Err(Error::io("mknod", path(), x)),
+                },
+            };
+            if let Some(ce) = cached {
+                cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entries
+                    .insert(rel.into_os_string().into_encoded_bytes(), ce);
+            }
+            Ok(())
+        })?;
+        for &((di, ei), (fdi, fei)) in &links {
+            let (e, f) = (&dirs[di].entries[ei], &dirs[fdi].entries[fei]);
+            let (n, fnm) = (valid_name(&e.name, ckpt)?, valid_name(&f.name, ckpt)?);
+            let (fdir, edir) = (
+                dfds.get(fdi).ctx("open", dst.join(&dirs[fdi].rel))?,
+                dfds.get(di).ctx("open", dst.join(&dirs[di].rel))?,
+            );
+            sys::linkat(fdir.fd(), &fnm, edir.fd(), &n).ctx(
+                "link",
+                dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)),
+            )?;
+        }
+        let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Hard-linked files are cached once all their links exist (linking changes ctime).
+        for (di, d) in dirs.iter().enumerate() {
+            for e in d
+                .entries
+                .iter()
+                .filter(|e| e.link_group != 0 && e.kind == Kind::File)
+            {
+                let n = valid_name(&e.name, ckpt)?;
+                let rel = d.rel.join(OsStr::from_bytes(&e.name));
+                let st = sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n)
+                    .ctx("stat", dst.join(&rel))?;
+                cache.entries.insert(
+                    rel.into_os_string().into_encoded_bytes(),
+                    CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
+                );
+            }
+        }
+        // Directory metadata last, then their stat for the cache.
+        let dir_cache: Vec<Result<(Vec<u8>, CacheEntry)>> = (0..dirs.len())
+            .into_par_iter()
+            .map(|i| {
+                let d = &dirs[i];
+                let fd_ref = dfds.get(i).ctx("open", dst.join(&d.rel))?;
+                let fd = fd_ref.fd();
+                clone::apply_meta_fd(fd, &meta_of(&d.meta), &d.meta.xattrs, &c)
+                    .ctx("set metadata", dst.join(&d.rel))?;
+                let st = sys::fstat(fd).ctx("stat", dst.join(&d.rel))?;
+                Ok((
+                    d.rel.clone().into_os_string().into_encoded_bytes(),
+                    CacheEntry::new(&Meta::from_stat(&st), None, d.meta.xattrs.clone()),
+                ))
+            })
+            .collect();
+        tracing::debug!(
+            load_ms = t_load.as_secs_f64() * 1e3,
+            mkdir_ms = (t_dirs - t_load).as_secs_f64() * 1e3,
+            total_ms = start.elapsed().as_secs_f64() * 1e3,
+            "materialize phases"
+        );
+        for r in dir_cache {
+            let (k, v) = r?;
+            // The root is not an entry of the walk; only subdirectories are cached.
+            if !k.is_empty() {
+                cache.entries.insert(k, v);
+            }
+        }
+        Ok(RestoreReport {
+            checkpoint: *ckpt,
+            path: dst.to_path_buf(),
+            mode: c.mode(),
+            dirs: dirs.len() as u64,
+            files: files.into_inner(),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            skipped: skipped.into_inner().unwrap_or_else(|p| p.into_inner()),
+            elapsed_ms: start.elapsed().as_secs_f64() * 1000.0,
+        }
+        .with_cache(cache))
+    })();
+    if result.is_err()
+        && let Err(e) = std::fs::remove_dir_all(dst)
+    {
+        tracing::warn!(path = %dst.display(), error = %e, "could not remove partial restore");
+    }
+    result
+}
+
+impl RestoreReport {
+    fn with_cache(self, c: StatCache) -> (RestoreReport, StatCache) {
+        (self, c)
+    }
+}
+
+/// Materializes checkpoint `ckpt` into the new directory `dst` and records it as a workspace
+/// descended from that checkpoint.
+pub fn restore(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> {
+    restore_as(repo, ckpt, dst, "restore")
+}
+
+fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<RestoreReport> {
+    let target = canonical_new(dst)?;
+    let (report, cache) = materialize(repo, ckpt, &target)?;
+    save_cache(repo, &target, &cache)?;
+    let record = WorkspaceRecord {
+        path: target.to_string_lossy().into_owned(),
+        head: Some(ckpt.hex()),
+        events: vec![Event {
+            kind: kind.into(),
+            checkpoint: ckpt.hex(),
+            time: now(),
+            message: None,
+        }],
+    };
+    save_record(repo, &target, &record)?;
+    add_offspring(repo, ckpt, &target, kind)?;
+    Ok(report)
+}
+
+/// Makes one independent copy of a checkpoint at the new directory `dst`, recorded as a fork.
+pub fn fork_one(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> {
+    restore_as(repo, ckpt, dst, "fork")
+}
+
+/// Makes `n` independent copies of a checkpoint as `into/fork-1` .. `into/fork-N` (`into` is
+/// created if missing).
+pub fn fork(repo: &dyn Repo, ckpt: &Id, n: usize, into: &Path) -> Result<Vec<RestoreReport>> {
+    std::fs::create_dir_all(into).ctx("create", into)?;
+    let mut out = Vec::with_capacity(n);
+    for i in 1..=n {
+        out.push(fork_one(repo, ckpt, &into.join(format!("fork-{i}")))?);
+    }
+    Ok(out)
+}
+
+/// What a revert did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RevertReport {
+    /// The checkpoint the workspace was put back to.
+    pub checkpoint: Id,
+    /// The workspace.
+    pub path: PathBuf,
+    /// Where the previous tree now is, until it is removed.
+    pub old_tree: PathBuf,
+    /// How file contents got there.
+    pub mode: CopyMode,
+    /// Time to build the new tree beside the old one (ms).
+    pub build_ms: f64,
+    /// Wall time until the swap (ms).
+    pub elapsed_ms: f64,
+}
+
+/// Puts the workspace `dir` back to checkpoint `ckpt` atomically: the tree is built beside it
+/// and swapped in with one `renameat2(RENAME_EXCHANGE)`, so anyone opening the directory sees
+/// either the whole old tree or the whole new one. The old tree is left at
+/// [`RevertReport::old_tree`] for the caller to remove (see [`remove_tree_background`]).
+pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
+    let start = Instant::now();
+    let ws = canonical(dir)?;
+    // Swapping the tree would carry a store kept inside it off to the old tree, to be removed.
+    if let Ok(store) = std::fs::canonicalize(repo.root_dir())
+        && store.starts_with(&ws)
+    {
+        return Err(Error::InvalidPath {
+            path: ws,
+            reason: format!(
+                "the store {} is inside this workspace; keep it outside (--store) to revert",
+                store.display()
+            ),
+        });
+    }
+    let name = ws.file_name().ok_or_else(|| Error::InvalidPath {
+        path: ws.clone(),
+        reason: "cannot revert /".into(),
+    })?;
+    let parent = ws.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let mut side_name = OsStr::new(".").to_os_string();
+    side_name.push(name);
+    side_name.push(format!(
+        ".snapfork-revert-{}-{}",
+        std::process::id(),
+        STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let side = parent.join(&side_name);
+    let (report, cache) = materialize(repo, ckpt, &side)?;
+    let build_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let pfd = sys::open_root_dir(&parent).ctx("open", &parent)?;
+    let (a, b) = (
+        sys::cstr(&side_name).ctx("name", &side)?,
+        sys::cstr(name).ctx("name", &ws)?,
+    );
+    if let Err(e) = sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b) {
+        let _ = std::fs::remove_dir_all(&side);
+        return Err(Error::io("exchange", &ws, e));
+    }
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
+    save_cache(repo, &ws, &cache)?;
+    let mut record = workspace_record(repo, &ws)?;
+    record.head = Some(ckpt.hex());
+    record.events.push(Event {
+        kind: "revert".into(),
+        checkpoint: ckpt.hex(),
+        time: now(),
+        message: None,
+    });
+    save_record(repo, &ws, &record)?;
+    Ok(RevertReport {
+        checkpoint: *ckpt,
+        path: ws,
+        old_tree: side,
+        mode: report.mode,
+        build_ms,
+        elapsed_ms,
+    })
+}
+
+/// Removes a tree on another thread (symlinks are removed, never followed).
+pub fn remove_tree_background(path: PathBuf) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove old tree");
+        }
+    })
+}
+
+/// One side of a diff, flattened: relative path to entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Flat {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    id: Option<Id>,
+    target: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One side of a diff: a checkpoint or a live directory.
+pub enum Side<'a> {
+    /// A checkpoint.
+    Checkpoint(Id),
+    /// A live directory (hashed where its stat cache does not vouch for it).
+    Dir(&'a Path),
+}
+
+fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat>> {
+    let (_info, dirs) = load_tree(repo, id)?;
+    let mut out = BTreeMap::new();
+    for d in &dirs {
+        for e in &d.entries {
+            let rel = d
+                .rel
+                .join(OsStr::from_bytes(&e.name))
+                .into_os_string()
+                .into_encoded_bytes();
+            out.insert(
+                rel,
+                Flat {
+                    kind: e.kind,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: if e.kind == Kind::Dir { 0 } else { e.size },
+                    id: if e.kind == Kind::File { e.link } else { None },
+                    target: e.target.clone(),
+                    xattrs: e.xattrs.clone(),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
+    let ws = canonical(dir)?;
+    let cache = load_cache(repo, &ws)?;
+    let scan = walk::scan_excluding(&ws, store_key(repo))?;
+    let items: Vec<Result<(Vec<u8>, Flat)>> = scan
+        .entries
+        .par_iter()
+        .map(|e| {
+            let rel = scan.rel_path(e).into_os_string().into_encoded_bytes();
+            let hit = cache.entries.get(&rel).filter(|c| c.matches(&e.meta));
+            let p = || ws.join(scan.rel_path(e));
+            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
+            let kind = e.meta.kind();
+            let xattrs = match (hit, e.subdir) {
+                (Some(h), _) => h.xattrs.clone(),
+                (None, Some(d)) => {
+                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", p(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                        .map_err(|x| Error::io("read xattrs", p(), x))?
+                }
+                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
+                    .map_err(|x| Error::io("read xattrs", p(), x))?,
+            };
+            let id = if kind == Kind::File && e.meta.size > 0 {
+                match hit.and_then(|h| h.id) {
+                    Some(id) => Some(id),
+                    None => {
+                        let fd = sys::openat(
+                            sdir()?.fd(),
+                            &e.name,
+                            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+                            0,
+                        )
+                        .map_err(|x| Error::io("open", p(), x))?;
+                        Some(Id(hash::hash_file(fd.as_fd(), e.meta.size)
+                            .map_err(|x| Error::io("hash", p(), x))?
+                            .id))
+                    }
+                }
+            } else {
+                None
+            };
+            let target = if kind == Kind::Symlink {
+                sys::readlinkat(sdir()?.fd(), &e.name)
+                    .map_err(|x| Error::io("readlink", p(), x))?
+                    .into_encoded_bytes()
+            } else {
+                Vec::new()
+            };
+            Ok((
+                rel,
+                Flat {
+                    kind,
+                    mode: e.meta.mode,
+                    uid: e.meta.uid,
+                    gid: e.meta.gid,
+                    size: if kind == Kind::Dir { 0 } else { e.meta.size },
+                    id,
+                    target,
+                    xattrs,
+                },
+            ))
+        })
+        .collect();
+    items.into_iter().collect()
+}
+
+/// A changed attribute of an entry present on both sides.
+#[derive(Clone, Debug, Serialize)]
+pub struct Change {
+    /// Path relative to the tree root (lossy for non-UTF-8 names).
+    pub path: String,
+    /// What changed: "content", "type", "mode", "owner", "link", "xattrs".
+    pub what: Vec<String>,
+    /// Human-readable before/after values of the changed attributes.
+    pub detail: Vec<String>,
+}
+
+/// Differences between two trees.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Diff {
+    /// Paths only in B.
+    pub added: Vec<String>,
+    /// Paths only in A.
+    pub removed: Vec<String>,
+    /// Paths in both whose content, type, mode, owner, link target or xattrs differ.
+    pub changed: Vec<Change>,
+}
+
+/// Compares two trees (checkpoints or live directories).
+pub fn diff(repo: &dyn Repo, a: Side<'_>, b: Side<'_>) -> Result<Diff> {
+    let flat = |s: Side<'_>| match s {
+        Side::Checkpoint(id) => flatten_checkpoint(repo, &id),
+        Side::Dir(p) => flatten_dir(repo, p),
+    };
+    let (fa, fb) = (flat(a)?, flat(b)?);
+    let lossy = |k: &Vec<u8>| String::from_utf8_lossy(k).into_owned();
+    let mut d = Diff::default();
+    for (k, va) in &fa {
+        match fb.get(k) {
+            None => d.removed.push(lossy(k)),
+            Some(vb) if vb != va => {
+                let mut what = Vec::new();
+                let mut detail = Vec::new();
+                if va.kind != vb.kind {
+                    what.push("type".into());
+                    detail.push(format!("type {:?} -> {:?}", va.kind, vb.kind));
+                } else {
+                    if va.id != vb.id || va.size != vb.size {
+                        what.push("content".into());
+                        detail.push(format!("size {} -> {}", va.size, vb.size));
+                    }
+                    if va.target != vb.target {
+                        what.push("link".into());
+                        detail.push(format!(
+                            "link {} -> {}",
+                            String::from_utf8_lossy(&va.target),
+                            String::from_utf8_lossy(&vb.target)
+                        ));
+                    }
+                }
+                if va.mode & 0o7777 != vb.mode & 0o7777 {
+                    what.push("mode".into());
+                    detail.push(format!(
+                        "mode {:o} -> {:o}",
+                        va.mode & 0o7777,
+                        vb.mode & 0o7777
+                    ));
+                }
+                if (va.uid, va.gid) != (vb.uid, vb.gid) {
+                    what.push("owner".into());
+                    detail.push(format!(
+                        "owner {}:{} -> {}:{}",
+                        va.uid, va.gid, vb.uid, vb.gid
+                    ));
+                }
+                if va.xattrs != vb.xattrs {
+                    what.push("xattrs".into());
+                }
+                if !what.is_empty() {
+                    d.changed.push(Change {
+                        path: lossy(k),
+                        what,
+                        detail,
+                    });
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for k in fb.keys() {
+        if !fa.contains_key(k) {
+            d.added.push(lossy(k));
+        }
+    }
+    Ok(d)
+}
+
+/// One node of a workspace's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogEntry {
+    /// "checkpoint", "revert", "restore" or "fork".
+    pub kind: String,
+    /// The checkpoint (hex).
+    pub checkpoint: String,
+    /// Its parent checkpoint (for checkpoints).
+    pub parent: Option<String>,
+    /// Its message (for checkpoints).
+    pub message: Option<String>,
+    /// Seconds since the epoch.
+    pub time: f64,
+    /// Trees forked or restored from this checkpoint.
+    pub offspring: Vec<Offspring>,
+}
+
+/// The history of a workspace: where it came from, its checkpoints and reverts, and the trees
+/// forked from each checkpoint.
+pub fn log(repo: &dyn Repo, dir: &Path) -> Result<(WorkspaceRecord, Vec<LogEntry>)> {
+    let ws = canonical(dir)?;
+    let record = workspace_record(repo, &ws)?;
+    let mut out = Vec::new();
+    for ev in &record.events {
+        let id = Id::from_hex(&ev.checkpoint);
+        let (parent, message) = match (ev.kind.as_str(), id) {
+            ("checkpoint", Some(id)) => match checkpoint_info(repo, &id) {
+                Ok(info) => (info.parent, info.message),
+                Err(_) => (None, ev.message.clone()),
+            },
+            _ => (None, None),
+        };
+        let offspring = match (ev.kind.as_str(), id) {
+            ("checkpoint", Some(id)) => offspring(repo, &id)?,
+            _ => Vec::new(),
+        };
+        out.push(LogEntry {
+            kind: ev.kind.clone(),
+            checkpoint: ev.checkpoint.clone(),
+            parent,
+            message,
+            time: ev.time,
+            offspring,
+        });
+    }
+    Ok((record, out))
+}

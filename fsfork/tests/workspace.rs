@@ -1,0 +1,611 @@
+//! Workspace checkpoints, restores, forks, reverts, diffs and logs against the real store on
+//! real, loop-mounted XFS, btrfs and ext4.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use snapfork_fsfork::CopyMode;
+use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
+use snapfork_fsfork::workspace::{self, Side};
+use snapfork_store::{GcOptions, OpenOptions, Store};
+
+struct Env {
+    fs: TestFs,
+    store: Store,
+}
+
+impl Env {
+    fn new(kind: FsType, test: &str, mib: u64) -> Option<Env> {
+        if !require_root(test) {
+            return None;
+        }
+        let fs = TestFs::new(kind, mib).expect("make test filesystem");
+        // The store lives on the same filesystem as the workspaces, so objects are reflinks.
+        let store =
+            Store::open(fs.path().join("store"), OpenOptions::default()).expect("open store");
+        Some(Env { fs, store })
+    }
+    fn p(&self, rel: &str) -> PathBuf {
+        self.fs.path().join(rel)
+    }
+}
+
+fn sh(script: &str, dir: &Path) {
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "shell command failed: {script}");
+}
+
+fn checkpoint_restore_roundtrip(kind: FsType) {
+    let Some(env) = Env::new(kind, "checkpoint_restore_roundtrip", 768) else {
+        return;
+    };
+    let outside = env.p("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("target.txt"), b"outside\n").unwrap();
+    let ws = env.p("ws");
+    common::build_rich_tree(&ws, &outside);
+    // Identical contents in two places share one object.
+    std::fs::write(ws.join("dup1"), b"same bytes").unwrap();
+    std::fs::write(ws.join("dup2"), b"same bytes").unwrap();
+    let before = common::snapshot(&ws);
+    let before_outside = common::snapshot(&outside);
+
+    let r = workspace::checkpoint(&env.store, &ws, Some("first")).unwrap();
+    assert_eq!(
+        r.mode,
+        if kind.reflinks() {
+            CopyMode::Reflink
+        } else {
+            CopyMode::Copy
+        }
+    );
+    assert!(r.parent.is_none());
+    assert_eq!(r.unchanged_files, 0);
+    // 11 regular files with content; hl-a/b/c are one inode, dup1/dup2 one object.
+    assert_eq!(r.new_objects, 9, "{r:?}");
+    // The workspace itself is untouched by the checkpoint.
+    common::assert_same(&before, &common::snapshot(&ws));
+
+    let dst = env.p("restored");
+    let rr = workspace::restore(&env.store, &r.id, &dst).unwrap();
+    assert_eq!(
+        rr.mode,
+        if kind.reflinks() {
+            CopyMode::Reflink
+        } else {
+            CopyMode::Copy
+        }
+    );
+    assert!(rr.skipped.is_empty());
+    common::assert_same(&before, &common::snapshot(&dst));
+    common::assert_same(&before_outside, &common::snapshot(&outside));
+    assert!(
+        common::allocated(&dst.join("disk.img")) < 4 << 20,
+        "restored image is dense"
+    );
+    let hl = std::fs::metadata(dst.join("hl-a")).unwrap();
+    assert_eq!(hl.nlink(), 3);
+    assert_eq!(
+        hl.ino(),
+        std::fs::metadata(dst.join("src/deep/hl-c")).unwrap().ino()
+    );
+
+    // A second checkpoint of an unchanged workspace reads nothing and gives the same tree.
+    let r2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(r2.hashed_files, 0, "{r2:?}");
+    assert_eq!(r2.parent, Some(r.id));
+    // Its directory nodes were reused from the stat cache: restoring it gives the same tree.
+    let dst2 = env.p("restored2");
+    workspace::restore(&env.store, &r2.id, &dst2).unwrap();
+    common::assert_same(&before, &common::snapshot(&dst2));
+    let d = workspace::diff(&env.store, Side::Checkpoint(r.id), Side::Checkpoint(r2.id)).unwrap();
+    assert!(
+        d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(),
+        "{d:?}"
+    );
+    // The restored tree checkpoints without reading anything either (its stat cache was seeded).
+    let r3 = workspace::checkpoint(&env.store, &dst, None).unwrap();
+    assert_eq!(r3.hashed_files, 0, "{r3:?}");
+
+    // gc follows the manifests' links: everything is still restorable after it.
+    env.store
+        .gc(&GcOptions {
+            grace: std::time::Duration::ZERO,
+            ..GcOptions::default()
+        })
+        .unwrap();
+    let again = env.p("after-gc");
+    workspace::restore(&env.store, &r.id, &again).unwrap();
+    common::assert_same(&before, &common::snapshot(&again));
+}
+
+#[test]
+fn checkpoint_restore_roundtrip_xfs() {
+    checkpoint_restore_roundtrip(FsType::Xfs);
+}
+#[test]
+fn checkpoint_restore_roundtrip_btrfs() {
+    checkpoint_restore_roundtrip(FsType::Btrfs);
+}
+#[test]
+fn checkpoint_restore_roundtrip_ext4() {
+    checkpoint_restore_roundtrip(FsType::Ext4);
+}
+
+/// Edits made by a shell, including one that keeps size and mtime, are all captured; the diff
+/// names them; the live directory equals its latest checkpoint.
+fn shell_edits_are_captured(kind: FsType) {
+    let Some(env) = Env::new(kind, "shell_edits_are_captured", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    for i in 0..50 {
+        std::fs::write(ws.join(format!("src/f{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    std::fs::write(ws.join("same-size"), b"AAAA").unwrap();
+    std::os::unix::fs::symlink("src/f1.txt", ws.join("link")).unwrap();
+    let c1 = workspace::checkpoint(&env.store, &ws, Some("base")).unwrap();
+    assert_eq!(c1.files, 51);
+
+    sh(
+        "echo more >> src/f3.txt && rm src/f4.txt && mkdir -p build/out && echo obj > build/out/a.o \
+         && chmod 700 src/f5.txt && ln -sf src/f2.txt link \
+         && printf BBBB > same-size.new && touch -r same-size same-size.new && mv same-size.new same-size \
+         && printf CCCC | dd of=src/f6.txt conv=notrunc status=none && touch -d @1000000000 src/f6.txt \
+         && chown 99:99 src/f7.txt",
+        &ws,
+    );
+    let c2 = workspace::checkpoint(&env.store, &ws, Some("after shell")).unwrap();
+    // f3, f6, same-size, a.o changed content; f5 and f7 changed ctime (chmod, chown).
+    assert!(
+        c2.hashed_files <= 6,
+        "unchanged files were read again: {c2:?}"
+    );
+    let d = workspace::diff(&env.store, Side::Checkpoint(c1.id), Side::Checkpoint(c2.id)).unwrap();
+    assert_eq!(d.added, vec!["build", "build/out", "build/out/a.o"]);
+    assert_eq!(d.removed, vec!["src/f4.txt"]);
+    let changed: BTreeMap<String, Vec<String>> = d
+        .changed
+        .iter()
+        .map(|c| (c.path.clone(), c.what.clone()))
+        .collect();
+    assert_eq!(
+        changed.get("src/f3.txt").unwrap(),
+        &vec!["content".to_string()]
+    );
+    assert_eq!(
+        changed.get("src/f5.txt").unwrap(),
+        &vec!["mode".to_string()]
+    );
+    assert_eq!(
+        changed.get("src/f6.txt").unwrap(),
+        &vec!["content".to_string()]
+    );
+    assert_eq!(
+        changed.get("src/f7.txt").unwrap(),
+        &vec!["owner".to_string()]
+    );
+    assert_eq!(changed.get("link").unwrap(), &vec!["link".to_string()]);
+    assert_eq!(
+        changed.get("same-size").unwrap(),
+        &vec!["content".to_string()]
+    );
+    // The root and src directories changed mtime only: not a reported change.
+    assert_eq!(changed.len(), 6, "{changed:?}");
+    // The live directory equals its latest checkpoint, and differs from the first one.
+    let live = workspace::diff(&env.store, Side::Checkpoint(c2.id), Side::Dir(&ws)).unwrap();
+    assert!(
+        live.added.is_empty() && live.removed.is_empty() && live.changed.is_empty(),
+        "{live:?}"
+    );
+    let live1 = workspace::diff(&env.store, Side::Checkpoint(c1.id), Side::Dir(&ws)).unwrap();
+    assert_eq!(live1.removed, vec!["src/f4.txt"]);
+    // Restoring the second checkpoint gives the workspace as the shell left it.
+    let dst = env.p("r2");
+    workspace::restore(&env.store, &c2.id, &dst).unwrap();
+    common::assert_same(&common::snapshot(&ws), &common::snapshot(&dst));
+}
+
+#[test]
+fn shell_edits_are_captured_xfs() {
+    shell_edits_are_captured(FsType::Xfs);
+}
+#[test]
+fn shell_edits_are_captured_btrfs() {
+    shell_edits_are_captured(FsType::Btrfs);
+}
+#[test]
+fn shell_edits_are_captured_ext4() {
+    shell_edits_are_captured(FsType::Ext4);
+}
+
+/// A large image changed in 1% of its pages is re-hashed only where its extents changed, and
+/// the id is still the BLAKE3 of its bytes.
+fn large_image_is_hashed_incrementally(kind: FsType) {
+    let Some(env) = Env::new(kind, "large_image_is_hashed_incrementally", 1024) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let img = ws.join("disk.img");
+    let size: u64 = 128 << 20;
+    let mut data = vec![0u8; size as usize];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&img, &data).unwrap();
+    let c1 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c1.hashed_bytes, size);
+    // 1% of the 4 KiB pages, scattered, written in place.
+    let pages = size / 4096;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for k in 0..pages / 100 {
+        let page = (k * 7919 * 13) % pages;
+        let buf = [k as u8 ^ 0x5a; 4096];
+        std::os::unix::fs::FileExt::write_all_at(&f, &buf, page * 4096).unwrap();
+        data[(page * 4096) as usize..(page * 4096 + 4096) as usize].copy_from_slice(&buf);
+    }
+    drop(f);
+    let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c2.hashed_files, 1);
+    if kind.reflinks() {
+        assert!(
+            c2.hashed_bytes < size / 10,
+            "hashed {} of {size} bytes",
+            c2.hashed_bytes
+        );
+    } else {
+        // ext4 cannot share extents: the whole file is hashed again.
+        assert_eq!(c2.hashed_bytes, size);
+    }
+    let dst = env.p("r");
+    workspace::restore(&env.store, &c2.id, &dst).unwrap();
+    assert!(
+        std::fs::read(dst.join("disk.img")).unwrap() == data,
+        "restored image differs"
+    );
+    let expect = blake3::hash(&data);
+    let obj = env
+        .store
+        .file_object_path(&snapfork_store::Hash(*expect.as_bytes()));
+    assert!(
+        obj.exists(),
+        "object is not named by the BLAKE3 of the image"
+    );
+}
+
+#[test]
+fn large_image_is_hashed_incrementally_xfs() {
+    large_image_is_hashed_incrementally(FsType::Xfs);
+}
+#[test]
+fn large_image_is_hashed_incrementally_btrfs() {
+    large_image_is_hashed_incrementally(FsType::Btrfs);
+}
+#[test]
+fn large_image_is_hashed_incrementally_ext4() {
+    large_image_is_hashed_incrementally(FsType::Ext4);
+}
+
+fn read_tree_via_dirfd(ws: &Path) -> Option<Vec<Vec<u8>>> {
+    let c = CString::new(ws.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path; the descriptor is closed below.
+    let dfd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    if dfd < 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    for i in 0..20 {
+        let name = CString::new(format!("f{i:02}")).unwrap();
+        // SAFETY: valid descriptor and name.
+        let fd = unsafe { libc::openat(dfd, name.as_ptr(), libc::O_RDONLY) };
+        if fd < 0 {
+            // The old tree is being removed in the background: this read is void.
+            // SAFETY: our descriptor.
+            unsafe { libc::close(dfd) };
+            return None;
+        }
+        let mut buf = vec![0u8; 64];
+        // SAFETY: `buf` is writable.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        buf.truncate(n.max(0) as usize);
+        out.push(buf);
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(dfd) };
+    Some(out)
+}
+
+/// A reader that opens the workspace again and again while it is reverted back and forth never
+/// sees a tree mixing two checkpoints.
+#[test]
+fn revert_is_atomic_under_a_concurrent_reader() {
+    let Some(env) = Env::new(
+        FsType::Xfs,
+        "revert_is_atomic_under_a_concurrent_reader",
+        512,
+    ) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let write_all = |v: &str| {
+        for i in 0..20 {
+            std::fs::write(ws.join(format!("f{i:02}")), v).unwrap();
+        }
+    };
+    write_all("version-1");
+    let c1 = workspace::checkpoint(&env.store, &ws, Some("v1")).unwrap();
+    write_all("version-2");
+    let c2 = workspace::checkpoint(&env.store, &ws, Some("v2")).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, seen, ws) = (stop.clone(), seen.clone(), ws.clone());
+        std::thread::spawn(move || {
+            let mut kinds = std::collections::BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(files) = read_tree_via_dirfd(&ws) {
+                    let first = files[0].clone();
+                    assert!(
+                        files.iter().all(|f| *f == first),
+                        "mixed tree seen: {:?}",
+                        files
+                            .iter()
+                            .map(|f| String::from_utf8_lossy(f).into_owned())
+                            .collect::<Vec<_>>()
+                    );
+                    kinds.insert(first);
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            kinds
+        })
+    };
+    let mut cleanups = Vec::new();
+    for round in 0..20 {
+        let (target, expect) = if round % 2 == 0 {
+            (c1.id, "version-1")
+        } else {
+            (c2.id, "version-2")
+        };
+        let r = workspace::revert(&env.store, &ws, &target).unwrap();
+        cleanups.push(workspace::remove_tree_background(r.old_tree));
+        assert_eq!(std::fs::read_to_string(ws.join("f07")).unwrap(), expect);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let kinds = reader.join().expect("reader saw a mixed tree");
+    for c in cleanups {
+        c.join().unwrap();
+    }
+    assert!(seen.load(Ordering::Relaxed) > 20);
+    assert_eq!(kinds.len(), 2, "the reader should have seen both versions");
+    // No leftovers beside the workspace.
+    let names: Vec<_> = std::fs::read_dir(env.fs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_string_lossy().contains("snapfork-revert")),
+        "{names:?}"
+    );
+    // The history records the reverts.
+    let (_rec, log) = workspace::log(&env.store, &ws).unwrap();
+    assert_eq!(log.iter().filter(|e| e.kind == "revert").count(), 20);
+}
+
+/// Three forks of one checkpoint evolve independently; the log shows them under the checkpoint.
+#[test]
+fn three_forks_evolve_independently() {
+    let Some(env) = Env::new(FsType::Btrfs, "three_forks_evolve_independently", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("app")).unwrap();
+    std::fs::write(ws.join("app/state"), b"base\n").unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, Some("base")).unwrap();
+    let forks = workspace::fork(&env.store, &c.id, 3, &env.p("forks")).unwrap();
+    assert_eq!(forks.len(), 3);
+    for (i, f) in forks.iter().enumerate() {
+        sh(
+            &format!("echo fork{i} >> app/state && echo {i} > only-{i}"),
+            &f.path,
+        );
+    }
+    let mut ids = Vec::new();
+    for (i, f) in forks.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(f.path.join("app/state")).unwrap(),
+            format!("base\nfork{i}\n")
+        );
+        for j in 0..3 {
+            assert_eq!(f.path.join(format!("only-{j}")).exists(), i == j);
+        }
+        let r = workspace::checkpoint(&env.store, &f.path, None).unwrap();
+        assert_eq!(
+            r.parent,
+            Some(c.id),
+            "a fork's first checkpoint descends from the fork point"
+        );
+        ids.push(r.id);
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.join("app/state")).unwrap(),
+        "base\n"
+    );
+    let d = workspace::diff(
+        &env.store,
+        Side::Checkpoint(ids[0]),
+        Side::Checkpoint(ids[1]),
+    )
+    .unwrap();
+    assert_eq!(d.added, vec!["only-1"]);
+    assert_eq!(d.removed, vec!["only-0"]);
+    assert_eq!(d.changed.len(), 1);
+    let (_rec, log) = workspace::log(&env.store, &ws).unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].offspring.len(), 3);
+    assert!(log[0].offspring.iter().all(|o| o.kind == "fork"));
+    let (_rec, flog) = workspace::log(&env.store, &forks[0].path).unwrap();
+    assert_eq!(
+        flog.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        vec!["fork", "checkpoint"]
+    );
+}
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run sqlite3 (installed by scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A quiesced SQLite database forks like any other file: each fork writes its own rows and
+/// opens with them.
+#[test]
+fn sqlite_database_forks() {
+    let Some(env) = Env::new(FsType::Xfs, "sqlite_database_forks", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let db = ws.join("app.db");
+    sqlite(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(k TEXT, v INTEGER); INSERT INTO t VALUES ('base', 1), ('base', 2);",
+    );
+    // Quiesce: fold the WAL into the database file.
+    sqlite(&db, "PRAGMA wal_checkpoint(TRUNCATE);");
+    let c = workspace::checkpoint(&env.store, &ws, Some("db")).unwrap();
+    let forks = workspace::fork(&env.store, &c.id, 2, &env.p("forks")).unwrap();
+    for (i, f) in forks.iter().enumerate() {
+        sqlite(
+            &f.path.join("app.db"),
+            &format!("INSERT INTO t VALUES ('fork{i}', {});", 100 + i),
+        );
+    }
+    sqlite(&db, "INSERT INTO t VALUES ('origin', 9);");
+    let q = "PRAGMA integrity_check; SELECT k || ':' || v FROM t ORDER BY v;";
+    assert_eq!(
+        sqlite(&forks[0].path.join("app.db"), q),
+        "ok\nbase:1\nbase:2\nfork0:100\n"
+    );
+    assert_eq!(
+        sqlite(&forks[1].path.join("app.db"), q),
+        "ok\nbase:1\nbase:2\nfork1:101\n"
+    );
+    assert_eq!(sqlite(&db, q), "ok\nbase:1\nbase:2\norigin:9\n");
+}
+
+/// Restore and revert never write through symlinks, even when the workspace holds links to
+/// directories outside it.
+#[test]
+fn restore_and_revert_never_write_outside() {
+    let Some(env) = Env::new(FsType::Xfs, "restore_and_revert_never_write_outside", 512) else {
+        return;
+    };
+    let outside = env.p("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"keep\n").unwrap();
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    // The checkpoint has a real directory `d` with a file in it.
+    std::fs::create_dir(ws.join("d")).unwrap();
+    std::fs::write(ws.join("d/keep"), b"from checkpoint\n").unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    // Now `d` is a symlink to the outside directory; reverting must replace the link, not
+    // write through it.
+    std::fs::remove_dir_all(ws.join("d")).unwrap();
+    std::os::unix::fs::symlink(&outside, ws.join("d")).unwrap();
+    let before = common::snapshot(&outside);
+    let r = workspace::revert(&env.store, &ws, &c.id).unwrap();
+    std::fs::remove_dir_all(&r.old_tree).unwrap();
+    common::assert_same(&before, &common::snapshot(&outside));
+    assert!(std::fs::symlink_metadata(ws.join("d")).unwrap().is_dir());
+    assert_eq!(
+        std::fs::read(ws.join("d/keep")).unwrap(),
+        b"from checkpoint\n"
+    );
+    // A workspace path that is itself a link to a directory is resolved once (like cp).
+    let _ = common::latin1_name();
+}
+
+/// A store kept inside the workspace (like the default `.snapfork`) is never recorded in its
+/// checkpoints, and reverting such a workspace is refused rather than moving the store away.
+#[test]
+fn store_inside_the_workspace_is_left_out() {
+    if !require_root("store_inside_the_workspace_is_left_out") {
+        return;
+    }
+    let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+    let ws = fs.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("a"), b"a").unwrap();
+    let store = Store::open(ws.join(".snapfork"), OpenOptions::default()).unwrap();
+    let c = workspace::checkpoint(&store, &ws, None).unwrap();
+    assert_eq!(c.files, 1);
+    let live = workspace::diff(&store, Side::Checkpoint(c.id), Side::Dir(&ws)).unwrap();
+    assert!(live.added.is_empty(), "{live:?}");
+    let dst = fs.path().join("r");
+    workspace::restore(&store, &c.id, &dst).unwrap();
+    assert!(!dst.join(".snapfork").exists());
+    let err = workspace::revert(&store, &ws, &c.id).unwrap_err();
+    assert!(err.to_string().contains("inside this workspace"), "{err}");
+    assert!(ws.join(".snapfork").exists());
+}
+
+/// More directories than the walk may keep open (half the 20,000 open-file limit here):
+/// checkpoint, restore and a second checkpoint still work, reopening directories on demand.
+#[test]
+fn checkpoint_restore_many_directories() {
+    let Some(env) = Env::new(FsType::Xfs, "checkpoint_restore_many_directories", 768) else {
+        return;
+    };
+    let ws = env.p("ws");
+    for a in 0..110 {
+        for b in 0..100 {
+            std::fs::create_dir_all(ws.join(format!("a{a}/b{b}"))).unwrap();
+        }
+        std::fs::write(ws.join(format!("a{a}/b{}/f", a % 100)), format!("{a}")).unwrap();
+    }
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!((c.dirs, c.files), (1 + 110 + 11_000, 110));
+    let dst = env.p("r");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    common::assert_same(&common::snapshot(&ws), &common::snapshot(&dst));
+    std::fs::write(ws.join("a109/b9/f"), "changed").unwrap();
+    let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c2.hashed_files, 1);
+    let d = workspace::diff(&env.store, Side::Checkpoint(c.id), Side::Checkpoint(c2.id)).unwrap();
+    assert_eq!(d.changed.len(), 1);
+}

@@ -1,0 +1,156 @@
+//! The `snapfork` workspace commands end to end, on a loop-mounted XFS: every command with
+//! `--json` prints exactly one JSON object, created things are named `id`, errors are one line
+//! and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
+
+/// The `snapfork` binary of this target directory, built if needed.
+fn snapfork() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/snapfork
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let bin = dir.join("snapfork");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "-p", "snapfork-cli"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("run cargo build -p snapfork-cli");
+    assert!(st.success(), "cargo build -p snapfork-cli failed");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+struct Cli {
+    bin: PathBuf,
+    store: PathBuf,
+    cwd: PathBuf,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(&self.bin)
+            .arg("--json")
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .current_dir(&self.cwd)
+            .output()
+            .expect("run snapfork");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "snapfork {args:?} failed: {err}");
+        assert_eq!(
+            out.trim_end().lines().count(),
+            1,
+            "more than one line of output: {out}"
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
+
+#[test]
+fn fsfork_cli_end_to_end() {
+    if !require_root("fsfork_cli_end_to_end") {
+        return;
+    }
+    let fs = TestFs::new(FsType::Xfs, 512).expect("make XFS");
+    let cli = Cli {
+        bin: snapfork(),
+        store: fs.path().join("store"),
+        cwd: fs.path().to_path_buf(),
+    };
+    let ws = fs.path().join("ws");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    std::fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(ws.join("README"), "v1\n").unwrap();
+
+    let c1 = cli.json(&["checkpoint", "ws", "-m", "first"]);
+    let id1 = c1["id"].as_str().unwrap().to_string();
+    assert_eq!(c1["files"], 2);
+    assert_eq!(c1["mode"], "reflink");
+
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("echo v2 > README && rm src/main.rs && echo new > NEW")
+        .current_dir(&ws)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let c2 = cli.json(&["checkpoint", "ws", "-m", "second"]);
+    let id2 = c2["id"].as_str().unwrap().to_string();
+    assert_eq!(c2["parent"], id1.as_str());
+
+    let d = cli.json(&["diff", &id1, &id2]);
+    assert_eq!(d["added"], serde_json::json!(["NEW"]));
+    assert_eq!(d["removed"], serde_json::json!(["src/main.rs"]));
+    assert_eq!(d["changed"][0]["path"], "README");
+    let live = cli.json(&["diff", &id2[..12], "ws"]);
+    assert_eq!(live["added"], serde_json::json!([]));
+    assert_eq!(live["changed"], serde_json::json!([]));
+
+    let f = cli.json(&["fork", &id1, "-n", "3", "--into", "forks"]);
+    let ids = f["id"].as_array().unwrap();
+    assert_eq!(ids.len(), 3);
+    for p in ids {
+        assert_eq!(
+            std::fs::read_to_string(Path::new(p.as_str().unwrap()).join("README")).unwrap(),
+            "v1\n"
+        );
+    }
+
+    let r = cli.json(&["restore", &id2, "restored"]);
+    assert!(r["id"].as_str().unwrap().ends_with("/restored"));
+    assert_eq!(
+        std::fs::read_to_string(fs.path().join("restored/NEW")).unwrap(),
+        "new\n"
+    );
+
+    let rv = cli.json(&["revert", "ws", &id1, "--wait"]);
+    assert_eq!(rv["checkpoint"], id1.as_str());
+    assert_eq!(std::fs::read_to_string(ws.join("README")).unwrap(), "v1\n");
+    assert!(!ws.join("NEW").exists());
+    assert!(!Path::new(rv["old_tree"].as_str().unwrap()).exists());
+
+    let log = cli.json(&["log", "ws"]);
+    let kinds: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["checkpoint", "checkpoint", "revert"]);
+    assert_eq!(log["events"][0]["offspring"].as_array().unwrap().len(), 3);
+
+    let cl = cli.json(&["clone", "ws", "ws2"]);
+    assert_eq!(cl["mode"], "reflink");
+    assert_eq!(cl["id"], "ws2");
+
+    // Errors: one JSON object on stdout with --json, one line on stderr, non-zero exit.
+    let (ok, out, err) = cli.run(&["restore", "no-such-checkpoint", "x"]);
+    assert!(!ok);
+    assert!(
+        serde_json::from_str::<Value>(&out).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("no such checkpoint")
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let (ok, _, _) = cli.run(&["restore", &id1, "restored"]);
+    assert!(!ok, "restoring over an existing directory must fail");
+}
