@@ -97,7 +97,8 @@ fn main() -> anyhow::Result<()> {
     // rewritten): full re-ingest vs with the dirty set, each onto a store holding mem-b.
     let mut rng = StdRng::seed_from_u64(11);
     let mut dc = db.clone();
-    let data_pages_b: Vec<usize> = (0..db.len() / PAGE).filter(|&p| db[p * PAGE..(p + 1) * PAGE].iter().any(|&x| x != 0)).collect();
+    let data_pages_b: Vec<usize> =
+        (0..db.len() / PAGE).filter(|&p| db[p * PAGE..(p + 1) * PAGE].iter().any(|&x| x != 0)).collect();
     let mut sparse = PageSet::new();
     for _ in 0..(db.len() / PAGE / 100) {
         let p = data_pages_b[rng.random_range(0..data_pages_b.len())];
