@@ -7,6 +7,7 @@
 mod fs_cmds;
 mod output;
 mod store_cmds;
+mod uffd_cmds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,12 +18,7 @@ use clap::{Parser, Subcommand};
 #[derive(clap::Args, Debug, Clone)]
 pub struct Global {
     /// The store directory.
-    #[arg(
-        long,
-        global = true,
-        env = "SNAPFORK_STORE",
-        default_value = ".snapfork"
-    )]
+    #[arg(long, global = true, env = "SNAPFORK_STORE", default_value = ".snapfork")]
     pub store: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long, global = true)]
@@ -40,11 +36,7 @@ impl Global {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "snapfork",
-    version,
-    about = "Snapshot and fork engine for sandbox state"
-)]
+#[command(name = "snapfork", version, about = "Snapshot and fork engine for sandbox state")]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -58,6 +50,8 @@ enum Command {
     Store(store_cmds::StoreCmd),
     #[command(flatten)]
     Fs(fs_cmds::FsCmd),
+    #[command(flatten)]
+    Uffd(uffd_cmds::UffdCmd),
 }
 
 fn main() {
@@ -66,6 +60,7 @@ fn main() {
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
         Command::Fs(cmd) => fs_cmds::run(cmd, &cli.global),
+        Command::Uffd(cmd) => uffd_cmds::run(cmd, &cli.global),
     };
     std::process::exit(output::finish(result, &cli.global));
 }

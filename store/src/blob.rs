@@ -41,9 +41,7 @@ impl Txn {
     pub fn put_blob(&mut self, data: &[u8]) -> Result<BlobInfo> {
         let before = self.appended_bytes();
         let cuts: Vec<(usize, usize)> =
-            fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
-                .map(|c| (c.offset, c.length))
-                .collect();
+            fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).map(|c| (c.offset, c.length)).collect();
         let items: Vec<(Hash, &[u8])> = cuts
             .par_iter()
             .map(|&(off, len)| {
@@ -74,10 +72,7 @@ impl Txn {
     /// Stores the file at `path` as a blob.
     pub fn put_blob_file(&mut self, path: &Path) -> Result<BlobInfo> {
         let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        let size = file
-            .metadata()
-            .ctx(|| format!("stat {}", path.display()))?
-            .len();
+        let size = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
         if size == 0 {
             return self.put_blob(&[]);
         }
@@ -97,16 +92,9 @@ pub(crate) struct BlobManifest {
 impl BlobManifest {
     pub(crate) fn from_node(node: &Node, what: &dyn Fn() -> String) -> Result<BlobManifest> {
         if node.kind != kind::BLOB {
-            return Err(Error::InvalidInput(format!(
-                "{} is not a blob (node kind {})",
-                what(),
-                node.kind
-            )));
+            return Err(Error::InvalidInput(format!("{} is not a blob (node kind {})", what(), node.kind)));
         }
-        let bad = || Error::Corrupt {
-            what: what(),
-            detail: "malformed blob manifest".into(),
-        };
+        let bad = || Error::Corrupt { what: what(), detail: "malformed blob manifest".into() };
         let b = &node.body;
         if b.len() != 8 + 4 * node.links.len() {
             return Err(bad());
@@ -152,9 +140,7 @@ impl Store {
             if *len as usize > buf.len() {
                 buf.resize(*len as usize, 0);
             }
-            let n = self.read_chunk_into(chunk, &mut buf, &|| {
-                format!("blob {} chunk {k}", id.short())
-            })?;
+            let n = self.read_chunk_into(chunk, &mut buf, &|| format!("blob {} chunk {k}", id.short()))?;
             if n != *len as usize {
                 return Err(Error::Corrupt {
                     what: format!("blob {} chunk {k}", id.short()),

@@ -20,9 +20,7 @@ pub enum Error {
     #[error("index (RocksDB): {0}")]
     Index(#[from] rocksdb::Error),
     /// Another process holds the store for writing.
-    #[error(
-        "store {path} is locked by process {holder} (waited {waited:?}); retry later or raise --lock-timeout"
-    )]
+    #[error("store {path} is locked by process {holder} (waited {waited:?}); retry later or raise --lock-timeout")]
     Locked {
         /// The store directory.
         path: PathBuf,
@@ -60,10 +58,7 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            context: context(),
-            source,
-        })
+        self.map_err(|source| Error::Io { context: context(), source })
     }
 }
 

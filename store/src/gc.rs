@@ -33,11 +33,7 @@ pub struct GcOptions {
 
 impl Default for GcOptions {
     fn default() -> Self {
-        GcOptions {
-            dry_run: false,
-            grace: Duration::from_secs(3600),
-            repack_below: 0.5,
-        }
+        GcOptions { dry_run: false, grace: Duration::from_secs(3600), repack_below: 0.5 }
     }
 }
 
@@ -70,25 +66,17 @@ pub struct GcReport {
 
 impl Store {
     /// Every object reachable from `roots` (chunk ids and file object ids).
-    pub(crate) fn reachable(
-        &self,
-        roots: impl IntoIterator<Item = Hash>,
-        marked: &mut HashSet<Hash>,
-    ) -> Result<()> {
+    pub(crate) fn reachable(&self, roots: impl IntoIterator<Item = Hash>, marked: &mut HashSet<Hash>) -> Result<()> {
         let mut stack: Vec<Hash> = roots.into_iter().filter(|h| !h.is_zero()).collect();
         while let Some(id) = stack.pop() {
             if !marked.insert(id) {
                 continue;
             }
-            if let Some(loc) = self.location(&id)? {
-                if loc.is_node {
-                    let node = Node::decode(&self.get_chunk(&id)?, &|| format!("node {id}"))?;
-                    stack.extend(
-                        node.links
-                            .into_iter()
-                            .filter(|h| !h.is_zero() && !marked.contains(h)),
-                    );
-                }
+            if let Some(loc) = self.location(&id)?
+                && loc.is_node
+            {
+                let node = Node::decode(&self.get_chunk(&id)?, &|| format!("node {id}"))?;
+                stack.extend(node.links.into_iter().filter(|h| !h.is_zero() && !marked.contains(h)));
             }
         }
         Ok(())
@@ -99,15 +87,8 @@ impl Store {
         if self.is_read_only() && !opts.dry_run {
             return Err(crate::Error::ReadOnly);
         }
-        let mut report = GcReport {
-            dry_run: opts.dry_run,
-            ..GcReport::default()
-        };
-        let _commits = self
-            .inner
-            .commit_lock
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
+        let _commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
 
         // Mark.
         let refs = self.list_refs("")?;
@@ -130,8 +111,7 @@ impl Store {
             };
             indexed_packs.insert(loc.pack);
             if marked.contains(&id) {
-                *live_per_pack.entry(loc.pack).or_default() +=
-                    RECORD_HEADER + u64::from(loc.stored_len);
+                *live_per_pack.entry(loc.pack).or_default() += RECORD_HEADER + u64::from(loc.stored_len);
                 live_locs.entry(loc.pack).or_default().push((id, loc));
             } else {
                 report.removed_chunks += 1;
@@ -147,10 +127,7 @@ impl Store {
             };
             if !marked.contains(&id) {
                 report.removed_files += 1;
-                report.removed_file_bytes += v
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes);
+                report.removed_file_bytes += v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
                 batch.delete(key::id(key::FILE, &id));
                 dead_files.push(id);
             }
@@ -170,12 +147,7 @@ impl Store {
         }
 
         // Packs: delete the dead, rewrite the sparse.
-        let active = self
-            .inner
-            .active_packs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let active = self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let packs_dir = self.packs_dir();
         let mut repack_into: Option<PackWriter> = None;
         let mut moved = WriteBatch::default();
@@ -185,9 +157,7 @@ impl Store {
             let Some(n) = entry.file_name().to_str().and_then(parse_pack_name) else {
                 continue;
             };
-            let meta = entry
-                .metadata()
-                .ctx(|| format!("stat {}", entry.path().display()))?;
+            let meta = entry.metadata().ctx(|| format!("stat {}", entry.path().display()))?;
             report.pack_bytes_before += meta.len();
             if active.contains(&n) {
                 report.pack_bytes_after += meta.len();
@@ -196,9 +166,8 @@ impl Store {
             let live = live_per_pack.get(&n).copied().unwrap_or(0);
             let payload = meta.len().saturating_sub(FILE_MAGIC.len() as u64).max(1);
             if live == 0 {
-                let age = SystemTime::now()
-                    .duration_since(meta.modified().unwrap_or(SystemTime::now()))
-                    .unwrap_or_default();
+                let age =
+                    SystemTime::now().duration_since(meta.modified().unwrap_or(SystemTime::now())).unwrap_or_default();
                 // A pack whose chunks all died is garbage; one that the index never named may be
                 // an ingest in progress elsewhere, so it gets the grace period.
                 if indexed_packs.contains(&n) || age >= opts.grace {
@@ -218,19 +187,13 @@ impl Store {
                 }
                 if repack_into.is_none() {
                     let number = self.alloc_pack();
-                    self.inner
-                        .active_packs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(number);
+                    self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
                     repack_into = Some(PackWriter::create(&packs_dir, number)?);
                 }
                 let writer = repack_into.as_mut().expect("repack pack was just created");
                 for (id, loc) in live_locs.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
                     let mut payload = vec![0u8; loc.stored_len as usize];
-                    self.inner
-                        .packs
-                        .read_at(loc.pack, loc.offset, &mut payload)?;
+                    self.inner.packs.read_at(loc.pack, loc.offset, &mut payload)?;
                     let new = writer.append(id, loc.is_node, loc.codec, loc.raw_len, &payload)?;
                     moved.put(key::id(key::CHUNK, id), new.encode());
                 }
@@ -247,11 +210,7 @@ impl Store {
             sync_dir(&packs_dir)?;
             report.pack_bytes_after += FILE_MAGIC.len() as u64;
             self.write_batch(moved)?;
-            self.inner
-                .active_packs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&writer.number);
+            self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).remove(&writer.number);
         }
         for n in to_delete {
             let path = pack_path(&packs_dir, n);
@@ -278,11 +237,7 @@ impl Store {
                 .is_some_and(|age| age >= grace);
             if old {
                 let path = entry.path();
-                let result = if path.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
+                let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
                 if let Err(e) = result {
                     tracing::warn!(path = %path.display(), error = %e, "could not clean staging");
                 }

@@ -21,9 +21,10 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::Hash;
 use crate::node::{Node, kind};
+use crate::pack::Codec;
 use crate::pageset::PageSet;
 use crate::store::Store;
-use crate::txn::Txn;
+use crate::txn::{Txn, compress};
 
 /// Pages per segment: 1024 ids (32 KiB of manifest) describe 4 MiB of 4 KiB pages.
 pub const SEGMENT_PAGES: u64 = 1024;
@@ -97,16 +98,9 @@ impl Root {
     }
 
     pub(crate) fn from_node(node: &Node, what: &dyn Fn() -> String) -> Result<Root> {
-        let bad = |d: &str| Error::Corrupt {
-            what: what(),
-            detail: d.to_string(),
-        };
+        let bad = |d: &str| Error::Corrupt { what: what(), detail: d.to_string() };
         if node.kind != kind::IMAGE_ROOT {
-            return Err(Error::InvalidInput(format!(
-                "{} is not an image (node kind {})",
-                what(),
-                node.kind
-            )));
+            return Err(Error::InvalidInput(format!("{} is not an image (node kind {})", what(), node.kind)));
         }
         let b = &node.body;
         if b.len() != 17 || b[0] != 1 {
@@ -122,11 +116,7 @@ impl Root {
         if node.links.len() as u64 != pages.div_ceil(SEGMENT_PAGES) {
             return Err(bad("segment count does not match size"));
         }
-        Ok(Root {
-            page_size,
-            size,
-            segments: node.links.clone(),
-        })
+        Ok(Root { page_size, size, segments: node.links.clone() })
     }
 
     fn pages(&self) -> u64 {
@@ -161,9 +151,7 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
             break;
         };
         let start = start as u64;
-        let end = lseek(fd, start as i64, Whence::SeekHole)
-            .map_or(size, |e| e as u64)
-            .min(size);
+        let end = lseek(fd, start as i64, Whence::SeekHole).map_or(size, |e| e as u64).min(size);
         if end <= start {
             break;
         }
@@ -184,27 +172,17 @@ impl Txn {
     /// after [`Txn::commit`].
     pub fn ingest_image(&mut self, path: &Path, opts: &IngestOptions) -> Result<ImageInfo> {
         let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        let size = file
-            .metadata()
-            .ctx(|| format!("stat {}", path.display()))?
-            .len();
-        let ps = if opts.page_size == 0 {
-            DEFAULT_PAGE_SIZE
-        } else {
-            opts.page_size
-        };
+        let size = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
+        let ps = if opts.page_size == 0 { DEFAULT_PAGE_SIZE } else { opts.page_size };
         if !valid_page_size(ps) {
-            return Err(Error::InvalidInput(format!(
-                "page size {ps} is not a power of two from 512 to 1 GiB"
-            )));
+            return Err(Error::InvalidInput(format!("page size {ps} is not a power of two from 512 to 1 GiB")));
         }
         let ps64 = u64::from(ps);
         let pages = size.div_ceil(ps64);
         let parent = match opts.parent {
             Some(p) => {
                 self.pin(p);
-                let root =
-                    Root::from_node(&self.store.get_node(&p)?, &|| format!("parent image {p}"))?;
+                let root = Root::from_node(&self.store.get_node(&p)?, &|| format!("parent image {p}"))?;
                 if root.page_size != ps {
                     return Err(Error::InvalidInput(format!(
                         "page size {ps} differs from the parent's {}",
@@ -216,9 +194,7 @@ impl Txn {
             None => None,
         };
         if (opts.dirty.is_some() || opts.diff_snapshot) && parent.is_none() {
-            return Err(Error::InvalidInput(
-                "a dirty-page set or a diff snapshot needs a parent image".into(),
-            ));
+            return Err(Error::InvalidInput("a dirty-page set or a diff snapshot needs a parent image".into()));
         }
         let parent_pages = parent.as_ref().map_or(0, Root::pages);
         // Pages that hold data in the file: holes are zero (or, in a diff snapshot, unchanged).
@@ -256,14 +232,11 @@ impl Txn {
         let nseg = pages.div_ceil(SEGMENT_PAGES);
         let mut segments = Vec::with_capacity(nseg as usize);
         let batch_pages = (BATCH_BYTES / ps64).clamp(1, SEGMENT_PAGES);
-        let mut buf = vec![0u8; (batch_pages * ps64) as usize];
         for s in 0..nseg {
             let start = s * SEGMENT_PAGES;
             let end = (start + SEGMENT_PAGES).min(pages);
             // The parent's segment at this position, and whether it covers exactly these pages.
-            let parent_seg = parent
-                .as_ref()
-                .and_then(|p| p.segments.get(s as usize).copied());
+            let parent_seg = parent.as_ref().and_then(|p| p.segments.get(s as usize).copied());
             let parent_ids = match parent_seg {
                 Some(seg) => Some(self.segment_ids(&seg)?),
                 None => None,
@@ -289,13 +262,11 @@ impl Txn {
                     path,
                     size,
                     ps64,
-                    b,
-                    e,
+                    (b, e),
                     &data,
                     &read_from_file,
                     parent_ids.as_deref(),
                     start,
-                    &mut buf,
                     &mut ids,
                     &mut info,
                 )?;
@@ -308,19 +279,17 @@ impl Txn {
             info.new_stored_bytes += self.appended_bytes() - before;
         }
         let before = self.appended_bytes();
-        info.id = self.put_node(
-            &Root {
-                page_size: ps,
-                size,
-                segments,
-            }
-            .node(),
-        )?;
+        info.id = self.put_node(&Root { page_size: ps, size, segments }.node())?;
         info.new_stored_bytes += self.appended_bytes() - before;
         Ok(info)
     }
 
     /// Hashes and stores pages `b..e` of one segment that starts at page `seg_start`.
+    ///
+    /// One parallel pass per page reads it, detects zeros, hashes it, probes the index and
+    /// compresses it if new; only appending to the pack is sequential. The pass runs under the
+    /// commit lock (shared), so gc cannot sweep between a probe that found a page and the pin
+    /// that keeps it.
     #[allow(clippy::too_many_arguments)]
     fn ingest_batch(
         &mut self,
@@ -328,87 +297,69 @@ impl Txn {
         path: &Path,
         size: u64,
         ps: u64,
-        b: u64,
-        e: u64,
+        (b, e): (u64, u64),
         data: &PageSet,
-        read_from_file: &dyn Fn(u64) -> bool,
+        read_from_file: &(dyn Fn(u64) -> bool + Sync),
         parent_ids: Option<&[Hash]>,
         seg_start: u64,
-        buf: &mut [u8],
         ids: &mut Vec<Hash>,
         info: &mut ImageInfo,
     ) -> Result<()> {
-        // Read each run of pages that holds data with one pread.
         let page_len = |i: u64| -> usize { (size - i * ps).min(ps) as usize };
-        let mut wanted = Vec::with_capacity((e - b) as usize);
-        let mut i = b;
-        while i < e {
-            if !read_from_file(i) {
-                i += 1;
-                continue;
-            }
-            wanted.push(i);
-            if !data.contains(i) {
-                i += 1;
-                continue;
-            }
-            let run_start = i;
-            while i < e && read_from_file(i) && data.contains(i) {
-                i += 1;
-            }
-            for j in run_start + 1..i {
-                wanted.push(j);
-            }
-            let from = ((run_start - b) * ps) as usize;
-            let len = ((i - 1) * ps + page_len(i - 1) as u64 - run_start * ps) as usize;
-            file.read_exact_at(&mut buf[from..from + len], run_start * ps)
-                .ctx(|| format!("read {} at {}", path.display(), run_start * ps))?;
-        }
-        let hashed: Vec<(u64, Hash)> = wanted
-            .par_iter()
-            .map(|&i| {
-                if !data.contains(i) {
-                    return (i, Hash::ZERO);
-                }
-                let off = ((i - b) * ps) as usize;
-                let page = &buf[off..off + page_len(i)];
-                (
-                    i,
+        let store = self.store.clone();
+        let _no_sweep = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
+        let level = store.inner.level;
+        let (pending, pinned) = (&self.new_chunks, &self.pinned);
+        let pages: Vec<Result<Page>> = (b..e)
+            .into_par_iter()
+            .map_init(
+                || vec![0u8; ps as usize],
+                |buf, i| {
+                    if !read_from_file(i) {
+                        let id = parent_ids.and_then(|p| p.get((i - seg_start) as usize)).copied();
+                        return Ok(Page::Parent(id.unwrap_or(Hash::ZERO)));
+                    }
+                    if !data.contains(i) {
+                        return Ok(Page::Hashed(Hash::ZERO));
+                    }
+                    let page = &mut buf[..page_len(i)];
+                    file.read_exact_at(page, i * ps).ctx(|| format!("read {} at {}", path.display(), i * ps))?;
                     if is_zero(page) {
-                        Hash::ZERO
-                    } else {
-                        Hash::of(page)
-                    },
-                )
-            })
+                        return Ok(Page::Hashed(Hash::ZERO));
+                    }
+                    let id = Hash::of(page);
+                    if pending.contains_key(&id) || pinned.contains(&id) || store.contains(&id)? {
+                        return Ok(Page::Hashed(id));
+                    }
+                    let (codec, compressed) = compress(page, level);
+                    Ok(Page::New(id, codec, compressed.unwrap_or_else(|| page.to_vec()), page.len() as u32))
+                },
+            )
             .collect();
-        info.hashed_pages += hashed.len() as u64;
-        let items: Vec<(Hash, &[u8])> = hashed
-            .iter()
-            .filter(|(_, h)| !h.is_zero())
-            .map(|&(i, h)| {
-                let off = ((i - b) * ps) as usize;
-                (h, &buf[off..off + page_len(i)])
-            })
-            .collect();
-        let added = self.put_chunks(&items, false)?;
-        info.new_pages += added.chunks;
-        info.new_raw_bytes += added.raw_bytes;
-        info.new_stored_bytes += added.stored_bytes;
-        let mut hashed = hashed.into_iter().peekable();
-        for i in b..e {
-            match hashed.peek() {
-                Some(&(j, h)) if j == i => {
-                    ids.push(h);
-                    hashed.next();
+        let mut existing = Vec::new();
+        for page in pages {
+            match page? {
+                Page::Parent(id) => ids.push(id),
+                Page::Hashed(id) => {
+                    info.hashed_pages += 1;
+                    if !id.is_zero() && !self.new_chunks.contains_key(&id) {
+                        existing.push(id);
+                    }
+                    ids.push(id);
                 }
-                _ => ids.push(
-                    parent_ids
-                        .and_then(|p| p.get((i - seg_start) as usize))
-                        .copied()
-                        .unwrap_or(Hash::ZERO),
-                ),
+                Page::New(id, codec, payload, raw_len) => {
+                    info.hashed_pages += 1;
+                    if self.append_chunk(&id, false, codec, raw_len, &payload)? {
+                        info.new_pages += 1;
+                        info.new_raw_bytes += u64::from(raw_len);
+                        info.new_stored_bytes += payload.len() as u64;
+                    }
+                    ids.push(id);
+                }
             }
+        }
+        for id in existing {
+            self.pin(id);
         }
         Ok(())
     }
@@ -416,13 +367,20 @@ impl Txn {
     fn segment_ids(&mut self, seg: &Hash) -> Result<Vec<Hash>> {
         let node = self.store.get_node(seg)?;
         if node.kind != kind::IMAGE_SEGMENT {
-            return Err(Error::Corrupt {
-                what: format!("segment {seg}"),
-                detail: "not a segment node".into(),
-            });
+            return Err(Error::Corrupt { what: format!("segment {seg}"), detail: "not a segment node".into() });
         }
         Ok(node.links)
     }
+}
+
+/// One page after the parallel pass.
+enum Page {
+    /// Not read: the parent's id.
+    Parent(Hash),
+    /// Read and hashed; zero, or already stored.
+    Hashed(Hash),
+    /// Read, hashed and new: its encoded payload and raw length.
+    New(Hash, Codec, Vec<u8>, u32),
 }
 
 fn report(opts: &IngestOptions, bytes: u64) {
@@ -433,12 +391,7 @@ fn report(opts: &IngestOptions, bytes: u64) {
 
 impl Store {
     /// Ingests one image in its own transaction and, with `name`, points that ref at it.
-    pub fn ingest_image(
-        &self,
-        path: &Path,
-        opts: &IngestOptions,
-        name: Option<&str>,
-    ) -> Result<ImageInfo> {
+    pub fn ingest_image(&self, path: &Path, opts: &IngestOptions, name: Option<&str>) -> Result<ImageInfo> {
         let mut tx = self.begin()?;
         let info = tx.ingest_image(path, opts)?;
         if let Some(name) = name {
@@ -478,13 +431,7 @@ impl ImageReader {
         })?;
         let root = Root::from_node(&node, &|| format!("image {name}"))?;
         let cache = (0..root.segments.len()).map(|_| OnceLock::new()).collect();
-        Ok(ImageReader {
-            store,
-            id,
-            name,
-            root,
-            cache,
-        })
+        Ok(ImageReader { store, id, name, root, cache })
     }
 
     /// The image's id.
@@ -525,10 +472,7 @@ impl ImageReader {
 
     /// The page ids of segment `s`.
     pub fn segment(&self, s: usize) -> Result<Arc<[Hash]>> {
-        let slot = self
-            .cache
-            .get(s)
-            .ok_or_else(|| Error::InvalidInput(format!("segment {s} out of range")))?;
+        let slot = self.cache.get(s).ok_or_else(|| Error::InvalidInput(format!("segment {s} out of range")))?;
         if let Some(ids) = slot.get() {
             return Ok(ids.clone());
         }
@@ -539,10 +483,7 @@ impl ImageReader {
         let node = Node::decode(&bytes[..n], &what)?;
         let expected = self.root.segment_len(s as u64) as usize;
         if node.kind != kind::IMAGE_SEGMENT || node.links.len() != expected {
-            return Err(Error::Corrupt {
-                what: what(),
-                detail: "segment does not match its image".into(),
-            });
+            return Err(Error::Corrupt { what: what(), detail: "segment does not match its image".into() });
         }
         let ids: Arc<[Hash]> = node.links.into();
         Ok(slot.get_or_init(|| ids).clone())
@@ -573,18 +514,13 @@ impl ImageReader {
     pub fn read_page_with_id(&self, i: u64, id: &Hash, buf: &mut [u8]) -> Result<bool> {
         let len = self.page_len(i);
         if buf.len() < len {
-            return Err(Error::InvalidInput(format!(
-                "buffer of {} bytes for a page of {len}",
-                buf.len()
-            )));
+            return Err(Error::InvalidInput(format!("buffer of {} bytes for a page of {len}", buf.len())));
         }
         if id.is_zero() {
             buf.fill(0);
             return Ok(false);
         }
-        let n = self
-            .store
-            .read_chunk_into(id, buf, &|| format!("image {} page {i}", self.name))?;
+        let n = self.store.read_chunk_into(id, buf, &|| format!("image {} page {i}", self.name))?;
         if n != len {
             return Err(Error::Corrupt {
                 what: format!("image {} page {i}", self.name),
@@ -596,7 +532,7 @@ impl ImageReader {
     }
 
     /// Writes the image to `path`, leaving zero pages as holes so the file stays sparse.
-    /// Returns the bytes of data written.
+    /// Returns the bytes of data written. The file is not fsynced: that is the caller's choice.
     pub fn materialize(&self, path: &Path, progress: Option<&Progress>) -> Result<u64> {
         let file = OpenOptions::new()
             .write(true)
@@ -604,8 +540,7 @@ impl ImageReader {
             .truncate(true)
             .open(path)
             .ctx(|| format!("create {}", path.display()))?;
-        file.set_len(self.root.size)
-            .ctx(|| format!("size {}", path.display()))?;
+        file.set_len(self.root.size).ctx(|| format!("size {}", path.display()))?;
         let ps = u64::from(self.root.page_size);
         let written = (0..self.root.segments.len())
             .into_par_iter()
@@ -620,8 +555,7 @@ impl ImageReader {
                     let i = s as u64 * SEGMENT_PAGES + k as u64;
                     self.read_page_with_id(i, id, &mut buf)?;
                     let len = self.page_len(i);
-                    file.write_all_at(&buf[..len], i * ps)
-                        .ctx(|| format!("write {}", path.display()))?;
+                    file.write_all_at(&buf[..len], i * ps).ctx(|| format!("write {}", path.display()))?;
                     written += len as u64;
                 }
                 if let Some(p) = progress {
@@ -630,8 +564,7 @@ impl ImageReader {
                 Ok(written)
             })
             .try_reduce(|| 0, |a, b| Ok(a + b))?;
-        file.sync_all()
-            .ctx(|| format!("fsync {}", path.display()))?;
+        file.sync_all().ctx(|| format!("fsync {}", path.display()))?;
         Ok(written)
     }
 
@@ -648,16 +581,8 @@ impl ImageReader {
             if a.is_some() && a == b && self.page_len(end - 1) == other.page_len(end - 1) {
                 continue;
             }
-            let ids_a = if a.is_some() {
-                Some(self.segment(s)?)
-            } else {
-                None
-            };
-            let ids_b = if b.is_some() {
-                Some(other.segment(s)?)
-            } else {
-                None
-            };
+            let ids_a = if a.is_some() { Some(self.segment(s)?) } else { None };
+            let ids_b = if b.is_some() { Some(other.segment(s)?) } else { None };
             for i in start..end {
                 let k = (i - start) as usize;
                 let pa = ids_a.as_ref().and_then(|v| v.get(k));

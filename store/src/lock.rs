@@ -39,24 +39,15 @@ impl StoreLock {
             }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(Error::Io {
-                    context: format!("lock {}", path.display()),
-                    source: err,
-                });
+                return Err(Error::Io { context: format!("lock {}", path.display()), source: err });
             }
             if start.elapsed() >= timeout {
                 let mut holder = String::new();
-                let _ = file
-                    .rewind()
-                    .and_then(|()| file.read_to_string(&mut holder));
+                let _ = file.rewind().and_then(|()| file.read_to_string(&mut holder));
                 let holder = holder.trim();
                 return Err(Error::Locked {
                     path: dir.to_path_buf(),
-                    holder: if holder.is_empty() {
-                        "unknown".into()
-                    } else {
-                        holder.to_string()
-                    },
+                    holder: if holder.is_empty() { "unknown".into() } else { holder.to_string() },
                     waited: start.elapsed(),
                 });
             }
@@ -66,8 +57,7 @@ impl StoreLock {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        file.set_len(0)
-            .ctx(|| format!("truncate {}", path.display()))?;
+        file.set_len(0).ctx(|| format!("truncate {}", path.display()))?;
         file.rewind().ctx(|| format!("seek {}", path.display()))?;
         write!(file, "{}", std::process::id()).ctx(|| format!("write {}", path.display()))?;
         Ok(StoreLock { _file: file })

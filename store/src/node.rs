@@ -58,34 +58,21 @@ impl Node {
 
     /// Parses an encoded node; `what` names it in errors.
     pub fn decode(bytes: &[u8], what: &dyn Fn() -> String) -> Result<Node> {
-        let bad = |detail: &str| Error::Corrupt {
-            what: what(),
-            detail: detail.to_string(),
-        };
+        let bad = |detail: &str| Error::Corrupt { what: what(), detail: detail.to_string() };
         if bytes.len() < HEADER || &bytes[..4] != MAGIC {
             return Err(bad("not a node (bad header)"));
         }
         let kind = bytes[4];
-        let nlinks =
-            u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad("header"))?) as usize;
-        let body_len =
-            u32::from_le_bytes(bytes[12..16].try_into().map_err(|_| bad("header"))?) as usize;
-        let links_end = nlinks
-            .checked_mul(32)
-            .and_then(|n| n.checked_add(HEADER))
-            .ok_or_else(|| bad("link count overflows"))?;
+        let nlinks = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad("header"))?) as usize;
+        let body_len = u32::from_le_bytes(bytes[12..16].try_into().map_err(|_| bad("header"))?) as usize;
+        let links_end =
+            nlinks.checked_mul(32).and_then(|n| n.checked_add(HEADER)).ok_or_else(|| bad("link count overflows"))?;
         if links_end.checked_add(body_len) != Some(bytes.len()) {
             return Err(bad("length does not match its header"));
         }
-        let links = bytes[HEADER..links_end]
-            .chunks_exact(32)
-            .map(|c| Hash::from_slice(c).unwrap_or(Hash::ZERO))
-            .collect();
-        Ok(Node {
-            kind,
-            links,
-            body: bytes[links_end..].to_vec(),
-        })
+        let links =
+            bytes[HEADER..links_end].chunks_exact(32).map(|c| Hash::from_slice(c).unwrap_or(Hash::ZERO)).collect();
+        Ok(Node { kind, links, body: bytes[links_end..].to_vec() })
     }
 
     /// The node's id.
@@ -100,11 +87,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejects_truncation() {
-        let n = Node::new(
-            kind::BLOB,
-            vec![Hash::of(b"a"), Hash::ZERO],
-            b"body".to_vec(),
-        );
+        let n = Node::new(kind::BLOB, vec![Hash::of(b"a"), Hash::ZERO], b"body".to_vec());
         let bytes = n.encode();
         assert_eq!(Node::decode(&bytes, &|| "n".into()).unwrap(), n);
         assert!(Node::decode(&bytes[..bytes.len() - 1], &|| "n".into()).is_err());

@@ -101,20 +101,11 @@ pub fn pack_path(dir: &Path, n: u32) -> PathBuf {
 
 /// Parses a pack file name back to its number.
 pub fn parse_pack_name(name: &str) -> Option<u32> {
-    name.strip_prefix("pack-")?
-        .strip_suffix(".sfp")?
-        .parse()
-        .ok()
+    name.strip_prefix("pack-")?.strip_suffix(".sfp")?.parse().ok()
 }
 
 /// Encodes a record header.
-pub fn record_header(
-    id: &Hash,
-    is_node: bool,
-    codec: Codec,
-    raw_len: u32,
-    stored_len: u32,
-) -> [u8; 48] {
+pub fn record_header(id: &Hash, is_node: bool, codec: Codec, raw_len: u32, stored_len: u32) -> [u8; 48] {
     let mut h = [0u8; 48];
     h[..4].copy_from_slice(RECORD_MAGIC);
     h[4] = codec as u8;
@@ -144,14 +135,8 @@ impl PackWriter {
             .open(&path)
             .ctx(|| format!("create pack {}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(FILE_MAGIC)
-            .ctx(|| format!("write {}", path.display()))?;
-        Ok(PackWriter {
-            number,
-            path,
-            out,
-            len: FILE_MAGIC.len() as u64,
-        })
+        out.write_all(FILE_MAGIC).ctx(|| format!("write {}", path.display()))?;
+        Ok(PackWriter { number, path, out, len: FILE_MAGIC.len() as u64 })
     }
 
     /// Bytes written so far.
@@ -165,14 +150,7 @@ impl PackWriter {
     }
 
     /// Appends one record; returns where its payload lives.
-    pub fn append(
-        &mut self,
-        id: &Hash,
-        is_node: bool,
-        codec: Codec,
-        raw_len: u32,
-        payload: &[u8],
-    ) -> Result<Location> {
+    pub fn append(&mut self, id: &Hash, is_node: bool, codec: Codec, raw_len: u32, payload: &[u8]) -> Result<Location> {
         let stored_len = payload.len() as u32;
         let header = record_header(id, is_node, codec, raw_len, stored_len);
         self.out
@@ -181,25 +159,13 @@ impl PackWriter {
             .ctx(|| format!("write {}", self.path.display()))?;
         let offset = self.len + RECORD_HEADER;
         self.len = offset + u64::from(stored_len);
-        Ok(Location {
-            is_node,
-            codec,
-            pack: self.number,
-            offset,
-            stored_len,
-            raw_len,
-        })
+        Ok(Location { is_node, codec, pack: self.number, offset, stored_len, raw_len })
     }
 
     /// Flushes and fdatasyncs the pack: after this, its records survive a crash.
     pub fn sync(&mut self) -> Result<()> {
-        self.out
-            .flush()
-            .ctx(|| format!("flush {}", self.path.display()))?;
-        self.out
-            .get_ref()
-            .sync_data()
-            .ctx(|| format!("fdatasync {}", self.path.display()))
+        self.out.flush().ctx(|| format!("flush {}", self.path.display()))?;
+        self.out.get_ref().sync_data().ctx(|| format!("fdatasync {}", self.path.display()))
     }
 }
 
@@ -213,10 +179,7 @@ pub struct PackFiles {
 impl PackFiles {
     /// Pack files of `dir`.
     pub fn new(dir: PathBuf) -> PackFiles {
-        PackFiles {
-            dir,
-            open: RwLock::default(),
-        }
+        PackFiles { dir, open: RwLock::default() }
     }
 
     /// The open file of pack `n`.
@@ -226,25 +189,18 @@ impl PackFiles {
         }
         let path = pack_path(&self.dir, n);
         let file = Arc::new(File::open(&path).ctx(|| format!("open pack {}", path.display()))?);
-        self.open
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(n, file.clone());
+        self.open.write().unwrap_or_else(|e| e.into_inner()).insert(n, file.clone());
         Ok(file)
     }
 
     /// Forgets pack `n` (after gc removed it).
     pub fn forget(&self, n: u32) {
-        self.open
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&n);
+        self.open.write().unwrap_or_else(|e| e.into_inner()).remove(&n);
     }
 
     /// Reads `len` bytes at `offset` of pack `n` into `buf`.
     pub fn read_at(&self, n: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let file = self.get(n)?;
-        file.read_exact_at(buf, offset)
-            .ctx(|| format!("read pack {n} at {offset}"))
+        file.read_exact_at(buf, offset).ctx(|| format!("read pack {n} at {offset}"))
     }
 }

@@ -32,9 +32,7 @@ impl PageSet {
 
     /// True when page `i` is in the set.
     pub fn contains(&self, i: u64) -> bool {
-        self.words
-            .get((i / 64) as usize)
-            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.words.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
     /// True when any page of `start..end` is in the set.
@@ -54,11 +52,10 @@ impl PageSet {
 
     /// The pages in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            (0..64)
-                .filter(move |b| w & (1 << b) != 0)
-                .map(move |b| wi as u64 * 64 + b)
-        })
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(wi, &w)| (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| wi as u64 * 64 + b))
     }
 
     /// A KVM-style dirty bitmap: bit `i % 64` of little-endian u64 word `i / 64` is page `i`.
@@ -88,14 +85,9 @@ impl PageSet {
         let mut set = PageSet::new();
         for line in text.lines() {
             let line = line.split('#').next().unwrap_or("");
-            for item in line
-                .split(|c: char| c.is_whitespace() || c == ',')
-                .filter(|s| !s.is_empty())
-            {
+            for item in line.split(|c: char| c.is_whitespace() || c == ',').filter(|s| !s.is_empty()) {
                 let num = |s: &str| {
-                    s.parse::<u64>().map_err(|_| {
-                        Error::InvalidInput(format!("bad page number {s:?} in page list"))
-                    })
+                    s.parse::<u64>().map_err(|_| Error::InvalidInput(format!("bad page number {s:?} in page list")))
                 };
                 match item.split_once('-') {
                     Some((a, b)) => {

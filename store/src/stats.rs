@@ -89,11 +89,7 @@ impl Store {
     pub fn ref_stats(&self, name: &str) -> Result<RefStats> {
         let id = self.resolve(name)?;
         let node = self.get_node(&id)?;
-        let mut s = RefStats {
-            name: name.to_string(),
-            id,
-            ..RefStats::default()
-        };
+        let mut s = RefStats { name: name.to_string(), id, ..RefStats::default() };
         let mut chunks = HashSet::new();
         match node.kind {
             kind::IMAGE_ROOT => {
@@ -106,9 +102,7 @@ impl Store {
                     for (k, page) in reader.segment(seg)?.iter().enumerate() {
                         if page.is_zero() {
                             s.zero_pages += 1;
-                            s.zero_bytes += reader
-                                .page_len(seg as u64 * crate::image::SEGMENT_PAGES + k as u64)
-                                as u64;
+                            s.zero_bytes += reader.page_len(seg as u64 * crate::image::SEGMENT_PAGES + k as u64) as u64;
                         } else {
                             chunks.insert(*page);
                         }
@@ -164,10 +158,7 @@ impl Store {
         })?;
         self.scan(key::FILE, |_, v| {
             t.file_objects += 1;
-            t.file_bytes += v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_le_bytes);
+            t.file_bytes += v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
             Ok(())
         })?;
         if let Ok(entries) = fs::read_dir(self.packs_dir()) {

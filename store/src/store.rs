@@ -61,12 +61,7 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions {
-            read_only: false,
-            lock_timeout: Duration::from_secs(30),
-            create: true,
-            compression_level: 1,
-        }
+        OpenOptions { read_only: false, lock_timeout: Duration::from_secs(30), create: true, compression_level: 1 }
     }
 }
 
@@ -106,29 +101,20 @@ impl Store {
         let format_path = dir.join("FORMAT");
         if !format_path.exists() {
             if !opts.create || opts.read_only {
-                return Err(Error::NotFound(format!(
-                    "no snapfork store at {}",
-                    dir.display()
-                )));
+                return Err(Error::NotFound(format!("no snapfork store at {}", dir.display())));
             }
             fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         }
-        let lock = if opts.read_only {
-            None
-        } else {
-            Some(StoreLock::acquire(&dir, opts.lock_timeout)?)
-        };
+        let lock = if opts.read_only { None } else { Some(StoreLock::acquire(&dir, opts.lock_timeout)?) };
         if !opts.read_only {
             for sub in ["packs", "objects", "staging"] {
-                fs::create_dir_all(dir.join(sub))
-                    .ctx(|| format!("create {}/{sub}", dir.display()))?;
+                fs::create_dir_all(dir.join(sub)).ctx(|| format!("create {}/{sub}", dir.display()))?;
             }
             if !format_path.exists() {
                 write_durably(&format_path, FORMAT.as_bytes())?;
             }
         }
-        let found =
-            fs::read_to_string(&format_path).ctx(|| format!("read {}", format_path.display()))?;
+        let found = fs::read_to_string(&format_path).ctx(|| format!("read {}", format_path.display()))?;
         if found != FORMAT {
             return Err(Error::InvalidInput(format!(
                 "{} holds format {:?}; this snapfork reads {:?}",
@@ -180,10 +166,7 @@ impl Store {
             None => Ok(None),
             Some(v) => Location::decode(&v)
                 .map(Some)
-                .ok_or_else(|| Error::Corrupt {
-                    what: format!("index entry of {id}"),
-                    detail: "bad location".into(),
-                }),
+                .ok_or_else(|| Error::Corrupt { what: format!("index entry of {id}"), detail: "bad location".into() }),
         }
     }
 
@@ -194,16 +177,10 @@ impl Store {
 
     /// Reads chunk `id`, verified against its id, into `out`, which must hold at least its raw
     /// length; returns that length. `what` names the chunk in errors ("image vm page 7").
-    pub fn read_chunk_into(
-        &self,
-        id: &Hash,
-        out: &mut [u8],
-        what: &dyn Fn() -> String,
-    ) -> Result<usize> {
-        let loc = self.location(id)?.ok_or_else(|| Error::Corrupt {
-            what: what(),
-            detail: format!("chunk {id} is missing from the store"),
-        })?;
+    pub fn read_chunk_into(&self, id: &Hash, out: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
+        let loc = self
+            .location(id)?
+            .ok_or_else(|| Error::Corrupt { what: what(), detail: format!("chunk {id} is missing from the store") })?;
         match self.read_located(id, &loc, out, what) {
             // gc may have moved the chunk to a new pack between our lookup and our read.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -226,16 +203,10 @@ impl Store {
     ) -> Result<usize> {
         let raw_len = loc.raw_len as usize;
         if out.len() < raw_len {
-            return Err(Error::InvalidInput(format!(
-                "buffer of {} bytes for a chunk of {raw_len}",
-                out.len()
-            )));
+            return Err(Error::InvalidInput(format!("buffer of {} bytes for a chunk of {raw_len}", out.len())));
         }
         let out = &mut out[..raw_len];
-        let corrupt = |detail: String| Error::Corrupt {
-            what: what(),
-            detail,
-        };
+        let corrupt = |detail: String| Error::Corrupt { what: what(), detail };
         match loc.codec {
             Codec::Raw => {
                 if loc.stored_len != loc.raw_len {
@@ -248,16 +219,12 @@ impl Store {
                 self.inner.packs.read_at(loc.pack, loc.offset, scratch)?;
                 DECOMPRESSOR.with_borrow_mut(|d| {
                     if d.is_none() {
-                        *d = Some(
-                            zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?,
-                        );
+                        *d = Some(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?);
                     }
                     let d = d.as_mut().expect("decompressor was just created");
                     match d.decompress_to_buffer(&scratch[..], &mut out[..]) {
                         Ok(n) if n == raw_len => Ok(()),
-                        Ok(n) => Err(corrupt(format!(
-                            "decompressed to {n} bytes, expected {raw_len}"
-                        ))),
+                        Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, expected {raw_len}"))),
                         Err(e) => Err(corrupt(format!("does not decompress: {e}"))),
                     }
                 })
@@ -265,20 +232,14 @@ impl Store {
         }
         let actual = Hash::of(out);
         if actual != *id {
-            return Err(corrupt(format!(
-                "content hashes to {} instead of {}",
-                actual.short(),
-                id.short()
-            )));
+            return Err(corrupt(format!("content hashes to {} instead of {}", actual.short(), id.short())));
         }
         Ok(raw_len)
     }
 
     /// Reads chunk `id`, verified.
     pub fn get_chunk(&self, id: &Hash) -> Result<Vec<u8>> {
-        let loc = self
-            .location(id)?
-            .ok_or_else(|| Error::NotFound(format!("object {id}")))?;
+        let loc = self.location(id)?.ok_or_else(|| Error::NotFound(format!("object {id}")))?;
         let mut out = vec![0u8; loc.raw_len as usize];
         self.read_chunk_into(id, &mut out, &|| format!("object {id}"))?;
         Ok(out)
@@ -294,22 +255,14 @@ impl Store {
 
     /// The id that ref `name` names.
     pub fn get_ref(&self, name: &str) -> Result<Option<Hash>> {
-        Ok(self
-            .inner
-            .db
-            .get_pinned(key::named(key::REF, name))?
-            .and_then(|v| Hash::from_slice(&v)))
+        Ok(self.inner.db.get_pinned(key::named(key::REF, name))?.and_then(|v| Hash::from_slice(&v)))
     }
 
     /// All refs whose names start with `prefix`, sorted by name.
     pub fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Hash)>> {
         let start = key::named(key::REF, prefix);
         let mut out = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in self.inner.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if !k.starts_with(&start) {
                 break;
@@ -327,14 +280,12 @@ impl Store {
         if let Some(id) = self.get_ref(name_or_id)? {
             return Ok(id);
         }
-        if let Ok(id) = name_or_id.parse::<Hash>() {
-            if self.contains(&id)? {
-                return Ok(id);
-            }
+        if let Ok(id) = name_or_id.parse::<Hash>()
+            && self.contains(&id)?
+        {
+            return Ok(id);
         }
-        Err(Error::NotFound(format!(
-            "no ref or object named {name_or_id:?}"
-        )))
+        Err(Error::NotFound(format!("no ref or object named {name_or_id:?}")))
     }
 
     // ----- caller metadata -----
@@ -348,11 +299,7 @@ impl Store {
     pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let start = key::named(key::META, prefix);
         let mut out = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in self.inner.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if !k.starts_with(&start) {
                 break;
@@ -380,11 +327,7 @@ impl Store {
     /// Where file object `id` lives once committed.
     pub fn file_object_path(&self, id: &Hash) -> PathBuf {
         let hex = id.to_hex();
-        self.inner
-            .dir
-            .join("objects")
-            .join(&hex[..2])
-            .join(&hex[2..])
+        self.inner.dir.join("objects").join(&hex[..2]).join(&hex[2..])
     }
 
     /// A directory, on the store's filesystem, where callers prepare files for
@@ -416,17 +359,9 @@ impl Store {
     }
 
     /// Every (key suffix, value) under one key prefix.
-    pub(crate) fn scan(
-        &self,
-        prefix: u8,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
-    ) -> Result<()> {
+    pub(crate) fn scan(&self, prefix: u8, mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
         let start = [prefix];
-        for item in self
-            .inner
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in self.inner.db.iterator(IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if k.first() != Some(&prefix) {
                 break;
@@ -466,12 +401,10 @@ impl Store {
             .zip(ids)
             .map(|(r, id)| match r? {
                 None => Ok(None),
-                Some(v) => Location::decode(&v)
-                    .map(Some)
-                    .ok_or_else(|| Error::Corrupt {
-                        what: format!("index entry of {id}"),
-                        detail: "bad location".into(),
-                    }),
+                Some(v) => Location::decode(&v).map(Some).ok_or_else(|| Error::Corrupt {
+                    what: format!("index entry of {id}"),
+                    detail: "bad location".into(),
+                }),
             })
             .collect()
     }
@@ -481,18 +414,14 @@ impl Store {
 pub(crate) fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data).ctx(|| format!("write {}", tmp.display()))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .ctx(|| format!("fsync {}", tmp.display()))?;
+    fs::File::open(&tmp).and_then(|f| f.sync_all()).ctx(|| format!("fsync {}", tmp.display()))?;
     fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// fsyncs a directory, making the creation or removal of its entries durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .ctx(|| format!("fsync directory {}", dir.display()))
+    fs::File::open(dir).and_then(|f| f.sync_all()).ctx(|| format!("fsync directory {}", dir.display()))
 }
 
 fn open_index(path: &Path, read_only: bool) -> Result<DB> {
@@ -511,11 +440,7 @@ fn open_index(path: &Path, read_only: bool) -> Result<DB> {
     table.set_cache_index_and_filter_blocks(true);
     opts.set_block_based_table_factory(&table);
     opts.set_write_buffer_size(64 << 20);
-    let db = if read_only {
-        DB::open_for_read_only(&opts, path, false)?
-    } else {
-        DB::open(&opts, path)?
-    };
+    let db = if read_only { DB::open_for_read_only(&opts, path, false)? } else { DB::open(&opts, path)? };
     Ok(db)
 }
 
@@ -525,10 +450,7 @@ fn max_pack_number(dir: &Path) -> Result<Option<u32>> {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            return Err(Error::Io {
-                context: format!("list {}", dir.display()),
-                source: e,
-            });
+            return Err(Error::Io { context: format!("list {}", dir.display()), source: e });
         }
     };
     for entry in entries {

@@ -36,12 +36,14 @@ pub struct Txn {
     pub(crate) store: Store,
     pack: Option<PackWriter>,
     finished_packs: Vec<PackWriter>,
-    new_chunks: HashMap<Hash, Location>,
+    pub(crate) new_chunks: HashMap<Hash, Location>,
     /// Ids known to exist in the index, pinned against gc until this transaction ends.
-    pinned: HashSet<Hash>,
+    pub(crate) pinned: HashSet<Hash>,
     files: Vec<(PathBuf, Hash, u64)>,
     batch: WriteBatch,
     created_packs: bool,
+    /// Numbers of the packs this transaction created (registered as active until it ends).
+    my_packs: Vec<u32>,
     /// Bytes appended to packs so far.
     appended: u64,
 }
@@ -57,6 +59,7 @@ impl Txn {
             files: Vec::new(),
             batch: WriteBatch::default(),
             created_packs: false,
+            my_packs: Vec::new(),
             appended: 0,
         }
     }
@@ -139,46 +142,49 @@ impl Txn {
             .map(|(item, _)| item)
             .collect();
         let level = self.store.inner.level;
-        let encoded: Vec<(Codec, Option<Vec<u8>>)> = todo
-            .par_iter()
-            .map(|(_, data)| compress(data, level))
-            .collect();
+        let encoded: Vec<(Codec, Option<Vec<u8>>)> = todo.par_iter().map(|(_, data)| compress(data, level)).collect();
         let mut added = Added::default();
         for ((id, data), (codec, compressed)) in todo.into_iter().zip(encoded) {
             let payload: &[u8] = compressed.as_deref().unwrap_or(data);
-            let raw_len = u32::try_from(data.len()).map_err(|_| {
-                Error::InvalidInput(format!("chunk of {} bytes is too large", data.len()))
-            })?;
-            let loc = self
-                .pack_writer()?
-                .append(id, is_node, codec, raw_len, payload)?;
-            self.new_chunks.insert(*id, loc);
-            added.chunks += 1;
-            added.raw_bytes += data.len() as u64;
-            added.stored_bytes += payload.len() as u64;
-            self.appended += payload.len() as u64;
+            let raw_len = u32::try_from(data.len())
+                .map_err(|_| Error::InvalidInput(format!("chunk of {} bytes is too large", data.len())))?;
+            if self.append_chunk(id, is_node, codec, raw_len, payload)? {
+                added.chunks += 1;
+                added.raw_bytes += data.len() as u64;
+                added.stored_bytes += payload.len() as u64;
+            }
         }
         Ok(added)
     }
 
+    /// Appends one encoded chunk unless this transaction already wrote it; true if appended.
+    pub(crate) fn append_chunk(
+        &mut self,
+        id: &Hash,
+        is_node: bool,
+        codec: Codec,
+        raw_len: u32,
+        payload: &[u8],
+    ) -> Result<bool> {
+        if self.new_chunks.contains_key(id) {
+            return Ok(false);
+        }
+        let loc = self.pack_writer()?.append(id, is_node, codec, raw_len, payload)?;
+        self.new_chunks.insert(*id, loc);
+        self.appended += payload.len() as u64;
+        Ok(true)
+    }
+
     fn pack_writer(&mut self) -> Result<&mut PackWriter> {
-        if self
-            .pack
-            .as_ref()
-            .is_some_and(|p| p.len() >= MAX_PACK_BYTES)
+        if self.pack.as_ref().is_some_and(|p| p.len() >= MAX_PACK_BYTES)
+            && let Some(full) = self.pack.take()
         {
-            if let Some(full) = self.pack.take() {
-                self.finished_packs.push(full);
-            }
+            self.finished_packs.push(full);
         }
         if self.pack.is_none() {
             let number = self.store.alloc_pack();
-            self.store
-                .inner
-                .active_packs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(number);
+            self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
+            self.my_packs.push(number);
             self.pack = Some(PackWriter::create(&self.store.packs_dir(), number)?);
             self.created_packs = true;
         }
@@ -202,9 +208,7 @@ impl Txn {
             fs::remove_file(staged).ctx(|| format!("remove {}", staged.display()))?;
             return Ok(());
         }
-        let size = fs::symlink_metadata(staged)
-            .ctx(|| format!("stat {}", staged.display()))?
-            .len();
+        let size = fs::symlink_metadata(staged).ctx(|| format!("stat {}", staged.display()))?.len();
         self.files.push((staged.to_path_buf(), id, size));
         Ok(())
     }
@@ -244,14 +248,11 @@ impl Txn {
         // 2. File objects: fsync, move into place, fsync their directories.
         let mut dirs = HashSet::new();
         for (staged, id, size) in std::mem::take(&mut self.files) {
-            fs::File::open(&staged)
-                .and_then(|f| f.sync_all())
-                .ctx(|| format!("fsync {}", staged.display()))?;
+            fs::File::open(&staged).and_then(|f| f.sync_all()).ctx(|| format!("fsync {}", staged.display()))?;
             let dest = self.store.file_object_path(&id);
             let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
             fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-            fs::rename(&staged, &dest)
-                .ctx(|| format!("move {} to {}", staged.display(), dest.display()))?;
+            fs::rename(&staged, &dest).ctx(|| format!("move {} to {}", staged.display(), dest.display()))?;
             dirs.insert(dir);
             self.batch.put(key::id(key::FILE, &id), size.to_le_bytes());
         }
@@ -267,11 +268,7 @@ impl Txn {
         }
         let batch = std::mem::take(&mut self.batch);
         let store = self.store.clone();
-        let _guard = store
-            .inner
-            .commit_lock
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
         store.write_batch(batch)?;
         drop(packs);
         Ok(())
@@ -282,14 +279,9 @@ impl Drop for Txn {
     fn drop(&mut self) {
         let pinned: Vec<Hash> = self.pinned.drain().collect();
         self.store.unpin(&pinned);
-        let mut active = self
-            .store
-            .inner
-            .active_packs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for p in self.finished_packs.iter().chain(self.pack.as_ref()) {
-            active.remove(&p.number);
+        let mut active = self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner());
+        for n in &self.my_packs {
+            active.remove(n);
         }
         // Packs of an abandoned transaction stay on disk unreferenced until gc reclaims them;
         // staged files likewise (gc clears staging entries older than its grace period).
@@ -302,9 +294,7 @@ pub fn validate_ref_name(name: &str) -> Result<()> {
         && name.len() <= 255
         && !name.starts_with('/')
         && !name.contains("..")
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/@:+=".contains(c));
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-/@:+=".contains(c));
     if ok {
         Ok(())
     } else {
@@ -315,7 +305,7 @@ pub fn validate_ref_name(name: &str) -> Result<()> {
 }
 
 /// Compresses `data` with zstd at `level`; `None` when that does not save at least 1/16.
-fn compress(data: &[u8], level: i32) -> (Codec, Option<Vec<u8>>) {
+pub(crate) fn compress(data: &[u8], level: i32) -> (Codec, Option<Vec<u8>>) {
     COMPRESSOR.with_borrow_mut(|slot| {
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
             *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));

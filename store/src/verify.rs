@@ -9,7 +9,7 @@ use crate::blob::BlobManifest;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::image::{Progress, Root, SEGMENT_PAGES};
-use crate::node::{Node, kind};
+use crate::node::kind;
 use crate::pack::Location;
 use crate::store::{Store, key};
 
@@ -97,24 +97,14 @@ impl Store {
             .chain(files.par_iter().map(|id| {
                 let path = self.file_object_path(id);
                 let mut hasher = blake3::Hasher::new();
-                match hasher
-                    .update_mmap(&path)
-                    .map(|h| (Hash(*h.finalize().as_bytes()), h.count()))
-                {
+                match hasher.update_mmap(&path).map(|h| (Hash(*h.finalize().as_bytes()), h.count())) {
                     Ok((actual, n)) if actual == *id => (*id, n, None),
-                    Ok(_) => (
-                        *id,
-                        0,
-                        Some("file content does not match its id".to_string()),
-                    ),
+                    Ok(_) => (*id, 0, Some("file content does not match its id".to_string())),
                     Err(e) => (*id, 0, Some(format!("unreadable: {e}"))),
                 }
             }))
             .collect();
-        let mut report = VerifyReport {
-            refs: roots.len() as u64,
-            ..VerifyReport::default()
-        };
+        let mut report = VerifyReport { refs: roots.len() as u64, ..VerifyReport::default() };
         let mut bad: HashMap<Hash, String> = HashMap::new();
         for (id, bytes, err) in checked {
             report.objects += 1;
@@ -130,8 +120,7 @@ impl Store {
         for (name, root) in &roots {
             self.name_damage(name, root, &bad, &mut report.damaged, &mut named)?;
         }
-        let mut rest: Vec<(&Hash, &String)> =
-            bad.iter().filter(|(id, _)| !named.contains(*id)).collect();
+        let mut rest: Vec<(&Hash, &String)> = bad.iter().filter(|(id, _)| !named.contains(*id)).collect();
         rest.sort();
         for (id, detail) in rest {
             report.damaged.push(Damage {
@@ -144,20 +133,16 @@ impl Store {
     }
 
     /// Like `reachable`, but steps over unreadable nodes instead of failing.
-    fn reachable_tolerant(
-        &self,
-        roots: impl IntoIterator<Item = Hash>,
-        marked: &mut HashSet<Hash>,
-    ) -> Result<()> {
+    fn reachable_tolerant(&self, roots: impl IntoIterator<Item = Hash>, marked: &mut HashSet<Hash>) -> Result<()> {
         let mut stack: Vec<Hash> = roots.into_iter().collect();
         while let Some(id) = stack.pop() {
             if id.is_zero() || !marked.insert(id) {
                 continue;
             }
-            if self.location(&id)?.is_some_and(|l| l.is_node) {
-                if let Ok(node) = self.get_node(&id) {
-                    stack.extend(node.links);
-                }
+            if self.location(&id)?.is_some_and(|l| l.is_node)
+                && let Ok(node) = self.get_node(&id)
+            {
+                stack.extend(node.links);
             }
         }
         Ok(())
@@ -175,11 +160,7 @@ impl Store {
         let mut note = |what: String, id: &Hash| {
             if let Some(detail) = bad.get(id) {
                 named.insert(*id);
-                out.push(Damage {
-                    what,
-                    id: *id,
-                    detail: detail.clone(),
-                });
+                out.push(Damage { what, id: *id, detail: detail.clone() });
                 true
             } else {
                 false
@@ -202,10 +183,7 @@ impl Store {
                         continue;
                     };
                     for (k, page) in seg_node.links.iter().enumerate() {
-                        note(
-                            format!("image {name} page {}", s as u64 * SEGMENT_PAGES + k as u64),
-                            page,
-                        );
+                        note(format!("image {name} page {}", s as u64 * SEGMENT_PAGES + k as u64), page);
                     }
                 }
             }
@@ -217,11 +195,8 @@ impl Store {
             }
             _ => {
                 let mut seen = HashSet::new();
-                let mut stack: Vec<(Hash, String)> = node
-                    .links
-                    .iter()
-                    .map(|l| (*l, format!("{name}: object")))
-                    .collect();
+                let mut stack: Vec<(Hash, String)> =
+                    node.links.iter().map(|l| (*l, format!("{name}: object"))).collect();
                 while let Some((id, path)) = stack.pop() {
                     if id.is_zero() || !seen.insert(id) {
                         continue;
@@ -229,14 +204,12 @@ impl Store {
                     if note(format!("{path} {}", id.short()), &id) {
                         continue;
                     }
-                    if let Ok(Some(loc)) = self.location(&id) {
-                        if loc.is_node {
-                            if let Ok(n) = self.get_node(&id) {
-                                let inner = Node::new(n.kind, n.links, Vec::new());
-                                for l in inner.links {
-                                    stack.push((l, format!("{path} {} ->", id.short())));
-                                }
-                            }
+                    if let Ok(Some(loc)) = self.location(&id)
+                        && loc.is_node
+                        && let Ok(n) = self.get_node(&id)
+                    {
+                        for l in n.links {
+                            stack.push((l, format!("{path} {} ->", id.short())));
                         }
                     }
                 }

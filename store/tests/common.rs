@@ -24,11 +24,7 @@ pub fn make_image(pages: usize, zero_every: usize, seed: u64) -> Vec<u8> {
         let mut pattern = [0u8; 256];
         rng.fill(&mut pattern[..]);
         for (j, b) in page.iter_mut().enumerate() {
-            *b = if j % 512 < 256 {
-                pattern[j % 256]
-            } else {
-                rng.random()
-            };
+            *b = if j % 512 < 256 { pattern[j % 256] } else { rng.random() };
         }
     }
     data

@@ -31,16 +31,8 @@ fn random_zero_and_odd_sized_images_round_trip_byte_exact() {
         let info = store.ingest_image(&path, &opts(), Some(name)).unwrap();
         assert_eq!(info.size, data.len() as u64, "{name}");
         let out = tmp.path().join(format!("{name}.out"));
-        store
-            .open_image_ref(name)
-            .unwrap()
-            .materialize(&out, None)
-            .unwrap();
-        assert_eq!(
-            &fs::read(&out).unwrap(),
-            data,
-            "{name} differs after a round trip"
-        );
+        store.open_image_ref(name).unwrap().materialize(&out, None).unwrap();
+        assert_eq!(&fs::read(&out).unwrap(), data, "{name} differs after a round trip");
     }
     // Random access, including the short last page.
     let image = store.open_image_ref("odd").unwrap();
@@ -63,17 +55,10 @@ fn zero_pages_store_nothing_and_materialize_sparse() {
     assert_eq!(info.zero_pages, 4095);
     assert_eq!(info.new_pages, 1);
     let out = tmp.path().join("sparse.out");
-    store
-        .open_image_ref("sparse")
-        .unwrap()
-        .materialize(&out, None)
-        .unwrap();
+    store.open_image_ref("sparse").unwrap().materialize(&out, None).unwrap();
     assert_eq!(fs::read(&out).unwrap(), data);
     let allocated = fs::metadata(&out).unwrap().blocks() * 512;
-    assert!(
-        allocated <= 64 * 1024,
-        "materialized file is dense: {allocated} bytes allocated"
-    );
+    assert!(allocated <= 64 * 1024, "materialized file is dense: {allocated} bytes allocated");
 }
 
 #[test]
@@ -85,19 +70,11 @@ fn identical_pages_dedupe_across_images() {
     for p in [3usize, 77, 400] {
         b[p * PAGE] ^= 0xff;
     }
-    let ia = store
-        .ingest_image(&write(tmp.path(), "a", &a), &opts(), Some("a"))
-        .unwrap();
-    let ib = store
-        .ingest_image(&write(tmp.path(), "b", &b), &opts(), Some("b"))
-        .unwrap();
+    let ia = store.ingest_image(&write(tmp.path(), "a", &a), &opts(), Some("a")).unwrap();
+    let ib = store.ingest_image(&write(tmp.path(), "b", &b), &opts(), Some("b")).unwrap();
     assert_eq!(ia.new_pages, 512 - 103);
     assert_eq!(ib.new_pages, 3, "only the three changed pages are new");
-    let changed = store
-        .open_image(&ia.id)
-        .unwrap()
-        .changed_pages(&store.open_image(&ib.id).unwrap())
-        .unwrap();
+    let changed = store.open_image(&ia.id).unwrap().changed_pages(&store.open_image(&ib.id).unwrap()).unwrap();
     assert_eq!(changed.iter().collect::<Vec<_>>(), vec![3, 77, 400]);
 }
 
@@ -112,35 +89,15 @@ fn incremental_ingest_equals_full_ingest() {
         b[p as usize * PAGE + 17] ^= 0x5a;
     }
     b.extend_from_slice(&make_image(7, 0, 21)); // the image grew
-    let ia = store
-        .ingest_image(&write(tmp.path(), "a", &a), &opts(), None)
-        .unwrap();
+    let ia = store.ingest_image(&write(tmp.path(), "a", &a), &opts(), None).unwrap();
     let pb = write(tmp.path(), "b", &b);
     let full = store.ingest_image(&pb, &opts(), None).unwrap();
     let inc = store
-        .ingest_image(
-            &pb,
-            &IngestOptions {
-                parent: Some(ia.id),
-                dirty: Some(dirty.clone()),
-                ..opts()
-            },
-            None,
-        )
+        .ingest_image(&pb, &IngestOptions { parent: Some(ia.id), dirty: Some(dirty.clone()), ..opts() }, None)
         .unwrap();
-    assert_eq!(
-        inc.id, full.id,
-        "incremental manifest differs from the full one"
-    );
-    assert_eq!(
-        inc.hashed_pages,
-        3 + 7,
-        "only dirty and new pages are hashed"
-    );
-    assert_eq!(
-        inc.reused_segments, 1,
-        "the middle segment is taken from the parent"
-    );
+    assert_eq!(inc.id, full.id, "incremental manifest differs from the full one");
+    assert_eq!(inc.hashed_pages, 3 + 7, "only dirty and new pages are hashed");
+    assert_eq!(inc.reused_segments, 1, "the middle segment is taken from the parent");
 
     // A Firecracker diff snapshot: a sparse file with only the dirty pages at their offsets.
     let diff_path = tmp.path().join("diff");
@@ -153,20 +110,9 @@ fn incremental_ingest_equals_full_ingest() {
     }
     drop(f);
     let diff = store
-        .ingest_image(
-            &diff_path,
-            &IngestOptions {
-                parent: Some(ia.id),
-                diff_snapshot: true,
-                ..opts()
-            },
-            None,
-        )
+        .ingest_image(&diff_path, &IngestOptions { parent: Some(ia.id), diff_snapshot: true, ..opts() }, None)
         .unwrap();
-    assert_eq!(
-        diff.id, full.id,
-        "diff snapshot onto its parent differs from the full image"
-    );
+    assert_eq!(diff.id, full.id, "diff snapshot onto its parent differs from the full image");
 }
 
 #[test]
@@ -175,14 +121,7 @@ fn huge_pages_round_trip() {
     let store = open(tmp.path());
     let data = make_image(4 * 512, 3, 30); // 8 MiB = four 2 MiB pages
     let info = store
-        .ingest_image(
-            &write(tmp.path(), "h", &data),
-            &IngestOptions {
-                page_size: 2 << 20,
-                ..opts()
-            },
-            Some("h"),
-        )
+        .ingest_image(&write(tmp.path(), "h", &data), &IngestOptions { page_size: 2 << 20, ..opts() }, Some("h"))
         .unwrap();
     assert_eq!(info.pages, 4);
     let image = store.open_image_ref("h").unwrap();
@@ -196,17 +135,10 @@ fn a_flipped_byte_is_caught_on_read_and_by_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
     let data = make_image(64, 0, 40);
-    store
-        .ingest_image(&write(tmp.path(), "vm", &data), &opts(), Some("vm"))
-        .unwrap();
+    store.ingest_image(&write(tmp.path(), "vm", &data), &opts(), Some("vm")).unwrap();
     assert!(store.verify(None, None).unwrap().is_ok());
     // Flip one byte in the middle of the pack's data.
-    let pack = fs::read_dir(store.dir().join("packs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let pack = fs::read_dir(store.dir().join("packs")).unwrap().next().unwrap().unwrap().path();
     let mut bytes = fs::read(&pack).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -221,14 +153,9 @@ fn a_flipped_byte_is_caught_on_read_and_by_verify() {
     let image = store.open_image_ref("vm").unwrap();
     let err = image.read_page(page, &mut vec![0u8; PAGE]).unwrap_err();
     assert!(err.is_corruption(), "{err}");
-    assert!(
-        err.to_string().contains(&format!("image vm page {page}")),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&format!("image vm page {page}")), "{err}");
     // Other pages still read.
-    image
-        .read_page((page + 1) % 64, &mut vec![0u8; PAGE])
-        .unwrap();
+    image.read_page((page + 1) % 64, &mut vec![0u8; PAGE]).unwrap();
 }
 
 #[test]
@@ -237,24 +164,10 @@ fn blobs_dedupe_successive_versions() {
     let store = open(tmp.path());
     let v1 = make_image(1024, 0, 50); // 4 MiB
     let mut v2 = v1.clone();
-    v2.splice(
-        1_000_000..1_000_000,
-        b"inserted bytes shift everything after them"
-            .iter()
-            .copied(),
-    );
-    let b1 = store
-        .put_blob_file(&write(tmp.path(), "v1", &v1), Some("state-1"))
-        .unwrap();
-    let b2 = store
-        .put_blob_file(&write(tmp.path(), "v2", &v2), Some("state-2"))
-        .unwrap();
-    assert!(
-        b2.new_chunks <= 3,
-        "an insertion re-stored {} of {} chunks",
-        b2.new_chunks,
-        b2.chunks
-    );
+    v2.splice(1_000_000..1_000_000, b"inserted bytes shift everything after them".iter().copied());
+    let b1 = store.put_blob_file(&write(tmp.path(), "v1", &v1), Some("state-1")).unwrap();
+    let b2 = store.put_blob_file(&write(tmp.path(), "v2", &v2), Some("state-2")).unwrap();
+    assert!(b2.new_chunks <= 3, "an insertion re-stored {} of {} chunks", b2.new_chunks, b2.chunks);
     assert_eq!(store.get_blob(&b1.id).unwrap(), v1);
     assert_eq!(store.get_blob(&b2.id).unwrap(), v2);
 }

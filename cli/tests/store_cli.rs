@@ -1,0 +1,213 @@
+//! The store through the `snapfork` binary: JSON output, errors, verify's exit code, and crash
+//! safety under SIGKILL at random points.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::Value;
+use snapfork_store::{GcOptions, OpenOptions, Store};
+
+const PAGE: usize = 4096;
+
+fn snapfork(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
+    c.arg("--store").arg(store);
+    c
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json must print exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+fn image(rng: &mut StdRng, pages: usize) -> Vec<u8> {
+    let mut data = vec![0u8; pages * PAGE];
+    for page in data.chunks_mut(PAGE) {
+        match rng.random_range(0..4) {
+            0 => {}
+            1 => page.fill(rng.random()),
+            _ => rng.fill(&mut page[..PAGE / 2]),
+        }
+    }
+    data
+}
+
+#[test]
+fn ingest_cat_ls_stats_rm_gc_speak_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let mut rng = StdRng::seed_from_u64(1);
+    let data = image(&mut rng, 300);
+    let file = tmp.path().join("vm.mem");
+    fs::write(&file, &data).unwrap();
+    let out = json(&snapfork(&store).args(["ingest", "--json", "--name", "vm/a"]).arg(&file).output().unwrap());
+    let id = out["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64);
+    assert_eq!(out["pages"], 300);
+
+    let copy = tmp.path().join("copy");
+    json(&snapfork(&store).args(["cat", "vm/a", "--json", "-o"]).arg(&copy).output().unwrap());
+    assert_eq!(fs::read(&copy).unwrap(), data);
+    // By id, too.
+    json(&snapfork(&store).args(["cat", &id, "--json", "-o"]).arg(&copy).output().unwrap());
+    assert_eq!(fs::read(&copy).unwrap(), data);
+
+    let ls = json(&snapfork(&store).args(["ls", "--json"]).output().unwrap());
+    assert_eq!(ls["refs"][0]["name"], "vm/a");
+    assert_eq!(ls["refs"][0]["size"], data.len());
+    let stats = json(&snapfork(&store).args(["stats", "--json"]).output().unwrap());
+    let zero_pages = data.chunks(PAGE).filter(|p| p.iter().all(|&b| b == 0)).count();
+    assert_eq!(stats["refs"][0]["zero_pages"], zero_pages);
+
+    // A blob.
+    let blob =
+        json(&snapfork(&store).args(["ingest", "--blob", "--json", "--name", "state"]).arg(&file).output().unwrap());
+    assert_eq!(blob["kind"], "blob");
+    json(&snapfork(&store).args(["cat", "state", "--json", "-o"]).arg(&copy).output().unwrap());
+    assert_eq!(fs::read(&copy).unwrap(), data);
+
+    json(&snapfork(&store).args(["rm", "vm/a", "state", "--json"]).output().unwrap());
+    let dry = json(&snapfork(&store).args(["gc", "--dry-run", "--grace", "0", "--json"]).output().unwrap());
+    assert!(dry["removed_chunks"].as_u64().unwrap() > 0);
+    let gc = json(&snapfork(&store).args(["gc", "--grace", "0", "--json"]).output().unwrap());
+    assert_eq!(gc["removed_chunks"], dry["removed_chunks"]);
+    let after = json(&snapfork(&store).args(["stats", "--json"]).output().unwrap());
+    assert_eq!(after["total"]["chunks"], 0);
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let out = snapfork(&store).args(["ingest", "/nonexistent/file", "--name", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/file"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let file = tmp.path().join("f");
+    fs::write(&file, b"data").unwrap();
+    let out = snapfork(&store).args(["ingest", "--name", "bad name!"]).arg(&file).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad ref name"));
+    let out = snapfork(&store).args(["ingest", "--name", "x", "--page-size", "1000"]).arg(&file).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("page size 1000"));
+    let out = snapfork(&store).args(["cat", "missing", "-o"]).arg(tmp.path().join("o")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+    assert!(!out.status.success());
+}
+
+#[test]
+fn verify_names_the_damaged_page_and_exits_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let data: Vec<u8> = (0..64 * PAGE).map(|i| (i * 7 % 251) as u8 ^ (i / PAGE) as u8).collect();
+    let file = tmp.path().join("vm.mem");
+    fs::write(&file, &data).unwrap();
+    json(&snapfork(&store).args(["ingest", "--json", "--name", "vm"]).arg(&file).output().unwrap());
+    assert!(snapfork(&store).arg("verify").status().unwrap().success());
+    let pack = fs::read_dir(store.join("packs")).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = fs::read(&pack).unwrap();
+    let n = bytes.len();
+    bytes[n / 3] ^= 0x80;
+    fs::write(&pack, bytes).unwrap();
+    let out = snapfork(&store).arg("verify").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("image vm page "), "{err}");
+    let out = snapfork(&store).args(["cat", "vm", "-o"]).arg(tmp.path().join("o")).output().unwrap();
+    assert!(!out.status.success(), "cat must refuse to write damaged data");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt image vm page"));
+}
+
+/// Kills `snapfork ingest` (and gc) with SIGKILL at random instants; after each kill the store
+/// must open, verify, and hold every ref whose ingest reported success, byte for byte.
+#[test]
+fn sigkill_at_random_points_never_loses_a_reported_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let base = image(&mut rng, 6000); // ~24 MiB
+    // Calibrate: how long one ingest takes here, so that kills land before, during and after it.
+    let probe = tmp.path().join("probe");
+    fs::write(&probe, image(&mut rng, 6000)).unwrap();
+    let t = Instant::now();
+    assert!(
+        snapfork(&tmp.path().join("probe-store"))
+            .args(["ingest", "--name", "p"])
+            .arg(&probe)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let full_ms = (t.elapsed().as_millis() as u64).max(20);
+    let mut committed: Vec<(String, PathBuf, String)> = Vec::new();
+    let mut killed = 0;
+    for round in 0..24 {
+        let mut data = base.clone();
+        for _ in 0..500 {
+            let p = rng.random_range(0..6000);
+            rng.fill(&mut data[p * PAGE..p * PAGE + 64]);
+        }
+        let file = tmp.path().join(format!("img-{round}"));
+        fs::write(&file, &data).unwrap();
+        let name = format!("r{round}");
+        let mut cmd = if round % 6 == 5 {
+            let mut c = snapfork(&store_dir);
+            c.args(["gc", "--grace", "0", "--json"]);
+            c
+        } else {
+            let mut c = snapfork(&store_dir);
+            c.args(["ingest", "--json", "--name", &name]).arg(&file);
+            c
+        };
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let delay = Duration::from_millis(rng.random_range(0..full_ms * 5 / 4));
+        let start = Instant::now();
+        while start.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            if round % 6 != 5 {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(v["name"], name.as_str());
+                committed.push((name, file, v["id"].as_str().unwrap().to_string()));
+            }
+        } else {
+            killed += 1;
+        }
+        // The store opens (the kernel dropped the dead writer's lock), verifies (every chunk
+        // re-hashed), and every reported commit is there under the id it reported.
+        let store = Store::open(&store_dir, OpenOptions { lock_timeout: Duration::from_secs(5), ..Default::default() })
+            .expect("store opens after a kill");
+        let report = store.verify(None, None).unwrap();
+        assert!(report.is_ok(), "round {round}: {:?}", report.damaged);
+        for (name, _, id) in &committed {
+            let found = store.get_ref(name).unwrap().unwrap_or_else(|| panic!("round {round}: {name} lost"));
+            assert_eq!(&found.to_hex(), id, "round {round}: {name} names another image");
+        }
+        if let Some((name, file, _)) = committed.last() {
+            let out = tmp.path().join("check");
+            store.open_image_ref(name).unwrap().materialize(&out, None).unwrap();
+            assert!(fs::read(&out).unwrap() == fs::read(file).unwrap(), "round {round}: {name} differs");
+        }
+    }
+    eprintln!("{killed} children killed mid-way, {} ingests committed (ingest ~{full_ms} ms)", committed.len());
+    assert!(killed >= 6, "only {killed} children were killed mid-way: the test did not test");
+    assert!(committed.len() >= 3, "only {} ingests completed", committed.len());
+    // Half-written packs are garbage that gc reclaims.
+    let store = Store::open(&store_dir, OpenOptions::default()).unwrap();
+    store.gc(&GcOptions { grace: Duration::ZERO, ..GcOptions::default() }).unwrap();
+    let stats = store.stats("").unwrap().total;
+    assert!(stats.pack_bytes <= stats.stored_bytes + stats.chunks * 48 + 64 * 16, "{stats:?}");
+    assert!(store.verify(None, None).unwrap().is_ok());
+}

@@ -1,0 +1,1176 @@
+//! Serving one restore: a userfaultfd, the regions it covers, and the image behind them.
+//!
+//! Each restore runs on its own thread (plus a reader thread while it prefetches). The serving
+//! thread alone issues ioctls on the userfaultfd, so a REMOVE event is always applied before any
+//! later copy into that range: no copy can race a balloon/DONTNEED and resurrect old content.
+//! Between two prefetch batches it reads the userfaultfd again, so a demand fault waits for at
+//! most one batch (64-256 KiB, tens of microseconds) and always jumps the prefetch queue.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use crate::bitmap::{AtomicBitmap, Bitmap};
+use crate::source::PageSource;
+use crate::uffd::{self, Event, Fill};
+use crate::{Error, Result};
+
+/// Most zero pages mapped by one demand fault on a zero page (2 MiB of 4 KiB pages).
+const ZERO_AROUND_PAGES: u64 = 512;
+/// Most zero pages per prefetch/fill zero batch (one UFFDIO_ZEROPAGE of 8 MiB).
+const ZERO_RUN_PAGES: u64 = 2048;
+
+/// 2 MiB: the hugetlb page size Firecracker uses.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// One guest memory region registered with the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Region {
+    /// Start address in the address space that owns the userfaultfd.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Position of the region's first byte in the memory image.
+    pub offset: u64,
+    /// The region's page size (4096, or 2 MiB for hugetlb).
+    pub page_size: u64,
+}
+
+impl Region {
+    fn pages(&self) -> u64 {
+        self.size / self.page_size
+    }
+}
+
+/// Checks regions against an image of `image_size` bytes made of `image_page`-byte pages:
+/// aligned, non-empty, inside the image, and overlapping neither in the image nor in memory.
+pub fn validate_regions(regions: &[Region], image_size: u64, image_page: u64) -> Result<()> {
+    let bad = |m: String| Err(Error::Handshake(m));
+    if regions.is_empty() {
+        return bad("no regions".into());
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if r.page_size != 4096 && r.page_size != HUGE_PAGE {
+            return bad(format!("region {i}: unsupported page size {}", r.page_size));
+        }
+        if r.page_size % image_page != 0 {
+            return bad(format!("region {i}: page size {} is not a multiple of the image's {image_page}", r.page_size));
+        }
+        if r.size == 0 || r.size % r.page_size != 0 {
+            return bad(format!(
+                "region {i}: size {} is not a positive multiple of its page size {}",
+                r.size, r.page_size
+            ));
+        }
+        if r.base % r.page_size != 0 || r.offset % r.page_size != 0 {
+            return bad(format!(
+                "region {i}: base {:#x} or offset {:#x} not aligned to {}",
+                r.base, r.offset, r.page_size
+            ));
+        }
+        let end = r.offset.checked_add(r.size);
+        if end.is_none_or(|e| e > image_size) {
+            return bad(format!(
+                "region {i}: [{:#x}, +{:#x}) lies beyond the image ({image_size} bytes)",
+                r.offset, r.size
+            ));
+        }
+        if r.base.checked_add(r.size).is_none() {
+            return bad(format!("region {i}: address range overflows"));
+        }
+        for (j, o) in regions.iter().enumerate().take(i) {
+            if r.offset < o.offset + o.size && o.offset < r.offset + r.size {
+                return bad(format!("regions {j} and {i} overlap in the image"));
+            }
+            if r.base < o.base + o.size && o.base < r.base + r.size {
+                return bad(format!("regions {j} and {i} overlap in memory"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What to do when a page fails verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CorruptPolicy {
+    /// SIGKILL the process that owns the memory (through its pidfd) and end the restore.
+    KillPeer,
+    /// Poison the page (UFFDIO_POISON): an access raises SIGBUS; other pages keep being served.
+    Poison,
+}
+
+/// How a restore is served.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Bytes installed per demand fault on 4 KiB regions: the faulting page plus following
+    /// pages not yet installed (stops at zero, removed or installed pages). 4096 = one page.
+    pub fault_around: usize,
+    /// Image pages to prefetch, in order (a recorded working set).
+    pub prefetch: Vec<u64>,
+    /// After the prefetch list, install every other page in the background.
+    pub fill: bool,
+    /// Largest single prefetch copy in bytes.
+    pub batch_bytes: usize,
+    /// What to do with a corrupt page.
+    pub on_corrupt: CorruptPolicy,
+    /// Keep at most this many fault service times (for percentiles).
+    pub max_latency_samples: usize,
+    /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
+    pub prefetch_threads: usize,
+    /// Largest sequential read-ahead window in bytes (4 KiB regions): demand faults that follow
+    /// one another through memory install 2, 4, 8... pages at once. 0 or 4096 disables it.
+    pub readahead: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            fault_around: 4096,
+            prefetch: Vec::new(),
+            fill: false,
+            batch_bytes: 256 << 10,
+            on_corrupt: CorruptPolicy::KillPeer,
+            max_latency_samples: 1 << 20,
+            prefetch_threads: 2,
+            readahead: 256 << 10,
+        }
+    }
+}
+
+/// The process whose memory is restored.
+#[derive(Debug, Default)]
+pub struct Peer {
+    /// Its pid (from SO_PEERCRED), if known.
+    pub pid: Option<i32>,
+    /// A pidfd for it: exit detection and race-free signalling.
+    pub pidfd: Option<OwnedFd>,
+    /// The handshake connection, kept open for the life of the restore.
+    pub conn: Option<UnixStream>,
+}
+
+impl Peer {
+    /// A peer identified by `pid`, with a pidfd opened now.
+    pub fn from_pid(pid: i32) -> Self {
+        Peer { pid: Some(pid), pidfd: pidfd_open(pid).ok(), conn: None }
+    }
+}
+
+/// `pidfd_open(2)`.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Error::last_os(format!("pidfd_open({pid})")));
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: plain syscall; a null siginfo means "as if by kill(2)".
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Live counters of a restore.
+#[derive(Debug, Default)]
+pub struct RestoreStats {
+    /// Demand faults served.
+    pub faults: AtomicU64,
+    /// Pages (of the region's page size) installed with UFFDIO_COPY.
+    pub pages_copied: AtomicU64,
+    /// Pages installed as zero pages.
+    pub pages_zeroed: AtomicU64,
+    /// Of the installed pages, those installed by prefetch or fill.
+    pub pages_prefetched: AtomicU64,
+    /// UFFDIO_COPY / UFFDIO_ZEROPAGE calls.
+    pub ioctls: AtomicU64,
+    /// Pages zapped by REMOVE events.
+    pub pages_removed: AtomicU64,
+    /// EEXIST answers (page already present).
+    pub eexist: AtomicU64,
+    /// EAGAIN answers (pending mapping change).
+    pub eagain: AtomicU64,
+    /// Set once the prefetch list (and fill) has been fully installed.
+    pub prefetch_done: AtomicBool,
+}
+
+/// A copy of [`RestoreStats`] at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatsSnapshot {
+    /// Demand faults served.
+    pub faults: u64,
+    /// Pages installed with UFFDIO_COPY.
+    pub pages_copied: u64,
+    /// Pages installed as zero pages.
+    pub pages_zeroed: u64,
+    /// Pages installed by prefetch or fill.
+    pub pages_prefetched: u64,
+    /// Fill ioctls issued.
+    pub ioctls: u64,
+    /// Pages zapped by REMOVE events.
+    pub pages_removed: u64,
+    /// EEXIST answers.
+    pub eexist: u64,
+    /// EAGAIN answers.
+    pub eagain: u64,
+    /// Whether prefetch (and fill) completed.
+    pub prefetch_done: bool,
+}
+
+impl RestoreStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            faults: self.faults.load(Relaxed),
+            pages_copied: self.pages_copied.load(Relaxed),
+            pages_zeroed: self.pages_zeroed.load(Relaxed),
+            pages_prefetched: self.pages_prefetched.load(Relaxed),
+            ioctls: self.ioctls.load(Relaxed),
+            pages_removed: self.pages_removed.load(Relaxed),
+            eexist: self.eexist.load(Relaxed),
+            eagain: self.eagain.load(Relaxed),
+            prefetch_done: self.prefetch_done.load(Relaxed),
+        }
+    }
+}
+
+/// Why a restore ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EndReason {
+    /// The process exited (pidfd readable) or its mm is gone (ESRCH).
+    PeerExited,
+    /// [`RestoreHandle::stop`] was called.
+    Stopped,
+    /// A page failed verification; the peer was killed.
+    CorruptPage {
+        /// Image page index.
+        page: u64,
+        /// The peer's pid, when known.
+        pid: Option<i32>,
+        /// The error.
+        message: String,
+    },
+    /// An unexpected error ended the restore.
+    Failed {
+        /// The error.
+        message: String,
+    },
+}
+
+/// Everything known about a finished restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The peer's pid.
+    pub pid: Option<i32>,
+    /// Why it ended.
+    pub end: EndReason,
+    /// Final counters.
+    pub stats: StatsSnapshot,
+    /// Image pages the guest faulted on, in first-fault order: the working set.
+    pub working_set: Vec<u64>,
+    /// Image pages that may differ from the snapshot (installed, or zapped by REMOVE): the set the
+    /// next checkpoint must hash. Sorted.
+    pub touched: Vec<u64>,
+    /// Fault service times in nanoseconds (read of the event to wake-up), in order.
+    #[serde(skip)]
+    pub fault_ns: Vec<u32>,
+}
+
+impl RestoreReport {
+    /// [`RestoreReport::touched`] as the store's page set, for an incremental ingest
+    /// (`IngestOptions { parent, dirty: Some(..) }`): only these pages can differ.
+    pub fn touched_pages(&self) -> snapfork_store::PageSet {
+        let mut set = snapfork_store::PageSet::new();
+        for &p in &self.touched {
+            set.insert(p);
+        }
+        set
+    }
+}
+
+/// A running restore.
+pub struct RestoreHandle {
+    thread: Option<JoinHandle<RestoreReport>>,
+    stop: Arc<OwnedFd>,
+    stats: Arc<RestoreStats>,
+    pid: Option<i32>,
+    live_ws: Arc<Mutex<Vec<u64>>>,
+}
+
+impl RestoreHandle {
+    /// Asks the serving thread to stop (it ends with [`EndReason::Stopped`]).
+    pub fn stop(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a local to an eventfd we own.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    /// True once the serving thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+    /// Live counters.
+    pub fn stats(&self) -> &Arc<RestoreStats> {
+        &self.stats
+    }
+    /// The peer's pid.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+    /// The working set recorded so far (image pages in first-fault order).
+    pub fn working_set(&self) -> Vec<u64> {
+        self.live_ws.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+    /// Waits for the restore to end and returns its report.
+    pub fn join(mut self) -> RestoreReport {
+        let pid = self.pid;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            _ => RestoreReport {
+                pid,
+                end: EndReason::Failed { message: "serving thread panicked".into() },
+                stats: self.stats.snapshot(),
+                working_set: Vec::new(),
+                touched: Vec::new(),
+                fault_ns: Vec::new(),
+            },
+        }
+    }
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::last_os("eventfd"));
+    }
+    // SAFETY: fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Starts serving `uffd` (which must already have `regions` registered in MISSING mode, by this
+/// process or by the peer) from `source`. Regions are validated against the image first.
+pub fn start(
+    uffd: OwnedFd,
+    regions: Vec<Region>,
+    source: Arc<dyn PageSource>,
+    peer: Peer,
+    opts: RestoreOptions,
+) -> Result<RestoreHandle> {
+    validate_regions(&regions, source.size(), source.page_size() as u64)?;
+    // The fd must be non-blocking: the serving loop reads it until EAGAIN.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 && fl & libc::O_NONBLOCK == 0 {
+            libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
+    let stop = Arc::new(eventfd()?);
+    let stats = Arc::new(RestoreStats::default());
+    let installed: Vec<Arc<AtomicBitmap>> = regions.iter().map(|r| Arc::new(AtomicBitmap::new(r.pages()))).collect();
+    let pid = peer.pid;
+    let live_ws = Arc::new(Mutex::new(Vec::new()));
+    let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
+    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes).max(opts.readahead);
+    let mut serving = Serving {
+        uffd,
+        states: regions
+            .iter()
+            .zip(&installed)
+            .map(|(r, inst)| RegionState {
+                r: *r,
+                installed: inst.clone(),
+                removed: Bitmap::new(r.pages()),
+                recorded: Bitmap::new(r.pages()),
+            })
+            .collect(),
+        source: source.clone(),
+        peer,
+        opts: opts.clone(),
+        stats: stats.clone(),
+        buf: vec![0; buf_len],
+        zeros: Vec::new(),
+        pending: VecDeque::new(),
+        events: Vec::new(),
+        ws: Vec::new(),
+        live_ws: live_ws.clone(),
+        fault_ns: Vec::new(),
+        prefetch: None,
+        seq_next: (usize::MAX, 0),
+        seq: 0,
+    };
+    let plan = prefetch_plan(&regions, source.as_ref(), &opts);
+    if !plan.is_empty() {
+        let efd = Arc::new(eventfd()?);
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        let quit = Arc::new(AtomicBool::new(false));
+        // Several readers share the plan: store reads (lookup, decompress, verify) are the cost,
+        // and they parallelise; the serving thread alone installs.
+        // Which run each region page belongs to: a demand fault on a planned page moves the
+        // readers' cursor past its run (they follow the guest instead of trailing it) and
+        // installs the rest of that run at once.
+        let mut run_of: Vec<Vec<u32>> = regions.iter().map(|r| vec![u32::MAX; r.pages() as usize]).collect();
+        for (i, run) in plan.iter().enumerate() {
+            for p in run.first..run.first + run.count {
+                run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
+            }
+        }
+        let plan = Arc::new(plan);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sweep = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for i in 0..opts.prefetch_threads.max(1) {
+            let (source, efd, quit2, installed) = (source.clone(), efd.clone(), quit.clone(), installed.clone());
+            let (regions, plan, next, tx) = (regions.clone(), plan.clone(), next.clone(), tx.clone());
+            let sweep = sweep.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("uffd-prefetch-{i}"))
+                .spawn(move || prefetch_reader(&plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2));
+            match spawned {
+                Ok(h) => readers.push(h),
+                Err(e) => {
+                    quit.store(true, Relaxed);
+                    for h in readers {
+                        let _ = h.join();
+                    }
+                    return Err(Error::io("spawn prefetch thread", e));
+                }
+            }
+        }
+        drop(tx);
+        serving.prefetch = Some(Prefetch { rx, efd, quit, readers, plan, next, run_of });
+    } else {
+        stats.prefetch_done.store(true, Relaxed);
+    }
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("uffd-{}", pid.unwrap_or(0)))
+        .spawn(move || serving.run(&stop2))
+        .map_err(|e| Error::io("spawn serving thread", e))?;
+    Ok(RestoreHandle { thread: Some(thread), stop, stats, pid, live_ws })
+}
+
+struct RegionState {
+    r: Region,
+    installed: Arc<AtomicBitmap>,
+    removed: Bitmap,
+    recorded: Bitmap,
+}
+
+/// A run of region pages to prefetch: region index, first page, count.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    region: usize,
+    first: u64,
+    count: u64,
+    zero: bool,
+}
+
+enum Batch {
+    Data { run: Run, data: Vec<u8> },
+    Zero(Run),
+}
+
+struct Prefetch {
+    rx: Receiver<Batch>,
+    efd: Arc<OwnedFd>,
+    quit: Arc<AtomicBool>,
+    readers: Vec<JoinHandle<()>>,
+    plan: Arc<Vec<Run>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    run_of: Vec<Vec<u32>>,
+}
+
+enum Stop {
+    Gone,
+    Corrupt(u64, String),
+    Fatal(String),
+}
+
+struct Serving {
+    uffd: OwnedFd,
+    states: Vec<RegionState>,
+    source: Arc<dyn PageSource>,
+    peer: Peer,
+    opts: RestoreOptions,
+    stats: Arc<RestoreStats>,
+    buf: Vec<u8>,
+    zeros: Vec<u8>,
+    pending: VecDeque<u64>,
+    events: Vec<Event>,
+    ws: Vec<u64>,
+    live_ws: Arc<Mutex<Vec<u64>>>,
+    fault_ns: Vec<u32>,
+    prefetch: Option<Prefetch>,
+    /// The page right after the last demand-installed run, and how many faults in a row hit it.
+    seq_next: (usize, u64),
+    seq: u32,
+}
+
+/// The image pages behind region page `p` of `r`.
+fn image_pages(r: &Region, p: u64, image_page: u64) -> std::ops::Range<u64> {
+    let first = (r.offset + p * r.page_size) / image_page;
+    first..first + r.page_size / image_page
+}
+
+/// Turns the prefetch list (and fill) into runs of region pages, each at most `batch_bytes`.
+fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOptions) -> Vec<Run> {
+    let ip = source.page_size() as u64;
+    let mut seen: Vec<Bitmap> = regions.iter().map(|r| Bitmap::new(r.pages())).collect();
+    let mut runs: Vec<Run> = Vec::new();
+    // Runs are homogeneous: data runs up to `batch_bytes`, zero runs much longer (no data moves).
+    let push = |runs: &mut Vec<Run>, region: usize, p: u64| {
+        let r = &regions[region];
+        let zero = all_zero(source, r, p);
+        let max =
+            if zero && r.page_size == 4096 { ZERO_RUN_PAGES } else { (opts.batch_bytes as u64 / r.page_size).max(1) };
+        if let Some(last) = runs.last_mut()
+            && last.region == region
+            && last.first + last.count == p
+            && last.zero == zero
+            && last.count < max
+        {
+            last.count += 1;
+            return;
+        }
+        runs.push(Run { region, first: p, count: 1, zero });
+    };
+    for &page in &opts.prefetch {
+        let byte = page.saturating_mul(ip);
+        let Some(ri) = regions.iter().position(|r| byte >= r.offset && byte < r.offset + r.size) else {
+            continue;
+        };
+        let p = (byte - regions[ri].offset) / regions[ri].page_size;
+        if !seen[ri].set(p, true) {
+            push(&mut runs, ri, p);
+        }
+    }
+    if opts.fill {
+        for (ri, r) in regions.iter().enumerate() {
+            for p in 0..r.pages() {
+                if !seen[ri].get(p) {
+                    push(&mut runs, ri, p);
+                }
+            }
+        }
+    }
+    runs
+}
+
+fn all_zero(source: &dyn PageSource, r: &Region, p: u64) -> bool {
+    image_pages(r, p, source.page_size() as u64).all(|i| source.is_zero(i))
+}
+
+/// Reads the prefetch runs ahead of the serving thread (decompression overlaps the copies).
+#[allow(clippy::too_many_arguments)]
+fn prefetch_reader(
+    plan: &[Run],
+    next: &std::sync::atomic::AtomicUsize,
+    sweep: &std::sync::atomic::AtomicUsize,
+    regions: &[Region],
+    source: &dyn PageSource,
+    installed: &[Arc<AtomicBitmap>],
+    tx: SyncSender<Batch>,
+    efd: &OwnedFd,
+    quit: &AtomicBool,
+) {
+    let ip = source.page_size();
+    let send = |b: Batch| -> bool {
+        if tx.send(b).is_err() {
+            return false;
+        }
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a local to an eventfd we share.
+        unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        true
+    };
+    loop {
+        // First pass follows the cursor (which demand faults push forward); a second pass picks
+        // up the runs a jump skipped (their installed pages are skipped without reading).
+        let run = match plan.get(next.fetch_add(1, Relaxed)) {
+            Some(&run) => run,
+            None => match plan.get(sweep.fetch_add(1, Relaxed)) {
+                Some(&run) => run,
+                None => return,
+            },
+        };
+        let r = &regions[run.region];
+        let rps = r.page_size as usize;
+        // Split the run into homogeneous pieces: data pages, zero pages; skip installed ones.
+        let mut p = run.first;
+        let end = run.first + run.count;
+        while p < end {
+            if quit.load(Relaxed) {
+                return;
+            }
+            if installed[run.region].get(p) {
+                p += 1;
+                continue;
+            }
+            let zero = all_zero(source, r, p);
+            let mut q = p + 1;
+            while q < end && !installed[run.region].get(q) && all_zero(source, r, q) == zero {
+                q += 1;
+            }
+            if zero {
+                if !send(Batch::Zero(Run { region: run.region, first: p, count: q - p, zero: true })) {
+                    return;
+                }
+                p = q;
+                continue;
+            }
+            let mut data = vec![0u8; (q - p) as usize * rps];
+            let mut good = 0u64;
+            'pages: for k in p..q {
+                let base = (k - p) as usize * rps;
+                for (j, i) in image_pages(r, k, ip as u64).enumerate() {
+                    let dst = &mut data[base + j * ip..base + (j + 1) * ip];
+                    if source.is_zero(i) {
+                        continue;
+                    }
+                    if let Err(e) = source.read_page(i, dst) {
+                        // Not installing it leaves it to the demand path, which applies the
+                        // corrupt-page policy if (and only if) the guest touches it.
+                        warn!(page = i, "prefetch skips an unreadable page: {e}");
+                        break 'pages;
+                    }
+                }
+                good += 1;
+            }
+            if good > 0 {
+                data.truncate(good as usize * rps);
+                if !send(Batch::Data { run: Run { region: run.region, first: p, count: good, zero: false }, data }) {
+                    return;
+                }
+            }
+            // A bad page (good < q - p) is skipped.
+            p += if good < q - p { good + 1 } else { good };
+        }
+    }
+}
+
+impl Serving {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+
+    fn run(mut self, stop: &OwnedFd) -> RestoreReport {
+        let end = match self.serve(stop) {
+            Ok(()) => EndReason::Stopped,
+            Err(Stop::Gone) => EndReason::PeerExited,
+            Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage { page, pid: self.peer.pid, message },
+            Err(Stop::Fatal(message)) => {
+                error!(pid = self.peer.pid, "restore failed: {message}");
+                EndReason::Failed { message }
+            }
+        };
+        if let Some(mut pf) = self.prefetch.take() {
+            pf.quit.store(true, Relaxed);
+            drop(pf.rx);
+            for t in pf.readers.drain(..) {
+                let _ = t.join();
+            }
+        }
+        let ip = self.source.page_size() as u64;
+        let mut touched = Vec::new();
+        for st in &self.states {
+            for p in 0..st.r.pages() {
+                if st.installed.get(p) || st.removed.get(p) {
+                    touched.extend(image_pages(&st.r, p, ip));
+                }
+            }
+        }
+        touched.sort_unstable();
+        info!(pid = self.peer.pid, ?end, faults = self.ws.len(), "restore ended");
+        RestoreReport {
+            pid: self.peer.pid,
+            end,
+            stats: self.stats.snapshot(),
+            working_set: std::mem::take(&mut self.ws),
+            touched,
+            fault_ns: std::mem::take(&mut self.fault_ns),
+        }
+    }
+
+    fn serve(&mut self, stop: &OwnedFd) -> std::result::Result<(), Stop> {
+        loop {
+            self.drain()?;
+            if let Some(addr) = self.pending.pop_front() {
+                self.on_fault(addr)?;
+                continue;
+            }
+            if self.prefetch_step()? {
+                continue;
+            }
+            // Nothing to do: sleep until a fault, the peer's exit, a stop request or a batch.
+            let mut fds = vec![
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            if let Some(pidfd) = &self.peer.pidfd {
+                fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            if let Some(pf) = &self.prefetch {
+                fds.push(libc::pollfd { fd: pf.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+            // SAFETY: `fds` is a valid array of pollfd of the given length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(Stop::Fatal(format!("poll: {e}")));
+            }
+            if fds[1].revents != 0 {
+                return Ok(());
+            }
+            if self.peer.pidfd.is_some() && fds[2].revents != 0 {
+                return Err(Stop::Gone);
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                return Err(Stop::Gone);
+            }
+            if let Some(pf) = &self.prefetch
+                && fds.last().is_some_and(|f| f.revents != 0)
+            {
+                let mut v = 0u64;
+                // SAFETY: reading 8 bytes into a local from an eventfd we own (resets it).
+                unsafe { libc::read(pf.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            }
+        }
+    }
+
+    /// Reads every pending event: faults are queued, REMOVE/UNMAP applied at once.
+    fn drain(&mut self) -> std::result::Result<(), Stop> {
+        self.events.clear();
+        let mut events = std::mem::take(&mut self.events);
+        let res = uffd::read_events(self.fd(), &mut events);
+        for ev in events.drain(..) {
+            match ev {
+                Event::Pagefault { addr, .. } => self.pending.push_back(addr),
+                Event::Remove { start, end } | Event::Unmap { start, end } => self.apply_remove(start, end),
+                Event::Other(code) => debug!(code, "ignored userfaultfd event"),
+            }
+        }
+        self.events = events;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Stop::Fatal(format!("read userfaultfd: {e}"))),
+        }
+    }
+
+    /// Later faults in `[start, end)` are served as zero pages: the guest gave those pages back.
+    fn apply_remove(&mut self, start: u64, end: u64) {
+        for st in &mut self.states {
+            let (rs, re) = (st.r.base, st.r.base + st.r.size);
+            let (s, e) = (start.max(rs), end.min(re));
+            if s >= e {
+                continue;
+            }
+            let first = (s - rs) / st.r.page_size;
+            let last = (e - rs).div_ceil(st.r.page_size);
+            for p in first..last {
+                st.installed.set(p, false);
+                if !st.removed.set(p, true) {
+                    self.stats.pages_removed.fetch_add(1, Relaxed);
+                }
+            }
+            debug!(start, end, pages = last - first, "range removed");
+        }
+    }
+
+    fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        self.states
+            .iter()
+            .position(|s| addr >= s.r.base && addr < s.r.base + s.r.size)
+            .map(|i| (i, (addr - self.states[i].r.base) / self.states[i].r.page_size))
+    }
+
+    fn on_fault(&mut self, addr: u64) -> std::result::Result<(), Stop> {
+        let t0 = Instant::now();
+        let Some((ri, p)) = self.locate(addr) else {
+            // Cannot happen with a sane peer; the faulting thread stays blocked, so say so.
+            error!(addr, pid = self.peer.pid, "fault outside every region");
+            return Ok(());
+        };
+        self.stats.faults.fetch_add(1, Relaxed);
+        let st = &self.states[ri];
+        let r = st.r;
+        let dst = r.base + p * r.page_size;
+        if st.installed.get(p) {
+            // Installed since the fault was queued (prefetch or fault-around): just wake.
+            let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
+            return Ok(());
+        }
+        let removed = st.removed.get(p);
+        self.seq = if self.seq_next == (ri, p) { self.seq.saturating_add(1) } else { 0 };
+        if !removed && !self.states[ri].recorded.set(p, true) {
+            let first = image_pages(&r, p, self.source.page_size() as u64).start;
+            self.ws.push(first);
+            if let Ok(mut w) = self.live_ws.lock() {
+                w.push(first);
+            }
+        }
+        if removed || all_zero(&*self.source, &r, p) {
+            // Zero pages come in long runs (free guest memory): map the following zero (or
+            // removed) pages too, in the same ioctl. They cost a page-table entry each, no copy.
+            let mut n = 1;
+            if r.page_size == 4096 {
+                let st = &self.states[ri];
+                while n < ZERO_AROUND_PAGES
+                    && p + n < r.pages()
+                    && !st.installed.get(p + n)
+                    && (st.removed.get(p + n) || all_zero(&*self.source, &r, p + n))
+                {
+                    n += 1;
+                }
+            }
+            self.install_zero(ri, p, n)?;
+            self.seq_next = (ri, p + n);
+        } else {
+            let mut max = if r.page_size == 4096 { (self.opts.fault_around as u64 / r.page_size).max(1) } else { 1 };
+            // Sequential read-ahead: each fault right after the previous demand run doubles
+            // the window (2, 4, ... pages, up to `readahead`); any other fault resets it.
+            if r.page_size == 4096 && self.seq > 0 {
+                let cap = (self.opts.readahead as u64 / r.page_size).max(1);
+                max = max.max((1u64 << self.seq.min(20)).min(cap));
+            }
+            if let Some(pf) = &self.prefetch
+                && let Some(&idx) = pf.run_of[ri].get(p as usize)
+                && idx != u32::MAX
+            {
+                pf.next.fetch_max(idx as usize + 1, Relaxed);
+                let run = pf.plan[idx as usize];
+                max = max.max(run.first + run.count - p);
+            }
+            let st = &self.states[ri];
+            let mut n = 1;
+            while n < max
+                && p + n < r.pages()
+                && !st.installed.get(p + n)
+                && !st.removed.get(p + n)
+                && !all_zero(&*self.source, &r, p + n)
+            {
+                n += 1;
+            }
+            let n = self.read_run(ri, p, n)?;
+            self.install_data(ri, p, n, None, false)?;
+            self.seq_next = (ri, p + n.max(1));
+        }
+        if self.fault_ns.len() < self.opts.max_latency_samples {
+            self.fault_ns.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+        Ok(())
+    }
+
+    /// Reads region pages `p..p+n` into `self.buf`; returns how many leading pages were read.
+    /// A bad first page applies the corrupt-page policy.
+    fn read_run(&mut self, ri: usize, p: u64, n: u64) -> std::result::Result<u64, Stop> {
+        let r = self.states[ri].r;
+        let ip = self.source.page_size();
+        let rps = r.page_size as usize;
+        for k in 0..n {
+            for (j, i) in image_pages(&r, p + k, ip as u64).enumerate() {
+                let at = k as usize * rps + j * ip;
+                let dst = &mut self.buf[at..at + ip];
+                if self.source.is_zero(i) {
+                    dst.fill(0);
+                    continue;
+                }
+                if let Err(e) = self.source.read_page(i, dst) {
+                    if k > 0 {
+                        return Ok(k);
+                    }
+                    return self.corrupt(ri, p, i, e).map(|()| 0);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies the corrupt-page policy to region page `p` whose image page `i` failed.
+    fn corrupt(&mut self, ri: usize, p: u64, i: u64, e: Error) -> std::result::Result<(), Stop> {
+        let r = self.states[ri].r;
+        let msg = e.to_string();
+        match (&self.opts.on_corrupt, &self.peer.pidfd) {
+            (CorruptPolicy::KillPeer, Some(pidfd)) => {
+                error!(
+                    pid = self.peer.pid,
+                    page = i,
+                    "corrupt page: killing the VM rather than letting it run on wrong bytes: {msg}"
+                );
+                if let Err(ke) = pidfd_kill(pidfd.as_fd()) {
+                    error!(pid = self.peer.pid, "could not kill the VM: {ke}");
+                }
+                Err(Stop::Corrupt(i, msg))
+            }
+            _ => {
+                error!(pid = self.peer.pid, page = i, "corrupt page: poisoning it (an access raises SIGBUS): {msg}");
+                match uffd::poison(self.fd(), r.base + p * r.page_size, r.page_size as usize) {
+                    Ok(Fill::Gone) => Err(Stop::Gone),
+                    Ok(_) => {
+                        self.states[ri].installed.set(p, true);
+                        Ok(())
+                    }
+                    Err(pe) => Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}"))),
+                }
+            }
+        }
+    }
+
+    fn install_zero(&mut self, ri: usize, p: u64, n: u64) -> std::result::Result<(), Stop> {
+        let r = self.states[ri].r;
+        if r.page_size != 4096 {
+            // hugetlb has no UFFDIO_ZEROPAGE: copy zeros, one huge page at a time.
+            if self.zeros.len() < r.page_size as usize {
+                self.zeros = vec![0; r.page_size as usize];
+            }
+            for k in p..p + n {
+                let zeros = std::mem::take(&mut self.zeros);
+                let res = self.copy_pages(ri, k, 1, zeros.as_ptr());
+                self.zeros = zeros;
+                self.stats.pages_zeroed.fetch_add(res?, Relaxed);
+            }
+            return Ok(());
+        }
+        let mut k = p;
+        while k < p + n {
+            let dst = r.base + k * r.page_size;
+            let len = ((p + n - k) * r.page_size) as usize;
+            self.stats.ioctls.fetch_add(1, Relaxed);
+            match uffd::zeropage(self.fd(), dst, len) {
+                Ok(Fill::Done) => {
+                    for q in k..p + n {
+                        self.mark_installed(ri, q);
+                    }
+                    self.stats.pages_zeroed.fetch_add(p + n - k, Relaxed);
+                    return Ok(());
+                }
+                Ok(Fill::Partial(done)) => {
+                    let d = done as u64 / r.page_size;
+                    for q in k..k + d {
+                        self.mark_installed(ri, q);
+                    }
+                    self.stats.pages_zeroed.fetch_add(d, Relaxed);
+                    k += d;
+                }
+                Ok(Fill::Exists) => {
+                    self.stats.eexist.fetch_add(1, Relaxed);
+                    let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
+                    self.mark_installed(ri, k);
+                    k += 1;
+                }
+                Ok(Fill::Again) => {
+                    self.stats.eagain.fetch_add(1, Relaxed);
+                    self.drain()?;
+                }
+                Ok(Fill::Gone) => return Err(Stop::Gone),
+                Err(e) => return Err(self.ioctl_failed("UFFDIO_ZEROPAGE", dst, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_installed(&mut self, ri: usize, p: u64) {
+        let st = &mut self.states[ri];
+        st.installed.set(p, true);
+        st.removed.set(p, false);
+    }
+
+    fn ioctl_failed(&self, what: &str, dst: u64, e: std::io::Error) -> Stop {
+        if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EINVAL) {
+            // The range was unmapped or unregistered under us: the process is tearing down.
+            warn!(pid = self.peer.pid, dst, "{what}: {e}; ending this restore");
+            return Stop::Gone;
+        }
+        Stop::Fatal(format!("{what} at {dst:#x}: {e}"))
+    }
+
+    /// Installs region pages `p..p+n` from `data` (or `self.buf`), skipping pages already
+    /// installed or removed meanwhile. Returns pages installed.
+    fn install_data(
+        &mut self,
+        ri: usize,
+        p: u64,
+        n: u64,
+        data: Option<&[u8]>,
+        prefetch: bool,
+    ) -> std::result::Result<u64, Stop> {
+        let rps = self.states[ri].r.page_size;
+        let buf = std::mem::take(&mut self.buf);
+        let src = data.unwrap_or(&buf);
+        let mut installed = 0;
+        let mut k = p;
+        let res = loop {
+            if k >= p + n {
+                break Ok(installed);
+            }
+            let st = &self.states[ri];
+            if st.installed.get(k) || st.removed.get(k) {
+                k += 1;
+                continue;
+            }
+            let mut e = k + 1;
+            while e < p + n && !st.installed.get(e) && !st.removed.get(e) {
+                e += 1;
+            }
+            let ptr = src[((k - p) * rps) as usize..].as_ptr();
+            match self.copy_pages(ri, k, e - k, ptr) {
+                Ok(done) => installed += done,
+                Err(s) => break Err(s),
+            }
+            k = e;
+        };
+        self.buf = buf;
+        if prefetch && let Ok(done) = res {
+            self.stats.pages_prefetched.fetch_add(done, Relaxed);
+        }
+        res
+    }
+
+    /// UFFDIO_COPY of `n` region pages at page `p` from `src`, following the kernel's rules.
+    /// Returns the pages this call installed.
+    fn copy_pages(&mut self, ri: usize, p: u64, n: u64, src: *const u8) -> std::result::Result<u64, Stop> {
+        let r = self.states[ri].r;
+        let len = (n * r.page_size) as usize;
+        let dst = r.base + p * r.page_size;
+        let mut done = 0usize;
+        let mut installed = 0;
+        while done < len {
+            let page = p + (done as u64) / r.page_size;
+            if self.states[ri].removed.get(page) {
+                // A REMOVE drained while retrying covers this page: it must read zero now,
+                // not the snapshot's content. Leave it to fault again.
+                done += r.page_size as usize;
+                continue;
+            }
+            // Copy up to the next removed page (none unless a retry drained a REMOVE).
+            let mut end = done + r.page_size as usize;
+            while end < len && !self.states[ri].removed.get(p + end as u64 / r.page_size) {
+                end += r.page_size as usize;
+            }
+            self.stats.ioctls.fetch_add(1, Relaxed);
+            // SAFETY: `src` points to `len` readable bytes (the caller's buffer of n pages).
+            let res = unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
+            match res {
+                Ok(Fill::Done) => {
+                    let d = (end - done) as u64 / r.page_size;
+                    for q in page..page + d {
+                        self.mark_installed(ri, q);
+                    }
+                    installed += d;
+                    done = end;
+                }
+                Ok(Fill::Partial(k)) => {
+                    let d = k as u64 / r.page_size;
+                    for q in page..page + d {
+                        self.mark_installed(ri, q);
+                    }
+                    installed += d;
+                    done += (d * r.page_size) as usize;
+                }
+                Ok(Fill::Exists) => {
+                    self.stats.eexist.fetch_add(1, Relaxed);
+                    let _ = uffd::wake(self.fd(), dst + done as u64, r.page_size as usize);
+                    self.mark_installed(ri, page);
+                    done += r.page_size as usize;
+                }
+                Ok(Fill::Again) => {
+                    self.stats.eagain.fetch_add(1, Relaxed);
+                    self.drain()?;
+                }
+                Ok(Fill::Gone) => return Err(Stop::Gone),
+                Err(e) => return Err(self.ioctl_failed("UFFDIO_COPY", dst + done as u64, e)),
+            }
+        }
+        self.stats.pages_copied.fetch_add(installed, Relaxed);
+        Ok(installed)
+    }
+
+    /// Installs one prefetched batch if one is ready. Returns false when there is none now.
+    fn prefetch_step(&mut self) -> std::result::Result<bool, Stop> {
+        let Some(pf) = &self.prefetch else {
+            return Ok(false);
+        };
+        match pf.rx.try_recv() {
+            Ok(Batch::Data { run, data }) => {
+                self.install_data(run.region, run.first, run.count, Some(&data), true)?;
+                Ok(true)
+            }
+            Ok(Batch::Zero(run)) => {
+                let st = &self.states[run.region];
+                // Zero runs skip pages installed or removed since the plan was made.
+                let todo: Vec<u64> = (run.first..run.first + run.count)
+                    .filter(|&q| !st.installed.get(q) && !st.removed.get(q))
+                    .collect();
+                let mut i = 0;
+                while i < todo.len() {
+                    let mut j = i + 1;
+                    while j < todo.len() && todo[j] == todo[j - 1] + 1 {
+                        j += 1;
+                    }
+                    self.install_zero(run.region, todo[i], (j - i) as u64)?;
+                    self.stats.pages_prefetched.fetch_add((j - i) as u64, Relaxed);
+                    i = j;
+                }
+                Ok(true)
+            }
+            Err(TryRecvError::Empty) => Ok(false),
+            Err(TryRecvError::Disconnected) => {
+                if let Some(mut pf) = self.prefetch.take() {
+                    for t in pf.readers.drain(..) {
+                        let _ = t.join();
+                    }
+                }
+                self.stats.prefetch_done.store(true, Relaxed);
+                debug!(pid = self.peer.pid, "prefetch complete");
+                Ok(true)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(base: u64, size: u64, offset: u64) -> Region {
+        Region { base, size, offset, page_size: 4096 }
+    }
+
+    #[test]
+    fn region_validation() {
+        let img = 1 << 20;
+        assert!(validate_regions(&[r(0x10000, 0x8000, 0), r(0x40000, 0x8000, 0x8000)], img, 4096).is_ok());
+        for (regions, needle) in [
+            (vec![], "no regions"),
+            (vec![r(0x10000, 0x8000, img)], "beyond the image"),
+            (vec![r(0x10000, u64::MAX - 4095, 0)], "beyond the image"),
+            (vec![r(0x10001, 0x8000, 0)], "not aligned"),
+            (vec![r(0x10000, 0x8000, 0), r(0x80000, 0x8000, 0x4000)], "overlap in the image"),
+            (vec![r(0x10000, 0x8000, 0), r(0x14000, 0x8000, 0x8000)], "overlap in memory"),
+        ] {
+            let e = validate_regions(&regions, img, 4096).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The Firecracker-facing listener: one AF_UNIX socket, one connection per VM, many VMs at once.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use crate::handshake::{self, PeerCred};
+use crate::restore::{self, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport};
+use crate::source::PageSource;
+use crate::{Error, Result};
+
+/// How the listener behaves.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Longest wait for a connected peer's handshake message.
+    pub handshake_timeout: Duration,
+    /// Exit when no VM is being served and none has connected for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Exit after this many restores have ended (or been refused).
+    pub max_restores: Option<usize>,
+    /// Options for every restore.
+    pub restore: RestoreOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            max_restores: None,
+            restore: RestoreOptions::default(),
+        }
+    }
+}
+
+/// What happened on the listener, reported to the caller as it happens.
+#[derive(Debug)]
+pub enum ServerEvent {
+    /// A VM's handshake was accepted and its restore started.
+    Started {
+        /// SO_PEERCRED of the connection.
+        pid: i32,
+        /// Its regions.
+        regions: Vec<Region>,
+        /// Descriptors received.
+        fds: usize,
+    },
+    /// A connection was refused (bad handshake); other VMs are unaffected.
+    Refused {
+        /// SO_PEERCRED pid, if it could be read.
+        pid: Option<i32>,
+        /// Why.
+        error: String,
+    },
+    /// A restore ended.
+    Ended(Box<RestoreReport>),
+}
+
+/// Totals of a server run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerSummary {
+    /// Restores started.
+    pub started: usize,
+    /// Connections refused.
+    pub refused: usize,
+    /// Restores ended.
+    pub ended: usize,
+    /// Why the server returned: "stopped", "idle" or "max_restores".
+    pub reason: String,
+}
+
+/// A listening page-fault server for one image.
+pub struct UffdServer {
+    listener: UnixListener,
+    path: PathBuf,
+    source: Arc<dyn PageSource>,
+    opts: ServerOptions,
+    stop: Arc<AtomicBool>,
+    prefetch: Arc<Mutex<Vec<u64>>>,
+}
+
+impl UffdServer {
+    /// Binds `path` (a stale socket file there is replaced; any other file is an error).
+    pub fn bind(path: &Path, source: Arc<dyn PageSource>, opts: ServerOptions) -> Result<Self> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            } else {
+                return Err(Error::Invalid(format!("{} exists and is not a socket", path.display())));
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        listener.set_nonblocking(true).map_err(|e| Error::io("set_nonblocking", e))?;
+        let prefetch = Arc::new(Mutex::new(opts.restore.prefetch.clone()));
+        Ok(UffdServer {
+            listener,
+            path: path.to_path_buf(),
+            source,
+            opts,
+            stop: Arc::new(AtomicBool::new(false)),
+            prefetch,
+        })
+    }
+
+    /// A flag that makes [`UffdServer::run`] stop every restore and return once set.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Replaces the prefetch list given to restores that start from now on (e.g. after the first
+    /// restore recorded a working set).
+    pub fn set_prefetch(&self, pages: Vec<u64>) {
+        if let Ok(mut p) = self.prefetch.lock() {
+            *p = pages;
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts VMs and serves them until stopped, idle or `max_restores`; `on_event` sees every
+    /// start, refusal and end (with the restore's report).
+    pub fn run(&self, mut on_event: impl FnMut(&UffdServer, ServerEvent)) -> Result<ServerSummary> {
+        let (tx, rx) = mpsc::channel::<(Option<i32>, Result<(RestoreHandle, Vec<Region>, usize)>)>();
+        let mut handshakes: Vec<JoinHandle<()>> = Vec::new();
+        let mut active: Vec<RestoreHandle> = Vec::new();
+        let mut summary = ServerSummary::default();
+        let mut last_activity = Instant::now();
+        let reason = loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break "stopped";
+            }
+            // Accept everything queued.
+            loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        last_activity = Instant::now();
+                        let cred = handshake::peer_cred(&stream).ok();
+                        let tx = tx.clone();
+                        let source = self.source.clone();
+                        let mut ropts = self.opts.restore.clone();
+                        ropts.prefetch = self.prefetch.lock().map(|p| p.clone()).unwrap_or_default();
+                        let timeout = self.opts.handshake_timeout;
+                        let spawned = std::thread::Builder::new().name("uffd-handshake".into()).spawn(move || {
+                            let pid = cred.map(|c| c.pid);
+                            let res = accept_vm(stream, cred, source, ropts, timeout);
+                            let _ = tx.send((pid, res));
+                        });
+                        match spawned {
+                            Ok(h) => handshakes.push(h),
+                            Err(e) => error!("cannot spawn a handshake thread: {e}"),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!("accept: {e}");
+                        break;
+                    }
+                }
+            }
+            while let Ok((pid, res)) = rx.try_recv() {
+                match res {
+                    Ok((handle, regions, fds)) => {
+                        summary.started += 1;
+                        on_event(self, ServerEvent::Started { pid: pid.unwrap_or(0), regions, fds });
+                        active.push(handle);
+                    }
+                    Err(e) => {
+                        summary.refused += 1;
+                        error!(pid, "refused a connection: {e}");
+                        on_event(self, ServerEvent::Refused { pid, error: e.to_string() });
+                    }
+                }
+            }
+            handshakes.retain(|h| !h.is_finished());
+            let mut i = 0;
+            while i < active.len() {
+                if active[i].is_finished() {
+                    let report = active.swap_remove(i).join();
+                    summary.ended += 1;
+                    last_activity = Instant::now();
+                    on_event(self, ServerEvent::Ended(Box::new(report)));
+                } else {
+                    i += 1;
+                }
+            }
+            if let Some(max) = self.opts.max_restores
+                && summary.ended + summary.refused >= max
+                && active.is_empty()
+                && handshakes.is_empty()
+            {
+                break "max_restores";
+            }
+            if let Some(idle) = self.opts.idle_timeout
+                && active.is_empty()
+                && handshakes.is_empty()
+                && last_activity.elapsed() >= idle
+            {
+                break "idle";
+            }
+            let mut pfd =
+                libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.listener), events: libc::POLLIN, revents: 0 };
+            // Wake for connections at once; otherwise every 20 ms to reap ended restores.
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+        };
+        for h in &active {
+            h.stop();
+        }
+        for h in handshakes {
+            let _ = h.join();
+        }
+        while let Ok((pid, res)) = rx.try_recv() {
+            if let Ok((h, _, _)) = res {
+                h.stop();
+                active.push(h);
+            } else if let Err(e) = res {
+                on_event(self, ServerEvent::Refused { pid, error: e.to_string() });
+            }
+        }
+        for h in active {
+            summary.ended += 1;
+            on_event(self, ServerEvent::Ended(Box::new(h.join())));
+        }
+        summary.reason = reason.into();
+        Ok(summary)
+    }
+}
+
+impl Drop for UffdServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Receives one VM's handshake and starts its restore.
+fn accept_vm(
+    stream: UnixStream,
+    cred: Option<PeerCred>,
+    source: Arc<dyn PageSource>,
+    opts: RestoreOptions,
+    timeout: Duration,
+) -> Result<(RestoreHandle, Vec<Region>, usize)> {
+    let pid = cred.map(|c| c.pid);
+    // Open the pidfd before anything slow, so the pid cannot be recycled under us.
+    let pidfd = pid.filter(|&p| p > 0).and_then(|p| restore::pidfd_open(p).ok());
+    if pidfd.is_none() {
+        warn!(pid, "no pidfd for the peer: its exit is detected only through ESRCH");
+    }
+    let hs = handshake::receive(&stream, timeout)?;
+    info!(
+        pid,
+        uid = cred.map(|c| c.uid),
+        regions = hs.regions.len(),
+        fds = hs.fds,
+        bytes = hs.bytes,
+        "handshake received"
+    );
+    let regions = hs.regions.clone();
+    let peer = Peer { pid, pidfd, conn: Some(stream) };
+    let handle = restore::start(hs.uffd, hs.regions, source, peer, opts)?;
+    Ok((handle, regions, hs.fds))
+}
+
+/// Connects to `path` (for tests and tools).
+pub fn connect(path: &Path) -> Result<UnixStream> {
+    UnixStream::connect(path).map_err(|e| Error::io(format!("connect {}", path.display()), e))
+}

@@ -1,0 +1,294 @@
+//! Where page contents come from: the [`PageSource`] trait, a raw memory file, and a shared cache
+//! of decompressed pages that every restore of one snapshot reads through.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::{Error, Result};
+
+/// A memory image, page by page. Implementations verify what they return (a page that fails its
+/// check is an error, never wrong bytes).
+pub trait PageSource: Send + Sync {
+    /// Bytes per image page (4096 for every image the store ingests today).
+    fn page_size(&self) -> usize;
+    /// Number of pages; the image is `page_count() * page_size()` bytes.
+    fn page_count(&self) -> u64;
+    /// True when page `index` is known to be all zeros (it is then never read nor copied).
+    fn is_zero(&self, index: u64) -> bool;
+    /// Reads page `index` into `buf` (exactly `page_size()` bytes), verified.
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()>;
+    /// A short name for logs and errors (the image id or the file path).
+    fn name(&self) -> String;
+    /// Image size in bytes.
+    fn size(&self) -> u64 {
+        self.page_count() * self.page_size() as u64
+    }
+}
+
+/// A raw memory file (Firecracker's memory file format: all regions back to back, no header).
+///
+/// Holes of a sparse file count as zero pages; data pages are read as they are (a raw file carries
+/// no checksums, so this source cannot verify: use the store for that).
+pub struct RawFileSource {
+    file: File,
+    path: PathBuf,
+    page_size: usize,
+    pages: u64,
+    holes: Vec<u64>,
+}
+
+impl RawFileSource {
+    /// Opens `path` with `page_size`-byte pages; the file size must be a multiple of it.
+    pub fn open(path: &Path, page_size: usize) -> Result<Self> {
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return Err(Error::Invalid(format!("page size {page_size} is not a power of two")));
+        }
+        let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let size = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+        if size % page_size as u64 != 0 {
+            return Err(Error::Invalid(format!(
+                "{}: size {size} is not a multiple of the page size {page_size}",
+                path.display()
+            )));
+        }
+        let pages = size / page_size as u64;
+        let holes = hole_bitmap(&file, size, page_size as u64, pages);
+        Ok(RawFileSource { file, path: path.to_path_buf(), page_size, pages, holes })
+    }
+}
+
+/// Pages entirely inside a hole of a sparse file (SEEK_DATA/SEEK_HOLE); none if unsupported.
+fn hole_bitmap(file: &File, size: u64, page: u64, pages: u64) -> Vec<u64> {
+    use std::os::fd::AsRawFd;
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    let fd = file.as_raw_fd();
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 { size } else { data as u64 };
+        // [pos, data) is a hole: mark the pages fully inside it.
+        let first = pos.div_ceil(page);
+        let last = data / page;
+        for p in first..last.min(pages) {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            break;
+        }
+        pos = hole as u64;
+    }
+    bits
+}
+
+impl PageSource for RawFileSource {
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+    fn is_zero(&self, index: u64) -> bool {
+        self.holes.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        if index >= self.pages || buf.len() != self.page_size {
+            return Err(Error::Page { image: self.name(), page: index, message: "out of range".into() });
+        }
+        self.file.read_exact_at(buf, index * self.page_size as u64).map_err(|e| Error::Page {
+            image: self.name(),
+            page: index,
+            message: e.to_string(),
+        })
+    }
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+const SHARDS: usize = 16;
+
+struct Shard {
+    pages: HashMap<u64, Arc<[u8]>>,
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+/// A bounded cache of decompressed, verified pages in front of a [`PageSource`]. Every restore of
+/// one snapshot reads through the same `CachedSource`, so N forks decompress each page once.
+/// Eviction is first-in first-out per shard: restores of a snapshot fault in much the same order.
+pub struct CachedSource {
+    inner: Arc<dyn PageSource>,
+    shards: Vec<Mutex<Shard>>,
+    shard_capacity: usize,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+}
+
+impl CachedSource {
+    /// Caches up to `capacity` bytes of `inner`'s pages (0 disables caching).
+    pub fn new(inner: Arc<dyn PageSource>, capacity: usize) -> Self {
+        CachedSource {
+            inner,
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { pages: HashMap::new(), order: VecDeque::new(), bytes: 0 }))
+                .collect(),
+            shard_capacity: capacity / SHARDS,
+            hits: Default::default(),
+            misses: Default::default(),
+        }
+    }
+
+    /// (hits, misses) so far.
+    pub fn counters(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed))
+    }
+
+    fn shard(&self, index: u64) -> &Mutex<Shard> {
+        // Runs of 16 pages share a shard, so one fault-around batch takes one lock.
+        &self.shards[((index / 16) as usize) % SHARDS]
+    }
+}
+
+impl PageSource for CachedSource {
+    fn page_size(&self) -> usize {
+        self.inner.page_size()
+    }
+    fn page_count(&self) -> u64 {
+        self.inner.page_count()
+    }
+    fn is_zero(&self, index: u64) -> bool {
+        self.inner.is_zero(index)
+    }
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.shard_capacity < self.page_size() {
+            return self.inner.read_page(index, buf);
+        }
+        {
+            let shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(page) = shard.pages.get(&index) {
+                buf.copy_from_slice(page);
+                self.hits.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+        }
+        // Decompress outside the lock: two restores racing on one page both read it, which is
+        // rarer and cheaper than serialising every miss of a shard.
+        self.inner.read_page(index, buf)?;
+        self.misses.fetch_add(1, Relaxed);
+        let mut shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
+        if !shard.pages.contains_key(&index) {
+            while shard.bytes + buf.len() > self.shard_capacity {
+                let Some(old) = shard.order.pop_front() else {
+                    break;
+                };
+                if let Some(p) = shard.pages.remove(&old) {
+                    shard.bytes -= p.len();
+                }
+            }
+            shard.pages.insert(index, Arc::from(&buf[..]));
+            shard.order.push_back(index);
+            shard.bytes += buf.len();
+        }
+        Ok(())
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+/// An image in the snapfork store: every page read is verified against its blake3 id by
+/// [`snapfork_store::ImageReader`]; a mismatch is an error naming the image and the page.
+pub struct StoreSource {
+    reader: snapfork_store::ImageReader,
+}
+
+impl StoreSource {
+    /// Wraps an opened image.
+    pub fn new(reader: snapfork_store::ImageReader) -> Self {
+        StoreSource { reader }
+    }
+
+    /// Opens the image `name_or_id` (a ref or a hex id) of `store`.
+    pub fn open(store: &snapfork_store::Store, name_or_id: &str) -> Result<Self> {
+        Ok(StoreSource { reader: store.open_image_ref(name_or_id)? })
+    }
+
+    /// The image's id.
+    pub fn id(&self) -> snapfork_store::Hash {
+        self.reader.id()
+    }
+
+    /// The underlying reader.
+    pub fn reader(&self) -> &snapfork_store::ImageReader {
+        &self.reader
+    }
+}
+
+impl PageSource for StoreSource {
+    fn page_size(&self) -> usize {
+        self.reader.page_size() as usize
+    }
+    fn page_count(&self) -> u64 {
+        self.reader.page_count()
+    }
+    fn size(&self) -> u64 {
+        // A short last page cannot be mapped by any region: the real size rejects such regions.
+        self.reader.size()
+    }
+    fn is_zero(&self, index: u64) -> bool {
+        // An unreadable segment is "not known zero": read_page then reports the error.
+        self.reader.page_id(index).is_ok_and(|id| id.is_zero())
+    }
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
+        self.reader.read_page(index, buf).map(|_| ()).map_err(|e| Error::Page {
+            image: self.reader.name().to_string(),
+            page: index,
+            message: e.to_string(),
+        })
+    }
+    fn name(&self) -> String {
+        self.reader.name().to_string()
+    }
+}
+
+/// Caches shared by all restores of a snapshot in one server process, keyed by image id.
+/// A cache lives while any restore (or the caller) holds it.
+#[derive(Default)]
+pub struct SharedSources {
+    map: Mutex<HashMap<String, std::sync::Weak<CachedSource>>>,
+}
+
+impl SharedSources {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cache for `key`, created with `open` and `capacity` bytes if none is alive.
+    pub fn get_or_open(
+        &self,
+        key: &str,
+        capacity: usize,
+        open: impl FnOnce() -> Result<Arc<dyn PageSource>>,
+    ) -> Result<Arc<CachedSource>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(key).and_then(|w| w.upgrade()) {
+            return Ok(c);
+        }
+        let c = Arc::new(CachedSource::new(open()?, capacity));
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(key.to_string(), Arc::downgrade(&c));
+        Ok(c)
+    }
+}

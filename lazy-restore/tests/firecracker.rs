@@ -1,0 +1,394 @@
+//! End-to-end: a separate process does Firecracker's side of the handshake byte for byte (and in
+//! one test runs a KVM guest on the registered memory); the server restores from an image.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use snapfork_lazy_restore::client::{FakeVm, RegionSpec, send_with_fds};
+use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, RawFileSource, ServerEvent, ServerOptions};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Not a test: the child process's entry point (see common::child_main).
+#[test]
+#[ignore]
+fn child_entry() {
+    child_main();
+}
+
+fn raw_source(path: &std::path::Path) -> Arc<dyn PageSource> {
+    let raw: Arc<dyn PageSource> = Arc::new(RawFileSource::open(path, PAGE).unwrap());
+    Arc::new(CachedSource::new(raw, 64 << 20))
+}
+
+#[test]
+fn every_release_shape_restores_exact_content_concurrently() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 3072); // 12 MiB
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    // Two regions: the second starts where the first ends in the file, like Firecracker's layout.
+    let regions = json!([
+        {"size": 8 << 20, "offset": 0},
+        {"size": 4 << 20, "offset": 8 << 20}
+    ]);
+    let shapes = [("1.1", 0), ("1.7", 0), ("1.12", 0), ("future", 2)];
+    let children: Vec<_> = shapes
+        .iter()
+        .map(|(s, extra)| {
+            spawn_child(json!({
+                "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
+                "shape": s, "extra_fds": extra,
+            }))
+        })
+        .collect();
+    for c in children {
+        let (status, res) = wait_child(c);
+        assert!(status.success(), "child failed: {status:?} {res:?}");
+    }
+    let (ended, refused) = srv.wait_ended(4, T);
+    assert!(refused.is_empty(), "{refused:?}");
+    for r in &ended {
+        assert_eq!(r.end, EndReason::PeerExited, "{r:?}");
+        // Data pages were copied, zero pages mapped, never copied.
+        assert!(r.stats.pages_copied > 0 && r.stats.pages_zeroed > 0);
+        assert_eq!(r.stats.pages_copied + r.stats.pages_zeroed, 3072);
+    }
+    srv.stop();
+}
+
+#[test]
+fn handshake_over_one_kib_with_many_regions() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048);
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    // 64 regions of 128 KiB, listed out of file order: ~8 KiB of JSON.
+    let regions: Vec<_> = (0..64u64).rev().map(|i| json!({"size": 128 << 10, "offset": i * (128 << 10)})).collect();
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "regions": regions, "shape": "1.12",
+    }));
+    let (status, res) = wait_child(child);
+    assert!(status.success(), "{status:?} {res:?}");
+    match srv.next(T) {
+        ServerEvent::Started { regions, .. } => assert_eq!(regions.len(), 64),
+        other => panic!("{other:?}"),
+    }
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited);
+    srv.stop();
+}
+
+#[test]
+fn remove_after_madvise_dontneed_reads_zeros() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 1024);
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let child = spawn_child(json!({
+        "role": "remove", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let (status, res) = wait_child(child);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert!(ended[0].stats.pages_removed >= 512, "{:?}", ended[0].stats);
+    srv.stop();
+}
+
+/// Makes sure `n` free 2 MiB huge pages exist (root can grow the pool).
+fn ensure_hugepages(n: u64) -> bool {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let get = |k: &str| -> u64 {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (total, free) = (get("HugePages_Total:"), get("HugePages_Free:"));
+    if free < n {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", total + n - free));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    meminfo
+        .lines()
+        .find(|l| l.starts_with("HugePages_Free:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        >= n
+}
+
+#[test]
+fn hugetlb_2mib_regions() {
+    if !require_root() {
+        return;
+    }
+    assert!(ensure_hugepages(8), "could not reserve 8 huge pages");
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048); // 8 MiB
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "shape": "1.12",
+        "regions": [
+            {"size": 4 << 20, "offset": 4 << 20, "page_size": 2 << 20},
+            {"size": 4 << 20, "offset": 0, "page_size": 2 << 20}
+        ],
+    }));
+    let (status, res) = wait_child(child);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited);
+    assert_eq!(ended[0].stats.pages_copied + ended[0].stats.pages_zeroed, 4, "{:?}", ended[0].stats);
+    srv.stop();
+}
+
+#[test]
+fn killed_client_leaves_others_served_and_leaks_nothing() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 4096);
+    let threads0 = thread_count();
+    let fds0 = fd_count();
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let regions = json!([{"size": 16 << 20, "offset": 0}]);
+    let mut victim = spawn_child(json!({
+        "role": "hang", "socket": srv.socket, "image": image, "regions": regions,
+        "touch_pages": 300,
+    }));
+    // Wait until the victim has been served its first pages.
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(victim.stdout.as_mut().unwrap());
+        while !line.contains("CHILD_RESULT") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "victim exited early");
+        }
+    }
+    let other = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
+    }));
+    victim.kill().unwrap();
+    let _ = victim.wait();
+    drop(victim);
+    let (status, res) = wait_child(other);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(2, T);
+    assert!(ended.iter().all(|r| r.end == EndReason::PeerExited), "{ended:?}");
+    assert!(ended.iter().any(|r| r.stats.pages_copied + r.stats.pages_zeroed >= 300));
+    srv.stop();
+    // Every serving thread and descriptor is gone once the server returns.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(thread_count(), threads0, "threads leaked");
+    assert_eq!(fd_count(), fds0, "descriptors leaked");
+}
+
+#[test]
+fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 1024); // 4 MiB
+    let fds0 = fd_count();
+    let srv = TestServer::start(
+        dir.path().join("uffd.sock"),
+        raw_source(&image),
+        ServerOptions { handshake_timeout: Duration::from_millis(500), ..Default::default() },
+    );
+    // A well-behaved VM runs alongside the hostile ones.
+    let good = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let vm = FakeVm::new(&[RegionSpec { size: 1 << 20, offset: 0, page_size: 4096 }]).unwrap();
+    let base = vm.regions[0].ptr as u64;
+    let uffd = vm.uffd.as_raw_fd();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let n = null.as_raw_fd();
+    let region = |size: u64, offset: u64| {
+        format!(
+            r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":4096,"page_size_kib":4096}}"#
+        )
+    };
+    let ok = format!("[{}]", region(1 << 20, 0));
+    let cases: Vec<(&str, String, Vec<i32>, bool)> = vec![
+        ("bad json", "[{\"base_host_virt_addr\": 1,".to_string() + "]", vec![uffd], false),
+        ("not an array", r#"{"regions": []}"#.into(), vec![uffd], false),
+        ("empty array", "[]".into(), vec![uffd], false),
+        ("wrong size", format!("[{}]", region(1000, 0)), vec![uffd], false),
+        ("beyond the image", format!("[{}]", region(1 << 20, 4 << 20)), vec![uffd], false),
+        (
+            "overlapping regions",
+            format!(
+                r#"[{},{{"base_host_virt_addr":{},"size":1048576,"offset":524288,"page_size":4096}}]"#,
+                region(1 << 20, 0),
+                base + (4 << 20)
+            ),
+            vec![uffd],
+            false,
+        ),
+        ("bad page size", ok.replace("4096", "8192"), vec![uffd], false),
+        ("no fd", ok.clone(), vec![], false),
+        ("four fds", ok.clone(), vec![uffd, n, n, n], false),
+        ("no userfaultfd", ok.clone(), vec![n], false),
+        ("trailing garbage", format!("{ok}xyz"), vec![uffd], false),
+        ("truncated then closed", ok[..ok.len() / 2].to_string(), vec![uffd], true),
+        ("silent", String::new(), vec![], false),
+    ];
+    let mut streams = Vec::new();
+    for (name, body, fds, close) in &cases {
+        let s = UnixStream::connect(&srv.socket).unwrap();
+        if !body.is_empty() || !fds.is_empty() {
+            send_with_fds(&s, body.as_bytes(), fds).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        if *close {
+            drop(s);
+        } else {
+            streams.push(s);
+        }
+    }
+    let (status, res) = wait_child(good);
+    assert!(status.success(), "{status:?} {res:?}");
+    let mut refused = Vec::new();
+    let mut ended = 0;
+    let deadline = std::time::Instant::now() + T;
+    while (refused.len() < cases.len() || ended < 1) && std::time::Instant::now() < deadline {
+        match srv.next(T) {
+            ServerEvent::Refused { error, pid } => {
+                assert_eq!(pid, Some(std::process::id() as i32));
+                refused.push(error)
+            }
+            ServerEvent::Ended(r) => {
+                assert_eq!(r.end, EndReason::PeerExited);
+                ended += 1;
+            }
+            ServerEvent::Started { pid, .. } => {
+                assert_ne!(pid, std::process::id() as i32, "a hostile handshake was accepted")
+            }
+        }
+    }
+    assert_eq!(refused.len(), cases.len(), "{refused:#?}");
+    let all = refused.join("\n");
+    for needle in [
+        "not a JSON array",
+        "empty region array",
+        "not a positive multiple",
+        "beyond the image",
+        "overlap in the image",
+        "unsupported page size",
+        "no file descriptor",
+        "4 file descriptors",
+        "none of the descriptors is a userfaultfd",
+        "trailing bytes",
+        "no handshake within",
+    ] {
+        assert!(all.contains(needle), "no refusal mentions {needle:?}:\n{all}");
+    }
+    drop(streams);
+    srv.stop();
+    drop(vm);
+    drop(null);
+    assert_eq!(fd_count(), fds0, "descriptors leaked");
+}
+
+#[test]
+fn kvm_guest_faults_are_served() {
+    if !require_root() {
+        return;
+    }
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm missing");
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048); // 8 MiB
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    // Region 0 (the guest's memory) is the second half of the file: offsets are honoured.
+    let child = spawn_child(json!({
+        "role": "kvm", "socket": srv.socket, "image": image, "shape": "1.12",
+        "regions": [{"size": 4 << 20, "offset": 4 << 20}],
+    }));
+    let (status, res) = wait_child(child);
+    assert!(status.success(), "{status:?} {res:?}");
+    let bytes = std::fs::read(&image).unwrap();
+    let want = expected_checksum(&bytes[4 << 20..]);
+    assert_eq!(res.unwrap()["checksum"].as_u64().unwrap() as u32, want);
+    let (ended, _) = srv.wait_ended(1, T);
+    // Only KVM touched guest memory: every page was installed through faults KVM took (the
+    // guest reads sequentially, so read-ahead serves several pages per fault).
+    let st = &ended[0].stats;
+    assert!(st.faults > 0, "{st:?}");
+    assert_eq!(st.pages_copied + st.pages_zeroed, 1024, "{st:?}");
+    srv.stop();
+}
+
+#[test]
+fn working_set_is_recorded_in_order_and_prefetched_next_time() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048);
+    let source = raw_source(&image);
+    let pattern: Vec<u64> = (0..200u64).map(|i| (i * 37) % 2048).collect();
+    let regions = json!([{"size": 8 << 20, "offset": 0}]);
+    let srv = TestServer::start(dir.path().join("a.sock"), source.clone(), ServerOptions::default());
+    let c = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
+        "touch": pattern,
+    }));
+    let (status, res) = wait_child(c);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    srv.stop();
+    let ws = &ended[0].working_set;
+    // The recorded order starts with the touch pattern (zero pages included: they fault too).
+    assert_eq!(&ws[..pattern.len()], &pattern[..]);
+    // Then the sequential comparison faults the rest (with read-ahead: fewer faults than pages).
+    assert!(ws.len() > pattern.len() && ws.len() <= 2048, "{}", ws.len());
+    // Second restore prefetches the first 200 recorded pages.
+    let srv = TestServer::start(
+        dir.path().join("b.sock"),
+        source,
+        ServerOptions {
+            restore: snapfork_lazy_restore::RestoreOptions { prefetch: ws[..200].to_vec(), ..Default::default() },
+            ..Default::default()
+        },
+    );
+    let c = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
+        "touch": pattern,
+    }));
+    let (status, res) = wait_child(c);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    let s = &ended[0].stats;
+    assert!(s.pages_prefetched > 0, "{s:?}");
+    assert_eq!(s.pages_copied + s.pages_zeroed, 2048, "{s:?}");
+    // Touched pages: everything was installed, so everything may differ.
+    assert_eq!(ended[0].touched.len(), 2048);
+    srv.stop();
+}

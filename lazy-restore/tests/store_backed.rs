@@ -1,0 +1,168 @@
+//! Restores served from the snapfork store: verified pages, a corrupt page stops only its VM,
+//! working sets stored with the snapshot, touched pages feed an incremental ingest.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, ServerOptions, StoreSource, workingset};
+use snapfork_store::{IngestOptions, OpenOptions, Store};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Not a test: the child process's entry point (see common::child_main).
+#[test]
+#[ignore]
+fn child_entry() {
+    child_main();
+}
+
+fn store_with_image(dir: &std::path::Path, pages: u64) -> (Store, std::path::PathBuf) {
+    let image = dir.join("mem.raw");
+    make_image(&image, pages);
+    let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
+    store.ingest_image(&image, &IngestOptions::default(), Some("vm")).unwrap();
+    (store, image)
+}
+
+fn cached(store: &Store) -> Arc<dyn PageSource> {
+    let src: Arc<dyn PageSource> = Arc::new(StoreSource::open(store, "vm").unwrap());
+    Arc::new(CachedSource::new(src, 64 << 20))
+}
+
+/// A store holding the synthetic image as "vm", with the stored bytes of page 100 flipped.
+fn corrupt_store(dir: &std::path::Path) -> (Store, std::path::PathBuf) {
+    let (store, image) = store_with_image(dir, 1024);
+    let reader = store.open_image_ref("vm").unwrap();
+    let id = reader.page_id(100).unwrap();
+    let loc = store.location(&id).unwrap().unwrap();
+    let pack = snapfork_store::pack::pack_path(&store.dir().join("packs"), loc.pack);
+    drop(reader);
+    drop(store);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+        let at = loc.offset + loc.stored_len as u64 / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    }
+    let store = Store::open(dir.join("store"), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    (store, image)
+}
+
+#[test]
+fn corrupt_page_poisoned_raises_sigbus_only_on_that_page() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
+    let srv = TestServer::start(
+        dir.path().join("uffd.sock"),
+        cached(&store),
+        ServerOptions {
+            restore: snapfork_lazy_restore::RestoreOptions {
+                on_corrupt: snapfork_lazy_restore::CorruptPolicy::Poison,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    // Pages 0..99 read fine, then page 100 raises SIGBUS instead of showing wrong bytes.
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let (st, res) = wait_child(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGBUS), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    // Exactly the pages before the corrupt one were installed; page 100 got the poison marker.
+    let st = &ended[0].stats;
+    assert_eq!(st.pages_copied + st.pages_zeroed, 100, "{st:?}");
+    srv.stop();
+}
+
+#[test]
+fn corrupt_page_kills_only_its_vm() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = corrupt_store(dir.path());
+    let srv = TestServer::start(dir.path().join("uffd.sock"), cached(&store), ServerOptions::default());
+    // The victim maps the whole image (it will touch page 100); the other maps pages 256..768.
+    let victim = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let victim_pid = victim.id() as i32;
+    let other = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 2 << 20, "offset": 1 << 20}],
+    }));
+    let (vs, vres) = wait_child(victim);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(vs.signal(), Some(libc::SIGKILL), "victim not killed: {vs:?} {vres:?}");
+    let (os, ores) = wait_child(other);
+    assert!(os.success(), "{os:?} {ores:?}");
+    let (ended, _) = srv.wait_ended(2, T);
+    let corrupt: Vec<_> = ended.iter().filter(|r| matches!(r.end, EndReason::CorruptPage { .. })).collect();
+    assert_eq!(corrupt.len(), 1, "{ended:?}");
+    match &corrupt[0].end {
+        EndReason::CorruptPage { page, pid, message } => {
+            assert_eq!(*page, 100);
+            assert_eq!(*pid, Some(victim_pid));
+            assert!(message.contains("page 100"), "{message}");
+        }
+        _ => unreachable!(),
+    }
+    assert!(ended.iter().any(|r| r.end == EndReason::PeerExited));
+    srv.stop();
+}
+
+#[test]
+fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = store_with_image(dir.path(), 2048);
+    let source = cached(&store);
+    let id = store.resolve("vm").unwrap();
+    assert!(workingset::load(&store, &id).unwrap().is_none());
+    let pattern: Vec<u64> = (0..300u64).map(|i| (i * 13) % 2048).collect();
+    let srv = TestServer::start(dir.path().join("a.sock"), source.clone(), ServerOptions::default());
+    let c = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 8 << 20, "offset": 0}], "touch": pattern,
+    }));
+    let (st, res) = wait_child(c);
+    assert!(st.success(), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    srv.stop();
+    let report = &ended[0];
+    workingset::save(&store, &id, 4096, &report.working_set).unwrap();
+    let loaded = workingset::load(&store, &id).unwrap().unwrap();
+    assert_eq!(loaded, report.working_set);
+    assert_eq!(&loaded[..300], &pattern[..]);
+    // The ref keeps the blob through gc.
+    store.gc(&snapfork_store::GcOptions { dry_run: false, grace: Duration::ZERO, ..Default::default() }).unwrap();
+    assert_eq!(workingset::load(&store, &id).unwrap().unwrap(), loaded);
+    // Incremental ingest from the touched set reproduces the image.
+    let touched = report.touched_pages();
+    assert_eq!(touched.len(), 2048);
+    let info = store
+        .ingest_image(
+            &image,
+            &IngestOptions { parent: Some(id), dirty: Some(touched), ..Default::default() },
+            Some("vm2"),
+        )
+        .unwrap();
+    assert_eq!(info.id, id);
+}

@@ -1,0 +1,114 @@
+//! gc keeps everything reachable, frees the rest, and is safe while an ingest runs.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use common::*;
+use snapfork_store::{GcOptions, IngestOptions};
+
+fn gc_now() -> GcOptions {
+    GcOptions { grace: Duration::ZERO, ..GcOptions::default() }
+}
+
+#[test]
+fn gc_frees_what_no_ref_reaches_and_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let a = make_image(400, 4, 1);
+    let b = make_image(400, 4, 2);
+    let mut c = a.clone();
+    c[0..PAGE].fill(9); // shares all but one page with a
+    for (name, data) in [("a", &a), ("b", &b), ("c", &c)] {
+        store.ingest_image(&write(tmp.path(), name, data), &IngestOptions::default(), Some(name)).unwrap();
+    }
+    let dry = store.gc(&GcOptions { dry_run: true, ..gc_now() }).unwrap();
+    assert_eq!(dry.removed_chunks, 0, "nothing is garbage yet: {dry:?}");
+
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("a");
+    tx.delete_ref("b");
+    tx.commit().unwrap();
+    let dry = store.gc(&GcOptions { dry_run: true, ..gc_now() }).unwrap();
+    // b's 300 data pages + the manifests of a and b (root + 1 segment each); a's page 0, which
+    // c replaced, was a zero page and stored nothing.
+    assert_eq!(dry.removed_chunks, 300 + 4, "{dry:?}");
+    let before = store.stats("").unwrap().total;
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.removed_chunks, dry.removed_chunks);
+    assert!(report.pack_bytes_after < report.pack_bytes_before, "{report:?}");
+    let after = store.stats("").unwrap().total;
+    assert!(after.pack_bytes < before.pack_bytes);
+    // c is whole and verifies; nothing dangling.
+    assert!(store.verify(None, None).unwrap().is_ok());
+    let out = tmp.path().join("c.out");
+    store.open_image_ref("c").unwrap().materialize(&out, None).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), c);
+    // A second gc finds nothing more.
+    assert_eq!(store.gc(&gc_now()).unwrap().removed_chunks, 0);
+}
+
+#[test]
+fn gc_running_during_an_ingest_never_loses_its_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let base = make_image(2000, 5, 3);
+    store.ingest_image(&write(tmp.path(), "base", &base), &IngestOptions::default(), Some("base")).unwrap();
+    // The next image shares its pages with "base", which gets deleted while the ingest runs:
+    // the ingest found those pages in the store, so gc must keep them.
+    let mut next = base.clone();
+    next[5 * PAGE] ^= 1;
+    let next_path = write(tmp.path(), "next", &next);
+    for round in 0..5 {
+        let barrier = Arc::new(Barrier::new(2));
+        let (s2, b2) = (store.clone(), barrier.clone());
+        let gc = std::thread::spawn(move || {
+            b2.wait();
+            for _ in 0..20 {
+                s2.gc(&GcOptions { grace: Duration::ZERO, ..GcOptions::default() }).unwrap();
+            }
+        });
+        let mut tx = store.begin().unwrap();
+        barrier.wait();
+        let name = format!("next-{round}");
+        let info = tx.ingest_image(&next_path, &IngestOptions::default()).unwrap();
+        tx.delete_ref("base");
+        tx.set_ref(&name, info.id).unwrap();
+        tx.commit().unwrap();
+        gc.join().unwrap();
+        store.gc(&gc_now()).unwrap();
+        let out = tmp.path().join("out");
+        store.open_image_ref(&name).unwrap().materialize(&out, None).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), next, "round {round}");
+        assert!(store.verify(None, None).unwrap().is_ok(), "round {round}");
+        let mut tx = store.begin().unwrap();
+        tx.set_ref("base", info.id).unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+#[test]
+fn gc_rewrites_packs_that_are_mostly_dead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    // One transaction, one pack, holding two images; then most of it dies.
+    let big = make_image(1000, 0, 4);
+    let small = make_image(50, 0, 5);
+    let mut tx = store.begin().unwrap();
+    let ib = tx.ingest_image(&write(tmp.path(), "big", &big), &IngestOptions::default()).unwrap();
+    let is = tx.ingest_image(&write(tmp.path(), "small", &small), &IngestOptions::default()).unwrap();
+    tx.set_ref("big", ib.id).unwrap();
+    tx.set_ref("small", is.id).unwrap();
+    tx.commit().unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("big");
+    tx.commit().unwrap();
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.repacked, 1, "{report:?}");
+    assert!(report.pack_bytes_after * 5 < report.pack_bytes_before, "{report:?}");
+    let out = tmp.path().join("out");
+    store.open_image_ref("small").unwrap().materialize(&out, None).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), small);
+    assert!(store.verify(None, None).unwrap().is_ok());
+}
