@@ -75,12 +75,7 @@ pub enum FsCmd {
 fn open(global: &Global, read_only: bool) -> anyhow::Result<Store> {
     Store::open(
         &global.store,
-        OpenOptions {
-            read_only,
-            lock_timeout: global.lock_timeout(),
-            create: !read_only,
-            ..OpenOptions::default()
-        },
+        OpenOptions { read_only, lock_timeout: global.lock_timeout(), create: !read_only, ..OpenOptions::default() },
     )
     .with_context(|| format!("open store {}", global.store.display()))
 }
@@ -128,11 +123,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             );
             Ok(Report::new(j, text))
         }
-        FsCmd::Fork {
-            checkpoint,
-            count,
-            into,
-        } => {
+        FsCmd::Fork { checkpoint, count, into } => {
             let store = open(global, false)?;
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let start = std::time::Instant::now();
@@ -140,11 +131,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             let bar = output::progress(global, count as u64, "forking");
             let mut forks = Vec::with_capacity(count);
             for i in 1..=count {
-                forks.push(workspace::fork_one(
-                    &store,
-                    &id,
-                    &into.join(format!("fork-{i}")),
-                )?);
+                forks.push(workspace::fork_one(&store, &id, &into.join(format!("fork-{i}")))?);
                 bar.inc(1);
             }
             bar.finish_and_clear();
@@ -155,22 +142,14 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                 .map(|f| format!("{}  ({}, {:.1} ms)", f.path.display(), f.mode, f.elapsed_ms))
                 .collect::<Vec<_>>()
                 .join("\n");
-            Ok(Report::new(
-                json!({ "id": ids, "checkpoint": id, "forks": forks, "elapsed_ms": ms }),
-                text,
-            ))
+            Ok(Report::new(json!({ "id": ids, "checkpoint": id, "forks": forks, "elapsed_ms": ms }), text))
         }
-        FsCmd::Revert {
-            dir,
-            checkpoint,
-            wait,
-        } => {
+        FsCmd::Revert { dir, checkpoint, wait } => {
             let store = open(global, false)?;
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let r = workspace::revert(&store, &dir, &id)?;
             if wait {
-                std::fs::remove_dir_all(&r.old_tree)
-                    .with_context(|| format!("remove {}", r.old_tree.display()))?;
+                std::fs::remove_dir_all(&r.old_tree).with_context(|| format!("remove {}", r.old_tree.display()))?;
             } else {
                 // The old tree goes away after we exit: a detached `rm` in its own process group.
                 use std::os::unix::process::CommandExt;
@@ -184,12 +163,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                     .spawn()
                     .with_context(|| format!("start removal of {}", r.old_tree.display()))?;
             }
-            let text = format!(
-                "reverted {} to {} ({:.1} ms)",
-                r.path.display(),
-                id.short(),
-                r.elapsed_ms
-            );
+            let text = format!("reverted {} to {} ({:.1} ms)", r.path.display(), id.short(), r.elapsed_ms);
             Ok(Report::new(serde_json::to_value(&r)?, text))
         }
         FsCmd::Diff { a, b } => {
@@ -216,14 +190,8 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                 match e.kind.as_str() {
                     "checkpoint" => text.push_str(&format!(
                         "* checkpoint {short}{}{}\n",
-                        e.parent
-                            .as_deref()
-                            .map(|p| format!(" (parent {})", &p[..12.min(p.len())]))
-                            .unwrap_or_default(),
-                        e.message
-                            .as_deref()
-                            .map(|m| format!("  {m}"))
-                            .unwrap_or_default()
+                        e.parent.as_deref().map(|p| format!(" (parent {})", &p[..12.min(p.len())])).unwrap_or_default(),
+                        e.message.as_deref().map(|m| format!("  {m}")).unwrap_or_default()
                     )),
                     kind => text.push_str(&format!("* {kind} from {short}\n")),
                 }
@@ -231,10 +199,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                     text.push_str(&format!("|\\_ {} {}\n", o.kind, o.path));
                 }
             }
-            Ok(Report::new(
-                json!({ "workspace": record.path, "head": record.head, "events": entries }),
-                text,
-            ))
+            Ok(Report::new(json!({ "workspace": record.path, "head": record.head, "events": entries }), text))
         }
         FsCmd::Clone { src, dst } => {
             let r = snapfork_fsfork::clone_tree(&src, &dst, &Default::default())?;

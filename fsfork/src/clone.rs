@@ -60,10 +60,7 @@ pub struct Counters {
 impl Counters {
     /// The overall mode.
     pub fn mode(&self) -> CopyMode {
-        match (
-            self.reflinked.load(Ordering::Relaxed),
-            self.copied.load(Ordering::Relaxed),
-        ) {
+        match (self.reflinked.load(Ordering::Relaxed), self.copied.load(Ordering::Relaxed)) {
             (0, 0) => CopyMode::None,
             (_, 0) => CopyMode::Reflink,
             (0, _) => CopyMode::Copy,
@@ -112,12 +109,7 @@ pub struct CloneReport {
 
 /// Puts the contents of `src` (an open regular file of `len` bytes) into the new, empty file
 /// `dst`: a reflink where possible, else a sparse-aware copy.
-pub fn transfer(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    len: u64,
-    c: &Counters,
-) -> std::io::Result<CopyMode> {
+pub fn transfer(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, c: &Counters) -> std::io::Result<CopyMode> {
     c.bytes.fetch_add(len, Ordering::Relaxed);
     if len == 0 {
         return Ok(CopyMode::None);
@@ -129,10 +121,7 @@ pub fn transfer(
                 return Ok(CopyMode::Reflink);
             }
             Err(e) if sys::is_reflink_unsupported(&e) => {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::ENOTTY)
-                ) {
+                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::ENOTTY)) {
                     // The filesystem pair cannot reflink at all: stop trying for this clone.
                     c.reflink_unsupported.store(true, Ordering::Relaxed);
                 }
@@ -197,12 +186,7 @@ pub fn create_file(
     xattrs: &[(Vec<u8>, Vec<u8>)],
     c: &Counters,
 ) -> std::io::Result<OwnedFd> {
-    let dst = sys::openat(
-        dir,
-        name,
-        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-        0o600,
-    )?;
+    let dst = sys::openat(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
     transfer(src, dst.as_fd(), meta.size, c)?;
     apply_meta_fd(dst.as_fd(), meta, xattrs, c)?;
     Ok(dst)
@@ -229,10 +213,9 @@ impl Default for CloneOptions {
 /// Creates the directory `dst` (which must not exist; its parent must) and returns its parent's
 /// descriptor, its name and its own descriptor.
 pub fn create_root(dst: &Path) -> Result<(OwnedFd, CString, OwnedFd)> {
-    let name = dst.file_name().ok_or_else(|| Error::InvalidPath {
-        path: dst.to_path_buf(),
-        reason: "has no final component".into(),
-    })?;
+    let name = dst
+        .file_name()
+        .ok_or_else(|| Error::InvalidPath { path: dst.to_path_buf(), reason: "has no final component".into() })?;
     let parent = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -268,13 +251,7 @@ pub fn clone_tree(src: &Path, dst: &Path, opts: &CloneOptions) -> Result<CloneRe
     result
 }
 
-fn clone_scanned(
-    scan: &walk::Scan,
-    src: &Path,
-    root: OwnedFd,
-    dst: &Path,
-    opts: &CloneOptions,
-) -> Result<CloneReport> {
+fn clone_scanned(scan: &walk::Scan, src: &Path, root: OwnedFd, dst: &Path, opts: &CloneOptions) -> Result<CloneReport> {
     // Destination directories, parents first (scan order guarantees parents come first).
     let mut ddirs = DirTable::new(root, dirfds::budget());
     for d in &scan.dirs[1..] {
@@ -318,25 +295,15 @@ fn clone_scanned(
     let one = |i: &usize| -> Result<()> {
         let e = &scan.entries[*i];
         let rel = || scan.rel_path(e);
-        let sdir_ref = scan
-            .dir_fd(e.dir)
-            .map_err(|err| Error::io("open", src.join(rel()), err))?;
-        let ddir_ref = ddirs
-            .get(e.dir)
-            .map_err(|err| Error::io("open", dst.join(rel()), err))?;
+        let sdir_ref = scan.dir_fd(e.dir).map_err(|err| Error::io("open", src.join(rel()), err))?;
+        let ddir_ref = ddirs.get(e.dir).map_err(|err| Error::io("open", dst.join(rel()), err))?;
         let (sdir, ddir) = (sdir_ref.fd(), ddir_ref.fd());
         match e.meta.kind() {
             Kind::File => {
                 // O_NONBLOCK: if the entry was swapped for a FIFO since the walk, do not hang.
-                let sfd = sys::openat(
-                    sdir,
-                    &e.name,
-                    libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-                    0,
-                )
-                .map_err(|err| Error::io("open", src.join(rel()), err))?;
-                let st = sys::fstat(sfd.as_fd())
-                    .map_err(|err| Error::io("stat", src.join(rel()), err))?;
+                let sfd = sys::openat(sdir, &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+                    .map_err(|err| Error::io("open", src.join(rel()), err))?;
+                let st = sys::fstat(sfd.as_fd()).map_err(|err| Error::io("stat", src.join(rel()), err))?;
                 let meta = Meta::from_stat(&st);
                 if meta.kind() != Kind::File {
                     return Err(Error::InvalidPath {
@@ -351,12 +318,11 @@ fn clone_scanned(
                 files.fetch_add(1, Ordering::Relaxed);
             }
             Kind::Symlink => {
-                let target = sys::readlinkat(sdir, &e.name)
-                    .map_err(|err| Error::io("readlink", src.join(rel()), err))?;
-                let xattrs = walk::entry_xattrs(sdir, &e.name)
-                    .map_err(|err| Error::io("read xattrs", src.join(rel()), err))?;
-                sys::symlinkat(&target, ddir, &e.name)
-                    .map_err(|err| Error::io("symlink", dst.join(rel()), err))?;
+                let target =
+                    sys::readlinkat(sdir, &e.name).map_err(|err| Error::io("readlink", src.join(rel()), err))?;
+                let xattrs =
+                    walk::entry_xattrs(sdir, &e.name).map_err(|err| Error::io("read xattrs", src.join(rel()), err))?;
+                sys::symlinkat(&target, ddir, &e.name).map_err(|err| Error::io("symlink", dst.join(rel()), err))?;
                 apply_meta_at(ddir, &e.name, &e.meta, &xattrs, &c)
                     .map_err(|err| Error::io("set metadata", dst.join(rel()), err))?;
                 symlinks.fetch_add(1, Ordering::Relaxed);
@@ -371,13 +337,10 @@ fn clone_scanned(
                     }
                     Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
                         tracing::warn!(path = %rel().display(), "cannot create device node without privilege; skipped");
-                        skipped
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(Skipped {
-                                path: rel().to_string_lossy().into_owned(),
-                                reason: format!("{:?}: {err}", e.meta.kind()),
-                            });
+                        skipped.lock().unwrap_or_else(|p| p.into_inner()).push(Skipped {
+                            path: rel().to_string_lossy().into_owned(),
+                            reason: format!("{:?}: {err}", e.meta.kind()),
+                        });
                     }
                     Err(err) => return Err(Error::io("mknod", dst.join(rel()), err)),
                 }
@@ -407,21 +370,14 @@ fn clone_scanned(
     // Directory metadata last: creating entries changes a directory's mtime.
     let dir_meta = |i: usize| -> Result<()> {
         let d = &scan.dirs[i];
-        let sfd = scan
-            .dir_fd(i)
-            .map_err(|err| Error::io("open", src.join(&d.rel), err))?;
+        let sfd = scan.dir_fd(i).map_err(|err| Error::io("open", src.join(&d.rel), err))?;
         let xattrs = sys::read_xattrs(XattrTarget::Fd(sfd.fd()))
             .map_err(|err| Error::io("read xattrs", src.join(&d.rel), err))?;
-        let dfd = ddirs
-            .get(i)
-            .map_err(|err| Error::io("open", dst.join(&d.rel), err))?;
-        apply_meta_fd(dfd.fd(), &d.meta, &xattrs, &c)
-            .map_err(|err| Error::io("set metadata", dst.join(&d.rel), err))
+        let dfd = ddirs.get(i).map_err(|err| Error::io("open", dst.join(&d.rel), err))?;
+        apply_meta_fd(dfd.fd(), &d.meta, &xattrs, &c).map_err(|err| Error::io("set metadata", dst.join(&d.rel), err))
     };
     if opts.parallel {
-        (0..scan.dirs.len())
-            .into_par_iter()
-            .try_for_each(dir_meta)?;
+        (0..scan.dirs.len()).into_par_iter().try_for_each(dir_meta)?;
     } else {
         (0..scan.dirs.len()).try_for_each(dir_meta)?;
     }
@@ -449,16 +405,12 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CopyMode> {
     let st = sys::fstat(sfd.as_fd()).ctx("stat", src)?;
     let meta = Meta::from_stat(&st);
     if meta.kind() != Kind::File {
-        return Err(Error::InvalidPath {
-            path: src.to_path_buf(),
-            reason: "not a regular file".into(),
-        });
+        return Err(Error::InvalidPath { path: src.to_path_buf(), reason: "not a regular file".into() });
     }
     let xattrs = sys::read_xattrs(XattrTarget::Fd(sfd.as_fd())).ctx("read xattrs", src)?;
-    let name = dst.file_name().ok_or_else(|| Error::InvalidPath {
-        path: dst.to_path_buf(),
-        reason: "has no file name".into(),
-    })?;
+    let name = dst
+        .file_name()
+        .ok_or_else(|| Error::InvalidPath { path: dst.to_path_buf(), reason: "has no file name".into() })?;
     let parent = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -468,9 +420,7 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CopyMode> {
     let c = Counters::default();
     match create_file(pfd.as_fd(), &cname, sfd.as_fd(), &meta, &xattrs, &c) {
         Ok(_) => Ok(c.mode()),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            Err(Error::DestinationExists(dst.to_path_buf()))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(Error::DestinationExists(dst.to_path_buf())),
         Err(e) => {
             let _ = sys::unlinkat(pfd.as_fd(), &cname, 0);
             Err(Error::io("clone", dst, e))

@@ -47,12 +47,7 @@ pub struct DirTable {
 impl DirTable {
     /// A table whose root is `root`.
     pub fn new(root: OwnedFd, budget: usize) -> DirTable {
-        DirTable {
-            links: vec![(usize::MAX, CString::default())],
-            fds: vec![Some(root)],
-            kept: 1,
-            budget,
-        }
+        DirTable { links: vec![(usize::MAX, CString::default())], fds: vec![Some(root)], kept: 1, budget }
     }
 
     /// Adds directory `name` under `parent`, keeping `fd` open if the budget allows; returns its
@@ -92,10 +87,7 @@ impl DirTable {
             j = self.links[j].0;
         }
         let mut cur = FdRef::Borrowed(
-            self.fds[j]
-                .as_ref()
-                .map(|f| f.as_fd())
-                .ok_or_else(|| io::Error::other("no root descriptor"))?,
+            self.fds[j].as_ref().map(|f| f.as_fd()).ok_or_else(|| io::Error::other("no root descriptor"))?,
         );
         for &k in chain.iter().rev() {
             let fd = sys::open_dir_at(cur.fd(), &self.links[k].1)?;

@@ -10,9 +10,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
-};
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
 use rayon::prelude::*;
 
 use crate::sys::{self, Extent};
@@ -44,12 +42,7 @@ fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<
     while done < buf.len() {
         // SAFETY: `buf[done..]` is writable for its length.
         let n = unsafe {
-            libc::pread64(
-                fd.as_raw_fd(),
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-                (off + done as u64) as i64,
-            )
+            libc::pread64(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), buf.len() - done, (off + done as u64) as i64)
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -59,10 +52,7 @@ fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> std::io::Result<
             return Err(e);
         }
         if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file shrank while being hashed",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being hashed"));
         }
         done += n as usize;
     }
@@ -86,24 +76,13 @@ pub struct Previous<'a> {
 }
 
 /// Hashes a file of `len` bytes, reusing the CVs of `prev` for the blocks marked the same.
-pub fn hash_incremental(
-    fd: BorrowedFd<'_>,
-    len: u64,
-    prev: Option<Previous<'_>>,
-) -> std::io::Result<FileHash> {
+pub fn hash_incremental(fd: BorrowedFd<'_>, len: u64, prev: Option<Previous<'_>>) -> std::io::Result<FileHash> {
     if len < CV_THRESHOLD {
         let mut buf = vec![0u8; len as usize];
         pread_exact(fd, &mut buf, 0)?;
-        let id = if len > 128 * 1024 {
-            blake3::Hasher::new().update_rayon(&buf).finalize()
-        } else {
-            blake3::hash(&buf)
-        };
-        return Ok(FileHash {
-            id: *id.as_bytes(),
-            cvs: None,
-            hashed_bytes: len,
-        });
+        let id =
+            if len > 128 * 1024 { blake3::Hasher::new().update_rayon(&buf).finalize() } else { blake3::hash(&buf) };
+        return Ok(FileHash { id: *id.as_bytes(), cvs: None, hashed_bytes: len });
     }
     let nblocks = len.div_ceil(BLOCK);
     let block_len = |b: u64| (len - b * BLOCK).min(BLOCK);
@@ -165,11 +144,7 @@ pub fn hash_incremental(
         hashed_bytes += h;
     }
     let id = root_from_cvs(&cvs, len);
-    Ok(FileHash {
-        id,
-        cvs: Some(cvs),
-        hashed_bytes,
-    })
+    Ok(FileHash { id, cvs: Some(cvs), hashed_bytes })
 }
 
 /// The BLAKE3 root hash of `len` bytes (more than one block) from their block CVs.
@@ -181,11 +156,7 @@ pub fn root_from_cvs(cvs: &[ChainingValue], len: u64) -> [u8; 32] {
         }
         let left = left_subtree_len(len);
         let n = (left / BLOCK) as usize;
-        merge_subtrees_non_root(
-            &subtree(&cvs[..n], left),
-            &subtree(&cvs[n..], len - left),
-            Mode::Hash,
-        )
+        merge_subtrees_non_root(&subtree(&cvs[..n], left), &subtree(&cvs[n..], len - left), Mode::Hash)
     }
     let left = left_subtree_len(len);
     let n = (left / BLOCK) as usize;
@@ -200,12 +171,7 @@ const FIEMAP_EXTENT_ENCODED: u32 = 0x8;
 /// For each [`BLOCK`] of a file of `new_len` bytes, whether it provably holds the same bytes as
 /// the same block of `old` (of `old_len` bytes): both ranges are holes, or both map to the very
 /// same device addresses (shared extents of a reflink). Anything uncertain counts as changed.
-pub fn same_blocks(
-    new: BorrowedFd<'_>,
-    new_len: u64,
-    old: BorrowedFd<'_>,
-    old_len: u64,
-) -> std::io::Result<Vec<bool>> {
+pub fn same_blocks(new: BorrowedFd<'_>, new_len: u64, old: BorrowedFd<'_>, old_len: u64) -> std::io::Result<Vec<bool>> {
     // `new` is a fresh reflink and `old` an immutable object: neither has dirty data, and
     // delayed allocations would show up flagged (and count as changed) anyway.
     let a = sys::fiemap(new, false)?;
@@ -234,40 +200,20 @@ fn segments(ext: &[Extent], len: u64) -> Vec<Seg> {
             continue;
         }
         if s > pos {
-            out.push(Seg {
-                start: pos,
-                end: s,
-                phys: None,
-                reliable: true,
-            });
+            out.push(Seg { start: pos, end: s, phys: None, reliable: true });
         }
         let reliable = e.flags & (sys::FIEMAP_UNRELIABLE | FIEMAP_EXTENT_ENCODED) == 0;
-        out.push(Seg {
-            start: s,
-            end,
-            phys: Some(e.physical + (s - e.logical)),
-            reliable,
-        });
+        out.push(Seg { start: s, end, phys: Some(e.physical + (s - e.logical)), reliable });
         pos = end;
     }
     if pos < len {
-        out.push(Seg {
-            start: pos,
-            end: len,
-            phys: None,
-            reliable: true,
-        });
+        out.push(Seg { start: pos, end: len, phys: None, reliable: true });
     }
     out
 }
 
 /// The pure part of [`same_blocks`].
-pub fn same_blocks_from_extents(
-    new: &[Extent],
-    new_len: u64,
-    old: &[Extent],
-    old_len: u64,
-) -> Vec<bool> {
+pub fn same_blocks_from_extents(new: &[Extent], new_len: u64, old: &[Extent], old_len: u64) -> Vec<bool> {
     let nblocks = new_len.div_ceil(BLOCK) as usize;
     let mut same = vec![true; nblocks];
     let common = new_len.min(old_len);
@@ -293,9 +239,7 @@ pub fn same_blocks_from_extents(
         let next = sa.end.min(so.end);
         let equal = match (sa.phys, so.phys) {
             (None, None) => true,
-            (Some(pa), Some(po)) => {
-                sa.reliable && so.reliable && pa + (x - sa.start) == po + (x - so.start)
-            }
+            (Some(pa), Some(po)) => sa.reliable && so.reliable && pa + (x - sa.start) == po + (x - so.start),
             _ => false,
         };
         if !equal {
@@ -320,13 +264,7 @@ mod tests {
 
     #[test]
     fn block_cvs_give_the_blake3_hash() {
-        for len in [
-            CV_THRESHOLD,
-            CV_THRESHOLD + 1,
-            CV_THRESHOLD + BLOCK - 1,
-            5 * CV_THRESHOLD / 2 + 12345,
-            3 << 22,
-        ] {
+        for len in [CV_THRESHOLD, CV_THRESHOLD + 1, CV_THRESHOLD + BLOCK - 1, 5 * CV_THRESHOLD / 2 + 12345, 3 << 22] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
             let mut f = tempfile_in_tmp();
             f.write_all(&data).unwrap();
@@ -342,16 +280,7 @@ mod tests {
             let cvs = h.cvs.unwrap();
             let mut same = vec![true; cvs.len()];
             same[pos / BLOCK as usize] = false;
-            let h2 = hash_incremental(
-                f2.as_fd(),
-                len,
-                Some(Previous {
-                    len,
-                    cvs: &cvs,
-                    same: &same,
-                }),
-            )
-            .unwrap();
+            let h2 = hash_incremental(f2.as_fd(), len, Some(Previous { len, cvs: &cvs, same: &same })).unwrap();
             assert_eq!(h2.id, *blake3::hash(&data2).as_bytes());
             assert_eq!(h2.hashed_bytes, BLOCK);
         }
@@ -361,25 +290,14 @@ mod tests {
     fn small_files_hash_directly() {
         let mut f = tempfile_in_tmp();
         f.write_all(b"hello").unwrap();
-        assert_eq!(
-            hash_file(f.as_fd(), 5).unwrap().id,
-            *blake3::hash(b"hello").as_bytes()
-        );
+        assert_eq!(hash_file(f.as_fd(), 5).unwrap().id, *blake3::hash(b"hello").as_bytes());
         let f = tempfile_in_tmp();
-        assert_eq!(
-            hash_file(f.as_fd(), 0).unwrap().id,
-            *blake3::hash(b"").as_bytes()
-        );
+        assert_eq!(hash_file(f.as_fd(), 0).unwrap().id, *blake3::hash(b"").as_bytes());
     }
 
     #[test]
     fn extent_comparison() {
-        let e = |logical, physical, length| Extent {
-            logical,
-            physical,
-            length,
-            flags: 0,
-        };
+        let e = |logical, physical, length| Extent { logical, physical, length, flags: 0 };
         let len = 8 * BLOCK;
         let old = vec![e(0, 1_000_000, 8 * BLOCK)];
         // Block 3 remapped (copy-on-write), the rest shared.
@@ -391,28 +309,15 @@ mod tests {
         let same = same_blocks_from_extents(&new, len, &old, len);
         assert_eq!(same, vec![true, true, true, false, true, true, true, true]);
         // A hole in the new file where the old one had data.
-        let new = vec![
-            e(0, 1_000_000, 2 * BLOCK),
-            e(5 * BLOCK, 1_000_000 + 5 * BLOCK, 3 * BLOCK),
-        ];
+        let new = vec![e(0, 1_000_000, 2 * BLOCK), e(5 * BLOCK, 1_000_000 + 5 * BLOCK, 3 * BLOCK)];
         let same = same_blocks_from_extents(&new, len, &old, len);
-        assert_eq!(
-            same,
-            vec![true, true, false, false, false, true, true, true]
-        );
+        assert_eq!(same, vec![true, true, false, false, false, true, true, true]);
         // Growth: new blocks differ.
         let same = same_blocks_from_extents(&old, 10 * BLOCK, &old, len);
         assert_eq!(same[8..], [false, false]);
         // Delayed allocation is never trusted.
-        let new = vec![Extent {
-            flags: 0x4,
-            ..e(0, 1_000_000, 8 * BLOCK)
-        }];
-        assert!(
-            same_blocks_from_extents(&new, len, &old, len)
-                .iter()
-                .all(|s| !s)
-        );
+        let new = vec![Extent { flags: 0x4, ..e(0, 1_000_000, 8 * BLOCK) }];
+        assert!(same_blocks_from_extents(&new, len, &old, len).iter().all(|s| !s));
     }
 
     fn tempfile_in_tmp() -> std::fs::File {

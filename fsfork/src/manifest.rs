@@ -97,11 +97,7 @@ pub fn encode_dir(mut entries: Vec<ManifestEntry>) -> NodeData {
             put_bytes(&mut body, v);
         }
     }
-    NodeData {
-        kind: KIND_DIR,
-        links,
-        body,
-    }
+    NodeData { kind: KIND_DIR, links, body }
 }
 
 struct Reader<'a> {
@@ -112,17 +108,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, what: &str) -> Error {
-        Error::Corrupt {
-            id: self.id.hex(),
-            reason: format!("{what} at byte {}", self.pos),
-        }
+        Error::Corrupt { id: self.id.hex(), reason: format!("{what} at byte {}", self.pos) }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| self.err("truncated"))?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| self.err("truncated"))?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -154,16 +143,9 @@ impl<'a> Reader<'a> {
 /// Decodes a directory node (`id` is only used in error messages).
 pub fn decode_dir(id: &Id, node: &NodeData) -> Result<Vec<ManifestEntry>> {
     if node.kind != KIND_DIR {
-        return Err(Error::Corrupt {
-            id: id.hex(),
-            reason: format!("node kind {} is not a directory", node.kind),
-        });
+        return Err(Error::Corrupt { id: id.hex(), reason: format!("node kind {} is not a directory", node.kind) });
     }
-    let mut r = Reader {
-        b: &node.body,
-        pos: 0,
-        id: *id,
-    };
+    let mut r = Reader { b: &node.body, pos: 0, id: *id };
     if r.take(4)? != MAGIC {
         return Err(r.err("bad magic"));
     }
@@ -183,12 +165,7 @@ pub fn decode_dir(id: &Id, node: &NodeData) -> Result<Vec<ManifestEntry>> {
         let link = if li == u32::MAX {
             None
         } else {
-            Some(
-                *node
-                    .links
-                    .get(li as usize)
-                    .ok_or_else(|| r.err("link index out of range"))?,
-            )
+            Some(*node.links.get(li as usize).ok_or_else(|| r.err("link index out of range"))?)
         };
         let target = r.bytes()?;
         let nx = r.u32()?;
@@ -198,11 +175,7 @@ pub fn decode_dir(id: &Id, node: &NodeData) -> Result<Vec<ManifestEntry>> {
             let v = r.bytes()?;
             xattrs.push((n, v));
         }
-        if name.is_empty() && !out.is_empty()
-            || name.contains(&b'/')
-            || name == b"."
-            || name == b".."
-        {
+        if name.is_empty() && !out.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
             return Err(r.err("invalid entry name"));
         }
         out.push(ManifestEntry {
@@ -252,14 +225,9 @@ pub fn decode_checkpoint(id: &Id, node: &NodeData) -> Result<(CheckpointInfo, Id
             node.kind
         )));
     }
-    let info: CheckpointInfo = serde_json::from_slice(&node.body).map_err(|e| Error::Corrupt {
-        id: id.hex(),
-        reason: e.to_string(),
-    })?;
-    let root = *node.links.first().ok_or_else(|| Error::Corrupt {
-        id: id.hex(),
-        reason: "no root link".into(),
-    })?;
+    let info: CheckpointInfo =
+        serde_json::from_slice(&node.body).map_err(|e| Error::Corrupt { id: id.hex(), reason: e.to_string() })?;
+    let root = *node.links.first().ok_or_else(|| Error::Corrupt { id: id.hex(), reason: "no root link".into() })?;
     Ok((info, root))
 }
 

@@ -73,14 +73,7 @@ impl StatCache {
         for (path, e) in &self.entries {
             b.extend_from_slice(&(path.len() as u32).to_le_bytes());
             b.extend_from_slice(path);
-            for v in [
-                e.size,
-                e.mtime.sec as u64,
-                e.ctime.sec as u64,
-                e.ino,
-                e.dev,
-                e.atime.sec as u64,
-            ] {
+            for v in [e.size, e.mtime.sec as u64, e.ctime.sec as u64, e.ino, e.dev, e.atime.sec as u64] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
             b.extend_from_slice(&e.mtime.nsec.to_le_bytes());
@@ -150,18 +143,9 @@ impl StatCache {
                 path,
                 CacheEntry {
                     size: u[0],
-                    mtime: Time {
-                        sec: u[1] as i64,
-                        nsec: mn,
-                    },
-                    ctime: Time {
-                        sec: u[2] as i64,
-                        nsec: cn,
-                    },
-                    atime: Time {
-                        sec: u[5] as i64,
-                        nsec: an,
-                    },
+                    mtime: Time { sec: u[1] as i64, nsec: mn },
+                    ctime: Time { sec: u[2] as i64, nsec: cn },
+                    atime: Time { sec: u[5] as i64, nsec: an },
                     ino: u[3],
                     dev: u[4],
                     id,
@@ -191,14 +175,9 @@ mod tests {
         };
         c.entries.insert(
             b"a/\xff".to_vec(),
-            CacheEntry::new(
-                &meta,
-                Some(Id([9; 32])),
-                vec![(b"user.x".to_vec(), b"y".to_vec())],
-            ),
+            CacheEntry::new(&meta, Some(Id([9; 32])), vec![(b"user.x".to_vec(), b"y".to_vec())]),
         );
-        c.entries
-            .insert(b"b".to_vec(), CacheEntry::new(&meta, None, vec![]));
+        c.entries.insert(b"b".to_vec(), CacheEntry::new(&meta, None, vec![]));
         let back = StatCache::decode(&c.encode());
         assert_eq!(back.entries, c.entries);
         assert!(back.entries[&b"b".to_vec()].matches(&meta));

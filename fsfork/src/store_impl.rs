@@ -34,11 +34,7 @@ impl Repo for Store {
 
     fn get_node(&self, id: &Id) -> Result<NodeData> {
         let n = Store::get_node(self, &h(id))?;
-        Ok(NodeData {
-            kind: n.kind,
-            links: n.links.into_iter().map(|l| Id(l.0)).collect(),
-            body: n.body,
-        })
+        Ok(NodeData { kind: n.kind, links: n.links.into_iter().map(|l| Id(l.0)).collect(), body: n.body })
     }
 
     fn get_ref(&self, name: &str) -> Result<Option<Id>> {
@@ -46,23 +42,15 @@ impl Repo for Store {
     }
 
     fn list_refs(&self, prefix: &str) -> Result<Vec<(String, Id)>> {
-        Ok(Store::list_refs(self, prefix)?
-            .into_iter()
-            .map(|(n, x)| (n, Id(x.0)))
-            .collect())
+        Ok(Store::list_refs(self, prefix)?.into_iter().map(|(n, x)| (n, Id(x.0))).collect())
     }
 
     fn resolve(&self, name_or_hex: &str) -> Result<Option<Id>> {
         match Store::resolve(self, name_or_hex) {
             Ok(x) => Ok(Some(Id(x.0))),
-            Err(snapfork_store::Error::NotFound(_))
-            | Err(snapfork_store::Error::InvalidInput(_)) => {
+            Err(snapfork_store::Error::NotFound(_)) | Err(snapfork_store::Error::InvalidInput(_)) => {
                 // Accept a unique prefix of a checkpoint id, as git does.
-                let prefix = format!(
-                    "{}{}",
-                    crate::workspace::CHECKPOINT_REF_PREFIX,
-                    name_or_hex.to_ascii_lowercase()
-                );
+                let prefix = format!("{}{}", crate::workspace::CHECKPOINT_REF_PREFIX, name_or_hex.to_ascii_lowercase());
                 let refs = Store::list_refs(self, &prefix)?;
                 Ok(match refs.as_slice() {
                     [(_, x)] if name_or_hex.len() >= 4 => Some(Id(x.0)),
@@ -90,11 +78,7 @@ struct StoreTx(Txn);
 
 impl RepoTx for StoreTx {
     fn put_node(&mut self, node: &NodeData) -> Result<Id> {
-        let n = Node::new(
-            node.kind,
-            node.links.iter().map(h).collect(),
-            node.body.clone(),
-        );
+        let n = Node::new(node.kind, node.links.iter().map(h).collect(), node.body.clone());
         Ok(Id(self.0.put_node(&n)?.0))
     }
 

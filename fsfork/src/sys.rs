@@ -13,11 +13,7 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 
 /// Converts a -1 return into the thread's `errno`.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 /// Like `cvt`, retrying on EINTR.
@@ -32,17 +28,11 @@ fn cvt_retry(mut f: impl FnMut() -> libc::c_int) -> io::Result<libc::c_int> {
 
 /// A name as a C string; names with an interior NUL cannot exist on Linux.
 pub fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
+    CString::new(name.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
 }
 
 /// Opens `name` relative to `dir` with `flags | O_CLOEXEC | O_NOFOLLOW`.
-pub fn openat(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    flags: libc::c_int,
-    mode: u32,
-) -> io::Result<OwnedFd> {
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
     let fd = cvt_retry(|| {
         // SAFETY: `name` is a valid NUL-terminated string and `dir` a live descriptor; the
         // returned descriptor is owned by nobody else.
@@ -71,12 +61,7 @@ pub fn open_root_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
     let fd = cvt_retry(|| {
         // SAFETY: valid NUL-terminated path; the result is owned by us.
-        unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        }
+        unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) }
     })?;
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -87,14 +72,7 @@ pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     cvt_retry(|| {
         // SAFETY: `st` points to writable memory of the right size.
-        unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        }
+        unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) }
     })?;
     // SAFETY: fstatat succeeded, so it filled the whole struct.
     Ok(unsafe { st.assume_init() })
@@ -133,11 +111,7 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
         let ent = unsafe { libc::readdir64(dirp) };
         if ent.is_null() {
             let e = io::Error::last_os_error();
-            break if e.raw_os_error() == Some(0) {
-                Ok(())
-            } else {
-                Err(e)
-            };
+            break if e.raw_os_error() == Some(0) { Ok(()) } else { Err(e) };
         }
         // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
         let (name, dtype) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()), (*ent).d_type) };
@@ -161,15 +135,7 @@ pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
 /// `mknodat(dir, name, mode, rdev)` for FIFOs, sockets and device nodes.
 pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
     // SAFETY: valid descriptor and NUL-terminated name.
-    cvt(unsafe {
-        libc::mknodat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            mode as libc::mode_t,
-            rdev as libc::dev_t,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) }).map(drop)
 }
 
 /// `readlinkat(dir, name)`: the raw bytes of a symlink's target.
@@ -177,14 +143,7 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OsString> {
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: `buf` is writable for `buf.len()` bytes.
-        let n = unsafe {
-            libc::readlinkat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = unsafe { libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -206,45 +165,21 @@ pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result
 }
 
 /// `linkat(odir, oname, ndir, nname, 0)`: a hard link; never follows symlinks.
-pub fn linkat(
-    odir: BorrowedFd<'_>,
-    oname: &CStr,
-    ndir: BorrowedFd<'_>,
-    nname: &CStr,
-) -> io::Result<()> {
+pub fn linkat(odir: BorrowedFd<'_>, oname: &CStr, ndir: BorrowedFd<'_>, nname: &CStr) -> io::Result<()> {
     // SAFETY: NUL-terminated strings and live descriptors.
-    cvt(unsafe {
-        libc::linkat(
-            odir.as_raw_fd(),
-            oname.as_ptr(),
-            ndir.as_raw_fd(),
-            nname.as_ptr(),
-            0,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::linkat(odir.as_raw_fd(), oname.as_ptr(), ndir.as_raw_fd(), nname.as_ptr(), 0) }).map(drop)
 }
 
 /// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)` (for symlinks and special files).
 pub fn lchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: NUL-terminated name, live descriptor.
-    cvt(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
 /// `fchmodat(dir, name, mode, 0)`; only used on entries we just created that are not symlinks.
 pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: NUL-terminated name, live descriptor.
-    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) })
-        .map(drop)
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
 }
 
 /// `fchown(fd, uid, gid)`.
@@ -270,10 +205,7 @@ pub struct Time {
 
 impl Time {
     fn ts(self) -> libc::timespec {
-        libc::timespec {
-            tv_sec: self.sec as libc::time_t,
-            tv_nsec: self.nsec as libc::c_long,
-        }
+        libc::timespec { tv_sec: self.sec as libc::time_t, tv_nsec: self.nsec as libc::c_long }
     }
 }
 
@@ -288,15 +220,7 @@ pub fn futimens(fd: BorrowedFd<'_>, atime: Time, mtime: Time) -> io::Result<()> 
 pub fn lutimensat(dir: BorrowedFd<'_>, name: &CStr, atime: Time, mtime: Time) -> io::Result<()> {
     let ts = [atime.ts(), mtime.ts()];
     // SAFETY: live descriptor, NUL-terminated name and two timespecs.
-    cvt(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
 /// `FICLONE`: makes `dst` share all of `src`'s extents.
@@ -310,11 +234,7 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
 pub fn is_reflink_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EOPNOTSUPP)
-            | Some(libc::EXDEV)
-            | Some(libc::EINVAL)
-            | Some(libc::ENOTTY)
-            | Some(libc::ENOSYS)
+        Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
     )
 }
 
@@ -362,10 +282,7 @@ pub fn sparse_copy(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> io::Re
                 }
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::EXDEV)
-                        | Some(libc::ENOSYS)
-                        | Some(libc::EOPNOTSUPP)
-                        | Some(libc::EINVAL)
+                    Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
                 ) {
                     // Old kernels or odd filesystem pairs: copy this range by hand.
                     copied += rw_copy(s, d, pos, end)?;
@@ -412,9 +329,7 @@ fn rw_copy(s: RawFd, d: RawFd, from: u64, to: u64) -> io::Result<u64> {
             let mut w = 0;
             while w < n {
                 // SAFETY: `buf[w..n]` is initialised.
-                let m = unsafe {
-                    libc::pwrite64(d, buf[w..].as_ptr().cast(), n - w, (pos + w as u64) as i64)
-                };
+                let m = unsafe { libc::pwrite64(d, buf[w..].as_ptr().cast(), n - w, (pos + w as u64) as i64) };
                 if m < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() == io::ErrorKind::Interrupted {
@@ -438,13 +353,9 @@ pub fn read_xattrs(target: XattrTarget<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)
     let n = loop {
         let r = match target {
             // SAFETY: `names` is writable for its length.
-            XattrTarget::Fd(fd) => unsafe {
-                libc::flistxattr(fd.as_raw_fd(), names.as_mut_ptr().cast(), names.len())
-            },
+            XattrTarget::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), names.as_mut_ptr().cast(), names.len()) },
             // SAFETY: NUL-terminated path; `names` is writable.
-            XattrTarget::Path(p) => unsafe {
-                libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len())
-            },
+            XattrTarget::Path(p) => unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) },
         };
         if r >= 0 {
             break r as usize;
@@ -464,21 +375,11 @@ pub fn read_xattrs(target: XattrTarget<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)
             let r = match target {
                 // SAFETY: NUL-terminated name; `val` is writable.
                 XattrTarget::Fd(fd) => unsafe {
-                    libc::fgetxattr(
-                        fd.as_raw_fd(),
-                        cname.as_ptr(),
-                        val.as_mut_ptr().cast(),
-                        val.len(),
-                    )
+                    libc::fgetxattr(fd.as_raw_fd(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len())
                 },
                 // SAFETY: NUL-terminated strings; `val` is writable.
                 XattrTarget::Path(p) => unsafe {
-                    libc::lgetxattr(
-                        p.as_ptr(),
-                        cname.as_ptr(),
-                        val.as_mut_ptr().cast(),
-                        val.len(),
-                    )
+                    libc::lgetxattr(p.as_ptr(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len())
                 },
             };
             if r >= 0 {
@@ -514,28 +415,15 @@ pub enum XattrTarget<'a> {
 pub fn write_xattrs(target: XattrTarget<'_>, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<usize> {
     let mut failed = 0;
     for (name, value) in xattrs {
-        let cname = CString::new(name.as_slice())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let cname = CString::new(name.as_slice()).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
         let r = match target {
             // SAFETY: NUL-terminated name, value readable for its length.
             XattrTarget::Fd(fd) => unsafe {
-                libc::fsetxattr(
-                    fd.as_raw_fd(),
-                    cname.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
+                libc::fsetxattr(fd.as_raw_fd(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0)
             },
             // SAFETY: as above.
             XattrTarget::Path(p) => unsafe {
-                libc::lsetxattr(
-                    p.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
+                libc::lsetxattr(p.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0)
             },
         };
         if r < 0 {
@@ -557,42 +445,18 @@ pub fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
 }
 
 /// `renameat2(odir, oname, ndir, nname, RENAME_EXCHANGE)`: swaps two entries atomically.
-pub fn rename_exchange(
-    odir: BorrowedFd<'_>,
-    oname: &CStr,
-    ndir: BorrowedFd<'_>,
-    nname: &CStr,
-) -> io::Result<()> {
+pub fn rename_exchange(odir: BorrowedFd<'_>, oname: &CStr, ndir: BorrowedFd<'_>, nname: &CStr) -> io::Result<()> {
     // SAFETY: NUL-terminated names and live descriptors.
     cvt(unsafe {
-        libc::renameat2(
-            odir.as_raw_fd(),
-            oname.as_ptr(),
-            ndir.as_raw_fd(),
-            nname.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
+        libc::renameat2(odir.as_raw_fd(), oname.as_ptr(), ndir.as_raw_fd(), nname.as_ptr(), libc::RENAME_EXCHANGE)
     })
     .map(drop)
 }
 
 /// `renameat(odir, oname, ndir, nname)`.
-pub fn renameat(
-    odir: BorrowedFd<'_>,
-    oname: &CStr,
-    ndir: BorrowedFd<'_>,
-    nname: &CStr,
-) -> io::Result<()> {
+pub fn renameat(odir: BorrowedFd<'_>, oname: &CStr, ndir: BorrowedFd<'_>, nname: &CStr) -> io::Result<()> {
     // SAFETY: NUL-terminated names and live descriptors.
-    cvt(unsafe {
-        libc::renameat(
-            odir.as_raw_fd(),
-            oname.as_ptr(),
-            ndir.as_raw_fd(),
-            nname.as_ptr(),
-        )
-    })
-    .map(drop)
+    cvt(unsafe { libc::renameat(odir.as_raw_fd(), oname.as_ptr(), ndir.as_raw_fd(), nname.as_ptr()) }).map(drop)
 }
 
 /// `unlinkat(dir, name, flags)`.
@@ -674,12 +538,7 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<Extent>> {
         }
         let mut last = false;
         for e in &fm.extents[..n] {
-            out.push(Extent {
-                logical: e.fe_logical,
-                physical: e.fe_physical,
-                length: e.fe_length,
-                flags: e.fe_flags,
-            });
+            out.push(Extent { logical: e.fe_logical, physical: e.fe_physical, length: e.fe_length, flags: e.fe_flags });
             last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
         }
         if last {
@@ -694,10 +553,7 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool) -> io::Result<Vec<Extent>> {
 /// directory): to `fs.nr_open` where the process may raise its hard limit (root), else the soft
 /// limit to the hard one.
 pub fn raise_nofile_limit() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `rl` is a valid rlimit struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return;
@@ -707,10 +563,7 @@ pub fn raise_nofile_limit() {
         .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
         .unwrap_or(0);
     if nr_open > rl.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: nr_open,
-            rlim_max: nr_open,
-        };
+        let want = libc::rlimit { rlim_cur: nr_open, rlim_max: nr_open };
         // SAFETY: as above; fails harmlessly (EPERM) without CAP_SYS_RESOURCE.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
             return;
@@ -725,14 +578,7 @@ pub fn raise_nofile_limit() {
 
 /// The current soft limit on open files.
 pub fn nofile_limit() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `rl` is a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
-        rl.rlim_cur
-    } else {
-        1024
-    }
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 { rl.rlim_cur } else { 1024 }
 }

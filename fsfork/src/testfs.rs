@@ -81,10 +81,7 @@ impl TestFs {
     /// `noatime` so that reading a tree does not change the times that tests compare.
     pub fn new(kind: FsType, size_mib: u64) -> io::Result<TestFs> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = PathBuf::from(format!(
             "/var/tmp/snapfork-testfs-{}-{}-{}-{}",
             kind.name(),
@@ -94,31 +91,21 @@ impl TestFs {
         ));
         std::fs::create_dir_all(&dir)?;
         // From here on, Drop cleans up whatever was made.
-        let fs = TestFs {
-            kind,
-            mount: dir.join("mnt"),
-            dir,
-        };
+        let fs = TestFs { kind, mount: dir.join("mnt"), dir };
         let img = fs.dir.join("backing.img");
         let f = std::fs::File::create(&img)?;
         f.set_len(size_mib << 20)?;
         drop(f);
         std::fs::create_dir(&fs.mount)?;
         match kind {
-            FsType::Xfs => run(Command::new("mkfs.xfs")
-                .args(["-q", "-f", "-m", "reflink=1"])
-                .arg(&img))?,
+            FsType::Xfs => run(Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&img))?,
             FsType::Btrfs => run(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&img))?,
             FsType::Ext4 => run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?,
         }
         // Parallel tests race for free loop devices: retry a few times.
         let mut last = None;
         for attempt in 0..8 {
-            match run(Command::new("mount")
-                .args(["-t", kind.name(), "-o", "loop,noatime"])
-                .arg(&img)
-                .arg(&fs.mount))
-            {
+            match run(Command::new("mount").args(["-t", kind.name(), "-o", "loop,noatime"]).arg(&img).arg(&fs.mount)) {
                 Ok(()) => {
                     last = None;
                     break;
@@ -149,10 +136,7 @@ impl TestFs {
 impl Drop for TestFs {
     fn drop(&mut self) {
         let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|m| {
-                m.lines()
-                    .any(|l| l.split(' ').nth(4) == Some(&*self.mount.to_string_lossy()))
-            })
+            .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*self.mount.to_string_lossy())))
             .unwrap_or(true);
         if mounted {
             for _ in 0..20 {

@@ -111,18 +111,9 @@ impl Meta {
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
-            atime: Time {
-                sec: st.st_atime,
-                nsec: st.st_atime_nsec as u32,
-            },
-            mtime: Time {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            },
-            ctime: Time {
-                sec: st.st_ctime,
-                nsec: st.st_ctime_nsec as u32,
-            },
+            atime: Time { sec: st.st_atime, nsec: st.st_atime_nsec as u32 },
+            mtime: Time { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
+            ctime: Time { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 },
             ino: st.st_ino,
             dev: st.st_dev,
             nlink: st.st_nlink,
@@ -210,12 +201,8 @@ pub fn scan(root: &Path) -> Result<Scan> {
 pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> {
     let fd = sys::open_root_dir(root).ctx("open", root)?;
     let st = sys::fstat(fd.as_fd()).ctx("stat", root)?;
-    let mut dirs = vec![Dir {
-        parent: None,
-        name: CString::default(),
-        rel: PathBuf::new(),
-        meta: Meta::from_stat(&st),
-    }];
+    let mut dirs =
+        vec![Dir { parent: None, name: CString::default(), rel: PathBuf::new(), meta: Meta::from_stat(&st) }];
     let mut fds = DirTable::new(fd, dirfds::budget());
     let mut entries = Vec::new();
     // Level by level: the directories of one level are listed and stat'ed in parallel, then
@@ -247,12 +234,7 @@ pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> 
             for f in found {
                 let subdir = if f.meta.kind() == Kind::Dir {
                     let rel = dirs[i].rel.join(OsStr::from_bytes(f.name.to_bytes()));
-                    dirs.push(Dir {
-                        parent: Some(i),
-                        name: f.name.clone(),
-                        rel,
-                        meta: f.meta,
-                    });
+                    dirs.push(Dir { parent: Some(i), name: f.name.clone(), rel, meta: f.meta });
                     let d = fds.push(i, f.name.clone(), None);
                     debug_assert_eq!(d, dirs.len() - 1);
                     next.push(d);
@@ -260,12 +242,7 @@ pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> 
                 } else {
                     None
                 };
-                entries.push(Entry {
-                    dir: i,
-                    name: f.name,
-                    meta: f.meta,
-                    subdir,
-                });
+                entries.push(Entry { dir: i, name: f.name, meta: f.meta, subdir });
             }
         }
         level = next;
@@ -281,12 +258,7 @@ struct Found {
 
 /// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed).
 /// Entries that vanish meanwhile are simply not part of the tree.
-fn list_dir(
-    root: &Path,
-    dir: &Dir,
-    fd: BorrowedFd<'_>,
-    exclude: Option<(u64, u64)>,
-) -> Result<Vec<Found>> {
+fn list_dir(root: &Path, dir: &Dir, fd: BorrowedFd<'_>, exclude: Option<(u64, u64)>) -> Result<Vec<Found>> {
     let mut names = sys::read_dir(fd).ctx("read directory", root.join(&dir.rel))?;
     // Sorted by name bytes: deterministic manifests and walk order.
     names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
@@ -296,11 +268,7 @@ fn list_dir(
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
-                return Err(Error::io(
-                    "stat",
-                    root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes())),
-                    e,
-                ));
+                return Err(Error::io("stat", root.join(&dir.rel).join(OsStr::from_bytes(name.to_bytes())), e));
             }
         };
         let meta = Meta::from_stat(&st);

@@ -27,10 +27,7 @@ use crate::walk::{self, Kind, Meta};
 pub const CHECKPOINT_REF_PREFIX: &str = "fsfork/ckpt/";
 
 fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// A workspace is identified by its canonical path; metadata keys use a hash of its bytes so
@@ -43,35 +40,27 @@ fn ws_key(path: &Path) -> String {
 /// store kept inside a workspace (e.g. the default `.snapfork`) is never recorded in it.
 fn store_key(repo: &dyn Repo) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(repo.root_dir())
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    std::fs::metadata(repo.root_dir()).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn canonical(dir: &Path) -> Result<PathBuf> {
     let p = std::fs::canonicalize(dir).ctx("resolve", dir)?;
     if !p.is_dir() {
-        return Err(Error::InvalidPath {
-            path: dir.to_path_buf(),
-            reason: "not a directory".into(),
-        });
+        return Err(Error::InvalidPath { path: dir.to_path_buf(), reason: "not a directory".into() });
     }
     Ok(p)
 }
 
 /// Where a new tree's canonical path will be (its parent must exist).
 fn canonical_new(dst: &Path) -> Result<PathBuf> {
-    let name = dst.file_name().ok_or_else(|| Error::InvalidPath {
-        path: dst.to_path_buf(),
-        reason: "has no final component".into(),
-    })?;
+    let name = dst
+        .file_name()
+        .ok_or_else(|| Error::InvalidPath { path: dst.to_path_buf(), reason: "has no final component".into() })?;
     let parent = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    Ok(std::fs::canonicalize(parent)
-        .ctx("resolve", parent)?
-        .join(name))
+    Ok(std::fs::canonicalize(parent).ctx("resolve", parent)?.join(name))
 }
 
 /// One event in a workspace's history.
@@ -121,10 +110,7 @@ fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str)
 }
 
 fn save_json<T: Serialize>(repo: &dyn Repo, key: &str, v: &T) -> Result<()> {
-    let b = serde_json::to_vec(v).map_err(|e| Error::Corrupt {
-        id: key.into(),
-        reason: e.to_string(),
-    })?;
+    let b = serde_json::to_vec(v).map_err(|e| Error::Corrupt { id: key.into(), reason: e.to_string() })?;
     repo.meta_put(key, &b)
 }
 
@@ -140,10 +126,7 @@ fn save_record(repo: &dyn Repo, path: &Path, r: &WorkspaceRecord) -> Result<()> 
 }
 
 fn load_cache(repo: &dyn Repo, path: &Path) -> Result<StatCache> {
-    Ok(repo
-        .meta_get(&format!("fsfork/statcache/{}", ws_key(path)))?
-        .map(|b| StatCache::decode(&b))
-        .unwrap_or_default())
+    Ok(repo.meta_get(&format!("fsfork/statcache/{}", ws_key(path)))?.map(|b| StatCache::decode(&b)).unwrap_or_default())
 }
 
 fn save_cache(repo: &dyn Repo, path: &Path, c: &StatCache) -> Result<()> {
@@ -159,21 +142,13 @@ fn load_cvs(repo: &dyn Repo, id: &Id) -> Option<Vec<ChainingValue>> {
     if b.len() % 32 != 0 {
         return None;
     }
-    Some(
-        b.chunks(32)
-            .map(|c| c.try_into().unwrap_or([0u8; 32]))
-            .collect(),
-    )
+    Some(b.chunks(32).map(|c| c.try_into().unwrap_or([0u8; 32])).collect())
 }
 
 fn add_offspring(repo: &dyn Repo, ckpt: &Id, path: &Path, kind: &str) -> Result<()> {
     let key = format!("fsfork/offspring/{}", ckpt.hex());
     let mut list: Vec<Offspring> = load_json(repo, &key)?;
-    list.push(Offspring {
-        path: path.to_string_lossy().into_owned(),
-        kind: kind.into(),
-        time: now(),
-    });
+    list.push(Offspring { path: path.to_string_lossy().into_owned(), kind: kind.into(), time: now() });
     save_json(repo, &key, &list)
 }
 
@@ -184,17 +159,11 @@ pub fn offspring(repo: &dyn Repo, ckpt: &Id) -> Result<Vec<Offspring>> {
 
 /// Resolves a checkpoint given as a full or abbreviated id or a ref name.
 pub fn resolve_checkpoint(repo: &dyn Repo, name: &str) -> Result<Id> {
-    let id = repo.resolve(name)?.or_else(|| {
-        repo.get_ref(&format!("{CHECKPOINT_REF_PREFIX}{name}"))
-            .ok()
-            .flatten()
-    });
+    let id = repo.resolve(name)?.or_else(|| repo.get_ref(&format!("{CHECKPOINT_REF_PREFIX}{name}")).ok().flatten());
     let id = id.ok_or_else(|| Error::NoSuchCheckpoint(name.to_string()))?;
     let node = repo.get_node(&id)?;
     if node.kind != KIND_CHECKPOINT {
-        return Err(Error::NoSuchCheckpoint(format!(
-            "{name} is not a workspace checkpoint"
-        )));
+        return Err(Error::NoSuchCheckpoint(format!("{name} is not a workspace checkpoint")));
     }
     Ok(id)
 }
@@ -269,20 +238,10 @@ fn stage_and_hash(
     prev: Option<Id>,
     c: &Counters,
 ) -> Result<(PathBuf, Id, Option<Vec<ChainingValue>>, u64)> {
-    let name = format!(
-        "fsfork-{}-{}",
-        std::process::id(),
-        STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("fsfork-{}-{}", std::process::id(), STAGE_SEQ.fetch_add(1, Ordering::Relaxed));
     let path = staging.join(&name);
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
-    let dfd = sys::openat(
-        sdir,
-        &cname,
-        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
-        0o444,
-    )
-    .ctx("create", &path)?;
+    let dfd = sys::openat(sdir, &cname, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o444).ctx("create", &path)?;
     let result = (|| {
         let t0 = Instant::now();
         clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
@@ -298,16 +257,8 @@ fn stage_and_hash(
             && let Ok(same) = hash::same_blocks(dfd.as_fd(), size, obj.as_fd(), om.len())
         {
             h = Some(
-                hash::hash_incremental(
-                    dfd.as_fd(),
-                    size,
-                    Some(Previous {
-                        len: om.len(),
-                        cvs: &cvs,
-                        same: &same,
-                    }),
-                )
-                .ctx("hash", &path)?,
+                hash::hash_incremental(dfd.as_fd(), size, Some(Previous { len: om.len(), cvs: &cvs, same: &same }))
+                    .ctx("hash", &path)?,
             );
         }
         let t_compare = t0.elapsed() - t_stage;
@@ -369,60 +320,40 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             }
         }
     }
-    let groups: HashSet<(u64, u64)> = scan
-        .entries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| secondary[i].map(|_| (e.meta.dev, e.meta.ino)))
-        .collect();
+    let groups: HashSet<(u64, u64)> =
+        scan.entries.iter().enumerate().filter_map(|(i, e)| secondary[i].map(|_| (e.meta.dev, e.meta.ino))).collect();
 
     let c = Counters::default();
-    let rel_bytes = |i: usize| -> Vec<u8> {
-        scan.rel_path(&scan.entries[i])
-            .into_os_string()
-            .into_encoded_bytes()
-    };
+    let rel_bytes = |i: usize| -> Vec<u8> { scan.rel_path(&scan.entries[i]).into_os_string().into_encoded_bytes() };
     let seen: Vec<Result<Seen>> = (0..scan.entries.len())
         .into_par_iter()
         .map(|i| -> Result<Seen> {
             let e = &scan.entries[i];
             if secondary[i].is_some() {
-                return Ok(Seen {
-                    meta: e.meta,
-                    ..Seen::default()
-                });
+                return Ok(Seen { meta: e.meta, ..Seen::default() });
             }
             let rel = rel_bytes(i);
             let cached = cache.entries.get(&rel);
             let hit = cached.filter(|ce| ce.matches(&e.meta));
             let err_path = || ws.join(scan.rel_path(e));
             // Only opened when needed (a reopen if the walk could not keep it open).
-            let sdir = || {
-                scan.dir_fd(e.dir)
-                    .map_err(|x| Error::io("open", err_path(), x))
-            };
+            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
             let mut s = Seen {
                 meta: e.meta,
                 hit: hit.is_some(),
                 same: hit.is_some_and(|h| h.atime == e.meta.atime),
-                cached_node: if e.subdir.is_some() {
-                    hit.and_then(|h| h.id)
-                } else {
-                    None
-                },
+                cached_node: if e.subdir.is_some() { hit.and_then(|h| h.id) } else { None },
                 ..Seen::default()
             };
             s.xattrs = match (hit, e.subdir) {
                 (Some(h), _) => h.xattrs.clone(),
                 (None, Some(d)) => {
-                    let f = scan
-                        .dir_fd(d)
-                        .map_err(|x| Error::io("open", err_path(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
-                        .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", err_path(), x))?
                 }
-                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
-                    .map_err(|x| Error::io("read xattrs", err_path(), x))?,
+                (None, None) => {
+                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", err_path(), x))?
+                }
             };
             match e.meta.kind() {
                 Kind::File => {
@@ -431,15 +362,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                     } else if e.meta.size == 0 {
                         s.id = None;
                     } else {
-                        let sfd = sys::openat(
-                            sdir()?.fd(),
-                            &e.name,
-                            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-                            0,
-                        )
-                        .map_err(|x| Error::io("open", err_path(), x))?;
-                        let st = sys::fstat(sfd.as_fd())
-                            .map_err(|x| Error::io("stat", err_path(), x))?;
+                        let sfd =
+                            sys::openat(sdir()?.fd(), &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+                                .map_err(|x| Error::io("open", err_path(), x))?;
+                        let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
                         let m = Meta::from_stat(&st);
                         if m.kind() != Kind::File {
                             return Err(Error::InvalidPath {
@@ -543,16 +469,8 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 },
                 atime: e.meta.atime,
                 mtime: e.meta.mtime,
-                rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
-                    e.meta.rdev
-                } else {
-                    0
-                },
-                link_group: if groups.contains(&(e.meta.dev, e.meta.ino)) {
-                    e.meta.ino
-                } else {
-                    0
-                },
+                rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { e.meta.rdev } else { 0 },
+                link_group: if groups.contains(&(e.meta.dev, e.meta.ino)) { e.meta.ino } else { 0 },
                 link: match e.subdir {
                     Some(d) => dir_ids[d],
                     None => s.id,
@@ -583,9 +501,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             if own != usize::MAX
                 && seen[own].same
                 && let Some(nid) = seen[own].cached_node
-                && by_dir[d]
-                    .iter()
-                    .all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
+                && by_dir[d].iter().all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
                 && repo.contains(&nid)?
             {
                 dir_ids[d] = Some(nid);
@@ -599,14 +515,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             }
             dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
         }
-        tracing::debug!(
-            reused = reused_count,
-            dirs = scan.dirs.len(),
-            "directory nodes"
-        );
+        tracing::debug!(reused = reused_count, dirs = scan.dirs.len(), "directory nodes");
         let root = &scan.dirs[0];
-        let root_xattrs = sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd()))
-            .ctx("read xattrs", &ws)?;
+        let root_xattrs =
+            sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd())).ctx("read xattrs", &ws)?;
         let wrapper = manifest::encode_dir(vec![ManifestEntry {
             name: Vec::new(),
             kind: Kind::Dir,
@@ -634,15 +546,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         };
         let mut links = vec![wrapper_id];
         links.extend(parent);
-        let body = serde_json::to_vec(&info).map_err(|e| Error::Corrupt {
-            id: "checkpoint".into(),
-            reason: e.to_string(),
-        })?;
-        let id = tx.put_node(&NodeData {
-            kind: KIND_CHECKPOINT,
-            links,
-            body,
-        })?;
+        let body =
+            serde_json::to_vec(&info).map_err(|e| Error::Corrupt { id: "checkpoint".into(), reason: e.to_string() })?;
+        let id = tx.put_node(&NodeData { kind: KIND_CHECKPOINT, links, body })?;
         tx.set_ref(&format!("{CHECKPOINT_REF_PREFIX}{}", id.hex()), &id)?;
         // Block CVs of new large objects, the stat cache and the history commit with the
         // checkpoint, so that they can never describe a checkpoint that does not exist.
@@ -660,14 +566,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 Some(d) => dir_ids[d],
                 None => s.id,
             };
-            new_cache
-                .entries
-                .insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
+            new_cache.entries.insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
         }
-        tx.meta_put(
-            &format!("fsfork/statcache/{}", ws_key(&ws)),
-            &new_cache.encode(),
-        );
+        tx.meta_put(&format!("fsfork/statcache/{}", ws_key(&ws)), &new_cache.encode());
         record.head = Some(id.hex());
         record.events.push(Event {
             kind: "checkpoint".into(),
@@ -675,10 +576,8 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             time: now(),
             message: message.map(str::to_string),
         });
-        let rec = serde_json::to_vec(&record).map_err(|e| Error::Corrupt {
-            id: "workspace record".into(),
-            reason: e.to_string(),
-        })?;
+        let rec = serde_json::to_vec(&record)
+            .map_err(|e| Error::Corrupt { id: "workspace record".into(), reason: e.to_string() })?;
         tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
         let t_nodes = start.elapsed();
         tx.commit()?;
@@ -706,23 +605,16 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let hashed: Vec<u64> = seen.iter().filter_map(|s| s.hashed).collect();
     let (hashed_files, hashed_bytes) = (hashed.len() as u64, hashed.iter().sum::<u64>());
-    let bytes: u64 = seen
-        .iter()
-        .zip(&scan.entries)
-        .filter(|(_, e)| e.meta.kind() == Kind::File)
-        .map(|(s, _)| s.meta.size)
-        .sum();
+    let bytes: u64 =
+        seen.iter().zip(&scan.entries).filter(|(_, e)| e.meta.kind() == Kind::File).map(|(s, _)| s.meta.size).sum();
     let report = CheckpointReport {
         id,
         parent,
         dirs: scan.dirs.len() as u64,
         files,
         bytes,
-        unchanged_files: seen
-            .iter()
-            .zip(&scan.entries)
-            .filter(|(s, e)| s.hit && e.meta.kind() == Kind::File)
-            .count() as u64,
+        unchanged_files: seen.iter().zip(&scan.entries).filter(|(s, e)| s.hit && e.meta.kind() == Kind::File).count()
+            as u64,
         hashed_files,
         hashed_bytes,
         new_objects,
@@ -747,46 +639,24 @@ fn load_tree(repo: &dyn Repo, ckpt: &Id) -> Result<(CheckpointInfo, Vec<LoadedDi
     let node = repo.get_node(ckpt)?;
     let (info, wrapper_id) = manifest::decode_checkpoint(ckpt, &node)?;
     let wrapper = manifest::decode_dir(&wrapper_id, &repo.get_node(&wrapper_id)?)?;
-    let root = wrapper.into_iter().next().ok_or_else(|| Error::Corrupt {
-        id: wrapper_id.hex(),
-        reason: "empty root".into(),
-    })?;
+    let root = wrapper
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Corrupt { id: wrapper_id.hex(), reason: "empty root".into() })?;
     let mut dirs = Vec::new();
-    let rid = root.link.ok_or_else(|| Error::Corrupt {
-        id: wrapper_id.hex(),
-        reason: "root has no listing".into(),
-    })?;
+    let rid = root.link.ok_or_else(|| Error::Corrupt { id: wrapper_id.hex(), reason: "root has no listing".into() })?;
     let entries = manifest::decode_dir(&rid, &repo.get_node(&rid)?)?;
-    dirs.push(LoadedDir {
-        parent: usize::MAX,
-        name: CString::default(),
-        rel: PathBuf::new(),
-        meta: root,
-        entries,
-    });
+    dirs.push(LoadedDir { parent: usize::MAX, name: CString::default(), rel: PathBuf::new(), meta: root, entries });
     let mut i = 0;
     while i < dirs.len() {
-        let subs: Vec<ManifestEntry> = dirs[i]
-            .entries
-            .iter()
-            .filter(|e| e.kind == Kind::Dir)
-            .cloned()
-            .collect();
+        let subs: Vec<ManifestEntry> = dirs[i].entries.iter().filter(|e| e.kind == Kind::Dir).cloned().collect();
         for e in subs {
-            let did = e.link.ok_or_else(|| Error::Corrupt {
-                id: rid.hex(),
-                reason: "directory without listing".into(),
-            })?;
+            let did =
+                e.link.ok_or_else(|| Error::Corrupt { id: rid.hex(), reason: "directory without listing".into() })?;
             let entries = manifest::decode_dir(&did, &repo.get_node(&did)?)?;
             let name = valid_name(&e.name, &did)?;
             let rel = dirs[i].rel.join(OsStr::from_bytes(&e.name));
-            dirs.push(LoadedDir {
-                parent: i,
-                name,
-                rel,
-                meta: e,
-                entries,
-            });
+            dirs.push(LoadedDir { parent: i, name, rel, meta: e, entries });
         }
         i += 1;
     }
@@ -802,10 +672,7 @@ fn valid_name(name: &[u8], node: &Id) -> Result<CString> {
             reason: format!("invalid name {:?}", String::from_utf8_lossy(name)),
         });
     }
-    CString::new(name).map_err(|_| Error::Corrupt {
-        id: node.hex(),
-        reason: "name with NUL".into(),
-    })
+    CString::new(name).map_err(|_| Error::Corrupt { id: node.hex(), reason: "name with NUL".into() })
 }
 
 fn meta_of(e: &ManifestEntry) -> Meta {
@@ -900,19 +767,13 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     let fd = match e.link {
                         Some(id) => {
                             let op = repo.file_object_path(&id);
-                            let src = std::fs::File::open(&op)
-                                .map_err(|x| Error::io("open object", &op, x))?;
+                            let src = std::fs::File::open(&op).map_err(|x| Error::io("open object", &op, x))?;
                             clone::create_file(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("create", path(), x))?
                         }
                         None => {
-                            let fd = sys::openat(
-                                ddir,
-                                &name,
-                                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                                0o600,
-                            )
-                            .map_err(|x| Error::io("create", path(), x))?;
+                            let fd = sys::openat(ddir, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+                                .map_err(|x| Error::io("create", path(), x))?;
                             clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("set metadata", path(), x))?;
                             fd
@@ -920,8 +781,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     };
                     files.fetch_add(1, Ordering::Relaxed);
                     let st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
-                    (e.link_group == 0)
-                        .then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
+                    (e.link_group == 0).then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
                 }
                 Kind::Symlink => {
                     sys::symlinkat(OsStr::from_bytes(&e.target), ddir, &name)
@@ -929,32 +789,20 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     clone::apply_meta_at(ddir, &name, &meta, &e.xattrs, &c)
                         .map_err(|x| Error::io("set metadata", path(), x))?;
                     let st = sys::lstatat(ddir, &name).map_err(|x| Error::io("stat", path(), x))?;
-                    Some(CacheEntry::new(
-                        &Meta::from_stat(&st),
-                        None,
-                        e.xattrs.clone(),
-                    ))
+                    Some(CacheEntry::new(&Meta::from_stat(&st), None, e.xattrs.clone()))
                 }
                 _ => match clone::create_special(ddir, &name, &meta) {
                     Ok(()) => {
                         clone::apply_meta_at(ddir, &name, &meta, &e.xattrs, &c)
                             .map_err(|x| Error::io("set metadata", path(), x))?;
-                        let st =
-                            sys::lstatat(ddir, &name).map_err(|x| Error::io("stat", path(), x))?;
-                        Some(CacheEntry::new(
-                            &Meta::from_stat(&st),
-                            None,
-                            e.xattrs.clone(),
-                        ))
+                        let st = sys::lstatat(ddir, &name).map_err(|x| Error::io("stat", path(), x))?;
+                        Some(CacheEntry::new(&Meta::from_stat(&st), None, e.xattrs.clone()))
                     }
                     Err(x) if x.raw_os_error() == Some(libc::EPERM) => {
-                        skipped
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(Skipped {
-                                path: rel.to_string_lossy().into_owned(),
-                                reason: format!("{:?}: {x}", e.kind),
-                            });
+                        skipped.lock().unwrap_or_else(|p| p.into_inner()).push(Skipped {
+                            path: rel.to_string_lossy().into_owned(),
+                            reason: format!("{:?}: {x}", e.kind),
+                        });
                         None
                     }
                     Err(x) => return Err(Error::io("mknod", path(), x)),
@@ -976,23 +824,17 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 dfds.get(fdi).ctx("open", dst.join(&dirs[fdi].rel))?,
                 dfds.get(di).ctx("open", dst.join(&dirs[di].rel))?,
             );
-            sys::linkat(fdir.fd(), &fnm, edir.fd(), &n).ctx(
-                "link",
-                dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)),
-            )?;
+            sys::linkat(fdir.fd(), &fnm, edir.fd(), &n)
+                .ctx("link", dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)))?;
         }
         let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
         // Hard-linked files are cached once all their links exist (linking changes ctime).
         for (di, d) in dirs.iter().enumerate() {
-            for e in d
-                .entries
-                .iter()
-                .filter(|e| e.link_group != 0 && e.kind == Kind::File)
-            {
+            for e in d.entries.iter().filter(|e| e.link_group != 0 && e.kind == Kind::File) {
                 let n = valid_name(&e.name, ckpt)?;
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
-                let st = sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n)
-                    .ctx("stat", dst.join(&rel))?;
+                let st =
+                    sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n).ctx("stat", dst.join(&rel))?;
                 cache.entries.insert(
                     rel.into_os_string().into_encoded_bytes(),
                     CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
@@ -1067,12 +909,7 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
     let record = WorkspaceRecord {
         path: target.to_string_lossy().into_owned(),
         head: Some(ckpt.hex()),
-        events: vec![Event {
-            kind: kind.into(),
-            checkpoint: ckpt.hex(),
-            time: now(),
-            message: None,
-        }],
+        events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
     save_record(repo, &target, &record)?;
     add_offspring(repo, ckpt, &target, kind)?;
@@ -1131,26 +968,17 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
             ),
         });
     }
-    let name = ws.file_name().ok_or_else(|| Error::InvalidPath {
-        path: ws.clone(),
-        reason: "cannot revert /".into(),
-    })?;
+    let name =
+        ws.file_name().ok_or_else(|| Error::InvalidPath { path: ws.clone(), reason: "cannot revert /".into() })?;
     let parent = ws.parent().unwrap_or(Path::new("/")).to_path_buf();
     let mut side_name = OsStr::new(".").to_os_string();
     side_name.push(name);
-    side_name.push(format!(
-        ".snapfork-revert-{}-{}",
-        std::process::id(),
-        STAGE_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    side_name.push(format!(".snapfork-revert-{}-{}", std::process::id(), STAGE_SEQ.fetch_add(1, Ordering::Relaxed)));
     let side = parent.join(&side_name);
     let (report, cache) = materialize(repo, ckpt, &side)?;
     let build_ms = start.elapsed().as_secs_f64() * 1000.0;
     let pfd = sys::open_root_dir(&parent).ctx("open", &parent)?;
-    let (a, b) = (
-        sys::cstr(&side_name).ctx("name", &side)?,
-        sys::cstr(name).ctx("name", &ws)?,
-    );
+    let (a, b) = (sys::cstr(&side_name).ctx("name", &side)?, sys::cstr(name).ctx("name", &ws)?);
     if let Err(e) = sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b) {
         let _ = std::fs::remove_dir_all(&side);
         return Err(Error::io("exchange", &ws, e));
@@ -1160,21 +988,9 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     save_cache(repo, &ws, &cache)?;
     let mut record = workspace_record(repo, &ws)?;
     record.head = Some(ckpt.hex());
-    record.events.push(Event {
-        kind: "revert".into(),
-        checkpoint: ckpt.hex(),
-        time: now(),
-        message: None,
-    });
+    record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
     save_record(repo, &ws, &record)?;
-    Ok(RevertReport {
-        checkpoint: *ckpt,
-        path: ws,
-        old_tree: side,
-        mode: report.mode,
-        build_ms,
-        elapsed_ms,
-    })
+    Ok(RevertReport { checkpoint: *ckpt, path: ws, old_tree: side, mode: report.mode, build_ms, elapsed_ms })
 }
 
 /// Removes a tree on another thread (symlinks are removed, never followed).
@@ -1212,11 +1028,7 @@ fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat
     let mut out = BTreeMap::new();
     for d in &dirs {
         for e in &d.entries {
-            let rel = d
-                .rel
-                .join(OsStr::from_bytes(&e.name))
-                .into_os_string()
-                .into_encoded_bytes();
+            let rel = d.rel.join(OsStr::from_bytes(&e.name)).into_os_string().into_encoded_bytes();
             out.insert(
                 rel,
                 Flat {
@@ -1252,35 +1064,27 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
                 (Some(h), _) => h.xattrs.clone(),
                 (None, Some(d)) => {
                     let f = scan.dir_fd(d).map_err(|x| Error::io("open", p(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd()))
-                        .map_err(|x| Error::io("read xattrs", p(), x))?
+                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", p(), x))?
                 }
-                (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
-                    .map_err(|x| Error::io("read xattrs", p(), x))?,
+                (None, None) => {
+                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", p(), x))?
+                }
             };
             let id = if kind == Kind::File && e.meta.size > 0 {
                 match hit.and_then(|h| h.id) {
                     Some(id) => Some(id),
                     None => {
-                        let fd = sys::openat(
-                            sdir()?.fd(),
-                            &e.name,
-                            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-                            0,
-                        )
-                        .map_err(|x| Error::io("open", p(), x))?;
-                        Some(Id(hash::hash_file(fd.as_fd(), e.meta.size)
-                            .map_err(|x| Error::io("hash", p(), x))?
-                            .id))
+                        let fd =
+                            sys::openat(sdir()?.fd(), &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+                                .map_err(|x| Error::io("open", p(), x))?;
+                        Some(Id(hash::hash_file(fd.as_fd(), e.meta.size).map_err(|x| Error::io("hash", p(), x))?.id))
                     }
                 }
             } else {
                 None
             };
             let target = if kind == Kind::Symlink {
-                sys::readlinkat(sdir()?.fd(), &e.name)
-                    .map_err(|x| Error::io("readlink", p(), x))?
-                    .into_encoded_bytes()
+                sys::readlinkat(sdir()?.fd(), &e.name).map_err(|x| Error::io("readlink", p(), x))?.into_encoded_bytes()
             } else {
                 Vec::new()
             };
@@ -1358,28 +1162,17 @@ pub fn diff(repo: &dyn Repo, a: Side<'_>, b: Side<'_>) -> Result<Diff> {
                 }
                 if va.mode & 0o7777 != vb.mode & 0o7777 {
                     what.push("mode".into());
-                    detail.push(format!(
-                        "mode {:o} -> {:o}",
-                        va.mode & 0o7777,
-                        vb.mode & 0o7777
-                    ));
+                    detail.push(format!("mode {:o} -> {:o}", va.mode & 0o7777, vb.mode & 0o7777));
                 }
                 if (va.uid, va.gid) != (vb.uid, vb.gid) {
                     what.push("owner".into());
-                    detail.push(format!(
-                        "owner {}:{} -> {}:{}",
-                        va.uid, va.gid, vb.uid, vb.gid
-                    ));
+                    detail.push(format!("owner {}:{} -> {}:{}", va.uid, va.gid, vb.uid, vb.gid));
                 }
                 if va.xattrs != vb.xattrs {
                     what.push("xattrs".into());
                 }
                 if !what.is_empty() {
-                    d.changed.push(Change {
-                        path: lossy(k),
-                        what,
-                        detail,
-                    });
+                    d.changed.push(Change { path: lossy(k), what, detail });
                 }
             }
             Some(_) => {}

@@ -21,11 +21,7 @@ fn clone_keeps_everything(kind: FsType) {
     };
     let outside = fs.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    std::fs::write(
-        outside.join("target.txt"),
-        b"outside, never to be touched\n",
-    )
-    .unwrap();
+    std::fs::write(outside.join("target.txt"), b"outside, never to be touched\n").unwrap();
     let before_outside = common::snapshot(&outside);
     let src = fs.path().join("src-tree");
     common::build_rich_tree(&src, &outside);
@@ -33,11 +29,7 @@ fn clone_keeps_everything(kind: FsType) {
 
     let dst = fs.path().join("clone");
     let report = clone_tree(&src, &dst, &CloneOptions::default()).unwrap();
-    let expected = if kind.reflinks() {
-        CopyMode::Reflink
-    } else {
-        CopyMode::Copy
-    };
+    let expected = if kind.reflinks() { CopyMode::Reflink } else { CopyMode::Copy };
     assert_eq!(report.mode, expected, "{report:?}");
     assert_eq!(report.hardlinks, 2);
     assert_eq!(report.special, 4);
@@ -48,32 +40,18 @@ fn clone_keeps_everything(kind: FsType) {
     common::assert_same(&before, &common::snapshot(&dst));
     // Nothing outside the destination was touched, and the symlinked directory was not walked.
     common::assert_same(&before_outside, &common::snapshot(&outside));
-    assert!(
-        std::fs::symlink_metadata(dst.join("link-outside-dir"))
-            .unwrap()
-            .file_type()
-            .is_symlink()
-    );
+    assert!(std::fs::symlink_metadata(dst.join("link-outside-dir")).unwrap().file_type().is_symlink());
     // Hard links are links inside the clone, not to the source.
     let a = std::fs::metadata(dst.join("hl-a")).unwrap();
-    assert_eq!(
-        a.ino(),
-        std::fs::metadata(dst.join("src/deep/hl-c")).unwrap().ino()
-    );
+    assert_eq!(a.ino(), std::fs::metadata(dst.join("src/deep/hl-c")).unwrap().ino());
     assert_ne!(a.ino(), std::fs::metadata(src.join("hl-a")).unwrap().ino());
     assert_eq!(a.nlink(), 3);
     // Sparse stays sparse: 64 MiB logical, 16 KiB of data.
     let alloc = common::allocated(&dst.join("disk.img"));
-    assert!(
-        alloc < 4 << 20,
-        "sparse image became {alloc} bytes allocated"
-    );
+    assert!(alloc < 4 << 20, "sparse image became {alloc} bytes allocated");
     // The clone is independent of the source.
     std::fs::write(dst.join("src/main.rs"), b"changed").unwrap();
-    assert_eq!(
-        std::fs::read(src.join("src/main.rs")).unwrap(),
-        b"fn main() { println!(\"hi\"); }\n"
-    );
+    assert_eq!(std::fs::read(src.join("src/main.rs")).unwrap(), b"fn main() { println!(\"hi\"); }\n");
     // A clone into an existing destination is refused.
     assert!(matches!(
         clone_tree(&src, &dst, &CloneOptions::default()),
@@ -103,20 +81,10 @@ fn file_clone_mode(kind: FsType) {
     common::write_at(&img, 200 << 20, &[9u8; 65536]);
     let copy = fs.path().join("vm2.img");
     let mode = clone_file(&img, &copy).unwrap();
-    assert_eq!(
-        mode,
-        if kind.reflinks() {
-            CopyMode::Reflink
-        } else {
-            CopyMode::Copy
-        }
-    );
+    assert_eq!(mode, if kind.reflinks() { CopyMode::Reflink } else { CopyMode::Copy });
     assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&copy).unwrap());
     assert!(common::allocated(&copy) < 8 << 20, "copy became dense");
-    assert!(matches!(
-        clone_file(&img, &copy),
-        Err(snapfork_fsfork::Error::DestinationExists(_))
-    ));
+    assert!(matches!(clone_file(&img, &copy), Err(snapfork_fsfork::Error::DestinationExists(_))));
 }
 
 #[test]
@@ -146,10 +114,7 @@ fn clone_across_filesystems_copies_sparse() {
     let dst = ext4.path().join("tree");
     let r = clone_tree(&src, &dst, &CloneOptions::default()).unwrap();
     assert_eq!(r.mode, CopyMode::Copy);
-    assert_eq!(
-        std::fs::metadata(dst.join("sparse")).unwrap().len(),
-        (100 << 20) + 3
-    );
+    assert_eq!(std::fs::metadata(dst.join("sparse")).unwrap().len(), (100 << 20) + 3);
     assert!(common::allocated(&dst.join("sparse")) < 1 << 20);
     assert_eq!(std::fs::read(dst.join("small")).unwrap(), b"small");
 }
@@ -195,10 +160,7 @@ fn testfs_cleans_up_on_panic() {
     let mnt = dir.lock().unwrap().clone().unwrap();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*mnt.to_string_lossy()), "still mounted");
-    assert!(
-        !mnt.parent().unwrap().exists(),
-        "scratch directory left behind"
-    );
+    assert!(!mnt.parent().unwrap().exists(), "scratch directory left behind");
 }
 
 /// More directories than half the default open-file limit (20,000 here): the walk raises the

@@ -28,8 +28,7 @@ impl Env {
         }
         let fs = TestFs::new(kind, mib).expect("make test filesystem");
         // The store lives on the same filesystem as the workspaces, so objects are reflinks.
-        let store =
-            Store::open(fs.path().join("store"), OpenOptions::default()).expect("open store");
+        let store = Store::open(fs.path().join("store"), OpenOptions::default()).expect("open store");
         Some(Env { fs, store })
     }
     fn p(&self, rel: &str) -> PathBuf {
@@ -38,12 +37,7 @@ impl Env {
 }
 
 fn sh(script: &str, dir: &Path) {
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .status()
-        .unwrap();
+    let st = Command::new("sh").arg("-c").arg(script).current_dir(dir).status().unwrap();
     assert!(st.success(), "shell command failed: {script}");
 }
 
@@ -63,14 +57,7 @@ fn checkpoint_restore_roundtrip(kind: FsType) {
     let before_outside = common::snapshot(&outside);
 
     let r = workspace::checkpoint(&env.store, &ws, Some("first")).unwrap();
-    assert_eq!(
-        r.mode,
-        if kind.reflinks() {
-            CopyMode::Reflink
-        } else {
-            CopyMode::Copy
-        }
-    );
+    assert_eq!(r.mode, if kind.reflinks() { CopyMode::Reflink } else { CopyMode::Copy });
     assert!(r.parent.is_none());
     assert_eq!(r.unchanged_files, 0);
     // 11 regular files with content; hl-a/b/c are one inode, dup1/dup2 one object.
@@ -80,27 +67,14 @@ fn checkpoint_restore_roundtrip(kind: FsType) {
 
     let dst = env.p("restored");
     let rr = workspace::restore(&env.store, &r.id, &dst).unwrap();
-    assert_eq!(
-        rr.mode,
-        if kind.reflinks() {
-            CopyMode::Reflink
-        } else {
-            CopyMode::Copy
-        }
-    );
+    assert_eq!(rr.mode, if kind.reflinks() { CopyMode::Reflink } else { CopyMode::Copy });
     assert!(rr.skipped.is_empty());
     common::assert_same(&before, &common::snapshot(&dst));
     common::assert_same(&before_outside, &common::snapshot(&outside));
-    assert!(
-        common::allocated(&dst.join("disk.img")) < 4 << 20,
-        "restored image is dense"
-    );
+    assert!(common::allocated(&dst.join("disk.img")) < 4 << 20, "restored image is dense");
     let hl = std::fs::metadata(dst.join("hl-a")).unwrap();
     assert_eq!(hl.nlink(), 3);
-    assert_eq!(
-        hl.ino(),
-        std::fs::metadata(dst.join("src/deep/hl-c")).unwrap().ino()
-    );
+    assert_eq!(hl.ino(), std::fs::metadata(dst.join("src/deep/hl-c")).unwrap().ino());
 
     // A second checkpoint of an unchanged workspace reads nothing and gives the same tree.
     let r2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
@@ -111,21 +85,13 @@ fn checkpoint_restore_roundtrip(kind: FsType) {
     workspace::restore(&env.store, &r2.id, &dst2).unwrap();
     common::assert_same(&before, &common::snapshot(&dst2));
     let d = workspace::diff(&env.store, Side::Checkpoint(r.id), Side::Checkpoint(r2.id)).unwrap();
-    assert!(
-        d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(),
-        "{d:?}"
-    );
+    assert!(d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(), "{d:?}");
     // The restored tree checkpoints without reading anything either (its stat cache was seeded).
     let r3 = workspace::checkpoint(&env.store, &dst, None).unwrap();
     assert_eq!(r3.hashed_files, 0, "{r3:?}");
 
     // gc follows the manifests' links: everything is still restorable after it.
-    env.store
-        .gc(&GcOptions {
-            grace: std::time::Duration::ZERO,
-            ..GcOptions::default()
-        })
-        .unwrap();
+    env.store.gc(&GcOptions { grace: std::time::Duration::ZERO, ..GcOptions::default() }).unwrap();
     let again = env.p("after-gc");
     workspace::restore(&env.store, &r.id, &again).unwrap();
     common::assert_same(&before, &common::snapshot(&again));
@@ -170,47 +136,22 @@ fn shell_edits_are_captured(kind: FsType) {
     );
     let c2 = workspace::checkpoint(&env.store, &ws, Some("after shell")).unwrap();
     // f3, f6, same-size, a.o changed content; f5 and f7 changed ctime (chmod, chown).
-    assert!(
-        c2.hashed_files <= 6,
-        "unchanged files were read again: {c2:?}"
-    );
+    assert!(c2.hashed_files <= 6, "unchanged files were read again: {c2:?}");
     let d = workspace::diff(&env.store, Side::Checkpoint(c1.id), Side::Checkpoint(c2.id)).unwrap();
     assert_eq!(d.added, vec!["build", "build/out", "build/out/a.o"]);
     assert_eq!(d.removed, vec!["src/f4.txt"]);
-    let changed: BTreeMap<String, Vec<String>> = d
-        .changed
-        .iter()
-        .map(|c| (c.path.clone(), c.what.clone()))
-        .collect();
-    assert_eq!(
-        changed.get("src/f3.txt").unwrap(),
-        &vec!["content".to_string()]
-    );
-    assert_eq!(
-        changed.get("src/f5.txt").unwrap(),
-        &vec!["mode".to_string()]
-    );
-    assert_eq!(
-        changed.get("src/f6.txt").unwrap(),
-        &vec!["content".to_string()]
-    );
-    assert_eq!(
-        changed.get("src/f7.txt").unwrap(),
-        &vec!["owner".to_string()]
-    );
+    let changed: BTreeMap<String, Vec<String>> = d.changed.iter().map(|c| (c.path.clone(), c.what.clone())).collect();
+    assert_eq!(changed.get("src/f3.txt").unwrap(), &vec!["content".to_string()]);
+    assert_eq!(changed.get("src/f5.txt").unwrap(), &vec!["mode".to_string()]);
+    assert_eq!(changed.get("src/f6.txt").unwrap(), &vec!["content".to_string()]);
+    assert_eq!(changed.get("src/f7.txt").unwrap(), &vec!["owner".to_string()]);
     assert_eq!(changed.get("link").unwrap(), &vec!["link".to_string()]);
-    assert_eq!(
-        changed.get("same-size").unwrap(),
-        &vec!["content".to_string()]
-    );
+    assert_eq!(changed.get("same-size").unwrap(), &vec!["content".to_string()]);
     // The root and src directories changed mtime only: not a reported change.
     assert_eq!(changed.len(), 6, "{changed:?}");
     // The live directory equals its latest checkpoint, and differs from the first one.
     let live = workspace::diff(&env.store, Side::Checkpoint(c2.id), Side::Dir(&ws)).unwrap();
-    assert!(
-        live.added.is_empty() && live.removed.is_empty() && live.changed.is_empty(),
-        "{live:?}"
-    );
+    assert!(live.added.is_empty() && live.removed.is_empty() && live.changed.is_empty(), "{live:?}");
     let live1 = workspace::diff(&env.store, Side::Checkpoint(c1.id), Side::Dir(&ws)).unwrap();
     assert_eq!(live1.removed, vec!["src/f4.txt"]);
     // Restoring the second checkpoint gives the workspace as the shell left it.
@@ -266,29 +207,17 @@ fn large_image_is_hashed_incrementally(kind: FsType) {
     let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
     assert_eq!(c2.hashed_files, 1);
     if kind.reflinks() {
-        assert!(
-            c2.hashed_bytes < size / 10,
-            "hashed {} of {size} bytes",
-            c2.hashed_bytes
-        );
+        assert!(c2.hashed_bytes < size / 10, "hashed {} of {size} bytes", c2.hashed_bytes);
     } else {
         // ext4 cannot share extents: the whole file is hashed again.
         assert_eq!(c2.hashed_bytes, size);
     }
     let dst = env.p("r");
     workspace::restore(&env.store, &c2.id, &dst).unwrap();
-    assert!(
-        std::fs::read(dst.join("disk.img")).unwrap() == data,
-        "restored image differs"
-    );
+    assert!(std::fs::read(dst.join("disk.img")).unwrap() == data, "restored image differs");
     let expect = blake3::hash(&data);
-    let obj = env
-        .store
-        .file_object_path(&snapfork_store::Hash(*expect.as_bytes()));
-    assert!(
-        obj.exists(),
-        "object is not named by the BLAKE3 of the image"
-    );
+    let obj = env.store.file_object_path(&snapfork_store::Hash(*expect.as_bytes()));
+    assert!(obj.exists(), "object is not named by the BLAKE3 of the image");
 }
 
 #[test]
@@ -339,11 +268,7 @@ fn read_tree_via_dirfd(ws: &Path) -> Option<Vec<Vec<u8>>> {
 /// sees a tree mixing two checkpoints.
 #[test]
 fn revert_is_atomic_under_a_concurrent_reader() {
-    let Some(env) = Env::new(
-        FsType::Xfs,
-        "revert_is_atomic_under_a_concurrent_reader",
-        512,
-    ) else {
+    let Some(env) = Env::new(FsType::Xfs, "revert_is_atomic_under_a_concurrent_reader", 512) else {
         return;
     };
     let ws = env.p("ws");
@@ -370,10 +295,7 @@ fn revert_is_atomic_under_a_concurrent_reader() {
                     assert!(
                         files.iter().all(|f| *f == first),
                         "mixed tree seen: {:?}",
-                        files
-                            .iter()
-                            .map(|f| String::from_utf8_lossy(f).into_owned())
-                            .collect::<Vec<_>>()
+                        files.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect::<Vec<_>>()
                     );
                     kinds.insert(first);
                     seen.fetch_add(1, Ordering::Relaxed);
@@ -384,11 +306,7 @@ fn revert_is_atomic_under_a_concurrent_reader() {
     };
     let mut cleanups = Vec::new();
     for round in 0..20 {
-        let (target, expect) = if round % 2 == 0 {
-            (c1.id, "version-1")
-        } else {
-            (c2.id, "version-2")
-        };
+        let (target, expect) = if round % 2 == 0 { (c1.id, "version-1") } else { (c2.id, "version-2") };
         let r = workspace::revert(&env.store, &ws, &target).unwrap();
         cleanups.push(workspace::remove_tree_background(r.old_tree));
         assert_eq!(std::fs::read_to_string(ws.join("f07")).unwrap(), expect);
@@ -402,16 +320,8 @@ fn revert_is_atomic_under_a_concurrent_reader() {
     assert!(seen.load(Ordering::Relaxed) > 20);
     assert_eq!(kinds.len(), 2, "the reader should have seen both versions");
     // No leftovers beside the workspace.
-    let names: Vec<_> = std::fs::read_dir(env.fs.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        !names
-            .iter()
-            .any(|n| n.to_string_lossy().contains("snapfork-revert")),
-        "{names:?}"
-    );
+    let names: Vec<_> = std::fs::read_dir(env.fs.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!names.iter().any(|n| n.to_string_lossy().contains("snapfork-revert")), "{names:?}");
     // The history records the reverts.
     let (_rec, log) = workspace::log(&env.store, &ws).unwrap();
     assert_eq!(log.iter().filter(|e| e.kind == "revert").count(), 20);
@@ -430,38 +340,20 @@ fn three_forks_evolve_independently() {
     let forks = workspace::fork(&env.store, &c.id, 3, &env.p("forks")).unwrap();
     assert_eq!(forks.len(), 3);
     for (i, f) in forks.iter().enumerate() {
-        sh(
-            &format!("echo fork{i} >> app/state && echo {i} > only-{i}"),
-            &f.path,
-        );
+        sh(&format!("echo fork{i} >> app/state && echo {i} > only-{i}"), &f.path);
     }
     let mut ids = Vec::new();
     for (i, f) in forks.iter().enumerate() {
-        assert_eq!(
-            std::fs::read_to_string(f.path.join("app/state")).unwrap(),
-            format!("base\nfork{i}\n")
-        );
+        assert_eq!(std::fs::read_to_string(f.path.join("app/state")).unwrap(), format!("base\nfork{i}\n"));
         for j in 0..3 {
             assert_eq!(f.path.join(format!("only-{j}")).exists(), i == j);
         }
         let r = workspace::checkpoint(&env.store, &f.path, None).unwrap();
-        assert_eq!(
-            r.parent,
-            Some(c.id),
-            "a fork's first checkpoint descends from the fork point"
-        );
+        assert_eq!(r.parent, Some(c.id), "a fork's first checkpoint descends from the fork point");
         ids.push(r.id);
     }
-    assert_eq!(
-        std::fs::read_to_string(ws.join("app/state")).unwrap(),
-        "base\n"
-    );
-    let d = workspace::diff(
-        &env.store,
-        Side::Checkpoint(ids[0]),
-        Side::Checkpoint(ids[1]),
-    )
-    .unwrap();
+    assert_eq!(std::fs::read_to_string(ws.join("app/state")).unwrap(), "base\n");
+    let d = workspace::diff(&env.store, Side::Checkpoint(ids[0]), Side::Checkpoint(ids[1])).unwrap();
     assert_eq!(d.added, vec!["only-1"]);
     assert_eq!(d.removed, vec!["only-0"]);
     assert_eq!(d.changed.len(), 1);
@@ -470,23 +362,12 @@ fn three_forks_evolve_independently() {
     assert_eq!(log[0].offspring.len(), 3);
     assert!(log[0].offspring.iter().all(|o| o.kind == "fork"));
     let (_rec, flog) = workspace::log(&env.store, &forks[0].path).unwrap();
-    assert_eq!(
-        flog.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
-        vec!["fork", "checkpoint"]
-    );
+    assert_eq!(flog.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["fork", "checkpoint"]);
 }
 
 fn sqlite(db: &Path, sql: &str) -> String {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("run sqlite3 (installed by scripts/setup.sh)");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("sqlite3").arg(db).arg(sql).output().expect("run sqlite3 (installed by scripts/setup.sh)");
+    assert!(out.status.success(), "sqlite3 {sql}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -509,21 +390,12 @@ fn sqlite_database_forks() {
     let c = workspace::checkpoint(&env.store, &ws, Some("db")).unwrap();
     let forks = workspace::fork(&env.store, &c.id, 2, &env.p("forks")).unwrap();
     for (i, f) in forks.iter().enumerate() {
-        sqlite(
-            &f.path.join("app.db"),
-            &format!("INSERT INTO t VALUES ('fork{i}', {});", 100 + i),
-        );
+        sqlite(&f.path.join("app.db"), &format!("INSERT INTO t VALUES ('fork{i}', {});", 100 + i));
     }
     sqlite(&db, "INSERT INTO t VALUES ('origin', 9);");
     let q = "PRAGMA integrity_check; SELECT k || ':' || v FROM t ORDER BY v;";
-    assert_eq!(
-        sqlite(&forks[0].path.join("app.db"), q),
-        "ok\nbase:1\nbase:2\nfork0:100\n"
-    );
-    assert_eq!(
-        sqlite(&forks[1].path.join("app.db"), q),
-        "ok\nbase:1\nbase:2\nfork1:101\n"
-    );
+    assert_eq!(sqlite(&forks[0].path.join("app.db"), q), "ok\nbase:1\nbase:2\nfork0:100\n");
+    assert_eq!(sqlite(&forks[1].path.join("app.db"), q), "ok\nbase:1\nbase:2\nfork1:101\n");
     assert_eq!(sqlite(&db, q), "ok\nbase:1\nbase:2\norigin:9\n");
 }
 
@@ -552,10 +424,7 @@ fn restore_and_revert_never_write_outside() {
     std::fs::remove_dir_all(&r.old_tree).unwrap();
     common::assert_same(&before, &common::snapshot(&outside));
     assert!(std::fs::symlink_metadata(ws.join("d")).unwrap().is_dir());
-    assert_eq!(
-        std::fs::read(ws.join("d/keep")).unwrap(),
-        b"from checkpoint\n"
-    );
+    assert_eq!(std::fs::read(ws.join("d/keep")).unwrap(), b"from checkpoint\n");
     // A workspace path that is itself a link to a directory is resolved once (like cp).
     let _ = common::latin1_name();
 }

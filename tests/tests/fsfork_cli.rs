@@ -12,11 +12,7 @@ use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
 fn snapfork() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/snapfork
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     let bin = dir.join("snapfork");
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "-q", "-p", "snapfork-cli"]);
@@ -55,11 +51,7 @@ impl Cli {
     fn json(&self, args: &[&str]) -> Value {
         let (ok, out, err) = self.run(args);
         assert!(ok, "snapfork {args:?} failed: {err}");
-        assert_eq!(
-            out.trim_end().lines().count(),
-            1,
-            "more than one line of output: {out}"
-        );
+        assert_eq!(out.trim_end().lines().count(), 1, "more than one line of output: {out}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
     }
 }
@@ -70,11 +62,7 @@ fn fsfork_cli_end_to_end() {
         return;
     }
     let fs = TestFs::new(FsType::Xfs, 512).expect("make XFS");
-    let cli = Cli {
-        bin: snapfork(),
-        store: fs.path().join("store"),
-        cwd: fs.path().to_path_buf(),
-    };
+    let cli = Cli { bin: snapfork(), store: fs.path().join("store"), cwd: fs.path().to_path_buf() };
     let ws = fs.path().join("ws");
     std::fs::create_dir_all(ws.join("src")).unwrap();
     std::fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
@@ -108,18 +96,12 @@ fn fsfork_cli_end_to_end() {
     let ids = f["id"].as_array().unwrap();
     assert_eq!(ids.len(), 3);
     for p in ids {
-        assert_eq!(
-            std::fs::read_to_string(Path::new(p.as_str().unwrap()).join("README")).unwrap(),
-            "v1\n"
-        );
+        assert_eq!(std::fs::read_to_string(Path::new(p.as_str().unwrap()).join("README")).unwrap(), "v1\n");
     }
 
     let r = cli.json(&["restore", &id2, "restored"]);
     assert!(r["id"].as_str().unwrap().ends_with("/restored"));
-    assert_eq!(
-        std::fs::read_to_string(fs.path().join("restored/NEW")).unwrap(),
-        "new\n"
-    );
+    assert_eq!(std::fs::read_to_string(fs.path().join("restored/NEW")).unwrap(), "new\n");
 
     let rv = cli.json(&["revert", "ws", &id1, "--wait"]);
     assert_eq!(rv["checkpoint"], id1.as_str());
@@ -128,12 +110,7 @@ fn fsfork_cli_end_to_end() {
     assert!(!Path::new(rv["old_tree"].as_str().unwrap()).exists());
 
     let log = cli.json(&["log", "ws"]);
-    let kinds: Vec<&str> = log["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds: Vec<&str> = log["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, vec!["checkpoint", "checkpoint", "revert"]);
     assert_eq!(log["events"][0]["offspring"].as_array().unwrap().len(), 3);
 
@@ -144,12 +121,7 @@ fn fsfork_cli_end_to_end() {
     // Errors: one JSON object on stdout with --json, one line on stderr, non-zero exit.
     let (ok, out, err) = cli.run(&["restore", "no-such-checkpoint", "x"]);
     assert!(!ok);
-    assert!(
-        serde_json::from_str::<Value>(&out).unwrap()["error"]
-            .as_str()
-            .unwrap()
-            .contains("no such checkpoint")
-    );
+    assert!(serde_json::from_str::<Value>(&out).unwrap()["error"].as_str().unwrap().contains("no such checkpoint"));
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let (ok, _, _) = cli.run(&["restore", &id1, "restored"]);
     assert!(!ok, "restoring over an existing directory must fail");

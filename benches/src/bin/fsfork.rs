@@ -28,10 +28,7 @@ fn secs<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
 }
 
 fn sh(args: &[&str]) -> Result<()> {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .with_context(|| format!("run {args:?}"))?;
+    let st = Command::new(args[0]).args(&args[1..]).status().with_context(|| format!("run {args:?}"))?;
     if !st.success() {
         bail!("{args:?} failed");
     }
@@ -64,11 +61,7 @@ fn make_tree(root: &Path, files: usize, rng: &mut impl RngCore) -> Result<u64> {
     for i in 0..files {
         let dir = root.join(format!("pkg{:03}/sub{}", i / 100, (i / 10) % 10));
         std::fs::create_dir_all(&dir)?;
-        let len = if i < large {
-            80 << 20
-        } else {
-            rng.random_range(1024..40 * 1024)
-        };
+        let len = if i < large { 80 << 20 } else { rng.random_range(1024..40 * 1024) };
         rng.fill_bytes(&mut buf[..len]);
         std::fs::File::create(dir.join(format!("f{i}.dat")))?.write_all(&buf[..len])?;
         total += len as u64;
@@ -96,9 +89,7 @@ fn hash_whole(path: &Path) -> Result<blake3::Hash> {
 fn main() -> Result<()> {
     // RUST_LOG=snapfork_fsfork=debug shows where a checkpoint spends its time.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
@@ -113,11 +104,7 @@ fn main() -> Result<()> {
     let nfiles = arg("--files", 10_000);
     let json = args.iter().any(|a| a == "--json");
     // --only fork|checkpoint|revert|image runs one part (for profiling with RUST_LOG=debug).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     if !snapfork_fsfork::testfs::require_root("fsfork bench") {
         return Ok(());
@@ -127,17 +114,10 @@ fn main() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let src = root.join("ws");
     let bytes = make_tree(&src, nfiles, &mut rng)?;
-    eprintln!(
-        "tree: {nfiles} files, {:.0} MiB on XFS at {}",
-        bytes as f64 / 1048576.0,
-        root.display()
-    );
+    eprintln!("tree: {nfiles} files, {:.0} MiB on XFS at {}", bytes as f64 / 1048576.0, root.display());
     let store = Store::open(root.join("store"), OpenOptions::default())?;
     let (t_first, c0) = secs(|| Ok(workspace::checkpoint(&store, &src, Some("base"))?))?;
-    eprintln!(
-        "first checkpoint: {:.3} s ({} new objects)",
-        t_first, c0.new_objects
-    );
+    eprintln!("first checkpoint: {:.3} s ({} new objects)", t_first, c0.new_objects);
 
     // 1. Forks, alternating so that every contender sees the same cache state.
     let (mut t_fork, mut t_clone, mut t_cp_ref, mut t_cp_copy) = (vec![], vec![], vec![], vec![]);
@@ -152,30 +132,12 @@ fn main() -> Result<()> {
         rm(&dst)?;
         let dst = root.join(format!("cpref{r}"));
         t_cp_ref.push(
-            secs(|| {
-                sh(&[
-                    "cp",
-                    "-a",
-                    "--reflink=always",
-                    src.to_str().unwrap_or(""),
-                    dst.to_str().unwrap_or(""),
-                ])
-            })?
-            .0,
+            secs(|| sh(&["cp", "-a", "--reflink=always", src.to_str().unwrap_or(""), dst.to_str().unwrap_or("")]))?.0,
         );
         rm(&dst)?;
         let dst = root.join(format!("cpcopy{r}"));
         t_cp_copy.push(
-            secs(|| {
-                sh(&[
-                    "cp",
-                    "-a",
-                    "--reflink=never",
-                    src.to_str().unwrap_or(""),
-                    dst.to_str().unwrap_or(""),
-                ])
-            })?
-            .0,
+            secs(|| sh(&["cp", "-a", "--reflink=never", src.to_str().unwrap_or(""), dst.to_str().unwrap_or("")]))?.0,
         );
         rm(&dst)?;
     }
@@ -187,10 +149,7 @@ fn main() -> Result<()> {
         for k in 0..10 {
             let i = 10 + (r * 977 + k * 131) % (nfiles - 10);
             let p = src.join(format!("pkg{:03}/sub{}/f{i}.dat", i / 100, (i / 10) % 10));
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&p)?
-                .write_all(format!("edit {r} {k}\n").as_bytes())?;
+            std::fs::OpenOptions::new().append(true).open(&p)?.write_all(format!("edit {r} {k}\n").as_bytes())?;
         }
         let (t, c) = secs(|| Ok(workspace::checkpoint(&store, &src, Some("10 files"))?))?;
         hashed10 = c.hashed_files;
@@ -210,13 +169,7 @@ fn main() -> Result<()> {
         let copy = root.join("revert-baseline");
         let other = root.join("revert-src");
         if r == 0 {
-            sh(&[
-                "cp",
-                "-a",
-                "--reflink=always",
-                src.to_str().unwrap_or(""),
-                other.to_str().unwrap_or(""),
-            ])?;
+            sh(&["cp", "-a", "--reflink=always", src.to_str().unwrap_or(""), other.to_str().unwrap_or("")])?;
             sync();
         }
         t_revert_cp.push(
@@ -224,13 +177,7 @@ fn main() -> Result<()> {
                 if copy.exists() {
                     std::fs::remove_dir_all(&copy)?;
                 }
-                sh(&[
-                    "cp",
-                    "-a",
-                    "--reflink=always",
-                    other.to_str().unwrap_or(""),
-                    copy.to_str().unwrap_or(""),
-                ])
+                sh(&["cp", "-a", "--reflink=always", other.to_str().unwrap_or(""), copy.to_str().unwrap_or("")])
             })?
             .0,
         );
@@ -297,11 +244,7 @@ fn main() -> Result<()> {
     let (hashed_scatter, hashed_contig) = (cases[0].2, cases[2].2);
 
     let m = |v: &Vec<f64>| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            median(v.clone())
-        }
+        if v.is_empty() { f64::NAN } else { median(v.clone()) }
     };
     let report = serde_json::json!({
         "files": nfiles, "bytes": bytes, "rounds": rounds, "fs": "xfs (loop, reflink=1)",
@@ -340,10 +283,7 @@ fn main() -> Result<()> {
             ("checkpoint, 1 GiB image, 1% pages scattered", m(&t_img)),
             ("checkpoint, 1 GiB image, 1% contiguous", m(&t_img_contig)),
             ("  same, scattered, after sync (untimed)", m(&t_img_synced)),
-            (
-                "  same, contiguous, after sync (untimed)",
-                m(&t_img_contig_synced),
-            ),
+            ("  same, contiguous, after sync (untimed)", m(&t_img_contig_synced)),
             ("baseline: BLAKE3 of the whole 1 GiB image", m(&t_whole)),
         ];
         for (k, v) in rows {

@@ -20,77 +20,32 @@ fn c(p: &Path) -> CString {
 
 /// Sets atime and mtime with nanoseconds, not following symlinks.
 pub fn set_times(p: &Path, sec: i64, nsec: i64) {
-    let ts = [
-        libc::timespec {
-            tv_sec: sec - 1000,
-            tv_nsec: nsec / 2,
-        },
-        libc::timespec {
-            tv_sec: sec,
-            tv_nsec: nsec,
-        },
-    ];
+    let ts = [libc::timespec { tv_sec: sec - 1000, tv_nsec: nsec / 2 }, libc::timespec { tv_sec: sec, tv_nsec: nsec }];
     // SAFETY: valid path and two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c(p).as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
     assert_eq!(r, 0, "utimensat {}", p.display());
 }
 
 pub fn lchown(p: &Path, uid: u32, gid: u32) {
     // SAFETY: valid path.
-    assert_eq!(
-        unsafe { libc::lchown(c(p).as_ptr(), uid, gid) },
-        0,
-        "lchown {}",
-        p.display()
-    );
+    assert_eq!(unsafe { libc::lchown(c(p).as_ptr(), uid, gid) }, 0, "lchown {}", p.display());
 }
 
 pub fn mknod(p: &Path, mode: u32, dev: u64) {
     // SAFETY: valid path.
-    assert_eq!(
-        unsafe { libc::mknod(c(p).as_ptr(), mode, dev) },
-        0,
-        "mknod {}",
-        p.display()
-    );
+    assert_eq!(unsafe { libc::mknod(c(p).as_ptr(), mode, dev) }, 0, "mknod {}", p.display());
 }
 
 pub fn setxattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
     // SAFETY: valid strings and buffer.
-    let r = unsafe {
-        libc::lsetxattr(
-            c(p).as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {} {name}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
+    let r = unsafe { libc::lsetxattr(c(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {} {name}: {}", p.display(), std::io::Error::last_os_error());
 }
 
 /// Writes `data` at `offset` of a file, creating it.
 pub fn write_at(p: &Path, offset: u64, data: &[u8]) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(p)
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(p).unwrap();
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(data).unwrap();
 }
@@ -100,11 +55,7 @@ pub fn write_at(p: &Path, offset: u64, data: &[u8]) {
 pub fn build_rich_tree(root: &Path, outside: &Path) {
     std::fs::create_dir_all(root.join("src/deep/er/est")).unwrap();
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
-    std::fs::write(
-        root.join("src/main.rs"),
-        b"fn main() { println!(\"hi\"); }\n",
-    )
-    .unwrap();
+    std::fs::write(root.join("src/main.rs"), b"fn main() { println!(\"hi\"); }\n").unwrap();
     std::fs::write(root.join("src/deep/er/est/leaf.txt"), vec![b'x'; 70_000]).unwrap();
     std::fs::write(root.join("empty-file"), b"").unwrap();
     // Permissions, including setuid/setgid/sticky.
@@ -113,11 +64,7 @@ pub fn build_rich_tree(root: &Path, outside: &Path) {
     // Non-UTF-8 name.
     std::fs::write(root.join(latin1_name()), b"latin1\n").unwrap();
     std::fs::create_dir(root.join(OsStr::from_bytes(b"dir-\x80\x81"))).unwrap();
-    std::fs::write(
-        root.join(OsStr::from_bytes(b"dir-\x80\x81")).join("inner"),
-        b"in\n",
-    )
-    .unwrap();
+    std::fs::write(root.join(OsStr::from_bytes(b"dir-\x80\x81")).join("inner"), b"in\n").unwrap();
     // A sparse file: 64 MiB with data at 3 places.
     let sparse = root.join("disk.img");
     write_at(&sparse, 0, &[1u8; 4096]);
@@ -131,37 +78,17 @@ pub fn build_rich_tree(root: &Path, outside: &Path) {
     // outside (which must never be walked).
     std::os::unix::fs::symlink("main.rs", root.join("src/link-in")).unwrap();
     std::os::unix::fs::symlink(outside.join("target.txt"), root.join("link-out-abs")).unwrap();
-    std::os::unix::fs::symlink(
-        "../../../../../../../../etc/passwd",
-        root.join("link-escape"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", root.join("link-escape")).unwrap();
     std::os::unix::fs::symlink("does/not/exist", root.join("link-dangling")).unwrap();
     std::os::unix::fs::symlink(outside, root.join("link-outside-dir")).unwrap();
-    std::os::unix::fs::symlink(
-        OsStr::from_bytes(b"\xfe\xfftarget"),
-        root.join("link-nonutf8"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"\xfe\xfftarget"), root.join("link-nonutf8")).unwrap();
     // Special files.
     mknod(&root.join("fifo"), libc::S_IFIFO | 0o640, 0);
     mknod(&root.join("socket"), libc::S_IFSOCK | 0o755, 0);
-    mknod(
-        &root.join("null-dev"),
-        libc::S_IFCHR | 0o666,
-        libc::makedev(1, 3),
-    );
-    mknod(
-        &root.join("blk-dev"),
-        libc::S_IFBLK | 0o660,
-        libc::makedev(7, 200),
-    );
+    mknod(&root.join("null-dev"), libc::S_IFCHR | 0o666, libc::makedev(1, 3));
+    mknod(&root.join("blk-dev"), libc::S_IFBLK | 0o660, libc::makedev(7, 200));
     // Extended attributes on a file, a directory.
-    setxattr(
-        &root.join("src/main.rs"),
-        "user.origin",
-        b"test\0binary\xff",
-    );
+    setxattr(&root.join("src/main.rs"), "user.origin", b"test\0binary\xff");
     setxattr(&root.join("src"), "user.dir", b"yes");
     setxattr(&root.join("setuid-bin"), "trusted.t", b"trusted");
     // Owners.
@@ -170,22 +97,10 @@ pub fn build_rich_tree(root: &Path, outside: &Path) {
     lchown(&root.join("empty-dir"), 42, 43);
     lchown(&root.join("fifo"), 7, 8);
     // Modes after chown (chown clears setuid).
-    std::fs::set_permissions(
-        root.join("setuid-bin"),
-        std::fs::Permissions::from_mode(0o4755),
-    )
-    .unwrap();
+    std::fs::set_permissions(root.join("setuid-bin"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::fs::set_permissions(root.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(
-        root.join("empty-dir"),
-        std::fs::Permissions::from_mode(0o3775),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        root.join("src/deep"),
-        std::fs::Permissions::from_mode(0o1777),
-    )
-    .unwrap();
+    std::fs::set_permissions(root.join("empty-dir"), std::fs::Permissions::from_mode(0o3775)).unwrap();
+    std::fs::set_permissions(root.join("src/deep"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     // Distinct times everywhere, directories last (creating entries changes them).
     let mut all: Vec<PathBuf> = walk_paths(root);
     all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -236,15 +151,11 @@ fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let n = unsafe { libc::llistxattr(cp.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     assert!(n >= 0, "llistxattr {}", p.display());
     let mut out = Vec::new();
-    for name in names[..n as usize]
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-    {
+    for name in names[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let cn = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
         // SAFETY: valid strings and buffer.
-        let m =
-            unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let m = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
         assert!(m >= 0);
         v.truncate(m as usize);
         out.push((name.to_vec(), v));
@@ -260,17 +171,10 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Snap> {
     let mut paths = walk_paths(root);
     paths.push(root.to_path_buf());
     for p in paths {
-        let rel = p
-            .strip_prefix(root)
-            .unwrap()
-            .as_os_str()
-            .as_bytes()
-            .to_vec();
+        let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
         let md = std::fs::symlink_metadata(&p).unwrap();
         let ft = md.file_type();
-        let link = ft
-            .is_symlink()
-            .then(|| std::fs::read_link(&p).unwrap().into_os_string().into_vec());
+        let link = ft.is_symlink().then(|| std::fs::read_link(&p).unwrap().into_os_string().into_vec());
         let content = ft.is_file().then(|| {
             let mut h = blake3::Hasher::new();
             let mut f = std::fs::File::open(&p).unwrap();
@@ -297,11 +201,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Snap> {
                 atime: (md.atime(), md.atime_nsec()),
                 mtime: (md.mtime(), md.mtime_nsec()),
                 rdev: md.rdev(),
-                xattrs: if ft.is_symlink() {
-                    Vec::new()
-                } else {
-                    xattrs(&p)
-                },
+                xattrs: if ft.is_symlink() { Vec::new() } else { xattrs(&p) },
                 link,
                 content,
                 hardlinks: Vec::new(),
@@ -320,22 +220,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Snap> {
 
 /// Asserts two walks are equal field by field, naming the first difference.
 pub fn assert_same(a: &BTreeMap<Vec<u8>, Snap>, b: &BTreeMap<Vec<u8>, Snap>) {
-    let ka: Vec<_> = a
-        .keys()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
-    let kb: Vec<_> = b
-        .keys()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
+    let ka: Vec<_> = a.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    let kb: Vec<_> = b.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
     assert_eq!(ka, kb, "different entries");
     for (k, va) in a {
-        assert_eq!(
-            Some(va),
-            b.get(k),
-            "entry {:?} differs",
-            String::from_utf8_lossy(k)
-        );
+        assert_eq!(Some(va), b.get(k), "entry {:?} differs", String::from_utf8_lossy(k));
     }
 }
 
@@ -346,11 +235,7 @@ pub fn allocated(p: &Path) -> u64 {
 
 /// A scratch directory for one test on the root filesystem.
 pub fn scratch(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "fsfork-{name}-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
+    let p = std::env::temp_dir().join(format!("fsfork-{name}-{}-{}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir_all(&p).unwrap();
     p
 }
