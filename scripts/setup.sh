@@ -7,6 +7,7 @@ PKGS=(
   librocksdb-dev libzstd-dev    # the RocksDB the index links against (see ARCHITECTURE.md)
   xfsprogs btrfs-progs          # reflink filesystems for fsfork tests
   runsc                         # gVisor, for the engine's gvisor driver
+  busybox-static                # a static /bin/sh for the engine's demo and test sandboxes
   sqlite3 zstd util-linux e2fsprogs
 )
 missing=()

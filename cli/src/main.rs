@@ -4,8 +4,11 @@
 //! function per command and prints the result, as a human-readable line or (with `--json`) as one
 //! JSON object for agents.
 
+mod daemon;
+mod demo;
 mod fs_cmds;
 mod output;
+mod sandbox_cmds;
 mod store_cmds;
 mod uffd_cmds;
 
@@ -49,6 +52,8 @@ enum Command {
     #[command(flatten)]
     Store(store_cmds::StoreCmd),
     #[command(flatten)]
+    Engine(sandbox_cmds::EngineCmd),
+    #[command(flatten)]
     Fs(fs_cmds::FsCmd),
     #[command(flatten)]
     Uffd(uffd_cmds::UffdCmd),
@@ -59,6 +64,7 @@ fn main() {
     output::init_tracing();
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),
+        Command::Engine(cmd) => sandbox_cmds::run_top(cmd, &cli.global),
         Command::Fs(cmd) => fs_cmds::run(cmd, &cli.global),
         Command::Uffd(cmd) => uffd_cmds::run(cmd, &cli.global),
     };

@@ -638,22 +638,28 @@ fn prefetch_reader(
                 continue;
             }
             let mut data = vec![0u8; (q - p) as usize * rps];
+            // The whole run in one batched read; on an error, page by page to keep the good
+            // prefix and leave the bad page to the demand path.
             let mut good = 0u64;
-            'pages: for k in p..q {
-                let base = (k - p) as usize * rps;
-                for (j, i) in image_pages(r, k, ip as u64).enumerate() {
-                    let dst = &mut data[base + j * ip..base + (j + 1) * ip];
-                    if source.is_zero(i) {
-                        continue;
+            if source.read_pages(image_pages(r, p, ip as u64).start, &mut data).is_ok() {
+                good = q - p;
+            } else {
+                'pages: for k in p..q {
+                    let base = (k - p) as usize * rps;
+                    for (j, i) in image_pages(r, k, ip as u64).enumerate() {
+                        let dst = &mut data[base + j * ip..base + (j + 1) * ip];
+                        if source.is_zero(i) {
+                            continue;
+                        }
+                        if let Err(e) = source.read_page(i, dst) {
+                            // Not installing it leaves it to the demand path, which applies the
+                            // corrupt-page policy if (and only if) the guest touches it.
+                            warn!(page = i, "prefetch skips an unreadable page: {e}");
+                            break 'pages;
+                        }
                     }
-                    if let Err(e) = source.read_page(i, dst) {
-                        // Not installing it leaves it to the demand path, which applies the
-                        // corrupt-page policy if (and only if) the guest touches it.
-                        warn!(page = i, "prefetch skips an unreadable page: {e}");
-                        break 'pages;
-                    }
+                    good += 1;
                 }
-                good += 1;
             }
             if good > 0 {
                 data.truncate(good as usize * rps);
@@ -888,6 +894,11 @@ impl Serving {
         let r = self.states[ri].r;
         let ip = self.source.page_size();
         let rps = r.page_size as usize;
+        // The whole run in one batched read; on an error, page by page to find the bad one.
+        let first = image_pages(&r, p, ip as u64).start;
+        if self.source.read_pages(first, &mut self.buf[..n as usize * rps]).is_ok() {
+            return Ok(n);
+        }
         for k in 0..n {
             for (j, i) in image_pages(&r, p + k, ip as u64).enumerate() {
                 let at = k as usize * rps + j * ip;

@@ -20,6 +20,19 @@ pub trait PageSource: Send + Sync {
     fn is_zero(&self, index: u64) -> bool;
     /// Reads page `index` into `buf` (exactly `page_size()` bytes), verified.
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()>;
+    /// Reads the consecutive pages `first..` into `buf` (a whole number of pages; zero pages
+    /// zero-filled), verified. Sources that can batch (the store) override it.
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        for (k, page) in buf.chunks_mut(self.page_size()).enumerate() {
+            let i = first + k as u64;
+            if self.is_zero(i) {
+                page.fill(0);
+            } else {
+                self.read_page(i, page)?;
+            }
+        }
+        Ok(())
+    }
     /// A short name for logs and errors (the image id or the file path).
     fn name(&self) -> String;
     /// Image size in bytes.
@@ -159,9 +172,64 @@ impl CachedSource {
     }
 }
 
+impl CachedSource {
+    /// Caches page `index`, evicting the shard's oldest pages to stay within its capacity.
+    fn insert(&self, index: u64, page: &[u8]) {
+        let mut shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
+        if !shard.pages.contains_key(&index) {
+            while shard.bytes + page.len() > self.shard_capacity {
+                let Some(old) = shard.order.pop_front() else {
+                    break;
+                };
+                if let Some(p) = shard.pages.remove(&old) {
+                    shard.bytes -= p.len();
+                }
+            }
+            shard.pages.insert(index, Arc::from(page));
+            shard.order.push_back(index);
+            shard.bytes += page.len();
+        }
+    }
+
+    /// Copies page `index` from the cache into `buf`; false on a miss.
+    fn cached(&self, index: u64, buf: &mut [u8]) -> bool {
+        let shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
+        match shard.pages.get(&index) {
+            Some(page) => {
+                buf.copy_from_slice(page);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl PageSource for CachedSource {
     fn page_size(&self) -> usize {
         self.inner.page_size()
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ps = self.page_size();
+        if self.shard_capacity < ps {
+            return self.inner.read_pages(first, buf);
+        }
+        let all_cached = buf
+            .chunks_mut(ps)
+            .enumerate()
+            .all(|(k, page)| self.is_zero(first + k as u64) || self.cached(first + k as u64, page));
+        if all_cached {
+            self.hits.fetch_add((buf.len() / ps) as u64, Relaxed);
+            return Ok(());
+        }
+        self.inner.read_pages(first, buf)?;
+        self.misses.fetch_add((buf.len() / ps) as u64, Relaxed);
+        for (k, page) in buf.chunks(ps).enumerate() {
+            if !self.is_zero(first + k as u64) {
+                self.insert(first + k as u64, page);
+            }
+        }
+        Ok(())
     }
     fn page_count(&self) -> u64 {
         self.inner.page_count()
@@ -174,32 +242,15 @@ impl PageSource for CachedSource {
         if self.shard_capacity < self.page_size() {
             return self.inner.read_page(index, buf);
         }
-        {
-            let shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(page) = shard.pages.get(&index) {
-                buf.copy_from_slice(page);
-                self.hits.fetch_add(1, Relaxed);
-                return Ok(());
-            }
+        if self.cached(index, buf) {
+            self.hits.fetch_add(1, Relaxed);
+            return Ok(());
         }
         // Decompress outside the lock: two restores racing on one page both read it, which is
         // rarer and cheaper than serialising every miss of a shard.
         self.inner.read_page(index, buf)?;
         self.misses.fetch_add(1, Relaxed);
-        let mut shard = self.shard(index).lock().unwrap_or_else(|p| p.into_inner());
-        if !shard.pages.contains_key(&index) {
-            while shard.bytes + buf.len() > self.shard_capacity {
-                let Some(old) = shard.order.pop_front() else {
-                    break;
-                };
-                if let Some(p) = shard.pages.remove(&old) {
-                    shard.bytes -= p.len();
-                }
-            }
-            shard.pages.insert(index, Arc::from(&buf[..]));
-            shard.order.push_back(index);
-            shard.bytes += buf.len();
-        }
+        self.insert(index, buf);
         Ok(())
     }
     fn name(&self) -> String {
@@ -254,6 +305,13 @@ impl PageSource for StoreSource {
         self.reader.read_page(index, buf).map(|_| ()).map_err(|e| Error::Page {
             image: self.reader.name().to_string(),
             page: index,
+            message: e.to_string(),
+        })
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        self.reader.read_pages(first, buf).map_err(|e| Error::Page {
+            image: self.reader.name().to_string(),
+            page: first,
             message: e.to_string(),
         })
     }

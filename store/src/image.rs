@@ -531,6 +531,82 @@ impl ImageReader {
         Ok(true)
     }
 
+    /// Reads the consecutive pages `first..first + n` into `out` (`n` = `out.len()` / page
+    /// size; a short last page is zero-padded), every page verified. Cheaper per page than
+    /// [`ImageReader::read_page`]: one index lookup for the run, and one `pread` for each span of
+    /// pages stored next to each other (ingest appends an image's new pages in order).
+    pub fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<()> {
+        let ps = self.root.page_size as usize;
+        if out.len() % ps != 0 {
+            return Err(Error::InvalidInput(format!("buffer of {} bytes is not a whole number of pages", out.len())));
+        }
+        let n = (out.len() / ps) as u64;
+        if first + n > self.page_count() {
+            return Err(Error::InvalidInput(format!("pages {first}..{} are beyond image {}", first + n, self.name)));
+        }
+        let mut data = Vec::with_capacity(n as usize);
+        for i in first..first + n {
+            let id = self.page_id(i)?;
+            if id.is_zero() {
+                out[(i - first) as usize * ps..][..ps].fill(0);
+            } else {
+                data.push((i, id));
+            }
+        }
+        let ids: Vec<Hash> = data.iter().map(|(_, id)| *id).collect();
+        let locs = self.store.locations(&ids)?;
+        let mut span = Vec::new();
+        let mut k = 0;
+        while k < data.len() {
+            // A span: records that follow each other in one pack.
+            let Some(first_loc) = locs[k] else {
+                return Err(Error::Corrupt {
+                    what: format!("image {} page {}", self.name, data[k].0),
+                    detail: format!("chunk {} is missing from the store", data[k].1),
+                });
+            };
+            let mut end = k + 1;
+            let mut span_end = first_loc.offset + u64::from(first_loc.stored_len);
+            while end < data.len()
+                && let Some(l) = locs[end]
+                && l.pack == first_loc.pack
+                && l.offset == span_end + crate::pack::RECORD_HEADER
+                && end - k < 256
+            {
+                span_end = l.offset + u64::from(l.stored_len);
+                end += 1;
+            }
+            span.resize((span_end - first_loc.offset) as usize, 0);
+            if let Err(e) = self.store.read_pack_span(first_loc.pack, first_loc.offset, &mut span) {
+                // A gc may have moved these chunks since the lookup: read them one by one.
+                tracing::debug!("span read failed ({e}); reading pages one by one");
+                for (i, id) in &data[k..end] {
+                    self.read_page_with_id(*i, id, &mut out[(i - first) as usize * ps..][..ps])?;
+                }
+                k = end;
+                continue;
+            }
+            for j in k..end {
+                let (i, id) = data[j];
+                let loc = locs[j].expect("checked while building the span");
+                let at = (loc.offset - first_loc.offset) as usize;
+                let page = &mut out[(i - first) as usize * ps..][..ps];
+                let what = || format!("image {} page {i}", self.name);
+                let len =
+                    crate::store::decode_verified(&id, &loc, &span[at..at + loc.stored_len as usize], page, &what)?;
+                if len != self.page_len(i) {
+                    return Err(Error::Corrupt {
+                        what: what(),
+                        detail: format!("holds {len} bytes, expected {}", self.page_len(i)),
+                    });
+                }
+                page[len..].fill(0);
+            }
+            k = end;
+        }
+        Ok(())
+    }
+
     /// Writes the image to `path`, leaving zero pages as holes so the file stays sparse.
     /// Returns the bytes of data written. The file is not fsynced: that is the caller's choice.
     pub fn materialize(&self, path: &Path, progress: Option<&Progress>) -> Result<u64> {
@@ -546,17 +622,28 @@ impl ImageReader {
             .into_par_iter()
             .map(|s| -> Result<u64> {
                 let ids = self.segment(s)?;
-                let mut buf = vec![0u8; ps as usize];
+                let base = s as u64 * SEGMENT_PAGES;
+                let mut buf = vec![0u8; 64 * ps as usize];
                 let mut written = 0;
-                for (k, id) in ids.iter().enumerate() {
-                    if id.is_zero() {
+                let mut k = 0;
+                while k < ids.len() {
+                    if ids[k].is_zero() {
+                        k += 1;
                         continue;
                     }
-                    let i = s as u64 * SEGMENT_PAGES + k as u64;
-                    self.read_page_with_id(i, id, &mut buf)?;
-                    let len = self.page_len(i);
-                    file.write_all_at(&buf[..len], i * ps).ctx(|| format!("write {}", path.display()))?;
+                    // A run of up to 64 data pages, read with one lookup, written with one pwrite.
+                    let mut end = k + 1;
+                    while end < ids.len() && end - k < 64 && !ids[end].is_zero() {
+                        end += 1;
+                    }
+                    let first = base + k as u64;
+                    let last = base + end as u64 - 1;
+                    let run = &mut buf[..(end - k) * ps as usize];
+                    self.read_pages(first, run)?;
+                    let len = ((last - first) * ps) as usize + self.page_len(last);
+                    file.write_all_at(&run[..len], first * ps).ctx(|| format!("write {}", path.display()))?;
                     written += len as u64;
+                    k = end;
                 }
                 if let Some(p) = progress {
                     p(ids.len() as u64 * ps);

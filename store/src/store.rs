@@ -201,40 +201,29 @@ impl Store {
         out: &mut [u8],
         what: &dyn Fn() -> String,
     ) -> Result<usize> {
-        let raw_len = loc.raw_len as usize;
-        if out.len() < raw_len {
-            return Err(Error::InvalidInput(format!("buffer of {} bytes for a chunk of {raw_len}", out.len())));
+        if out.len() < loc.raw_len as usize {
+            return Err(Error::InvalidInput(format!("buffer of {} bytes for a chunk of {}", out.len(), loc.raw_len)));
         }
-        let out = &mut out[..raw_len];
-        let corrupt = |detail: String| Error::Corrupt { what: what(), detail };
         match loc.codec {
-            Codec::Raw => {
-                if loc.stored_len != loc.raw_len {
-                    return Err(corrupt("raw chunk with mismatched lengths".into()));
-                }
+            // Stored raw: read straight into `out` and check it there.
+            Codec::Raw if loc.stored_len == loc.raw_len => {
+                let out = &mut out[..loc.raw_len as usize];
                 self.inner.packs.read_at(loc.pack, loc.offset, out)?;
+                check_id(id, out, what)?;
+                Ok(out.len())
             }
-            Codec::Zstd => SCRATCH.with_borrow_mut(|scratch| -> Result<()> {
+            Codec::Raw => Err(Error::Corrupt { what: what(), detail: "raw chunk with mismatched lengths".into() }),
+            Codec::Zstd => SCRATCH.with_borrow_mut(|scratch| {
                 scratch.resize(loc.stored_len as usize, 0);
                 self.inner.packs.read_at(loc.pack, loc.offset, scratch)?;
-                DECOMPRESSOR.with_borrow_mut(|d| {
-                    if d.is_none() {
-                        *d = Some(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?);
-                    }
-                    let d = d.as_mut().expect("decompressor was just created");
-                    match d.decompress_to_buffer(&scratch[..], &mut out[..]) {
-                        Ok(n) if n == raw_len => Ok(()),
-                        Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, expected {raw_len}"))),
-                        Err(e) => Err(corrupt(format!("does not decompress: {e}"))),
-                    }
-                })
-            })?,
+                decode_verified(id, loc, scratch, out, what)
+            }),
         }
-        let actual = Hash::of(out);
-        if actual != *id {
-            return Err(corrupt(format!("content hashes to {} instead of {}", actual.short(), id.short())));
-        }
-        Ok(raw_len)
+    }
+
+    /// Reads `len` bytes at `offset` of pack `pack` (a span of adjacent records).
+    pub(crate) fn read_pack_span(&self, pack: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.packs.read_at(pack, offset, buf)
     }
 
     /// Reads chunk `id`, verified.
@@ -408,6 +397,58 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Decodes a chunk's stored `payload` into `out` and checks it against `id`; returns its length.
+pub(crate) fn decode_verified(
+    id: &Hash,
+    loc: &Location,
+    payload: &[u8],
+    out: &mut [u8],
+    what: &dyn Fn() -> String,
+) -> Result<usize> {
+    let raw_len = loc.raw_len as usize;
+    if out.len() < raw_len {
+        return Err(Error::InvalidInput(format!("buffer of {} bytes for a chunk of {raw_len}", out.len())));
+    }
+    let out = &mut out[..raw_len];
+    let corrupt = |detail: String| Error::Corrupt { what: what(), detail };
+    if payload.len() != loc.stored_len as usize {
+        return Err(corrupt("short read".into()));
+    }
+    match loc.codec {
+        Codec::Raw => {
+            if loc.stored_len != loc.raw_len {
+                return Err(corrupt("raw chunk with mismatched lengths".into()));
+            }
+            out.copy_from_slice(payload);
+        }
+        Codec::Zstd => DECOMPRESSOR.with_borrow_mut(|d| {
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?);
+            }
+            let d = d.as_mut().expect("decompressor was just created");
+            match d.decompress_to_buffer(payload, &mut out[..]) {
+                Ok(n) if n == raw_len => Ok(()),
+                Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, expected {raw_len}"))),
+                Err(e) => Err(corrupt(format!("does not decompress: {e}"))),
+            }
+        })?,
+    }
+    check_id(id, out, what)?;
+    Ok(raw_len)
+}
+
+/// Checks that `data` hashes to `id`.
+fn check_id(id: &Hash, data: &[u8], what: &dyn Fn() -> String) -> Result<()> {
+    let actual = Hash::of(data);
+    if actual != *id {
+        return Err(Error::Corrupt {
+            what: what(),
+            detail: format!("content hashes to {} instead of {}", actual.short(), id.short()),
+        });
+    }
+    Ok(())
 }
 
 /// Writes a small file and makes it and its directory entry durable.

@@ -171,3 +171,43 @@ fn blobs_dedupe_successive_versions() {
     assert_eq!(store.get_blob(&b1.id).unwrap(), v1);
     assert_eq!(store.get_blob(&b2.id).unwrap(), v2);
 }
+
+#[test]
+fn read_pages_matches_page_by_page_reads_and_names_a_corrupt_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let mut data = make_image(700, 3, 60);
+    data.truncate(data.len() - 100); // short last page
+    store.ingest_image(&write(tmp.path(), "img", &data), &IngestOptions::default(), Some("img")).unwrap();
+    let image = store.open_image_ref("img").unwrap();
+    for (first, n) in [(0u64, 1usize), (0, 64), (5, 200), (690, 10), (699, 1), (100, 0)] {
+        let mut run = vec![0xeeu8; n * PAGE];
+        image.read_pages(first, &mut run).unwrap();
+        for k in 0..n {
+            let i = first as usize + k;
+            let end = ((i + 1) * PAGE).min(data.len());
+            let page = &run[k * PAGE..(k + 1) * PAGE];
+            assert_eq!(&page[..end - i * PAGE], &data[i * PAGE..end], "page {i}");
+            assert!(page[end - i * PAGE..].iter().all(|&b| b == 0));
+        }
+    }
+    assert!(image.read_pages(699, &mut vec![0u8; 2 * PAGE]).is_err(), "beyond the end");
+    // Corrupt one stored page: a run over it fails naming that page; runs beside it still read.
+    let pack = fs::read_dir(store.dir().join("packs")).unwrap().next().unwrap().unwrap().path();
+    drop(image);
+    let report_before = store.verify(None, None).unwrap();
+    assert!(report_before.is_ok());
+    let mut bytes = fs::read(&pack).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 4;
+    fs::write(&pack, bytes).unwrap();
+    let report = store.verify(None, None).unwrap();
+    let bad: u64 = report.damaged[0].what.rsplit(' ').next().unwrap().parse().unwrap();
+    let image = store.open_image_ref("img").unwrap();
+    let start = bad.saturating_sub(10);
+    let err = image.read_pages(start, &mut vec![0u8; 20 * PAGE]).unwrap_err();
+    assert!(err.to_string().contains(&format!("image img page {bad}")), "{err}");
+    if bad >= 1 {
+        image.read_pages(start, &mut vec![0u8; (bad - start) as usize * PAGE]).unwrap();
+    }
+}

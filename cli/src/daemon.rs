@@ -1,0 +1,405 @@
+//! `snapfork daemon`: owns a store and serves every engine operation over HTTP/JSON on a Unix
+//! socket, so that many agents can act at once (operations on different sandboxes run in
+//! parallel; two on one sandbox run one after the other). The CLI uses it when it runs.
+//!
+//! The socket is `STORE/engine/run/daemon.sock`: the `run` directory is mode 0700 and the socket
+//! 0600, so only the store's owner can talk to it. HTTP/1.1, one request per connection. Every
+//! response body is `{"result": <the CLI's --json object>, "text": <the CLI's text>}` on success
+//! and `{"error": "..."}` (status 4xx/5xx) otherwise. The routes are in docs/api.md.
+//!
+//! SIGTERM or SIGINT: stop accepting, let in-flight operations finish (they cannot be half done:
+//! see the engine's atomicity rules), remove the socket, exit. Sandboxes keep running; a restarted
+//! daemon finds them in the engine's state directory.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use snapfork_engine::tokio;
+use snapfork_engine::tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::Global;
+use crate::output::Report;
+use crate::sandbox_cmds::{EngineCmd, RunArgs, SandboxCmd, execute, open_engine, runtime};
+
+/// `daemon` options.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Socket path (default: STORE/engine/run/daemon.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+const MAX_HEAD: usize = 64 << 10;
+const MAX_BODY: usize = 1 << 20;
+
+/// The daemon socket of the store in `global`.
+pub fn socket_path(global: &Global) -> PathBuf {
+    let store = std::path::absolute(&global.store).unwrap_or_else(|_| global.store.clone());
+    store.join("engine").join("run").join("daemon.sock")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes: EngineCmd <-> (method, path, body). The client and the server use the same table.
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn dec(s: &str) -> anyhow::Result<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = s.get(i + 1..i + 3).context("bad percent-encoding")?;
+            out.push(u8::from_str_radix(h, 16).context("bad percent-encoding")?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+/// The HTTP request that performs `cmd`.
+pub fn to_request(cmd: &EngineCmd) -> anyhow::Result<(&'static str, String, Value)> {
+    use SandboxCmd as S;
+    Ok(match cmd {
+        EngineCmd::Sandbox(c) => match c {
+            S::Run(a) => ("POST", "/v1/sandboxes".into(), serde_json::to_value(a)?),
+            S::Checkpoint { name, message, labels, leave_running } => (
+                "POST",
+                format!("/v1/sandboxes/{}/checkpoint", enc(name)),
+                json!({"message": message, "labels": labels, "leave_running": leave_running}),
+            ),
+            S::Restore { snap, as_name } => {
+                ("POST", format!("/v1/snapshots/{}/restore", enc(snap)), json!({"as": as_name}))
+            }
+            S::Fork { snap, n, prefix } => {
+                ("POST", format!("/v1/snapshots/{}/fork", enc(snap)), json!({"n": n, "prefix": prefix}))
+            }
+            S::Revert { name, snap } => {
+                ("POST", format!("/v1/sandboxes/{}/revert", enc(name)), json!({"snapshot": snap}))
+            }
+            S::Diff { a, b } => ("GET", format!("/v1/diff?a={}&b={}", enc(a), enc(b)), Value::Null),
+            S::Log { name: Some(n) } => ("GET", format!("/v1/log?sandbox={}", enc(n)), Value::Null),
+            S::Log { name: None } => ("GET", "/v1/log".into(), Value::Null),
+            S::Show { snap } => ("GET", format!("/v1/snapshots/{}", enc(snap)), Value::Null),
+            S::Tag { snap, tag: _, delete: true } => ("DELETE", format!("/v1/tags/{}", enc(snap)), Value::Null),
+            S::Tag { snap, tag: Some(t), delete: false } => {
+                ("PUT", format!("/v1/tags/{}", enc(t)), json!({"snapshot": snap}))
+            }
+            S::Tag { tag: None, .. } => bail!("give SNAP TAG"),
+            S::Rm { names } => ("POST", "/v1/rm".into(), json!({"names": names})),
+            S::Stop { name } => ("POST", format!("/v1/sandboxes/{}/stop", enc(name)), Value::Null),
+            S::Ls => ("GET", "/v1/sandboxes".into(), Value::Null),
+            S::Exec { name, cmd } => ("POST", format!("/v1/sandboxes/{}/exec", enc(name)), json!({"cmd": cmd})),
+        },
+        EngineCmd::Export { snap, out } => ("POST", "/v1/export".into(), json!({"snapshot": snap, "output": out})),
+        EngineCmd::Import { file } => ("POST", "/v1/import".into(), json!({"file": file})),
+        EngineCmd::Demo(_) | EngineCmd::Daemon(_) => bail!("not available through the daemon"),
+    })
+}
+
+fn field<T: serde::de::DeserializeOwned>(body: &Value, key: &str) -> anyhow::Result<T> {
+    serde_json::from_value(body.get(key).cloned().unwrap_or(Value::Null)).with_context(|| format!("body field {key:?}"))
+}
+
+fn opt_field<T: serde::de::DeserializeOwned + Default>(body: &Value, key: &str) -> anyhow::Result<T> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("body field {key:?}")),
+    }
+}
+
+/// The command an HTTP request asks for.
+pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<EngineCmd> {
+    use SandboxCmd as S;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut q = std::collections::HashMap::new();
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        q.insert(dec(k)?, dec(v)?);
+    }
+    let seg: Vec<String> = path.trim_matches('/').split('/').map(dec).collect::<anyhow::Result<_>>()?;
+    let seg: Vec<&str> = seg.iter().map(String::as_str).collect();
+    let qget = |k: &str| q.get(k).cloned().ok_or_else(|| anyhow!("query parameter {k} missing"));
+    let sb = |c| Ok(EngineCmd::Sandbox(c));
+    match (method, seg.as_slice()) {
+        ("GET", ["v1", "sandboxes"]) => sb(S::Ls),
+        ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(body.clone())?))),
+        ("POST", ["v1", "sandboxes", name, "checkpoint"]) => sb(S::Checkpoint {
+            name: name.to_string(),
+            message: opt_field(body, "message")?,
+            labels: opt_field(body, "labels")?,
+            leave_running: opt_field(body, "leave_running")?,
+        }),
+        ("POST", ["v1", "sandboxes", name, "revert"]) => {
+            sb(S::Revert { name: name.to_string(), snap: field(body, "snapshot")? })
+        }
+        ("POST", ["v1", "sandboxes", name, "stop"]) => sb(S::Stop { name: name.to_string() }),
+        ("POST", ["v1", "sandboxes", name, "exec"]) => sb(S::Exec { name: name.to_string(), cmd: field(body, "cmd")? }),
+        ("DELETE", ["v1", "sandboxes", name]) => sb(S::Rm { names: vec![name.to_string()] }),
+        ("POST", ["v1", "rm"]) => sb(S::Rm { names: field(body, "names")? }),
+        ("POST", ["v1", "snapshots", snap, "restore"]) => {
+            sb(S::Restore { snap: snap.to_string(), as_name: field(body, "as")? })
+        }
+        ("POST", ["v1", "snapshots", snap, "fork"]) => sb(S::Fork {
+            snap: snap.to_string(),
+            n: body.get("n").and_then(Value::as_u64).unwrap_or(1) as usize,
+            prefix: opt_field(body, "prefix")?,
+        }),
+        ("GET", ["v1", "snapshots", snap]) => sb(S::Show { snap: snap.to_string() }),
+        ("GET", ["v1", "diff"]) => sb(S::Diff { a: qget("a")?, b: qget("b")? }),
+        ("GET", ["v1", "log"]) => sb(S::Log { name: q.get("sandbox").cloned() }),
+        ("PUT", ["v1", "tags", tag]) => {
+            sb(S::Tag { snap: field(body, "snapshot")?, tag: Some(tag.to_string()), delete: false })
+        }
+        ("DELETE", ["v1", "tags", tag]) => sb(S::Tag { snap: tag.to_string(), tag: None, delete: true }),
+        ("POST", ["v1", "export"]) => {
+            Ok(EngineCmd::Export { snap: field(body, "snapshot")?, out: field(body, "output")? })
+        }
+        ("POST", ["v1", "import"]) => Ok(EngineCmd::Import { file: field(body, "file")? }),
+        _ => Err(anyhow!(NotFound(format!("no route {method} {path}")))),
+    }
+}
+
+#[derive(Debug)]
+struct NotFound(String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
+
+// ---------------------------------------------------------------------------------------------
+// Client.
+
+/// Sends `cmd` to the daemon serving this store, if one runs; None when there is none.
+pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Report>> {
+    let path = socket_path(global);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        // A socket left by a daemon that died: nobody listens.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
+    let (method, target, body) = to_request(cmd)?;
+    let body = if body.is_null() { String::new() } else { body.to_string() };
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: snapfork\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = Vec::new();
+    stream.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed response from the daemon")?;
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("malformed status line from the daemon")?;
+    let v: Value = serde_json::from_str(body).context("daemon response is not JSON")?;
+    if status != 200 {
+        bail!("{}", v.get("error").and_then(Value::as_str).unwrap_or("daemon error"));
+    }
+    Ok(Some(Report::new(
+        v.get("result").cloned().unwrap_or(Value::Null),
+        v.get("text").and_then(Value::as_str).unwrap_or_default().to_string(),
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server.
+
+struct Request {
+    method: String,
+    target: String,
+    body: Vec<u8>,
+}
+
+async fn read_request(conn: &mut tokio::net::UnixStream) -> anyhow::Result<Request> {
+    let mut buf = Vec::with_capacity(4096);
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        if buf.len() > MAX_HEAD {
+            bail!("request head larger than {MAX_HEAD} bytes");
+        }
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-request");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])?.to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
+    let method = first.next().context("no method")?.to_string();
+    let target = first.next().context("no target")?.to_string();
+    let mut len = 0usize;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().context("bad Content-Length")?;
+        }
+    }
+    if len > MAX_BODY {
+        bail!("body larger than {MAX_BODY} bytes");
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let mut chunk = vec![0u8; (len - body.len()).min(65536)];
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed mid-body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok(Request { method, target, body })
+}
+
+async fn respond(conn: &mut tokio::net::UnixStream, status: u16, body: &Value) {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Internal Server Error",
+    };
+    let b = body.to_string();
+    let msg = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    );
+    let _ = conn.write_all(msg.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+async fn handle(mut conn: tokio::net::UnixStream, engine: snapfork_engine::Engine, global: Arc<Global>) {
+    let req = match read_request(&mut conn).await {
+        Ok(r) => r,
+        Err(e) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})).await,
+    };
+    if req.method == "GET" && req.target == "/v1/health" {
+        return respond(&mut conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}))
+            .await;
+    }
+    let body: Value = if req.body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(e) => {
+                return respond(&mut conn, 400, &json!({"error": format!("body is not JSON: {e}")})).await;
+            }
+        }
+    };
+    let cmd = match from_request(&req.method, &req.target, &body) {
+        Ok(c) => c,
+        Err(e) => {
+            let status = if e.downcast_ref::<NotFound>().is_some() { 404 } else { 400 };
+            return respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await;
+        }
+    };
+    tracing::info!(method = %req.method, target = %req.target, "request");
+    match execute(cmd, &global, &engine).await {
+        Ok(r) => respond(&mut conn, 200, &json!({"result": r.json, "text": r.text})).await,
+        Err(e) => {
+            let status = match e.downcast_ref::<snapfork_engine::Error>() {
+                Some(snapfork_engine::Error::NotFound(_)) => 404,
+                Some(snapfork_engine::Error::Invalid(_)) | Some(snapfork_engine::Error::Exists(_)) => 400,
+                _ => 500,
+            };
+            respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await
+        }
+    }
+}
+
+fn prepare_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().context("socket path has no directory")?;
+    std::fs::create_dir_all(dir)?;
+    // The directory is private first, so nobody can connect in the instant before the socket's
+    // own mode is set.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("a daemon already serves this store at {}", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
+    let path = match a.socket {
+        Some(p) => std::path::absolute(p)?,
+        None => socket_path(global),
+    };
+    let engine = open_engine(global)?;
+    prepare_socket(&path)?;
+    let rt = runtime()?;
+    let global = Arc::new(global.clone());
+    let served = rt.block_on(async {
+        use std::os::unix::fs::PermissionsExt;
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        eprintln!("snapfork daemon: serving {} on {}", global.store.display(), path.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let mut served = 0u64;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                accepted = listener.accept() => {
+                    let (conn, _) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+                    };
+                    served += 1;
+                    let (engine, global, n) = (engine.clone(), global.clone(), in_flight.clone());
+                    n.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        handle(conn, engine, global).await;
+                        n.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            }
+        }
+        // Stop taking work, then let what is in flight finish.
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+        let waited = std::time::Instant::now();
+        while in_flight.load(Ordering::SeqCst) > 0 && waited.elapsed() < Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(served)
+    })?;
+    Ok(Report::new(json!({"stopped": true, "requests": served}), format!("daemon stopped after {served} requests")))
+}

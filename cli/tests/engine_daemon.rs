@@ -1,0 +1,152 @@
+//! The daemon end to end: ten gVisor sandboxes checkpointed at once from ten client processes,
+//! SIGTERM, restart, sandboxes found again. Root and runsc required (CI has both).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn require(test: &str) -> bool {
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let runsc = Command::new("runsc").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if root && runsc {
+        return true;
+    }
+    eprintln!("!!!!!!!! {test}: needs root and runsc: NOT RUN !!!!!!!!");
+    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
+        return false;
+    }
+    panic!("{test} needs root and runsc; set SNAPFORK_ALLOW_SKIP=1 to skip");
+}
+
+fn snapfork(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
+    c.arg("--store").arg(store).arg("--json");
+    c
+}
+
+fn json(out: std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+struct Daemon {
+    child: std::process::Child,
+    store: PathBuf,
+}
+
+impl Daemon {
+    fn start(store: &Path) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_snapfork"))
+            .arg("--store")
+            .arg(store)
+            .arg("daemon")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sock = store.join("engine/run/daemon.sock");
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(30), "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, store: store.to_path_buf() }
+    }
+
+    fn term(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let st = self.child.wait().unwrap();
+        std::mem::forget(self);
+        st
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // On a failed test: stop every sandbox, then the daemon.
+        if let Ok(out) = snapfork(&self.store).args(["sandbox", "ls"]).output()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            for s in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+                let _ = snapfork(&self.store).args(["sandbox", "rm", s["name"].as_str().unwrap_or("")]).output();
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i >> /workspace/counter.log; sleep 0.1; done";
+
+#[test]
+fn daemon_ten_parallel_checkpoints_from_ten_clients() {
+    if !require("daemon_ten_parallel_checkpoints_from_ten_clients") {
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("sf-daemon-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let store = tmp.join("store");
+    let daemon = Daemon::start(&store);
+    // The socket is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(store.join("engine/run/daemon.sock")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let names: Vec<String> = (0..10).map(|k| format!("s{k}")).collect();
+    // Ten clients start ten sandboxes at once.
+    let starts: Vec<_> = names
+        .iter()
+        .map(|n| {
+            snapfork(&store)
+                .args(["sandbox", "run", "--busybox", n, "--", "/bin/sh", "-c", COUNTER])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in starts {
+        let v = json(c.wait_with_output().unwrap());
+        assert_eq!(v["status"], "running");
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    // Ten clients checkpoint ten sandboxes at once.
+    let t = Instant::now();
+    let cks: Vec<_> = names
+        .iter()
+        .map(|n| {
+            snapfork(&store)
+                .args(["sandbox", "checkpoint", n, "-m", "parallel", "--leave-running"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in cks {
+        let v = json(c.wait_with_output().unwrap());
+        assert_eq!(v["status"], "running");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    eprintln!("10 parallel checkpoints through the daemon: {:?}", t.elapsed());
+    let log = json(snapfork(&store).args(["sandbox", "log"]).output().unwrap());
+    assert_eq!(log["snapshots"].as_array().unwrap().len(), 10);
+
+    // SIGTERM: clean exit; the sandboxes keep running; a new daemon finds them.
+    assert!(daemon.term().success());
+    assert!(!store.join("engine/run/daemon.sock").exists());
+    let daemon = Daemon::start(&store);
+    let ls = json(snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    let list = ls["sandboxes"].as_array().unwrap();
+    assert_eq!(list.len(), 10);
+    for s in list {
+        assert_eq!(s["status"], "running", "{s}");
+    }
+    // Restore one of the snapshots through the restarted daemon.
+    let r = json(snapfork(&store).args(["sandbox", "restore", &ids[3], "--as", "again"]).output().unwrap());
+    assert_eq!(r["id"], "again");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -1,0 +1,1914 @@
+//! The engine: sandboxes, their snapshots and the operations on both.
+//!
+//! Concurrency: every public operation is `async`; it takes the per-sandbox lock of each sandbox
+//! it touches (sorted, so two operations never deadlock) and then does its blocking work
+//! (runsc, hashing, file copies) on tokio's blocking pool. Operations on different sandboxes
+//! therefore run in parallel and two on one sandbox run one after the other.
+//!
+//! Atomicity: a snapshot becomes visible only when its store transaction commits (node, parts and
+//! refs in one batch); everything before that is staged and dropped on error. Operations that
+//! change a running sandbox prepare everything first and undo their runtime step on failure (see
+//! each operation).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use snapfork_store::{Hash, Store};
+
+use crate::error::{Error, Result};
+use crate::firecracker::{ApiClient, FirecrackerConfig};
+use crate::gvisor::GvisorConfig;
+use crate::model::{
+    self, PartKind, Role, SandboxRecord, Snapshot, SnapshotBody, Status, check_name, head_ref, snaps_prefix, tag_ref,
+};
+use crate::raw::RawConfig;
+use crate::runsc::Runsc;
+use crate::workspace;
+
+/// Where an engine keeps its state, next to its store.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// The engine's state directory (sandbox records, bundles, runsc state, workspaces).
+    /// Workspaces are forked with reflinks, so this should be on the store's filesystem.
+    pub state_dir: PathBuf,
+    /// The runsc binary (default: `$RUNSC` or `runsc`).
+    pub runsc: Option<PathBuf>,
+}
+
+impl EngineOptions {
+    /// The default: `STORE/engine`.
+    pub fn for_store(store: &Store) -> EngineOptions {
+        EngineOptions { state_dir: store.dir().join("engine"), runsc: None }
+    }
+}
+
+/// The driver a sandbox runs under and its configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "driver", content = "config", rename_all = "lowercase")]
+pub enum DriverConfig {
+    /// gVisor's runsc.
+    Gvisor(GvisorConfig),
+    /// Memory, state and disk files of any VMM, given as paths.
+    Raw(RawConfig),
+    /// A Firecracker microVM driven through its API socket.
+    Firecracker(FirecrackerConfig),
+}
+
+impl DriverConfig {
+    /// The driver's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DriverConfig::Gvisor(_) => "gvisor",
+            DriverConfig::Raw(_) => "raw",
+            DriverConfig::Firecracker(_) => "firecracker",
+        }
+    }
+
+    fn to_value(&self) -> Result<serde_json::Value> {
+        match self {
+            DriverConfig::Gvisor(c) => serde_json::to_value(c),
+            DriverConfig::Raw(c) => serde_json::to_value(c),
+            DriverConfig::Firecracker(c) => serde_json::to_value(c),
+        }
+        .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    fn from_parts(driver: &str, config: &serde_json::Value) -> Result<DriverConfig> {
+        let bad = |e: serde_json::Error| Error::Invalid(format!("{driver} config: {e}"));
+        match driver {
+            "gvisor" => Ok(DriverConfig::Gvisor(serde_json::from_value(config.clone()).map_err(bad)?)),
+            "raw" => Ok(DriverConfig::Raw(serde_json::from_value(config.clone()).map_err(bad)?)),
+            "firecracker" => Ok(DriverConfig::Firecracker(serde_json::from_value(config.clone()).map_err(bad)?)),
+            other => Err(Error::Invalid(format!("unknown driver {other}"))),
+        }
+    }
+}
+
+/// What `run` starts.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// The sandbox's name.
+    pub name: String,
+    /// Its driver and configuration.
+    pub driver: DriverConfig,
+    /// An existing host directory to use as its workspace; default: a fresh, engine-owned one.
+    pub workspace: Option<PathBuf>,
+}
+
+/// Options of `checkpoint`.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointOptions {
+    /// The message recorded with the snapshot.
+    pub message: String,
+    /// Labels recorded with the snapshot.
+    pub labels: BTreeMap<String, String>,
+    /// Keep the sandbox running afterwards (otherwise it stops at the snapshot, like runsc).
+    pub leave_running: bool,
+}
+
+/// Milliseconds spent in each step of an operation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Steps in order, with their duration in milliseconds.
+    pub steps: Vec<(String, f64)>,
+    /// The whole operation.
+    pub total_ms: f64,
+}
+
+struct Clock {
+    start: Instant,
+    last: Instant,
+    t: Timings,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let now = Instant::now();
+        Clock { start: now, last: now, t: Timings::default() }
+    }
+    fn step(&mut self, name: &str) {
+        let now = Instant::now();
+        self.t.steps.push((name.to_string(), ms(now - self.last)));
+        self.last = now;
+    }
+    fn done(mut self) -> Timings {
+        self.t.total_ms = ms(self.start.elapsed());
+        self.t
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// What `checkpoint` returns.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckpointReport {
+    /// The new snapshot's id (hex).
+    pub id: String,
+    /// The sandbox.
+    pub sandbox: String,
+    /// Its parent snapshot, if any.
+    pub parent: Option<String>,
+    /// The parts stored.
+    pub parts: Vec<model::Part>,
+    /// The sandbox's status afterwards.
+    pub status: Status,
+    /// Bytes the snapshot added to the store (new chunks, compressed; workspace file objects).
+    pub stored_bytes_added: u64,
+    /// Time per step.
+    pub timings: Timings,
+}
+
+/// A sandbox as reported by `ls`, `run`, `restore`, `fork`, `revert`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SandboxInfo {
+    /// The sandbox's name (named `id` in CLI output as it is what was created).
+    pub name: String,
+    /// Its driver.
+    pub driver: String,
+    /// Its status.
+    pub status: Status,
+    /// Its head snapshot.
+    pub head: Option<String>,
+    /// Its workspace directory.
+    pub workspace: Option<PathBuf>,
+    /// The runtime's container id.
+    pub runtime_id: Option<String>,
+    /// Time per step of the operation that produced this (empty for `ls`).
+    pub timings: Timings,
+}
+
+/// One snapshot in `log`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogEntry {
+    /// Snapshot id.
+    pub id: String,
+    /// Parent id.
+    pub parent: Option<String>,
+    /// The sandbox that took it.
+    pub sandbox: String,
+    /// Its message.
+    pub message: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time (ms since epoch).
+    pub created_ms: u64,
+    /// Driver.
+    pub driver: String,
+    /// Refs naming it (`sandbox/NAME` heads and `tag/T`).
+    pub refs: Vec<String>,
+    /// Bytes of its parts (logical).
+    pub size: u64,
+}
+
+/// The snapshot tree.
+#[derive(Clone, Debug, Serialize)]
+pub struct Log {
+    /// Every snapshot reachable from the refs considered, oldest first.
+    pub snapshots: Vec<LogEntry>,
+    /// The tree drawn as text.
+    pub tree: String,
+}
+
+/// Differences between two snapshots.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotDiff {
+    /// First snapshot.
+    pub from: String,
+    /// Second snapshot.
+    pub to: String,
+    /// Per part.
+    pub parts: Vec<PartDiff>,
+    /// Workspace files changed.
+    pub files: Vec<workspace::FileChange>,
+}
+
+/// How one part differs.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartDiff {
+    /// Role.
+    pub role: Role,
+    /// Name.
+    pub name: String,
+    /// `same`, `changed`, `added`, `removed`.
+    pub change: String,
+    /// For images: pages that differ; for blobs: chunks of `to` absent from `from`.
+    pub units_changed: u64,
+    /// For images: page count; for blobs: chunk count of `to`.
+    pub units_total: u64,
+    /// `pages` or `chunks`.
+    pub unit: String,
+}
+
+struct Inner {
+    store: Store,
+    state: PathBuf,
+    runsc: Runsc,
+    /// Short hash of the state directory, part of every runtime id.
+    tag: String,
+    /// One UFFD page server per memory image restored (Firecracker): image id -> socket.
+    uffd: Mutex<HashMap<Hash, (PathBuf, Arc<std::sync::atomic::AtomicBool>)>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The engine. Cheap to clone; share one per store.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens the engine on `store`, creating its state directory.
+    pub fn open(store: Store, opts: EngineOptions) -> Result<Engine> {
+        let state = opts.state_dir;
+        for d in ["sandboxes", "workspaces", "runsc", "tmp"] {
+            let p = state.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
+        }
+        let mut runsc = Runsc::new(state.join("runsc"));
+        if let Some(b) = opts.runsc {
+            runsc.binary = b;
+        }
+        let canonical = std::fs::canonicalize(&state).unwrap_or_else(|_| state.clone());
+        let tag = Hash::of(canonical.as_os_str().as_encoded_bytes()).to_hex()[..8].to_string();
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store,
+                state,
+                runsc,
+                tag,
+                uffd: Mutex::new(HashMap::new()),
+                locks: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The runsc wrapper this engine uses.
+    pub fn runsc(&self) -> &Runsc {
+        &self.inner.runsc
+    }
+
+    /// Takes the locks of `names` (sorted: no deadlock between operations).
+    async fn lock(&self, names: &[String]) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut sorted: Vec<&String> = names.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        let mutexes: Vec<_> = {
+            let mut map = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+            sorted.iter().map(|n| map.entry((*n).clone()).or_default().clone()).collect()
+        };
+        let mut guards = Vec::with_capacity(mutexes.len());
+        for m in mutexes {
+            guards.push(m.lock_owned().await);
+        }
+        guards
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| Error::Runtime { what: "engine task".into(), detail: e.to_string() })?
+    }
+
+    /// Starts a new sandbox.
+    pub async fn run(&self, spec: RunSpec) -> Result<SandboxInfo> {
+        check_name(&spec.name)?;
+        let _g = self.lock(std::slice::from_ref(&spec.name)).await;
+        self.blocking(move |i| i.run(spec)).await
+    }
+
+    /// Checkpoints sandbox `name` into a new snapshot.
+    pub async fn checkpoint(&self, name: &str, opts: CheckpointOptions) -> Result<CheckpointReport> {
+        let name = name.to_string();
+        let _g = self.lock(std::slice::from_ref(&name)).await;
+        self.blocking(move |i| i.checkpoint(&name, &opts)).await
+    }
+
+    /// Starts a new sandbox `as_name` from snapshot `snap` (a tag, a sandbox name or an id).
+    pub async fn restore(&self, snap: &str, as_name: &str) -> Result<SandboxInfo> {
+        check_name(as_name)?;
+        let snap = snap.to_string();
+        let as_name = as_name.to_string();
+        let _g = self.lock(std::slice::from_ref(&as_name)).await;
+        self.blocking(move |i| {
+            let s = i.load_snapshot(i.resolve(&snap)?)?;
+            let prepared = i.prepare_state(&s)?;
+            let r = i.restore_as(&s, &as_name, prepared.as_ref().map(|p| p.dir.as_path()));
+            if let Some(p) = prepared {
+                p.release();
+            }
+            r
+        })
+        .await
+    }
+
+    /// Starts `n` sandboxes from snapshot `snap`, named `PREFIX-1`.. (the first free numbers;
+    /// PREFIX defaults to the snapshot's sandbox). They restore in parallel.
+    pub async fn fork(&self, snap: &str, n: usize, prefix: Option<&str>) -> Result<Vec<SandboxInfo>> {
+        if n == 0 || n > 256 {
+            return Err(Error::Invalid(format!("fork count {n} must be 1..=256")));
+        }
+        let snap = snap.to_string();
+        let (s, names) = {
+            let inner = self.inner.clone();
+            let prefix = prefix.map(str::to_string);
+            tokio::task::spawn_blocking(move || -> Result<(Snapshot, Vec<String>)> {
+                let s = inner.load_snapshot(inner.resolve(&snap)?)?;
+                let prefix = prefix.unwrap_or_else(|| s.body.sandbox.clone());
+                let names = inner.free_names(&prefix, n)?;
+                Ok((s, names))
+            })
+            .await
+            .map_err(|e| Error::Runtime { what: "engine task".into(), detail: e.to_string() })??
+        };
+        let _g = self.lock(&names).await;
+        // One materialized state image serves every fork.
+        let s2 = s.clone();
+        let prepared = self.blocking(move |i| i.prepare_state(&s2)).await?;
+        let mut tasks = Vec::new();
+        for name in names {
+            let s = s.clone();
+            let prepared = prepared.clone();
+            let inner = self.inner.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                inner.restore_as(&s, &name, prepared.as_ref().map(|p| p.dir.as_path()))
+            }));
+        }
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(info)) => out.push(info),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(e) => {
+                    first_err = first_err.or(Some(Error::Runtime { what: "fork task".into(), detail: e.to_string() }))
+                }
+            }
+        }
+        if let Some(p) = prepared {
+            p.release();
+        }
+        if let Some(e) = first_err {
+            // All or nothing: forks that did start are removed again.
+            for info in &out {
+                let _ = self.inner.remove(&info.name);
+            }
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Puts sandbox `name` back to snapshot `snap`: memory, runtime state and workspace.
+    pub async fn revert(&self, name: &str, snap: &str) -> Result<SandboxInfo> {
+        let name = name.to_string();
+        let snap = snap.to_string();
+        let _g = self.lock(std::slice::from_ref(&name)).await;
+        self.blocking(move |i| i.revert(&name, &snap)).await
+    }
+
+    /// Stops sandbox `name` (its head and snapshots stay).
+    pub async fn stop(&self, name: &str) -> Result<SandboxInfo> {
+        let name = name.to_string();
+        let _g = self.lock(std::slice::from_ref(&name)).await;
+        self.blocking(move |i| i.stop(&name)).await
+    }
+
+    /// Removes sandbox `name`: its runtime, state, owned workspace and refs (snapshots that other
+    /// refs still reach stay; gc collects the rest).
+    pub async fn rm(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        let _g = self.lock(std::slice::from_ref(&name)).await;
+        self.blocking(move |i| i.remove(&name)).await
+    }
+
+    /// Kills every sandbox's runtime now, synchronously (test teardown, `snapfork sandbox rm
+    /// --all`); records, workspaces and snapshots stay.
+    pub fn kill_all_blocking(&self) {
+        let dir = self.inner.state.join("sandboxes");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if let Ok(rec) = self.inner.load_record(&name) {
+                self.inner.kill_firecracker(&rec);
+                if let Some(rid) = &rec.runtime_id {
+                    let _ = self.inner.runsc.destroy(rid);
+                }
+            }
+        }
+    }
+
+    /// Every sandbox, with its status refreshed from the runtime.
+    pub async fn ls(&self) -> Result<Vec<SandboxInfo>> {
+        self.blocking(|i| i.ls()).await
+    }
+
+    /// Names snapshot `snap` with tag `tag`.
+    pub async fn tag(&self, snap: &str, tag: &str) -> Result<String> {
+        check_name(tag)?;
+        let snap = snap.to_string();
+        let tag = tag.to_string();
+        self.blocking(move |i| {
+            let s = i.load_snapshot(i.resolve(&snap)?)?;
+            let mut tx = i.store.begin()?;
+            tx.set_ref(&tag_ref(&tag), s.id)?;
+            tx.commit()?;
+            Ok(s.id.to_hex())
+        })
+        .await
+    }
+
+    /// Removes tag `tag`.
+    pub async fn untag(&self, tag: &str) -> Result<()> {
+        let tag = tag.to_string();
+        self.blocking(move |i| {
+            if i.store.get_ref(&tag_ref(&tag))?.is_none() {
+                return Err(Error::NotFound(format!("tag {tag}")));
+            }
+            let mut tx = i.store.begin()?;
+            tx.delete_ref(&tag_ref(&tag));
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The snapshot tree: all of it, or what sandbox `name` reaches.
+    pub async fn log(&self, name: Option<&str>) -> Result<Log> {
+        let name = name.map(str::to_string);
+        self.blocking(move |i| i.log(name.as_deref())).await
+    }
+
+    /// Pages changed per image, chunks per blob and files changed between two snapshots.
+    pub async fn diff(&self, a: &str, b: &str) -> Result<SnapshotDiff> {
+        let a = a.to_string();
+        let b = b.to_string();
+        self.blocking(move |i| i.diff(&a, &b)).await
+    }
+
+    /// One snapshot, decoded.
+    pub async fn show(&self, snap: &str) -> Result<Snapshot> {
+        let snap = snap.to_string();
+        self.blocking(move |i| i.load_snapshot(i.resolve(&snap)?)).await
+    }
+
+    /// Resolves a snapshot spec: a tag, a sandbox name (its head), or a (prefix of an) id.
+    pub fn resolve(&self, spec: &str) -> Result<Hash> {
+        self.inner.resolve(spec)
+    }
+
+    /// Runs a command inside running sandbox `name` (gvisor: `runsc exec`); returns its stdout.
+    pub async fn exec(&self, name: &str, args: Vec<String>) -> Result<String> {
+        let name = name.to_string();
+        let _g = self.lock(std::slice::from_ref(&name)).await;
+        self.blocking(move |i| {
+            let rec = i.load_record(&name)?;
+            if rec.driver != "gvisor" {
+                return Err(Error::Invalid(format!("exec needs a gvisor sandbox; {name} is {}", rec.driver)));
+            }
+            let rid = rec.runtime_id.ok_or_else(|| Error::Invalid(format!("sandbox {name} is not running")))?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            i.runsc.exec_in(&rid, &args)
+        })
+        .await
+    }
+
+    /// Writes snapshot `snap` and everything it links to into one self-verifying bundle.
+    pub async fn export(&self, snap: &str, out: &Path) -> Result<crate::bundle::BundleReport> {
+        let snap = snap.to_string();
+        let out = out.to_path_buf();
+        self.blocking(move |i| crate::bundle::export(&i.store, i.resolve(&snap)?, &out)).await
+    }
+
+    /// Verifies a bundle completely, then imports it (kept by ref `imported/ID`); a bundle that
+    /// fails any check is refused and leaves nothing in the store.
+    pub async fn import(&self, path: &Path) -> Result<crate::bundle::BundleReport> {
+        let path = path.to_path_buf();
+        self.blocking(move |i| crate::bundle::import(&i.store, &path)).await
+    }
+}
+
+impl Inner {
+    fn sandbox_dir(&self, name: &str) -> PathBuf {
+        self.state.join("sandboxes").join(name)
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.sandbox_dir(name).join("sandbox.json")
+    }
+
+    fn load_record(&self, name: &str) -> Result<SandboxRecord> {
+        check_name(name)?;
+        let path = self.record_path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("sandbox {name}")));
+            }
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))
+    }
+
+    /// Writes the record atomically (temp file, fsync, rename).
+    fn save_record(&self, rec: &SandboxRecord) -> Result<()> {
+        let dir = self.sandbox_dir(&rec.name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        let path = self.record_path(&rec.name);
+        let tmp = dir.join("sandbox.json.tmp");
+        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_synced(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.record_path(name).exists()
+    }
+
+    fn free_names(&self, prefix: &str, n: usize) -> Result<Vec<String>> {
+        let mut names = Vec::with_capacity(n);
+        let mut k = 1;
+        while names.len() < n {
+            let candidate = format!("{prefix}-{k}");
+            check_name(&candidate)?;
+            if !self.exists(&candidate) {
+                names.push(candidate);
+            }
+            k += 1;
+        }
+        Ok(names)
+    }
+
+    /// runsc names each sandbox's control socket after the container id in the *abstract*
+    /// socket namespace, which is host-wide: ids must be unique across engines, not only within
+    /// one runsc root. The engine's tag (a hash of its state directory) makes them so.
+    fn runtime_id(&self, name: &str, generation: u64) -> String {
+        format!("sf-{}-{name}-{generation}", self.tag)
+    }
+
+    fn console_log(&self, name: &str) -> PathBuf {
+        self.sandbox_dir(name).join("console.log")
+    }
+
+    fn bundle_dir(&self, name: &str) -> PathBuf {
+        self.sandbox_dir(name).join("bundle")
+    }
+
+    fn info(rec: &SandboxRecord, timings: Timings) -> SandboxInfo {
+        SandboxInfo {
+            name: rec.name.clone(),
+            driver: rec.driver.clone(),
+            status: rec.status,
+            head: rec.head.clone(),
+            workspace: rec.workspace.clone(),
+            runtime_id: rec.runtime_id.clone(),
+            timings,
+        }
+    }
+
+    fn resolve(&self, spec: &str) -> Result<Hash> {
+        if let Some(h) = model::parse_hash(spec) {
+            return Ok(h);
+        }
+        if check_name(spec).is_ok() {
+            if let Some(h) = self.store.get_ref(&tag_ref(spec))? {
+                return Ok(h);
+            }
+            if let Some(h) = self.store.get_ref(&head_ref(spec))? {
+                return Ok(h);
+            }
+            if self.exists(spec) {
+                return Err(Error::NotFound(format!("sandbox {spec} has no snapshot yet")));
+            }
+        }
+        self.store
+            .resolve(spec)
+            .map_err(|_| Error::NotFound(format!("snapshot {spec} (no tag, sandbox or id of that name)")))
+    }
+
+    fn load_snapshot(&self, id: Hash) -> Result<Snapshot> {
+        let node = self.store.get_node(&id)?;
+        SnapshotBody::from_node(id, &node)
+    }
+
+    // ---- run ------------------------------------------------------------------------------
+
+    fn run(&self, spec: RunSpec) -> Result<SandboxInfo> {
+        let mut clock = Clock::new();
+        if self.exists(&spec.name) {
+            return Err(Error::Exists(format!("sandbox {}", spec.name)));
+        }
+        let name = spec.name.clone();
+        let dir = self.sandbox_dir(&name);
+        let (workspace, owns) = match &spec.workspace {
+            Some(w) => {
+                let w = std::fs::canonicalize(w).map_err(|e| Error::io(format!("workspace {}", w.display()), e))?;
+                (w, false)
+            }
+            // A fresh path per sandbox incarnation: fsfork keys its stat cache by path, and a
+            // later sandbox of the same name must not inherit it.
+            None => (self.state.join("workspaces").join(format!("{name}.{}", model::now_ms())), true),
+        };
+        let result = (|| -> Result<SandboxRecord> {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+            if owns {
+                std::fs::create_dir_all(&workspace)
+                    .map_err(|e| Error::io(format!("mkdir {}", workspace.display()), e))?;
+            }
+            let mut rec = SandboxRecord {
+                name: name.clone(),
+                driver: spec.driver.name().into(),
+                config: spec.driver.to_value()?,
+                status: Status::Stopped,
+                runtime_id: None,
+                generation: 1,
+                workspace: Some(workspace.clone()),
+                owns_workspace: owns,
+                head: None,
+                created_ms: model::now_ms(),
+            };
+            match &spec.driver {
+                DriverConfig::Gvisor(cfg) => {
+                    cfg.validate()?;
+                    let bundle = self.bundle_dir(&name);
+                    cfg.write_bundle(&bundle, Some(&workspace))?;
+                    let rid = self.runtime_id(&name, rec.generation);
+                    self.runsc.run_detached(&rid, &bundle, &self.console_log(&name))?;
+                    rec.runtime_id = Some(rid);
+                    rec.status = Status::Running;
+                }
+                DriverConfig::Raw(cfg) => {
+                    cfg.validate()?;
+                    // A raw sandbox is driven by its own VMM; the engine only records it.
+                    rec.status = Status::Running;
+                }
+                DriverConfig::Firecracker(cfg) => {
+                    // Attach to a running microVM: it must answer on its API socket.
+                    let info = ApiClient::new(&cfg.api_socket).instance_info()?;
+                    tracing::info!(sandbox = %name, ?info, "attached to firecracker");
+                    rec.status = Status::Running;
+                }
+            }
+            self.save_record(&rec)?;
+            Ok(rec)
+        })();
+        match result {
+            Ok(rec) => {
+                clock.step("start");
+                tracing::info!(sandbox = %name, "started");
+                Ok(Self::info(&rec, clock.done()))
+            }
+            Err(e) => {
+                let _ = self.runsc.destroy(&self.runtime_id(&name, 1));
+                let _ = std::fs::remove_dir_all(&dir);
+                if owns {
+                    let _ = std::fs::remove_dir_all(&workspace);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    // ---- checkpoint -----------------------------------------------------------------------
+
+    fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
+        let mut created = Vec::new();
+        let r = self.checkpoint_inner(name, opts, &mut created);
+        // fsfork names every workspace checkpoint with a ref of its own. A committed snapshot
+        // links its workspace checkpoint (that keeps it alive); a failed one must leave nothing
+        // behind; either way fsfork's ref goes, so gc can reclaim the tree with the snapshot.
+        if !created.is_empty() {
+            let dropped = self.store.begin().and_then(|mut tx| {
+                for w in &created {
+                    tx.delete_ref(&workspace::checkpoint_ref(w));
+                }
+                tx.commit()
+            });
+            if let Err(e) = dropped {
+                tracing::warn!(error = %e, "could not drop fsfork's workspace checkpoint refs");
+            }
+        }
+        r
+    }
+
+    fn checkpoint_inner(
+        &self,
+        name: &str,
+        opts: &CheckpointOptions,
+        created: &mut Vec<Hash>,
+    ) -> Result<CheckpointReport> {
+        let mut clock = Clock::new();
+        let mut rec = self.load_record(name)?;
+        self.refresh(&mut rec)?;
+        let driver = DriverConfig::from_parts(&rec.driver, &rec.config)?;
+        let parent = match &rec.head {
+            Some(h) => Some(model::parse_hash(h).ok_or_else(|| Error::corrupt("sandbox record", "bad head"))?),
+            None => None,
+        };
+        let parent_snap = match parent {
+            Some(p) => self.load_snapshot(p).ok(),
+            None => None,
+        };
+        let mut tx = self.store.begin()?;
+        let mut parts = Vec::new();
+        // Bytes this snapshot adds to the store (after dedup and compression).
+        let mut added = 0u64;
+        match &driver {
+            DriverConfig::Gvisor(_) => {
+                if rec.status != Status::Running && rec.status != Status::Paused {
+                    return Err(Error::Invalid(format!(
+                        "sandbox {name} is {:?}: only a running sandbox can be checkpointed",
+                        rec.status
+                    )));
+                }
+                let rid = rec.runtime_id.clone().ok_or_else(|| Error::Invalid("no runtime id".into()))?;
+                let was_paused = rec.status == Status::Paused;
+                let img_dir = tempdir(&self.state.join("tmp"), "ckpt")?;
+                // No pause of our own: runsc checkpoint stops every task before it saves memory
+                // and ends the sandbox afterwards, so once it returns nothing can change the
+                // workspace, which then holds exactly the files of the memory image's instant.
+                // The workspace is checkpointed right then, before anything (a restore in place)
+                // may write to it again.
+                // The image is stored while runsc writes it (segment by segment, as the file
+                // grows), so the store's work hides behind runsc's; checked against the finished
+                // file below.
+                let image = img_dir.join("checkpoint.img");
+                let done = AtomicBool::new(false);
+                let (ck, streamed) = std::thread::scope(|scope| {
+                    let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
+                    let ck = self.runsc.checkpoint(&rid, &img_dir);
+                    done.store(true, Ordering::SeqCst);
+                    let streamed =
+                        ingest.join().unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
+                    (ck, streamed)
+                });
+                if let Err(e) = ck {
+                    // runsc ends the sandbox only after a complete image: it is as it was.
+                    let _ = std::fs::remove_dir_all(&img_dir);
+                    return Err(e);
+                }
+                clock.step("runsc checkpoint + streamed ingest");
+                // runsc checkpoint ended the sandbox (its container is deleted in the background).
+                self.runsc.discard(&rid);
+                let mut ws_err = None;
+                if let Some(ws) = &rec.workspace {
+                    match workspace::checkpoint(&self.store, ws, &opts.message) {
+                        Ok(w) => {
+                            created.push(w.id);
+                            parts.push(model::Part {
+                                role: Role::Workspace,
+                                name: "workspace".into(),
+                                kind: PartKind::Workspace,
+                                id: w.id.to_hex(),
+                                size: w.bytes,
+                            });
+                        }
+                        // The snapshot fails; the sandbox is brought back below.
+                        Err(e) => ws_err = Some(e),
+                    }
+                }
+                clock.step("workspace");
+                let new_rid = self.runtime_id(name, rec.generation + 1);
+                let restore_in_place = || -> Result<()> {
+                    self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
+                };
+                // With --leave-running, the sandbox comes back from the image just written while
+                // the image is stored (both only read it), so it waits for neither the other.
+                let (restored, stored, file_hash) = std::thread::scope(|scope| {
+                    let restoring = opts.leave_running.then(|| scope.spawn(restore_in_place));
+                    let hashing = scope.spawn(|| hash_file(&image));
+                    let file_hash = hashing.join().ok().and_then(|h| h.ok());
+                    let stored = (|| -> Result<Hash> {
+                        if let Some(e) = ws_err.take() {
+                            return Err(e);
+                        }
+                        let size = file_size(&image)?;
+                        // What was streamed must be exactly the finished file; otherwise
+                        // (runsc rewrote a part it had written) store the file again, whole.
+                        let segs = match streamed {
+                            Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => {
+                                segs
+                            }
+                            other => {
+                                if let Err(e) = other {
+                                    tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
+                                } else {
+                                    tracing::warn!("image changed while it was streamed; storing it again");
+                                }
+                                let info = tx.put_blob_file(&image)?;
+                                vec![(info.id, size, info.new_stored_bytes)]
+                            }
+                        };
+                        for (k, (id, len, new)) in segs.iter().enumerate() {
+                            added += new;
+                            parts.push(model::Part {
+                                role: Role::State,
+                                name: format!("checkpoint.img.{k:03}"),
+                                kind: PartKind::Blob,
+                                id: id.to_hex(),
+                                size: *len,
+                            });
+                        }
+                        Ok(state_key(&parts))
+                    })();
+                    let restored = restoring
+                        .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
+                    (restored, stored, file_hash)
+                });
+                clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
+                let committed = stored.and_then(|blob| {
+                    let body = self.snapshot_body(&rec, parent, opts, &parts);
+                    let node = body.to_node()?;
+                    let id = tx.put_node(&node)?;
+                    tx.set_ref(&head_ref(name), id)?;
+                    tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
+                    tx.commit()?;
+                    Ok((id, blob))
+                });
+                clock.step("commit");
+                // The sandbox must stay as it was when the snapshot failed: bring it back then too.
+                let restored = match restored {
+                    Some(r) => Some(r),
+                    None if committed.is_err() => Some(restore_in_place()),
+                    None => None,
+                };
+                let mut restart_err = None;
+                match restored {
+                    Some(Ok(())) => {
+                        rec.generation += 1;
+                        rec.runtime_id = Some(new_rid.clone());
+                        rec.status = Status::Running;
+                        if was_paused {
+                            let _ = self.runsc.pause(&new_rid);
+                            rec.status = Status::Paused;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        rec.generation += 1;
+                        rec.runtime_id = None;
+                        rec.status = Status::Exited;
+                        restart_err = Some(e);
+                    }
+                    None => {
+                        rec.runtime_id = None;
+                        rec.status = Status::Stopped;
+                    }
+                }
+                // Keep the image for later restores and forks of this snapshot (verified by its
+                // whole-file hash before use); drop it when it cannot be cached.
+                match (&committed, file_hash) {
+                    (Ok((_, blob)), Some(h)) => self.cache_image(blob, &img_dir, &h),
+                    _ => {
+                        let _ = std::fs::remove_dir_all(&img_dir);
+                    }
+                }
+                let committed = committed.map(|(id, _)| id);
+                match committed {
+                    Ok(id) => {
+                        rec.head = Some(id.to_hex());
+                        self.save_record(&rec)?;
+                        if let Some(e) = restart_err {
+                            return Err(Error::Runtime {
+                                what: format!("snapshot {} committed, but restarting {name}", id.short()),
+                                detail: e.to_string(),
+                            });
+                        }
+                        Ok(CheckpointReport {
+                            id: id.to_hex(),
+                            sandbox: name.to_string(),
+                            parent: parent.map(|p| p.to_hex()),
+                            parts,
+                            status: rec.status,
+                            stored_bytes_added: added,
+                            timings: clock.done(),
+                        })
+                    }
+                    Err(e) => {
+                        self.save_record(&rec)?;
+                        Err(e)
+                    }
+                }
+            }
+            DriverConfig::Firecracker(cfg) => {
+                let api = ApiClient::new(&cfg.api_socket);
+                api.pause()?;
+                clock.step("pause");
+                let dir = tempdir(&self.state.join("tmp"), "fc")?;
+                let result = (|| -> Result<Hash> {
+                    // Files first, while paused (memory and files of one instant).
+                    if let Some(ws) = &rec.workspace {
+                        let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                        created.push(w.id);
+                        parts.push(model::Part {
+                            role: Role::Workspace,
+                            name: "workspace".into(),
+                            kind: PartKind::Workspace,
+                            id: w.id.to_hex(),
+                            size: w.bytes,
+                        });
+                    }
+                    clock.step("workspace");
+                    let prev = |role: Role, name: &str| {
+                        parent_snap.as_ref().and_then(|p| {
+                            p.body
+                                .parts
+                                .iter()
+                                .find(|x| x.role == role && x.name == name && x.kind == PartKind::Image)
+                                .and_then(|x| Snapshot::part_id(x).ok())
+                        })
+                    };
+                    let prev_mem = prev(Role::Memory, "mem");
+                    // A Diff snapshot holds only the pages dirtied since the last one: it is
+                    // ingested onto the parent's image.
+                    let diff = cfg.diff && prev_mem.is_some();
+                    let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
+                    api.create_snapshot(diff, &vmstate, &mem)?;
+                    clock.step(if diff { "snapshot/create Diff" } else { "snapshot/create Full" });
+                    let info = tx.put_blob_file(&vmstate)?;
+                    added += info.new_stored_bytes;
+                    parts.push(model::Part {
+                        role: Role::State,
+                        name: "vmstate".into(),
+                        kind: PartKind::Blob,
+                        id: info.id.to_hex(),
+                        size: info.size,
+                    });
+                    let opts_mem = snapfork_store::IngestOptions {
+                        page_size: cfg.page_size,
+                        parent: prev_mem,
+                        diff_snapshot: diff,
+                        ..Default::default()
+                    };
+                    let m = tx.ingest_image(&mem, &opts_mem)?;
+                    added += m.new_stored_bytes;
+                    parts.push(model::Part {
+                        role: Role::Memory,
+                        name: "mem".into(),
+                        kind: PartKind::Image,
+                        id: m.id.to_hex(),
+                        size: m.size,
+                    });
+                    for disk in &cfg.disks {
+                        let dname = disk
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .ok_or_else(|| Error::Invalid(format!("bad disk path {}", disk.display())))?
+                            .to_string();
+                        model::check_part_name(&dname)?;
+                        let o = snapfork_store::IngestOptions {
+                            page_size: 4096,
+                            parent: prev(Role::Disk, &dname),
+                            ..Default::default()
+                        };
+                        let d = tx.ingest_image(disk, &o)?;
+                        added += d.new_stored_bytes;
+                        parts.push(model::Part {
+                            role: Role::Disk,
+                            name: dname,
+                            kind: PartKind::Image,
+                            id: d.id.to_hex(),
+                            size: d.size,
+                        });
+                    }
+                    clock.step("ingest");
+                    let body = self.snapshot_body(&rec, parent, opts, &parts);
+                    let id = tx.put_node(&body.to_node()?)?;
+                    tx.set_ref(&head_ref(name), id)?;
+                    tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
+                    tx.commit()?;
+                    clock.step("commit");
+                    Ok(id)
+                })();
+                let _ = std::fs::remove_dir_all(&dir);
+                // Resume when asked to, and always when the snapshot failed (as it was).
+                if opts.leave_running || result.is_err() {
+                    let resumed = api.resume();
+                    clock.step("resume");
+                    if result.is_ok() {
+                        resumed?;
+                    }
+                    rec.status = Status::Running;
+                } else {
+                    rec.status = Status::Paused;
+                }
+                let id = result?;
+                rec.head = Some(id.to_hex());
+                self.save_record(&rec)?;
+                Ok(CheckpointReport {
+                    id: id.to_hex(),
+                    sandbox: name.to_string(),
+                    parent: parent.map(|p| p.to_hex()),
+                    parts,
+                    status: rec.status,
+                    stored_bytes_added: added,
+                    timings: clock.done(),
+                })
+            }
+            DriverConfig::Raw(cfg) => {
+                let prev_parts = parent_snap.map(|s| s.body.parts).unwrap_or_default();
+                let (p, new) = crate::raw::checkpoint(&self.store, &mut tx, cfg, &prev_parts)?;
+                parts = p;
+                added += new;
+                clock.step("ingest files");
+                if let Some(ws) = &rec.workspace {
+                    let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
+                    created.push(w.id);
+                    parts.push(model::Part {
+                        role: Role::Workspace,
+                        name: "workspace".into(),
+                        kind: PartKind::Workspace,
+                        id: w.id.to_hex(),
+                        size: w.bytes,
+                    });
+                }
+                clock.step("workspace");
+                let body = self.snapshot_body(&rec, parent, opts, &parts);
+                let id = tx.put_node(&body.to_node()?)?;
+                tx.set_ref(&head_ref(name), id)?;
+                tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
+                tx.commit()?;
+                clock.step("commit");
+                rec.head = Some(id.to_hex());
+                self.save_record(&rec)?;
+                Ok(CheckpointReport {
+                    id: id.to_hex(),
+                    sandbox: name.to_string(),
+                    parent: parent.map(|p| p.to_hex()),
+                    parts,
+                    status: rec.status,
+                    stored_bytes_added: added,
+                    timings: clock.done(),
+                })
+            }
+        }
+    }
+
+    fn snapshot_body(
+        &self,
+        rec: &SandboxRecord,
+        parent: Option<Hash>,
+        opts: &CheckpointOptions,
+        parts: &[model::Part],
+    ) -> SnapshotBody {
+        SnapshotBody {
+            version: 1,
+            parent: parent.map(|p| p.to_hex()),
+            sandbox: rec.name.clone(),
+            message: opts.message.clone(),
+            labels: opts.labels.clone(),
+            created_ms: model::now_ms(),
+            driver: rec.driver.clone(),
+            config: rec.config.clone(),
+            parts: parts.to_vec(),
+        }
+    }
+
+    // ---- restore / fork / revert ----------------------------------------------------------
+
+    /// The directory of the image cache entry for state blob `blob`.
+    fn cache_dir(&self, blob: &Hash) -> PathBuf {
+        self.state.join("cache").join(blob.to_hex())
+    }
+
+    /// Moves a checkpoint image directory into the cache under its blob id, with the image's
+    /// whole-file blake3 beside it; evicts the least recently used entries beyond the budget.
+    fn cache_image(&self, blob: &Hash, img_dir: &Path, file_hash: &Hash) {
+        let dest = self.cache_dir(blob);
+        let moved = (|| -> Result<()> {
+            if dest.exists() {
+                return Err(Error::Exists(dest.display().to_string()));
+            }
+            std::fs::create_dir_all(self.state.join("cache")).map_err(|e| Error::io("mkdir cache", e))?;
+            write_synced(&img_dir.join("blake3"), file_hash.to_hex().as_bytes())?;
+            rename(img_dir, &dest)
+        })();
+        if moved.is_err() {
+            let _ = std::fs::remove_dir_all(img_dir);
+        }
+        self.evict_cache();
+    }
+
+    fn evict_cache(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state.join("cache")) else {
+            return;
+        };
+        let mut v: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let img = e.path().join("checkpoint.img");
+                let m = std::fs::metadata(&img).ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        v.sort();
+        let mut total: u64 = v.iter().map(|x| x.1).sum();
+        let mut count = v.len();
+        let recent = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for (mtime, len, path) in v {
+            if (total <= IMAGE_CACHE_BYTES && count <= IMAGE_CACHE_ENTRIES) || mtime > recent {
+                break;
+            }
+            let _ = std::fs::remove_dir_all(&path);
+            total -= len;
+            count -= 1;
+        }
+    }
+
+    /// Materializes the runtime state a restore needs (gvisor: the checkpoint image): from the
+    /// image cache when its whole-file hash still matches, else out of the store, verified chunk
+    /// by chunk, into a temporary directory.
+    fn prepare_state(&self, s: &Snapshot) -> Result<Option<Prepared>> {
+        if s.body.driver != "gvisor" {
+            return Ok(None);
+        }
+        let segs: Vec<&model::Part> =
+            s.body.parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob).collect();
+        if segs.is_empty() {
+            return Err(Error::corrupt(format!("snapshot {}", s.id), "gvisor snapshot without a state image"));
+        }
+        let total: u64 = segs.iter().map(|p| p.size).sum();
+        let blob = state_key(&s.body.parts);
+        let cached = self.cache_dir(&blob);
+        if let Ok(expected) = std::fs::read_to_string(cached.join("blake3")) {
+            let img = cached.join("checkpoint.img");
+            match hash_file(&img) {
+                Ok(h) if h.to_hex() == expected.trim() && file_size(&img).ok() == Some(total) => {
+                    // Mark it used, so eviction leaves it alone while runsc reads it.
+                    let _ = std::fs::File::options()
+                        .append(true)
+                        .open(&img)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok(Some(Prepared { dir: cached, temporary: false }));
+                }
+                _ => {
+                    tracing::warn!(blob = %blob.short(), "cached image does not match its hash; reading the store");
+                    let _ = std::fs::remove_dir_all(&cached);
+                }
+            }
+        }
+        let dir = tempdir(&self.state.join("tmp"), "img")?;
+        let path = dir.join("checkpoint.img");
+        let r = (|| -> Result<()> {
+            let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+            for p in &segs {
+                self.store.read_blob(&Snapshot::part_id(p)?, &mut w)?;
+            }
+            std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(Some(Prepared { dir, temporary: true })),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn restore_as(&self, s: &Snapshot, name: &str, prepared: Option<&Path>) -> Result<SandboxInfo> {
+        let mut clock = Clock::new();
+        check_name(name)?;
+        if self.exists(name) {
+            return Err(Error::Exists(format!("sandbox {name}")));
+        }
+        let driver = DriverConfig::from_parts(&s.body.driver, &s.body.config)?;
+        let dir = self.sandbox_dir(name);
+        let ws = self.state.join("workspaces").join(format!("{name}.{}", model::now_ms()));
+        let result = (|| -> Result<SandboxRecord> {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+            match s.part(Role::Workspace) {
+                Some(p) => workspace::materialize(&self.store, p, &ws)?,
+                None => std::fs::create_dir_all(&ws).map_err(|e| Error::io(format!("mkdir {}", ws.display()), e))?,
+            }
+            clock.step("workspace");
+            let mut rec = SandboxRecord {
+                name: name.to_string(),
+                driver: s.body.driver.clone(),
+                config: s.body.config.clone(),
+                status: Status::Stopped,
+                runtime_id: None,
+                generation: 1,
+                workspace: Some(ws.clone()),
+                owns_workspace: true,
+                head: Some(s.id.to_hex()),
+                created_ms: model::now_ms(),
+            };
+            match &driver {
+                DriverConfig::Gvisor(cfg) => {
+                    let img = prepared.ok_or_else(|| Error::Invalid("state image not prepared".into()))?;
+                    let bundle = self.bundle_dir(name);
+                    cfg.write_bundle(&bundle, Some(&ws))?;
+                    let rid = self.runtime_id(name, rec.generation);
+                    self.runsc.restore_detached(&rid, &bundle, img, &self.console_log(name))?;
+                    rec.runtime_id = Some(rid);
+                    rec.status = Status::Running;
+                    clock.step("runsc restore");
+                }
+                DriverConfig::Firecracker(cfg) => {
+                    let new_cfg = self.start_firecracker(s, cfg, &dir, name)?;
+                    rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                    rec.status = Status::Running;
+                    clock.step("firecracker load (uffd)");
+                }
+                DriverConfig::Raw(_) => {
+                    let files = dir.join("files");
+                    let cfg = crate::raw::materialize(&self.store, &s.body.parts, &files)?;
+                    rec.config = serde_json::to_value(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                    rec.status = Status::Stopped;
+                    clock.step("materialize files");
+                }
+            }
+            let mut tx = self.store.begin()?;
+            tx.set_ref(&head_ref(name), s.id)?;
+            tx.commit()?;
+            self.save_record(&rec)?;
+            Ok(rec)
+        })();
+        match result {
+            Ok(rec) => Ok(Self::info(&rec, clock.done())),
+            Err(e) => {
+                let _ = self.runsc.destroy(&self.runtime_id(name, 1));
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&ws);
+                Err(e)
+            }
+        }
+    }
+
+    fn revert(&self, name: &str, snap: &str) -> Result<SandboxInfo> {
+        let mut clock = Clock::new();
+        let mut rec = self.load_record(name)?;
+        self.refresh(&mut rec)?;
+        let s = self.load_snapshot(self.resolve(snap)?)?;
+        if s.body.driver != rec.driver {
+            return Err(Error::Invalid(format!(
+                "snapshot {} is a {} snapshot, sandbox {name} runs {}",
+                s.id.short(),
+                s.body.driver,
+                rec.driver
+            )));
+        }
+        let driver = DriverConfig::from_parts(&rec.driver, &rec.config)?;
+        // Prepare the state image while the sandbox still runs untouched.
+        let prepared = self.prepare_state(&s)?;
+        clock.step("prepare state");
+        let cleanup_prepared = || {
+            if let Some(p) = &prepared {
+                p.release();
+            }
+        };
+        let old_rid = rec.runtime_id.clone();
+        let was_running = rec.status == Status::Running;
+        // Freeze the old incarnation (not kill: on failure it resumes as if nothing happened).
+        if was_running
+            && let Some(rid) = &old_rid
+            && let Err(e) = self.runsc.pause(rid)
+        {
+            cleanup_prepared();
+            return Err(e);
+        }
+        clock.step("pause");
+        // The workspace goes back atomically; the old tree stays aside until the end. The paused
+        // sandbox's gofer holds the old directory by fd, so it keeps seeing the old tree.
+        let ws = rec.workspace.clone();
+        let old_tree = match (&ws, s.part(Role::Workspace)) {
+            (Some(dir), Some(p)) => match workspace::revert(&self.store, dir, p) {
+                Ok(old) => Some(old),
+                Err(e) => {
+                    if was_running && let Some(rid) = &old_rid {
+                        let _ = self.runsc.resume(rid);
+                    }
+                    cleanup_prepared();
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
+        clock.step("revert workspace");
+        let undo = |e: Error| -> Error {
+            // Put the old tree back (the reverted one goes aside), then resume the old sandbox.
+            if let (Some(dir), Some(old)) = (&ws, &old_tree) {
+                let aside = sibling(dir, "failed-revert");
+                let _ = std::fs::remove_dir_all(&aside);
+                if rename(dir, &aside).and_then(|_| rename(old, dir)).is_ok() {
+                    workspace::remove_old_tree(aside);
+                }
+            }
+            if was_running && let Some(rid) = &old_rid {
+                let _ = self.runsc.resume(rid);
+            }
+            cleanup_prepared();
+            e
+        };
+        let new_gen = rec.generation + 1;
+        match &driver {
+            DriverConfig::Gvisor(cfg) => {
+                let rid = self.runtime_id(name, new_gen);
+                let bundle = self.bundle_dir(name);
+                let img = prepared
+                    .as_ref()
+                    .map(|p| p.dir.clone())
+                    .ok_or_else(|| Error::Invalid("state image not prepared".into()));
+                let started = img.and_then(|img| {
+                    cfg.write_bundle(&bundle, ws.as_deref())?;
+                    self.runsc.restore_detached(&rid, &bundle, &img, &self.console_log(name))
+                });
+                if let Err(e) = started {
+                    let _ = self.runsc.destroy(&rid);
+                    return Err(undo(e));
+                }
+                clock.step("runsc restore");
+                if let Some(old) = &old_rid {
+                    self.runsc.discard(old);
+                }
+                rec.runtime_id = Some(rid);
+                rec.status = Status::Running;
+            }
+            DriverConfig::Firecracker(cfg) => {
+                // Firecracker loads snapshots only before boot: a new process takes over.
+                let dir = self.sandbox_dir(name).join(format!("vm-{new_gen}"));
+                match self.start_firecracker(&s, cfg, &dir, name) {
+                    Ok(new_cfg) => {
+                        kill_pid(cfg.pid);
+                        rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                        rec.status = Status::Running;
+                    }
+                    Err(e) => return Err(undo(e)),
+                }
+                clock.step("firecracker load (uffd)");
+            }
+            DriverConfig::Raw(cfg) => {
+                if let Err(e) = crate::raw::revert(&self.store, &s.body.parts, cfg) {
+                    return Err(undo(e));
+                }
+                clock.step("write files");
+            }
+        }
+        rec.generation = new_gen;
+        rec.head = Some(s.id.to_hex());
+        let mut tx = self.store.begin()?;
+        tx.set_ref(&head_ref(name), s.id)?;
+        tx.commit()?;
+        self.save_record(&rec)?;
+        cleanup_prepared();
+        if let Some(old) = old_tree {
+            workspace::remove_old_tree(old);
+        }
+        clock.step("commit");
+        Ok(Self::info(&rec, clock.done()))
+    }
+
+    /// The UFFD page server for memory image `mem` (one per image, shared by every restore and
+    /// fork of it), started on first use.
+    fn uffd_server(&self, mem: Hash) -> Result<PathBuf> {
+        let mut map = self.uffd.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((sock, _)) = map.get(&mem) {
+            return Ok(sock.clone());
+        }
+        let dir = self.state.join("uffd");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        let sock = dir.join(format!("{}.sock", &mem.to_hex()[..16]));
+        let reader = self.store.open_image(&mem)?;
+        let source = Arc::new(snapfork_lazy_restore::StoreSource::new(reader));
+        let server = snapfork_lazy_restore::UffdServer::bind(&sock, source, Default::default())
+            .map_err(|e| Error::Runtime { what: "uffd server".into(), detail: e.to_string() })?;
+        let stop = server.stopper();
+        let id = mem.short();
+        std::thread::Builder::new()
+            .name(format!("uffd-{id}"))
+            .spawn(move || {
+                let r = server.run(|_, ev| tracing::info!(image = %id, ?ev, "uffd"));
+                tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
+            })
+            .map_err(|e| Error::io("spawn uffd server", e))?;
+        map.insert(mem, (sock.clone(), stop));
+        Ok(sock)
+    }
+
+    /// Starts a Firecracker process in `dir` and loads snapshot `s` into it with its memory served
+    /// by the UFFD server of the snapshot's memory image; returns the new VM's config.
+    fn start_firecracker(
+        &self,
+        s: &Snapshot,
+        cfg: &FirecrackerConfig,
+        dir: &Path,
+        name: &str,
+    ) -> Result<FirecrackerConfig> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+        let part = |role: Role| {
+            s.part(role)
+                .ok_or_else(|| Error::corrupt(format!("snapshot {}", s.id.short()), format!("no {role:?} part")))
+        };
+        let vmstate = dir.join("vmstate");
+        {
+            let mut f = std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
+            self.store.read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
+        }
+        let mut disks = Vec::new();
+        for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
+            model::check_part_name(&p.name)?;
+            let dest = dir.join(&p.name);
+            self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&dest, None)?;
+            disks.push(dest);
+        }
+        let uffd = self.uffd_server(Snapshot::part_id(part(Role::Memory)?)?)?;
+        let api_sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&api_sock);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.console_log(name))
+            .map_err(|e| Error::io("open console log", e))?;
+        let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
+        let binary = cfg.binary();
+        let mut child = std::process::Command::new(&binary)
+            .arg("--api-sock")
+            .arg(&api_sock)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| Error::Runtime {
+                what: "firecracker start".into(),
+                detail: format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display()),
+            })?;
+        let pid = child.id() as i32;
+        // Reap it whenever it exits (it is ours; a zombie would look alive to `ls`).
+        std::thread::spawn(move || child.wait());
+        let loaded = crate::firecracker::wait_for_api(&api_sock, std::time::Duration::from_secs(10))
+            .and_then(|_| ApiClient::new(&api_sock).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true));
+        if let Err(e) = loaded {
+            kill_pid(Some(pid));
+            return Err(e);
+        }
+        Ok(FirecrackerConfig {
+            api_socket: api_sock,
+            binary: cfg.binary.clone(),
+            disks,
+            page_size: cfg.page_size,
+            diff: cfg.diff,
+            pid: Some(pid),
+        })
+    }
+
+    /// Kills the Firecracker process the engine started for `rec`, if any.
+    fn kill_firecracker(&self, rec: &SandboxRecord) {
+        if rec.driver == "firecracker"
+            && let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
+        {
+            kill_pid(cfg.pid);
+        }
+    }
+
+    // ---- stop / rm / ls -------------------------------------------------------------------
+
+    /// Updates `rec.status` from what the runtime says.
+    fn refresh(&self, rec: &mut SandboxRecord) -> Result<()> {
+        if rec.driver == "firecracker" {
+            if let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
+                && let Some(pid) = cfg.pid
+                && rec.status != Status::Stopped
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                rec.status = Status::Exited;
+                self.save_record(rec)?;
+            }
+            return Ok(());
+        }
+        if rec.driver != "gvisor" {
+            return Ok(());
+        }
+        let Some(rid) = rec.runtime_id.clone() else {
+            return Ok(());
+        };
+        let status = match self.runsc.state(&rid)? {
+            Some(st) if st.status == "running" => Status::Running,
+            Some(st) if st.status == "paused" => Status::Paused,
+            _ => Status::Exited,
+        };
+        if status != rec.status {
+            rec.status = status;
+            self.save_record(rec)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&self, name: &str) -> Result<SandboxInfo> {
+        let mut rec = self.load_record(name)?;
+        self.kill_firecracker(&rec);
+        if let Some(rid) = rec.runtime_id.take() {
+            self.runsc.destroy(&rid)?;
+        }
+        rec.status = Status::Stopped;
+        self.save_record(&rec)?;
+        Ok(Self::info(&rec, Timings::default()))
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let rec = self.load_record(name)?;
+        self.kill_firecracker(&rec);
+        if let Some(rid) = &rec.runtime_id {
+            self.runsc.destroy(rid)?;
+        }
+        let mut tx = self.store.begin()?;
+        tx.delete_ref(&head_ref(name));
+        for (r, _) in self.store.list_refs(&snaps_prefix(name))? {
+            tx.delete_ref(&r);
+        }
+        tx.commit()?;
+        if rec.owns_workspace
+            && let Some(ws) = &rec.workspace
+        {
+            remove_dir_if_exists(ws)?;
+        }
+        remove_dir_if_exists(&self.sandbox_dir(name))?;
+        Ok(())
+    }
+
+    fn ls(&self) -> Result<Vec<SandboxInfo>> {
+        let dir = self.state.join("sandboxes");
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| check_name(n).is_ok())
+            .collect();
+        names.sort();
+        for n in names {
+            let Ok(mut rec) = self.load_record(&n) else {
+                continue;
+            };
+            let _ = self.refresh(&mut rec);
+            out.push(Self::info(&rec, Timings::default()));
+        }
+        Ok(out)
+    }
+
+    // ---- log / diff -----------------------------------------------------------------------
+
+    fn log(&self, name: Option<&str>) -> Result<Log> {
+        let refs: Vec<(String, Hash)> = match name {
+            Some(n) => {
+                let _ = self.load_record(n)?;
+                let mut r = self.store.list_refs(&snaps_prefix(n))?;
+                if let Some(h) = self.store.get_ref(&head_ref(n))? {
+                    r.push((head_ref(n), h));
+                }
+                r
+            }
+            None => {
+                let mut r = self.store.list_refs("sandbox/")?;
+                r.extend(self.store.list_refs("tag/")?);
+                r.extend(self.store.list_refs("snap/")?);
+                r.extend(self.store.list_refs("imported/")?);
+                r
+            }
+        };
+        let mut named: HashMap<Hash, Vec<String>> = HashMap::new();
+        for (r, h) in &refs {
+            if !r.starts_with("snap/") && !r.starts_with("imported/") {
+                named.entry(*h).or_default().push(r.clone());
+            }
+        }
+        // Also label heads and tags when showing one sandbox's part of the tree.
+        if name.is_some() {
+            for (r, h) in self.store.list_refs("tag/")?.into_iter().chain(self.store.list_refs("sandbox/")?) {
+                let v = named.entry(h).or_default();
+                if !v.contains(&r) {
+                    v.push(r);
+                }
+            }
+        }
+        let mut seen: HashMap<Hash, Snapshot> = HashMap::new();
+        for (_, h) in &refs {
+            let mut cur = Some(*h);
+            while let Some(id) = cur {
+                if seen.contains_key(&id) {
+                    break;
+                }
+                let s = self.load_snapshot(id)?;
+                cur = s.parent();
+                seen.insert(id, s);
+            }
+        }
+        let mut snaps: Vec<&Snapshot> = seen.values().collect();
+        snaps.sort_by_key(|s| (s.body.created_ms, s.id.to_hex()));
+        let entries: Vec<LogEntry> = snaps
+            .iter()
+            .map(|s| {
+                let mut r = named.get(&s.id).cloned().unwrap_or_default();
+                r.sort();
+                LogEntry {
+                    id: s.id.to_hex(),
+                    parent: s.body.parent.clone(),
+                    sandbox: s.body.sandbox.clone(),
+                    message: s.body.message.clone(),
+                    labels: s.body.labels.clone(),
+                    created_ms: s.body.created_ms,
+                    driver: s.body.driver.clone(),
+                    refs: r,
+                    size: s.body.parts.iter().map(|p| p.size).sum(),
+                }
+            })
+            .collect();
+        let tree = render_tree(&entries);
+        Ok(Log { snapshots: entries, tree })
+    }
+
+    fn diff(&self, a: &str, b: &str) -> Result<SnapshotDiff> {
+        let sa = self.load_snapshot(self.resolve(a)?)?;
+        let sb = self.load_snapshot(self.resolve(b)?)?;
+        let mut parts = Vec::new();
+        let mut files = Vec::new();
+        for pb in &sb.body.parts {
+            let pa = sa.body.parts.iter().find(|p| p.role == pb.role && p.name == pb.name);
+            let unit = match pb.kind {
+                PartKind::Image => "pages",
+                PartKind::Blob => "chunks",
+                PartKind::Workspace => "files",
+            };
+            let Some(pa) = pa else {
+                parts.push(PartDiff {
+                    role: pb.role,
+                    name: pb.name.clone(),
+                    change: "added".into(),
+                    units_changed: 0,
+                    units_total: 0,
+                    unit: unit.into(),
+                });
+                continue;
+            };
+            let (ida, idb) = (Snapshot::part_id(pa)?, Snapshot::part_id(pb)?);
+            let (changed, total) = match pb.kind {
+                PartKind::Image => {
+                    let ra = self.store.open_image(&ida)?;
+                    let rb = self.store.open_image(&idb)?;
+                    let n = ra.page_count().max(rb.page_count());
+                    let mut changed = 0;
+                    for i in 0..n {
+                        let x = if i < ra.page_count() { ra.page_id(i)? } else { Hash::ZERO };
+                        let y = if i < rb.page_count() { rb.page_id(i)? } else { Hash::ZERO };
+                        if x != y {
+                            changed += 1;
+                        }
+                    }
+                    (changed, n)
+                }
+                PartKind::Blob => {
+                    let la: std::collections::HashSet<Hash> = self.store.get_node(&ida)?.links.into_iter().collect();
+                    let lb = self.store.get_node(&idb)?.links;
+                    let changed = lb.iter().filter(|h| !la.contains(h)).count() as u64;
+                    (changed, lb.len() as u64)
+                }
+                PartKind::Workspace => {
+                    let changes = workspace::diff(&self.store, pa, pb)?;
+                    let n = changes.len() as u64;
+                    files = changes;
+                    (n, n)
+                }
+            };
+            parts.push(PartDiff {
+                role: pb.role,
+                name: pb.name.clone(),
+                change: if ida == idb { "same".into() } else { "changed".into() },
+                units_changed: changed,
+                units_total: total,
+                unit: unit.into(),
+            });
+        }
+        for pa in &sa.body.parts {
+            if !sb.body.parts.iter().any(|p| p.role == pa.role && p.name == pa.name) {
+                parts.push(PartDiff {
+                    role: pa.role,
+                    name: pa.name.clone(),
+                    change: "removed".into(),
+                    units_changed: 0,
+                    units_total: 0,
+                    unit: String::new(),
+                });
+            }
+        }
+        Ok(SnapshotDiff { from: sa.id.to_hex(), to: sb.id.to_hex(), parts, files })
+    }
+}
+
+/// Draws the snapshot tree, children under parents, oldest first.
+fn render_tree(entries: &[LogEntry]) -> String {
+    let ids: std::collections::HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&LogEntry>> = HashMap::new();
+    for e in entries {
+        let parent = e.parent.as_deref().filter(|p| ids.contains(p));
+        children.entry(parent).or_default().push(e);
+    }
+    let mut out = String::new();
+    fn walk(out: &mut String, children: &HashMap<Option<&str>, Vec<&LogEntry>>, parent: Option<&str>, prefix: &str) {
+        let Some(kids) = children.get(&parent) else {
+            return;
+        };
+        for (i, e) in kids.iter().enumerate() {
+            let last = i + 1 == kids.len();
+            let branch = if parent.is_none() {
+                ""
+            } else if last {
+                "└─ "
+            } else {
+                "├─ "
+            };
+            let refs = if e.refs.is_empty() { String::new() } else { format!(" ({})", e.refs.join(", ")) };
+            let msg = if e.message.is_empty() { String::new() } else { format!(" \"{}\"", e.message) };
+            out.push_str(&format!("{prefix}{branch}{} [{}]{msg}{refs}\n", &e.id[..12], e.sandbox));
+            let next = if parent.is_none() {
+                prefix.to_string()
+            } else if last {
+                format!("{prefix}   ")
+            } else {
+                format!("{prefix}│  ")
+            };
+            walk(out, children, Some(e.id.as_str()), &next);
+        }
+    }
+    walk(&mut out, &children, None, "");
+    out
+}
+
+/// SIGKILLs `pid` (a process this engine started).
+fn kill_pid(pid: Option<i32>) {
+    if let Some(p) = pid.filter(|p| *p > 1) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Upper bounds of the local cache of runsc images (beyond them, least recently used go).
+const IMAGE_CACHE_BYTES: u64 = 4 << 30;
+const IMAGE_CACHE_ENTRIES: usize = 32;
+
+/// A state image ready for `runsc restore`: a cache entry or a temporary directory.
+#[derive(Clone, Debug)]
+struct Prepared {
+    dir: PathBuf,
+    temporary: bool,
+}
+
+impl Prepared {
+    fn release(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Size of the segments a runsc image is stored in while it is being written.
+const SEGMENT: u64 = 16 << 20;
+
+/// One stored segment of a runsc image: blob id, length, new stored bytes.
+type Segment = (Hash, u64, u64);
+
+/// Stores `image` segment by segment while runsc writes it, until `done` is set and the file has
+/// been read to its end. Returns (blob id, length, new stored bytes) per segment and the blake3 of
+/// all bytes read, for the caller to check against the finished file.
+fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) -> Result<(Vec<Segment>, Hash)> {
+    use std::os::unix::fs::FileExt;
+    let mut file: Option<std::fs::File> = None;
+    let mut off = 0u64;
+    let mut segs = Vec::new();
+    let mut whole = blake3::Hasher::new();
+    let mut buf = vec![0u8; SEGMENT as usize];
+    loop {
+        // Read the flag before the size: once set, the size seen next is the final one.
+        let finished = done.load(Ordering::SeqCst);
+        if file.is_none() {
+            file = std::fs::File::open(image).ok();
+        }
+        if let Some(f) = &file {
+            let size = f.metadata().map_err(|e| Error::io(format!("stat {}", image.display()), e))?.len();
+            while size - off >= SEGMENT || (finished && size > off) {
+                let n = (size - off).min(SEGMENT) as usize;
+                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", image.display()), e))?;
+                whole.update(&buf[..n]);
+                let info = tx.put_blob(&buf[..n])?;
+                segs.push((info.id, n as u64, info.new_stored_bytes));
+                off += n as u64;
+            }
+        }
+        if finished {
+            return Ok((segs, Hash(*whole.finalize().as_bytes())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The key of a snapshot's runsc image (its segments' ids, in order) in the image cache.
+fn state_key(parts: &[model::Part]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    for p in parts.iter().filter(|p| p.role == Role::State && p.kind == PartKind::Blob) {
+        h.update(p.id.as_bytes());
+    }
+    Hash(*h.finalize().as_bytes())
+}
+
+/// blake3 of a whole file (memory-mapped, both cores).
+fn hash_file(p: &Path) -> Result<Hash> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(p).map_err(|e| Error::io(format!("hash {}", p.display()), e))?;
+    Ok(Hash(*h.finalize().as_bytes()))
+}
+
+fn file_size(p: &Path) -> Result<u64> {
+    std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(format!("stat {}", p.display()), e))
+}
+
+fn rename(a: &Path, b: &Path) -> Result<()> {
+    std::fs::rename(a, b).map_err(|e| Error::io(format!("rename {} -> {}", a.display(), b.display()), e))
+}
+
+/// `DIR/.NAME.suffix`: a hidden sibling on the same filesystem, so renames are atomic.
+fn sibling(p: &Path, suffix: &str) -> PathBuf {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.with_file_name(format!(".{name}.{suffix}"))
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", p.display()), e)),
+    }
+}
+
+/// Writes `bytes` to `path` and fsyncs it.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    f.write_all(bytes).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    f.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+}
+
+/// A fresh, uniquely named directory under `parent`.
+pub(crate) fn tempdir(parent: &Path, what: &str) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let p = parent.join(format!(
+        "{what}-{}-{}-{}",
+        std::process::id(),
+        model::now_ms(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
+    Ok(p)
+}

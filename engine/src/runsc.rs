@@ -1,0 +1,258 @@
+//! A thin, synchronous wrapper around Debian's `runsc` (gVisor release 2022-12-19).
+//!
+//! Quirks of that release, measured on this machine (see `engine/README.md`):
+//! - Global flags (`--root`, `--network`, `--platform`) must be repeated on *every* command: a
+//!   `restore` without `--network=none` tries to rebuild a network namespace the sandbox never had.
+//! - `run -detach` / `restore -detach` hand their own stdio to the sandbox, so their stdout/stderr
+//!   must be files (a pipe would never reach EOF while the sandbox lives).
+//! - `checkpoint` kills the sandbox once the image is written; the container then reports
+//!   `stopped` (or keeps reporting `paused` if it was paused, until `resume` finds it gone).
+//! - `checkpoint --leave-running` is implemented by runsc as "checkpoint, destroy, then `run` a new
+//!   container with the same id and *wait for it*": the command never returns, and the gofer of the
+//!   new sandbox is its child, so killing the command (e.g. on a timeout) leaves a sandbox whose
+//!   mounts fail with EIO. The engine therefore never uses it; it checkpoints and then restores the
+//!   image in place with `restore -detach` (see [`crate::gvisor`]).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How to call runsc: the binary and the global flags every command must carry.
+#[derive(Clone, Debug)]
+pub struct Runsc {
+    /// The runsc binary.
+    pub binary: PathBuf,
+    /// runsc's state directory (`--root`), private to one engine.
+    pub root: PathBuf,
+    /// `--network` (`none` by default: sandboxes get no network).
+    pub network: String,
+    /// `--platform`, when not runsc's default (ptrace).
+    pub platform: Option<String>,
+    /// Upper bound on any one runsc command.
+    pub timeout: Duration,
+}
+
+/// What `runsc state` reports about a container.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ContainerState {
+    /// The container id.
+    pub id: String,
+    /// `created`, `running`, `paused` or `stopped`.
+    pub status: String,
+    /// The sandbox's host pid (-1 or 0 once stopped).
+    #[serde(default)]
+    pub pid: i64,
+}
+
+impl Runsc {
+    /// A runsc whose state lives in `root`; the binary is `$RUNSC` or `runsc` from `PATH`.
+    pub fn new(root: PathBuf) -> Runsc {
+        let binary = std::env::var_os("RUNSC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runsc"));
+        Runsc { binary, root, network: "none".into(), platform: None, timeout: Duration::from_secs(120) }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        // Every command gets the same global flags (see the module docs).
+        cmd.arg(format!("--root={}", self.root.display()));
+        cmd.arg(format!("--network={}", self.network));
+        if let Some(p) = &self.platform {
+            cmd.arg(format!("--platform={p}"));
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `args`, with stdout and stderr appended to `log` (or captured when `log` is None),
+    /// failing after the timeout. Returns captured stdout.
+    fn exec(&self, args: &[&str], log: Option<&Path>, what: &str) -> Result<String> {
+        let mut cmd = self.command();
+        cmd.args(args);
+        let start = Instant::now();
+        // Output goes to files, never pipes: detached sandboxes inherit it (see module docs).
+        let (out_path, err_path, _tmp) = match log {
+            Some(l) => (l.to_path_buf(), l.to_path_buf(), None),
+            None => {
+                let dir = tempdir_in(&self.root)?;
+                (dir.join("out"), dir.join("err"), Some(TempDirGuard(dir)))
+            }
+        };
+        let out = open_append(&out_path)?;
+        let err = open_append(&err_path)?;
+        cmd.stdout(out).stderr(err);
+        tracing::debug!(?args, "runsc");
+        let mut child = cmd.spawn().map_err(|e| Error::Runtime {
+            what: format!("runsc {what}"),
+            detail: format!("cannot start {}: {e}", self.binary.display()),
+        })?;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Error::Runtime { what: format!("runsc {what}"), detail: e.to_string() });
+                }
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Runtime {
+                    what: format!("runsc {what}"),
+                    detail: format!("timed out after {:?}", self.timeout),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if !status.success() {
+            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            let tail: String = last_lines(&stderr, 3);
+            return Err(Error::Runtime { what: format!("runsc {what}"), detail: format!("{status}: {tail}") });
+        }
+        tracing::debug!(?args, elapsed = ?start.elapsed(), "runsc done");
+        Ok(stdout)
+    }
+
+    /// Runs a create-style command; when a stale container of that id exists (left by a crashed
+    /// engine), removes it and tries once more. Checking first would cost a runsc call every time.
+    fn create_retrying(&self, args: &[&str], id: &str, log: &Path, what: &str) -> Result<()> {
+        match self.exec(args, Some(log), what) {
+            Err(Error::Runtime { detail, .. }) if detail.contains("already exists") => {
+                tracing::warn!(id, "removing a stale container of the same id");
+                self.destroy(id)?;
+                self.exec(args, Some(log), what).map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// `runsc run -detach`: creates and starts container `id` from `bundle`; its stdio goes to `log`.
+    pub fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<()> {
+        let b = bundle.display().to_string();
+        self.create_retrying(&["run", "-detach", "-bundle", &b, id], id, log, "run")
+    }
+
+    /// `runsc restore -detach`: a new container `id` from the image in `image_dir`.
+    pub fn restore_detached(&self, id: &str, bundle: &Path, image_dir: &Path, log: &Path) -> Result<()> {
+        let b = bundle.display().to_string();
+        let img = image_dir.display().to_string();
+        self.create_retrying(&["restore", "-detach", "--image-path", &img, "-bundle", &b, id], id, log, "restore")
+    }
+
+    /// `runsc checkpoint`: writes `image_dir/checkpoint.img`; the sandbox is gone afterwards.
+    pub fn checkpoint(&self, id: &str, image_dir: &Path) -> Result<()> {
+        let img = image_dir.display().to_string();
+        self.exec(&["checkpoint", "--image-path", &img, id], None, "checkpoint")?;
+        let file = image_dir.join("checkpoint.img");
+        // runsc has been seen exiting 0 without a usable image when the sandbox died under it.
+        match std::fs::metadata(&file) {
+            Ok(m) if m.len() > 0 => Ok(()),
+            _ => Err(Error::Runtime {
+                what: "runsc checkpoint".into(),
+                detail: format!("no image written at {}", file.display()),
+            }),
+        }
+    }
+
+    /// `runsc pause`.
+    pub fn pause(&self, id: &str) -> Result<()> {
+        self.exec(&["pause", id], None, "pause").map(|_| ())
+    }
+
+    /// `runsc resume`.
+    pub fn resume(&self, id: &str) -> Result<()> {
+        self.exec(&["resume", id], None, "resume").map(|_| ())
+    }
+
+    /// `runsc kill ID KILL` (errors ignored by callers that only want it gone).
+    pub fn kill(&self, id: &str) -> Result<()> {
+        self.exec(&["kill", id, "KILL"], None, "kill").map(|_| ())
+    }
+
+    /// `runsc delete --force`: removes the container, killing it if it still runs.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.exec(&["delete", "--force", id], None, "delete").map(|_| ())
+    }
+
+    /// `runsc exec ID ARGS...`: runs a command inside the sandbox and returns its stdout.
+    pub fn exec_in(&self, id: &str, args: &[&str]) -> Result<String> {
+        let mut all = vec!["exec", id];
+        all.extend_from_slice(args);
+        self.exec(&all, None, "exec")
+    }
+
+    /// Deletes container `id` (killing it if needed) in the background: runsc's `delete` waits
+    /// about a second for the sandbox's processes, which no caller should wait for once the
+    /// sandbox is replaced. The delete runs as its own process, so it completes even if this one exits.
+    pub fn discard(&self, id: &str) {
+        let mut cmd = self.command();
+        cmd.args(["delete", "--force", id]).stdout(Stdio::null()).stderr(Stdio::null());
+        match cmd.spawn() {
+            Ok(mut child) => {
+                // Reap it in a long-running process (daemon, tests); in a CLI that exits first,
+                // init does.
+                std::thread::spawn(move || child.wait());
+            }
+            Err(e) => tracing::warn!(id, error = %e, "cannot start runsc delete"),
+        }
+    }
+
+    /// `runsc state`, or None when runsc does not know the container.
+    pub fn state(&self, id: &str) -> Result<Option<ContainerState>> {
+        match self.exec(&["state", id], None, "state") {
+            Ok(out) => serde_json::from_str(&out).map(Some).map_err(|e| Error::Runtime {
+                what: "runsc state".into(),
+                detail: format!("unparsable output ({e}): {}", last_lines(&out, 2)),
+            }),
+            Err(Error::Runtime { detail, .. }) if detail.contains("does not exist") || detail.contains("not exist") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the container whatever its state; a container runsc does not know is fine.
+    pub fn destroy(&self, id: &str) -> Result<()> {
+        match self.state(id)? {
+            None => Ok(()),
+            Some(_) => {
+                let _ = self.kill(id);
+                self.delete(id)
+            }
+        }
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))
+}
+
+struct TempDirGuard(PathBuf);
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = parent.join(format!(".exec-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
+    Ok(dir)
+}

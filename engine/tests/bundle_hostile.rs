@@ -1,0 +1,129 @@
+//! Hostile bundles: a workspace tree whose entry names would escape the restore directory, a
+//! forged snapshot, garbage after the end. Each is refused and leaves nothing in the store.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use snapfork_engine::model::{Part, PartKind, Role, SnapshotBody};
+use snapfork_fsfork::manifest::{self, KIND_CHECKPOINT, ManifestEntry};
+use snapfork_fsfork::sys::Time;
+use snapfork_fsfork::walk::Kind;
+use snapfork_store::{Hash, Node};
+
+fn entry(name: &[u8], kind: Kind, link: Option<Hash>) -> ManifestEntry {
+    ManifestEntry {
+        name: name.to_vec(),
+        kind,
+        mode: if kind == Kind::Dir { 0o40755 } else { 0o100644 },
+        uid: 0,
+        gid: 0,
+        size: 0,
+        atime: Time { sec: 0, nsec: 0 },
+        mtime: Time { sec: 0, nsec: 0 },
+        rdev: 0,
+        link_group: 0,
+        link: link.map(|h| snapfork_fsfork::repo::Id(h.0)),
+        target: Vec::new(),
+        xattrs: Vec::new(),
+    }
+}
+
+fn node(d: snapfork_fsfork::repo::NodeData) -> Node {
+    Node::new(d.kind, d.links.iter().map(|l| Hash(l.0)).collect(), d.body)
+}
+
+/// Stores a snapshot whose workspace tree holds an entry named `evil` and tags it `evil`.
+fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
+    let store = engine.store();
+    let mut tx = store.begin().unwrap();
+    let inner = tx.put_node(&node(manifest::encode_dir(vec![entry(evil, Kind::Dir, None)]))).unwrap();
+    let root = tx.put_node(&node(manifest::encode_dir(vec![entry(b"", Kind::Dir, Some(inner))]))).unwrap();
+    let info = serde_json::json!({"v": 1, "message": null, "time": 0.0, "workspace": "/x",
+        "parent": null, "files": 0, "bytes": 0});
+    let ck = tx.put_node(&Node::new(KIND_CHECKPOINT, vec![root], serde_json::to_vec(&info).unwrap())).unwrap();
+    let body = SnapshotBody {
+        version: 1,
+        parent: None,
+        sandbox: "evil".into(),
+        message: String::new(),
+        labels: BTreeMap::new(),
+        created_ms: 0,
+        driver: "raw".into(),
+        config: serde_json::json!({}),
+        parts: vec![Part {
+            role: Role::Workspace,
+            name: "workspace".into(),
+            kind: PartKind::Workspace,
+            id: ck.to_hex(),
+            size: 0,
+        }],
+    };
+    let id = tx.put_node(&body.to_node().unwrap()).unwrap();
+    tx.set_ref("tag/evil", id).unwrap();
+    tx.commit().unwrap();
+    id
+}
+
+fn assert_empty(engine: &snapfork_engine::Engine) {
+    let store = engine.store();
+    assert!(store.list_refs("").unwrap().is_empty(), "{:?}", store.list_refs("").unwrap());
+    let t = store.stats("").unwrap().total;
+    assert_eq!((t.chunks, t.file_objects), (0, 0), "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bundles_refused_and_nothing_kept() {
+    if !require("hostile_bundles_refused_and_nothing_kept", false) {
+        return;
+    }
+    let (dir, src) = new_engine();
+    let (_dir2, dst) = new_engine();
+    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."].into_iter().enumerate() {
+        let id = plant(&src, evil);
+        let bundle = dir.path().join(format!("evil{k}.sfb"));
+        src.export(&id.to_hex(), &bundle).await.unwrap();
+        let err = dst.import(&bundle).await.unwrap_err().to_string();
+        assert!(err.contains("workspace tree"), "{err}");
+        assert_empty(&dst);
+    }
+    // A good bundle with garbage appended, and one with a record's bytes swapped for others.
+    let (_d3, ok) = new_engine();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("f"), vec![7u8; 100_000]).unwrap();
+    let mem = dir.path().join("mem");
+    std::fs::write(&mem, vec![1u8; 65536]).unwrap();
+    let cfg = snapfork_engine::RawConfig { memory: Some(mem), state: vec![], disks: vec![], page_size: 4096 };
+    ok.run(snapfork_engine::RunSpec {
+        name: "g".into(),
+        driver: snapfork_engine::DriverConfig::Raw(cfg),
+        workspace: Some(ws),
+    })
+    .await
+    .unwrap();
+    let ck = ok.checkpoint("g", Default::default()).await.unwrap();
+    let good = dir.path().join("good.sfb");
+    ok.export(&ck.id, &good).await.unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"more");
+    let p = dir.path().join("bad.sfb");
+    std::fs::write(&p, &trailing).unwrap();
+    assert!(dst.import(&p).await.is_err());
+    assert_empty(&dst);
+    // Every single-byte corruption in the records region is refused (sampled).
+    for off in (16..bytes.len()).step_by(bytes.len() / 40 + 1) {
+        let mut b = bytes.clone();
+        b[off] ^= 0x01;
+        std::fs::write(&p, &b).unwrap();
+        assert!(dst.import(&p).await.is_err(), "flip at {off} accepted");
+        assert_empty(&dst);
+    }
+    let r = dst.import(&good).await.unwrap();
+    assert_eq!(r.id, ck.id);
+    // Imported twice: the second import adds nothing new.
+    let again = dst.import(&good).await.unwrap();
+    assert_eq!(again.id, ck.id);
+}

@@ -1,0 +1,319 @@
+//! The firecracker driver against Firecracker's published API, served by a stand-in (Firecracker
+//! cannot be installed here). This test binary is both the test and, when started with
+//! `--api-sock PATH`, the stand-in: it implements the endpoints the driver uses (`GET /`,
+//! `PATCH /vm`, `PUT /snapshot/create` Full and Diff, `PUT /snapshot/load` with the Uffd backend)
+//! the way the swagger definition describes them, keeps "guest memory" in a buffer, and on load
+//! maps that memory exactly as Firecracker does (lazy-restore's `FakeVm`: anonymous mapping
+//! registered with userfaultfd, handshake over the backend socket) and reads it, so every page
+//! comes from snapfork's UFFD server. Test-only endpoints: `PUT /fake/write` (a guest write,
+//! which dirties a page), `GET /fake/memory`, `PUT /fake/fail-next-create`.
+//!
+//! `harness = false` with the small part of libtest's protocol nextest uses (`--list`).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use snapfork_engine::firecracker::{ApiClient, wait_for_api};
+use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec};
+
+const PAGE: usize = 4096;
+const PAGES: usize = 64;
+const TEST: &str = "firecracker_checkpoint_diff_restore_fork_via_uffd";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--api-sock") {
+        fake::serve(Path::new(&args[i + 1]));
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            println!("{TEST}: test");
+        }
+        return;
+    }
+    let filter: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if filter.is_empty() || filter.iter().any(|f| TEST.contains(f.as_str())) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(firecracker_checkpoint_diff_restore_fork_via_uffd());
+        println!("test {TEST} ... ok");
+    }
+}
+
+mod fake {
+    use super::*;
+
+    struct Vm {
+        mem: Vec<u8>,
+        dirty: BTreeSet<usize>,
+        state: &'static str,
+        fail_next_create: bool,
+        // Kept alive: the registered memory the UFFD server fills.
+        _loaded: Option<snapfork_lazy_restore::client::FakeVm>,
+    }
+
+    fn reply(s: &mut UnixStream, status: u16, body: Option<Value>) {
+        let b = body.map(|v| v.to_string()).unwrap_or_default();
+        let reason = if status < 300 { "OK" } else { "Bad Request" };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status} {reason}\r\nServer: Firecracker API\r\nContent-Length: {}\r\n{}\r\n{b}",
+            b.len(),
+            if b.is_empty() { "" } else { "Content-Type: application/json\r\n" }
+        );
+    }
+
+    fn fault(s: &mut UnixStream, msg: &str) {
+        reply(s, 400, Some(json!({"fault_message": msg})));
+    }
+
+    pub fn serve(sock: &Path) {
+        let _ = std::fs::remove_file(sock);
+        let listener = UnixListener::bind(sock).unwrap();
+        let mut vm = Vm {
+            mem: vec![0; PAGES * PAGE],
+            dirty: BTreeSet::new(),
+            state: "Not started",
+            fail_next_create: false,
+            _loaded: None,
+        };
+        if std::env::var("FAKE_FC_SEED").is_ok() {
+            for (i, page) in vm.mem.chunks_mut(PAGE).enumerate() {
+                page.fill((i * 7 % 251) as u8 + 1);
+            }
+            vm.state = "Running";
+        }
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut it = line.split_whitespace();
+            let (method, path) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or("").to_string());
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            handle(&mut vm, &mut conn, &method, &path, &body);
+        }
+    }
+
+    fn handle(vm: &mut Vm, s: &mut UnixStream, method: &str, path: &str, body: &Value) {
+        match (method, path) {
+            ("GET", "/") => reply(
+                s,
+                200,
+                Some(json!({"id": "fake-fc", "state": vm.state,
+                "vmm_version": "1.7.0", "app_name": "Firecracker"})),
+            ),
+            ("PATCH", "/vm") => match body["state"].as_str() {
+                Some("Paused") if vm.state == "Running" => {
+                    vm.state = "Paused";
+                    reply(s, 204, None)
+                }
+                Some("Resumed") if vm.state == "Paused" => {
+                    vm.state = "Running";
+                    reply(s, 204, None)
+                }
+                other => fault(s, &format!("cannot change state to {other:?} from {}", vm.state)),
+            },
+            ("PUT", "/snapshot/create") => {
+                if vm.state != "Paused" {
+                    return fault(s, "Create snapshot error: the microVM is not paused");
+                }
+                if std::mem::take(&mut vm.fail_next_create) {
+                    return fault(s, "Create snapshot error: injected failure");
+                }
+                let (Some(st), Some(mp)) = (body["snapshot_path"].as_str(), body["mem_file_path"].as_str()) else {
+                    return fault(s, "missing snapshot_path or mem_file_path");
+                };
+                let vmstate = json!({"regions": [{"size": vm.mem.len(), "offset": 0}], "page_size": PAGE});
+                std::fs::write(st, vmstate.to_string()).unwrap();
+                let mut f = std::fs::File::create(mp).unwrap();
+                match body["snapshot_type"].as_str().unwrap_or("Full") {
+                    "Full" => f.write_all(&vm.mem).unwrap(),
+                    "Diff" => {
+                        // Sparse: only dirty pages at their offsets, holes elsewhere.
+                        f.set_len(vm.mem.len() as u64).unwrap();
+                        for &p in &vm.dirty {
+                            use std::os::unix::fs::FileExt;
+                            f.write_all_at(&vm.mem[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64).unwrap();
+                        }
+                    }
+                    t => return fault(s, &format!("bad snapshot_type {t}")),
+                }
+                vm.dirty.clear();
+                reply(s, 204, None)
+            }
+            ("PUT", "/snapshot/load") => {
+                if vm.state != "Not started" {
+                    return fault(
+                        s,
+                        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                    );
+                }
+                if body["mem_backend"]["backend_type"] != "Uffd" {
+                    return fault(s, "this stand-in only does the Uffd backend");
+                }
+                let st: Value =
+                    serde_json::from_slice(&std::fs::read(body["snapshot_path"].as_str().unwrap()).unwrap()).unwrap();
+                let size = st["regions"][0]["size"].as_u64().unwrap();
+                let spec = snapfork_lazy_restore::client::RegionSpec { size, offset: 0, page_size: PAGE as u64 };
+                let mut fvm = snapfork_lazy_restore::client::FakeVm::new(&[spec]).unwrap();
+                let sock = PathBuf::from(body["mem_backend"]["backend_path"].as_str().unwrap());
+                fvm.connect(&sock, snapfork_lazy_restore::client::Shape::V1_12, &[]).unwrap();
+                // Touch every page: each is served by snapfork's UFFD server from the store.
+                vm.mem = fvm.region(0).to_vec();
+                vm._loaded = Some(fvm);
+                vm.state = if body["resume_vm"].as_bool() == Some(true) { "Running" } else { "Paused" };
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/write") => {
+                let p = body["page"].as_u64().unwrap() as usize;
+                vm.mem[p * PAGE..(p + 1) * PAGE].fill(body["byte"].as_u64().unwrap() as u8);
+                vm.dirty.insert(p);
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/fail-next-create") => {
+                vm.fail_next_create = true;
+                reply(s, 204, None)
+            }
+            ("GET", "/fake/memory") => {
+                let firsts: Vec<u8> = vm.mem.chunks(PAGE).map(|p| p[0]).collect();
+                reply(s, 200, Some(json!({"blake3": blake3::hash(&vm.mem).to_hex().to_string(), "firsts": firsts})))
+            }
+            _ => fault(s, &format!("no route {method} {path}")),
+        }
+    }
+}
+
+fn memory(api: &Path) -> Value {
+    let r = ApiClient::new(api).call("GET", "/fake/memory", None).unwrap();
+    serde_json::from_str(&r.body).unwrap()
+}
+
+fn state(api: &Path) -> String {
+    ApiClient::new(api).instance_info().unwrap()["state"].as_str().unwrap().to_string()
+}
+
+fn api_of(dir: &Path, name: &str) -> PathBuf {
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("engine/sandboxes").join(name).join("sandbox.json")).unwrap())
+            .unwrap();
+    PathBuf::from(rec["config"]["api_socket"].as_str().unwrap())
+}
+
+async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
+    if !common::require(TEST, false) {
+        return;
+    }
+    let (dir, engine) = common::new_engine();
+    let _guard = common::Guard(engine.clone());
+    let me = std::env::current_exe().unwrap();
+    let api = dir.path().join("vm.sock");
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    let disk = dir.path().join("rootfs.ext4");
+    std::fs::write(&disk, vec![5u8; 8 * PAGE]).unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("task.txt"), "step 1").unwrap();
+    let cfg = FirecrackerConfig {
+        api_socket: api.clone(),
+        binary: Some(me.clone()),
+        disks: vec![disk.clone()],
+        page_size: PAGE as u32,
+        diff: true,
+        pid: None,
+    };
+    engine
+        .run(RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: Some(ws.clone()) })
+        .await
+        .unwrap();
+
+    // A: a Full snapshot; the VM runs on.
+    let at_a = memory(&api);
+    let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert_eq!(state(&api), "Running");
+    assert!(a.timings.steps.iter().any(|(s, _)| s == "snapshot/create Full"), "{:?}", a.timings);
+
+    // The guest dirties two pages; B is a Diff snapshot ingested onto A's image.
+    for (page, byte) in [(3, 0xAA), (10, 0xBB)] {
+        ApiClient::new(&api).call("PUT", "/fake/write", Some(&json!({"page": page, "byte": byte}))).unwrap();
+    }
+    std::fs::write(ws.join("task.txt"), "step 2").unwrap();
+    let at_b = memory(&api);
+    let b = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert!(b.timings.steps.iter().any(|(s, _)| s == "snapshot/create Diff"), "{:?}", b.timings);
+    let d = engine.diff(&a.id, &b.id).await.unwrap();
+    let mem = d.parts.iter().find(|p| p.name == "mem").unwrap();
+    assert_eq!((mem.units_changed, mem.units_total), (2, PAGES as u64), "{d:?}");
+    assert!(d.files.iter().any(|f| f.path == "task.txt"));
+
+    // A failing snapshot/create leaves no snapshot and the VM running.
+    ApiClient::new(&api).call("PUT", "/fake/fail-next-create", None).unwrap();
+    let refs = engine.store().list_refs("").unwrap();
+    assert!(engine.checkpoint("vm", CheckpointOptions::default()).await.is_err());
+    assert_eq!(engine.store().list_refs("").unwrap(), refs);
+    assert_eq!(state(&api), "Running");
+
+    // Restore B: a new Firecracker process loads it; its memory comes from the UFFD server.
+    let r = engine.restore(&b.id, "vm-b").await.unwrap();
+    let rapi = api_of(dir.path(), "vm-b");
+    assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
+    assert_eq!(state(&rapi), "Running");
+    assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("task.txt")).unwrap(), "step 2");
+
+    // Fork A twice: both get A's memory (one server serves both), each in its own process.
+    let forks = engine.fork(&a.id, 2, Some("vm-a")).await.unwrap();
+    for f in &forks {
+        let fapi = api_of(dir.path(), &f.name);
+        assert_eq!(memory(&fapi)["blake3"], at_a["blake3"], "{}", f.name);
+    }
+    assert_ne!(at_a["blake3"], at_b["blake3"]);
+
+    // Revert the restored VM to A: a new process with A's memory replaces it.
+    engine.revert("vm-b", &a.id).await.unwrap();
+    let rapi2 = api_of(dir.path(), "vm-b");
+    assert_ne!(rapi2, rapi);
+    assert_eq!(memory(&rapi2)["blake3"], at_a["blake3"]);
+
+    for s in engine.ls().await.unwrap() {
+        engine.rm(&s.name).await.unwrap();
+    }
+}
+
+/// The stand-in "running VM" dies with the test, also when it panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

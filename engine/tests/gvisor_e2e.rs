@@ -1,0 +1,209 @@
+//! End to end on real gVisor sandboxes (root and runsc required; CI has both).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use snapfork_engine::{CheckpointOptions, Status};
+
+fn consecutive_from_one(v: &[i64]) -> bool {
+    v.first() == Some(&1) && v.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+/// Counter in memory + file in the workspace; checkpoint; fork 3 that continue independently
+/// from the checkpointed counter and file; revert the original: counter and file both back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_checkpoint_fork3_revert() {
+    if !require("gvisor_checkpoint_fork3_revert", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    let info = engine.run(counter_spec("orig", &rootfs)).await.unwrap();
+    assert_eq!(info.status, Status::Running);
+    let log = info.workspace.clone().unwrap().join("counter.log");
+    wait_lines(&log, 5).await;
+
+    let ck = engine
+        .checkpoint("orig", CheckpointOptions { message: "five".into(), leave_running: true, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(ck.status, Status::Running);
+    assert_eq!(ck.parts.len(), 2, "{:?}", ck.parts);
+    // The original keeps running after the checkpoint.
+    let n_at_ck = lines(&log).len();
+    let later = wait_lines(&log, n_at_ck + 5).await;
+    assert!(consecutive_from_one(&later), "original after checkpoint: {later:?}");
+
+    let forks = engine.fork(&ck.id, 3, Some("f")).await.unwrap();
+    let names: Vec<&str> = forks.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["f-1", "f-2", "f-3"]);
+    // Each fork continues with its own step: memory diverges, files are separate.
+    for (k, f) in forks.iter().enumerate() {
+        let step = 10i64.pow(k as u32 + 1);
+        engine
+            .exec(&f.name, vec!["/bin/sh".into(), "-c".into(), format!("echo {step} > /workspace/step; kill -USR2 1")])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The checkpointed file, read back from the snapshot: 1..=N.
+    let snap = engine.show(&ck.id).await.unwrap();
+    let part = snap.part(snapfork_engine::model::Role::Workspace).unwrap().clone();
+    let ckdir = dir.path().join("ck-workspace");
+    snapfork_engine::workspace::materialize(engine.store(), &part, &ckdir).unwrap();
+    let at_ck = lines(&ckdir.join("counter.log"));
+    let n = at_ck.len();
+    assert!(consecutive_from_one(&at_ck) && n >= 5 && n <= n_at_ck + 1, "checkpointed: {at_ck:?}");
+    for (k, f) in forks.iter().enumerate() {
+        let step = 10i64.pow(k as u32 + 1);
+        let l = wait_lines(&f.workspace.clone().unwrap().join("counter.log"), n + 3).await;
+        // Its file starts as the checkpointed file, and its counter continues from the
+        // checkpointed memory (N+1, or N+step if the signal beat the first tick).
+        assert_eq!(&l[..n], &at_ck[..], "fork {k}: {l:?}");
+        assert!(l[n] == n as i64 + 1 || l[n] == n as i64 + step, "fork {k}: {l:?}");
+        // Then each goes its own way.
+        let tail = &l[l.len() - 2..];
+        assert_eq!(tail[1] - tail[0], step, "fork {k} continues with its own step: {l:?}");
+    }
+
+    // Wreck the original, then revert it.
+    engine.exec("orig", vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let wrecked = lines(&log);
+    // The file was deleted and the counter corrupted (at most one line raced the signal).
+    assert!(
+        wrecked.iter().filter(|&&x| x > 0).count() <= 1 && wrecked.last().is_none_or(|&x| x < 0),
+        "wrecked: {wrecked:?}"
+    );
+    let rv = engine.revert("orig", &ck.id).await.unwrap();
+    assert_eq!(rv.status, Status::Running);
+    let back = wait_lines(&log, n + 5).await;
+    // Files back (1..=N) and the counter continues N+1.. from memory: one consecutive run.
+    assert!(consecutive_from_one(&back), "after revert: {back:?}");
+
+    // The tree: orig's snapshot with the forks' heads pointing at it.
+    let tree = engine.log(None).await.unwrap();
+    assert_eq!(tree.snapshots.len(), 1);
+    let refs = &tree.snapshots[0].refs;
+    for r in ["sandbox/orig", "sandbox/f-1", "sandbox/f-2", "sandbox/f-3"] {
+        assert!(refs.iter().any(|x| x == r), "{refs:?}");
+    }
+    // A second checkpoint of a fork is a child of the first.
+    let ck2 = engine.checkpoint("f-1", CheckpointOptions { leave_running: false, ..Default::default() }).await.unwrap();
+    assert_eq!(ck2.parent.as_deref(), Some(ck.id.as_str()));
+    assert_eq!(ck2.status, Status::Stopped);
+    let d = engine.diff(&ck.id, &ck2.id).await.unwrap();
+    assert!(d.files.iter().any(|f| f.path.contains("counter.log")), "{:?}", d.files);
+    cleanup(&engine).await;
+}
+
+/// Checkpoints of different sandboxes run in parallel; a sandbox whose runtime died cannot be
+/// checkpointed and leaves no snapshot behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_parallel_checkpoints_and_dead_runtime() {
+    if !require("gvisor_parallel_checkpoints_and_dead_runtime", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    let mut logs = Vec::new();
+    for k in 0..3 {
+        let i = engine.run(counter_spec(&format!("p{k}"), &rootfs)).await.unwrap();
+        logs.push(i.workspace.unwrap().join("counter.log"));
+    }
+    for l in &logs {
+        wait_lines(l, 3).await;
+    }
+    let mut tasks = Vec::new();
+    for k in 0..3 {
+        let e = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            e.checkpoint(&format!("p{k}"), CheckpointOptions { leave_running: true, ..Default::default() }).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(engine.log(None).await.unwrap().snapshots.len(), 3);
+
+    // Kill p0's runtime behind the engine's back: checkpoint fails, nothing is added.
+    let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "p0").unwrap().runtime_id.unwrap();
+    engine.runsc().kill(&rid).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = engine.store().list_refs("").unwrap();
+    assert!(engine.checkpoint("p0", CheckpointOptions::default()).await.is_err());
+    assert_eq!(engine.store().list_refs("").unwrap(), before);
+    cleanup(&engine).await;
+}
+
+/// Export, import into a fresh store, restore from it; a tampered bundle is refused and leaves
+/// nothing; gc with live sandboxes removes nothing they need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_export_import_restore_and_gc() {
+    if !require("gvisor_export_import_restore_and_gc", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    let info = engine.run(counter_spec("src", &rootfs)).await.unwrap();
+    let log = info.workspace.unwrap().join("counter.log");
+    wait_lines(&log, 4).await;
+    let ck = engine.checkpoint("src", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+
+    // gc with the live sandbox: everything its head needs stays.
+    let store = engine.store().clone();
+    tokio::task::spawn_blocking(move || {
+        store.gc(&snapfork_store::GcOptions { grace: Duration::ZERO, ..Default::default() })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+
+    // A damaged cached image is detected (whole-file hash) and the store's copy used instead.
+    let cache = dir.path().join("engine/cache");
+    let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let img = entry.join("checkpoint.img");
+    let mut b = std::fs::read(&img).unwrap();
+    let mid = b.len() / 3;
+    b[mid] ^= 0xFF;
+    std::fs::write(&img, &b).unwrap();
+    let r = engine.restore(&ck.id, "from-store").await.unwrap();
+    let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
+    assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
+
+    let bundle = dir.path().join("snap.sfb");
+    let ex = engine.export(&ck.id, &bundle).await.unwrap();
+    assert!(ex.bytes > 0 && ex.nodes > 0);
+
+    let (dir2, engine2) = new_engine();
+    let _guard2 = Guard(engine2.clone());
+    // Tampered: flip one byte in the middle.
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let bad = dir2.path().join("bad.sfb");
+    std::fs::write(&bad, &bytes).unwrap();
+    let before = engine2.store().stats("").unwrap().total;
+    assert!(engine2.import(&bad).await.is_err());
+    // Truncated.
+    std::fs::write(&bad, &std::fs::read(&bundle).unwrap()[..mid]).unwrap();
+    assert!(engine2.import(&bad).await.is_err());
+    let after = engine2.store().stats("").unwrap().total;
+    assert_eq!(before.chunks, after.chunks);
+    assert_eq!(before.file_objects, after.file_objects);
+    assert!(engine2.store().list_refs("").unwrap().is_empty());
+
+    let im = engine2.import(&bundle).await.unwrap();
+    assert_eq!(im.id, ck.id);
+    let r = engine2.restore(&ck.id, "copy").await.unwrap();
+    let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
+    assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
+    cleanup(&engine2).await;
+    cleanup(&engine).await;
+    drop(dir2);
+}

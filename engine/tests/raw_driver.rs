@@ -1,0 +1,93 @@
+//! The raw driver: memory, state and disk files of any VMM (no runtime needed; root only for
+//! uniformity with CI).
+
+mod common;
+
+use common::*;
+use snapfork_engine::{CheckpointOptions, DriverConfig, RawConfig, RunSpec};
+
+fn write(p: &std::path::Path, pages: &[u8]) {
+    let mut v = Vec::new();
+    for &b in pages {
+        v.extend(std::iter::repeat_n(b, 4096));
+    }
+    std::fs::write(p, v).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_checkpoint_diff_restore_revert() {
+    if !require("raw_checkpoint_diff_restore_revert", false) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let vm = dir.path().join("vm");
+    std::fs::create_dir_all(&vm).unwrap();
+    let (mem, state, disk) = (vm.join("mem"), vm.join("vmstate"), vm.join("disk.img"));
+    write(&mem, &[1, 0, 2, 3, 0, 4, 5, 6]);
+    std::fs::write(&state, b"cpu registers v1").unwrap();
+    write(&disk, &[9, 9, 0, 0]);
+    let cfg =
+        RawConfig { memory: Some(mem.clone()), state: vec![state.clone()], disks: vec![disk.clone()], page_size: 4096 };
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("notes.txt"), "v1").unwrap();
+    engine
+        .run(RunSpec { name: "vm".into(), driver: DriverConfig::Raw(cfg), workspace: Some(ws.clone()) })
+        .await
+        .unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions { message: "a".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(a.parts.len(), 4, "{:?}", a.parts);
+
+    // Two pages of memory change, the state changes, a file changes.
+    write(&mem, &[1, 0, 7, 3, 0, 4, 5, 8]);
+    std::fs::write(&state, b"cpu registers v2").unwrap();
+    std::fs::write(ws.join("notes.txt"), "v2").unwrap();
+    std::fs::write(ws.join("new.txt"), "x").unwrap();
+    let b = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
+    assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
+    let d = engine.diff(&a.id, &b.id).await.unwrap();
+    let memd = d.parts.iter().find(|p| p.name == "mem").unwrap();
+    assert_eq!((memd.units_changed, memd.units_total), (2, 8));
+    let diskd = d.parts.iter().find(|p| p.name == "disk.img").unwrap();
+    assert_eq!(diskd.change, "same");
+    let paths: Vec<&str> = d.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(paths.contains(&"notes.txt") && paths.contains(&"new.txt"), "{paths:?}");
+
+    // Restore A as a new sandbox: its files are A's.
+    let r = engine.restore(&a.id, "vm2").await.unwrap();
+    let snap = engine.show("vm2").await.unwrap();
+    assert_eq!(snap.id.to_hex(), a.id);
+    let files = dir.path().join("engine/sandboxes/vm2/files");
+    assert_eq!(std::fs::read(files.join("vmstate")).unwrap(), b"cpu registers v1");
+    assert_eq!(
+        std::fs::read(files.join("mem")).unwrap(),
+        std::fs::read(&mem)
+            .map(|_| {
+                let mut v = Vec::new();
+                for b in [1u8, 0, 2, 3, 0, 4, 5, 6] {
+                    v.extend(std::iter::repeat_n(b, 4096));
+                }
+                v
+            })
+            .unwrap()
+    );
+    assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("notes.txt")).unwrap(), "v1");
+
+    // Revert the original to A: files in place and workspace back.
+    engine.revert("vm", &a.id).await.unwrap();
+    assert_eq!(std::fs::read(&state).unwrap(), b"cpu registers v1");
+    assert_eq!(std::fs::read_to_string(ws.join("notes.txt")).unwrap(), "v1");
+    assert!(!ws.join("new.txt").exists());
+    let log = engine.log(None).await.unwrap();
+    assert_eq!(log.snapshots.len(), 2);
+    assert!(log.tree.contains(&a.id[..12]) && log.tree.contains(&b.id[..12]));
+
+    // rm drops the refs of the sandbox; the tag keeps A.
+    engine.tag(&a.id, "keep").await.unwrap();
+    engine.rm("vm").await.unwrap();
+    engine.rm("vm2").await.unwrap();
+    let log = engine.log(None).await.unwrap();
+    assert_eq!(log.snapshots.len(), 1);
+    assert_eq!(log.snapshots[0].refs, ["tag/keep"]);
+}
