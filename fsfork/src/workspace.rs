@@ -222,6 +222,8 @@ struct Seen {
     same: bool,
     /// For a directory that hit: the node id it had.
     cached_node: Option<Id>,
+    /// Removed between the walk and the read: not part of this checkpoint.
+    vanished: bool,
     /// The stat to cache (the one taken before the contents were read).
     meta: Meta,
 }
@@ -398,6 +400,16 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             }
             Ok(s)
         })
+        .map(|r| match r {
+            // A live workspace loses files all the time (temporary files, builds): an entry
+            // that disappears between the walk and its read is simply not in the checkpoint.
+            Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(Seen { vanished: true, ..Seen::default() })
+            }
+            r => r,
+        })
         .collect();
     // Collect, cleaning every staged file if anything failed.
     let mut seen_ok = Vec::with_capacity(seen.len());
@@ -423,6 +435,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         if let Some(p) = secondary[i] {
             seen[i].id = seen[p].id;
             seen[i].meta.size = seen[p].meta.size;
+            seen[i].vanished = seen[p].vanished;
         }
     }
 
@@ -447,6 +460,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         // Directory nodes bottom-up: children have larger indices than their parents.
         let mut by_dir: Vec<Vec<usize>> = vec![Vec::new(); scan.dirs.len()];
         for (i, e) in scan.entries.iter().enumerate() {
+            if seen[i].vanished {
+                continue;
+            }
             by_dir[e.dir].push(i);
         }
         let mut dir_ids: Vec<Option<Id>> = vec![None; scan.dirs.len()];
@@ -480,7 +496,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             }
         };
         for (e, s) in scan.entries.iter().zip(&seen) {
-            if e.meta.kind() == Kind::File {
+            if e.meta.kind() == Kind::File && !s.vanished {
                 files += 1;
                 bytes += s.meta.size;
             }
@@ -561,6 +577,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
+            if s.vanished {
+                continue;
+            }
             // Directories cache their node id, files their content id.
             let id = match scan.entries[i].subdir {
                 Some(d) => dir_ids[d],
@@ -605,8 +624,12 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let hashed: Vec<u64> = seen.iter().filter_map(|s| s.hashed).collect();
     let (hashed_files, hashed_bytes) = (hashed.len() as u64, hashed.iter().sum::<u64>());
-    let bytes: u64 =
-        seen.iter().zip(&scan.entries).filter(|(_, e)| e.meta.kind() == Kind::File).map(|(s, _)| s.meta.size).sum();
+    let bytes: u64 = seen
+        .iter()
+        .zip(&scan.entries)
+        .filter(|(s, e)| e.meta.kind() == Kind::File && !s.vanished)
+        .map(|(s, _)| s.meta.size)
+        .sum();
     let report = CheckpointReport {
         id,
         parent,

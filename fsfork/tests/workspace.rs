@@ -478,3 +478,55 @@ fn checkpoint_restore_many_directories() {
     let d = workspace::diff(&env.store, Side::Checkpoint(c.id), Side::Checkpoint(c2.id)).unwrap();
     assert_eq!(d.changed.len(), 1);
 }
+
+/// Files created and deleted while checkpoints run (a build, temporary files): every checkpoint
+/// succeeds, holding each file either whole or not at all.
+#[test]
+fn checkpoint_while_files_come_and_go() {
+    let Some(env) = Env::new(FsType::Xfs, "checkpoint_while_files_come_and_go", 512) else { return };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("tmp")).unwrap();
+    std::fs::write(ws.join("stable"), b"stable").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let side = env.p("side");
+    std::fs::create_dir(&side).unwrap();
+    let churn = {
+        let (stop, dir) = (stop.clone(), ws.join("tmp"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for i in 0..50 {
+                    // Written beside the workspace and renamed in: a file is always whole.
+                    let tmp = side.join(format!("t{i}"));
+                    std::fs::write(&tmp, format!("content {i}")).unwrap();
+                    std::fs::rename(&tmp, dir.join(format!("t{i}"))).unwrap();
+                    let _ = std::os::unix::fs::symlink("x", dir.join(format!("l{i}")));
+                }
+                for i in 0..50 {
+                    let _ = std::fs::remove_file(dir.join(format!("t{i}")));
+                    let _ = std::fs::remove_file(dir.join(format!("l{i}")));
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut ids = Vec::new();
+    for _ in 0..15 {
+        ids.push(workspace::checkpoint(&env.store, &ws, None).expect("checkpoint during churn").id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+    for (k, id) in ids.iter().enumerate() {
+        let dst = env.p(&format!("r{k}"));
+        workspace::restore(&env.store, id, &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("stable")).unwrap(), b"stable");
+        for e in std::fs::read_dir(dst.join("tmp")).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if let Some(i) = name.strip_prefix('t') {
+                assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("content {i}"));
+            }
+        }
+    }
+}
