@@ -176,6 +176,9 @@ fn sigkill_at_random_points_never_loses_a_reported_commit() {
         let file = tmp.path().join(format!("img-{round}"));
         fs::write(&file, &data).unwrap();
         let name = format!("r{round}");
+        // Every fourth ingest runs to completion, so commits exist whatever the machine's load;
+        // the others are killed at a random instant within one ingest's duration.
+        let completes = round % 4 == 0;
         let mut cmd = if round % 6 == 5 && !completes {
             let mut c = snapfork(&store_dir);
             c.args(["gc", "--grace", "0", "--json"]);
@@ -186,9 +189,6 @@ fn sigkill_at_random_points_never_loses_a_reported_commit() {
             c
         };
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        // Every fourth ingest runs to completion, so commits exist whatever the machine's load;
-        // the others are killed at a random instant within one ingest's duration.
-        let completes = round % 4 == 0;
         let delay = if completes {
             Duration::from_secs(120)
         } else {

@@ -245,22 +245,35 @@ impl Txn {
         if self.created_packs {
             sync_dir(&self.store.packs_dir())?;
         }
-        // 2. File objects: fsync, move into place, fsync their directories.
+        // 2. File objects: durable, moved into place, the moves durable. Many files (a first
+        //    workspace checkpoint) are flushed with one syncfs per step rather than an fsync each.
+        let files = std::mem::take(&mut self.files);
+        let batched = files.len() > SYNCFS_THRESHOLD;
+        if batched {
+            syncfs(&self.store.staging_dir())?;
+        }
         let mut dirs = HashSet::new();
-        for (staged, id, size) in std::mem::take(&mut self.files) {
-            fs::File::open(&staged).and_then(|f| f.sync_all()).ctx(|| format!("fsync {}", staged.display()))?;
+        for (staged, id, size) in files {
+            if !batched {
+                fs::File::open(&staged).and_then(|f| f.sync_all()).ctx(|| format!("fsync {}", staged.display()))?;
+            }
             let dest = self.store.file_object_path(&id);
             let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-            fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+            if dirs.insert(dir.clone()) {
+                fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+            }
             fs::rename(&staged, &dest).ctx(|| format!("move {} to {}", staged.display(), dest.display()))?;
-            dirs.insert(dir);
             self.batch.put(key::id(key::FILE, &id), size.to_le_bytes());
         }
-        for dir in &dirs {
-            sync_dir(dir)?;
-        }
-        if !dirs.is_empty() {
-            sync_dir(&self.store.dir().join("objects"))?;
+        if batched {
+            syncfs(&self.store.dir().join("objects"))?;
+        } else {
+            for dir in &dirs {
+                sync_dir(dir)?;
+            }
+            if !dirs.is_empty() {
+                sync_dir(&self.store.dir().join("objects"))?;
+            }
         }
         // 3. The index, in one synced batch, while gc is not between its mark and its sweep.
         for (id, loc) in &self.new_chunks {
@@ -286,6 +299,24 @@ impl Drop for Txn {
         // Packs of an abandoned transaction stay on disk unreferenced until gc reclaims them;
         // staged files likewise (gc clears staging entries older than its grace period).
     }
+}
+
+/// Above this many file objects, a commit flushes the filesystem once (syncfs) instead of
+/// fsyncing each file and directory.
+const SYNCFS_THRESHOLD: usize = 16;
+
+/// Flushes the filesystem that holds `path` (all its dirty data and metadata).
+fn syncfs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = fs::File::open(path).ctx(|| format!("open {}", path.display()))?;
+    // SAFETY: syncfs takes a descriptor we own and touches no memory of ours.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(Error::Io {
+            context: format!("syncfs {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses ref names that would be ambiguous or unprintable.
