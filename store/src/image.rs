@@ -537,7 +537,7 @@ impl ImageReader {
     /// pages stored next to each other (ingest appends an image's new pages in order).
     pub fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<()> {
         let ps = self.root.page_size as usize;
-        if out.len() % ps != 0 {
+        if !out.len().is_multiple_of(ps) {
             return Err(Error::InvalidInput(format!("buffer of {} bytes is not a whole number of pages", out.len())));
         }
         let n = (out.len() / ps) as u64;

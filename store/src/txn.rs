@@ -335,6 +335,15 @@ pub fn validate_ref_name(name: &str) -> Result<()> {
     }
 }
 
+/// The probe size for [`compress`]'s incompressibility check.
+const SAMPLE: usize = 4096;
+
+/// True when compressing `sample` saves at least 1/16.
+fn compresses(c: &mut zstd::bulk::Compressor<'static>, sample: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(sample.len()));
+    c.compress_to_buffer(sample, &mut out).is_ok_and(|n| n + sample.len() / 16 < sample.len())
+}
+
 /// Compresses `data` with zstd at `level`; `None` when that does not save at least 1/16.
 pub(crate) fn compress(data: &[u8], level: i32) -> (Codec, Option<Vec<u8>>) {
     COMPRESSOR.with_borrow_mut(|slot| {
@@ -344,6 +353,11 @@ pub(crate) fn compress(data: &[u8], level: i32) -> (Codec, Option<Vec<u8>>) {
         let Some((_, c)) = slot.as_mut() else {
             return (Codec::Raw, None);
         };
+        // A large chunk whose first 4 KiB does not compress (random heap, an already-compressed
+        // runtime image) is stored raw without paying for a full compression attempt.
+        if data.len() >= 4 * SAMPLE && !compresses(c, &data[..SAMPLE]) {
+            return (Codec::Raw, None);
+        }
         let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
         match c.compress_to_buffer(data, &mut out) {
             Ok(n) if n + data.len() / 16 < data.len() => (Codec::Zstd, Some(out)),

@@ -211,3 +211,19 @@ fn read_pages_matches_page_by_page_reads_and_names_a_corrupt_page() {
         image.read_pages(start, &mut vec![0u8; (bad - start) as usize * PAGE]).unwrap();
     }
 }
+
+#[test]
+fn incompressible_blob_chunks_are_stored_raw_and_compressible_ones_compressed() {
+    use rand::RngCore;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let mut random = vec![0u8; 2 << 20];
+    rand::rng().fill_bytes(&mut random);
+    let r = store.put_blob_file(&write(tmp.path(), "random", &random), Some("random")).unwrap();
+    assert!(r.new_stored_bytes >= random.len() as u64, "random data cannot shrink: {r:?}");
+    let text: Vec<u8> = (0..2 << 20).map(|i: usize| b"snapfork "[i % 9]).collect();
+    let t = store.put_blob_file(&write(tmp.path(), "text", &text), Some("text")).unwrap();
+    assert!(t.new_stored_bytes * 10 < text.len() as u64, "repetitive data must compress: {t:?}");
+    assert_eq!(store.get_blob(&r.id).unwrap(), random);
+    assert_eq!(store.get_blob(&t.id).unwrap(), text);
+}
