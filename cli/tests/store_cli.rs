@@ -179,7 +179,8 @@ fn sigkill_at_random_points_never_loses_a_reported_commit() {
         // Every fourth ingest runs to completion, so commits exist whatever the machine's load;
         // the others are killed at a random instant within one ingest's duration.
         let completes = round % 4 == 0;
-        let mut cmd = if round % 6 == 5 && !completes {
+        let gc_round = round % 6 == 5 && !completes;
+        let mut cmd = if gc_round {
             let mut c = snapfork(&store_dir);
             c.args(["gc", "--grace", "0", "--json"]);
             c
@@ -207,7 +208,7 @@ fn sigkill_at_random_points_never_loses_a_reported_commit() {
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
         if out.status.success() {
-            if !(round % 6 == 5 && !completes) {
+            if !gc_round {
                 let v: Value = serde_json::from_slice(&out.stdout).unwrap();
                 assert_eq!(v["name"], name.as_str());
                 committed.push((name, file, v["id"].as_str().unwrap().to_string()));
