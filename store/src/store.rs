@@ -399,6 +399,18 @@ impl Store {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Leave the index in sorted files with bloom filters rather than in the write-ahead log:
+        // the next open then neither replays it nor looks pages up in a skiplist.
+        if !self.read_only
+            && let Err(e) = self.db.flush()
+        {
+            tracing::warn!("flushing the index on close failed: {e}");
+        }
+    }
+}
+
 /// Decodes a chunk's stored `payload` into `out` and checks it against `id`; returns its length.
 pub(crate) fn decode_verified(
     id: &Hash,
@@ -481,6 +493,10 @@ fn open_index(path: &Path, read_only: bool) -> Result<DB> {
     table.set_cache_index_and_filter_blocks(true);
     opts.set_block_based_table_factory(&table);
     opts.set_write_buffer_size(64 << 20);
+    // Most probes of a first ingest miss: a bloom filter over the memtable answers them without
+    // walking its skiplist.
+    opts.set_memtable_prefix_bloom_ratio(0.1);
+    opts.set_memtable_whole_key_filtering(true);
     let db = if read_only { DB::open_for_read_only(&opts, path, false)? } else { DB::open(&opts, path)? };
     Ok(db)
 }
