@@ -99,6 +99,9 @@ pub trait RepoTx {
     fn set_ref(&mut self, name: &str, id: &Id) -> Result<()>;
     /// Writes small mutable metadata as part of the transaction.
     fn meta_put(&mut self, key: &str, value: &[u8]);
+    /// Keeps `id` (a file object or node this transaction links without writing it) alive until
+    /// commit, even against a concurrent gc; false when the store no longer holds it.
+    fn keep(&mut self, id: &Id) -> Result<bool>;
     /// Makes everything durable and visible.
     fn commit(self: Box<Self>) -> Result<()>;
 }

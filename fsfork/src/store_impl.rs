@@ -94,6 +94,13 @@ impl RepoTx for StoreTx {
         self.0.meta_put(key, Some(value));
     }
 
+    fn keep(&mut self, id: &Id) -> Result<bool> {
+        // Pin first, then look: gc either saw the pin (and keeps it) or had already removed it.
+        self.0.pin(h(id));
+        let store = self.0.store();
+        Ok(store.has_file_object(&h(id))? || store.contains(&h(id))?)
+    }
+
     fn commit(self: Box<Self>) -> Result<()> {
         Ok(self.0.commit()?)
     }

@@ -336,7 +336,14 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             }
             let rel = rel_bytes(i);
             let cached = cache.entries.get(&rel);
-            let hit = cached.filter(|ce| ce.matches(&e.meta));
+            // A cache hit names a file object; gc may have removed it since (every checkpoint
+            // that used it deleted): then the file is read again like a changed one.
+            let mut hit = cached.filter(|ce| ce.matches(&e.meta));
+            if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
+                && !repo.has_file_object(&id)?
+            {
+                hit = None;
+            }
             let err_path = || ws.join(scan.rel_path(e));
             // Only opened when needed (a reopen if the walk could not keep it open).
             let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
@@ -457,6 +464,19 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             adopted.insert(*id);
             new_objects += 1;
         }
+        // Objects taken from the stat cache are linked without being written: keep them alive
+        // until commit (a concurrent gc cannot remove them once kept).
+        for s in &seen {
+            if let (None, Some(id), false) = (&s.staged, &s.id, s.vanished)
+                && !adopted.contains(id)
+                && !tx.keep(id)?
+            {
+                return Err(Error::Corrupt {
+                    id: id.to_string(),
+                    reason: "a file object vanished during the checkpoint (a concurrent gc?); retry".into(),
+                });
+            }
+        }
         // Directory nodes bottom-up: children have larger indices than their parents.
         let mut by_dir: Vec<Vec<usize>> = vec![Vec::new(); scan.dirs.len()];
         for (i, e) in scan.entries.iter().enumerate() {
@@ -518,7 +538,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 && seen[own].same
                 && let Some(nid) = seen[own].cached_node
                 && by_dir[d].iter().all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
-                && repo.contains(&nid)?
+                && tx.keep(&nid)?
             {
                 dir_ids[d] = Some(nid);
                 reused[d] = true;

@@ -530,3 +530,33 @@ fn checkpoint_while_files_come_and_go() {
         }
     }
 }
+
+/// The stat cache must not vouch for a file object that gc removed after every checkpoint that
+/// used it was deleted: the next checkpoint reads the file again, and restores whole.
+#[test]
+fn stat_cache_never_links_an_object_gc_removed() {
+    let Some(env) = Env::new(FsType::Xfs, "stat_cache_never_links_an_object_gc_removed", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("a.txt"), b"kept across checkpoints\n").unwrap();
+    std::fs::write(ws.join("b.bin"), vec![7u8; 100_000]).unwrap();
+    let first = workspace::checkpoint(&env.store, &ws, Some("first")).unwrap();
+    // Delete every root that reaches the first checkpoint, then collect.
+    let mut tx = env.store.begin().unwrap();
+    for (name, _) in env.store.list_refs("").unwrap() {
+        tx.delete_ref(&name);
+    }
+    tx.commit().unwrap();
+    let gc = env.store.gc(&GcOptions { grace: std::time::Duration::ZERO, ..GcOptions::default() }).unwrap();
+    assert!(gc.removed_files >= 2, "gc removed the first checkpoint's objects: {gc:?}");
+    // Nothing changed in the workspace: every entry is a stat-cache hit.
+    let second = workspace::checkpoint(&env.store, &ws, Some("second")).unwrap();
+    assert_ne!(first.id, second.id, "the first checkpoint is gone; a new one must be written");
+    assert!(env.store.verify(None, None).unwrap().is_ok(), "the second checkpoint links missing objects");
+    let out = env.p("restored");
+    workspace::restore(&env.store, &second.id, &out).unwrap();
+    assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"kept across checkpoints\n");
+    assert_eq!(std::fs::read(out.join("b.bin")).unwrap(), vec![7u8; 100_000]);
+}

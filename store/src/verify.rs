@@ -75,6 +75,14 @@ impl Store {
                 files.extend(Hash::from_slice(k));
                 Ok(())
             })?;
+            // Everything the refs reach must exist: a link to nothing is damage too.
+            let mut reach = HashSet::new();
+            self.reachable_tolerant(roots.iter().map(|(_, h)| *h), &mut reach)?;
+            for id in reach {
+                if self.location(&id)?.is_none() && !self.has_file_object(&id)? {
+                    chunks.push((id, None));
+                }
+            }
         }
 
         let checked: Vec<(Hash, u64, Option<String>)> = chunks

@@ -112,3 +112,19 @@ fn gc_rewrites_packs_that_are_mostly_dead() {
     assert_eq!(std::fs::read(out).unwrap(), small);
     assert!(store.verify(None, None).unwrap().is_ok());
 }
+
+#[test]
+fn verify_reports_a_link_to_a_missing_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let mut tx = store.begin().unwrap();
+    let present = tx.put_chunk(b"present").unwrap();
+    let missing = snapfork_store::Hash::of(b"never stored");
+    let node = tx.put_node(&snapfork_store::Node::new(40, vec![present, missing], Vec::new())).unwrap();
+    tx.set_ref("holder", node).unwrap();
+    tx.commit().unwrap();
+    let report = store.verify(None, None).unwrap();
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].id, missing);
+    assert!(report.damaged[0].what.starts_with("holder"), "{:?}", report.damaged[0]);
+}
