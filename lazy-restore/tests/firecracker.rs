@@ -15,13 +15,6 @@ use snapfork_lazy_restore::{CachedSource, EndReason, PageSource, RawFileSource, 
 
 const T: Duration = Duration::from_secs(60);
 
-/// Not a test: the child process's entry point (see common::child_main).
-#[test]
-#[ignore]
-fn child_entry() {
-    child_main();
-}
-
 fn raw_source(path: &std::path::Path) -> Arc<dyn PageSource> {
     let raw: Arc<dyn PageSource> = Arc::new(RawFileSource::open(path, PAGE).unwrap());
     Arc::new(CachedSource::new(raw, 64 << 20))

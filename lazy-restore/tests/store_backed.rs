@@ -13,13 +13,6 @@ use snapfork_store::{IngestOptions, OpenOptions, Store};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Not a test: the child process's entry point (see common::child_main).
-#[test]
-#[ignore]
-fn child_entry() {
-    child_main();
-}
-
 fn store_with_image(dir: &std::path::Path, pages: u64) -> (Store, std::path::PathBuf) {
     let image = dir.join("mem.raw");
     make_image(&image, pages);

@@ -120,16 +120,18 @@ impl TestServer {
     }
 }
 
-/// Spawns this test binary again as a child playing `role` (see [`child_main`]).
+/// Spawns the peer process (`examples/fc_peer.rs`, built by `cargo test`/`nextest` with the
+/// tests) playing `role` (see [`child_main`]).
 pub fn spawn_child(role: Value) -> Child {
+    // The test binary is target/PROFILE/deps/NAME-HASH; examples are in target/PROFILE/examples.
     let exe = std::env::current_exe().unwrap();
-    Command::new(exe)
-        .args(["--exact", "child_entry", "--include-ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, role.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    let peer = exe.parent().and_then(Path::parent).map(|p| p.join("examples/fc_peer")).unwrap();
+    assert!(
+        peer.exists(),
+        "{} is missing: run the tests with cargo test or cargo nextest (they build examples)",
+        peer.display()
+    );
+    Command::new(peer).env(CHILD_ENV, role.to_string()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap()
 }
 
 /// Waits for a child and returns (exit status, its CHILD_RESULT object).
@@ -144,8 +146,7 @@ pub fn wait_child(child: Child) -> (std::process::ExitStatus, Option<Value>) {
 }
 
 fn emit(v: Value) {
-    // libtest has printed "test child_entry ... " without a newline: start a fresh line.
-    println!("\nCHILD_RESULT {v}");
+    println!("CHILD_RESULT {v}");
 }
 
 fn shape(s: &str) -> Shape {
@@ -183,7 +184,8 @@ fn compare(vm: &FakeVm, i: usize, image: &std::fs::File) -> (u64, Vec<u64>) {
 /// KVM guest reads every page and reports a checksum through an I/O port).
 pub fn child_main() {
     let Ok(role) = std::env::var(CHILD_ENV) else {
-        return;
+        eprintln!("fc_peer: set {CHILD_ENV} to a JSON role (the lazy-restore tests do)");
+        std::process::exit(2);
     };
     let role: Value = serde_json::from_str(&role).unwrap();
     let specs: Vec<RegionSpec> = role["regions"]
