@@ -950,17 +950,7 @@ impl Inner {
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
                 let result = (|| -> Result<Hash> {
                     // Files first, while paused (memory and files of one instant).
-                    if let Some(ws) = &rec.workspace {
-                        let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
-                        created.push(w.id);
-                        parts.push(model::Part {
-                            role: Role::Workspace,
-                            name: "workspace".into(),
-                            kind: PartKind::Workspace,
-                            id: w.id.to_hex(),
-                            size: w.bytes,
-                        });
-                    }
+                    add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                     clock.step("workspace");
                     let prev = |role: Role, name: &str| {
                         parent_snap.as_ref().and_then(|p| {
@@ -1064,17 +1054,7 @@ impl Inner {
                 parts = p;
                 added += new;
                 clock.step("ingest files");
-                if let Some(ws) = &rec.workspace {
-                    let w = workspace::checkpoint(&self.store, ws, &opts.message)?;
-                    created.push(w.id);
-                    parts.push(model::Part {
-                        role: Role::Workspace,
-                        name: "workspace".into(),
-                        kind: PartKind::Workspace,
-                        id: w.id.to_hex(),
-                        size: w.bytes,
-                    });
-                }
+                add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                 clock.step("workspace");
                 let body = self.snapshot_body(&rec, parent, opts, &parts);
                 let id = tx.put_node(&body.to_node()?)?;
@@ -1911,4 +1891,27 @@ pub(crate) fn tempdir(parent: &Path, what: &str) -> Result<PathBuf> {
     ));
     std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
     Ok(p)
+}
+
+/// Checkpoints a sandbox's workspace, if it has one, as the snapshot's workspace part; the
+/// checkpoint's id goes to `created` (released again if the snapshot fails).
+fn add_workspace_part(
+    store: &Store,
+    workspace: Option<&Path>,
+    message: &str,
+    created: &mut Vec<Hash>,
+    parts: &mut Vec<model::Part>,
+) -> Result<()> {
+    if let Some(ws) = workspace {
+        let w = workspace::checkpoint(store, ws, message)?;
+        created.push(w.id);
+        parts.push(model::Part {
+            role: Role::Workspace,
+            name: "workspace".into(),
+            kind: PartKind::Workspace,
+            id: w.id.to_hex(),
+            size: w.bytes,
+        });
+    }
+    Ok(())
 }
