@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "!!! the demo needs root (it runs gVisor sandboxes). Run: sudo $0" >&2
+  echo "!!! the demo needs root (it runs gVisor sandboxes). Run it as root" >&2
   exit 1
 fi
 scripts/setup.sh

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "!!! snapfork's tests need root (loop mounts, userfaultfd, KVM, runsc). Run: sudo $0" >&2
+  echo "!!! snapfork's tests need root (loop mounts, userfaultfd, KVM, runsc). Run it as root" >&2
   exit 1
 fi
 scripts/setup.sh

@@ -159,7 +159,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         .await?;
     timings.push(("second checkpoint (fork 1)".into(), ck2.timings.total_ms));
     say(format!(
-        "6. checkpoint of {} on top: {} bytes added to the store (runsc's image is one compressed stream; see BENCHMARKS_engine.md)",
+        "6. checkpoint of {} on top: {} bytes added to the store (runsc's image is one compressed stream; see BENCHMARKS.md)",
         forks[0].name, ck2.stored_bytes_added
     ));
     let tree = engine.log(None).await?;

@@ -97,7 +97,9 @@ thread_local! {
 impl Store {
     /// Opens (or with `opts.create`, creates) the store at `dir`.
     pub fn open(dir: impl AsRef<Path>, opts: OpenOptions) -> Result<Store> {
-        let dir = dir.as_ref().to_path_buf();
+        // Kept absolute: callers hand paths inside the store to other processes (runsc, VMMs)
+        // that do not share our working directory.
+        let dir = std::path::absolute(dir.as_ref()).ctx(|| format!("resolve {}", dir.as_ref().display()))?;
         let format_path = dir.join("FORMAT");
         if !format_path.exists() {
             if !opts.create || opts.read_only {

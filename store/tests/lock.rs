@@ -37,3 +37,27 @@ fn the_lock_is_released_when_the_holder_goes() {
     let opts = OpenOptions { lock_timeout: Duration::ZERO, ..OpenOptions::default() };
     Store::open(&dir, opts).unwrap();
 }
+
+#[test]
+fn a_store_opened_by_a_relative_path_reports_an_absolute_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let rel = pathdiff(tmp.path(), &cwd).join("store");
+    let store = Store::open(&rel, OpenOptions::default()).unwrap();
+    assert!(store.dir().is_absolute(), "{}", store.dir().display());
+    assert_eq!(store.dir().canonicalize().unwrap(), tmp.path().join("store").canonicalize().unwrap());
+}
+
+/// `path` relative to `base` (both absolute), with `..` components.
+fn pathdiff(path: &std::path::Path, base: &std::path::Path) -> std::path::PathBuf {
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = std::path::PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,30 @@
+//! README's main command: `snapfork demo` on the default store (a relative `.snapfork` in the
+//! working directory), on a real gVisor sandbox.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_runs_on_the_default_relative_store() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
+            eprintln!("!!! SKIPPED the_demo_runs_on_the_default_relative_store: needs root and runsc");
+            return;
+        }
+        panic!("the_demo_runs_on_the_default_relative_store needs root and runsc; set SNAPFORK_ALLOW_SKIP=1 to skip");
+    }
+    let cwd = tempfile::Builder::new().prefix("snapfork-demo-").tempdir_in("/var/tmp").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_snapfork"))
+        .args(["demo", "--json"])
+        .env_remove("SNAPFORK_STORE")
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["id"].as_str().map(str::len), Some(64), "{v}");
+    assert_eq!(v["consecutive_after_revert"], true, "{v}");
+    assert_eq!(v["forks"].as_array().map(Vec::len), Some(3), "{v}");
+    assert!(cwd.path().join(".snapfork/FORMAT").exists(), "the demo did not use the default store");
+}
