@@ -210,9 +210,8 @@ impl Default for CloneOptions {
     }
 }
 
-/// Creates the directory `dst` (which must not exist; its parent must) and returns its parent's
-/// descriptor, its name and its own descriptor.
-pub fn create_root(dst: &Path) -> Result<(OwnedFd, CString, OwnedFd)> {
+/// Splits a destination into the directory it goes in ("." for a bare name) and its name.
+pub(crate) fn split_destination(dst: &Path) -> Result<(&Path, &std::ffi::OsStr)> {
     let name = dst
         .file_name()
         .ok_or_else(|| Error::InvalidPath { path: dst.to_path_buf(), reason: "has no final component".into() })?;
@@ -220,6 +219,13 @@ pub fn create_root(dst: &Path) -> Result<(OwnedFd, CString, OwnedFd)> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    Ok((parent, name))
+}
+
+/// Creates the directory `dst` (which must not exist; its parent must) and returns its parent's
+/// descriptor, its name and its own descriptor.
+pub fn create_root(dst: &Path) -> Result<(OwnedFd, CString, OwnedFd)> {
+    let (parent, name) = split_destination(dst)?;
     let pfd = sys::open_root_dir(parent).ctx("open", parent)?;
     let cname = sys::cstr(name).ctx("name", dst)?;
     match sys::mkdirat(pfd.as_fd(), &cname, 0o700) {

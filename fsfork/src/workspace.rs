@@ -53,13 +53,7 @@ fn canonical(dir: &Path) -> Result<PathBuf> {
 
 /// Where a new tree's canonical path will be (its parent must exist).
 fn canonical_new(dst: &Path) -> Result<PathBuf> {
-    let name = dst
-        .file_name()
-        .ok_or_else(|| Error::InvalidPath { path: dst.to_path_buf(), reason: "has no final component".into() })?;
-    let parent = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let (parent, name) = crate::clone::split_destination(dst)?;
     Ok(std::fs::canonicalize(parent).ctx("resolve", parent)?.join(name))
 }
 

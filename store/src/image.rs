@@ -142,27 +142,28 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// The byte ranges of `file` that hold data (SEEK_DATA/SEEK_HOLE); the whole file where the
 /// filesystem does not say.
 fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use nix::errno::Errno;
     use nix::unistd::{Whence, lseek};
     let fd = file.as_fd();
     let mut out = Vec::new();
     let mut pos: u64 = 0;
     while pos < size {
-        let Ok(start) = lseek(fd, pos as i64, Whence::SeekData) else {
-            break;
+        let start = match lseek(fd, pos as i64, Whence::SeekData) {
+            Ok(start) => start as u64,
+            // No data past `pos` (a file that ends in a hole, or is all hole).
+            Err(Errno::ENXIO) => break,
+            // The filesystem cannot say: treat the rest as data.
+            Err(_) => {
+                out.push((pos, size));
+                break;
+            }
         };
-        let start = start as u64;
         let end = lseek(fd, start as i64, Whence::SeekHole).map_or(size, |e| e as u64).min(size);
         if end <= start {
             break;
         }
         out.push((start, end));
         pos = end;
-    }
-    if out.is_empty() && size > 0 && lseek(fd, 0, Whence::SeekData).is_err() {
-        // ENXIO means "no data at all": a fully sparse file. Other errors: assume all data.
-        if nix::errno::Errno::last() != nix::errno::Errno::ENXIO {
-            out.push((0, size));
-        }
     }
     out
 }
