@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::Hash;
 use crate::node::{Node, kind};
-use crate::pack::Codec;
+use crate::pack::{Codec, Location};
 use crate::pageset::PageSet;
 use crate::store::Store;
 use crate::txn::{Txn, compress};
@@ -32,6 +32,9 @@ pub const SEGMENT_PAGES: u64 = 1024;
 pub const DEFAULT_PAGE_SIZE: u32 = 4096;
 /// Work is done in batches of about this many bytes, hashed and compressed in parallel.
 const BATCH_BYTES: u64 = 8 << 20;
+/// An [`ImageReader`] looks up where its pages are stored this many pages at a time (one
+/// `multi_get`) and keeps the answer: a page read then costs no index lookup.
+const LOCATION_GROUP: u64 = 64;
 
 /// A progress callback: called with the number of image bytes just processed.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
@@ -422,6 +425,10 @@ pub struct ImageReader {
     name: String,
     root: Root,
     cache: Vec<OnceLock<Arc<[Hash]>>>,
+    /// Where the pages of each group of [`LOCATION_GROUP`] pages are stored (`None` for zero
+    /// pages), looked up on first use. A gc repack can move chunks: a read through a stale
+    /// location fails, and the group is then looked up again.
+    locations: Vec<RwLock<Option<Arc<[Option<Location>]>>>>,
 }
 
 impl ImageReader {
@@ -432,7 +439,8 @@ impl ImageReader {
         })?;
         let root = Root::from_node(&node, &|| format!("image {name}"))?;
         let cache = (0..root.segments.len()).map(|_| OnceLock::new()).collect();
-        Ok(ImageReader { store, id, name, root, cache })
+        let locations = (0..root.pages().div_ceil(LOCATION_GROUP)).map(|_| RwLock::new(None)).collect();
+        Ok(ImageReader { store, id, name, root, cache, locations })
     }
 
     /// The image's id.
@@ -521,15 +529,64 @@ impl ImageReader {
             buf.fill(0);
             return Ok(false);
         }
-        let n = self.store.read_chunk_into(id, buf, &|| format!("image {} page {i}", self.name))?;
+        let what = || format!("image {} page {i}", self.name);
+        let cached = self.cached_location(i, id)?;
+        let n = match cached.map(|loc| self.store.read_located(id, &loc, buf, &what)) {
+            Some(Ok(n)) => n,
+            // No usable location, or a stale one (gc moved the chunk): ask the index.
+            cached => {
+                if cached.is_some() {
+                    self.forget_locations(i);
+                }
+                self.store.read_chunk_into(id, buf, &what)?
+            }
+        };
         if n != len {
-            return Err(Error::Corrupt {
-                what: format!("image {} page {i}", self.name),
-                detail: format!("holds {n} bytes, expected {len}"),
-            });
+            return Err(Error::Corrupt { what: what(), detail: format!("holds {n} bytes, expected {len}") });
         }
         buf[n..].fill(0);
         Ok(true)
+    }
+
+    /// The stored location of page `i` (whose id is `id`), from the reader's location cache;
+    /// `None` when the index has no entry (the caller's read then names the missing chunk).
+    fn cached_location(&self, i: u64, id: &Hash) -> Result<Option<Location>> {
+        let group = self.location_group(i / LOCATION_GROUP)?;
+        let loc = group[(i % LOCATION_GROUP) as usize];
+        // The cache holds the locations of this image's pages: a caller's id that differs
+        // (which read_page_with_id allows) is looked up on its own.
+        let own = self.page_id(i)?;
+        if own != *id {
+            return self.store.location(id);
+        }
+        Ok(loc)
+    }
+
+    /// The locations of the pages of group `g`, looked up with one `multi_get` on first use.
+    fn location_group(&self, g: u64) -> Result<Arc<[Option<Location>]>> {
+        let slot = self
+            .locations
+            .get(g as usize)
+            .ok_or_else(|| Error::InvalidInput(format!("page group {g} is beyond image {}", self.name)))?;
+        if let Some(locs) = slot.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(locs.clone());
+        }
+        let first = g * LOCATION_GROUP;
+        let end = (first + LOCATION_GROUP).min(self.page_count());
+        let ids = (first..end).map(|i| self.page_id(i)).collect::<Result<Vec<Hash>>>()?;
+        let data: Vec<Hash> = ids.iter().copied().filter(|id| !id.is_zero()).collect();
+        let mut found = self.store.locations(&data)?.into_iter();
+        let locs: Arc<[Option<Location>]> =
+            ids.iter().map(|id| if id.is_zero() { None } else { found.next().flatten() }).collect();
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(locs.clone());
+        Ok(locs)
+    }
+
+    /// Drops the cached locations of page `i`'s group (a gc moved its chunks).
+    fn forget_locations(&self, i: u64) {
+        if let Some(slot) = self.locations.get((i / LOCATION_GROUP) as usize) {
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// Reads the consecutive pages `first..first + n` into `out` (`n` = `out.len()` / page
@@ -554,8 +611,10 @@ impl ImageReader {
                 data.push((i, id));
             }
         }
-        let ids: Vec<Hash> = data.iter().map(|(_, id)| *id).collect();
-        let locs = self.store.locations(&ids)?;
+        let mut locs = Vec::with_capacity(data.len());
+        for &(i, ref id) in &data {
+            locs.push(self.cached_location(i, id)?);
+        }
         let mut span = Vec::new();
         let mut k = 0;
         while k < data.len() {
@@ -593,15 +652,15 @@ impl ImageReader {
                 let at = (loc.offset - first_loc.offset) as usize;
                 let page = &mut out[(i - first) as usize * ps..][..ps];
                 let what = || format!("image {} page {i}", self.name);
-                let len =
-                    crate::store::decode_verified(&id, &loc, &span[at..at + loc.stored_len as usize], page, &what)?;
-                if len != self.page_len(i) {
-                    return Err(Error::Corrupt {
-                        what: what(),
-                        detail: format!("holds {len} bytes, expected {}", self.page_len(i)),
-                    });
+                match crate::store::decode_verified(&id, &loc, &span[at..at + loc.stored_len as usize], page, &what) {
+                    Ok(len) if len == self.page_len(i) => page[len..].fill(0),
+                    // A cached location that a gc repack made stale reads other bytes: look the
+                    // page up again (a page that really is damaged fails there, by name).
+                    _ => {
+                        self.forget_locations(i);
+                        self.read_page_with_id(i, &id, page)?;
+                    }
                 }
-                page[len..].fill(0);
             }
             k = end;
         }

@@ -23,6 +23,9 @@ thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
 
+/// From this many new chunks on, a commit hands their index entries over as one table file.
+const TABLE_FILE_ENTRIES: usize = 4096;
+
 /// What a batch of chunk writes added.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Added {
@@ -236,6 +239,7 @@ impl Txn {
 
     /// Makes everything durable, then visible in one atomic index update.
     pub fn commit(mut self) -> Result<()> {
+        let started = std::time::Instant::now();
         // 1. Pack data on disk before anything names it.
         let mut packs = std::mem::take(&mut self.finished_packs);
         packs.extend(self.pack.take());
@@ -245,6 +249,7 @@ impl Txn {
         if self.created_packs {
             sync_dir(&self.store.packs_dir())?;
         }
+        let packs_synced = started.elapsed();
         // 2. File objects: durable, moved into place, the moves durable. Many files (a first
         //    workspace checkpoint) are flushed with one syncfs per step rather than an fsync each.
         let files = std::mem::take(&mut self.files);
@@ -275,15 +280,27 @@ impl Txn {
                 sync_dir(&self.store.dir().join("objects"))?;
             }
         }
-        // 3. The index, in one synced batch, while gc is not between its mark and its sweep.
-        for (id, loc) in &self.new_chunks {
-            self.batch.put(key::id(key::CHUNK, id), loc.encode());
-        }
-        let batch = std::mem::take(&mut self.batch);
+        // 3. The index, while gc is not between its mark and its sweep: the new chunks' entries
+        //    (many of them as one table file), then refs and the rest in one synced batch. A
+        //    crash between the two leaves chunks that nothing names yet, which gc reclaims.
         let store = self.store.clone();
         let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
-        store.write_batch(batch)?;
+        let files_done = started.elapsed();
+        let entries = self.new_chunks.len() + self.batch.len();
+        if self.new_chunks.len() >= TABLE_FILE_ENTRIES {
+            store.ingest_chunk_entries(&self.new_chunks)?;
+        } else {
+            for (id, loc) in &self.new_chunks {
+                self.batch.put(key::id(key::CHUNK, id), loc.encode());
+            }
+        }
+        store.write_batch(std::mem::take(&mut self.batch))?;
         drop(packs);
+        tracing::debug!(
+            "commit: packs durable after {packs_synced:?}, file objects after {files_done:?}, \
+             {entries} index entries after {:?}",
+            started.elapsed()
+        );
         Ok(())
     }
 }

@@ -104,12 +104,24 @@ fn gc_rewrites_packs_that_are_mostly_dead() {
     let mut tx = store.begin().unwrap();
     tx.delete_ref("big");
     tx.commit().unwrap();
+    // A reader opened before the repack caches where its pages were stored.
+    let before = store.open_image_ref("small").unwrap();
+    let mut page = vec![0u8; 4096];
+    before.read_page(7, &mut page).unwrap();
     let report = store.gc(&gc_now()).unwrap();
     assert_eq!(report.repacked, 1, "{report:?}");
     assert!(report.pack_bytes_after * 5 < report.pack_bytes_before, "{report:?}");
     let out = tmp.path().join("out");
     store.open_image_ref("small").unwrap().materialize(&out, None).unwrap();
     assert_eq!(std::fs::read(out).unwrap(), small);
+    // Its cached locations are stale now: it reads the moved pages, page by page and in runs.
+    for i in 0..50 {
+        before.read_page(i, &mut page).unwrap();
+        assert_eq!(page, small[i as usize * 4096..][..4096], "page {i}");
+    }
+    let mut all = vec![0u8; 50 * 4096];
+    before.read_pages(0, &mut all).unwrap();
+    assert_eq!(all, small);
     assert!(store.verify(None, None).unwrap().is_ok());
 }
 
