@@ -9,10 +9,12 @@
 //! An image whose size is not a multiple of the page size ends in a short page: its id is the hash
 //! of the bytes that exist, and reads return exactly `size` bytes.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use rayon::prelude::*;
@@ -221,10 +223,86 @@ impl Txn {
             }
         };
 
+        let nseg = pages.div_ceil(SEGMENT_PAGES);
+        let batch_pages = (BATCH_BYTES / ps64).clamp(1, SEGMENT_PAGES);
+        let store = self.store.clone();
+        let hasher = Hasher {
+            store: &store,
+            file: &file,
+            path,
+            size,
+            ps: ps64,
+            data: &data,
+            read_from_file: &read_from_file,
+            level: store.inner.level,
+            // Chunks this transaction already holds: not compressed again.
+            known: self.new_chunks.keys().chain(self.pinned.iter()).copied().collect(),
+        };
+        // Two stages run at once: this thread hashes and compresses batch after batch (on all
+        // cores), while a second thread appends the previous batch to the pack, in order.
+        let info = std::thread::scope(|scope| {
+            let (to_writer, batches) = mpsc::sync_channel::<Step>(2);
+            let writer = scope.spawn(|| self.write_steps(batches, size, ps64, pages, opts));
+            let mut hasher = hasher;
+            let produced = (|| -> Result<()> {
+                for s in 0..nseg {
+                    let start = s * SEGMENT_PAGES;
+                    let end = (start + SEGMENT_PAGES).min(pages);
+                    // The parent's segment at this position, and whether it covers exactly these pages.
+                    let parent_seg = parent.as_ref().and_then(|p| p.segments.get(s as usize).copied());
+                    let parent_ids = match parent_seg {
+                        Some(seg) => Some(segment_ids(&store, &seg)?),
+                        None => None,
+                    };
+                    if let (Some(seg), Some(p)) = (parent_seg, &parent) {
+                        // The last page's length must match too: a parent of another size ends differently.
+                        let same_shape = p.segment_len(s) == end - start && (end < pages || p.size == size);
+                        if same_shape && !(start..end).any(&read_from_file) {
+                            let ids = parent_ids.as_deref().unwrap_or_default();
+                            let zero_pages = ids.iter().filter(|h| h.is_zero()).count() as u64;
+                            let step = Step::Reused { seg, zero_pages, bytes: (end - start) * ps64 };
+                            if to_writer.send(step).is_err() {
+                                return Ok(()); // the writer failed: its error is the one to report
+                            }
+                            continue;
+                        }
+                    }
+                    let mut b = start;
+                    while b < end {
+                        let e = (b + batch_pages).min(end);
+                        let step = hasher.hash_batch((b, e), parent_ids.as_deref(), start)?;
+                        if to_writer.send(step).is_err() {
+                            return Ok(());
+                        }
+                        b = e;
+                    }
+                    if to_writer.send(Step::EndSegment).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_writer);
+            let written = writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            produced.and(written)
+        })?;
+        Ok(info)
+    }
+
+    /// The writing stage of [`Txn::ingest_image`]: appends each batch's new pages in image order,
+    /// records the pins the hashing stage took, and stores segment and root manifests.
+    fn write_steps(
+        &mut self,
+        steps: mpsc::Receiver<Step>,
+        size: u64,
+        ps: u64,
+        pages: u64,
+        opts: &IngestOptions,
+    ) -> Result<ImageInfo> {
         let mut info = ImageInfo {
             id: Hash::ZERO,
             size,
-            page_size: ps,
+            page_size: ps as u32,
             pages,
             zero_pages: 0,
             hashed_pages: 0,
@@ -233,148 +311,191 @@ impl Txn {
             new_stored_bytes: 0,
             reused_segments: 0,
         };
-        let nseg = pages.div_ceil(SEGMENT_PAGES);
-        let mut segments = Vec::with_capacity(nseg as usize);
-        let batch_pages = (BATCH_BYTES / ps64).clamp(1, SEGMENT_PAGES);
-        for s in 0..nseg {
-            let start = s * SEGMENT_PAGES;
-            let end = (start + SEGMENT_PAGES).min(pages);
-            // The parent's segment at this position, and whether it covers exactly these pages.
-            let parent_seg = parent.as_ref().and_then(|p| p.segments.get(s as usize).copied());
-            let parent_ids = match parent_seg {
-                Some(seg) => Some(self.segment_ids(&seg)?),
-                None => None,
-            };
-            if let (Some(seg), Some(p)) = (parent_seg, &parent) {
-                // The last page's length must match too: a parent of another size ends differently.
-                let same_shape = p.segment_len(s) == end - start && (end < pages || p.size == size);
-                if same_shape && !(start..end).any(&read_from_file) {
-                    let ids = parent_ids.as_deref().unwrap_or_default();
-                    info.zero_pages += ids.iter().filter(|h| h.is_zero()).count() as u64;
+        let mut segments = Vec::with_capacity(pages.div_ceil(SEGMENT_PAGES) as usize);
+        let mut ids = Vec::with_capacity(SEGMENT_PAGES as usize);
+        for step in steps {
+            match step {
+                Step::Reused { seg, zero_pages, bytes } => {
+                    info.zero_pages += zero_pages;
                     info.reused_segments += 1;
                     segments.push(seg);
-                    report(opts, (end - start) * ps64);
-                    continue;
+                    report(opts, bytes);
+                }
+                Step::Batch { pages, pinned, bytes } => {
+                    for id in pinned {
+                        // Pinned by the hashing stage; a pin this transaction already held is
+                        // released again so that each id stays pinned once.
+                        if !self.pinned.insert(id) {
+                            self.store.unpin(&[id]);
+                        }
+                    }
+                    for page in pages {
+                        match page {
+                            Page::Parent(id) => ids.push(id),
+                            Page::Hashed(id) => {
+                                info.hashed_pages += 1;
+                                ids.push(id);
+                            }
+                            Page::New(id, codec, payload, raw_len) => {
+                                info.hashed_pages += 1;
+                                if self.append_chunk(&id, false, codec, raw_len, &payload)? {
+                                    info.new_pages += 1;
+                                    info.new_raw_bytes += u64::from(raw_len);
+                                    info.new_stored_bytes += payload.len() as u64;
+                                }
+                                ids.push(id);
+                            }
+                        }
+                    }
+                    report(opts, bytes);
+                }
+                Step::EndSegment => {
+                    info.zero_pages += ids.iter().filter(|h| h.is_zero()).count() as u64;
+                    let before = self.appended_bytes();
+                    let seg = self.put_node(&Node::new(kind::IMAGE_SEGMENT, std::mem::take(&mut ids), Vec::new()))?;
+                    segments.push(seg);
+                    info.new_stored_bytes += self.appended_bytes() - before;
                 }
             }
-            let mut ids = Vec::with_capacity((end - start) as usize);
-            let mut b = start;
-            while b < end {
-                let e = (b + batch_pages).min(end);
-                self.ingest_batch(
-                    &file,
-                    path,
-                    size,
-                    ps64,
-                    (b, e),
-                    &data,
-                    &read_from_file,
-                    parent_ids.as_deref(),
-                    start,
-                    &mut ids,
-                    &mut info,
-                )?;
-                report(opts, (e - b) * ps64);
-                b = e;
-            }
-            info.zero_pages += ids.iter().filter(|h| h.is_zero()).count() as u64;
-            let before = self.appended_bytes();
-            segments.push(self.put_node(&Node::new(kind::IMAGE_SEGMENT, ids, Vec::new()))?);
-            info.new_stored_bytes += self.appended_bytes() - before;
+        }
+        if segments.len() as u64 != pages.div_ceil(SEGMENT_PAGES) {
+            // The hashing stage stopped early: its error is returned instead of this image.
+            return Err(Error::InvalidInput("ingest stopped before its last segment".into()));
         }
         let before = self.appended_bytes();
-        info.id = self.put_node(&Root { page_size: ps, size, segments }.node())?;
+        info.id = self.put_node(&Root { page_size: ps as u32, size, segments }.node())?;
         info.new_stored_bytes += self.appended_bytes() - before;
         Ok(info)
     }
+}
 
-    /// Hashes and stores pages `b..e` of one segment that starts at page `seg_start`.
+/// What the hashing stage of an ingest hands to the writing stage, in image order.
+enum Step {
+    /// A whole segment taken from the parent.
+    Reused { seg: Hash, zero_pages: u64, bytes: u64 },
+    /// Consecutive pages, hashed; `pinned` are existing chunks the hashing stage pinned.
+    Batch { pages: Vec<Page>, pinned: Vec<Hash>, bytes: u64 },
+    /// The pages of the current segment are all sent.
+    EndSegment,
+}
+
+/// The hashing stage of an ingest: reads, hashes and compresses pages on all cores.
+struct Hasher<'a> {
+    store: &'a Store,
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+    ps: u64,
+    data: &'a PageSet,
+    read_from_file: &'a (dyn Fn(u64) -> bool + Sync),
+    level: i32,
+    /// Chunks known to be stored or on their way (sent as new by this ingest).
+    known: HashSet<Hash>,
+}
+
+/// Bytes of consecutive pages a hashing task reads with one `pread` (when most of them are to
+/// be read): one syscall per 16 pages of 4 KiB rather than one per page.
+const READ_RUN_BYTES: u64 = 64 << 10;
+
+impl Hasher<'_> {
+    /// Hashes pages `b..e` of the segment that starts at page `seg_start`.
     ///
-    /// One parallel pass per page reads it, detects zeros, hashes it, probes the index and
-    /// compresses it if new; only appending to the pack is sequential. The pass runs under the
-    /// commit lock (shared), so gc cannot sweep between a probe that found a page and the pin
-    /// that keeps it.
-    #[allow(clippy::too_many_arguments)]
-    fn ingest_batch(
-        &mut self,
-        file: &File,
-        path: &Path,
-        size: u64,
-        ps: u64,
-        (b, e): (u64, u64),
-        data: &PageSet,
-        read_from_file: &(dyn Fn(u64) -> bool + Sync),
-        parent_ids: Option<&[Hash]>,
-        seg_start: u64,
-        ids: &mut Vec<Hash>,
-        info: &mut ImageInfo,
-    ) -> Result<()> {
-        let page_len = |i: u64| -> usize { (size - i * ps).min(ps) as usize };
-        let store = self.store.clone();
-        let _no_sweep = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
-        let level = store.inner.level;
-        let (pending, pinned) = (&self.new_chunks, &self.pinned);
-        let pages: Vec<Result<Page>> = (b..e)
+    /// One parallel pass reads runs of pages, detects zeros, hashes, probes the index and
+    /// compresses what is new. It runs under the commit lock (shared), and pins the existing
+    /// chunks it found before letting go of it, so gc cannot sweep a page between our probe
+    /// and our pin.
+    fn hash_batch(&mut self, (b, e): (u64, u64), parent_ids: Option<&[Hash]>, seg_start: u64) -> Result<Step> {
+        let ps = self.ps;
+        let _no_sweep = self.store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
+        let this = &*self;
+        let run = (READ_RUN_BYTES / ps).max(1);
+        let runs: Vec<u64> = (b..e).step_by(run as usize).collect();
+        let pages: Vec<Result<Vec<Page>>> = runs
             .into_par_iter()
             .map_init(
-                || vec![0u8; ps as usize],
-                |buf, i| {
-                    if !read_from_file(i) {
-                        let id = parent_ids.and_then(|p| p.get((i - seg_start) as usize)).copied();
-                        return Ok(Page::Parent(id.unwrap_or(Hash::ZERO)));
-                    }
-                    if !data.contains(i) {
-                        return Ok(Page::Hashed(Hash::ZERO));
-                    }
-                    let page = &mut buf[..page_len(i)];
-                    file.read_exact_at(page, i * ps).ctx(|| format!("read {} at {}", path.display(), i * ps))?;
-                    if is_zero(page) {
-                        return Ok(Page::Hashed(Hash::ZERO));
-                    }
-                    let id = Hash::of(page);
-                    if pending.contains_key(&id) || pinned.contains(&id) || store.contains(&id)? {
-                        return Ok(Page::Hashed(id));
-                    }
-                    let (codec, compressed) = compress(page, level);
-                    Ok(Page::New(id, codec, compressed.unwrap_or_else(|| page.to_vec()), page.len() as u32))
-                },
+                || vec![0u8; (run * ps) as usize],
+                |buf, r| this.hash_run(r, (r + run).min(e), buf, parent_ids, seg_start),
             )
             .collect();
-        let mut existing = Vec::new();
-        for page in pages {
-            match page? {
-                Page::Parent(id) => ids.push(id),
-                Page::Hashed(id) => {
-                    info.hashed_pages += 1;
-                    if !id.is_zero() && !self.new_chunks.contains_key(&id) {
-                        existing.push(id);
-                    }
-                    ids.push(id);
+        let mut out = Vec::with_capacity((e - b) as usize);
+        for run in pages {
+            out.extend(run?);
+        }
+        let mut pinned = Vec::new();
+        for page in &out {
+            match page {
+                Page::Hashed(id) if !id.is_zero() && self.known.insert(*id) => pinned.push(*id),
+                Page::New(id, ..) => {
+                    self.known.insert(*id);
                 }
-                Page::New(id, codec, payload, raw_len) => {
-                    info.hashed_pages += 1;
-                    if self.append_chunk(&id, false, codec, raw_len, &payload)? {
-                        info.new_pages += 1;
-                        info.new_raw_bytes += u64::from(raw_len);
-                        info.new_stored_bytes += payload.len() as u64;
-                    }
-                    ids.push(id);
-                }
+                _ => {}
             }
         }
-        for id in existing {
-            self.pin(id);
-        }
-        Ok(())
+        self.store.pin(&pinned);
+        Ok(Step::Batch { pages: out, pinned, bytes: (e - b) * ps })
     }
 
-    fn segment_ids(&mut self, seg: &Hash) -> Result<Vec<Hash>> {
-        let node = self.store.get_node(seg)?;
-        if node.kind != kind::IMAGE_SEGMENT {
-            return Err(Error::Corrupt { what: format!("segment {seg}"), detail: "not a segment node".into() });
+    /// Hashes pages `r..end` (one run), reading them with one `pread` when most are to be read.
+    fn hash_run(
+        &self,
+        r: u64,
+        end: u64,
+        buf: &mut [u8],
+        parent_ids: Option<&[Hash]>,
+        seg_start: u64,
+    ) -> Result<Vec<Page>> {
+        let ps = self.ps;
+        let wanted = |i: u64| (self.read_from_file)(i) && self.data.contains(i);
+        let span_len = ((end * ps).min(self.size) - r * ps) as usize;
+        let whole = (r..end).filter(|&i| wanted(i)).count() as u64 * 2 > end - r;
+        if whole {
+            self.file
+                .read_exact_at(&mut buf[..span_len], r * ps)
+                .ctx(|| format!("read {} at {}", self.path.display(), r * ps))?;
         }
-        Ok(node.links)
+        let mut out = Vec::with_capacity((end - r) as usize);
+        for i in r..end {
+            if !(self.read_from_file)(i) {
+                let id = parent_ids.and_then(|p| p.get((i - seg_start) as usize)).copied();
+                out.push(Page::Parent(id.unwrap_or(Hash::ZERO)));
+                continue;
+            }
+            if !self.data.contains(i) {
+                out.push(Page::Hashed(Hash::ZERO));
+                continue;
+            }
+            let at = ((i - r) * ps) as usize;
+            let len = ((self.size - i * ps).min(ps)) as usize;
+            let page = &mut buf[at..at + len];
+            if !whole {
+                self.file.read_exact_at(page, i * ps).ctx(|| format!("read {} at {}", self.path.display(), i * ps))?;
+            }
+            out.push(self.hash_page(page)?);
+        }
+        Ok(out)
     }
+
+    /// Hashes one page read from the file; compresses it when the store does not have it.
+    fn hash_page(&self, page: &[u8]) -> Result<Page> {
+        if is_zero(page) {
+            return Ok(Page::Hashed(Hash::ZERO));
+        }
+        let id = Hash::of(page);
+        if self.known.contains(&id) || self.store.contains(&id)? {
+            return Ok(Page::Hashed(id));
+        }
+        let (codec, compressed) = compress(page, self.level);
+        Ok(Page::New(id, codec, compressed.unwrap_or_else(|| page.to_vec()), page.len() as u32))
+    }
+}
+
+/// The page ids of image segment `seg`.
+fn segment_ids(store: &Store, seg: &Hash) -> Result<Vec<Hash>> {
+    let node = store.get_node(seg)?;
+    if node.kind != kind::IMAGE_SEGMENT {
+        return Err(Error::Corrupt { what: format!("segment {seg}"), detail: "not a segment node".into() });
+    }
+    Ok(node.links)
 }
 
 /// One page after the parallel pass.
@@ -417,6 +538,9 @@ impl Store {
     }
 }
 
+/// Where the pages of one group are stored; `None` for zero pages.
+type LocationGroup = Arc<[Option<Location>]>;
+
 /// Random and sequential access to a stored image. Every page read is verified.
 /// Shareable across threads; segments are loaded once, on first use.
 pub struct ImageReader {
@@ -428,7 +552,7 @@ pub struct ImageReader {
     /// Where the pages of each group of [`LOCATION_GROUP`] pages are stored (`None` for zero
     /// pages), looked up on first use. A gc repack can move chunks: a read through a stale
     /// location fails, and the group is then looked up again.
-    locations: Vec<RwLock<Option<Arc<[Option<Location>]>>>>,
+    locations: Vec<RwLock<Option<LocationGroup>>>,
 }
 
 impl ImageReader {
@@ -563,7 +687,7 @@ impl ImageReader {
     }
 
     /// The locations of the pages of group `g`, looked up with one `multi_get` on first use.
-    fn location_group(&self, g: u64) -> Result<Arc<[Option<Location>]>> {
+    fn location_group(&self, g: u64) -> Result<LocationGroup> {
         let slot = self
             .locations
             .get(g as usize)
@@ -576,7 +700,7 @@ impl ImageReader {
         let ids = (first..end).map(|i| self.page_id(i)).collect::<Result<Vec<Hash>>>()?;
         let data: Vec<Hash> = ids.iter().copied().filter(|id| !id.is_zero()).collect();
         let mut found = self.store.locations(&data)?.into_iter();
-        let locs: Arc<[Option<Location>]> =
+        let locs: LocationGroup =
             ids.iter().map(|id| if id.is_zero() { None } else { found.next().flatten() }).collect();
         *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(locs.clone());
         Ok(locs)

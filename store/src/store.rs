@@ -349,7 +349,7 @@ impl Store {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let mut entries: Vec<([u8; 33], Location)> =
             chunks.iter().map(|(id, loc)| (key::id(key::CHUNK, id), *loc)).collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by_key(|e| e.0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = self.staging_dir().join(format!("index-{}-{n}.sst", std::process::id()));
         let opts = index_options();
