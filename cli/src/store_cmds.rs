@@ -205,11 +205,13 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             let report = store.gc(&GcOptions { dry_run, grace: Duration::from_secs(grace), ..GcOptions::default() })?;
             let verb = if dry_run { "would remove" } else { "removed" };
             let text = format!(
-                "{verb} {} chunks ({}) and {} file objects ({}); {} packs rewritten, {} removed; packs {} -> {}",
+                "{verb} {} chunks ({}), {} file objects ({}) and {} attached entries; {} packs rewritten, {} removed; \
+                 packs {} -> {}",
                 report.removed_chunks,
                 bytes(report.removed_chunk_bytes),
                 report.removed_files,
                 bytes(report.removed_file_bytes),
+                report.removed_attached,
                 report.repacked,
                 report.removed_packs,
                 bytes(report.pack_bytes_before),

@@ -127,8 +127,10 @@ fn save_cache(repo: &dyn Repo, path: &Path, c: &StatCache) -> Result<()> {
     repo.meta_put(&format!("fsfork/statcache/{}", ws_key(path)), &c.encode())
 }
 
+/// The block hashes of file object `id`: attached to it (see [`snapfork_store::attached_name`]),
+/// so gc removes them with the object.
 fn cvs_key(id: &Id) -> String {
-    format!("fsfork/cvs/{}", id.hex())
+    format!("{}{}/fsfork-cvs", snapfork_store::ATTACHED, id.hex())
 }
 
 fn load_cvs(repo: &dyn Repo, id: &Id) -> Option<Vec<ChainingValue>> {

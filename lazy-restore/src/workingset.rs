@@ -2,9 +2,9 @@
 //! snapshot so that later restores prefetch them.
 //!
 //! Storage: the list is encoded ([`encode`]) and stored as a blob; the ref
-//! `working-set/<image id hex>` points at it. A ref (not a meta key) because refs are the store's
-//! gc roots: the blob lives exactly as long as that ref. Whoever deletes a snapshot should delete
-//! its `working-set/` ref too ([`delete`]).
+//! `attached/<image id hex>/working-set` points at it. An attached ref (see
+//! [`snapfork_store::attached_name`]): the blob lives exactly as long as its image, and gc
+//! removes both together.
 //!
 //! Encoding: `b"SFWS1\n"`, the page size (u32 LE), the count (u64 LE), then each page index as a
 //! LEB128 varint of the zigzag-encoded difference from the previous index (0 before the first).
@@ -18,7 +18,7 @@ const MAGIC: &[u8] = b"SFWS1\n";
 
 /// The ref under which the working set of image `image` is stored.
 pub fn ref_name(image: &Hash) -> String {
-    format!("working-set/{}", image.to_hex())
+    snapfork_store::attached_name(image, "working-set")
 }
 
 /// Encodes an ordered page list.

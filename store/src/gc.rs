@@ -62,6 +62,27 @@ pub struct GcReport {
     pub pack_bytes_before: u64,
     /// Pack bytes on disk after (or as they would be).
     pub pack_bytes_after: u64,
+    /// Attached refs and meta entries removed with their owner (see [`attached_name`]).
+    pub removed_attached: u64,
+}
+
+/// The prefix of attached names: see [`attached_name`].
+pub const ATTACHED: &str = "attached/";
+
+/// The name of an entry attached to object `owner`: a ref or meta key `attached/<owner hex>/<what>`.
+///
+/// An attached entry describes its owner (the working set recorded for an image, the block
+/// hashes of a file object) and lives exactly as long as the owner does: an attached ref is not
+/// a gc root of its own (its target is kept while the owner is reachable), and gc deletes
+/// attached refs and meta entries whose owner it removes.
+pub fn attached_name(owner: &Hash, what: &str) -> String {
+    format!("{ATTACHED}{}/{what}", owner.to_hex())
+}
+
+/// The owner named by an attached ref or meta key, if `name` is one.
+fn attached_owner(name: &str) -> Option<Hash> {
+    let hex = name.strip_prefix(ATTACHED)?.split('/').next()?;
+    hex.parse().ok()
 }
 
 impl Store {
@@ -91,7 +112,8 @@ impl Store {
         let _commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
 
         // Mark.
-        let refs = self.list_refs("")?;
+        let (attached, refs): (Vec<(String, Hash)>, Vec<(String, Hash)>) =
+            self.list_refs("")?.into_iter().partition(|(name, _)| attached_owner(name).is_some());
         report.roots = refs.len() as u64;
         let mut marked = HashSet::new();
         self.reachable(refs.iter().map(|(_, h)| *h), &mut marked)?;
@@ -100,8 +122,30 @@ impl Store {
         let pins = self.inner.pins.lock().unwrap_or_else(|e| e.into_inner());
         let pinned: Vec<Hash> = pins.keys().copied().collect();
         self.reachable(pinned, &mut marked)?;
-        report.live_objects = marked.len() as u64;
         let mut batch = WriteBatch::default();
+        // Attached refs keep their targets while their owners live (an attached target may own
+        // attached refs in turn: repeat until nothing new is reached); the others go.
+        let mut pending = attached;
+        loop {
+            let (live, waiting): (Vec<_>, Vec<_>) =
+                pending.into_iter().partition(|(name, _)| attached_owner(name).is_some_and(|o| marked.contains(&o)));
+            if live.is_empty() {
+                for (name, _) in &waiting {
+                    report.removed_attached += 1;
+                    batch.delete(key::named(key::REF, name));
+                }
+                break;
+            }
+            self.reachable(live.iter().map(|(_, h)| *h), &mut marked)?;
+            pending = waiting;
+        }
+        for (name, _) in self.meta_list(ATTACHED)? {
+            if attached_owner(&name).is_some_and(|o| !marked.contains(&o)) {
+                report.removed_attached += 1;
+                batch.delete(key::named(key::META, &name));
+            }
+        }
+        report.live_objects = marked.len() as u64;
         let mut live_per_pack: HashMap<u32, u64> = HashMap::new();
         let mut live_locs: HashMap<u32, Vec<(Hash, Location)>> = HashMap::new();
         let mut indexed_packs = HashSet::new();

@@ -40,7 +40,7 @@ mod verify;
 
 pub use blob::BlobInfo;
 pub use error::{Error, Result};
-pub use gc::{GcOptions, GcReport};
+pub use gc::{ATTACHED, GcOptions, GcReport, attached_name};
 pub use hash::Hash;
 pub use image::{ImageInfo, ImageReader, IngestOptions, Progress, is_zero};
 pub use node::Node;

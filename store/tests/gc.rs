@@ -140,3 +140,39 @@ fn verify_reports_a_link_to_a_missing_object() {
     assert_eq!(report.damaged[0].id, missing);
     assert!(report.damaged[0].what.starts_with("holder"), "{:?}", report.damaged[0]);
 }
+
+#[test]
+fn attached_refs_and_meta_live_and_die_with_their_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let image = store.ingest_image(&write(tmp.path(), "img", &make_image(64, 0, 6)), &Default::default(), Some("vm"));
+    let image = image.unwrap().id;
+    // A description of the image (as a working set is), attached to it, and one level deeper.
+    let mut tx = store.begin().unwrap();
+    let note = tx.put_blob(b"pages the guest touched").unwrap().id;
+    let deeper = tx.put_blob(b"attached to the note").unwrap().id;
+    tx.set_ref(&snapfork_store::attached_name(&image, "working-set"), note).unwrap();
+    tx.set_ref(&snapfork_store::attached_name(&note, "more"), deeper).unwrap();
+    tx.meta_put(&snapfork_store::attached_name(&image, "cvs"), Some(b"block hashes"));
+    tx.commit().unwrap();
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.removed_attached, 0, "{report:?}");
+    assert_eq!(report.roots, 1, "attached refs are not roots: {report:?}");
+    assert_eq!(store.get_blob(&note).unwrap(), b"pages the guest touched");
+    assert_eq!(store.get_blob(&deeper).unwrap(), b"attached to the note");
+    assert!(store.meta_get(&snapfork_store::attached_name(&image, "cvs")).unwrap().is_some());
+
+    // The owner goes: so does everything attached to it, directly or not.
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("vm");
+    tx.commit().unwrap();
+    let dry = store.gc(&GcOptions { dry_run: true, ..gc_now() }).unwrap();
+    assert_eq!(dry.removed_attached, 3, "{dry:?}");
+    assert_eq!(store.list_refs("").unwrap().len(), 2, "a dry run removes nothing");
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.removed_attached, 3, "{report:?}");
+    assert!(store.list_refs("").unwrap().is_empty());
+    assert!(store.meta_get(&snapfork_store::attached_name(&image, "cvs")).unwrap().is_none());
+    assert!(store.get_blob(&note).is_err());
+    assert!(!store.contains(&image).unwrap());
+}
