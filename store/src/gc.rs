@@ -112,7 +112,7 @@ impl Store {
         let _commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
 
         // Mark.
-        let (attached, refs): (Vec<(String, Hash)>, Vec<(String, Hash)>) =
+        let (attached, refs): (Vec<_>, Vec<_>) =
             self.list_refs("")?.into_iter().partition(|(name, _)| attached_owner(name).is_some());
         report.roots = refs.len() as u64;
         let mut marked = HashSet::new();
