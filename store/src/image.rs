@@ -792,7 +792,7 @@ impl ImageReader {
     }
 
     /// Writes the image to `path`, leaving zero pages as holes so the file stays sparse.
-    /// Returns the bytes of data written. The file is not fsynced: that is the caller's choice.
+    /// Returns the bytes of data written. The file is fsynced before this returns.
     pub fn materialize(&self, path: &Path, progress: Option<&Progress>) -> Result<u64> {
         let file = OpenOptions::new()
             .write(true)
