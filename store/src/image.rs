@@ -237,13 +237,14 @@ impl Txn {
             level: store.inner.level,
             // Chunks this transaction already holds: not compressed again.
             known: self.new_chunks.keys().chain(self.pinned.iter()).copied().collect(),
+            pinned: Vec::new(),
         };
         // Two stages run at once: this thread hashes and compresses batch after batch (on all
         // cores), while a second thread appends the previous batch to the pack, in order.
+        let mut hasher = hasher;
         let info = std::thread::scope(|scope| {
             let (to_writer, batches) = mpsc::sync_channel::<Step>(2);
             let writer = scope.spawn(|| self.write_steps(batches, size, ps64, pages, opts));
-            let mut hasher = hasher;
             let produced = (|| -> Result<()> {
                 for s in 0..nseg {
                     let start = s * SEGMENT_PAGES;
@@ -285,12 +286,19 @@ impl Txn {
             drop(to_writer);
             let written = writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             produced.and(written)
-        })?;
-        Ok(info)
+        });
+        // The pins the hashing stage took are the transaction's now (released when it ends),
+        // whether or not the ingest succeeded; each id stays pinned once.
+        for id in hasher.pinned {
+            if !self.pinned.insert(id) {
+                self.store.unpin(&[id]);
+            }
+        }
+        info
     }
 
-    /// The writing stage of [`Txn::ingest_image`]: appends each batch's new pages in image order,
-    /// records the pins the hashing stage took, and stores segment and root manifests.
+    /// The writing stage of [`Txn::ingest_image`]: appends each batch's new pages in image order
+    /// and stores segment and root manifests.
     fn write_steps(
         &mut self,
         steps: mpsc::Receiver<Step>,
@@ -321,14 +329,7 @@ impl Txn {
                     segments.push(seg);
                     report(opts, bytes);
                 }
-                Step::Batch { pages, pinned, bytes } => {
-                    for id in pinned {
-                        // Pinned by the hashing stage; a pin this transaction already held is
-                        // released again so that each id stays pinned once.
-                        if !self.pinned.insert(id) {
-                            self.store.unpin(&[id]);
-                        }
-                    }
+                Step::Batch { pages, bytes } => {
                     for page in pages {
                         match page {
                             Page::Parent(id) => ids.push(id),
@@ -373,8 +374,8 @@ impl Txn {
 enum Step {
     /// A whole segment taken from the parent.
     Reused { seg: Hash, zero_pages: u64, bytes: u64 },
-    /// Consecutive pages, hashed; `pinned` are existing chunks the hashing stage pinned.
-    Batch { pages: Vec<Page>, pinned: Vec<Hash>, bytes: u64 },
+    /// Consecutive pages, hashed.
+    Batch { pages: Vec<Page>, bytes: u64 },
     /// The pages of the current segment are all sent.
     EndSegment,
 }
@@ -391,6 +392,8 @@ struct Hasher<'a> {
     level: i32,
     /// Chunks known to be stored or on their way (sent as new by this ingest).
     known: HashSet<Hash>,
+    /// Existing chunks this stage pinned (handed to the transaction at the end).
+    pinned: Vec<Hash>,
 }
 
 /// Bytes of consecutive pages a hashing task reads with one `pread` (when most of them are to
@@ -421,18 +424,18 @@ impl Hasher<'_> {
         for run in pages {
             out.extend(run?);
         }
-        let mut pinned = Vec::new();
+        let first_new_pin = self.pinned.len();
         for page in &out {
             match page {
-                Page::Hashed(id) if !id.is_zero() && self.known.insert(*id) => pinned.push(*id),
+                Page::Hashed(id) if !id.is_zero() && self.known.insert(*id) => self.pinned.push(*id),
                 Page::New(id, ..) => {
                     self.known.insert(*id);
                 }
                 _ => {}
             }
         }
-        self.store.pin(&pinned);
-        Ok(Step::Batch { pages: out, pinned, bytes: (e - b) * ps })
+        self.store.pin(&self.pinned[first_new_pin..]);
+        Ok(Step::Batch { pages: out, bytes: (e - b) * ps })
     }
 
     /// Hashes pages `r..end` (one run), reading them with one `pread` when most are to be read.
