@@ -33,6 +33,12 @@ pub trait PageSource: Send + Sync {
         }
         Ok(())
     }
+    /// [`PageSource::read_pages`] for pages read once in bulk (`fill`, sequential read-ahead):
+    /// a cache in front serves what it holds but does not keep these pages (they would push out
+    /// the working sets it exists for, and inserting costs more than it saves).
+    fn read_pages_bulk(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_pages(first, buf)
+    }
     /// A short name for logs and errors (the image id or the file path).
     fn name(&self) -> String;
     /// Image size in bytes.
@@ -230,6 +236,20 @@ impl PageSource for CachedSource {
             }
         }
         Ok(())
+    }
+    fn read_pages_bulk(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ps = self.page_size();
+        if self.shard_capacity >= ps
+            && buf
+                .chunks_mut(ps)
+                .enumerate()
+                .all(|(k, page)| self.is_zero(first + k as u64) || self.cached(first + k as u64, page))
+        {
+            self.hits.fetch_add((buf.len() / ps) as u64, Relaxed);
+            return Ok(());
+        }
+        self.inner.read_pages_bulk(first, buf)
     }
     fn page_count(&self) -> u64 {
         self.inner.page_count()
