@@ -469,6 +469,8 @@ struct Row {
     p99_us: f64,
     server_p50_us: f64,
     server_p99_us: f64,
+    /// The server's counters for this restore (lazy rows).
+    server: Option<snapfork_lazy_restore::StatsSnapshot>,
     forks: usize,
     forks_wall_ms: f64,
     forks_mem_mib: f64,
@@ -534,9 +536,8 @@ impl Bench<'_> {
     /// The lazy rows: demand only (its recorded working set, returned, feeds the next two),
     /// prefetched with a fresh server cache, and prefetched with a warm one.
     fn lazy_rows(&self, ws_file: &Path, rows: &mut Vec<Row>) -> anyhow::Result<Vec<u64>> {
-        let installed = |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
         let (g, _, reps) = self.lazy("lazy", ws_file, Vec::new(), false, 1, false)?;
-        let mut r = row("lazy", &g[0], reps.first().map(installed).unwrap_or(0));
+        let mut r = lazy_row("lazy", &g[0], &reps);
         let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
         if let Some(rep) = reps.first() {
             // The server's own service time per fault (the table's p50/p99 are what the guest felt).
@@ -546,10 +547,10 @@ impl Bench<'_> {
         }
         rows.push(r);
         let (g, _, reps) = self.lazy("prefetch", ws_file, recorded.clone(), false, 1, false)?;
-        rows.push(row("lazy+prefetch", &g[0], reps.first().map(installed).unwrap_or(0)));
+        rows.push(lazy_row("lazy+prefetch", &g[0], &reps));
         // The same when the server has restored this snapshot before (its page cache is warm).
         let (g, _, reps) = self.lazy("prefetchw", ws_file, recorded.clone(), false, 1, true)?;
-        rows.push(row("lazy+pf warm", &g[0], reps.first().map(installed).unwrap_or(0)));
+        rows.push(lazy_row("lazy+pf warm", &g[0], &reps));
         Ok(recorded)
     }
 
@@ -616,6 +617,14 @@ fn pct(v: &mut [u32], q: f64) -> u64 {
     }
     v.sort_unstable();
     v[(((v.len() - 1) as f64) * q).round() as usize] as u64
+}
+
+/// A lazy row: what the guest felt, and the server's counters.
+fn lazy_row(mode: &str, one: &GuestResult, reps: &[snapfork_lazy_restore::RestoreReport]) -> Row {
+    let rep = reps.first();
+    let mut r = row(mode, one, rep.map(|r| r.stats.pages_copied + r.stats.pages_zeroed).unwrap_or(0));
+    r.server = rep.map(|r| r.stats.clone());
+    r
 }
 
 fn row(mode: &str, one: &GuestResult, pages: u64) -> Row {
@@ -707,7 +716,6 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         let (g, _) = b.guests("eager", &ws_file, None, 1)?;
         rows.push(row("eager", &g[0], nonzero));
     }
-    let installed = |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
     let mut recorded = Vec::new();
     if want("lazy") {
         recorded = b.lazy_rows(&ws_file, &mut rows)?;
@@ -720,17 +728,16 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         let (g, _) = b.guests("eager", &all_file, None, 1)?;
         rows.push(row("full: eager", &g[0], nonzero));
         let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
-        rows.push(row("full: lazy", &g[0], reps.first().map(installed).unwrap_or(0)));
+        rows.push(lazy_row("full: lazy", &g[0], &reps));
         let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
-        rows.push(row("full: lazy+fill", &g[0], reps.first().map(installed).unwrap_or(0)));
+        rows.push(lazy_row("full: lazy+fill", &g[0], &reps));
     }
 
     // Every mode read the same bytes.
-    for group in [&rows.iter().filter(|r| !r.mode.starts_with("full")).collect::<Vec<_>>()[..], &rows
-        .iter()
-        .filter(|r| r.mode.starts_with("full"))
-        .collect::<Vec<_>>()[..]]
-    {
+    for group in [
+        &rows.iter().filter(|r| !r.mode.starts_with("full")).collect::<Vec<_>>()[..],
+        &rows.iter().filter(|r| r.mode.starts_with("full")).collect::<Vec<_>>()[..],
+    ] {
         if let Some(first) = group.first()
             && let Some(bad) = group.iter().find(|r| r.checksum != first.checksum)
         {

@@ -1,4 +1,6 @@
-//! Scratch: per-page read costs for a random 10% working set.
+//! Per-page read costs of a stored image for a random 10% working set (the one `snapfork bench
+//! restore` uses) and for a sequential pass: fresh reader vs warm locations, the reader vs
+//! `StoreSource`. `cargo run --release -p snapfork-lazy-restore --example read_pattern -- STORE REF`
 use snapfork_store::{OpenOptions, Store};
 use std::time::Instant;
 
@@ -49,60 +51,106 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. read_page, fresh reader
     let r = store.open_image_ref(name)?;
     let t = Instant::now();
-    for &(i, _) in &nz { r.read_page(i, &mut buf[..4096])?; }
+    for &(i, _) in &nz {
+        r.read_page(i, &mut buf[..4096])?;
+    }
     println!("read_page fresh reader: {:.1} us/page", us(t, nz.len()));
     // again, warm locations
     let t = Instant::now();
-    for &(i, _) in &nz { r.read_page(i, &mut buf[..4096])?; }
+    for &(i, _) in &nz {
+        r.read_page(i, &mut buf[..4096])?;
+    }
     println!("read_page warm locations: {:.1} us/page", us(t, nz.len()));
     // 2. read_pages runs, fresh
     let r = store.open_image_ref(name)?;
     let t = Instant::now();
-    for &(a, n) in &runs { r.read_pages(a, &mut buf[..n as usize * 4096])?; }
+    for &(a, n) in &runs {
+        r.read_pages(a, &mut buf[..n as usize * 4096])?;
+    }
     println!("read_pages runs fresh: {:.1} us/page", us(t, ws.len()));
     let t = Instant::now();
-    for &(a, n) in &runs { r.read_pages(a, &mut buf[..n as usize * 4096])?; }
+    for &(a, n) in &runs {
+        r.read_pages(a, &mut buf[..n as usize * 4096])?;
+    }
     println!("read_pages runs warm: {:.1} us/page", us(t, ws.len()));
     {
         use snapfork_lazy_restore::PageSource;
         let src = snapfork_lazy_restore::StoreSource::open(&store, name)?;
         let t = Instant::now();
-        for &(a, n) in &runs { src.read_pages(a, &mut buf[..n as usize * 4096])?; }
+        for &(a, n) in &runs {
+            src.read_pages(a, &mut buf[..n as usize * 4096])?;
+        }
         println!("StoreSource read_pages runs fresh: {:.1} us/page", us(t, ws.len()));
         let src = snapfork_lazy_restore::StoreSource::open(&store, name)?;
         let t = Instant::now();
         let mut p = 0;
-        while p < src.page_count() { let n = 64.min(src.page_count() - p); src.read_pages(p, &mut buf[..n as usize * 4096])?; p += n; }
-        println!("StoreSource all x64 fresh: {:.0} ms", t.elapsed().as_secs_f64()*1e3);
+        while p < src.page_count() {
+            let n = 64.min(src.page_count() - p);
+            src.read_pages(p, &mut buf[..n as usize * 4096])?;
+            p += n;
+        }
+        println!("StoreSource all x64 fresh: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     }
     // 3. read_chunk_into (single lookups)
     let t = Instant::now();
-    for (_, id) in &nz { store.read_chunk_into(id, &mut buf[..4096], &|| String::new())?; }
+    for (_, id) in &nz {
+        store.read_chunk_into(id, &mut buf[..4096], &|| String::new())?;
+    }
     println!("read_chunk_into: {:.1} us/page", us(t, nz.len()));
     // 4. location only
     let t = Instant::now();
-    for (_, id) in &nz { store.location(id)?; }
+    for (_, id) in &nz {
+        store.location(id)?;
+    }
     println!("location only: {:.1} us/page", us(t, nz.len()));
     // 5. all pages sequential read_pages 64
     let r = store.open_image_ref(name)?;
     let t = Instant::now();
     let mut p = 0;
-    while p < r.page_count() { let n = 64.min(r.page_count() - p); r.read_pages(p, &mut buf[..n as usize * 4096])?; p += n; }
-    println!("all read_pages x64 fresh: {:.1} us/page ({:.0} ms)", us(t, r.page_count() as usize), t.elapsed().as_secs_f64()*1e3);
+    while p < r.page_count() {
+        let n = 64.min(r.page_count() - p);
+        r.read_pages(p, &mut buf[..n as usize * 4096])?;
+        p += n;
+    }
+    println!(
+        "all read_pages x64 fresh: {:.1} us/page ({:.0} ms)",
+        us(t, r.page_count() as usize),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let t = Instant::now();
     let mut p = 0;
-    while p < r.page_count() { let n = 64.min(r.page_count() - p); r.read_pages(p, &mut buf[..n as usize * 4096])?; p += n; }
-    println!("all read_pages x64 warm: {:.1} us/page ({:.0} ms)", us(t, r.page_count() as usize), t.elapsed().as_secs_f64()*1e3);
+    while p < r.page_count() {
+        let n = 64.min(r.page_count() - p);
+        r.read_pages(p, &mut buf[..n as usize * 4096])?;
+        p += n;
+    }
+    println!(
+        "all read_pages x64 warm: {:.1} us/page ({:.0} ms)",
+        us(t, r.page_count() as usize),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     // 6. group loads: first non-zero page of every group, fresh reader
     let r = store.open_image_ref(name)?;
     let all_ids: Vec<_> = (0..r.page_count()).map(|i| r.page_id(i).unwrap()).collect();
-    let firsts: Vec<u64> = (0..r.page_count()).step_by(64).filter_map(|g| (g..(g+64).min(r.page_count())).find(|&i| !all_ids[i as usize].is_zero())).collect();
+    let firsts: Vec<u64> = (0..r.page_count())
+        .step_by(64)
+        .filter_map(|g| (g..(g + 64).min(r.page_count())).find(|&i| !all_ids[i as usize].is_zero()))
+        .collect();
     let nzall = all_ids.iter().filter(|h| !h.is_zero()).count();
     let t = Instant::now();
-    for &i in &firsts { r.read_page(i, &mut buf[..4096])?; }
-    println!("group loads: {} groups, {:.1} ms, {:.1} us per non-zero key", firsts.len(), t.elapsed().as_secs_f64()*1e3, t.elapsed().as_secs_f64()*1e6/nzall as f64);
+    for &i in &firsts {
+        r.read_page(i, &mut buf[..4096])?;
+    }
+    println!(
+        "group loads: {} groups, {:.1} ms, {:.1} us per non-zero key",
+        firsts.len(),
+        t.elapsed().as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e6 / nzall as f64
+    );
     let t = Instant::now();
-    for id in all_ids.iter().filter(|h| !h.is_zero()) { store.location(id)?; }
-    println!("single location for all non-zero: {:.1} ms, {:.1} us/key", t.elapsed().as_secs_f64()*1e3, us(t, nzall));
+    for id in all_ids.iter().filter(|h| !h.is_zero()) {
+        store.location(id)?;
+    }
+    println!("single location for all non-zero: {:.1} ms, {:.1} us/key", t.elapsed().as_secs_f64() * 1e3, us(t, nzall));
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! Serving one restore: a userfaultfd, the regions it covers, and the image behind them.
 //!
-//! Each restore runs on its own thread (plus a reader thread while it prefetches). The serving
-//! thread alone issues ioctls on the userfaultfd, so a REMOVE event is always applied before any
-//! later copy into that range: no copy can race a balloon/DONTNEED and resurrect old content.
-//! Between two prefetch batches it reads the userfaultfd again, so a demand fault waits for at
-//! most one batch (64-256 KiB, tens of microseconds) and always jumps the prefetch queue.
+//! Each restore runs on its own thread, plus reader threads that read pages ahead (read-ahead
+//! windows of a guest streaming through memory, then the prefetch plan). The serving thread
+//! alone issues ioctls on the userfaultfd, so a REMOVE event is always applied before any later
+//! copy into that range: no copy can race a balloon/DONTNEED and resurrect old content. Between
+//! two batches it reads the userfaultfd again, so a demand fault waits for at most one batch
+//! (≤ 256 KiB of data) and always jumps the prefetch queue. Pages being read are claimed, so a
+//! page is read once and a fault on it waits for the reader's batch instead of reading it again.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -123,10 +125,12 @@ pub struct RestoreOptions {
     pub on_corrupt: CorruptPolicy,
     /// Keep at most this many fault service times (for percentiles).
     pub max_latency_samples: usize,
-    /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
+    /// Threads reading (decompressing, verifying) read-ahead windows and prefetch batches ahead
+    /// of the copies (at least 1).
     pub prefetch_threads: usize,
     /// Largest sequential read-ahead window in bytes (4 KiB regions): demand faults that follow
-    /// one another through memory install 2, 4, 8... pages at once. 0 or 4096 disables it.
+    /// one another through memory install 2, 4, 8... pages at once, and past two windows the
+    /// readers read the stream ahead, `prefetch_threads + 1` windows deep. 0 or 4096 disables it.
     pub readahead: usize,
 }
 
@@ -742,7 +746,9 @@ fn read_job(sh: &Shared, job: Job) -> Batch {
                     let off = at + (k - p) as usize * rps;
                     match read_region_page(source, r, k, &mut data[off..off + rps]) {
                         Ok(()) => match pieces.last_mut() {
-                            Some(pc) if !pc.zero && pc.first + pc.count == k && pc.at + pc.count as usize * rps == off => {
+                            Some(pc)
+                                if !pc.zero && pc.first + pc.count == k && pc.at + pc.count as usize * rps == off =>
+                            {
                                 pc.count += 1
                             }
                             _ => pieces.push(Piece { first: k, count: 1, zero: false, at: off }),
@@ -1026,8 +1032,7 @@ impl Serving {
             // faults in a short run.
             let window = self.window_pages();
             let gone = p - self.seq_start;
-            let streaming =
-                r.page_size == 4096 && window > 1 && (in_stream || (self.seq > 0 && gone >= 2 * window));
+            let streaming = r.page_size == 4096 && window > 1 && (in_stream || (self.seq > 0 && gone >= 2 * window));
             if r.page_size == 4096 && self.seq > 0 && !streaming {
                 max = max.max(gone.clamp(1, window));
             }
@@ -1255,13 +1260,7 @@ impl Serving {
 
     /// Installs region pages `p..p+n` from `data` (or `self.buf`), skipping pages already
     /// installed or removed meanwhile. Returns pages installed.
-    fn install_data(
-        &mut self,
-        ri: usize,
-        p: u64,
-        n: u64,
-        data: Option<&[u8]>,
-    ) -> std::result::Result<u64, Stop> {
+    fn install_data(&mut self, ri: usize, p: u64, n: u64, data: Option<&[u8]>) -> std::result::Result<u64, Stop> {
         let rps = self.states[ri].r.page_size;
         let buf = std::mem::take(&mut self.buf);
         let src = data.unwrap_or(&buf);

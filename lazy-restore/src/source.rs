@@ -365,8 +365,7 @@ impl StoreSource {
         // pages); reading a page by its own lookup costs about 3 lookups more than reading it
         // through loaded locations (own pread, no span read). Measured on this store format:
         // lookups 5-9 us, a page read with a known location 14-16 us, alone 36-39 us.
-        let group_nonzero =
-            (start..end).filter(|&i| self.reader.page_id(i).is_ok_and(|id| !id.is_zero())).count();
+        let group_nonzero = (start..end).filter(|&i| self.reader.page_id(i).is_ok_and(|id| !id.is_zero())).count();
         if 3 * (done as usize + want) >= group_nonzero {
             slot.store(GROUP_LOADED, Relaxed);
             return Ok(false);
