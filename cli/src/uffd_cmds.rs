@@ -138,6 +138,10 @@ pub struct BenchArgs {
     /// Drop the store's pack files from the page cache before each store-backed run too.
     #[arg(long)]
     cold_store: bool,
+    /// Run only these groups of rows (for profiling one of them): file, eager, lazy (lazy,
+    /// lazy+prefetch, lazy+pf warm), full (full sequential fault-in).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Seed of the random working set.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -465,6 +469,8 @@ struct Row {
     p99_us: f64,
     server_p50_us: f64,
     server_p99_us: f64,
+    /// The server's counters for this restore (lazy rows).
+    server: Option<snapfork_lazy_restore::StatsSnapshot>,
     forks: usize,
     forks_wall_ms: f64,
     forks_mem_mib: f64,
@@ -525,6 +531,27 @@ impl Bench<'_> {
             out.push(parse_guest(&v));
         }
         Ok((out, t0.elapsed().as_nanos() as u64))
+    }
+
+    /// The lazy rows: demand only (its recorded working set, returned, feeds the next two),
+    /// prefetched with a fresh server cache, and prefetched with a warm one.
+    fn lazy_rows(&self, ws_file: &Path, rows: &mut Vec<Row>) -> anyhow::Result<Vec<u64>> {
+        let (g, _, reps) = self.lazy("lazy", ws_file, Vec::new(), false, 1, false)?;
+        let mut r = lazy_row("lazy", &g[0], &reps);
+        let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
+        if let Some(rep) = reps.first() {
+            // The server's own service time per fault (the table's p50/p99 are what the guest felt).
+            let mut ns = rep.fault_ns.clone();
+            r.server_p50_us = pct(&mut ns, 0.5) as f64 / 1e3;
+            r.server_p99_us = pct(&mut ns, 0.99) as f64 / 1e3;
+        }
+        rows.push(r);
+        let (g, _, reps) = self.lazy("prefetch", ws_file, recorded.clone(), false, 1, false)?;
+        rows.push(lazy_row("lazy+prefetch", &g[0], &reps));
+        // The same when the server has restored this snapshot before (its page cache is warm).
+        let (g, _, reps) = self.lazy("prefetchw", ws_file, recorded.clone(), false, 1, true)?;
+        rows.push(lazy_row("lazy+pf warm", &g[0], &reps));
+        Ok(recorded)
     }
 
     /// A uffd-served run: an in-process server with a fresh cache, `n` guests.
@@ -590,6 +617,14 @@ fn pct(v: &mut [u32], q: f64) -> u64 {
     }
     v.sort_unstable();
     v[(((v.len() - 1) as f64) * q).round() as usize] as u64
+}
+
+/// A lazy row: what the guest felt, and the server's counters.
+fn lazy_row(mode: &str, one: &GuestResult, reps: &[snapfork_lazy_restore::RestoreReport]) -> Row {
+    let rep = reps.first();
+    let mut r = row(mode, one, rep.map(|r| r.stats.pages_copied + r.stats.pages_zeroed).unwrap_or(0));
+    r.server = rep.map(|r| r.stats.clone());
+    r
 }
 
 fn row(mode: &str, one: &GuestResult, pages: u64) -> Row {
@@ -663,64 +698,55 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     let mut rows: Vec<Row> = Vec::new();
     let forks = a.forks.max(1);
 
+    let want = |group: &str| a.only.is_empty() || a.only.iter().any(|o| o == group);
     // 1. File backend, cold then warm.
-    drop_cache(&raw)?;
-    let (g, _) = b.guests("file", &ws_file, None, 1)?;
-    rows.push(row("file-cold", &g[0], g[0].faults));
-    warm_cache(&raw)?;
-    let (g, _) = b.guests("file", &ws_file, None, 1)?;
-    rows.push(row("file-warm", &g[0], g[0].faults));
+    if want("file") {
+        drop_cache(&raw)?;
+        let (g, _) = b.guests("file", &ws_file, None, 1)?;
+        rows.push(row("file-cold", &g[0], g[0].faults));
+        warm_cache(&raw)?;
+        let (g, _) = b.guests("file", &ws_file, None, 1)?;
+        rows.push(row("file-warm", &g[0], g[0].faults));
+    }
     // 2. Eager.
-    if a.cold_store {
-        drop_store_cache(store.dir())?;
+    if want("eager") {
+        if a.cold_store {
+            drop_store_cache(store.dir())?;
+        }
+        let (g, _) = b.guests("eager", &ws_file, None, 1)?;
+        rows.push(row("eager", &g[0], nonzero));
     }
-    let (g, _) = b.guests("eager", &ws_file, None, 1)?;
-    rows.push(row("eager", &g[0], nonzero));
-    // 3. Lazy; its recorded working set feeds 4.
-    let (g, _, reps) = b.lazy("lazy", &ws_file, Vec::new(), false, 1, false)?;
-    let installed = |r: &snapfork_lazy_restore::RestoreReport| r.stats.pages_copied + r.stats.pages_zeroed;
-    let mut r = row("lazy", &g[0], reps.first().map(installed).unwrap_or(0));
-    let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
-    if let Some(rep) = reps.first() {
-        // The server's own service time per fault (the table's p50/p99 are what the guest felt).
-        let mut ns = rep.fault_ns.clone();
-        r.server_p50_us = pct(&mut ns, 0.5) as f64 / 1e3;
-        r.server_p99_us = pct(&mut ns, 0.99) as f64 / 1e3;
+    let mut recorded = Vec::new();
+    if want("lazy") {
+        recorded = b.lazy_rows(&ws_file, &mut rows)?;
     }
-    rows.push(r);
-    // 4. Lazy with the recorded working set prefetched.
-    let (g, _, reps) = b.lazy("prefetch", &ws_file, recorded.clone(), false, 1, false)?;
-    rows.push(row("lazy+prefetch", &g[0], reps.first().map(installed).unwrap_or(0)));
-    // The same when the server has restored this snapshot before (its page cache is warm).
-    let (g, _, reps) = b.lazy("prefetchw", &ws_file, recorded.clone(), false, 1, true)?;
-    rows.push(row("lazy+pf warm", &g[0], reps.first().map(installed).unwrap_or(0)));
-    // Full sequential fault-in: eager vs lazy (demand only) vs lazy with --fill.
-    if a.cold_store {
-        drop_store_cache(store.dir())?;
+    if want("full") {
+        // Full sequential fault-in: eager vs lazy (demand only) vs lazy with --fill.
+        if a.cold_store {
+            drop_store_cache(store.dir())?;
+        }
+        let (g, _) = b.guests("eager", &all_file, None, 1)?;
+        rows.push(row("full: eager", &g[0], nonzero));
+        let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
+        rows.push(lazy_row("full: lazy", &g[0], &reps));
+        let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
+        rows.push(lazy_row("full: lazy+fill", &g[0], &reps));
     }
-    let (g, _) = b.guests("eager", &all_file, None, 1)?;
-    rows.push(row("full: eager", &g[0], nonzero));
-    let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
-    rows.push(row("full: lazy", &g[0], reps.first().map(installed).unwrap_or(0)));
-    let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
-    rows.push(row("full: lazy+fill", &g[0], reps.first().map(installed).unwrap_or(0)));
 
     // Every mode read the same bytes.
-    let want = rows[1].checksum;
-    for r in &rows[..6] {
-        if r.checksum != want {
-            bail!("{} read different bytes than file-warm (checksum mismatch)", r.mode);
-        }
-    }
-    let fwant = rows[6].checksum;
-    for r in &rows[6..] {
-        if r.checksum != fwant {
-            bail!("{} read different bytes than the eager restore", r.mode);
+    for group in [
+        &rows.iter().filter(|r| !r.mode.starts_with("full")).collect::<Vec<_>>()[..],
+        &rows.iter().filter(|r| r.mode.starts_with("full")).collect::<Vec<_>>()[..],
+    ] {
+        if let Some(first) = group.first()
+            && let Some(bad) = group.iter().find(|r| r.checksum != first.checksum)
+        {
+            bail!("{} read different bytes than {} (checksum mismatch)", bad.mode, first.mode);
         }
     }
 
     // N concurrent restores of each kind.
-    if forks > 1 {
+    if forks > 1 && want("file") && want("eager") && want("lazy") {
         let fork_row = |rows: &mut Vec<Row>, mode: &str, g: &[GuestResult], wall: u64, extra_kib: u64| {
             if let Some(r) = rows.iter_mut().find(|r| r.mode == mode) {
                 r.forks = g.len();
@@ -744,7 +770,6 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         let (g, w, reps) = b.lazy("forksp", &ws_file, recorded, false, forks, false)?;
         fork_row(&mut rows, "lazy+prefetch", &g, w, cache_kib(&reps));
     }
-
     let get = |m: &str| rows.iter().find(|r| r.mode == m).cloned().unwrap_or_default();
     let (cold, warm, pf) = (get("file-cold"), get("file-warm"), get("lazy+prefetch"));
     let pfw = get("lazy+pf warm");

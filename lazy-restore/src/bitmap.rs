@@ -50,8 +50,8 @@ impl Bitmap {
     }
 }
 
-/// A bitmap shared between threads (relaxed: it is a hint for the prefetch reader; the serving
-/// thread, which alone writes it, is the authority).
+/// A bitmap shared between threads (relaxed: `installed` is a hint for the readers, written by
+/// the serving thread alone; `claimed` is an ownership token taken with [`AtomicBitmap::claim`]).
 #[derive(Debug)]
 pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
@@ -78,6 +78,15 @@ impl AtomicBitmap {
         } else {
             w.fetch_and(!(1 << (i % 64)), Ordering::Relaxed);
         }
+    }
+    /// Sets bit `i`; true when this call set it (it was clear): an atomic claim, so of several
+    /// threads claiming one bit exactly one wins.
+    pub fn claim(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let bit = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
     /// Number of set bits.
     pub fn count(&self) -> u64 {

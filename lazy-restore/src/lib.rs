@@ -23,6 +23,8 @@ pub mod uffd;
 pub mod workingset;
 
 pub use error::{Error, Result};
-pub use restore::{CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport};
+pub use restore::{
+    CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport, StatsSnapshot,
+};
 pub use server::{ServerEvent, ServerOptions, ServerSummary, UffdServer};
 pub use source::{CachedSource, PageSource, RawFileSource, SharedSources, StoreSource};

@@ -1,17 +1,19 @@
 //! Serving one restore: a userfaultfd, the regions it covers, and the image behind them.
 //!
-//! Each restore runs on its own thread (plus a reader thread while it prefetches). The serving
-//! thread alone issues ioctls on the userfaultfd, so a REMOVE event is always applied before any
-//! later copy into that range: no copy can race a balloon/DONTNEED and resurrect old content.
-//! Between two prefetch batches it reads the userfaultfd again, so a demand fault waits for at
-//! most one batch (64-256 KiB, tens of microseconds) and always jumps the prefetch queue.
+//! Each restore runs on its own thread, plus reader threads that read pages ahead (read-ahead
+//! windows of a guest streaming through memory, then the prefetch plan). The serving thread
+//! alone issues ioctls on the userfaultfd, so a REMOVE event is always applied before any later
+//! copy into that range: no copy can race a balloon/DONTNEED and resurrect old content. Between
+//! two batches it reads the userfaultfd again, so a demand fault waits for at most one batch
+//! (≤ 256 KiB of data) and always jumps the prefetch queue. Pages being read are claimed, so a
+//! page is read once and a fault on it waits for the reader's batch instead of reading it again.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -123,10 +125,12 @@ pub struct RestoreOptions {
     pub on_corrupt: CorruptPolicy,
     /// Keep at most this many fault service times (for percentiles).
     pub max_latency_samples: usize,
-    /// Threads reading (decompressing, verifying) prefetch batches ahead of the copies.
+    /// Threads reading (decompressing, verifying) read-ahead windows and prefetch batches ahead
+    /// of the copies (at least 1).
     pub prefetch_threads: usize,
     /// Largest sequential read-ahead window in bytes (4 KiB regions): demand faults that follow
-    /// one another through memory install 2, 4, 8... pages at once. 0 or 4096 disables it.
+    /// one another through memory install 2, 4, 8... pages at once, and past two windows the
+    /// readers read the stream ahead, `prefetch_threads + 1` windows deep. 0 or 4096 disables it.
     pub readahead: usize,
 }
 
@@ -199,6 +203,8 @@ pub struct RestoreStats {
     pub pages_zeroed: AtomicU64,
     /// Of the installed pages, those installed by prefetch or fill.
     pub pages_prefetched: AtomicU64,
+    /// Of the installed pages, those read ahead of a guest streaming through memory.
+    pub pages_readahead: AtomicU64,
     /// UFFDIO_COPY / UFFDIO_ZEROPAGE calls.
     pub ioctls: AtomicU64,
     /// Pages zapped by REMOVE events.
@@ -222,6 +228,8 @@ pub struct StatsSnapshot {
     pub pages_zeroed: u64,
     /// Pages installed by prefetch or fill.
     pub pages_prefetched: u64,
+    /// Pages read ahead of a guest streaming through memory.
+    pub pages_readahead: u64,
     /// Fill ioctls issued.
     pub ioctls: u64,
     /// Pages zapped by REMOVE events.
@@ -242,6 +250,7 @@ impl RestoreStats {
             pages_copied: self.pages_copied.load(Relaxed),
             pages_zeroed: self.pages_zeroed.load(Relaxed),
             pages_prefetched: self.pages_prefetched.load(Relaxed),
+            pages_readahead: self.pages_readahead.load(Relaxed),
             ioctls: self.ioctls.load(Relaxed),
             pages_removed: self.pages_removed.load(Relaxed),
             eexist: self.eexist.load(Relaxed),
@@ -386,18 +395,67 @@ pub fn start(
     let stop = Arc::new(eventfd()?);
     let stats = Arc::new(RestoreStats::default());
     let installed: Vec<Arc<AtomicBitmap>> = regions.iter().map(|r| Arc::new(AtomicBitmap::new(r.pages()))).collect();
+    let claimed: Vec<Arc<AtomicBitmap>> = regions.iter().map(|r| Arc::new(AtomicBitmap::new(r.pages()))).collect();
     let pid = peer.pid;
     let live_ws = Arc::new(Mutex::new(Vec::new()));
     let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
-    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes).max(opts.readahead);
-    let mut serving = Serving {
+    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes);
+    let plan = prefetch_plan(&regions, source.as_ref(), &opts);
+    // Which run each region page belongs to: a demand fault on a planned page moves the
+    // readers' cursor past its run (they follow the guest instead of trailing it) and installs
+    // the rest of that run at once.
+    let mut run_of: Vec<Vec<u32>> = regions.iter().map(|_| Vec::new()).collect();
+    if !plan.is_empty() {
+        run_of = regions.iter().map(|r| vec![u32::MAX; r.pages() as usize]).collect();
+        for (i, run) in plan.iter().enumerate() {
+            for p in run.first..run.first + run.count {
+                run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
+            }
+        }
+    } else {
+        stats.prefetch_done.store(true, Relaxed);
+    }
+    let shared = Arc::new(Shared {
+        regions: regions.clone(),
+        source: source.clone(),
+        installed: installed.clone(),
+        claimed: claimed.clone(),
+        plan,
+        next: AtomicUsize::new(0),
+        sweep: AtomicUsize::new(0),
+        swept: AtomicUsize::new(0),
+        queue: Mutex::new(VecDeque::new()),
+        wake: Condvar::new(),
+        quit: AtomicBool::new(false),
+        efd: eventfd()?,
+    });
+    // The readers read (look up, decompress, verify) ahead of the serving thread: read-ahead
+    // windows of a guest streaming through memory first, then the prefetch plan. Store reads
+    // are the cost and they parallelise; the serving thread alone installs.
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    let mut threads = Vec::new();
+    for i in 0..opts.prefetch_threads.max(1) {
+        let (sh, tx) = (shared.clone(), tx.clone());
+        match std::thread::Builder::new().name(format!("uffd-reader-{i}")).spawn(move || reader_loop(&sh, tx)) {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                Readers { shared, rx, threads, run_of: Vec::new() }.finish();
+                return Err(Error::io("spawn reader thread", e));
+            }
+        }
+    }
+    drop(tx);
+    let readers = Readers { shared, rx, threads, run_of };
+    let serving = Serving {
         uffd,
         states: regions
             .iter()
             .zip(&installed)
-            .map(|(r, inst)| RegionState {
+            .zip(&claimed)
+            .map(|((r, inst), cl)| RegionState {
                 r: *r,
                 installed: inst.clone(),
+                claimed: cl.clone(),
                 removed: Bitmap::new(r.pages()),
                 recorded: Bitmap::new(r.pages()),
             })
@@ -409,57 +467,17 @@ pub fn start(
         buf: vec![0; buf_len],
         zeros: Vec::new(),
         pending: VecDeque::new(),
+        parked: Vec::new(),
         events: Vec::new(),
         ws: Vec::new(),
         live_ws: live_ws.clone(),
         fault_ns: Vec::new(),
-        prefetch: None,
+        readers: Some(readers),
         seq_next: (usize::MAX, 0),
         seq: 0,
+        seq_start: 0,
+        stream: None,
     };
-    let plan = prefetch_plan(&regions, source.as_ref(), &opts);
-    if !plan.is_empty() {
-        let efd = Arc::new(eventfd()?);
-        let (tx, rx) = std::sync::mpsc::sync_channel(8);
-        let quit = Arc::new(AtomicBool::new(false));
-        // Several readers share the plan: store reads (lookup, decompress, verify) are the cost,
-        // and they parallelise; the serving thread alone installs.
-        // Which run each region page belongs to: a demand fault on a planned page moves the
-        // readers' cursor past its run (they follow the guest instead of trailing it) and
-        // installs the rest of that run at once.
-        let mut run_of: Vec<Vec<u32>> = regions.iter().map(|r| vec![u32::MAX; r.pages() as usize]).collect();
-        for (i, run) in plan.iter().enumerate() {
-            for p in run.first..run.first + run.count {
-                run_of[run.region][p as usize] = i.min(u32::MAX as usize - 1) as u32;
-            }
-        }
-        let plan = Arc::new(plan);
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let sweep = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut readers = Vec::new();
-        for i in 0..opts.prefetch_threads.max(1) {
-            let (source, efd, quit2, installed) = (source.clone(), efd.clone(), quit.clone(), installed.clone());
-            let (regions, plan, next, tx) = (regions.clone(), plan.clone(), next.clone(), tx.clone());
-            let sweep = sweep.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("uffd-prefetch-{i}"))
-                .spawn(move || prefetch_reader(&plan, &next, &sweep, &regions, &*source, &installed, tx, &efd, &quit2));
-            match spawned {
-                Ok(h) => readers.push(h),
-                Err(e) => {
-                    quit.store(true, Relaxed);
-                    for h in readers {
-                        let _ = h.join();
-                    }
-                    return Err(Error::io("spawn prefetch thread", e));
-                }
-            }
-        }
-        drop(tx);
-        serving.prefetch = Some(Prefetch { rx, efd, quit, readers, plan, next, run_of });
-    } else {
-        stats.prefetch_done.store(true, Relaxed);
-    }
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("uffd-{}", pid.unwrap_or(0)))
@@ -471,6 +489,9 @@ pub fn start(
 struct RegionState {
     r: Region,
     installed: Arc<AtomicBitmap>,
+    /// Pages a reader (or the serving thread) is reading: whoever claimed a page installs it or
+    /// gives it back; a fault on a claimed page waits for that install instead of reading again.
+    claimed: Arc<AtomicBitmap>,
     removed: Bitmap,
     recorded: Bitmap,
 }
@@ -481,22 +502,89 @@ struct Run {
     region: usize,
     first: u64,
     count: u64,
+    /// Data (non-zero) pages among them.
+    data: u64,
+    /// From `fill` (pages nobody asked for yet) rather than the working set.
+    bulk: bool,
+}
+
+/// Work for a reader: claimed page ranges of one region.
+struct Job {
+    region: usize,
+    ranges: Vec<(u64, u64)>,
+    /// From the prefetch plan (else a read-ahead window).
+    prefetch: bool,
+    /// Pages read once in bulk (fill, read-ahead): not worth a place in a shared page cache.
+    bulk: bool,
+}
+
+/// Homogeneous pages of a read job: zero pages, or data at `at` in the batch's buffer.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    first: u64,
+    count: u64,
     zero: bool,
+    at: usize,
 }
 
 enum Batch {
-    Data { run: Run, data: Vec<u8> },
-    Zero(Run),
+    /// A job's pages, read and verified. `failed`: claimed pages that did not read (left to the
+    /// demand path, which applies the corrupt-page policy if the guest touches them).
+    Pages { region: usize, pieces: Vec<Piece>, data: Vec<u8>, failed: Vec<u64>, prefetch: bool },
+    /// Every run of the plan has been read (its batches were all sent before this).
+    PlanDone,
 }
 
-struct Prefetch {
+/// State shared by the serving thread and its readers.
+struct Shared {
+    regions: Vec<Region>,
+    source: Arc<dyn PageSource>,
+    installed: Vec<Arc<AtomicBitmap>>,
+    claimed: Vec<Arc<AtomicBitmap>>,
+    plan: Vec<Run>,
+    /// First pass over the plan (demand faults push it forward).
+    next: AtomicUsize,
+    /// Second pass: picks up the runs a jump skipped.
+    sweep: AtomicUsize,
+    /// Runs the second pass has finished.
+    swept: AtomicUsize,
+    /// Read-ahead windows, taken before plan runs.
+    queue: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    quit: AtomicBool,
+    /// Signalled after each batch sent (the serving thread polls it).
+    efd: OwnedFd,
+}
+
+struct Readers {
+    shared: Arc<Shared>,
     rx: Receiver<Batch>,
-    efd: Arc<OwnedFd>,
-    quit: Arc<AtomicBool>,
-    readers: Vec<JoinHandle<()>>,
-    plan: Arc<Vec<Run>>,
-    next: Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
     run_of: Vec<Vec<u32>>,
+}
+
+impl Readers {
+    /// Stops the readers and waits for them.
+    fn finish(self) {
+        let Readers { shared, rx, threads, .. } = self;
+        shared.quit.store(true, Relaxed);
+        {
+            // Under the lock, so a reader between its quit check and its wait cannot miss it.
+            let _q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            shared.wake.notify_all();
+        }
+        // A reader blocked on a full channel fails its send once the receiver is gone.
+        drop(rx);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn push(&self, job: Job) {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back(job);
+        self.shared.wake.notify_one();
+    }
 }
 
 enum Stop {
@@ -514,15 +602,23 @@ struct Serving {
     stats: Arc<RestoreStats>,
     buf: Vec<u8>,
     zeros: Vec<u8>,
-    pending: VecDeque<u64>,
+    /// Faults to serve: address, and for a fault served again after waiting on a claimed page,
+    /// when it was first read.
+    pending: VecDeque<(u64, Option<Instant>)>,
+    /// Faults on claimed pages, waiting for the reader's batch (address, when read).
+    parked: Vec<(u64, Instant)>,
     events: Vec<Event>,
     ws: Vec<u64>,
     live_ws: Arc<Mutex<Vec<u64>>>,
     fault_ns: Vec<u32>,
-    prefetch: Option<Prefetch>,
+    readers: Option<Readers>,
     /// The page right after the last demand-installed run, and how many faults in a row hit it.
     seq_next: (usize, u64),
     seq: u32,
+    /// Where the current sequential run of faults began.
+    seq_start: u64,
+    /// A sequential read-ahead stream: region and the first page not yet given to the readers.
+    stream: Option<(usize, u64)>,
 }
 
 /// The image pages behind region page `p` of `r`.
@@ -536,22 +632,26 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
     let ip = source.page_size() as u64;
     let mut seen: Vec<Bitmap> = regions.iter().map(|r| Bitmap::new(r.pages())).collect();
     let mut runs: Vec<Run> = Vec::new();
-    // Runs are homogeneous: data runs up to `batch_bytes`, zero runs much longer (no data moves).
-    let push = |runs: &mut Vec<Run>, region: usize, p: u64| {
+    // Runs are contiguous pages with up to `batch_bytes` of data pages and up to 8 MiB in all
+    // (zero pages cost no read and no copy). Zero and data pages alternate every 2.6 pages on
+    // average in a captured 256 MiB guest: runs of one kind each would be tiny batches.
+    let push = |runs: &mut Vec<Run>, region: usize, p: u64, bulk: bool| {
         let r = &regions[region];
-        let zero = all_zero(source, r, p);
-        let max =
-            if zero && r.page_size == 4096 { ZERO_RUN_PAGES } else { (opts.batch_bytes as u64 / r.page_size).max(1) };
+        let data = u64::from(!all_zero(source, r, p));
+        let max_data = (opts.batch_bytes as u64 / r.page_size).max(1);
+        let max_span = if r.page_size == 4096 { ZERO_RUN_PAGES } else { max_data };
         if let Some(last) = runs.last_mut()
             && last.region == region
             && last.first + last.count == p
-            && last.zero == zero
-            && last.count < max
+            && last.bulk == bulk
+            && last.data + data <= max_data
+            && last.count < max_span
         {
             last.count += 1;
+            last.data += data;
             return;
         }
-        runs.push(Run { region, first: p, count: 1, zero });
+        runs.push(Run { region, first: p, count: 1, data, bulk });
     };
     for &page in &opts.prefetch {
         let byte = page.saturating_mul(ip);
@@ -560,14 +660,14 @@ fn prefetch_plan(regions: &[Region], source: &dyn PageSource, opts: &RestoreOpti
         };
         let p = (byte - regions[ri].offset) / regions[ri].page_size;
         if !seen[ri].set(p, true) {
-            push(&mut runs, ri, p);
+            push(&mut runs, ri, p, false);
         }
     }
     if opts.fill {
         for (ri, r) in regions.iter().enumerate() {
             for p in 0..r.pages() {
                 if !seen[ri].get(p) {
-                    push(&mut runs, ri, p);
+                    push(&mut runs, ri, p, true);
                 }
             }
         }
@@ -579,96 +679,146 @@ fn all_zero(source: &dyn PageSource, r: &Region, p: u64) -> bool {
     image_pages(r, p, source.page_size() as u64).all(|i| source.is_zero(i))
 }
 
-/// Reads the prefetch runs ahead of the serving thread (decompression overlaps the copies).
-#[allow(clippy::too_many_arguments)]
-fn prefetch_reader(
-    plan: &[Run],
-    next: &std::sync::atomic::AtomicUsize,
-    sweep: &std::sync::atomic::AtomicUsize,
-    regions: &[Region],
-    source: &dyn PageSource,
-    installed: &[Arc<AtomicBitmap>],
-    tx: SyncSender<Batch>,
-    efd: &OwnedFd,
-    quit: &AtomicBool,
-) {
+/// Reads region page `p` of `r` into `dst` (one region page), zero image pages zero-filled.
+fn read_region_page(source: &dyn PageSource, r: &Region, p: u64, dst: &mut [u8]) -> Result<()> {
     let ip = source.page_size();
+    for (j, i) in image_pages(r, p, ip as u64).enumerate() {
+        let d = &mut dst[j * ip..(j + 1) * ip];
+        if source.is_zero(i) {
+            d.fill(0);
+        } else {
+            source.read_page(i, d)?;
+        }
+    }
+    Ok(())
+}
+
+/// Claims the pages of plan run `run` that are neither installed nor claimed.
+fn claim_run(sh: &Shared, run: Run) -> Job {
+    let (inst, cl) = (&sh.installed[run.region], &sh.claimed[run.region]);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for p in run.first..run.first + run.count {
+        if !inst.get(p) && cl.claim(p) {
+            match ranges.last_mut() {
+                Some((f, n)) if *f + *n == p => *n += 1,
+                _ => ranges.push((p, 1)),
+            }
+        }
+    }
+    Job { region: run.region, ranges, prefetch: true, bulk: run.bulk }
+}
+
+/// Reads a job's claimed pages: zero pieces cost nothing, data pieces one batched read each (on
+/// an error page by page, keeping the good pages and leaving the bad ones to the demand path).
+fn read_job(sh: &Shared, job: Job) -> Batch {
+    let source = &*sh.source;
+    let r = &sh.regions[job.region];
+    let (ip, rps) = (source.page_size() as u64, r.page_size as usize);
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut failed = Vec::new();
+    for &(first, count) in &job.ranges {
+        let end = first + count;
+        let mut p = first;
+        while p < end {
+            let zero = all_zero(source, r, p);
+            let mut q = p + 1;
+            while q < end && all_zero(source, r, q) == zero {
+                q += 1;
+            }
+            if zero {
+                pieces.push(Piece { first: p, count: q - p, zero: true, at: 0 });
+                p = q;
+                continue;
+            }
+            let at = data.len();
+            data.resize(at + (q - p) as usize * rps, 0);
+            let first_image_page = image_pages(r, p, ip).start;
+            let read = if job.bulk {
+                source.read_pages_bulk(first_image_page, &mut data[at..])
+            } else {
+                source.read_pages(first_image_page, &mut data[at..])
+            };
+            if read.is_ok() {
+                pieces.push(Piece { first: p, count: q - p, zero: false, at });
+            } else {
+                for k in p..q {
+                    let off = at + (k - p) as usize * rps;
+                    match read_region_page(source, r, k, &mut data[off..off + rps]) {
+                        Ok(()) => match pieces.last_mut() {
+                            Some(pc)
+                                if !pc.zero && pc.first + pc.count == k && pc.at + pc.count as usize * rps == off =>
+                            {
+                                pc.count += 1
+                            }
+                            _ => pieces.push(Piece { first: k, count: 1, zero: false, at: off }),
+                        },
+                        Err(e) => {
+                            // Not installing it leaves it to the demand path, which applies the
+                            // corrupt-page policy if (and only if) the guest touches it.
+                            warn!(page = k, "read-ahead skips an unreadable page: {e}");
+                            failed.push(k);
+                        }
+                    }
+                }
+            }
+            p = q;
+        }
+    }
+    Batch::Pages { region: job.region, pieces, data, failed, prefetch: job.prefetch }
+}
+
+/// A reader thread: read-ahead windows first (a guest is waiting on them), then the prefetch
+/// plan in order; asleep when there is neither.
+fn reader_loop(sh: &Shared, tx: SyncSender<Batch>) {
     let send = |b: Batch| -> bool {
         if tx.send(b).is_err() {
             return false;
         }
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a local to an eventfd we share.
-        unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        unsafe { libc::write(sh.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         true
     };
+    let len = sh.plan.len();
     loop {
-        // First pass follows the cursor (which demand faults push forward); a second pass picks
-        // up the runs a jump skipped (their installed pages are skipped without reading).
-        let run = match plan.get(next.fetch_add(1, Relaxed)) {
-            Some(&run) => run,
-            None => match plan.get(sweep.fetch_add(1, Relaxed)) {
-                Some(&run) => run,
-                None => return,
-            },
+        let queued = {
+            let mut q = sh.queue.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if sh.quit.load(Relaxed) {
+                    return;
+                }
+                if let Some(job) = q.pop_front() {
+                    break Some(job);
+                }
+                if sh.next.load(Relaxed) < len || sh.sweep.load(Relaxed) < len {
+                    break None;
+                }
+                q = sh.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
         };
-        let r = &regions[run.region];
-        let rps = r.page_size as usize;
-        // Split the run into homogeneous pieces: data pages, zero pages; skip installed ones.
-        let mut p = run.first;
-        let end = run.first + run.count;
-        while p < end {
-            if quit.load(Relaxed) {
-                return;
-            }
-            if installed[run.region].get(p) {
-                p += 1;
-                continue;
-            }
-            let zero = all_zero(source, r, p);
-            let mut q = p + 1;
-            while q < end && !installed[run.region].get(q) && all_zero(source, r, q) == zero {
-                q += 1;
-            }
-            if zero {
-                if !send(Batch::Zero(Run { region: run.region, first: p, count: q - p, zero: true })) {
-                    return;
-                }
-                p = q;
-                continue;
-            }
-            let mut data = vec![0u8; (q - p) as usize * rps];
-            // The whole run in one batched read; on an error, page by page to keep the good
-            // prefix and leave the bad page to the demand path.
-            let mut good = 0u64;
-            if source.read_pages(image_pages(r, p, ip as u64).start, &mut data).is_ok() {
-                good = q - p;
-            } else {
-                'pages: for k in p..q {
-                    let base = (k - p) as usize * rps;
-                    for (j, i) in image_pages(r, k, ip as u64).enumerate() {
-                        let dst = &mut data[base + j * ip..base + (j + 1) * ip];
-                        if source.is_zero(i) {
-                            continue;
-                        }
-                        if let Err(e) = source.read_page(i, dst) {
-                            // Not installing it leaves it to the demand path, which applies the
-                            // corrupt-page policy if (and only if) the guest touches it.
-                            warn!(page = i, "prefetch skips an unreadable page: {e}");
-                            break 'pages;
-                        }
+        let (job, swept) = match queued {
+            Some(job) => (job, false),
+            None => {
+                // First pass follows the cursor (which demand faults push forward); the second
+                // picks up the runs a jump skipped (pages installed or claimed are left out).
+                let i = sh.next.fetch_add(1, Relaxed);
+                if i < len {
+                    (claim_run(sh, sh.plan[i]), false)
+                } else {
+                    let i = sh.sweep.fetch_add(1, Relaxed);
+                    if i >= len {
+                        continue;
                     }
-                    good += 1;
+                    (claim_run(sh, sh.plan[i]), true)
                 }
             }
-            if good > 0 {
-                data.truncate(good as usize * rps);
-                if !send(Batch::Data { run: Run { region: run.region, first: p, count: good, zero: false }, data }) {
-                    return;
-                }
-            }
-            // A bad page (good < q - p) is skipped.
-            p += if good < q - p { good + 1 } else { good };
+        };
+        if !job.ranges.is_empty() && !send(read_job(sh, job)) {
+            return;
+        }
+        if swept && sh.swept.fetch_add(1, Relaxed) + 1 == len && !send(Batch::PlanDone) {
+            return;
         }
     }
 }
@@ -688,12 +838,8 @@ impl Serving {
                 EndReason::Failed { message }
             }
         };
-        if let Some(mut pf) = self.prefetch.take() {
-            pf.quit.store(true, Relaxed);
-            drop(pf.rx);
-            for t in pf.readers.drain(..) {
-                let _ = t.join();
-            }
+        if let Some(readers) = self.readers.take() {
+            readers.finish();
         }
         let ip = self.source.page_size() as u64;
         let mut touched = Vec::new();
@@ -719,11 +865,11 @@ impl Serving {
     fn serve(&mut self, stop: &OwnedFd) -> std::result::Result<(), Stop> {
         loop {
             self.drain()?;
-            if let Some(addr) = self.pending.pop_front() {
-                self.on_fault(addr)?;
+            if let Some((addr, t0)) = self.pending.pop_front() {
+                self.on_fault(addr, t0)?;
                 continue;
             }
-            if self.prefetch_step()? {
+            if self.batch_step()? {
                 continue;
             }
             // Nothing to do: sleep until a fault, the peer's exit, a stop request or a batch.
@@ -734,8 +880,8 @@ impl Serving {
             if let Some(pidfd) = &self.peer.pidfd {
                 fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
-            if let Some(pf) = &self.prefetch {
-                fds.push(libc::pollfd { fd: pf.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            if let Some(rd) = &self.readers {
+                fds.push(libc::pollfd { fd: rd.shared.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -755,12 +901,12 @@ impl Serving {
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
                 return Err(Stop::Gone);
             }
-            if let Some(pf) = &self.prefetch
+            if let Some(rd) = &self.readers
                 && fds.last().is_some_and(|f| f.revents != 0)
             {
                 let mut v = 0u64;
                 // SAFETY: reading 8 bytes into a local from an eventfd we own (resets it).
-                unsafe { libc::read(pf.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                unsafe { libc::read(rd.shared.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
             }
         }
     }
@@ -772,7 +918,7 @@ impl Serving {
         let res = uffd::read_events(self.fd(), &mut events);
         for ev in events.drain(..) {
             match ev {
-                Event::Pagefault { addr, .. } => self.pending.push_back(addr),
+                Event::Pagefault { addr, .. } => self.pending.push_back((addr, None)),
                 Event::Remove { start, end } | Event::Unmap { start, end } => self.apply_remove(start, end),
                 Event::Other(code) => debug!(code, "ignored userfaultfd event"),
             }
@@ -811,14 +957,16 @@ impl Serving {
             .map(|i| (i, (addr - self.states[i].r.base) / self.states[i].r.page_size))
     }
 
-    fn on_fault(&mut self, addr: u64) -> std::result::Result<(), Stop> {
-        let t0 = Instant::now();
+    fn on_fault(&mut self, addr: u64, first_seen: Option<Instant>) -> std::result::Result<(), Stop> {
+        let t0 = first_seen.unwrap_or_else(Instant::now);
         let Some((ri, p)) = self.locate(addr) else {
             // Cannot happen with a sane peer; the faulting thread stays blocked, so say so.
             error!(addr, pid = self.peer.pid, "fault outside every region");
             return Ok(());
         };
-        self.stats.faults.fetch_add(1, Relaxed);
+        if first_seen.is_none() {
+            self.stats.faults.fetch_add(1, Relaxed);
+        }
         let st = &self.states[ri];
         let r = st.r;
         let dst = r.base + p * r.page_size;
@@ -828,7 +976,6 @@ impl Serving {
             return Ok(());
         }
         let removed = st.removed.get(p);
-        self.seq = if self.seq_next == (ri, p) { self.seq.saturating_add(1) } else { 0 };
         if !removed && !self.states[ri].recorded.set(p, true) {
             let first = image_pages(&r, p, self.source.page_size() as u64).start;
             self.ws.push(first);
@@ -836,15 +983,33 @@ impl Serving {
                 w.push(first);
             }
         }
+        let in_stream = self.in_stream(ri, p);
+        if self.states[ri].claimed.get(p) {
+            // A reader is reading this page: its batch installs it (and the copy wakes the
+            // guest). Keep the read-ahead ahead of a guest streaming through memory.
+            self.parked.push((addr, t0));
+            if in_stream {
+                self.feed_stream(ri, p);
+            }
+            return Ok(());
+        }
+        if self.seq_next == (ri, p) {
+            self.seq = self.seq.saturating_add(1);
+        } else {
+            self.seq = 0;
+            self.seq_start = p;
+        }
         if removed || all_zero(&*self.source, &r, p) {
             // Zero pages come in long runs (free guest memory): map the following zero (or
             // removed) pages too, in the same ioctl. They cost a page-table entry each, no copy.
+            // Claimed pages are a reader's to install.
             let mut n = 1;
             if r.page_size == 4096 {
                 let st = &self.states[ri];
                 while n < ZERO_AROUND_PAGES
                     && p + n < r.pages()
                     && !st.installed.get(p + n)
+                    && !st.claimed.get(p + n)
                     && (st.removed.get(p + n) || all_zero(&*self.source, &r, p + n))
                 {
                     n += 1;
@@ -853,21 +1018,33 @@ impl Serving {
             self.install_zero(ri, p, n)?;
             self.seq_next = (ri, p + n);
         } else {
-            let mut max = if r.page_size == 4096 { (self.opts.fault_around as u64 / r.page_size).max(1) } else { 1 };
-            // Sequential read-ahead: each fault right after the previous demand run doubles
-            // the window (2, 4, ... pages, up to `readahead`); any other fault resets it.
-            if r.page_size == 4096 && self.seq > 0 {
-                let cap = (self.opts.readahead as u64 / r.page_size).max(1);
-                max = max.max((1u64 << self.seq.min(20)).min(cap));
+            if !self.states[ri].claimed.claim(p) {
+                // A reader claimed it just now.
+                self.parked.push((addr, t0));
+                return Ok(());
             }
-            if let Some(pf) = &self.prefetch
-                && let Some(&idx) = pf.run_of[ri].get(p as usize)
+            let mut max = if r.page_size == 4096 { (self.opts.fault_around as u64 / r.page_size).max(1) } else { 1 };
+            // Sequential read-ahead: a fault right after the previous demand run reads as many
+            // pages as the guest has gone through sequentially so far (so 2, 4, 8... up to
+            // `readahead`), which keeps short runs cheap; once the guest has gone through two
+            // windows it is streaming through memory and the readers take over, several windows
+            // deep. Measured in pages, not faults: zero pages between data pages make many
+            // faults in a short run.
+            let window = self.window_pages();
+            let gone = p - self.seq_start;
+            let streaming = r.page_size == 4096 && window > 1 && (in_stream || (self.seq > 0 && gone >= 2 * window));
+            if r.page_size == 4096 && self.seq > 0 && !streaming {
+                max = max.max(gone.clamp(1, window));
+            }
+            if let Some(rd) = &self.readers
+                && let Some(&idx) = rd.run_of[ri].get(p as usize)
                 && idx != u32::MAX
             {
-                pf.next.fetch_max(idx as usize + 1, Relaxed);
-                let run = pf.plan[idx as usize];
+                rd.shared.next.fetch_max(idx as usize + 1, Relaxed);
+                let run = rd.shared.plan[idx as usize];
                 max = max.max(run.first + run.count - p);
             }
+            // Read (and claim) the following pages that nobody else will install.
             let st = &self.states[ri];
             let mut n = 1;
             while n < max
@@ -875,17 +1052,82 @@ impl Serving {
                 && !st.installed.get(p + n)
                 && !st.removed.get(p + n)
                 && !all_zero(&*self.source, &r, p + n)
+                && st.claimed.claim(p + n)
             {
                 n += 1;
             }
-            let n = self.read_run(ri, p, n)?;
-            self.install_data(ri, p, n, None, false)?;
-            self.seq_next = (ri, p + n.max(1));
+            let res = self.read_run(ri, p, n).and_then(|k| self.install_data(ri, p, k, None));
+            for q in p..p + n {
+                self.states[ri].claimed.set(q, false);
+            }
+            res?;
+            self.seq_next = (ri, p + n);
+            // Hand the pages ahead to the readers, so they are read in parallel while this
+            // thread installs and the guest runs.
+            if streaming {
+                self.feed_stream(ri, p + n);
+            }
         }
+        self.record_latency(t0);
+        Ok(())
+    }
+
+    fn record_latency(&mut self, t0: Instant) {
         if self.fault_ns.len() < self.opts.max_latency_samples {
             self.fault_ns.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
-        Ok(())
+    }
+
+    /// Read-ahead windows in flight at once: one per reader, plus one queued.
+    fn stream_depth(&self) -> u64 {
+        self.readers.as_ref().map_or(1, |r| r.threads.len() as u64 + 1)
+    }
+
+    fn window_pages(&self) -> u64 {
+        (self.opts.readahead as u64 / 4096).max(1)
+    }
+
+    /// True when page `p` of region `ri` lies in the current read-ahead stream's reach.
+    fn in_stream(&self, ri: usize, p: u64) -> bool {
+        let reach = self.window_pages() * (self.stream_depth() + 1);
+        matches!(self.stream, Some((r, next)) if r == ri && p <= next && next <= p + reach)
+    }
+
+    /// Gives the readers the pages from `from` on, window by window (each up to `readahead`
+    /// bytes of data pages, or 8 MiB of zero pages), until [`Serving::stream_depth`] windows lie
+    /// ahead of `from`. Pages installed, removed or claimed are left out.
+    fn feed_stream(&mut self, ri: usize, from: u64) {
+        let (w, depth) = (self.window_pages(), self.stream_depth());
+        let pages = self.states[ri].r.pages();
+        let mut next = match self.stream {
+            Some((r, n)) if r == ri && n >= from && n <= from + depth * w => n,
+            _ => from,
+        };
+        while next < from + depth * w && next < pages {
+            let st = &self.states[ri];
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            let (mut data, mut p) = (0, next);
+            while p < pages && data < w && p - next < ZERO_RUN_PAGES {
+                if !st.installed.get(p) && !st.removed.get(p) && st.claimed.claim(p) {
+                    match ranges.last_mut() {
+                        Some((f, n)) if *f + *n == p => *n += 1,
+                        _ => ranges.push((p, 1)),
+                    }
+                    if !all_zero(&*self.source, &st.r, p) {
+                        data += 1;
+                    }
+                }
+                p += 1;
+            }
+            if !ranges.is_empty()
+                && let Some(rd) = &self.readers
+            {
+                rd.push(Job { region: ri, ranges, prefetch: false, bulk: true });
+            }
+            next = p;
+        }
+        tracing::trace!(region = ri, from, next, seq = self.seq, "read-ahead stream");
+        self.stream = Some((ri, next));
     }
 
     /// Reads region pages `p..p+n` into `self.buf`; returns how many leading pages were read.
@@ -1018,14 +1260,7 @@ impl Serving {
 
     /// Installs region pages `p..p+n` from `data` (or `self.buf`), skipping pages already
     /// installed or removed meanwhile. Returns pages installed.
-    fn install_data(
-        &mut self,
-        ri: usize,
-        p: u64,
-        n: u64,
-        data: Option<&[u8]>,
-        prefetch: bool,
-    ) -> std::result::Result<u64, Stop> {
+    fn install_data(&mut self, ri: usize, p: u64, n: u64, data: Option<&[u8]>) -> std::result::Result<u64, Stop> {
         let rps = self.states[ri].r.page_size;
         let buf = std::mem::take(&mut self.buf);
         let src = data.unwrap_or(&buf);
@@ -1052,9 +1287,6 @@ impl Serving {
             k = e;
         };
         self.buf = buf;
-        if prefetch && let Ok(done) = res {
-            self.stats.pages_prefetched.fetch_add(done, Relaxed);
-        }
         res
     }
 
@@ -1117,44 +1349,92 @@ impl Serving {
         Ok(installed)
     }
 
-    /// Installs one prefetched batch if one is ready. Returns false when there is none now.
-    fn prefetch_step(&mut self) -> std::result::Result<bool, Stop> {
-        let Some(pf) = &self.prefetch else {
+    /// Installs one batch from the readers if one is ready. Returns false when there is none now.
+    fn batch_step(&mut self) -> std::result::Result<bool, Stop> {
+        let Some(rd) = &self.readers else {
             return Ok(false);
         };
-        match pf.rx.try_recv() {
-            Ok(Batch::Data { run, data }) => {
-                self.install_data(run.region, run.first, run.count, Some(&data), true)?;
-                Ok(true)
-            }
-            Ok(Batch::Zero(run)) => {
-                let st = &self.states[run.region];
-                // Zero runs skip pages installed or removed since the plan was made.
-                let todo: Vec<u64> = (run.first..run.first + run.count)
-                    .filter(|&q| !st.installed.get(q) && !st.removed.get(q))
-                    .collect();
-                let mut i = 0;
-                while i < todo.len() {
-                    let mut j = i + 1;
-                    while j < todo.len() && todo[j] == todo[j - 1] + 1 {
-                        j += 1;
-                    }
-                    self.install_zero(run.region, todo[i], (j - i) as u64)?;
-                    self.stats.pages_prefetched.fetch_add((j - i) as u64, Relaxed);
-                    i = j;
-                }
-                Ok(true)
-            }
-            Err(TryRecvError::Empty) => Ok(false),
-            Err(TryRecvError::Disconnected) => {
-                if let Some(mut pf) = self.prefetch.take() {
-                    for t in pf.readers.drain(..) {
-                        let _ = t.join();
-                    }
-                }
+        let (region, pieces, data, failed, prefetch) = match rd.rx.try_recv() {
+            Ok(Batch::Pages { region, pieces, data, failed, prefetch }) => (region, pieces, data, failed, prefetch),
+            Ok(Batch::PlanDone) => {
                 self.stats.prefetch_done.store(true, Relaxed);
                 debug!(pid = self.peer.pid, "prefetch complete");
-                Ok(true)
+                return Ok(true);
+            }
+            // Readers end only when told to (or if one panicked): nothing more will come.
+            Err(_) => return Ok(false),
+        };
+        let res = self.install_pieces(region, &pieces, &data, prefetch);
+        // Give the claims back whatever happened: a page not installed now (removed meanwhile,
+        // or unreadable) is the demand path's again.
+        let cl = &self.states[region].claimed;
+        for pc in &pieces {
+            for q in pc.first..pc.first + pc.count {
+                cl.set(q, false);
+            }
+        }
+        for &q in &failed {
+            cl.set(q, false);
+        }
+        res?;
+        self.recheck_parked();
+        Ok(true)
+    }
+
+    fn install_pieces(
+        &mut self,
+        region: usize,
+        pieces: &[Piece],
+        data: &[u8],
+        prefetch: bool,
+    ) -> std::result::Result<(), Stop> {
+        let rps = self.states[region].r.page_size as usize;
+        let stats = self.stats.clone();
+        let counter = if prefetch { &stats.pages_prefetched } else { &stats.pages_readahead };
+        for pc in pieces {
+            if !pc.zero {
+                let done =
+                    self.install_data(region, pc.first, pc.count, Some(&data[pc.at..pc.at + pc.count as usize * rps]))?;
+                counter.fetch_add(done, Relaxed);
+                continue;
+            }
+            let st = &self.states[region];
+            // Zero pieces skip pages installed or removed since they were claimed.
+            let todo: Vec<u64> =
+                (pc.first..pc.first + pc.count).filter(|&q| !st.installed.get(q) && !st.removed.get(q)).collect();
+            let mut i = 0;
+            while i < todo.len() {
+                let mut j = i + 1;
+                while j < todo.len() && todo[j] == todo[j - 1] + 1 {
+                    j += 1;
+                }
+                self.install_zero(region, todo[i], (j - i) as u64)?;
+                counter.fetch_add((j - i) as u64, Relaxed);
+                i = j;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a batch: parked faults whose page is now installed were woken by the install;
+    /// those whose page is neither installed nor claimed any more are served on the demand path.
+    fn recheck_parked(&mut self) {
+        let mut i = 0;
+        while i < self.parked.len() {
+            let (addr, t0) = self.parked[i];
+            let Some((ri, p)) = self.locate(addr) else {
+                self.parked.swap_remove(i);
+                continue;
+            };
+            let st = &self.states[ri];
+            if st.installed.get(p) {
+                self.parked.swap_remove(i);
+                self.record_latency(t0);
+            } else if !st.claimed.get(p) {
+                self.parked.swap_remove(i);
+                self.pending.push_front((addr, Some(t0)));
+            } else {
+                i += 1;
             }
         }
     }

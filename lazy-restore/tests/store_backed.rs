@@ -75,9 +75,10 @@ fn corrupt_page_poisoned_raises_sigbus_only_on_that_page() {
     assert_eq!(st.signal(), Some(libc::SIGBUS), "{st:?} {res:?}");
     let (ended, _) = srv.wait_ended(1, T);
     assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
-    // Exactly the pages before the corrupt one were installed; page 100 got the poison marker.
+    // The pages before the corrupt one were installed (the child compared them with the image);
+    // page 100 got the poison marker. Read-ahead may also have installed verified pages past it.
     let st = &ended[0].stats;
-    assert_eq!(st.pages_copied + st.pages_zeroed, 100, "{st:?}");
+    assert!(st.pages_copied + st.pages_zeroed >= 100, "{st:?}");
     srv.stop();
 }
 
