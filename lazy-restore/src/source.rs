@@ -278,49 +278,23 @@ impl PageSource for CachedSource {
     }
 }
 
-/// Pages per location group of [`snapfork_store::ImageReader`]: the reader looks up where the
-/// pages of a whole group are stored (one `multi_get` of up to 64 keys) the first time any page
-/// of the group is read. Only used for the cost model below; a different value in the store
-/// costs speed, never correctness.
-const STORE_LOCATION_GROUP: u64 = 64;
-
-/// A group whose locations the reader has (we asked it to load them).
-const GROUP_LOADED: u8 = u8::MAX;
-
 /// An image in the snapfork store: every page read is verified against its blake3 id by
-/// [`snapfork_store::ImageReader`]; a mismatch is an error naming the image and the page.
-///
-/// Random reads of a few pages per 64-page group (a working set: runs of a few pages scattered
-/// over the image) would make the reader look up the locations of all 64 pages of every group
-/// touched, about 5x the index lookups needed (measured: 64-68 us per working-set page with a
-/// fresh reader vs 36-39 us reading each page by its own lookup). With the store at hand
-/// ([`StoreSource::open`], [`StoreSource::with_store`]) this source therefore reads the pages of
-/// a group whose locations are not loaded one lookup each, until the pages read from that group
-/// would have paid for the group's lookup (ski rental), and through the reader's batched path
-/// from then on and for every read that covers most of a group (sequential read-ahead, fill).
+/// [`snapfork_store::ImageReader`]; a mismatch is an error naming the image and the page. The
+/// reader keeps where pages are stored, by groups it looks up whole once reads from a group
+/// make that pay (scattered working-set reads keep one lookup per page).
 pub struct StoreSource {
     reader: snapfork_store::ImageReader,
-    store: Option<snapfork_store::Store>,
-    /// Per location group: pages read one lookup each so far, or [`GROUP_LOADED`].
-    groups: Vec<std::sync::atomic::AtomicU8>,
 }
 
 impl StoreSource {
-    /// Wraps an opened image (every read goes through the reader's group location cache; use
-    /// [`StoreSource::with_store`] for cheaper scattered reads).
+    /// Wraps an opened image.
     pub fn new(reader: snapfork_store::ImageReader) -> Self {
-        StoreSource { reader, store: None, groups: Vec::new() }
-    }
-
-    /// Wraps an opened image of `store`, reading scattered pages with one lookup each.
-    pub fn with_store(store: &snapfork_store::Store, reader: snapfork_store::ImageReader) -> Self {
-        let groups = (0..reader.page_count().div_ceil(STORE_LOCATION_GROUP)).map(|_| Default::default()).collect();
-        StoreSource { reader, store: Some(store.clone()), groups }
+        StoreSource { reader }
     }
 
     /// Opens the image `name_or_id` (a ref or a hex id) of `store`.
     pub fn open(store: &snapfork_store::Store, name_or_id: &str) -> Result<Self> {
-        Ok(Self::with_store(store, store.open_image_ref(name_or_id)?))
+        Ok(StoreSource { reader: store.open_image_ref(name_or_id)? })
     }
 
     /// The image's id.
@@ -335,57 +309,6 @@ impl StoreSource {
 
     fn page_error(&self, page: u64, e: impl std::fmt::Display) -> Error {
         Error::Page { image: self.reader.name().to_string(), page, message: e.to_string() }
-    }
-
-    /// Reads the pages `first..first + n` of one location group into `buf`. Returns false when
-    /// the caller should use the reader's batched path instead (the group's locations are
-    /// loaded, or loading them now is cheaper than one lookup per page).
-    fn read_group_singly(&self, first: u64, buf: &mut [u8]) -> Result<bool> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(store) = &self.store else {
-            return Ok(false);
-        };
-        let g = first / STORE_LOCATION_GROUP;
-        let Some(slot) = self.groups.get(g as usize) else {
-            return Ok(false);
-        };
-        let done = slot.load(Relaxed);
-        if done == GROUP_LOADED {
-            return Ok(false);
-        }
-        let ps = self.page_size();
-        let mut ids = Vec::with_capacity(buf.len() / ps);
-        for k in 0..(buf.len() / ps) as u64 {
-            ids.push(self.reader.page_id(first + k).map_err(|e| self.page_error(first + k, e))?);
-        }
-        let want = ids.iter().filter(|id| !id.is_zero()).count();
-        let start = g * STORE_LOCATION_GROUP;
-        let end = (start + STORE_LOCATION_GROUP).min(self.page_count());
-        // Loading the group costs one lookup per non-zero page of it (the multi_get skips zero
-        // pages); reading a page by its own lookup costs about 3 lookups more than reading it
-        // through loaded locations (own pread, no span read). Measured on this store format:
-        // lookups 5-9 us, a page read with a known location 14-16 us, alone 36-39 us.
-        let group_nonzero = (start..end).filter(|&i| self.reader.page_id(i).is_ok_and(|id| !id.is_zero())).count();
-        if 3 * (done as usize + want) >= group_nonzero {
-            slot.store(GROUP_LOADED, Relaxed);
-            return Ok(false);
-        }
-        for (k, (id, page)) in ids.iter().zip(buf.chunks_mut(ps)).enumerate() {
-            let i = first + k as u64;
-            if id.is_zero() {
-                page.fill(0);
-                continue;
-            }
-            let what = || format!("image {} page {i}", self.reader.name());
-            let n = store.read_chunk_into(id, page, &what).map_err(|e| self.page_error(i, e))?;
-            let len = self.reader.page_len(i);
-            if n != len {
-                return Err(self.page_error(i, format!("holds {n} bytes, expected {len}")));
-            }
-            page[n..].fill(0);
-        }
-        slot.store((done as usize + want).min(GROUP_LOADED as usize - 1) as u8, Relaxed);
-        Ok(true)
     }
 }
 
@@ -405,29 +328,10 @@ impl PageSource for StoreSource {
         self.reader.page_id(index).is_ok_and(|id| id.is_zero())
     }
     fn read_page(&self, index: u64, buf: &mut [u8]) -> Result<()> {
-        if self.read_group_singly(index, buf)? {
-            return Ok(());
-        }
         self.reader.read_page(index, buf).map(|_| ()).map_err(|e| self.page_error(index, e))
     }
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<()> {
-        let ps = self.page_size();
-        if !buf.len().is_multiple_of(ps) {
-            return Err(Error::Invalid(format!("buffer of {} bytes is not a whole number of pages", buf.len())));
-        }
-        // Group by group: each decides between single lookups and the reader's batched path.
-        let mut at = 0;
-        while at < buf.len() {
-            let i = first + (at / ps) as u64;
-            let end = ((i / STORE_LOCATION_GROUP + 1) * STORE_LOCATION_GROUP - first) as usize * ps;
-            let end = end.min(buf.len());
-            let part = &mut buf[at..end];
-            if !self.read_group_singly(i, part)? {
-                self.reader.read_pages(i, part).map_err(|e| self.page_error(i, e))?;
-            }
-            at += part.len();
-        }
-        Ok(())
+        self.reader.read_pages(first, buf).map_err(|e| self.page_error(first, e))
     }
     fn name(&self) -> String {
         self.reader.name().to_string()

@@ -371,9 +371,11 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
             ..Default::default()
         },
     );
+    // The guest starts its touches after a pause long enough for the prefetch to have run
+    // (otherwise its demand faults may win every page, and there is nothing to observe).
     let c = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image, "regions": regions,
-        "touch": pattern,
+        "touch": pattern, "start_delay_ms": 500,
     }));
     let (status, res) = wait_child(c);
     assert!(status.success(), "{status:?} {res:?}");

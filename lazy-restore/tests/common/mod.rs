@@ -211,6 +211,10 @@ pub fn child_main() {
     let image = std::fs::File::open(role["image"].as_str().unwrap()).unwrap();
     match role["role"].as_str().unwrap() {
         "fc" => {
+            // A guest that takes a while to start (so that a prefetch has run), if asked.
+            if let Some(ms) = role["start_delay_ms"].as_u64() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             // Optional access pattern first (pages of region 0), then everything.
             if let Some(pat) = role["touch"].as_array() {
                 let offs: Vec<u64> = pat.iter().map(|v| v.as_u64().unwrap() * PAGE as u64).collect();
