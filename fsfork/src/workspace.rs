@@ -19,7 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
 use crate::repo::{Id, NodeData, Repo};
-use crate::statcache::{CacheEntry, StatCache};
+use crate::statcache::{CacheEntry, DirCache, StatCache};
 use crate::sys::{self, XattrTarget};
 use crate::walk::{self, Kind, Meta};
 
@@ -119,12 +119,84 @@ fn save_record(repo: &dyn Repo, path: &Path, r: &WorkspaceRecord) -> Result<()> 
     save_json(repo, &format!("fsfork/ws/{}", ws_key(path)), r)
 }
 
-fn load_cache(repo: &dyn Repo, path: &Path) -> Result<StatCache> {
-    Ok(repo.meta_get(&format!("fsfork/statcache/{}", ws_key(path)))?.map(|b| StatCache::decode(&b)).unwrap_or_default())
+/// Metadata keys of a workspace's stat cache: one record per directory, under
+/// `fsfork/sc/<workspace key>/<hash of the directory's relative path>`.
+fn cache_prefix(ws: &Path) -> String {
+    format!("fsfork/sc/{}/", ws_key(ws))
 }
 
-fn save_cache(repo: &dyn Repo, path: &Path, c: &StatCache) -> Result<()> {
-    repo.meta_put(&format!("fsfork/statcache/{}", ws_key(path)), &c.encode())
+fn cache_key(prefix: &str, rel: &[u8]) -> String {
+    format!("{prefix}{}", &blake3::hash(rel).to_hex()[..32])
+}
+
+/// The single-record stat cache of earlier versions: no longer read, deleted when the cache is
+/// next written (a workspace that had it is read once more, as after losing its cache).
+fn legacy_cache_key(ws: &Path) -> String {
+    format!("fsfork/statcache/{}", ws_key(ws))
+}
+
+/// A relative path as bytes (the stat cache's directory key).
+fn rel_of(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+/// A workspace's stat cache as loaded, with what a rewrite must clean up.
+struct LoadedCache {
+    cache: StatCache,
+    /// Keys of records that could not be decoded (or sit under the wrong key).
+    bad_keys: Vec<String>,
+    /// Whether the pre-split single record exists.
+    legacy: bool,
+}
+
+fn load_cache(repo: &dyn Repo, ws: &Path) -> Result<LoadedCache> {
+    let prefix = cache_prefix(ws);
+    let raw = repo.meta_list(&prefix)?;
+    let decoded: Vec<(String, Option<(Vec<u8>, DirCache)>)> = raw
+        .into_par_iter()
+        .map(|(k, v)| {
+            let d = DirCache::decode(&v);
+            (k, d)
+        })
+        .collect();
+    let mut out = LoadedCache { cache: StatCache::default(), bad_keys: Vec::new(), legacy: false };
+    for (k, d) in decoded {
+        match d {
+            Some((rel, dc)) if cache_key(&prefix, &rel) == k => {
+                out.cache.dirs.insert(rel, dc);
+            }
+            _ => {
+                tracing::warn!(key = k, "stat cache record unreadable; its directory will be read again");
+                out.bad_keys.push(k);
+            }
+        }
+    }
+    out.legacy = repo.meta_get(&legacy_cache_key(ws))?.is_some();
+    Ok(out)
+}
+
+/// Replaces the whole stat cache of `ws` (after a restore or revert) in one transaction.
+fn save_cache(repo: &dyn Repo, ws: &Path, c: &StatCache) -> Result<()> {
+    let prefix = cache_prefix(ws);
+    let mut tx = repo.begin()?;
+    let mut written = HashSet::new();
+    for (rel, d) in &c.dirs {
+        if d.entries.is_empty() {
+            continue;
+        }
+        let k = cache_key(&prefix, rel);
+        tx.meta_put(&k, &d.encode(rel));
+        written.insert(k);
+    }
+    for (k, _) in repo.meta_list(&prefix)? {
+        if !written.contains(&k) {
+            tx.meta_delete(&k);
+        }
+    }
+    if repo.meta_get(&legacy_cache_key(ws))?.is_some() {
+        tx.meta_delete(&legacy_cache_key(ws));
+    }
+    tx.commit()
 }
 
 fn cvs_key(id: &Id) -> String {
@@ -212,10 +284,6 @@ struct Seen {
     hashed: Option<u64>,
     /// The stat cache vouched for it.
     hit: bool,
-    /// ... and its atime is the cached one too, so its manifest entry is exactly as before.
-    same: bool,
-    /// For a directory that hit: the node id it had.
-    cached_node: Option<Id>,
     /// Removed between the walk and the read: not part of this checkpoint.
     vanished: bool,
     /// The stat to cache (the one taken before the contents were read).
@@ -287,25 +355,83 @@ fn stage_and_hash(
 /// files are reflinked into the store's staging area and hashed there (so the recorded bytes
 /// are exactly one version of the file even if it is being written), large ones only where
 /// their extents differ from the previous object.
+///
+/// A directory whose own entry and every entry in it are exactly as cached (and whose
+/// subdirectories are reused too) keeps the manifest node it had: nothing in it is looked up,
+/// encoded or written again, and its stat-cache record stays as it is. Only the topmost such
+/// directories are pinned in the transaction (a pinned node keeps its whole closure alive), so
+/// a checkpoint after a few edits costs the walk plus work proportional to what changed.
 pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<CheckpointReport> {
     let start = Instant::now();
     let ws = canonical(dir)?;
+    let exclude = store_key(repo);
+    // The cache load (one index scan) and the walk (syscalls) do not depend on each other.
+    let (loaded, walked) = rayon::join(
+        || {
+            let t = Instant::now();
+            load_cache(repo, &ws).map(|c| (c, t.elapsed()))
+        },
+        || {
+            let t = Instant::now();
+            walk::scan_excluding(&ws, exclude).map(|s| (s, t.elapsed()))
+        },
+    );
+    let ((loaded, t_cache), (scan, t_walk)) = (loaded?, walked?);
+    let LoadedCache { cache, bad_keys, legacy } = loaded;
     let record = workspace_record(repo, &ws)?;
-    let cache = load_cache(repo, &ws)?;
     let staging = repo.staging_dir();
     std::fs::create_dir_all(&staging).ctx("create", &staging)?;
     let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
-    let t_load = start.elapsed();
-    let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let t_scan = start.elapsed();
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
         None => None,
     };
+    let (ndirs, nent) = (scan.dirs.len(), scan.entries.len());
+
+    // The entries of one directory are contiguous in the walk and sorted by name, as are the
+    // directory's cache record: one merge pairs each entry with its cached state and tells
+    // whether the listing has exactly the cached names.
+    let mut range = vec![0..0; ndirs];
+    let mut dir_entry = vec![usize::MAX; ndirs];
+    {
+        let mut i = 0;
+        while i < nent {
+            let (d, from) = (scan.entries[i].dir, i);
+            while i < nent && scan.entries[i].dir == d {
+                if let Some(sd) = scan.entries[i].subdir {
+                    dir_entry[sd] = i;
+                }
+                i += 1;
+            }
+            range[d] = from..i;
+        }
+    }
+    let no_record = DirCache::default();
+    let dcache: Vec<&DirCache> =
+        scan.dirs.iter().map(|d| cache.dirs.get(rel_of(&d.rel)).unwrap_or(&no_record)).collect();
+    let mut cached: Vec<Option<&CacheEntry>> = vec![None; nent];
+    let mut complete = vec![false; ndirs];
+    for d in 0..ndirs {
+        let list = &dcache[d].entries;
+        let (mut k, mut matched) = (0, 0);
+        for i in range[d].clone() {
+            let name = scan.entries[i].name.to_bytes();
+            while k < list.len() && list[k].0.as_slice() < name {
+                k += 1;
+            }
+            if k < list.len() && list[k].0 == name {
+                cached[i] = Some(&list[k].1);
+                matched += 1;
+                k += 1;
+            }
+        }
+        complete[d] = matched == range[d].len() && matched == list.len();
+    }
 
     // Hard links inside the tree: one link group per inode, hashed once.
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut secondary: Vec<Option<usize>> = vec![None; scan.entries.len()];
+    let mut secondary: Vec<Option<usize>> = vec![None; nent];
     for (i, e) in scan.entries.iter().enumerate() {
         if e.subdir.is_none() && e.meta.nlink > 1 && e.meta.kind() == Kind::File {
             match first.entry((e.meta.dev, e.meta.ino)) {
@@ -319,120 +445,173 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     let groups: HashSet<(u64, u64)> =
         scan.entries.iter().enumerate().filter_map(|(i, e)| secondary[i].map(|_| (e.meta.dev, e.meta.ino))).collect();
 
-    let c = Counters::default();
-    let rel_bytes = |i: usize| -> Vec<u8> { scan.rel_path(&scan.entries[i]).into_os_string().into_encoded_bytes() };
-    let seen: Vec<Result<Seen>> = (0..scan.entries.len())
-        .into_par_iter()
-        .map(|i| -> Result<Seen> {
-            let e = &scan.entries[i];
-            if secondary[i].is_some() {
-                return Ok(Seen { meta: e.meta, ..Seen::default() });
-            }
-            let rel = rel_bytes(i);
-            let cached = cache.entries.get(&rel);
-            // A cache hit names a file object; gc may have removed it since (every checkpoint
-            // that used it deleted): then the file is read again like a changed one.
-            let mut hit = cached.filter(|ce| ce.matches(&e.meta));
-            if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
-                && !repo.has_file_object(&id)?
-            {
-                hit = None;
-            }
-            let err_path = || ws.join(scan.rel_path(e));
-            // Only opened when needed (a reopen if the walk could not keep it open).
-            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
-            let mut s = Seen {
-                meta: e.meta,
-                hit: hit.is_some(),
-                same: hit.is_some_and(|h| h.atime == e.meta.atime),
-                cached_node: if e.subdir.is_some() { hit.and_then(|h| h.id) } else { None },
-                ..Seen::default()
-            };
-            s.xattrs = match (hit, e.subdir) {
-                (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => {
-                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
-                (None, None) => {
-                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
-            };
-            match e.meta.kind() {
-                Kind::File => {
-                    if let Some(h) = hit.filter(|h| h.id.is_some()) {
-                        s.id = h.id;
-                    } else if e.meta.size == 0 {
-                        s.id = None;
-                    } else {
-                        let sfd =
-                            sys::openat(sdir()?.fd(), &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
-                                .map_err(|x| Error::io("open", err_path(), x))?;
-                        let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
-                        let m = Meta::from_stat(&st);
-                        if m.kind() != Kind::File {
-                            return Err(Error::InvalidPath {
-                                path: err_path(),
-                                reason: "changed type during the checkpoint".into(),
-                            });
-                        }
-                        let (staged, id, cvs, hashed) = stage_and_hash(
-                            repo,
-                            (&staging, staging_fd.as_fd()),
-                            &sfd,
-                            m.size,
-                            cached.and_then(|c| c.id),
-                            &c,
-                        )?;
-                        s.id = Some(id);
-                        s.staged = Some(staged);
-                        s.cvs = cvs;
-                        s.hashed = Some(hashed);
-                        // Record the size that was actually captured.
-                        s.meta.size = m.size;
-                    }
-                }
-                Kind::Symlink => {
-                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
-                        .map_err(|x| Error::io("readlink", err_path(), x))?
-                        .into_encoded_bytes();
-                }
-                _ => {}
-            }
-            Ok(s)
+    // Exactly as cached, access time included: its manifest entry is the one recorded.
+    let same: Vec<bool> = (0..nent)
+        .map(|i| {
+            let m = &scan.entries[i].meta;
+            secondary[i].is_none() && cached[i].is_some_and(|c| c.matches(m) && c.atime == m.atime)
         })
-        .map(|r| match r {
-            // A live workspace loses files all the time (temporary files, builds): an entry
-            // that disappears between the walk and its read is simply not in the checkpoint.
-            Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(Seen { vanished: true, ..Seen::default() })
+        .collect();
+    // Directories that can keep their node, bottom-up (children have larger indices).
+    let mut candidate = vec![false; ndirs];
+    for d in (1..ndirs).rev() {
+        let own = dir_entry[d];
+        candidate[d] = own != usize::MAX
+            && same[own]
+            && cached[own].is_some_and(|c| c.id.is_some())
+            && complete[d]
+            && range[d].clone().all(|i| same[i] && scan.entries[i].subdir.is_none_or(|sd| candidate[sd]));
+    }
+    let mut tx = repo.begin()?;
+    // Top-down: pin each topmost reused node (pin, then look: a concurrent gc either sees the
+    // pin or had removed the node, and then the directory is read like a changed one). A node
+    // the store holds has its whole closure (gc drops index entries of unreachable objects in
+    // one batch), so nothing below it needs a lookup.
+    let mut reused = vec![false; ndirs];
+    let mut pinned = 0u64;
+    for d in 1..ndirs {
+        if !candidate[d] {
+            continue;
+        }
+        let p = scan.dirs[d].parent.unwrap_or(0);
+        reused[d] = reused[p]
+            || match cached[dir_entry[d]].and_then(|c| c.id) {
+                Some(nid) => {
+                    pinned += 1;
+                    tx.keep(&nid)?
+                }
+                None => false,
+            };
+    }
+    let t_match = start.elapsed();
+
+    let c = Counters::default();
+    // Entries of reused directories are not looked at again.
+    let mut seen: Vec<Seen> = scan
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let file = e.subdir.is_none() && e.meta.kind() == Kind::File;
+            Seen {
+                meta: e.meta,
+                hit: reused[e.dir],
+                id: if reused[e.dir] && file { cached[i].and_then(|c| c.id) } else { None },
+                ..Seen::default()
             }
-            r => r,
+        })
+        .collect();
+    let work: Vec<usize> = (0..nent).filter(|&i| !reused[scan.entries[i].dir]).collect();
+    let looked: Vec<(usize, Result<Seen>)> = work
+        .par_iter()
+        .map(|&i| -> (usize, Result<Seen>) {
+            let r = (|| -> Result<Seen> {
+                let e = &scan.entries[i];
+                if secondary[i].is_some() {
+                    return Ok(Seen { meta: e.meta, ..Seen::default() });
+                }
+                let cached = cached[i];
+                // A cache hit names a file object; gc may have removed it since (every
+                // checkpoint that used it deleted): then the file is read again like a changed one.
+                let mut hit = cached.filter(|ce| ce.matches(&e.meta));
+                if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
+                    && !repo.has_file_object(&id)?
+                {
+                    hit = None;
+                }
+                let err_path = || ws.join(scan.rel_path(e));
+                // Only opened when needed (a reopen if the walk could not keep it open).
+                let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
+                let mut s = Seen { meta: e.meta, hit: hit.is_some(), ..Seen::default() };
+                s.xattrs = match (hit, e.subdir) {
+                    (Some(h), _) => h.xattrs.clone(),
+                    (None, Some(d)) => {
+                        let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
+                        sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                            .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                    }
+                    (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
+                        .map_err(|x| Error::io("read xattrs", err_path(), x))?,
+                };
+                match e.meta.kind() {
+                    Kind::File => {
+                        if let Some(h) = hit.filter(|h| h.id.is_some()) {
+                            s.id = h.id;
+                        } else if e.meta.size == 0 {
+                            s.id = None;
+                        } else {
+                            let sfd = sys::openat(
+                                sdir()?.fd(),
+                                &e.name,
+                                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+                                0,
+                            )
+                            .map_err(|x| Error::io("open", err_path(), x))?;
+                            let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
+                            let m = Meta::from_stat(&st);
+                            if m.kind() != Kind::File {
+                                return Err(Error::InvalidPath {
+                                    path: err_path(),
+                                    reason: "changed type during the checkpoint".into(),
+                                });
+                            }
+                            let (staged, id, cvs, hashed) = stage_and_hash(
+                                repo,
+                                (&staging, staging_fd.as_fd()),
+                                &sfd,
+                                m.size,
+                                cached.and_then(|c| c.id),
+                                &c,
+                            )?;
+                            s.id = Some(id);
+                            s.staged = Some(staged);
+                            s.cvs = cvs;
+                            s.hashed = Some(hashed);
+                            // Record the size that was actually captured.
+                            s.meta.size = m.size;
+                        }
+                    }
+                    Kind::Symlink => {
+                        s.target = sys::readlinkat(sdir()?.fd(), &e.name)
+                            .map_err(|x| Error::io("readlink", err_path(), x))?
+                            .into_encoded_bytes();
+                    }
+                    _ => {}
+                }
+                Ok(s)
+            })();
+            let r = match r {
+                // A live workspace loses files all the time (temporary files, builds): an entry
+                // that disappears between the walk and its read is simply not in the checkpoint.
+                Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(Seen { vanished: true, ..Seen::default() })
+                }
+                r => r,
+            };
+            (i, r)
         })
         .collect();
     // Collect, cleaning every staged file if anything failed.
-    let mut seen_ok = Vec::with_capacity(seen.len());
     let mut failure = None;
-    for s in seen {
+    for (i, s) in looked {
         match s {
-            Ok(s) => seen_ok.push(s),
+            Ok(s) => seen[i] = s,
             Err(e) => {
                 failure.get_or_insert(e);
             }
         }
     }
     if let Some(e) = failure {
-        for s in &seen_ok {
+        for s in &seen {
             if let Some(p) = &s.staged {
                 let _ = std::fs::remove_file(p);
             }
         }
         return Err(e);
     }
-    let mut seen = seen_ok;
-    for i in 0..seen.len() {
+    for i in 0..nent {
         if let Some(p) = secondary[i] {
             seen[i].id = seen[p].id;
             seen[i].meta.size = seen[p].meta.size;
@@ -440,10 +619,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         }
     }
 
-    let result = (|| -> Result<(Id, u64, u64)> {
+    let result = (|| -> Result<(Id, u64, u64, u64)> {
         let mut record = record;
         let t_seen = start.elapsed();
-        let mut tx = repo.begin()?;
         let mut adopted = HashSet::new();
         let mut new_objects = 0u64;
         for s in &seen {
@@ -458,9 +636,11 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             adopted.insert(*id);
             new_objects += 1;
         }
-        // Objects taken from the stat cache are linked without being written: keep them alive
-        // until commit (a concurrent gc cannot remove them once kept).
-        for s in &seen {
+        // Objects taken from the stat cache outside reused directories are linked without
+        // being written: keep them alive until commit (a concurrent gc cannot remove them once
+        // kept). Those inside reused directories are kept by their pinned ancestor.
+        for &i in &work {
+            let s = &seen[i];
             if let (None, Some(id), false) = (&s.staged, &s.id, s.vanished)
                 && !adopted.contains(id)
                 && !tx.keep(id)?
@@ -471,17 +651,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 });
             }
         }
-        // Directory nodes bottom-up: children have larger indices than their parents.
-        let mut by_dir: Vec<Vec<usize>> = vec![Vec::new(); scan.dirs.len()];
-        for (i, e) in scan.entries.iter().enumerate() {
-            if seen[i].vanished {
-                continue;
-            }
-            by_dir[e.dir].push(i);
-        }
-        let mut dir_ids: Vec<Option<Id>> = vec![None; scan.dirs.len()];
-        let mut files = 0u64;
-        let mut bytes = 0u64;
+        let mut dir_ids: Vec<Option<Id>> = vec![None; ndirs];
         let entry_of = |i: usize, dir_ids: &[Option<Id>]| -> ManifestEntry {
             let e = &scan.entries[i];
             let s = &seen[i];
@@ -509,43 +679,25 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 xattrs: s.xattrs.clone(),
             }
         };
+        let (mut files, mut bytes) = (0u64, 0u64);
         for (e, s) in scan.entries.iter().zip(&seen) {
             if e.meta.kind() == Kind::File && !s.vanished {
                 files += 1;
                 bytes += s.meta.size;
             }
         }
-        // A directory whose own entry and every entry in it are exactly as cached (and whose
-        // subdirectories are reused too) has the very node it had: reuse it if the store still
-        // holds it, instead of encoding and hashing it again.
-        let mut dir_entry = vec![usize::MAX; scan.dirs.len()];
-        for (i, e) in scan.entries.iter().enumerate() {
-            if let Some(d) = e.subdir {
-                dir_entry[d] = i;
-            }
-        }
-        let mut reused = vec![false; scan.dirs.len()];
-        let mut reused_count = 0u64;
-        for d in (0..scan.dirs.len()).rev() {
-            let own = dir_entry[d];
-            if own != usize::MAX
-                && seen[own].same
-                && let Some(nid) = seen[own].cached_node
-                && by_dir[d].iter().all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
-                && tx.keep(&nid)?
-            {
-                dir_ids[d] = Some(nid);
-                reused[d] = true;
-                reused_count += 1;
+        // Directory nodes bottom-up: children have larger indices than their parents.
+        let mut encoded = 0u64;
+        for d in (0..ndirs).rev() {
+            if reused[d] {
+                dir_ids[d] = cached[dir_entry[d]].and_then(|c| c.id);
                 continue;
             }
-            let mut entries = Vec::with_capacity(by_dir[d].len());
-            for &i in &by_dir[d] {
-                entries.push(entry_of(i, &dir_ids));
-            }
+            let entries: Vec<ManifestEntry> =
+                range[d].clone().filter(|&i| !seen[i].vanished).map(|i| entry_of(i, &dir_ids)).collect();
             dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
+            encoded += 1;
         }
-        tracing::debug!(reused = reused_count, dirs = scan.dirs.len(), "directory nodes");
         let root = &scan.dirs[0];
         let root_xattrs =
             sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd())).ctx("read xattrs", &ws)?;
@@ -582,26 +734,52 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         tx.set_ref(&format!("{CHECKPOINT_REF_PREFIX}{}", id.hex()), &id)?;
         // Block CVs of new large objects, the stat cache and the history commit with the
         // checkpoint, so that they can never describe a checkpoint that does not exist.
-        let mut new_cache = StatCache::default();
         let mut written_cvs = HashSet::new();
-        for (i, s) in seen.iter().enumerate() {
+        for s in &seen {
             if let (Some(cvs), Some(oid)) = (&s.cvs, &s.id)
                 && written_cvs.insert(*oid)
                 && repo.meta_get(&cvs_key(oid))?.is_none()
             {
                 tx.meta_put(&cvs_key(oid), cvs.as_flattened());
             }
-            if s.vanished {
+        }
+        // The stat cache: only the records of directories that were not reused can differ.
+        let prefix = cache_prefix(&ws);
+        let mut records_written = 0u64;
+        for d in (0..ndirs).filter(|&d| !reused[d]) {
+            let mut rec = DirCache::default();
+            for i in range[d].clone().filter(|&i| !seen[i].vanished) {
+                let s = &seen[i];
+                // Directories cache their node id, files their content id.
+                let id = match scan.entries[i].subdir {
+                    Some(sd) => dir_ids[sd],
+                    None => s.id,
+                };
+                rec.entries
+                    .push((scan.entries[i].name.to_bytes().to_vec(), CacheEntry::new(&s.meta, id, s.xattrs.clone())));
+            }
+            if &rec == dcache[d] {
                 continue;
             }
-            // Directories cache their node id, files their content id.
-            let id = match scan.entries[i].subdir {
-                Some(d) => dir_ids[d],
-                None => s.id,
-            };
-            new_cache.entries.insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
+            let rel = rel_of(&scan.dirs[d].rel);
+            if rec.entries.is_empty() {
+                tx.meta_delete(&cache_key(&prefix, rel));
+            } else {
+                tx.meta_put(&cache_key(&prefix, rel), &rec.encode(rel));
+            }
+            records_written += 1;
         }
-        tx.meta_put(&format!("fsfork/statcache/{}", ws_key(&ws)), &new_cache.encode());
+        // Records of directories that are gone, damaged records, the pre-split cache.
+        let live: HashSet<&[u8]> = scan.dirs.iter().map(|d| rel_of(&d.rel)).collect();
+        for rel in cache.dirs.keys().filter(|r| !live.contains(r.as_slice())) {
+            tx.meta_delete(&cache_key(&prefix, rel));
+        }
+        for k in &bad_keys {
+            tx.meta_delete(k);
+        }
+        if legacy {
+            tx.meta_delete(&legacy_cache_key(&ws));
+        }
         record.head = Some(id.hex());
         record.events.push(Event {
             kind: "checkpoint".into(),
@@ -615,16 +793,23 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         let t_nodes = start.elapsed();
         tx.commit()?;
         tracing::debug!(
-            load_ms = t_load.as_secs_f64() * 1e3,
-            scan_ms = (t_scan - t_load).as_secs_f64() * 1e3,
-            read_ms = (t_seen - t_scan).as_secs_f64() * 1e3,
+            walk_ms = t_walk.as_secs_f64() * 1e3,
+            cache_load_ms = t_cache.as_secs_f64() * 1e3,
+            walk_and_load_ms = t_scan.as_secs_f64() * 1e3,
+            match_ms = (t_match - t_scan).as_secs_f64() * 1e3,
+            read_ms = (t_seen - t_match).as_secs_f64() * 1e3,
             nodes_ms = (t_nodes - t_seen).as_secs_f64() * 1e3,
             commit_ms = (start.elapsed() - t_nodes).as_secs_f64() * 1e3,
+            dirs = ndirs,
+            reused = ndirs as u64 - encoded,
+            pinned,
+            looked_at = work.len(),
+            records_written,
             "checkpoint phases"
         );
-        Ok((id, new_objects, files))
+        Ok((id, new_objects, files, bytes))
     })();
-    let (id, new_objects, files) = match result {
+    let (id, new_objects, files, bytes) = match result {
         Ok(v) => v,
         Err(e) => {
             for s in &seen {
@@ -638,16 +823,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let hashed: Vec<u64> = seen.iter().filter_map(|s| s.hashed).collect();
     let (hashed_files, hashed_bytes) = (hashed.len() as u64, hashed.iter().sum::<u64>());
-    let bytes: u64 = seen
-        .iter()
-        .zip(&scan.entries)
-        .filter(|(s, e)| e.meta.kind() == Kind::File && !s.vanished)
-        .map(|(s, _)| s.meta.size)
-        .sum();
     let report = CheckpointReport {
         id,
         parent,
-        dirs: scan.dirs.len() as u64,
+        dirs: ndirs as u64,
         files,
         bytes,
         unchanged_files: seen.iter().zip(&scan.entries).filter(|(s, e)| s.hit && e.meta.kind() == Kind::File).count()
@@ -846,11 +1025,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 },
             };
             if let Some(ce) = cached {
-                cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entries
-                    .insert(rel.into_os_string().into_encoded_bytes(), ce);
+                cache.lock().unwrap_or_else(|p| p.into_inner()).insert(rel.as_os_str().as_bytes(), ce);
             }
             Ok(())
         })?;
@@ -872,8 +1047,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
                 let st =
                     sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n).ctx("stat", dst.join(&rel))?;
-                cache.entries.insert(
-                    rel.into_os_string().into_encoded_bytes(),
+                cache.insert(
+                    rel.as_os_str().as_bytes(),
                     CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
                 );
             }
@@ -904,9 +1079,10 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             let (k, v) = r?;
             // The root is not an entry of the walk; only subdirectories are cached.
             if !k.is_empty() {
-                cache.entries.insert(k, v);
+                cache.insert(&k, v);
             }
         }
+        cache.finish();
         Ok(RestoreReport {
             checkpoint: *ckpt,
             path: dst.to_path_buf(),
@@ -1086,14 +1262,14 @@ fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat
 
 fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
     let ws = canonical(dir)?;
-    let cache = load_cache(repo, &ws)?;
+    let cache = load_cache(repo, &ws)?.cache;
     let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let items: Vec<Result<(Vec<u8>, Flat)>> = scan
         .entries
         .par_iter()
         .map(|e| {
             let rel = scan.rel_path(e).into_os_string().into_encoded_bytes();
-            let hit = cache.entries.get(&rel).filter(|c| c.matches(&e.meta));
+            let hit = cache.get(&rel).filter(|c| c.matches(&e.meta));
             let p = || ws.join(scan.rel_path(e));
             let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
             let kind = e.meta.kind();
