@@ -292,6 +292,52 @@ struct Seen {
 
 static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Hashes the reflinked copy `staged` (whose extents are `staged_ext`) of `source`, reading the
+/// blocks that differ from the previous object from `source` instead: its page cache usually
+/// holds them (they were just written), while the fresh copy's page cache is empty, so reading
+/// the copy means one device read per block. Returns the hash and the bytes read from `source`.
+///
+/// Why the bytes read are the copy's: right after the reflink the two files share every extent,
+/// and the source's page cache was written back by the reflink, so it held exactly the copy's
+/// bytes. Any later change to the source (write, mmap store, direct I/O) must copy-on-write the
+/// shared block, so once flushed (FIEMAP_FLAG_SYNC) that block maps elsewhere. Every block read
+/// from the source whose mapping no longer matches the copy's is read again from the copy.
+fn hash_via_source(
+    source: BorrowedFd<'_>,
+    staged: BorrowedFd<'_>,
+    size: u64,
+    staged_ext: &[sys::Extent],
+    prev: &Previous<'_>,
+) -> std::io::Result<(hash::FileHash, u64)> {
+    let mut h =
+        match hash::hash_incremental(source, size, Some(Previous { len: prev.len, cvs: prev.cvs, same: prev.same })) {
+            Ok(h) => h,
+            // The source shrank meanwhile: the copy is what counts.
+            Err(_) => {
+                return Ok((
+                    hash::hash_incremental(
+                        staged,
+                        size,
+                        Some(Previous { len: prev.len, cvs: prev.cvs, same: prev.same }),
+                    )?,
+                    0,
+                ));
+            }
+        };
+    let from_source = h.hashed_bytes;
+    let now = sys::fiemap(source, true)?;
+    let still = hash::same_blocks_from_extents(&now, size, staged_ext, size);
+    let reused = hash::reusable(size, prev);
+    let redo: Vec<u64> = (0..size.div_ceil(hash::BLOCK))
+        .filter(|&b| !reused[b as usize] && !still.get(b as usize).copied().unwrap_or(false))
+        .collect();
+    if !redo.is_empty() {
+        tracing::debug!(blocks = redo.len(), "source changed after the reflink; reading those blocks from the copy");
+        hash::rehash_blocks(staged, size, &mut h, &redo)?;
+    }
+    Ok((h, from_source))
+}
+
 /// Reflinks (or copies) an open file into the staging area and hashes the staged copy, reusing
 /// the block CVs of `prev` where the staged copy still shares extents with that object.
 fn stage_and_hash(
@@ -308,36 +354,55 @@ fn stage_and_hash(
     let dfd = sys::openat(sdir, &cname, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o444).ctx("create", &path)?;
     let result = (|| {
         let t0 = Instant::now();
-        clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
         let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
         let mut h = None;
+        let (mut t_cvs, mut t_extents, mut from_source) = (t_stage, t_stage, 0u64);
         if size >= hash::CV_THRESHOLD
             && let Some(p) = prev
             && let Some(cvs) = load_cvs(repo, &p)
             && let Ok(obj) = std::fs::File::open(repo.file_object_path(&p))
             && let Ok(om) = obj.metadata()
-            && let Ok(same) = hash::same_blocks(dfd.as_fd(), size, obj.as_fd(), om.len())
+            && let Ok((staged_ext, same)) = {
+                t_cvs = t0.elapsed();
+                let r = sys::fiemap(dfd.as_fd(), false).and_then(|staged_ext| {
+                    let old_ext = sys::fiemap(obj.as_fd(), false)?;
+                    let same = hash::same_blocks_from_extents(&staged_ext, size, &old_ext, om.len());
+                    Ok((staged_ext, same))
+                });
+                t_extents = t0.elapsed();
+                r
+            }
         {
-            h = Some(
-                hash::hash_incremental(dfd.as_fd(), size, Some(Previous { len: om.len(), cvs: &cvs, same: &same }))
-                    .ctx("hash", &path)?,
-            );
+            let prev = Previous { len: om.len(), cvs: &cvs, same: &same };
+            h = Some(match mode {
+                CopyMode::Reflink => {
+                    let (hh, n) =
+                        hash_via_source(sfd.as_fd(), dfd.as_fd(), size, &staged_ext, &prev).ctx("hash", &path)?;
+                    from_source = n;
+                    hh
+                }
+                _ => hash::hash_incremental(dfd.as_fd(), size, Some(prev)).ctx("hash", &path)?,
+            });
         }
-        let t_compare = t0.elapsed() - t_stage;
         let incremental = h.is_some();
         let h = match h {
             Some(h) => h,
             None => hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?,
         };
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             size,
             incremental,
             hashed = h.hashed_bytes,
-            stage_ms = t_stage.as_secs_f64() * 1e3,
-            compare_and_hash_ms = t_compare.as_secs_f64() * 1e3,
-            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            stage_ms = ms(t_stage),
+            load_cvs_ms = ms(t_cvs - t_stage),
+            extents_ms = ms(t_extents - t_cvs),
+            hash_ms = ms(t0.elapsed() - t_extents.max(t_stage)),
+            from_source,
+            total_ms = ms(t0.elapsed()),
             "staged and hashed"
         );
         Ok((Id(h.id), h.cvs, h.hashed_bytes))
