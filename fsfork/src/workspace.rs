@@ -1511,3 +1511,54 @@ pub fn log(repo: &dyn Repo, dir: &Path) -> Result<(WorkspaceRecord, Vec<LogEntry
     }
     Ok((record, out))
 }
+
+#[cfg(all(test, feature = "testfs"))]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::testfs::{FsType, TestFs, require_root};
+
+    /// A source written after its reflink into staging: the hash is always the copy's bytes,
+    /// whatever the source's page cache held when it was read.
+    #[test]
+    fn hash_via_source_returns_the_copys_bytes() {
+        if !require_root("hash_via_source_returns_the_copys_bytes") {
+            return;
+        }
+        let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+        let len = 8u64 << 20;
+        let mut data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4099) as u8).collect();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(fs.path().join(name))
+        };
+        let old = open("old").unwrap();
+        old.write_all_at(&data, 0).unwrap();
+        old.sync_all().unwrap();
+        let old_hash = hash::hash_file(old.as_fd(), len).unwrap();
+        let src = open("src").unwrap();
+        sys::ficlone(src.as_fd(), old.as_fd()).unwrap();
+        // Changed since the previous object: blocks 5 and 77.
+        for (off, bytes) in [(5 * hash::BLOCK + 100, b"edit"), (77 * hash::BLOCK, b"more")] {
+            src.write_all_at(bytes, off).unwrap();
+            data[off as usize..off as usize + 4].copy_from_slice(bytes);
+        }
+        let staged = open("staged").unwrap();
+        sys::ficlone(staged.as_fd(), src.as_fd()).unwrap();
+        let expected = *blake3::hash(&data).as_bytes();
+        // Written after the reflink: one block that is read from the source, one that is not.
+        src.write_all_at(b"later", 5 * hash::BLOCK + 200).unwrap();
+        src.write_all_at(b"later", 300 * hash::BLOCK).unwrap();
+        let staged_ext = sys::fiemap(staged.as_fd(), false).unwrap();
+        let old_ext = sys::fiemap(old.as_fd(), false).unwrap();
+        let same = hash::same_blocks_from_extents(&staged_ext, len, &old_ext, len);
+        assert_eq!(same.iter().filter(|s| !**s).count(), 2);
+        let cvs = old_hash.cvs.unwrap();
+        let prev = Previous { len, cvs: &cvs, same: &same };
+        let (h, from_source) = hash_via_source(src.as_fd(), staged.as_fd(), len, &staged_ext, &prev).unwrap();
+        assert_eq!(h.id, expected, "the hash must be the staged copy's");
+        assert_eq!(from_source, 2 * hash::BLOCK);
+        // Block 5 was read again from the copy.
+        assert_eq!(h.hashed_bytes, 3 * hash::BLOCK);
+    }
+}
