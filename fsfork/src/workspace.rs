@@ -18,7 +18,7 @@ use crate::dirfds::{self, DirTable};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
-use crate::repo::{Id, NodeData, Repo};
+use crate::repo::{Id, NodeData, Repo, RepoTx};
 use crate::statcache::{CacheEntry, DirCache, StatCache};
 use crate::sys::{self, XattrTarget};
 use crate::walk::{self, Kind, Meta};
@@ -103,20 +103,11 @@ fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str)
     })
 }
 
-fn save_json<T: Serialize>(repo: &dyn Repo, key: &str, v: &T) -> Result<()> {
-    let b = serde_json::to_vec(v).map_err(|e| Error::Corrupt { id: key.into(), reason: e.to_string() })?;
-    repo.meta_put(key, &b)
-}
-
 /// The record of the workspace at `path` (canonical).
 pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord> {
     let mut r: WorkspaceRecord = load_json(repo, &format!("fsfork/ws/{}", ws_key(path)))?;
     r.path = path.to_string_lossy().into_owned();
     Ok(r)
-}
-
-fn save_record(repo: &dyn Repo, path: &Path, r: &WorkspaceRecord) -> Result<()> {
-    save_json(repo, &format!("fsfork/ws/{}", ws_key(path)), r)
 }
 
 /// Metadata keys of a workspace's stat cache: one record per directory, under
@@ -175,10 +166,9 @@ fn load_cache(repo: &dyn Repo, ws: &Path) -> Result<LoadedCache> {
     Ok(out)
 }
 
-/// Replaces the whole stat cache of `ws` (after a restore or revert) in one transaction.
-fn save_cache(repo: &dyn Repo, ws: &Path, c: &StatCache) -> Result<()> {
+/// Replaces the whole stat cache of `ws` (after a restore or revert) as part of `tx`.
+fn save_cache(repo: &dyn Repo, tx: &mut dyn RepoTx, ws: &Path, c: &StatCache) -> Result<()> {
     let prefix = cache_prefix(ws);
-    let mut tx = repo.begin()?;
     let mut written = HashSet::new();
     for (rel, d) in &c.dirs {
         if d.entries.is_empty() {
@@ -196,7 +186,11 @@ fn save_cache(repo: &dyn Repo, ws: &Path, c: &StatCache) -> Result<()> {
     if repo.meta_get(&legacy_cache_key(ws))?.is_some() {
         tx.meta_delete(&legacy_cache_key(ws));
     }
-    tx.commit()
+    Ok(())
+}
+
+fn json_bytes<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Corrupt { id: what.into(), reason: e.to_string() })
 }
 
 /// Block CVs of a large object in full: 32 bytes per block.
@@ -279,13 +273,6 @@ fn cv_record(cvs: &[ChainingValue], base: Option<(&Id, &[ChainingValue], u8)>) -
 
 fn has_cvs(repo: &dyn Repo, id: &Id) -> Result<bool> {
     Ok(repo.meta_get(&cvs_key(id))?.is_some() || repo.meta_get(&cvd_key(id))?.is_some())
-}
-
-fn add_offspring(repo: &dyn Repo, ckpt: &Id, path: &Path, kind: &str) -> Result<()> {
-    let key = format!("fsfork/offspring/{}", ckpt.hex());
-    let mut list: Vec<Offspring> = load_json(repo, &key)?;
-    list.push(Offspring { path: path.to_string_lossy().into_owned(), kind: kind.into(), time: now() });
-    save_json(repo, &key, &list)
 }
 
 /// The trees made from a checkpoint.
@@ -1120,6 +1107,22 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let skipped = Mutex::new(Vec::new());
         let files = AtomicU64::new(0);
         let t_dirs = start.elapsed();
+        // File objects are opened relative to the objects directory (two path components
+        // instead of the store's whole path for each of thousands of files).
+        let objects = repo.file_object_path(&Id::default());
+        let objects = objects.parent().and_then(Path::parent).map(Path::to_path_buf);
+        let objects_fd = objects.as_deref().and_then(|p| sys::open_root_dir(p).ok());
+        let open_object = |id: &Id| -> Result<std::fs::File> {
+            let op = repo.file_object_path(id);
+            let rel = objects.as_deref().and_then(|o| op.strip_prefix(o).ok());
+            match (&objects_fd, rel.map(|r| sys::cstr(r.as_os_str()))) {
+                (Some(ofd), Some(Ok(rel))) => {
+                    sys::openat(ofd.as_fd(), &rel, libc::O_RDONLY, 0).map(std::fs::File::from)
+                }
+                _ => std::fs::File::open(&op),
+            }
+            .map_err(|x| Error::io("open object", &op, x))
+        };
         work.par_iter().try_for_each(|&(di, ei)| -> Result<()> {
             let d = &dirs[di];
             let e = &d.entries[ei];
@@ -1133,9 +1136,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 Kind::File => {
                     let fd = match e.link {
                         Some(id) => {
-                            let op = repo.file_object_path(&id);
-                            let src = std::fs::File::open(&op).map_err(|x| Error::io("open object", &op, x))?;
-                            clone::create_file(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
+                            let src = open_object(&id)?;
+                            clone::create_file_lean(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("create", path(), x))?
                         }
                         None => {
@@ -1147,7 +1149,13 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                         }
                     };
                     files.fetch_add(1, Ordering::Relaxed);
-                    let st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    let mut st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    if !clone::meta_matches(&Meta::from_stat(&st), &meta) {
+                        // The lean creation guessed the owner or mode wrong: set everything.
+                        clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
+                            .map_err(|x| Error::io("set metadata", path(), x))?;
+                        st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    }
                     (e.link_group == 0).then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
                 }
                 Kind::Symlink => {
@@ -1269,14 +1277,22 @@ pub fn restore(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> 
 fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<RestoreReport> {
     let target = canonical_new(dst)?;
     let (report, cache) = materialize(repo, ckpt, &target)?;
-    save_cache(repo, &target, &cache)?;
+    let t = Instant::now();
+    // The new tree's stat cache, its record and the checkpoint's offspring list: one commit.
+    let mut tx = repo.begin()?;
+    save_cache(repo, &mut *tx, &target, &cache)?;
     let record = WorkspaceRecord {
         path: target.to_string_lossy().into_owned(),
         head: Some(ckpt.hex()),
         events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
-    save_record(repo, &target, &record)?;
-    add_offspring(repo, ckpt, &target, kind)?;
+    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&target)), &json_bytes("workspace record", &record)?);
+    let key = format!("fsfork/offspring/{}", ckpt.hex());
+    let mut list: Vec<Offspring> = load_json(repo, &key)?;
+    list.push(Offspring { path: target.to_string_lossy().into_owned(), kind: kind.into(), time: now() });
+    tx.meta_put(&key, &json_bytes("offspring", &list)?);
+    tx.commit()?;
+    tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "restore: cache and records committed");
     Ok(report)
 }
 
@@ -1349,11 +1365,13 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
-    save_cache(repo, &ws, &cache)?;
+    let mut tx = repo.begin()?;
+    save_cache(repo, &mut *tx, &ws, &cache)?;
     let mut record = workspace_record(repo, &ws)?;
     record.head = Some(ckpt.hex());
     record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
-    save_record(repo, &ws, &record)?;
+    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
+    tx.commit()?;
     Ok(RevertReport { checkpoint: *ckpt, path: ws, old_tree: side, mode: report.mode, build_ms, elapsed_ms })
 }
 
