@@ -143,13 +143,7 @@ struct LoadedCache {
 fn load_cache(repo: &dyn Repo, ws: &Path) -> Result<LoadedCache> {
     let prefix = cache_prefix(ws);
     let raw = repo.meta_list(&prefix)?;
-    let decoded: Vec<(String, Option<(Vec<u8>, DirCache)>)> = raw
-        .into_par_iter()
-        .map(|(k, v)| {
-            let d = DirCache::decode(&v);
-            (k, d)
-        })
-        .collect();
+    let decoded: Vec<_> = raw.into_par_iter().map(|(k, v)| (k, DirCache::decode(&v))).collect();
     let mut out = LoadedCache { cache: StatCache::default(), bad_keys: Vec::new(), legacy: false };
     for (k, d) in decoded {
         match d {
@@ -207,6 +201,10 @@ fn cvd_key(id: &Id) -> String {
 
 const CVD_MAGIC: &[u8; 4] = b"CVD1";
 
+/// Block CVs as they are stored: whether the bytes are a delta (`fsfork/cvd/`) or the full
+/// list (`fsfork/cvs/`), and the bytes.
+type CvRecord = (bool, Vec<u8>);
+
 /// How many deltas may stand between an object's CVs and a full record (bounds the reads of a
 /// load; the next record after that is written in full).
 const MAX_CV_DEPTH: u8 = 8;
@@ -250,7 +248,7 @@ fn load_cvs_at(repo: &dyn Repo, id: &Id, level: u8) -> Option<(Vec<ChainingValue
 /// The record to store for the new CVs `cvs`: a delta against `base` (its id, CVs and depth)
 /// when that is much smaller and the chain not too long, else the full list. Returns the key
 /// function to use (full or delta) and the bytes.
-fn cv_record(cvs: &[ChainingValue], base: Option<(&Id, &[ChainingValue], u8)>) -> (bool, Vec<u8>) {
+fn cv_record(cvs: &[ChainingValue], base: Option<(&Id, &[ChainingValue], u8)>) -> CvRecord {
     if let Some((bid, bcvs, depth)) = base
         && depth < MAX_CV_DEPTH
     {
@@ -338,7 +336,7 @@ struct Seen {
     target: Vec<u8>,
     staged: Option<PathBuf>,
     /// The block CVs record of a new large object (delta or full, see [`cv_record`]).
-    cvs: Option<(bool, Vec<u8>)>,
+    cvs: Option<CvRecord>,
     hashed: Option<u64>,
     /// The stat cache vouched for it.
     hit: bool,
@@ -405,7 +403,7 @@ fn stage_and_hash(
     size: u64,
     prev: Option<Id>,
     c: &Counters,
-) -> Result<(PathBuf, Id, Option<(bool, Vec<u8>)>, u64)> {
+) -> Result<(PathBuf, Id, Option<CvRecord>, u64)> {
     let name = format!("fsfork-{}-{}", std::process::id(), STAGE_SEQ.fetch_add(1, Ordering::Relaxed));
     let path = staging.join(&name);
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
