@@ -192,6 +192,74 @@ pub fn create_file(
     Ok(dst)
 }
 
+/// What a file we create gets without `fchown`/`fchmod`: our filesystem uid and gid, and the
+/// creation mode less the umask. Read once per process; `None` fields are unknown.
+struct Defaults {
+    uid: u32,
+    gid: u32,
+    umask: Option<u32>,
+}
+
+fn defaults() -> &'static Defaults {
+    static D: std::sync::OnceLock<Defaults> = std::sync::OnceLock::new();
+    D.get_or_init(|| {
+        // The umask from /proc (Linux 4.7+): calling umask() to read it would change it for
+        // every thread for a moment.
+        let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        });
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Defaults { uid, gid, umask }
+    })
+}
+
+/// Like [`create_file`], but skips `fchown` when the file would get the wanted owner anyway
+/// and `fchmod` when creating it with the wanted mode is enough: two of its three metadata
+/// transactions on XFS. The prediction can be wrong (a setgid or default-ACL parent, a
+/// different fsuid), so the caller must check the final `fstat` with [`meta_matches`] and
+/// call [`apply_meta_fd`] when it does not match.
+pub fn create_file_lean(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    src: BorrowedFd<'_>,
+    meta: &Meta,
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    c: &Counters,
+) -> std::io::Result<OwnedFd> {
+    let d = defaults();
+    let perm = meta.perm();
+    // setuid/setgid/sticky bits are cleared by the reflink (it removes privileges) and by
+    // chown, so they are always set explicitly, last.
+    let mode_at_create = perm & 0o7000 == 0 && d.umask.is_some_and(|u| perm & u == 0);
+    let owner_at_create = (meta.uid, meta.gid) == (d.uid, d.gid);
+    let dst = sys::openat(
+        dir,
+        name,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        if mode_at_create { perm } else { 0o600 },
+    )?;
+    transfer(src, dst.as_fd(), meta.size, c)?;
+    if !owner_at_create {
+        sys::fchown(dst.as_fd(), meta.uid, meta.gid)?;
+    }
+    if !mode_at_create {
+        sys::fchmod(dst.as_fd(), perm)?;
+    }
+    if !xattrs.is_empty() {
+        let failed = sys::write_xattrs(XattrTarget::Fd(dst.as_fd()), xattrs)?;
+        c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
+    }
+    sys::futimens(dst.as_fd(), meta.atime, meta.mtime)?;
+    Ok(dst)
+}
+
+/// Whether a created entry's `st` has the owner and permissions of `meta` (what
+/// [`create_file_lean`] may have guessed wrong; times are always set explicitly).
+pub fn meta_matches(st: &Meta, meta: &Meta) -> bool {
+    (st.uid, st.gid, st.perm()) == (meta.uid, meta.gid, meta.perm())
+}
+
 /// Creates a FIFO, socket or device node like `meta`.
 pub fn create_special(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta) -> std::io::Result<()> {
     sys::mknodat(dir, name, (meta.mode & libc::S_IFMT) | 0o600, meta.rdev)
@@ -319,8 +387,14 @@ fn clone_scanned(scan: &walk::Scan, src: &Path, root: OwnedFd, dst: &Path, opts:
                 }
                 let xattrs = sys::read_xattrs(XattrTarget::Fd(sfd.as_fd()))
                     .map_err(|err| Error::io("read xattrs", src.join(rel()), err))?;
-                create_file(ddir, &e.name, sfd.as_fd(), &meta, &xattrs, &c)
+                let dfd = create_file_lean(ddir, &e.name, sfd.as_fd(), &meta, &xattrs, &c)
                     .map_err(|err| Error::io("clone", dst.join(rel()), err))?;
+                // One fstat instead of an fchown and an fchmod (each a metadata transaction).
+                let st = sys::fstat(dfd.as_fd()).map_err(|err| Error::io("stat", dst.join(rel()), err))?;
+                if !meta_matches(&Meta::from_stat(&st), &meta) {
+                    apply_meta_fd(dfd.as_fd(), &meta, &xattrs, &c)
+                        .map_err(|err| Error::io("set metadata", dst.join(rel()), err))?;
+                }
                 files.fetch_add(1, Ordering::Relaxed);
             }
             Kind::Symlink => {

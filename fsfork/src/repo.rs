@@ -83,6 +83,8 @@ pub trait Repo: Send + Sync {
     fn resolve(&self, name_or_hex: &str) -> Result<Option<Id>>;
     /// Reads small mutable metadata.
     fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Every metadata entry whose key starts with `prefix` (key, value).
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
     /// Writes small mutable metadata (synced).
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()>;
     /// Starts a transaction.
@@ -99,6 +101,8 @@ pub trait RepoTx {
     fn set_ref(&mut self, name: &str, id: &Id) -> Result<()>;
     /// Writes small mutable metadata as part of the transaction.
     fn meta_put(&mut self, key: &str, value: &[u8]);
+    /// Deletes metadata `key` as part of the transaction.
+    fn meta_delete(&mut self, key: &str);
     /// Keeps `id` (a file object or node this transaction links without writing it) alive until
     /// commit, even against a concurrent gc; false when the store no longer holds it.
     fn keep(&mut self, id: &Id) -> Result<bool>;

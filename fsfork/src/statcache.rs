@@ -1,7 +1,13 @@
-//! The stat cache: for each path of a workspace, the (size, mtime, ctime, inode, device) seen
+//! The stat cache: for each entry of a workspace, the (size, mtime, ctime, inode, device) seen
 //! when its content id and extended attributes were last read. An entry whose `lstat` still
 //! matches is not read again (ctime changes on every write, chmod, chown and xattr change, and
 //! cannot be set by users, so a match means nothing changed).
+//!
+//! The cache is split by directory: one record per directory holds that directory's entries,
+//! sorted by name. A checkpoint rewrites only the records of directories in which something
+//! changed, so after 10 edits it writes a few kilobytes instead of the whole cache (1.3 MB for
+//! 10,000 files), and it can tell a directory whose every entry is as cached (whose manifest
+//! node can be reused as is) with one merge of two sorted lists.
 
 use std::collections::HashMap;
 
@@ -56,23 +62,26 @@ impl CacheEntry {
     }
 }
 
-/// Path (relative, raw bytes) to cached entry.
-#[derive(Clone, Debug, Default)]
-pub struct StatCache {
-    /// The entries.
-    pub entries: HashMap<Vec<u8>, CacheEntry>,
+/// The cached entries of one directory, sorted by name bytes (names are unique).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirCache {
+    /// (name, entry), sorted by name.
+    pub entries: Vec<(Vec<u8>, CacheEntry)>,
 }
 
-const MAGIC: &[u8; 4] = b"FSC2";
+impl DirCache {
+    /// The entry called `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&CacheEntry> {
+        self.entries.binary_search_by(|(n, _)| n.as_slice().cmp(name)).ok().map(|i| &self.entries[i].1)
+    }
 
-impl StatCache {
-    /// Encodes the cache.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(16 + self.entries.len() * 96);
+    /// Encodes the record of the directory at `rel` (relative path bytes; empty for the root).
+    pub fn encode(&self, rel: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16 + rel.len() + self.entries.len() * 112);
         b.extend_from_slice(MAGIC);
-        for (path, e) in &self.entries {
-            b.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            b.extend_from_slice(path);
+        put_bytes(&mut b, rel);
+        for (name, e) in &self.entries {
+            put_bytes(&mut b, name);
             for v in [e.size, e.mtime.sec as u64, e.ctime.sec as u64, e.ino, e.dev, e.atime.sec as u64] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
@@ -88,24 +97,16 @@ impl StatCache {
             }
             b.extend_from_slice(&(e.xattrs.len() as u32).to_le_bytes());
             for (n, v) in &e.xattrs {
-                b.extend_from_slice(&(n.len() as u32).to_le_bytes());
-                b.extend_from_slice(n);
-                b.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                b.extend_from_slice(v);
+                put_bytes(&mut b, n);
+                put_bytes(&mut b, v);
             }
         }
         b
     }
 
-    /// Decodes a cache; a damaged cache is simply empty (it is only an optimisation).
-    pub fn decode(b: &[u8]) -> StatCache {
-        Self::try_decode(b).unwrap_or_else(|| {
-            tracing::warn!("stat cache unreadable; every file will be hashed");
-            StatCache::default()
-        })
-    }
-
-    fn try_decode(b: &[u8]) -> Option<StatCache> {
+    /// Decodes a record: the directory's relative path and its entries. `None` when damaged
+    /// (the caller then treats the directory as uncached: it is only an optimisation).
+    pub fn decode(b: &[u8]) -> Option<(Vec<u8>, DirCache)> {
         let mut pos = 0usize;
         let mut take = |n: usize| -> Option<&[u8]> {
             let s = b.get(pos..pos.checked_add(n)?)?;
@@ -115,32 +116,39 @@ impl StatCache {
         if take(4)? != MAGIC {
             return None;
         }
-        let mut entries = HashMap::new();
+        let u32_of = |s: &[u8]| -> Option<u32> { Some(u32::from_le_bytes(s.try_into().ok()?)) };
+        let l = u32_of(take(4)?)? as usize;
+        let rel = take(l)?.to_vec();
+        let mut entries: Vec<(Vec<u8>, CacheEntry)> = Vec::new();
         while let Some(l) = take(4) {
-            let l = u32::from_le_bytes(l.try_into().ok()?) as usize;
-            let path = take(l)?.to_vec();
+            let l = u32_of(l)? as usize;
+            let name = take(l)?.to_vec();
             let mut u = [0u64; 6];
             for v in &mut u {
                 *v = u64::from_le_bytes(take(8)?.try_into().ok()?);
             }
-            let mn = u32::from_le_bytes(take(4)?.try_into().ok()?);
-            let cn = u32::from_le_bytes(take(4)?.try_into().ok()?);
-            let an = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let mn = u32_of(take(4)?)?;
+            let cn = u32_of(take(4)?)?;
+            let an = u32_of(take(4)?)?;
             let id = match take(1)?[0] {
                 1 => Some(Id(take(32)?.try_into().ok()?)),
                 _ => None,
             };
-            let nx = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            let nx = u32_of(take(4)?)?;
             let mut xattrs = Vec::new();
             for _ in 0..nx {
-                let nl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let nl = u32_of(take(4)?)? as usize;
                 let n = take(nl)?.to_vec();
-                let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let vl = u32_of(take(4)?)? as usize;
                 let v = take(vl)?.to_vec();
                 xattrs.push((n, v));
             }
-            entries.insert(
-                path,
+            // Sorted and unique, or the merge with a directory listing would be wrong.
+            if entries.last().is_some_and(|(prev, _)| prev.as_slice() >= name.as_slice()) {
+                return None;
+            }
+            entries.push((
+                name,
                 CacheEntry {
                     size: u[0],
                     mtime: Time { sec: u[1] as i64, nsec: mn },
@@ -151,9 +159,61 @@ impl StatCache {
                     id,
                     xattrs,
                 },
-            );
+            ));
         }
-        Some(StatCache { entries })
+        Some((rel, DirCache { entries }))
+    }
+}
+
+fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
+    b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    b.extend_from_slice(v);
+}
+
+/// Directory (relative path bytes, empty for the root) to its cached entries.
+#[derive(Clone, Debug, Default)]
+pub struct StatCache {
+    /// The directories.
+    pub dirs: HashMap<Vec<u8>, DirCache>,
+}
+
+const MAGIC: &[u8; 4] = b"FSC3";
+
+/// Splits a relative path into its directory and its name (names never contain `/`).
+pub fn split_rel(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&[], rel),
+    }
+}
+
+impl StatCache {
+    /// The entry at relative path `rel`.
+    pub fn get(&self, rel: &[u8]) -> Option<&CacheEntry> {
+        let (dir, name) = split_rel(rel);
+        self.dirs.get(dir)?.get(name)
+    }
+
+    /// Adds the entry at relative path `rel`; call [`StatCache::finish`] before lookups.
+    pub fn insert(&mut self, rel: &[u8], e: CacheEntry) {
+        let (dir, name) = split_rel(rel);
+        self.dirs.entry(dir.to_vec()).or_default().entries.push((name.to_vec(), e));
+    }
+
+    /// Sorts every directory's entries by name (the last insert of a name wins).
+    pub fn finish(&mut self) {
+        for d in self.dirs.values_mut() {
+            // Stable, so that equal names keep insertion order and the last one can win.
+            d.entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut out: Vec<(Vec<u8>, CacheEntry)> = Vec::with_capacity(d.entries.len());
+            for (n, e) in d.entries.drain(..) {
+                match out.last_mut() {
+                    Some(last) if last.0 == n => last.1 = e,
+                    _ => out.push((n, e)),
+                }
+            }
+            d.entries = out;
+        }
     }
 }
 
@@ -173,19 +233,36 @@ mod tests {
             dev: 8,
             ..Meta::default()
         };
-        c.entries.insert(
-            b"a/\xff".to_vec(),
-            CacheEntry::new(&meta, Some(Id([9; 32])), vec![(b"user.x".to_vec(), b"y".to_vec())]),
-        );
-        c.entries.insert(b"b".to_vec(), CacheEntry::new(&meta, None, vec![]));
-        let back = StatCache::decode(&c.encode());
-        assert_eq!(back.entries, c.entries);
-        assert!(back.entries[&b"b".to_vec()].matches(&meta));
+        c.insert(b"a/\xff", CacheEntry::new(&meta, Some(Id([9; 32])), vec![(b"user.x".to_vec(), b"y".to_vec())]));
+        c.insert(b"b", CacheEntry::new(&meta, None, vec![]));
+        c.insert(b"a/c", CacheEntry::new(&meta, None, vec![]));
+        c.finish();
+        assert_eq!(c.dirs.len(), 2);
+        for (rel, d) in &c.dirs {
+            let (back_rel, back) = DirCache::decode(&d.encode(rel)).unwrap();
+            assert_eq!(&back_rel, rel);
+            assert_eq!(&back, d);
+        }
+        let a = &c.dirs[b"a".as_slice()];
+        assert_eq!(a.entries[0].0, b"c");
+        assert!(c.get(b"b").unwrap().matches(&meta));
+        assert_eq!(c.get(b"a/\xff").unwrap().id, Some(Id([9; 32])));
+        assert!(c.get(b"a/d").is_none());
         let mut other = meta;
         other.ctime.nsec += 1;
-        assert!(!back.entries[&b"b".to_vec()].matches(&other));
-        // A damaged cache is an empty cache, never an error.
-        let enc = c.encode();
-        assert!(StatCache::decode(&enc[..enc.len() - 3]).entries.is_empty());
+        assert!(!c.get(b"b").unwrap().matches(&other));
+        // A damaged record is refused, never an error or a wrong entry.
+        let enc = a.encode(b"a");
+        assert!(DirCache::decode(&enc[..enc.len() - 3]).is_none());
+        // Unsorted records are refused too.
+        let mut bad = a.clone();
+        bad.entries.reverse();
+        assert!(DirCache::decode(&bad.encode(b"a")).is_none());
+    }
+
+    #[test]
+    fn split_paths() {
+        assert_eq!(split_rel(b"x"), (&b""[..], &b"x"[..]));
+        assert_eq!(split_rel(b"a/b/x"), (&b"a/b"[..], &b"x"[..]));
     }
 }

@@ -65,6 +65,10 @@ impl Repo for Store {
         Ok(Store::meta_get(self, key)?)
     }
 
+    fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(Store::meta_list(self, prefix)?)
+    }
+
     fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
         Ok(Store::meta_put(self, key, Some(value))?)
     }
@@ -92,6 +96,10 @@ impl RepoTx for StoreTx {
 
     fn meta_put(&mut self, key: &str, value: &[u8]) {
         self.0.meta_put(key, Some(value));
+    }
+
+    fn meta_delete(&mut self, key: &str) {
+        self.0.meta_put(key, None);
     }
 
     fn keep(&mut self, id: &Id) -> Result<bool> {

@@ -18,8 +18,8 @@ use crate::dirfds::{self, DirTable};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
-use crate::repo::{Id, NodeData, Repo};
-use crate::statcache::{CacheEntry, StatCache};
+use crate::repo::{Id, NodeData, Repo, RepoTx};
+use crate::statcache::{CacheEntry, DirCache, StatCache};
 use crate::sys::{self, XattrTarget};
 use crate::walk::{self, Kind, Meta};
 
@@ -103,11 +103,6 @@ fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str)
     })
 }
 
-fn save_json<T: Serialize>(repo: &dyn Repo, key: &str, v: &T) -> Result<()> {
-    let b = serde_json::to_vec(v).map_err(|e| Error::Corrupt { id: key.into(), reason: e.to_string() })?;
-    repo.meta_put(key, &b)
-}
-
 /// The record of the workspace at `path` (canonical).
 pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord> {
     let mut r: WorkspaceRecord = load_json(repo, &format!("fsfork/ws/{}", ws_key(path)))?;
@@ -115,37 +110,168 @@ pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord>
     Ok(r)
 }
 
-fn save_record(repo: &dyn Repo, path: &Path, r: &WorkspaceRecord) -> Result<()> {
-    save_json(repo, &format!("fsfork/ws/{}", ws_key(path)), r)
+/// Metadata keys of a workspace's stat cache: one record per directory, under
+/// `fsfork/sc/<workspace key>/<hash of the directory's relative path>`.
+fn cache_prefix(ws: &Path) -> String {
+    format!("fsfork/sc/{}/", ws_key(ws))
 }
 
-fn load_cache(repo: &dyn Repo, path: &Path) -> Result<StatCache> {
-    Ok(repo.meta_get(&format!("fsfork/statcache/{}", ws_key(path)))?.map(|b| StatCache::decode(&b)).unwrap_or_default())
+fn cache_key(prefix: &str, rel: &[u8]) -> String {
+    format!("{prefix}{}", &blake3::hash(rel).to_hex()[..32])
 }
 
-fn save_cache(repo: &dyn Repo, path: &Path, c: &StatCache) -> Result<()> {
-    repo.meta_put(&format!("fsfork/statcache/{}", ws_key(path)), &c.encode())
+/// The single-record stat cache of earlier versions: no longer read, deleted when the cache is
+/// next written (a workspace that had it is read once more, as after losing its cache).
+fn legacy_cache_key(ws: &Path) -> String {
+    format!("fsfork/statcache/{}", ws_key(ws))
 }
 
-/// The block hashes of file object `id`: attached to it (see [`snapfork_store::attached_name`]),
-/// so gc removes them with the object.
+/// A relative path as bytes (the stat cache's directory key).
+fn rel_of(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+/// A workspace's stat cache as loaded, with what a rewrite must clean up.
+struct LoadedCache {
+    cache: StatCache,
+    /// Keys of records that could not be decoded (or sit under the wrong key).
+    bad_keys: Vec<String>,
+    /// Whether the pre-split single record exists.
+    legacy: bool,
+}
+
+fn load_cache(repo: &dyn Repo, ws: &Path) -> Result<LoadedCache> {
+    let prefix = cache_prefix(ws);
+    let raw = repo.meta_list(&prefix)?;
+    let decoded: Vec<_> = raw.into_par_iter().map(|(k, v)| (k, DirCache::decode(&v))).collect();
+    let mut out = LoadedCache { cache: StatCache::default(), bad_keys: Vec::new(), legacy: false };
+    for (k, d) in decoded {
+        match d {
+            Some((rel, dc)) if cache_key(&prefix, &rel) == k => {
+                out.cache.dirs.insert(rel, dc);
+            }
+            _ => {
+                tracing::warn!(key = k, "stat cache record unreadable; its directory will be read again");
+                out.bad_keys.push(k);
+            }
+        }
+    }
+    out.legacy = repo.meta_get(&legacy_cache_key(ws))?.is_some();
+    Ok(out)
+}
+
+/// Replaces the whole stat cache of `ws` (after a restore or revert) as part of `tx`.
+fn save_cache(repo: &dyn Repo, tx: &mut dyn RepoTx, ws: &Path, c: &StatCache) -> Result<()> {
+    let prefix = cache_prefix(ws);
+    let mut written = HashSet::new();
+    for (rel, d) in &c.dirs {
+        if d.entries.is_empty() {
+            continue;
+        }
+        let k = cache_key(&prefix, rel);
+        tx.meta_put(&k, &d.encode(rel));
+        written.insert(k);
+    }
+    for (k, _) in repo.meta_list(&prefix)? {
+        if !written.contains(&k) {
+            tx.meta_delete(&k);
+        }
+    }
+    if repo.meta_get(&legacy_cache_key(ws))?.is_some() {
+        tx.meta_delete(&legacy_cache_key(ws));
+    }
+    Ok(())
+}
+
+fn json_bytes<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Corrupt { id: what.into(), reason: e.to_string() })
+}
+
+/// Block CVs of a large object in full: 32 bytes per block. Attached to the object (see
+/// [`snapfork_store::attached_name`]), so gc removes them with it.
 fn cvs_key(id: &Id) -> String {
     format!("{}{}/fsfork-cvs", snapfork_store::ATTACHED, id.hex())
 }
 
-fn load_cvs(repo: &dyn Repo, id: &Id) -> Option<Vec<ChainingValue>> {
-    let b = repo.meta_get(&cvs_key(id)).ok()??;
-    if b.len() % 32 != 0 {
-        return None;
-    }
-    Some(b.chunks(32).map(|c| c.try_into().unwrap_or([0u8; 32])).collect())
+/// Block CVs of a large object as the blocks that differ from an earlier object's (a disk image
+/// with 1% changed: 4% of the blocks, 80 KB instead of 2 MB per GiB written per checkpoint):
+/// `CVD1 | base id (32) | block count u32 | n u32 | n x (block index u32 | CV (32))`.
+fn cvd_key(id: &Id) -> String {
+    format!("{}{}/fsfork-cvd", snapfork_store::ATTACHED, id.hex())
 }
 
-fn add_offspring(repo: &dyn Repo, ckpt: &Id, path: &Path, kind: &str) -> Result<()> {
-    let key = format!("fsfork/offspring/{}", ckpt.hex());
-    let mut list: Vec<Offspring> = load_json(repo, &key)?;
-    list.push(Offspring { path: path.to_string_lossy().into_owned(), kind: kind.into(), time: now() });
-    save_json(repo, &key, &list)
+const CVD_MAGIC: &[u8; 4] = b"CVD1";
+
+/// Block CVs as they are stored: whether the bytes are a delta ([`cvd_key`]) or the full list
+/// ([`cvs_key`]), and the bytes.
+type CvRecord = (bool, Vec<u8>);
+
+/// How many deltas may stand between an object's CVs and a full record (bounds the reads of a
+/// load; the next record after that is written in full).
+const MAX_CV_DEPTH: u8 = 8;
+
+/// The block CVs of object `id` and how many deltas they were built from. Unverified: the
+/// caller checks them against the object's id.
+fn load_cvs(repo: &dyn Repo, id: &Id) -> Option<(Vec<ChainingValue>, u8)> {
+    load_cvs_at(repo, id, 0)
+}
+
+fn load_cvs_at(repo: &dyn Repo, id: &Id, level: u8) -> Option<(Vec<ChainingValue>, u8)> {
+    if level > MAX_CV_DEPTH {
+        return None;
+    }
+    if let Some(b) = repo.meta_get(&cvs_key(id)).ok()? {
+        if b.len() % 32 != 0 {
+            return None;
+        }
+        return Some((b.chunks_exact(32).map(|c| c.try_into().unwrap_or([0u8; 32])).collect(), 0));
+    }
+    let b = repo.meta_get(&cvd_key(id)).ok()??;
+    let u32_at = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?)) };
+    if b.get(..4)? != CVD_MAGIC {
+        return None;
+    }
+    let base = Id(b.get(4..36)?.try_into().ok()?);
+    let (count, n) = (u32_at(36)? as usize, u32_at(40)? as usize);
+    if b.len() != 44 + n.checked_mul(36)? {
+        return None;
+    }
+    let (mut cvs, depth) = load_cvs_at(repo, &base, level + 1)?;
+    cvs.resize(count, [0u8; 32]);
+    for k in 0..n {
+        let at = 44 + k * 36;
+        let slot = cvs.get_mut(u32_at(at)? as usize)?;
+        *slot = b.get(at + 4..at + 36)?.try_into().ok()?;
+    }
+    Some((cvs, depth + 1))
+}
+
+/// The record to store for the new CVs `cvs`: a delta against `base` (its id, CVs and depth)
+/// when that is much smaller and the chain not too long, else the full list. Returns the key
+/// function to use (full or delta) and the bytes.
+fn cv_record(cvs: &[ChainingValue], base: Option<(&Id, &[ChainingValue], u8)>) -> CvRecord {
+    if let Some((bid, bcvs, depth)) = base
+        && depth < MAX_CV_DEPTH
+    {
+        let changed: Vec<usize> = (0..cvs.len()).filter(|&i| bcvs.get(i) != Some(&cvs[i])).collect();
+        if changed.len() * 36 < cvs.len() * 8 {
+            let mut b = Vec::with_capacity(44 + changed.len() * 36);
+            b.extend_from_slice(CVD_MAGIC);
+            b.extend_from_slice(&bid.0);
+            b.extend_from_slice(&(cvs.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(changed.len() as u32).to_le_bytes());
+            for i in changed {
+                b.extend_from_slice(&(i as u32).to_le_bytes());
+                b.extend_from_slice(&cvs[i]);
+            }
+            return (true, b);
+        }
+    }
+    (false, cvs.as_flattened().to_vec())
+}
+
+fn has_cvs(repo: &dyn Repo, id: &Id) -> Result<bool> {
+    Ok(repo.meta_get(&cvs_key(id))?.is_some() || repo.meta_get(&cvd_key(id))?.is_some())
 }
 
 /// The trees made from a checkpoint.
@@ -210,14 +336,11 @@ struct Seen {
     id: Option<Id>,
     target: Vec<u8>,
     staged: Option<PathBuf>,
-    cvs: Option<Vec<ChainingValue>>,
+    /// The block CVs record of a new large object (delta or full, see [`cv_record`]).
+    cvs: Option<CvRecord>,
     hashed: Option<u64>,
     /// The stat cache vouched for it.
     hit: bool,
-    /// ... and its atime is the cached one too, so its manifest entry is exactly as before.
-    same: bool,
-    /// For a directory that hit: the node id it had.
-    cached_node: Option<Id>,
     /// Removed between the walk and the read: not part of this checkpoint.
     vanished: bool,
     /// The stat to cache (the one taken before the contents were read).
@@ -225,6 +348,52 @@ struct Seen {
 }
 
 static STAGE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Hashes the reflinked copy `staged` (whose extents are `staged_ext`) of `source`, reading the
+/// blocks that differ from the previous object from `source` instead: its page cache usually
+/// holds them (they were just written), while the fresh copy's page cache is empty, so reading
+/// the copy means one device read per block. Returns the hash and the bytes read from `source`.
+///
+/// Why the bytes read are the copy's: right after the reflink the two files share every extent,
+/// and the source's page cache was written back by the reflink, so it held exactly the copy's
+/// bytes. Any later change to the source (write, mmap store, direct I/O) must copy-on-write the
+/// shared block, so once flushed (FIEMAP_FLAG_SYNC) that block maps elsewhere. Every block read
+/// from the source whose mapping no longer matches the copy's is read again from the copy.
+fn hash_via_source(
+    source: BorrowedFd<'_>,
+    staged: BorrowedFd<'_>,
+    size: u64,
+    staged_ext: &[sys::Extent],
+    prev: &Previous<'_>,
+) -> std::io::Result<(hash::FileHash, u64)> {
+    let mut h =
+        match hash::hash_incremental(source, size, Some(Previous { len: prev.len, cvs: prev.cvs, same: prev.same })) {
+            Ok(h) => h,
+            // The source shrank meanwhile: the copy is what counts.
+            Err(_) => {
+                return Ok((
+                    hash::hash_incremental(
+                        staged,
+                        size,
+                        Some(Previous { len: prev.len, cvs: prev.cvs, same: prev.same }),
+                    )?,
+                    0,
+                ));
+            }
+        };
+    let from_source = h.hashed_bytes;
+    let now = sys::fiemap(source, true)?;
+    let still = hash::same_blocks_from_extents(&now, size, staged_ext, size);
+    let reused = hash::reusable(size, prev);
+    let redo: Vec<u64> = (0..size.div_ceil(hash::BLOCK))
+        .filter(|&b| !reused[b as usize] && !still.get(b as usize).copied().unwrap_or(false))
+        .collect();
+    if !redo.is_empty() {
+        tracing::debug!(blocks = redo.len(), "source changed after the reflink; reading those blocks from the copy");
+        hash::rehash_blocks(staged, size, &mut h, &redo)?;
+    }
+    Ok((h, from_source))
+}
 
 /// Reflinks (or copies) an open file into the staging area and hashes the staged copy, reusing
 /// the block CVs of `prev` where the staged copy still shares extents with that object.
@@ -235,46 +404,80 @@ fn stage_and_hash(
     size: u64,
     prev: Option<Id>,
     c: &Counters,
-) -> Result<(PathBuf, Id, Option<Vec<ChainingValue>>, u64)> {
+) -> Result<(PathBuf, Id, Option<CvRecord>, u64)> {
     let name = format!("fsfork-{}-{}", std::process::id(), STAGE_SEQ.fetch_add(1, Ordering::Relaxed));
     let path = staging.join(&name);
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
     let dfd = sys::openat(sdir, &cname, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o444).ctx("create", &path)?;
     let result = (|| {
         let t0 = Instant::now();
-        clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
         let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
         let mut h = None;
+        let (mut t_cvs, mut t_extents, mut from_source) = (t_stage, t_stage, 0u64);
         if size >= hash::CV_THRESHOLD
             && let Some(p) = prev
-            && let Some(cvs) = load_cvs(repo, &p)
+            && let Some((cvs, depth)) = load_cvs(repo, &p)
             && let Ok(obj) = std::fs::File::open(repo.file_object_path(&p))
             && let Ok(om) = obj.metadata()
-            && let Ok(same) = hash::same_blocks(dfd.as_fd(), size, obj.as_fd(), om.len())
+            // CVs that do not give the previous object's id are never used (a wrong CV would
+            // give the new object a wrong id).
+            && (cvs.len() as u64 == om.len().div_ceil(hash::BLOCK)
+                && om.len() > hash::BLOCK
+                && hash::root_from_cvs(&cvs, om.len()) == p.0
+                || {
+                    tracing::warn!(object = %p, "stored block CVs do not match their object; hashing in full");
+                    false
+                })
+            && let Ok((staged_ext, same)) = {
+                t_cvs = t0.elapsed();
+                let r = sys::fiemap(dfd.as_fd(), false).and_then(|staged_ext| {
+                    let old_ext = sys::fiemap(obj.as_fd(), false)?;
+                    let same = hash::same_blocks_from_extents(&staged_ext, size, &old_ext, om.len());
+                    Ok((staged_ext, same))
+                });
+                t_extents = t0.elapsed();
+                r
+            }
         {
-            h = Some(
-                hash::hash_incremental(dfd.as_fd(), size, Some(Previous { len: om.len(), cvs: &cvs, same: &same }))
-                    .ctx("hash", &path)?,
-            );
+            let prev = Previous { len: om.len(), cvs: &cvs, same: &same };
+            let hh = match mode {
+                CopyMode::Reflink => {
+                    let (hh, n) =
+                        hash_via_source(sfd.as_fd(), dfd.as_fd(), size, &staged_ext, &prev).ctx("hash", &path)?;
+                    from_source = n;
+                    hh
+                }
+                _ => hash::hash_incremental(dfd.as_fd(), size, Some(prev)).ctx("hash", &path)?,
+            };
+            let record = hh.cvs.as_ref().map(|new| cv_record(new, Some((&p, &cvs, depth))));
+            h = Some((hh, record));
         }
-        let t_compare = t0.elapsed() - t_stage;
         let incremental = h.is_some();
-        let h = match h {
+        let (h, record) = match h {
             Some(h) => h,
-            None => hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?,
+            None => {
+                let h = hash::hash_file(dfd.as_fd(), size).ctx("hash", &path)?;
+                let record = h.cvs.as_ref().map(|new| cv_record(new, None));
+                (h, record)
+            }
         };
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             size,
             incremental,
             hashed = h.hashed_bytes,
-            stage_ms = t_stage.as_secs_f64() * 1e3,
-            compare_and_hash_ms = t_compare.as_secs_f64() * 1e3,
-            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            stage_ms = ms(t_stage),
+            load_cvs_ms = ms(t_cvs - t_stage),
+            extents_ms = ms(t_extents - t_cvs),
+            hash_ms = ms(t0.elapsed() - t_extents.max(t_stage)),
+            from_source,
+            total_ms = ms(t0.elapsed()),
             "staged and hashed"
         );
-        Ok((Id(h.id), h.cvs, h.hashed_bytes))
+        Ok((Id(h.id), record, h.hashed_bytes))
     })();
     match result {
         Ok((id, cvs, hashed)) => Ok((path, id, cvs, hashed)),
@@ -289,25 +492,83 @@ fn stage_and_hash(
 /// files are reflinked into the store's staging area and hashed there (so the recorded bytes
 /// are exactly one version of the file even if it is being written), large ones only where
 /// their extents differ from the previous object.
+///
+/// A directory whose own entry and every entry in it are exactly as cached (and whose
+/// subdirectories are reused too) keeps the manifest node it had: nothing in it is looked up,
+/// encoded or written again, and its stat-cache record stays as it is. Only the topmost such
+/// directories are pinned in the transaction (a pinned node keeps its whole closure alive), so
+/// a checkpoint after a few edits costs the walk plus work proportional to what changed.
 pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<CheckpointReport> {
     let start = Instant::now();
     let ws = canonical(dir)?;
+    let exclude = store_key(repo);
+    // The cache load (one index scan) and the walk (syscalls) do not depend on each other.
+    let (loaded, walked) = rayon::join(
+        || {
+            let t = Instant::now();
+            load_cache(repo, &ws).map(|c| (c, t.elapsed()))
+        },
+        || {
+            let t = Instant::now();
+            walk::scan_excluding(&ws, exclude).map(|s| (s, t.elapsed()))
+        },
+    );
+    let ((loaded, t_cache), (scan, t_walk)) = (loaded?, walked?);
+    let LoadedCache { cache, bad_keys, legacy } = loaded;
     let record = workspace_record(repo, &ws)?;
-    let cache = load_cache(repo, &ws)?;
     let staging = repo.staging_dir();
     std::fs::create_dir_all(&staging).ctx("create", &staging)?;
     let staging_fd = sys::open_root_dir(&staging).ctx("open", &staging)?;
-    let t_load = start.elapsed();
-    let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let t_scan = start.elapsed();
     let parent = match &record.head {
         Some(h) => Id::from_hex(h).filter(|id| repo.get_node(id).is_ok()),
         None => None,
     };
+    let (ndirs, nent) = (scan.dirs.len(), scan.entries.len());
+
+    // The entries of one directory are contiguous in the walk and sorted by name, as are the
+    // directory's cache record: one merge pairs each entry with its cached state and tells
+    // whether the listing has exactly the cached names.
+    let mut range = vec![0..0; ndirs];
+    let mut dir_entry = vec![usize::MAX; ndirs];
+    {
+        let mut i = 0;
+        while i < nent {
+            let (d, from) = (scan.entries[i].dir, i);
+            while i < nent && scan.entries[i].dir == d {
+                if let Some(sd) = scan.entries[i].subdir {
+                    dir_entry[sd] = i;
+                }
+                i += 1;
+            }
+            range[d] = from..i;
+        }
+    }
+    let no_record = DirCache::default();
+    let dcache: Vec<&DirCache> =
+        scan.dirs.iter().map(|d| cache.dirs.get(rel_of(&d.rel)).unwrap_or(&no_record)).collect();
+    let mut cached: Vec<Option<&CacheEntry>> = vec![None; nent];
+    let mut complete = vec![false; ndirs];
+    for d in 0..ndirs {
+        let list = &dcache[d].entries;
+        let (mut k, mut matched) = (0, 0);
+        for i in range[d].clone() {
+            let name = scan.entries[i].name.to_bytes();
+            while k < list.len() && list[k].0.as_slice() < name {
+                k += 1;
+            }
+            if k < list.len() && list[k].0 == name {
+                cached[i] = Some(&list[k].1);
+                matched += 1;
+                k += 1;
+            }
+        }
+        complete[d] = matched == range[d].len() && matched == list.len();
+    }
 
     // Hard links inside the tree: one link group per inode, hashed once.
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut secondary: Vec<Option<usize>> = vec![None; scan.entries.len()];
+    let mut secondary: Vec<Option<usize>> = vec![None; nent];
     for (i, e) in scan.entries.iter().enumerate() {
         if e.subdir.is_none() && e.meta.nlink > 1 && e.meta.kind() == Kind::File {
             match first.entry((e.meta.dev, e.meta.ino)) {
@@ -321,120 +582,173 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     let groups: HashSet<(u64, u64)> =
         scan.entries.iter().enumerate().filter_map(|(i, e)| secondary[i].map(|_| (e.meta.dev, e.meta.ino))).collect();
 
-    let c = Counters::default();
-    let rel_bytes = |i: usize| -> Vec<u8> { scan.rel_path(&scan.entries[i]).into_os_string().into_encoded_bytes() };
-    let seen: Vec<Result<Seen>> = (0..scan.entries.len())
-        .into_par_iter()
-        .map(|i| -> Result<Seen> {
-            let e = &scan.entries[i];
-            if secondary[i].is_some() {
-                return Ok(Seen { meta: e.meta, ..Seen::default() });
-            }
-            let rel = rel_bytes(i);
-            let cached = cache.entries.get(&rel);
-            // A cache hit names a file object; gc may have removed it since (every checkpoint
-            // that used it deleted): then the file is read again like a changed one.
-            let mut hit = cached.filter(|ce| ce.matches(&e.meta));
-            if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
-                && !repo.has_file_object(&id)?
-            {
-                hit = None;
-            }
-            let err_path = || ws.join(scan.rel_path(e));
-            // Only opened when needed (a reopen if the walk could not keep it open).
-            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
-            let mut s = Seen {
-                meta: e.meta,
-                hit: hit.is_some(),
-                same: hit.is_some_and(|h| h.atime == e.meta.atime),
-                cached_node: if e.subdir.is_some() { hit.and_then(|h| h.id) } else { None },
-                ..Seen::default()
-            };
-            s.xattrs = match (hit, e.subdir) {
-                (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => {
-                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
-                (None, None) => {
-                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
-            };
-            match e.meta.kind() {
-                Kind::File => {
-                    if let Some(h) = hit.filter(|h| h.id.is_some()) {
-                        s.id = h.id;
-                    } else if e.meta.size == 0 {
-                        s.id = None;
-                    } else {
-                        let sfd =
-                            sys::openat(sdir()?.fd(), &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
-                                .map_err(|x| Error::io("open", err_path(), x))?;
-                        let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
-                        let m = Meta::from_stat(&st);
-                        if m.kind() != Kind::File {
-                            return Err(Error::InvalidPath {
-                                path: err_path(),
-                                reason: "changed type during the checkpoint".into(),
-                            });
-                        }
-                        let (staged, id, cvs, hashed) = stage_and_hash(
-                            repo,
-                            (&staging, staging_fd.as_fd()),
-                            &sfd,
-                            m.size,
-                            cached.and_then(|c| c.id),
-                            &c,
-                        )?;
-                        s.id = Some(id);
-                        s.staged = Some(staged);
-                        s.cvs = cvs;
-                        s.hashed = Some(hashed);
-                        // Record the size that was actually captured.
-                        s.meta.size = m.size;
-                    }
-                }
-                Kind::Symlink => {
-                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
-                        .map_err(|x| Error::io("readlink", err_path(), x))?
-                        .into_encoded_bytes();
-                }
-                _ => {}
-            }
-            Ok(s)
+    // Exactly as cached, access time included: its manifest entry is the one recorded.
+    let same: Vec<bool> = (0..nent)
+        .map(|i| {
+            let m = &scan.entries[i].meta;
+            secondary[i].is_none() && cached[i].is_some_and(|c| c.matches(m) && c.atime == m.atime)
         })
-        .map(|r| match r {
-            // A live workspace loses files all the time (temporary files, builds): an entry
-            // that disappears between the walk and its read is simply not in the checkpoint.
-            Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(Seen { vanished: true, ..Seen::default() })
+        .collect();
+    // Directories that can keep their node, bottom-up (children have larger indices).
+    let mut candidate = vec![false; ndirs];
+    for d in (1..ndirs).rev() {
+        let own = dir_entry[d];
+        candidate[d] = own != usize::MAX
+            && same[own]
+            && cached[own].is_some_and(|c| c.id.is_some())
+            && complete[d]
+            && range[d].clone().all(|i| same[i] && scan.entries[i].subdir.is_none_or(|sd| candidate[sd]));
+    }
+    let mut tx = repo.begin()?;
+    // Top-down: pin each topmost reused node (pin, then look: a concurrent gc either sees the
+    // pin or had removed the node, and then the directory is read like a changed one). A node
+    // the store holds has its whole closure (gc drops index entries of unreachable objects in
+    // one batch), so nothing below it needs a lookup.
+    let mut reused = vec![false; ndirs];
+    let mut pinned = 0u64;
+    for d in 1..ndirs {
+        if !candidate[d] {
+            continue;
+        }
+        let p = scan.dirs[d].parent.unwrap_or(0);
+        reused[d] = reused[p]
+            || match cached[dir_entry[d]].and_then(|c| c.id) {
+                Some(nid) => {
+                    pinned += 1;
+                    tx.keep(&nid)?
+                }
+                None => false,
+            };
+    }
+    let t_match = start.elapsed();
+
+    let c = Counters::default();
+    // Entries of reused directories are not looked at again.
+    let mut seen: Vec<Seen> = scan
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let file = e.subdir.is_none() && e.meta.kind() == Kind::File;
+            Seen {
+                meta: e.meta,
+                hit: reused[e.dir],
+                id: if reused[e.dir] && file { cached[i].and_then(|c| c.id) } else { None },
+                ..Seen::default()
             }
-            r => r,
+        })
+        .collect();
+    let work: Vec<usize> = (0..nent).filter(|&i| !reused[scan.entries[i].dir]).collect();
+    let looked: Vec<(usize, Result<Seen>)> = work
+        .par_iter()
+        .map(|&i| -> (usize, Result<Seen>) {
+            let r = (|| -> Result<Seen> {
+                let e = &scan.entries[i];
+                if secondary[i].is_some() {
+                    return Ok(Seen { meta: e.meta, ..Seen::default() });
+                }
+                let cached = cached[i];
+                // A cache hit names a file object; gc may have removed it since (every
+                // checkpoint that used it deleted): then the file is read again like a changed one.
+                let mut hit = cached.filter(|ce| ce.matches(&e.meta));
+                if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
+                    && !repo.has_file_object(&id)?
+                {
+                    hit = None;
+                }
+                let err_path = || ws.join(scan.rel_path(e));
+                // Only opened when needed (a reopen if the walk could not keep it open).
+                let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
+                let mut s = Seen { meta: e.meta, hit: hit.is_some(), ..Seen::default() };
+                s.xattrs = match (hit, e.subdir) {
+                    (Some(h), _) => h.xattrs.clone(),
+                    (None, Some(d)) => {
+                        let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
+                        sys::read_xattrs(XattrTarget::Fd(f.fd()))
+                            .map_err(|x| Error::io("read xattrs", err_path(), x))?
+                    }
+                    (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
+                        .map_err(|x| Error::io("read xattrs", err_path(), x))?,
+                };
+                match e.meta.kind() {
+                    Kind::File => {
+                        if let Some(h) = hit.filter(|h| h.id.is_some()) {
+                            s.id = h.id;
+                        } else if e.meta.size == 0 {
+                            s.id = None;
+                        } else {
+                            let sfd = sys::openat(
+                                sdir()?.fd(),
+                                &e.name,
+                                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+                                0,
+                            )
+                            .map_err(|x| Error::io("open", err_path(), x))?;
+                            let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
+                            let m = Meta::from_stat(&st);
+                            if m.kind() != Kind::File {
+                                return Err(Error::InvalidPath {
+                                    path: err_path(),
+                                    reason: "changed type during the checkpoint".into(),
+                                });
+                            }
+                            let (staged, id, cvs, hashed) = stage_and_hash(
+                                repo,
+                                (&staging, staging_fd.as_fd()),
+                                &sfd,
+                                m.size,
+                                cached.and_then(|c| c.id),
+                                &c,
+                            )?;
+                            s.id = Some(id);
+                            s.staged = Some(staged);
+                            s.cvs = cvs;
+                            s.hashed = Some(hashed);
+                            // Record the size that was actually captured.
+                            s.meta.size = m.size;
+                        }
+                    }
+                    Kind::Symlink => {
+                        s.target = sys::readlinkat(sdir()?.fd(), &e.name)
+                            .map_err(|x| Error::io("readlink", err_path(), x))?
+                            .into_encoded_bytes();
+                    }
+                    _ => {}
+                }
+                Ok(s)
+            })();
+            let r = match r {
+                // A live workspace loses files all the time (temporary files, builds): an entry
+                // that disappears between the walk and its read is simply not in the checkpoint.
+                Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(Seen { vanished: true, ..Seen::default() })
+                }
+                r => r,
+            };
+            (i, r)
         })
         .collect();
     // Collect, cleaning every staged file if anything failed.
-    let mut seen_ok = Vec::with_capacity(seen.len());
     let mut failure = None;
-    for s in seen {
+    for (i, s) in looked {
         match s {
-            Ok(s) => seen_ok.push(s),
+            Ok(s) => seen[i] = s,
             Err(e) => {
                 failure.get_or_insert(e);
             }
         }
     }
     if let Some(e) = failure {
-        for s in &seen_ok {
+        for s in &seen {
             if let Some(p) = &s.staged {
                 let _ = std::fs::remove_file(p);
             }
         }
         return Err(e);
     }
-    let mut seen = seen_ok;
-    for i in 0..seen.len() {
+    for i in 0..nent {
         if let Some(p) = secondary[i] {
             seen[i].id = seen[p].id;
             seen[i].meta.size = seen[p].meta.size;
@@ -442,10 +756,9 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         }
     }
 
-    let result = (|| -> Result<(Id, u64, u64)> {
+    let result = (|| -> Result<(Id, u64, u64, u64)> {
         let mut record = record;
         let t_seen = start.elapsed();
-        let mut tx = repo.begin()?;
         let mut adopted = HashSet::new();
         let mut new_objects = 0u64;
         for s in &seen {
@@ -460,9 +773,11 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             adopted.insert(*id);
             new_objects += 1;
         }
-        // Objects taken from the stat cache are linked without being written: keep them alive
-        // until commit (a concurrent gc cannot remove them once kept).
-        for s in &seen {
+        // Objects taken from the stat cache outside reused directories are linked without
+        // being written: keep them alive until commit (a concurrent gc cannot remove them once
+        // kept). Those inside reused directories are kept by their pinned ancestor.
+        for &i in &work {
+            let s = &seen[i];
             if let (None, Some(id), false) = (&s.staged, &s.id, s.vanished)
                 && !adopted.contains(id)
                 && !tx.keep(id)?
@@ -473,17 +788,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 });
             }
         }
-        // Directory nodes bottom-up: children have larger indices than their parents.
-        let mut by_dir: Vec<Vec<usize>> = vec![Vec::new(); scan.dirs.len()];
-        for (i, e) in scan.entries.iter().enumerate() {
-            if seen[i].vanished {
-                continue;
-            }
-            by_dir[e.dir].push(i);
-        }
-        let mut dir_ids: Vec<Option<Id>> = vec![None; scan.dirs.len()];
-        let mut files = 0u64;
-        let mut bytes = 0u64;
+        let mut dir_ids: Vec<Option<Id>> = vec![None; ndirs];
         let entry_of = |i: usize, dir_ids: &[Option<Id>]| -> ManifestEntry {
             let e = &scan.entries[i];
             let s = &seen[i];
@@ -511,43 +816,25 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
                 xattrs: s.xattrs.clone(),
             }
         };
+        let (mut files, mut bytes) = (0u64, 0u64);
         for (e, s) in scan.entries.iter().zip(&seen) {
             if e.meta.kind() == Kind::File && !s.vanished {
                 files += 1;
                 bytes += s.meta.size;
             }
         }
-        // A directory whose own entry and every entry in it are exactly as cached (and whose
-        // subdirectories are reused too) has the very node it had: reuse it if the store still
-        // holds it, instead of encoding and hashing it again.
-        let mut dir_entry = vec![usize::MAX; scan.dirs.len()];
-        for (i, e) in scan.entries.iter().enumerate() {
-            if let Some(d) = e.subdir {
-                dir_entry[d] = i;
-            }
-        }
-        let mut reused = vec![false; scan.dirs.len()];
-        let mut reused_count = 0u64;
-        for d in (0..scan.dirs.len()).rev() {
-            let own = dir_entry[d];
-            if own != usize::MAX
-                && seen[own].same
-                && let Some(nid) = seen[own].cached_node
-                && by_dir[d].iter().all(|&i| seen[i].same && scan.entries[i].subdir.is_none_or(|sd| reused[sd]))
-                && tx.keep(&nid)?
-            {
-                dir_ids[d] = Some(nid);
-                reused[d] = true;
-                reused_count += 1;
+        // Directory nodes bottom-up: children have larger indices than their parents.
+        let mut encoded = 0u64;
+        for d in (0..ndirs).rev() {
+            if reused[d] {
+                dir_ids[d] = cached[dir_entry[d]].and_then(|c| c.id);
                 continue;
             }
-            let mut entries = Vec::with_capacity(by_dir[d].len());
-            for &i in &by_dir[d] {
-                entries.push(entry_of(i, &dir_ids));
-            }
+            let entries: Vec<ManifestEntry> =
+                range[d].clone().filter(|&i| !seen[i].vanished).map(|i| entry_of(i, &dir_ids)).collect();
             dir_ids[d] = Some(tx.put_node(&manifest::encode_dir(entries))?);
+            encoded += 1;
         }
-        tracing::debug!(reused = reused_count, dirs = scan.dirs.len(), "directory nodes");
         let root = &scan.dirs[0];
         let root_xattrs =
             sys::read_xattrs(XattrTarget::Fd(scan.dir_fd(0).ctx("open", &ws)?.fd())).ctx("read xattrs", &ws)?;
@@ -584,26 +871,52 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         tx.set_ref(&format!("{CHECKPOINT_REF_PREFIX}{}", id.hex()), &id)?;
         // Block CVs of new large objects, the stat cache and the history commit with the
         // checkpoint, so that they can never describe a checkpoint that does not exist.
-        let mut new_cache = StatCache::default();
         let mut written_cvs = HashSet::new();
-        for (i, s) in seen.iter().enumerate() {
-            if let (Some(cvs), Some(oid)) = (&s.cvs, &s.id)
+        for s in &seen {
+            if let (Some((delta, rec)), Some(oid)) = (&s.cvs, &s.id)
                 && written_cvs.insert(*oid)
-                && repo.meta_get(&cvs_key(oid))?.is_none()
+                && !has_cvs(repo, oid)?
             {
-                tx.meta_put(&cvs_key(oid), cvs.as_flattened());
+                tx.meta_put(&if *delta { cvd_key(oid) } else { cvs_key(oid) }, rec);
             }
-            if s.vanished {
+        }
+        // The stat cache: only the records of directories that were not reused can differ.
+        let prefix = cache_prefix(&ws);
+        let mut records_written = 0u64;
+        for d in (0..ndirs).filter(|&d| !reused[d]) {
+            let mut rec = DirCache::default();
+            for i in range[d].clone().filter(|&i| !seen[i].vanished) {
+                let s = &seen[i];
+                // Directories cache their node id, files their content id.
+                let id = match scan.entries[i].subdir {
+                    Some(sd) => dir_ids[sd],
+                    None => s.id,
+                };
+                rec.entries
+                    .push((scan.entries[i].name.to_bytes().to_vec(), CacheEntry::new(&s.meta, id, s.xattrs.clone())));
+            }
+            if &rec == dcache[d] {
                 continue;
             }
-            // Directories cache their node id, files their content id.
-            let id = match scan.entries[i].subdir {
-                Some(d) => dir_ids[d],
-                None => s.id,
-            };
-            new_cache.entries.insert(rel_bytes(i), CacheEntry::new(&s.meta, id, s.xattrs.clone()));
+            let rel = rel_of(&scan.dirs[d].rel);
+            if rec.entries.is_empty() {
+                tx.meta_delete(&cache_key(&prefix, rel));
+            } else {
+                tx.meta_put(&cache_key(&prefix, rel), &rec.encode(rel));
+            }
+            records_written += 1;
         }
-        tx.meta_put(&format!("fsfork/statcache/{}", ws_key(&ws)), &new_cache.encode());
+        // Records of directories that are gone, damaged records, the pre-split cache.
+        let live: HashSet<&[u8]> = scan.dirs.iter().map(|d| rel_of(&d.rel)).collect();
+        for rel in cache.dirs.keys().filter(|r| !live.contains(r.as_slice())) {
+            tx.meta_delete(&cache_key(&prefix, rel));
+        }
+        for k in &bad_keys {
+            tx.meta_delete(k);
+        }
+        if legacy {
+            tx.meta_delete(&legacy_cache_key(&ws));
+        }
         record.head = Some(id.hex());
         record.events.push(Event {
             kind: "checkpoint".into(),
@@ -617,16 +930,23 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
         let t_nodes = start.elapsed();
         tx.commit()?;
         tracing::debug!(
-            load_ms = t_load.as_secs_f64() * 1e3,
-            scan_ms = (t_scan - t_load).as_secs_f64() * 1e3,
-            read_ms = (t_seen - t_scan).as_secs_f64() * 1e3,
+            walk_ms = t_walk.as_secs_f64() * 1e3,
+            cache_load_ms = t_cache.as_secs_f64() * 1e3,
+            walk_and_load_ms = t_scan.as_secs_f64() * 1e3,
+            match_ms = (t_match - t_scan).as_secs_f64() * 1e3,
+            read_ms = (t_seen - t_match).as_secs_f64() * 1e3,
             nodes_ms = (t_nodes - t_seen).as_secs_f64() * 1e3,
             commit_ms = (start.elapsed() - t_nodes).as_secs_f64() * 1e3,
+            dirs = ndirs,
+            reused = ndirs as u64 - encoded,
+            pinned,
+            looked_at = work.len(),
+            records_written,
             "checkpoint phases"
         );
-        Ok((id, new_objects, files))
+        Ok((id, new_objects, files, bytes))
     })();
-    let (id, new_objects, files) = match result {
+    let (id, new_objects, files, bytes) = match result {
         Ok(v) => v,
         Err(e) => {
             for s in &seen {
@@ -640,16 +960,10 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
 
     let hashed: Vec<u64> = seen.iter().filter_map(|s| s.hashed).collect();
     let (hashed_files, hashed_bytes) = (hashed.len() as u64, hashed.iter().sum::<u64>());
-    let bytes: u64 = seen
-        .iter()
-        .zip(&scan.entries)
-        .filter(|(s, e)| e.meta.kind() == Kind::File && !s.vanished)
-        .map(|(s, _)| s.meta.size)
-        .sum();
     let report = CheckpointReport {
         id,
         parent,
-        dirs: scan.dirs.len() as u64,
+        dirs: ndirs as u64,
         files,
         bytes,
         unchanged_files: seen.iter().zip(&scan.entries).filter(|(s, e)| s.hit && e.meta.kind() == Kind::File).count()
@@ -792,6 +1106,22 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let skipped = Mutex::new(Vec::new());
         let files = AtomicU64::new(0);
         let t_dirs = start.elapsed();
+        // File objects are opened relative to the objects directory (two path components
+        // instead of the store's whole path for each of thousands of files).
+        let objects = repo.file_object_path(&Id::default());
+        let objects = objects.parent().and_then(Path::parent).map(Path::to_path_buf);
+        let objects_fd = objects.as_deref().and_then(|p| sys::open_root_dir(p).ok());
+        let open_object = |id: &Id| -> Result<std::fs::File> {
+            let op = repo.file_object_path(id);
+            let rel = objects.as_deref().and_then(|o| op.strip_prefix(o).ok());
+            match (&objects_fd, rel.map(|r| sys::cstr(r.as_os_str()))) {
+                (Some(ofd), Some(Ok(rel))) => {
+                    sys::openat(ofd.as_fd(), &rel, libc::O_RDONLY, 0).map(std::fs::File::from)
+                }
+                _ => std::fs::File::open(&op),
+            }
+            .map_err(|x| Error::io("open object", &op, x))
+        };
         work.par_iter().try_for_each(|&(di, ei)| -> Result<()> {
             let d = &dirs[di];
             let e = &d.entries[ei];
@@ -805,9 +1135,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 Kind::File => {
                     let fd = match e.link {
                         Some(id) => {
-                            let op = repo.file_object_path(&id);
-                            let src = std::fs::File::open(&op).map_err(|x| Error::io("open object", &op, x))?;
-                            clone::create_file(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
+                            let src = open_object(&id)?;
+                            clone::create_file_lean(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("create", path(), x))?
                         }
                         None => {
@@ -819,7 +1148,13 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                         }
                     };
                     files.fetch_add(1, Ordering::Relaxed);
-                    let st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    let mut st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    if !clone::meta_matches(&Meta::from_stat(&st), &meta) {
+                        // The lean creation guessed the owner or mode wrong: set everything.
+                        clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
+                            .map_err(|x| Error::io("set metadata", path(), x))?;
+                        st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
+                    }
                     (e.link_group == 0).then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
                 }
                 Kind::Symlink => {
@@ -848,11 +1183,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 },
             };
             if let Some(ce) = cached {
-                cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entries
-                    .insert(rel.into_os_string().into_encoded_bytes(), ce);
+                cache.lock().unwrap_or_else(|p| p.into_inner()).insert(rel.as_os_str().as_bytes(), ce);
             }
             Ok(())
         })?;
@@ -874,8 +1205,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 let rel = d.rel.join(OsStr::from_bytes(&e.name));
                 let st =
                     sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n).ctx("stat", dst.join(&rel))?;
-                cache.entries.insert(
-                    rel.into_os_string().into_encoded_bytes(),
+                cache.insert(
+                    rel.as_os_str().as_bytes(),
                     CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
                 );
             }
@@ -906,9 +1237,10 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             let (k, v) = r?;
             // The root is not an entry of the walk; only subdirectories are cached.
             if !k.is_empty() {
-                cache.entries.insert(k, v);
+                cache.insert(&k, v);
             }
         }
+        cache.finish();
         Ok(RestoreReport {
             checkpoint: *ckpt,
             path: dst.to_path_buf(),
@@ -944,14 +1276,22 @@ pub fn restore(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> 
 fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<RestoreReport> {
     let target = canonical_new(dst)?;
     let (report, cache) = materialize(repo, ckpt, &target)?;
-    save_cache(repo, &target, &cache)?;
+    let t = Instant::now();
+    // The new tree's stat cache, its record and the checkpoint's offspring list: one commit.
+    let mut tx = repo.begin()?;
+    save_cache(repo, &mut *tx, &target, &cache)?;
     let record = WorkspaceRecord {
         path: target.to_string_lossy().into_owned(),
         head: Some(ckpt.hex()),
         events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
-    save_record(repo, &target, &record)?;
-    add_offspring(repo, ckpt, &target, kind)?;
+    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&target)), &json_bytes("workspace record", &record)?);
+    let key = format!("fsfork/offspring/{}", ckpt.hex());
+    let mut list: Vec<Offspring> = load_json(repo, &key)?;
+    list.push(Offspring { path: target.to_string_lossy().into_owned(), kind: kind.into(), time: now() });
+    tx.meta_put(&key, &json_bytes("offspring", &list)?);
+    tx.commit()?;
+    tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "restore: cache and records committed");
     Ok(report)
 }
 
@@ -1024,11 +1364,13 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
-    save_cache(repo, &ws, &cache)?;
+    let mut tx = repo.begin()?;
+    save_cache(repo, &mut *tx, &ws, &cache)?;
     let mut record = workspace_record(repo, &ws)?;
     record.head = Some(ckpt.hex());
     record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
-    save_record(repo, &ws, &record)?;
+    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
+    tx.commit()?;
     Ok(RevertReport { checkpoint: *ckpt, path: ws, old_tree: side, mode: report.mode, build_ms, elapsed_ms })
 }
 
@@ -1088,14 +1430,14 @@ fn flatten_checkpoint(repo: &dyn Repo, id: &Id) -> Result<BTreeMap<Vec<u8>, Flat
 
 fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
     let ws = canonical(dir)?;
-    let cache = load_cache(repo, &ws)?;
+    let cache = load_cache(repo, &ws)?.cache;
     let scan = walk::scan_excluding(&ws, store_key(repo))?;
     let items: Vec<Result<(Vec<u8>, Flat)>> = scan
         .entries
         .par_iter()
         .map(|e| {
             let rel = scan.rel_path(e).into_os_string().into_encoded_bytes();
-            let hit = cache.entries.get(&rel).filter(|c| c.matches(&e.meta));
+            let hit = cache.get(&rel).filter(|c| c.matches(&e.meta));
             let p = || ws.join(scan.rel_path(e));
             let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
             let kind = e.meta.kind();
@@ -1271,4 +1613,97 @@ pub fn log(repo: &dyn Repo, dir: &Path) -> Result<(WorkspaceRecord, Vec<LogEntry
         });
     }
     Ok((record, out))
+}
+
+#[cfg(all(test, feature = "testfs"))]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::testfs::{FsType, TestFs, require_root};
+
+    /// A source written after its reflink into staging: the hash is always the copy's bytes,
+    /// whatever the source's page cache held when it was read.
+    #[test]
+    fn hash_via_source_returns_the_copys_bytes() {
+        if !require_root("hash_via_source_returns_the_copys_bytes") {
+            return;
+        }
+        let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+        let len = 8u64 << 20;
+        let mut data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4099) as u8).collect();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(fs.path().join(name))
+        };
+        let old = open("old").unwrap();
+        old.write_all_at(&data, 0).unwrap();
+        old.sync_all().unwrap();
+        let old_hash = hash::hash_file(old.as_fd(), len).unwrap();
+        let src = open("src").unwrap();
+        sys::ficlone(src.as_fd(), old.as_fd()).unwrap();
+        // Changed since the previous object: blocks 5 and 77.
+        for (off, bytes) in [(5 * hash::BLOCK + 100, b"edit"), (77 * hash::BLOCK, b"more")] {
+            src.write_all_at(bytes, off).unwrap();
+            data[off as usize..off as usize + 4].copy_from_slice(bytes);
+        }
+        let staged = open("staged").unwrap();
+        sys::ficlone(staged.as_fd(), src.as_fd()).unwrap();
+        let expected = *blake3::hash(&data).as_bytes();
+        // Written after the reflink: one block that is read from the source, one that is not.
+        src.write_all_at(b"later", 5 * hash::BLOCK + 200).unwrap();
+        src.write_all_at(b"later", 300 * hash::BLOCK).unwrap();
+        let staged_ext = sys::fiemap(staged.as_fd(), false).unwrap();
+        let old_ext = sys::fiemap(old.as_fd(), false).unwrap();
+        let same = hash::same_blocks_from_extents(&staged_ext, len, &old_ext, len);
+        assert_eq!(same.iter().filter(|s| !**s).count(), 2);
+        let cvs = old_hash.cvs.unwrap();
+        let prev = Previous { len, cvs: &cvs, same: &same };
+        let (h, from_source) = hash_via_source(src.as_fd(), staged.as_fd(), len, &staged_ext, &prev).unwrap();
+        assert_eq!(h.id, expected, "the hash must be the staged copy's");
+        assert_eq!(from_source, 2 * hash::BLOCK);
+        // Block 5 was read again from the copy.
+        assert_eq!(h.hashed_bytes, 3 * hash::BLOCK);
+    }
+}
+
+#[cfg(test)]
+mod cv_tests {
+    use super::*;
+
+    fn cvs(n: usize, seed: u8) -> Vec<ChainingValue> {
+        (0..n).map(|i| [(i as u8).wrapping_mul(seed); 32]).collect()
+    }
+
+    /// Deltas chain back to a full record, stop at MAX_CV_DEPTH, and a damaged one is ignored.
+    #[test]
+    fn cv_deltas_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = snapfork_store::Store::open(dir.path().join("s"), snapfork_store::OpenOptions::default()).unwrap();
+        let repo: &dyn Repo = &store;
+        let mut prev: Option<(Id, Vec<ChainingValue>, u8)> = None;
+        let mut all = Vec::new();
+        for k in 0..(MAX_CV_DEPTH as usize + 3) {
+            let id = Id([k as u8 + 1; 32]);
+            let mut new = prev.as_ref().map(|p| p.1.clone()).unwrap_or_else(|| cvs(1000, 3));
+            new[k * 7] = [0xee; 32];
+            if k == 2 {
+                new.push([0xaa; 32]);
+            }
+            let (delta, rec) = cv_record(&new, prev.as_ref().map(|(i, c, d)| (i, c.as_slice(), *d)));
+            let expect_delta = prev.as_ref().is_some_and(|p| p.2 < MAX_CV_DEPTH);
+            assert_eq!(delta, expect_delta, "record {k}");
+            repo.meta_put(&if delta { cvd_key(&id) } else { cvs_key(&id) }, &rec).unwrap();
+            let (back, depth) = load_cvs(repo, &id).unwrap();
+            assert_eq!(back, new, "record {k}");
+            assert!(depth <= MAX_CV_DEPTH);
+            all.push(id);
+            prev = Some((id, new, depth));
+        }
+        // A delta whose base is gone, or that is damaged, gives nothing.
+        let (_, rec) = cv_record(&prev.as_ref().unwrap().1, Some((&Id([0x77; 32]), &cvs(1000, 3), 0)));
+        repo.meta_put(&cvd_key(&Id([0x55; 32])), &rec).unwrap();
+        assert!(load_cvs(repo, &Id([0x55; 32])).is_none());
+        repo.meta_put(&cvd_key(&Id([0x56; 32])), &rec[..rec.len() - 1]).unwrap();
+        assert!(load_cvs(repo, &Id([0x56; 32])).is_none());
+    }
 }

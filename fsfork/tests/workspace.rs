@@ -560,3 +560,71 @@ fn stat_cache_never_links_an_object_gc_removed() {
     assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"kept across checkpoints\n");
     assert_eq!(std::fs::read(out.join("b.bin")).unwrap(), vec![7u8; 100_000]);
 }
+
+/// Directories that hold at least one entry, below and including `root`.
+fn non_empty_dirs(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut any = false;
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            any = true;
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+        n += usize::from(any);
+    }
+    n
+}
+
+/// After edits here and there in a tree, untouched directories keep their manifest nodes and
+/// stat-cache records while the checkpoint still equals the live tree exactly; records of
+/// removed or emptied directories are deleted.
+#[test]
+fn partial_checkpoints_match_the_tree() {
+    let Some(env) = Env::new(FsType::Xfs, "partial_checkpoints_match_the_tree", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    for d in 0..5 {
+        for e in 0..5 {
+            std::fs::create_dir_all(ws.join(format!("d{d}/e{e}"))).unwrap();
+            for f in 0..5 {
+                std::fs::write(ws.join(format!("d{d}/e{e}/f{f}.txt")), format!("{d} {e} {f}\n")).unwrap();
+            }
+        }
+    }
+    let c1 = workspace::checkpoint(&env.store, &ws, Some("first")).unwrap();
+    assert_eq!((c1.files, c1.hashed_files), (125, 125));
+    let c2 = workspace::checkpoint(&env.store, &ws, Some("unchanged")).unwrap();
+    assert_eq!((c2.files, c2.hashed_files, c2.unchanged_files), (125, 0, 125));
+    let records = |store: &Store| store.meta_list("fsfork/sc/").unwrap().len();
+    assert_eq!(records(&env.store), non_empty_dirs(&ws));
+
+    sh(
+        "echo more >> d1/e2/f3.txt && rm -r d2/e1 && rm d0/e3/* && mv d3/e0/f0.txt d3/e0/g0.txt \
+         && chmod 700 d0/e0 && mkdir d4/new && echo n > d4/new/n.txt && touch -a -d @1234567 d0/e1/f1.txt \
+         && ln -s ../e0/f1.txt d3/e1/link",
+        &ws,
+    );
+    common::setxattr(&ws.join("d4/e4"), "user.note", b"dir xattr");
+    let c3 = workspace::checkpoint(&env.store, &ws, Some("edits")).unwrap();
+    // f3 appended, g0 renamed (new name), n.txt new, f1's times set: nothing else is read.
+    assert!((3..=4).contains(&c3.hashed_files), "{c3:?}");
+    assert_eq!(c3.files, 125 - 5 - 5 + 1);
+    assert_eq!(records(&env.store), non_empty_dirs(&ws));
+    let live = workspace::diff(&env.store, Side::Checkpoint(c3.id), Side::Dir(&ws)).unwrap();
+    assert!(live.added.is_empty() && live.removed.is_empty() && live.changed.is_empty(), "{live:?}");
+    let dst = env.p("r3");
+    workspace::restore(&env.store, &c3.id, &dst).unwrap();
+    common::assert_same(&common::snapshot(&ws), &common::snapshot(&dst));
+
+    // Nothing changed since: the next checkpoint reads nothing and records the same tree.
+    let c4 = workspace::checkpoint(&env.store, &ws, Some("again")).unwrap();
+    assert_eq!(c4.hashed_files, 0);
+    let d = workspace::diff(&env.store, Side::Checkpoint(c3.id), Side::Checkpoint(c4.id)).unwrap();
+    assert!(d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(), "{d:?}");
+    assert!(env.store.verify(None, None).unwrap().is_ok());
+}
