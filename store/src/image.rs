@@ -39,11 +39,11 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// divisor of [`SEGMENT_PAGES`]).
 const LOCATION_GROUP: u64 = 64;
 /// A group's locations are loaded (one `multi_get` of its non-zero pages) once the pages read
-/// from it by their own lookups, times this, reach its non-zero pages: a key costs about 1/8 as
-/// much in a `multi_get` as looked up alone (0.9 vs 7.3 us, `lazy-restore/examples/read_pattern`).
-/// Ski rental: a scattered read of a page or two per group never pays for a whole group; a
-/// working set of a few pages per group, or any dense read, soon does.
-const LOOKUPS_PER_READ: u64 = 8;
+/// from it by their own lookups, times this, reach its non-zero pages. Ski rental: a scattered
+/// read of a page or two per group never pays for a whole group; dense reads soon do. The value
+/// is measured (`lazy-restore/examples/read_pattern`, a 10% working set of a 256 MiB image read
+/// with a fresh reader: 12-20 us per page with 3, 18-30 us with 8).
+const LOOKUPS_PER_READ: u64 = 3;
 
 /// A progress callback: called with the number of image bytes just processed.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
