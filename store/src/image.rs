@@ -40,10 +40,12 @@ const BATCH_BYTES: u64 = 8 << 20;
 const LOCATION_GROUP: u64 = 64;
 /// A group's locations are loaded (one `multi_get` of its non-zero pages) once the pages read
 /// from it by their own lookups, times this, reach its non-zero pages. Ski rental: a scattered
-/// read of a page or two per group never pays for a whole group; dense reads soon do. The value
-/// is measured (`lazy-restore/examples/read_pattern`, a 10% working set of a 256 MiB image read
-/// with a fresh reader: 12-20 us per page with 3, 18-30 us with 8).
-const LOOKUPS_PER_READ: u64 = 3;
+/// read of a page or two per group never pays for a whole group; dense reads soon do. 8 is the
+/// measured cost ratio of a lone lookup to a key of a `multi_get` (5-7 vs 0.4-0.9 us,
+/// `lazy-restore/examples/read_pattern`). Measured against 3: uniformly random reads 17.8 vs
+/// 21.4 us p50 (`benches` store); a 10% working set read with a fresh reader 17-19 vs 13-19 us
+/// per page.
+const LOOKUPS_PER_READ: u64 = 8;
 
 /// A progress callback: called with the number of image bytes just processed.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
