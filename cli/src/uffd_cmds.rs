@@ -405,33 +405,6 @@ fn warm_cache(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A random working set: `fraction` of the pages as runs of 1-16 pages, in random order.
-fn random_ws(pages: u64, fraction: f64, seed: u64) -> Vec<u64> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let want = ((pages as f64) * fraction.clamp(0.0, 1.0)).round() as u64;
-    let mut seen = vec![false; pages as usize];
-    let mut out = Vec::with_capacity(want as usize);
-    let mut tries = 0;
-    while (out.len() as u64) < want && tries < pages * 4 {
-        tries += 1;
-        let len = 1 + next() % 16;
-        let start = next() % pages;
-        for p in start..(start + len).min(pages) {
-            if (out.len() as u64) < want && !seen[p as usize] {
-                seen[p as usize] = true;
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// What one guest process measured.
 #[derive(Debug, Clone, Default)]
 struct GuestResult {
@@ -666,7 +639,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         Some(p) => {
             workingset::parse_pattern(&std::fs::read_to_string(p)?)?.into_iter().filter(|&x| x < pages).collect()
         }
-        None => random_ws(pages, a.working_set, a.seed),
+        None => workingset::random(pages, a.working_set, a.seed),
     };
     if ws.is_empty() {
         bail!("the working set is empty");

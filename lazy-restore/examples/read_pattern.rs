@@ -4,38 +4,12 @@
 use snapfork_store::{OpenOptions, Store};
 use std::time::Instant;
 
-fn random_ws(pages: u64, fraction: f64, seed: u64) -> Vec<u64> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let want = ((pages as f64) * fraction).round() as u64;
-    let mut seen = vec![false; pages as usize];
-    let mut out = Vec::new();
-    let mut tries = 0;
-    while (out.len() as u64) < want && tries < pages * 4 {
-        tries += 1;
-        let len = 1 + next() % 16;
-        let start = next() % pages;
-        for p in start..(start + len).min(pages) {
-            if (out.len() as u64) < want && !seen[p as usize] {
-                seen[p as usize] = true;
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let store = Store::open(&args[0], OpenOptions { read_only: true, ..Default::default() })?;
     let name = &args[1];
     let r0 = store.open_image_ref(name)?;
-    let ws = random_ws(r0.page_count(), 0.1, 1);
+    let ws = snapfork_lazy_restore::workingset::random(r0.page_count(), 0.1, 1);
     let ids: Vec<_> = ws.iter().map(|&i| r0.page_id(i).unwrap()).collect();
     let nz: Vec<(u64, _)> = ws.iter().copied().zip(ids.iter().copied()).filter(|(_, id)| !id.is_zero()).collect();
     let mut runs = Vec::new();

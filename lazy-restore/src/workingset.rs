@@ -112,6 +112,34 @@ pub fn delete(store: &Store, image: &Hash) -> Result<()> {
     Ok(())
 }
 
+/// A synthetic working set for benchmarks: `fraction` of `pages` as runs of 1-16 pages at random
+/// places, in random order, reproducible from `seed` (xorshift, no dependency).
+pub fn random(pages: u64, fraction: f64, seed: u64) -> Vec<u64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let want = ((pages as f64) * fraction.clamp(0.0, 1.0)).round() as u64;
+    let mut seen = vec![false; pages as usize];
+    let mut out = Vec::with_capacity(want as usize);
+    let mut tries = 0;
+    while (out.len() as u64) < want && tries < pages * 4 {
+        tries += 1;
+        let len = 1 + next() % 16;
+        let start = next() % pages;
+        for p in start..(start + len).min(pages) {
+            if (out.len() as u64) < want && !seen[p as usize] {
+                seen[p as usize] = true;
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// Reads a page list from text: page indices separated by whitespace or commas, `#` comments,
 /// and `a-b` inclusive ranges (the `--pattern FILE` format).
 pub fn parse_pattern(text: &str) -> Result<Vec<u64>> {
