@@ -1,0 +1,159 @@
+//! Lazy restore through the `snapfork` binary: `serve-uffd` serving VMs that speak Firecracker's
+//! handshake, recording the working set; `bench restore` with every mode, forks and a chart.
+//! Root required (userfaultfd for other processes, dropping a file's page cache); CI runs as root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::Value;
+
+const PAGE: usize = 4096;
+
+fn require_root(test: &str) -> bool {
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if root {
+        return true;
+    }
+    eprintln!("!!!!!!!! {test}: needs root: NOT RUN !!!!!!!!");
+    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
+        return false;
+    }
+    panic!("{test} needs root; set SNAPFORK_ALLOW_SKIP=1 to skip");
+}
+
+fn snapfork(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
+    c.arg("--store").arg(store).arg("--json");
+    c
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json must print exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+/// A memory image of `pages` pages: a quarter zero, the rest random or half random.
+fn ingest_image(dir: &Path, store: &Path, pages: usize) -> (PathBuf, Vec<u8>) {
+    let mut rng = StdRng::seed_from_u64(0x0ffd);
+    let mut data = vec![0u8; pages * PAGE];
+    for page in data.chunks_mut(PAGE) {
+        match rng.random_range(0..4) {
+            0 => {}
+            1 => rng.fill(page),
+            _ => rng.fill(&mut page[..PAGE / 2]),
+        }
+    }
+    let file = dir.join("mem.raw");
+    std::fs::write(&file, &data).unwrap();
+    let out = json(&snapfork(store).args(["ingest", "--name", "vm"]).arg(&file).output().unwrap());
+    assert_eq!(out["name"], "vm");
+    (file, data)
+}
+
+/// A VM in its own process, as Firecracker would be (`snapfork __bench-guest`, the guest of
+/// `bench restore`): restores from `socket`, touches `pattern`'s pages in order, and reports a
+/// checksum of the first word of each.
+fn vm_process(socket: &Path, size: usize, pattern: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_snapfork"))
+        .args(["__bench-guest", "--mode", "uffd", "--size", &size.to_string(), "--socket"])
+        .arg(socket)
+        .arg("--pattern")
+        .arg(pattern)
+        .output()
+        .unwrap();
+    json(&out)
+}
+
+/// The checksum `vm_process` reports for `pages` of `data`.
+fn checksum(data: &[u8], pages: &[u64]) -> u64 {
+    pages.iter().fold(0u64, |c, &p| {
+        let w = u64::from_ne_bytes(data[p as usize * PAGE..][..8].try_into().unwrap());
+        c.rotate_left(5) ^ w
+    })
+}
+
+#[test]
+fn serve_uffd_serves_vms_and_records_the_working_set() {
+    if !require_root("serve_uffd_serves_vms_and_records_the_working_set") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (_, data) = ingest_image(tmp.path(), &store, 1024);
+    let socket = tmp.path().join("uffd.sock");
+    let server = snapfork(&store)
+        .args(["serve-uffd", "vm", "--max-restores", "2", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "serve-uffd never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Two VMs, one after the other, each touching every page: both see the image's bytes.
+    let pages: Vec<u64> = (0..(data.len() / PAGE) as u64).collect();
+    let pattern = tmp.path().join("all-pages");
+    std::fs::write(&pattern, snapfork_lazy_restore::workingset::encode(PAGE as u32, &pages)).unwrap();
+    for vm in 0..2 {
+        let seen = vm_process(&socket, data.len(), &pattern);
+        assert_eq!(seen["checksum"].as_u64(), Some(checksum(&data, &pages)), "vm {vm}: {seen}");
+    }
+    let out = server.wait_with_output().unwrap();
+    let report = json(&out);
+    assert_eq!(report["started"], 2, "{report}");
+    assert_eq!(report["ended"], 2, "{report}");
+    // The first restore's faults became the image's working set, stored under a ref...
+    assert!(report["id"].is_string(), "no working set stored: {report}");
+    let ws = json(&snapfork(&store).args(["working-set", "show", "vm"]).output().unwrap());
+    assert!(ws["pages"].as_u64().unwrap() > 0, "{ws}");
+    // ...which the second restore prefetched or found already faulted in: together with its
+    // own faults, every non-zero page was installed exactly once.
+    let stats = &report["restores"][1]["stats"];
+    let nonzero = data.chunks(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+    assert_eq!(stats["pages_copied"].as_u64().unwrap(), nonzero, "{stats}");
+}
+
+#[test]
+fn bench_restore_measures_every_mode_and_plots_them() {
+    if !require_root("bench_restore_measures_every_mode_and_plots_them") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    ingest_image(tmp.path(), &store, 2048);
+    let svg = tmp.path().join("restore.svg");
+    let out = snapfork(&store)
+        .args(["bench", "restore", "vm", "--working-set", "0.1", "--forks", "2", "--plot"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let report = json(&out);
+    let rows = report["rows"].as_array().unwrap();
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    for mode in
+        ["file-cold", "file-warm", "eager", "lazy", "lazy+prefetch", "lazy+pf warm", "full: eager", "full: lazy"]
+    {
+        assert!(modes.contains(&mode), "no {mode} row in {modes:?}");
+    }
+    for row in rows {
+        assert!(row["pages_installed"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["touch_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // The side-by-side ratios are computed, and the forks ran.
+    for ratio in ["prefetch_vs_file_cold", "prefetch_vs_file_warm", "full_lazy_vs_eager"] {
+        assert!(report["ratios"][ratio].as_f64().is_some_and(|r| r > 0.0), "{ratio}: {}", report["ratios"]);
+    }
+    let lazy = rows.iter().find(|r| r["mode"] == "lazy").unwrap();
+    assert_eq!(lazy["forks"], 2, "{lazy}");
+    assert!(lazy["forks_wall_ms"].as_f64().unwrap() > 0.0, "{lazy}");
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.contains("<svg") && chart.contains("lazy+prefetch"), "not a chart of the rows");
+}
