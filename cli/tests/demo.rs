@@ -3,15 +3,12 @@
 
 use std::process::Command;
 
+mod common;
+
 #[test]
 fn the_demo_runs_on_the_default_relative_store() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
-            eprintln!("!!! SKIPPED the_demo_runs_on_the_default_relative_store: needs root and runsc");
-            return;
-        }
-        panic!("the_demo_runs_on_the_default_relative_store needs root and runsc; set SNAPFORK_ALLOW_SKIP=1 to skip");
+    if !common::require("the_demo_runs_on_the_default_relative_store", true) {
+        return;
     }
     let cwd = tempfile::Builder::new().prefix("snapfork-demo-").tempdir_in("/var/tmp").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_snapfork"))

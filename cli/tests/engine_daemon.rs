@@ -5,18 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn require(test: &str) -> bool {
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-    let runsc = Command::new("runsc").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    if root && runsc {
-        return true;
-    }
-    eprintln!("!!!!!!!! {test}: needs root and runsc: NOT RUN !!!!!!!!");
-    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!("{test} needs root and runsc; set SNAPFORK_ALLOW_SKIP=1 to skip");
-}
+mod common;
 
 fn snapfork(store: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
@@ -80,7 +69,7 @@ const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i >> /workspace/cou
 
 #[test]
 fn daemon_ten_parallel_checkpoints_from_ten_clients() {
-    if !require("daemon_ten_parallel_checkpoints_from_ten_clients") {
+    if !common::require("daemon_ten_parallel_checkpoints_from_ten_clients", true) {
         return;
     }
     let tmp = std::env::temp_dir().join(format!("sf-daemon-test-{}", std::process::id()));

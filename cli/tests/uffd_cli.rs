@@ -9,19 +9,9 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::Value;
 
-const PAGE: usize = 4096;
+mod common;
 
-fn require_root(test: &str) -> bool {
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-    if root {
-        return true;
-    }
-    eprintln!("!!!!!!!! {test}: needs root: NOT RUN !!!!!!!!");
-    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!("{test} needs root; set SNAPFORK_ALLOW_SKIP=1 to skip");
-}
+const PAGE: usize = 4096;
 
 fn snapfork(store: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
@@ -79,7 +69,7 @@ fn checksum(data: &[u8], pages: &[u64]) -> u64 {
 
 #[test]
 fn serve_uffd_serves_vms_and_records_the_working_set() {
-    if !require_root("serve_uffd_serves_vms_and_records_the_working_set") {
+    if !common::require("serve_uffd_serves_vms_and_records_the_working_set", false) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -123,7 +113,7 @@ fn serve_uffd_serves_vms_and_records_the_working_set() {
 
 #[test]
 fn bench_restore_measures_every_mode_and_plots_them() {
-    if !require_root("bench_restore_measures_every_mode_and_plots_them") {
+    if !common::require("bench_restore_measures_every_mode_and_plots_them", false) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
