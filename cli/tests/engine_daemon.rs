@@ -6,16 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::json;
 
 fn snapfork(store: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
     c.arg("--store").arg(store).arg("--json");
     c
-}
-
-fn json(out: std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 struct Daemon {
@@ -96,7 +92,7 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         })
         .collect();
     for c in starts {
-        let v = json(c.wait_with_output().unwrap());
+        let v = json(&c.wait_with_output().unwrap());
         assert_eq!(v["status"], "running");
     }
     std::thread::sleep(Duration::from_millis(800));
@@ -115,26 +111,26 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
         .collect();
     let mut ids = Vec::new();
     for c in cks {
-        let v = json(c.wait_with_output().unwrap());
+        let v = json(&c.wait_with_output().unwrap());
         assert_eq!(v["status"], "running");
         ids.push(v["id"].as_str().unwrap().to_string());
     }
     eprintln!("10 parallel checkpoints through the daemon: {:?}", t.elapsed());
-    let log = json(snapfork(&store).args(["sandbox", "log"]).output().unwrap());
+    let log = json(&snapfork(&store).args(["sandbox", "log"]).output().unwrap());
     assert_eq!(log["snapshots"].as_array().unwrap().len(), 10);
 
     // SIGTERM: clean exit; the sandboxes keep running; a new daemon finds them.
     assert!(daemon.term().success());
     assert!(!store.join("engine/run/daemon.sock").exists());
     let daemon = Daemon::start(&store);
-    let ls = json(snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
     let list = ls["sandboxes"].as_array().unwrap();
     assert_eq!(list.len(), 10);
     for s in list {
         assert_eq!(s["status"], "running", "{s}");
     }
     // Restore one of the snapshots through the restarted daemon.
-    let r = json(snapfork(&store).args(["sandbox", "restore", &ids[3], "--as", "again"]).output().unwrap());
+    let r = json(&snapfork(&store).args(["sandbox", "restore", &ids[3], "--as", "again"]).output().unwrap());
     assert_eq!(r["id"], "again");
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);

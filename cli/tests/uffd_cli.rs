@@ -3,13 +3,14 @@
 //! Root required (userfaultfd for other processes, dropping a file's page cache); CI runs as root.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::Value;
 
 mod common;
+use common::json;
 
 const PAGE: usize = 4096;
 
@@ -17,14 +18,6 @@ fn snapfork(store: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
     c.arg("--store").arg(store).arg("--json");
     c
-}
-
-fn json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json must print exactly one line: {stdout}");
-    serde_json::from_str(lines[0]).expect("valid JSON")
 }
 
 /// A memory image of `pages` pages: a quarter zero, the rest random or half random.

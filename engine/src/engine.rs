@@ -870,15 +870,8 @@ impl Inner {
                     (restored, stored, file_hash)
                 });
                 clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
-                let committed = stored.and_then(|blob| {
-                    let body = self.snapshot_body(&rec, parent, opts, &parts);
-                    let node = body.to_node()?;
-                    let id = tx.put_node(&node)?;
-                    tx.set_ref(&head_ref(name), id)?;
-                    tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
-                    tx.commit()?;
-                    Ok((id, blob))
-                });
+                let committed =
+                    stored.and_then(|blob| Ok((self.commit_snapshot(tx, &rec, parent, opts, &parts)?, blob)));
                 clock.step("commit");
                 // The sandbox must stay as it was when the snapshot failed: bring it back then too.
                 let restored = match restored {
@@ -1015,11 +1008,7 @@ impl Inner {
                         });
                     }
                     clock.step("ingest");
-                    let body = self.snapshot_body(&rec, parent, opts, &parts);
-                    let id = tx.put_node(&body.to_node()?)?;
-                    tx.set_ref(&head_ref(name), id)?;
-                    tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
-                    tx.commit()?;
+                    let id = self.commit_snapshot(tx, &rec, parent, opts, &parts)?;
                     clock.step("commit");
                     Ok(id)
                 })();
@@ -1056,11 +1045,7 @@ impl Inner {
                 clock.step("ingest files");
                 add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                 clock.step("workspace");
-                let body = self.snapshot_body(&rec, parent, opts, &parts);
-                let id = tx.put_node(&body.to_node()?)?;
-                tx.set_ref(&head_ref(name), id)?;
-                tx.set_ref(&format!("{}{}", snaps_prefix(name), id.to_hex()), id)?;
-                tx.commit()?;
+                let id = self.commit_snapshot(tx, &rec, parent, opts, &parts)?;
                 clock.step("commit");
                 rec.head = Some(id.to_hex());
                 self.save_record(&rec)?;
@@ -1075,6 +1060,23 @@ impl Inner {
                 })
             }
         }
+    }
+
+    /// Stores the snapshot node of `parts` in `tx`, names it the sandbox's head and one of its
+    /// snapshots, and commits: the snapshot exists, durably, when this returns.
+    fn commit_snapshot(
+        &self,
+        mut tx: snapfork_store::Txn,
+        rec: &SandboxRecord,
+        parent: Option<Hash>,
+        opts: &CheckpointOptions,
+        parts: &[model::Part],
+    ) -> Result<Hash> {
+        let id = tx.put_node(&self.snapshot_body(rec, parent, opts, parts).to_node()?)?;
+        tx.set_ref(&head_ref(&rec.name), id)?;
+        tx.set_ref(&format!("{}{}", snaps_prefix(&rec.name), id.to_hex()), id)?;
+        tx.commit()?;
+        Ok(id)
     }
 
     fn snapshot_body(

@@ -39,13 +39,13 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// divisor of [`SEGMENT_PAGES`]).
 const LOCATION_GROUP: u64 = 64;
 /// A group's locations are loaded (one `multi_get` of its non-zero pages) once the pages read
-/// from it by their own lookups, times this, reach its non-zero pages. Ski rental: a scattered
-/// read of a page or two per group never pays for a whole group; dense reads soon do. 8 is the
-/// measured cost ratio of a lone lookup to a key of a `multi_get` (5-7 vs 0.4-0.9 us,
-/// `lazy-restore/examples/read_pattern`). Measured against 3: uniformly random reads 17.8 vs
-/// 21.4 us p50 (`benches` store); a 10% working set read with a fresh reader 17-19 vs 13-19 us
-/// per page.
-const LOOKUPS_PER_READ: u64 = 8;
+/// from it by their own lookups, times this, reach its non-zero pages. Ski rental: a key costs
+/// about as much in a `multi_get` as alone (3.6-7.2 vs 2.6-5.2 us per key,
+/// `lazy-restore/examples/read_pattern`), and a loaded group also lets runs of pages be read with
+/// one `pread` per span, so the group is bought once a third of its price has gone on rent.
+/// Measured against 8 (which loads groups sooner): a 10% working set read with a fresh reader
+/// 13-19 vs 17-19 us per page.
+const LOOKUPS_PER_READ: u64 = 3;
 
 /// A progress callback: called with the number of image bytes just processed.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;

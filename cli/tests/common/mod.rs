@@ -1,6 +1,18 @@
-//! What the CLI's end-to-end tests share.
+//! What the CLI's end-to-end tests share. Each test binary uses part of it.
+#![allow(dead_code)]
 
-use std::process::Command;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The one JSON object a successful `--json` command printed (exactly one line, as promised).
+pub fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json must print exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
 
 /// True when `test` can run here: it needs root, and `runsc` when `runsc` is set. Where it cannot,
 /// it says so loudly and fails, or, with `SNAPFORK_ALLOW_SKIP=1` (a local run without root),
