@@ -129,12 +129,51 @@ impl GvisorConfig {
     }
 }
 
+/// The busybox applets [`make_busybox_rootfs`] links: those the demo and tests use.
+const BUSYBOX_APPLETS: [&str; 18] = [
+    "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd", "seq", "true", "date",
+    "touch", "cp", "grep",
+];
+
 /// Builds a minimal root filesystem at `dir` from a static busybox (Debian's `busybox-static`):
 /// `/bin/busybox` plus links for the applets the demo and tests use.
+///
+/// Safe to call from many processes at once (ten CLI clients starting sandboxes on one store do):
+/// the tree is built beside `dir` and renamed into place, so no caller ever runs a sandbox on a
+/// half-built rootfs, and a caller that loses the race keeps the winner's tree.
 pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"].iter().map(Path::new).find(|p| p.exists()).ok_or_else(|| {
         Error::Invalid("busybox not found: install Debian's busybox-static (scripts/setup.sh)".into())
     })?;
+    let complete = |d: &Path| {
+        d.join("bin/busybox").exists()
+            && BUSYBOX_APPLETS.iter().all(|a| d.join("bin").join(a).symlink_metadata().is_ok())
+    };
+    if complete(dir) {
+        return Ok(());
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let building = dir.with_file_name(format!(".{name}.building-{}-{nanos}", std::process::id()));
+    populate_busybox_rootfs(busybox, &building)?;
+    match std::fs::rename(&building, dir) {
+        Ok(()) => Ok(()),
+        // Someone else's tree is in place (it won the race, or an older, partial one is there):
+        // keep it and fill in whatever it lacks.
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(&building);
+            populate_busybox_rootfs(busybox, dir)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&building);
+            Err(Error::io(format!("rename {} to {}", building.display(), dir.display()), e))
+        }
+    }
+}
+
+/// Creates whatever of the busybox rootfs is missing at `dir`; entries that exist, or that a
+/// concurrent caller creates first, are kept.
+fn populate_busybox_rootfs(busybox: &Path, dir: &Path) -> Result<()> {
     let bin = dir.join("bin");
     for d in ["bin", "proc", "dev", "sys", "tmp", "workspace", "etc"] {
         let p = dir.join(d);
@@ -142,17 +181,45 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     }
     let target = bin.join("busybox");
     if !target.exists() {
-        std::fs::copy(busybox, &target).map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
+        // Copied under a private name and renamed, so nobody executes a half-copied binary.
+        let partial = bin.join(format!(".busybox.{}", std::process::id()));
+        std::fs::copy(busybox, &partial).map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
+        std::fs::rename(&partial, &target).map_err(|e| Error::io(format!("rename {}", partial.display()), e))?;
     }
-    for applet in [
-        "sh", "sleep", "echo", "cat", "ls", "rm", "mkdir", "head", "tail", "kill", "wc", "dd", "seq", "true", "date",
-        "touch", "cp", "grep",
-    ] {
+    for applet in BUSYBOX_APPLETS {
         let link = bin.join(applet);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink("busybox", &link)
-                .map_err(|e| Error::io(format!("symlink {}", link.display()), e))?;
+        match std::os::unix::fs::symlink("busybox", &link) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::io(format!("symlink {}", link.display()), e));
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ten CLI clients starting sandboxes at once all build the shared rootfs (CI saw this race
+    /// fail with EEXIST); every one of them must succeed and find a complete tree.
+    #[test]
+    fn concurrent_callers_all_get_a_complete_busybox_rootfs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("rootfs-busybox");
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..10).map(|_| s.spawn(|| make_busybox_rootfs(&dir))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            r.unwrap();
+        }
+        assert!(std::fs::metadata(dir.join("bin/busybox")).unwrap().len() > 100_000);
+        for applet in BUSYBOX_APPLETS {
+            assert_eq!(std::fs::read_link(dir.join("bin").join(applet)).unwrap(), Path::new("busybox"));
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("rootfs-busybox")], "no half-built trees left");
+    }
 }
