@@ -191,6 +191,10 @@ fn open_ro(global: &Global) -> anyhow::Result<Store> {
     .with_context(|| format!("open store {}", global.store.display()))
 }
 
+/// What `bench restore` names the working-set pages it stores for its own working set
+/// (`attached/<image>/bench-working-set-pages`), deleted when it ends.
+const BENCH_PAGES: &str = "bench-working-set-pages";
+
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -208,8 +212,16 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         "poison" => CorruptPolicy::Poison,
         other => bail!("--on-corrupt must be kill or poison, not {other:?}"),
     };
-    let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(Arc::new(src), a.cache_mib.saturating_mul(1 << 20)));
+    let cache = Arc::new(CachedSource::new(Arc::new(src), a.cache_mib.saturating_mul(1 << 20)));
+    let source: Arc<dyn PageSource> = cache.clone();
     let prefetch = if a.no_prefetch { Vec::new() } else { stored_ws.clone().unwrap_or_default() };
+    // The stored working-set pages stream into the shared cache from now on, ahead of the
+    // prefetch readers of whichever VM connects first.
+    let preload = if prefetch.is_empty() {
+        None
+    } else {
+        Some(workingset::spawn_preload(store.clone(), id, workingset::pages_ref_name(&id), cache)?)
+    };
     let opts = ServerOptions {
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.001)),
         idle_timeout: a.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
@@ -290,12 +302,13 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     })?;
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    let preloaded = preload.and_then(|h| h.join().ok().flatten());
     let text =
         format!("served {} restores ({} refused), stopped: {}", summary.started, summary.refused, summary.reason);
     let mut j = json!({
         "image": id.to_hex(), "socket": a.socket, "started": summary.started,
         "refused": summary.refused, "ended": summary.ended, "reason": summary.reason,
-        "restores": restores,
+        "restores": restores, "preloaded": preloaded,
     });
     if let Some(blob) = saved {
         j["id"] = json!(blob);
@@ -451,6 +464,19 @@ struct Row {
     checksum: u64,
 }
 
+/// How one uffd-served benchmark run is set up.
+#[derive(Default)]
+struct LazyRun<'a> {
+    /// The pages to prefetch.
+    prefetch: Vec<u64>,
+    /// Fill the rest of the image in the background.
+    fill: bool,
+    /// Measure only after a first restore warmed the server's cache.
+    warm: bool,
+    /// The ref of working-set pages to preload into the cache.
+    preload: Option<&'a str>,
+}
+
 struct Bench<'a> {
     global: &'a Global,
     exe: PathBuf,
@@ -506,10 +532,12 @@ impl Bench<'_> {
         Ok((out, t0.elapsed().as_nanos() as u64))
     }
 
-    /// The lazy rows: demand only (its recorded working set, returned, feeds the next two),
-    /// prefetched with a fresh server cache, and prefetched with a warm one.
-    fn lazy_rows(&self, ws_file: &Path, rows: &mut Vec<Row>) -> anyhow::Result<Vec<u64>> {
-        let (g, _, reps) = self.lazy("lazy", ws_file, Vec::new(), false, 1, false)?;
+    /// The lazy rows: demand only (its recorded working set, returned, feeds the others),
+    /// prefetched with a fresh server cache (the working-set pages preloaded from their own
+    /// blob, as `serve-uffd` does, and read page by page from the image), and prefetched with a
+    /// warm cache. Returns the working set and the ref of its pages blob, if it could be stored.
+    fn lazy_rows(&mut self, ws_file: &Path, rows: &mut Vec<Row>) -> anyhow::Result<(Vec<u64>, Option<String>)> {
+        let (g, _, reps) = self.lazy("lazy", ws_file, 1, LazyRun::default())?;
         let mut r = lazy_row("lazy", &g[0], &reps);
         let recorded = reps.first().map(|r| r.working_set.clone()).unwrap_or_default();
         if let Some(rep) = reps.first() {
@@ -519,12 +547,44 @@ impl Bench<'_> {
             r.server_p99_us = pct(&mut ns, 0.99) as f64 / 1e3;
         }
         rows.push(r);
-        let (g, _, reps) = self.lazy("prefetch", ws_file, recorded.clone(), false, 1, false)?;
+        let sidecar = match self.store_bench_pages(&recorded) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                eprintln!("bench: could not store the working-set pages ({e:#}); lazy+prefetch reads pages one by one");
+                None
+            }
+        };
+        let (g, _, reps) = self.lazy(
+            "prefetch",
+            ws_file,
+            1,
+            LazyRun { prefetch: recorded.clone(), preload: sidecar.as_deref(), ..Default::default() },
+        )?;
         rows.push(lazy_row("lazy+prefetch", &g[0], &reps));
+        if sidecar.is_some() {
+            let (g, _, reps) =
+                self.lazy("prefetchp", ws_file, 1, LazyRun { prefetch: recorded.clone(), ..Default::default() })?;
+            rows.push(lazy_row("lazy+pf by page", &g[0], &reps));
+        }
         // The same when the server has restored this snapshot before (its page cache is warm).
-        let (g, _, reps) = self.lazy("prefetchw", ws_file, recorded.clone(), false, 1, true)?;
+        let (g, _, reps) = self.lazy(
+            "prefetchw",
+            ws_file,
+            1,
+            LazyRun { prefetch: recorded.clone(), warm: true, ..Default::default() },
+        )?;
         rows.push(lazy_row("lazy+pf warm", &g[0], &reps));
-        Ok(recorded)
+        Ok((recorded, sidecar))
+    }
+
+    /// Stores the working-set pages of `ws` under a ref of the benchmark's own (the image's
+    /// real working set, if any, is left alone), and reopens the store to see it.
+    fn store_bench_pages(&mut self, ws: &[u64]) -> anyhow::Result<String> {
+        let image = self.store.open_image_ref(&self.reference)?.id();
+        let name = snapfork_store::attached_name(&image, BENCH_PAGES);
+        workingset::save_pages(&open_rw(self.global)?, &image, ws, &name)?;
+        self.store = open_ro(self.global)?;
+        Ok(name)
     }
 
     /// A uffd-served run: an in-process server with a fresh cache, `n` guests.
@@ -532,23 +592,32 @@ impl Bench<'_> {
         &self,
         name: &str,
         pattern: &Path,
-        prefetch: Vec<u64>,
-        fill: bool,
         n: usize,
-        warm: bool,
+        run: LazyRun<'_>,
     ) -> anyhow::Result<(Vec<GuestResult>, u64, Vec<snapfork_lazy_restore::RestoreReport>)> {
         if self.cold_store {
             drop_store_cache(self.store.dir())?;
         }
-        let src: Arc<dyn PageSource> = Arc::new(StoreSource::open(&self.store, &self.reference)?);
-        let source: Arc<dyn PageSource> = Arc::new(CachedSource::new(src, 1 << 30));
+        let src = StoreSource::open(&self.store, &self.reference)?;
+        let image = src.id();
+        let cache = Arc::new(CachedSource::new(Arc::new(src), 1 << 30));
+        let source: Arc<dyn PageSource> = cache.clone();
+        let preload = match run.preload {
+            Some(name) => Some(workingset::spawn_preload(self.store.clone(), image, name.to_string(), cache)?),
+            None => None,
+        };
         let socket = self.work.join(format!("{name}.sock"));
         let server = UffdServer::bind(
             &socket,
             source,
             ServerOptions {
-                max_restores: Some(n + warm as usize),
-                restore: RestoreOptions { fault_around: self.fault_around, prefetch, fill, ..Default::default() },
+                max_restores: Some(n + run.warm as usize),
+                restore: RestoreOptions {
+                    fault_around: self.fault_around,
+                    prefetch: run.prefetch,
+                    fill: run.fill,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         )?;
@@ -566,7 +635,7 @@ impl Bench<'_> {
         });
         // With `warm`, a first restore fills the server's shared page cache, as when a snapshot
         // is forked again; only the following restores are measured.
-        let res = if warm {
+        let res = if run.warm {
             self.guests("uffd", pattern, Some(&socket), 1).and_then(|_| self.guests("uffd", pattern, Some(&socket), n))
         } else {
             self.guests("uffd", pattern, Some(&socket), n)
@@ -575,9 +644,12 @@ impl Bench<'_> {
             stopper.store(true, Ordering::Relaxed);
         }
         let _ = th.join();
+        if let Some(h) = preload {
+            let _ = h.join();
+        }
         let (g, wall) = res?;
         let mut reports = std::mem::take(&mut *reports.lock().unwrap_or_else(|p| p.into_inner()));
-        if warm && !reports.is_empty() {
+        if run.warm && !reports.is_empty() {
             reports.remove(0);
         }
         Ok((g, wall, reports))
@@ -656,7 +728,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     let all: Vec<u64> = (0..pages).collect();
     let all_file = work.join("all.bin");
     std::fs::write(&all_file, workingset::encode(4096, &all))?;
-    let b = Bench {
+    let mut b = Bench {
         global,
         exe: std::env::current_exe()?,
         raw: raw.clone(),
@@ -690,8 +762,9 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         rows.push(row("eager", &g[0], nonzero));
     }
     let mut recorded = Vec::new();
+    let mut sidecar = None;
     if want("lazy") {
-        recorded = b.lazy_rows(&ws_file, &mut rows)?;
+        (recorded, sidecar) = b.lazy_rows(&ws_file, &mut rows)?;
     }
     if want("full") {
         // Full sequential fault-in: eager vs lazy (demand only) vs lazy with --fill.
@@ -700,9 +773,9 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         }
         let (g, _) = b.guests("eager", &all_file, None, 1)?;
         rows.push(row("full: eager", &g[0], nonzero));
-        let (g, _, reps) = b.lazy("seq", &all_file, Vec::new(), false, 1, false)?;
+        let (g, _, reps) = b.lazy("seq", &all_file, 1, LazyRun::default())?;
         rows.push(lazy_row("full: lazy", &g[0], &reps));
-        let (g, _, reps) = b.lazy("fill", &all_file, Vec::new(), true, 1, false)?;
+        let (g, _, reps) = b.lazy("fill", &all_file, 1, LazyRun { fill: true, ..Default::default() })?;
         rows.push(lazy_row("full: lazy+fill", &g[0], &reps));
     }
 
@@ -738,10 +811,21 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         let cache_kib = |reps: &[snapfork_lazy_restore::RestoreReport]| {
             reps.iter().map(|r| r.stats.pages_copied).max().unwrap_or(0) * 4
         };
-        let (g, w, reps) = b.lazy("forks", &ws_file, Vec::new(), false, forks, false)?;
+        let (g, w, reps) = b.lazy("forks", &ws_file, forks, LazyRun::default())?;
         fork_row(&mut rows, "lazy", &g, w, cache_kib(&reps));
-        let (g, w, reps) = b.lazy("forksp", &ws_file, recorded, false, forks, false)?;
+        let (g, w, reps) = b.lazy(
+            "forksp",
+            &ws_file,
+            forks,
+            LazyRun { prefetch: recorded, preload: sidecar.as_deref(), ..Default::default() },
+        )?;
         fork_row(&mut rows, "lazy+prefetch", &g, w, cache_kib(&reps));
+    }
+    // The benchmark's working-set pages go; gc reclaims their bytes.
+    if let Some(name) = &sidecar {
+        let mut tx = open_rw(global)?.begin()?;
+        tx.delete_ref(name);
+        tx.commit()?;
     }
     let get = |m: &str| rows.iter().find(|r| r.mode == m).cloned().unwrap_or_default();
     let (cold, warm, pf) = (get("file-cold"), get("file-warm"), get("lazy+prefetch"));

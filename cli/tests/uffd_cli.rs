@@ -102,6 +102,26 @@ fn serve_uffd_serves_vms_and_records_the_working_set() {
     let stats = &report["restores"][1]["stats"];
     let nonzero = data.chunks(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
     assert_eq!(stats["pages_copied"].as_u64().unwrap(), nonzero, "{stats}");
+
+    // A new server finds the working set with its pages and streams them into its cache before
+    // any VM asks: all of the working set's data pages, each verified, none rejected.
+    let server = snapfork(&store)
+        .args(["serve-uffd", "vm", "--max-restores", "1", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "serve-uffd never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let seen = vm_process(&socket, data.len(), &pattern);
+    assert_eq!(seen["checksum"].as_u64(), Some(checksum(&data, &pages)), "{seen}");
+    let report = json(&server.wait_with_output().unwrap());
+    assert_eq!(report["preloaded"]["pages"].as_u64(), Some(nonzero), "{report}");
+    assert_eq!(report["preloaded"]["rejected"].as_u64(), Some(0), "{report}");
 }
 
 #[test]
@@ -121,9 +141,17 @@ fn bench_restore_measures_every_mode_and_plots_them() {
     let report = json(&out);
     let rows = report["rows"].as_array().unwrap();
     let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
-    for mode in
-        ["file-cold", "file-warm", "eager", "lazy", "lazy+prefetch", "lazy+pf warm", "full: eager", "full: lazy"]
-    {
+    for mode in [
+        "file-cold",
+        "file-warm",
+        "eager",
+        "lazy",
+        "lazy+prefetch",
+        "lazy+pf by page",
+        "lazy+pf warm",
+        "full: eager",
+        "full: lazy",
+    ] {
         assert!(modes.contains(&mode), "no {mode} row in {modes:?}");
     }
     for row in rows {
@@ -137,6 +165,9 @@ fn bench_restore_measures_every_mode_and_plots_them() {
     let lazy = rows.iter().find(|r| r["mode"] == "lazy").unwrap();
     assert_eq!(lazy["forks"], 2, "{lazy}");
     assert!(lazy["forks_wall_ms"].as_f64().unwrap() > 0.0, "{lazy}");
+    // The working-set pages it stored for its own working set are gone again.
+    let refs = json(&snapfork(&store).args(["ls"]).output().unwrap());
+    assert!(!refs.to_string().contains("bench-working-set-pages"), "{refs}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.contains("<svg") && chart.contains("lazy+prefetch"), "not a chart of the rows");
 }

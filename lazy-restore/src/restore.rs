@@ -734,6 +734,9 @@ fn read_job(sh: &Shared, job: Job) -> Batch {
             let at = data.len();
             data.resize(at + (q - p) as usize * rps, 0);
             let first_image_page = image_pages(r, p, ip).start;
+            if job.prefetch && !job.bulk {
+                source.wait_preloaded(first_image_page, (q - p) * (rps as u64 / ip));
+            }
             let read = if job.bulk {
                 source.read_pages_bulk(first_image_page, &mut data[at..])
             } else {
@@ -976,13 +979,7 @@ impl Serving {
             return Ok(());
         }
         let removed = st.removed.get(p);
-        if !removed && !self.states[ri].recorded.set(p, true) {
-            let first = image_pages(&r, p, self.source.page_size() as u64).start;
-            self.ws.push(first);
-            if let Ok(mut w) = self.live_ws.lock() {
-                w.push(first);
-            }
-        }
+        self.record(ri, p, 1);
         let in_stream = self.in_stream(ri, p);
         if self.states[ri].claimed.get(p) {
             // A reader is reading this page: its batch installs it (and the copy wakes the
@@ -1056,11 +1053,12 @@ impl Serving {
             {
                 n += 1;
             }
-            let res = self.read_run(ri, p, n).and_then(|k| self.install_data(ri, p, k, None));
+            let res = self.read_run(ri, p, n).and_then(|k| self.install_data(ri, p, k, None).map(|_| k));
             for q in p..p + n {
                 self.states[ri].claimed.set(q, false);
             }
-            res?;
+            let read = res?;
+            self.record(ri, p, read);
             self.seq_next = (ri, p + n);
             // Hand the pages ahead to the readers, so they are read in parallel while this
             // thread installs and the guest runs.
@@ -1070,6 +1068,24 @@ impl Serving {
         }
         self.record_latency(t0);
         Ok(())
+    }
+
+    /// Adds region pages `p..p + n` to the working set where they are not in it yet: the page a
+    /// fault asked for, and the data pages installed with it (fault-around, read-ahead), which a
+    /// restore that prefetches only the faulted pages would have to fault in again.
+    fn record(&mut self, ri: usize, p: u64, n: u64) {
+        let image_page = self.source.page_size() as u64;
+        let st = &mut self.states[ri];
+        let new: Vec<u64> = (p..p + n)
+            .filter(|&q| !st.removed.get(q) && !st.recorded.set(q, true))
+            .map(|q| image_pages(&st.r, q, image_page).start)
+            .collect();
+        if !new.is_empty() {
+            self.ws.extend_from_slice(&new);
+            if let Ok(mut w) = self.live_ws.lock() {
+                w.extend_from_slice(&new);
+            }
+        }
     }
 
     fn record_latency(&mut self, t0: Instant) {
@@ -1396,6 +1412,10 @@ impl Serving {
                 let done =
                     self.install_data(region, pc.first, pc.count, Some(&data[pc.at..pc.at + pc.count as usize * rps]))?;
                 counter.fetch_add(done, Relaxed);
+                if !prefetch {
+                    // Read ahead of a streaming guest: part of what it needed.
+                    self.record(region, pc.first, pc.count);
+                }
                 continue;
             }
             let st = &self.states[region];

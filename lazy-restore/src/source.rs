@@ -1,11 +1,12 @@
 //! Where page contents come from: the [`PageSource`] trait, a raw memory file, and a shared cache
 //! of decompressed pages that every restore of one snapshot reads through.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
@@ -39,6 +40,10 @@ pub trait PageSource: Send + Sync {
     fn read_pages_bulk(&self, first: u64, buf: &mut [u8]) -> Result<()> {
         self.read_pages(first, buf)
     }
+    /// Waits (briefly) while a preload of stored working-set pages is about to bring any of
+    /// pages `first..first + count` into a cache in front: a prefetch read then finds them there
+    /// instead of reading them once more, scattered, from the store. Demand reads never wait.
+    fn wait_preloaded(&self, _first: u64, _count: u64) {}
     /// A short name for logs and errors (the image id or the file path).
     fn name(&self) -> String;
     /// Image size in bytes.
@@ -150,7 +155,14 @@ pub struct CachedSource {
     shard_capacity: usize,
     hits: std::sync::atomic::AtomicU64,
     misses: std::sync::atomic::AtomicU64,
+    /// Pages a running preload ([`crate::workingset::preload`]) has yet to insert.
+    preload: Mutex<HashSet<u64>>,
+    preloaded: Condvar,
 }
+
+/// How long a prefetch read waits for a preload before reading the store itself: a preload
+/// streams one contiguous blob, so a wait this long means its disk stalled.
+const PRELOAD_WAIT: Duration = Duration::from_secs(1);
 
 impl CachedSource {
     /// Caches up to `capacity` bytes of `inner`'s pages (0 disables caching).
@@ -163,7 +175,46 @@ impl CachedSource {
             shard_capacity: capacity / SHARDS,
             hits: Default::default(),
             misses: Default::default(),
+            preload: Mutex::new(HashSet::new()),
+            preloaded: Condvar::new(),
         }
+    }
+
+    /// The cache's capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.shard_capacity * SHARDS
+    }
+
+    /// Announces a preload of `pages` (image page indices, in the order they will arrive):
+    /// prefetch reads of them wait for [`CachedSource::preload_pages`] instead of reading the
+    /// store. Every announced page must be delivered, or released by [`CachedSource::end_preload`].
+    pub fn begin_preload(&self, pages: &[u64]) {
+        let mut pending = self.preload.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend(pages.iter().copied().filter(|&i| !self.is_zero(i)));
+    }
+
+    /// Inserts preloaded pages (verified by the caller) and wakes the reads waiting for them.
+    pub fn preload_pages(&self, pages: &[(u64, &[u8])]) {
+        for &(index, page) in pages {
+            self.insert(index, page);
+        }
+        self.release_preload(pages.iter().map(|&(i, _)| i));
+    }
+
+    /// Releases announced pages without inserting them (they failed their check).
+    pub fn release_preload(&self, pages: impl IntoIterator<Item = u64>) {
+        let mut pending = self.preload.lock().unwrap_or_else(|p| p.into_inner());
+        for i in pages {
+            pending.remove(&i);
+        }
+        drop(pending);
+        self.preloaded.notify_all();
+    }
+
+    /// Ends a preload: whatever it did not deliver is read from the store as usual.
+    pub fn end_preload(&self) {
+        self.preload.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.preloaded.notify_all();
     }
 
     /// (hits, misses) so far.
@@ -272,6 +323,18 @@ impl PageSource for CachedSource {
         self.misses.fetch_add(1, Relaxed);
         self.insert(index, buf);
         Ok(())
+    }
+    fn wait_preloaded(&self, first: u64, count: u64) {
+        let deadline = Instant::now() + PRELOAD_WAIT;
+        let mut pending = self.preload.lock().unwrap_or_else(|p| p.into_inner());
+        while !pending.is_empty() && (first..first + count).any(|i| pending.contains(&i)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!(first, count, "preload is late; reading the store");
+                return;
+            }
+            pending = self.preloaded.wait_timeout(pending, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
     fn name(&self) -> String {
         self.inner.name()

@@ -6,12 +6,26 @@
 //! [`snapfork_store::attached_name`]): the blob lives exactly as long as its image, and gc
 //! removes both together.
 //!
+//! Beside the list, the working set's pages themselves are stored once more, back to back in
+//! fault order, as one blob (`attached/<image id hex>/working-set-pages`, [`save_pages`]). In the
+//! image's packs those pages lie wherever their image put them, so a cold prefetch would read
+//! them one small random read at a time; from this blob a restore streams them sequentially
+//! ([`preload`]) into the shared page cache, verifying each against the image's manifest, while
+//! the prefetch readers follow right behind it (REAP's working-set file, in the store). The
+//! cost is a second compressed copy of the working set, about a tenth of the image.
+//!
 //! Encoding: `b"SFWS1\n"`, the page size (u32 LE), the count (u64 LE), then each page index as a
 //! LEB128 varint of the zigzag-encoded difference from the previous index (0 before the first).
 //! Working sets are mostly ascending runs, so most entries take one byte.
 
-use snapfork_store::{Hash, Store};
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
 
+use snapfork_store::{Hash, ImageReader, Store};
+
+use crate::source::CachedSource;
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"SFWS1\n";
@@ -86,13 +100,263 @@ pub fn decode(data: &[u8]) -> Result<(u32, Vec<u64>)> {
     Ok((page_size, pages))
 }
 
-/// Stores `pages` as the working set of `image` (replacing any previous one). Returns the blob id.
+/// Stores `pages` as the working set of `image` (replacing any previous one), with its pages
+/// ([`save_pages`]). Returns the blob id of the list.
 pub fn save(store: &Store, image: &Hash, page_size: u32, pages: &[u64]) -> Result<Hash> {
+    let record = pages_record(&store.open_image(image)?, pages)?;
     let mut tx = store.begin()?;
     let blob = tx.put_blob(&encode(page_size, pages))?;
     tx.set_ref(&ref_name(image), blob.id)?;
+    let stored = tx.put_blob(&record)?;
+    tx.set_ref(&pages_ref_name(image), stored.id)?;
     tx.commit()?;
     Ok(blob.id)
+}
+
+/// The ref under which the working-set pages of image `image` are stored.
+pub fn pages_ref_name(image: &Hash) -> String {
+    snapfork_store::attached_name(image, "working-set-pages")
+}
+
+const PAGES_MAGIC: &[u8] = b"SFWP1\n";
+/// Magic, image id, page size (u32), count (u64).
+const PAGES_HEADER: usize = 6 + 32 + 4 + 8;
+/// At most this much page data goes into a working-set pages blob (the first pages faulted
+/// matter most; a huge working set is better filled from the image itself).
+const PAGES_MAX_BYTES: u64 = 512 << 20;
+
+/// Stores the data pages of `pages` (zero pages, repeats and pages past the end left out) of
+/// `image`, in that order, as one blob under ref `name`. Returns the blob id.
+pub fn save_pages(store: &Store, image: &Hash, pages: &[u64], name: &str) -> Result<Hash> {
+    let record = pages_record(&store.open_image(image)?, pages)?;
+    let mut tx = store.begin()?;
+    let stored = tx.put_blob(&record)?;
+    tx.set_ref(name, stored.id)?;
+    tx.commit()?;
+    Ok(stored.id)
+}
+
+/// The working-set pages blob: `b"SFWP1\n"`, the image id, the page size (u32 LE), the count
+/// (u64 LE), the page indices (u64 LE each), then the pages, read (and verified) from the store.
+fn pages_record(reader: &ImageReader, pages: &[u64]) -> Result<Vec<u8>> {
+    let ps = reader.page_size() as usize;
+    let max = (PAGES_MAX_BYTES / ps as u64) as usize;
+    let mut seen = HashSet::new();
+    let mut data_pages = Vec::new();
+    for &i in pages {
+        if data_pages.len() >= max {
+            break;
+        }
+        if i < reader.page_count() && reader.page_len(i) == ps && seen.insert(i) && !reader.page_id(i)?.is_zero() {
+            data_pages.push(i);
+        }
+    }
+    let mut out = Vec::with_capacity(PAGES_HEADER + data_pages.len() * (8 + ps));
+    out.extend_from_slice(PAGES_MAGIC);
+    out.extend_from_slice(&reader.id().0);
+    out.extend_from_slice(&(ps as u32).to_le_bytes());
+    out.extend_from_slice(&(data_pages.len() as u64).to_le_bytes());
+    for &i in &data_pages {
+        out.extend_from_slice(&i.to_le_bytes());
+    }
+    let at = out.len();
+    out.resize(at + data_pages.len() * ps, 0);
+    for (k, &i) in data_pages.iter().enumerate() {
+        reader.read_page(i, &mut out[at + k * ps..at + (k + 1) * ps])?;
+    }
+    Ok(out)
+}
+
+/// What a [`preload`] did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PreloadReport {
+    /// Pages inserted into the cache.
+    pub pages: u64,
+    /// Pages that did not match the image's manifest (left to the normal read path).
+    pub rejected: u64,
+    /// Milliseconds from start to the last page.
+    pub ms: f64,
+}
+
+/// Streams the working-set pages stored under ref `name` for `image` into `cache`: sequential
+/// reads of one blob (every chunk verified by the store), each page checked once more against
+/// the image's manifest before it is inserted. Prefetch reads of announced pages wait for it
+/// ([`CachedSource::begin_preload`]); demand faults never do. At most half the cache is filled.
+/// `Ok(None)` when nothing is stored under `name`.
+pub fn preload(store: &Store, image: &ImageReader, name: &str, cache: &CachedSource) -> Result<Option<PreloadReport>> {
+    let Some(blob) = store.get_ref(name)? else {
+        return Ok(None);
+    };
+    let start = Instant::now();
+    let mut sink = PreloadSink {
+        cache,
+        image,
+        limit: cache.capacity() / 2 / image.page_size() as usize,
+        header: Vec::new(),
+        pages: None,
+        next: 0,
+        partial: Vec::new(),
+        report: PreloadReport::default(),
+        error: None,
+    };
+    let read = store.read_blob(&blob, &mut sink);
+    cache.end_preload();
+    if let Some(e) = sink.error {
+        return Err(e);
+    }
+    // The sink stops the read early once it has all it wants: that is not an error.
+    if sink.pages.as_ref().is_none_or(|p| sink.next < p.len()) {
+        read?;
+    }
+    if sink.pages.as_ref().is_none_or(|p| sink.next != p.len()) {
+        return Err(Error::WorkingSet(format!("working-set pages blob {} is truncated", blob.short())));
+    }
+    sink.report.ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(Some(sink.report))
+}
+
+/// [`preload`] on a thread of its own (the cache is released when the thread ends). A failed
+/// preload only costs speed: it is logged, and prefetch reads the store as usual.
+pub fn spawn_preload(
+    store: Store,
+    image: Hash,
+    name: String,
+    cache: Arc<CachedSource>,
+) -> std::io::Result<std::thread::JoinHandle<Option<PreloadReport>>> {
+    std::thread::Builder::new().name("ws-preload".into()).spawn(move || {
+        let run = || preload(&store, &store.open_image(&image)?, &name, &cache);
+        match run() {
+            Ok(r) => {
+                if let Some(r) = &r {
+                    tracing::info!(pages = r.pages, rejected = r.rejected, ms = r.ms, "working set preloaded");
+                }
+                r
+            }
+            Err(e) => {
+                cache.end_preload();
+                tracing::warn!(error = %e, "working-set preload failed; prefetch reads the image instead");
+                None
+            }
+        }
+    })
+}
+
+/// Receives the working-set pages blob as the store reads it.
+struct PreloadSink<'a> {
+    cache: &'a CachedSource,
+    image: &'a ImageReader,
+    /// Most pages to insert.
+    limit: usize,
+    header: Vec<u8>,
+    /// The page indices, once the header is complete (cut to `limit`).
+    pages: Option<Vec<u64>>,
+    /// How many of `pages` have arrived.
+    next: usize,
+    partial: Vec<u8>,
+    report: PreloadReport,
+    error: Option<Error>,
+}
+
+impl PreloadSink<'_> {
+    /// Parses the header once all of it is in `self.header`; returns the bytes it did not use.
+    fn parse_header(&mut self) -> Result<Option<usize>> {
+        let bad = |m: &str| Error::WorkingSet(format!("working-set pages blob: {m}"));
+        if self.header.len() < PAGES_HEADER {
+            return Ok(None);
+        }
+        if &self.header[..6] != PAGES_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if self.header[6..38] != self.image.id().0 {
+            return Err(bad("it belongs to another image"));
+        }
+        let ps = u32::from_le_bytes(self.header[38..42].try_into().map_err(|_| bad("short"))?);
+        if ps != self.image.page_size() {
+            return Err(bad("page size differs from the image's"));
+        }
+        let count = u64::from_le_bytes(self.header[42..50].try_into().map_err(|_| bad("short"))?);
+        if count > self.image.page_count() {
+            return Err(bad("more pages than the image has"));
+        }
+        let end = PAGES_HEADER + count as usize * 8;
+        if self.header.len() < end {
+            return Ok(None);
+        }
+        let mut pages: Vec<u64> = self.header[PAGES_HEADER..end]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect();
+        if pages.iter().any(|&i| i >= self.image.page_count()) {
+            return Err(bad("a page index beyond the image"));
+        }
+        pages.truncate(self.limit);
+        self.cache.begin_preload(&pages);
+        self.pages = Some(pages);
+        Ok(Some(end))
+    }
+
+    /// Verifies and inserts the whole pages at the front of `data`; keeps the rest for later.
+    fn take_pages(&mut self, mut data: &[u8]) -> Result<()> {
+        let Some(pages) = &self.pages else { return Ok(()) };
+        let ps = self.image.page_size() as usize;
+        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut rejected = Vec::new();
+        while self.next < pages.len() && !data.is_empty() {
+            let want = ps - self.partial.len();
+            let n = want.min(data.len());
+            self.partial.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.partial.len() < ps {
+                break;
+            }
+            let index = pages[self.next];
+            self.next += 1;
+            let page = std::mem::take(&mut self.partial);
+            if Hash::of(&page) == self.image.page_id(index)? {
+                batch.push((index, page));
+            } else {
+                rejected.push(index);
+            }
+        }
+        self.report.pages += batch.len() as u64;
+        self.report.rejected += rejected.len() as u64;
+        if !rejected.is_empty() {
+            tracing::warn!(pages = ?rejected, "working-set pages blob disagrees with the image; those pages are read from the image");
+            self.cache.release_preload(rejected);
+        }
+        let refs: Vec<(u64, &[u8])> = batch.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+        self.cache.preload_pages(&refs);
+        Ok(())
+    }
+}
+
+impl Write for PreloadSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut step = || -> Result<()> {
+            let mut data = buf;
+            if self.pages.is_none() {
+                let before = self.header.len();
+                self.header.extend_from_slice(data);
+                match self.parse_header()? {
+                    None => return Ok(()),
+                    Some(end) => data = &data[end - before..],
+                }
+            }
+            self.take_pages(data)
+        };
+        if let Err(e) = step() {
+            self.error = Some(e);
+            return Err(std::io::Error::other("working-set preload failed"));
+        }
+        if self.pages.as_ref().is_some_and(|p| self.next >= p.len()) {
+            // All wanted pages are in: stop reading (the caller tells this from a failure).
+            return Err(std::io::Error::other("working-set preload complete"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The stored working set of `image`, if any.
@@ -104,10 +368,11 @@ pub fn load(store: &Store, image: &Hash) -> Result<Option<Vec<u64>>> {
     Ok(Some(pages))
 }
 
-/// Deletes the stored working set of `image` (its blob goes at the next gc).
+/// Deletes the stored working set of `image` and its pages (their blobs go at the next gc).
 pub fn delete(store: &Store, image: &Hash) -> Result<()> {
     let mut tx = store.begin()?;
     tx.delete_ref(&ref_name(image));
+    tx.delete_ref(&pages_ref_name(image));
     tx.commit()?;
     Ok(())
 }

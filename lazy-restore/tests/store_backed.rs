@@ -160,3 +160,90 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
         .unwrap();
     assert_eq!(info.id, id);
 }
+
+/// The data pages of `ws` in first-seen order (what a working-set pages blob holds).
+fn data_pages(reader: &snapfork_store::ImageReader, ws: &[u64]) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    ws.iter().copied().filter(|&i| seen.insert(i) && !reader.page_id(i).unwrap().is_zero()).collect()
+}
+
+#[test]
+fn working_set_pages_preload_into_the_shared_cache_and_go_with_their_image() {
+    let dir = tempdir();
+    let (store, _) = store_with_image(dir.path(), 2048);
+    let id = store.resolve("vm").unwrap();
+    let reader = store.open_image(&id).unwrap();
+    // Repeats, zero pages (i % 7 == 3, i % 11 == 5) and a page past the end are left out.
+    let mut ws: Vec<u64> = (0..400u64).map(|i| (i * 7) % 2048).collect();
+    ws.extend([3, 5, 9_999]);
+    workingset::save(&store, &id, 4096, &ws).unwrap();
+    let want = data_pages(&reader, &ws[..400]);
+    assert!(want.len() > 200 && want.len() < 400, "{}", want.len());
+
+    let cache = CachedSource::new(Arc::new(StoreSource::open(&store, "vm").unwrap()), 64 << 20);
+    let report = workingset::preload(&store, &reader, &workingset::pages_ref_name(&id), &cache).unwrap().unwrap();
+    assert_eq!((report.pages, report.rejected), (want.len() as u64, 0));
+    // Every preloaded page now comes from the cache, and is the image's page.
+    let (mut got, mut expect) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for &i in &want {
+        cache.read_page(i, &mut got).unwrap();
+        reader.read_page(i, &mut expect).unwrap();
+        assert!(got == expect, "page {i}");
+    }
+    assert_eq!(cache.counters(), (want.len() as u64, 0), "(hits, misses)");
+
+    // Attached to the image: gc keeps it while the image lives, removes it with the image.
+    let gc = snapfork_store::GcOptions { dry_run: false, grace: Duration::ZERO, ..Default::default() };
+    store.gc(&gc).unwrap();
+    assert!(store.get_ref(&workingset::pages_ref_name(&id)).unwrap().is_some());
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("vm");
+    tx.commit().unwrap();
+    let report = store.gc(&gc).unwrap();
+    assert_eq!(report.removed_attached, 2, "the working set and its pages");
+    assert!(store.get_ref(&workingset::pages_ref_name(&id)).unwrap().is_none());
+}
+
+#[test]
+fn a_working_set_pages_blob_that_disagrees_with_its_image_is_not_believed() {
+    let dir = tempdir();
+    let (store, image) = store_with_image(dir.path(), 1024);
+    let id = store.resolve("vm").unwrap();
+    let reader = store.open_image(&id).unwrap();
+    let ws: Vec<u64> = (0..64).collect();
+    let name = workingset::pages_ref_name(&id);
+    workingset::save_pages(&store, &id, &ws, &name).unwrap();
+    let want = data_pages(&reader, &ws);
+
+    // One byte of the last page changed: that page is rejected, the others are preloaded, and
+    // the rejected page is still read correctly (from the image).
+    let blob = store.get_ref(&name).unwrap().unwrap();
+    let mut bytes = store.get_blob(&blob).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    let mut tx = store.begin().unwrap();
+    let forged = tx.put_blob(&bytes).unwrap();
+    tx.set_ref(&name, forged.id).unwrap();
+    tx.commit().unwrap();
+    let cache = CachedSource::new(Arc::new(StoreSource::open(&store, "vm").unwrap()), 64 << 20);
+    let report = workingset::preload(&store, &reader, &name, &cache).unwrap().unwrap();
+    assert_eq!((report.pages, report.rejected), (want.len() as u64 - 1, 1));
+    let last = *want.last().unwrap();
+    let (mut got, mut expect) = (vec![0u8; 4096], vec![0u8; 4096]);
+    cache.read_page(last, &mut got).unwrap();
+    reader.read_page(last, &mut expect).unwrap();
+    assert!(got == expect);
+    assert_eq!(cache.counters().1, 1, "the rejected page was read from the image");
+
+    // The pages of another image are refused whole, by name.
+    let other = dir.path().join("other.raw");
+    make_image(&other, 64);
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(&other).unwrap().write_all_at(b"different", 0).unwrap();
+    }
+    let other_id = store.ingest_image(&other, &snapfork_store::IngestOptions::default(), Some("other")).unwrap().id;
+    workingset::save_pages(&store, &other_id, &ws, &name).unwrap();
+    let err = workingset::preload(&store, &reader, &name, &cache).unwrap_err();
+    assert!(err.to_string().contains("another image"), "{err}");
+    drop(image);
+}
