@@ -188,6 +188,9 @@ pub fn preload(store: &Store, image: &ImageReader, name: &str, cache: &CachedSou
         return Ok(None);
     };
     let start = Instant::now();
+    // Two stages: this thread reads the blob (decompressing and verifying its chunks) and cuts
+    // it into pages; a second one checks each page against the manifest and inserts it.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<PageBatch>(16);
     let mut sink = PreloadSink {
         cache,
         image,
@@ -196,11 +199,17 @@ pub fn preload(store: &Store, image: &ImageReader, name: &str, cache: &CachedSou
         pages: None,
         next: 0,
         partial: Vec::new(),
-        report: PreloadReport::default(),
+        out: Some(tx),
         error: None,
     };
-    let read = store.read_blob(&blob, &mut sink);
+    let (read, report) = std::thread::scope(|scope| {
+        let inserting = scope.spawn(|| verify_and_insert(image, cache, rx));
+        let read = store.read_blob(&blob, &mut sink);
+        sink.out = None;
+        (read, inserting.join())
+    });
     cache.end_preload();
+    let mut report = report.map_err(|_| Error::WorkingSet("working-set preload thread panicked".into()))??;
     if let Some(e) = sink.error {
         return Err(e);
     }
@@ -211,8 +220,40 @@ pub fn preload(store: &Store, image: &ImageReader, name: &str, cache: &CachedSou
     if sink.pages.as_ref().is_none_or(|p| sink.next != p.len()) {
         return Err(Error::WorkingSet(format!("working-set pages blob {} is truncated", blob.short())));
     }
-    sink.report.ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(Some(sink.report))
+    report.ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(Some(report))
+}
+
+/// Pages cut from the blob, with their image page index, on their way to be checked.
+type PageBatch = Vec<(u64, Vec<u8>)>;
+
+/// The second stage of [`preload`]: pages that match the image's manifest go into the cache,
+/// the others are released to the normal read path.
+fn verify_and_insert(
+    image: &ImageReader,
+    cache: &CachedSource,
+    batches: std::sync::mpsc::Receiver<PageBatch>,
+) -> Result<PreloadReport> {
+    let mut report = PreloadReport::default();
+    for batch in batches {
+        let mut good: Vec<(u64, &[u8])> = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        for (index, page) in &batch {
+            if Hash::of(page) == image.page_id(*index)? {
+                good.push((*index, page));
+            } else {
+                rejected.push(*index);
+            }
+        }
+        report.pages += good.len() as u64;
+        report.rejected += rejected.len() as u64;
+        cache.preload_pages(&good);
+        if !rejected.is_empty() {
+            tracing::warn!(pages = ?rejected, "working-set pages blob disagrees with the image; those pages are read from the image");
+            cache.release_preload(rejected);
+        }
+    }
+    Ok(report)
 }
 
 /// [`preload`] on a thread of its own (the cache is released when the thread ends). A failed
@@ -253,7 +294,8 @@ struct PreloadSink<'a> {
     /// How many of `pages` have arrived.
     next: usize,
     partial: Vec<u8>,
-    report: PreloadReport,
+    /// To [`verify_and_insert`].
+    out: Option<std::sync::mpsc::SyncSender<PageBatch>>,
     error: Option<Error>,
 }
 
@@ -295,37 +337,27 @@ impl PreloadSink<'_> {
         Ok(Some(end))
     }
 
-    /// Verifies and inserts the whole pages at the front of `data`; keeps the rest for later.
+    /// Hands the whole pages at the front of `data` on; keeps a partial one for later.
     fn take_pages(&mut self, mut data: &[u8]) -> Result<()> {
         let Some(pages) = &self.pages else { return Ok(()) };
         let ps = self.image.page_size() as usize;
-        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut rejected = Vec::new();
+        let mut batch: PageBatch = Vec::new();
         while self.next < pages.len() && !data.is_empty() {
-            let want = ps - self.partial.len();
-            let n = want.min(data.len());
+            let n = (ps - self.partial.len()).min(data.len());
             self.partial.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.partial.len() < ps {
                 break;
             }
-            let index = pages[self.next];
+            batch.push((pages[self.next], std::mem::take(&mut self.partial)));
             self.next += 1;
-            let page = std::mem::take(&mut self.partial);
-            if Hash::of(&page) == self.image.page_id(index)? {
-                batch.push((index, page));
-            } else {
-                rejected.push(index);
-            }
         }
-        self.report.pages += batch.len() as u64;
-        self.report.rejected += rejected.len() as u64;
-        if !rejected.is_empty() {
-            tracing::warn!(pages = ?rejected, "working-set pages blob disagrees with the image; those pages are read from the image");
-            self.cache.release_preload(rejected);
+        if let Some(out) = &self.out
+            && !batch.is_empty()
+            && out.send(batch).is_err()
+        {
+            return Err(Error::WorkingSet("working-set preload: the inserting thread ended".into()));
         }
-        let refs: Vec<(u64, &[u8])> = batch.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-        self.cache.preload_pages(&refs);
         Ok(())
     }
 }
