@@ -804,34 +804,26 @@ impl Inner {
                 clock.step("runsc checkpoint + streamed ingest");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
-                let mut ws_err = None;
-                if let Some(ws) = &rec.workspace {
-                    match workspace::checkpoint(&self.store, ws, &opts.message) {
-                        Ok(w) => {
-                            created.push(w.id);
-                            parts.push(model::Part {
-                                role: Role::Workspace,
-                                name: "workspace".into(),
-                                kind: PartKind::Workspace,
-                                id: w.id.to_hex(),
-                                size: w.bytes,
-                            });
-                        }
-                        // The snapshot fails; the sandbox is brought back below.
-                        Err(e) => ws_err = Some(e),
-                    }
-                }
-                clock.step("workspace");
+                // The finished image is hashed (to check it against what was streamed, and to
+                // key the image cache) while the workspace is checkpointed: the hash is CPU, the
+                // workspace checkpoint mostly waits for the pack's data to reach the disk.
+                let (mut ws_err, file_hash) = std::thread::scope(|scope| {
+                    let hashing = scope.spawn(|| hash_file(&image));
+                    // A failure fails the snapshot; the sandbox is brought back below.
+                    let ws =
+                        add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)
+                            .err();
+                    (ws, hashing.join().ok().and_then(|h| h.ok()))
+                });
+                clock.step("workspace + image hash");
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
                     self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
                 };
                 // With --leave-running, the sandbox comes back from the image just written while
                 // the image is stored (both only read it), so it waits for neither the other.
-                let (restored, stored, file_hash) = std::thread::scope(|scope| {
+                let (restored, stored) = std::thread::scope(|scope| {
                     let restoring = opts.leave_running.then(|| scope.spawn(restore_in_place));
-                    let hashing = scope.spawn(|| hash_file(&image));
-                    let file_hash = hashing.join().ok().and_then(|h| h.ok());
                     let stored = (|| -> Result<Hash> {
                         if let Some(e) = ws_err.take() {
                             return Err(e);
@@ -867,7 +859,7 @@ impl Inner {
                     })();
                     let restored = restoring
                         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
-                    (restored, stored, file_hash)
+                    (restored, stored)
                 });
                 clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
                 let committed =
@@ -1838,21 +1830,18 @@ type Segment = (Hash, u64, u64);
 /// been read to its end. Returns (blob id, length, new stored bytes) per segment and the blake3 of
 /// all bytes read, for the caller to check against the finished file.
 fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) -> Result<(Vec<Segment>, Hash)> {
-    use std::os::unix::fs::FileExt;
     let mut file: Option<std::fs::File> = None;
     let mut off = 0u64;
     let mut segs = Vec::new();
     let mut whole = blake3::Hasher::new();
-    let mut buf = vec![0u8; SEGMENT as usize];
-    if std::env::var_os("XX_NO_STREAM").is_some() {
-        while !done.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        return Err(Error::Invalid("xx".into()));
-    }
+    // Where reading stood when runsc finished: what follows is stored after it, not beside it.
+    let mut tail_from = None;
     loop {
         // Read the flag before the size: once set, the size seen next is the final one.
         let finished = done.load(Ordering::SeqCst);
+        if finished && tail_from.is_none() {
+            tail_from = Some(off);
+        }
         if file.is_none() {
             file = std::fs::File::open(image).ok();
         }
@@ -1860,14 +1849,20 @@ fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) 
             let size = f.metadata().map_err(|e| Error::io(format!("stat {}", image.display()), e))?.len();
             while size - off >= SEGMENT || (finished && size > off) {
                 let n = (size - off).min(SEGMENT) as usize;
-                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", image.display()), e))?;
-                whole.update(&buf[..n]);
-                let info = tx.put_blob(&buf[..n])?;
+                // Mapped, not read: the bytes are in the page cache runsc just wrote them to,
+                // and a copy would take CPU from runsc, which is still compressing.
+                // SAFETY: the image lies in a directory of ours that only runsc writes, and it
+                // only appends to it: the mapped range (below the size seen) stays valid.
+                let map = unsafe { memmap2::MmapOptions::new().offset(off).len(n).map(f) }
+                    .map_err(|e| Error::io(format!("map {}", image.display()), e))?;
+                whole.update(&map);
+                let info = tx.put_blob(&map)?;
                 segs.push((info.id, n as u64, info.new_stored_bytes));
                 off += n as u64;
             }
         }
         if finished {
+            tracing::debug!(bytes = off, tail = off - tail_from.unwrap_or(off), "image streamed");
             return Ok((segs, Hash(*whole.finalize().as_bytes())));
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
