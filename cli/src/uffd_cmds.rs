@@ -267,39 +267,51 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         }
     );
     let mut restores = Vec::new();
-    let mut saved: Option<String> = None;
     let mut need_ws = stored_ws.is_none() && !a.no_record;
-    let summary = server.run(|srv, ev| match ev {
-        ServerEvent::Started { pid, regions, fds } => {
-            eprintln!("vm pid {pid}: {} regions, {fds} fds", regions.len());
-        }
-        ServerEvent::Refused { pid, error } => {
-            eprintln!("refused pid {pid:?}: {error}");
-        }
-        ServerEvent::Ended(r) => {
-            eprintln!(
-                "vm pid {:?}: ended ({:?}); {} faults, {} pages copied, {} zero",
-                r.pid, r.end, r.stats.faults, r.stats.pages_copied, r.stats.pages_zeroed
-            );
-            if need_ws && !r.working_set.is_empty() {
-                need_ws = false;
-                match save_ws(global, &id, page_size as u32, &r.working_set) {
-                    Ok(blob) => {
-                        eprintln!("stored a working set of {} pages", r.working_set.len());
-                        saved = Some(blob);
-                        if !a.no_prefetch {
-                            srv.set_prefetch(r.working_set.clone());
-                        }
-                    }
-                    Err(e) => eprintln!("could not store the working set: {e:#}"),
-                }
+    // The working set is stored on a thread of its own: that reads its pages out of the store
+    // and writes them again (seconds for a large guest), and waits for the writer lock, while
+    // this loop must keep accepting VMs.
+    let (summary, saved) = std::thread::scope(|scope| {
+        let mut saving = None;
+        let summary = server.run(|srv, ev| match ev {
+            ServerEvent::Started { pid, regions, fds } => {
+                eprintln!("vm pid {pid}: {} regions, {fds} fds", regions.len());
             }
-            restores.push(json!({
-                "pid": r.pid, "end": r.end, "stats": r.stats,
-                "working_set_pages": r.working_set.len(), "touched_pages": r.touched.len(),
-            }));
-        }
-    })?;
+            ServerEvent::Refused { pid, error } => {
+                eprintln!("refused pid {pid:?}: {error}");
+            }
+            ServerEvent::Ended(r) => {
+                eprintln!(
+                    "vm pid {:?}: ended ({:?}); {} faults, {} pages copied, {} zero",
+                    r.pid, r.end, r.stats.faults, r.stats.pages_copied, r.stats.pages_zeroed
+                );
+                if need_ws && !r.working_set.is_empty() {
+                    need_ws = false;
+                    // The server's cache holds these pages now: later VMs prefetch from it.
+                    if !a.no_prefetch {
+                        srv.set_prefetch(r.working_set.clone());
+                    }
+                    let ws = r.working_set.clone();
+                    saving = Some(scope.spawn(move || match save_ws(global, &id, page_size as u32, &ws) {
+                        Ok(blob) => {
+                            eprintln!("stored a working set of {} pages", ws.len());
+                            Some(blob)
+                        }
+                        Err(e) => {
+                            eprintln!("could not store the working set: {e:#}");
+                            None
+                        }
+                    }));
+                }
+                restores.push(json!({
+                    "pid": r.pid, "end": r.end, "stats": r.stats,
+                    "working_set_pages": r.working_set.len(), "touched_pages": r.touched.len(),
+                }));
+            }
+        });
+        (summary, saving.and_then(|h| h.join().ok().flatten()))
+    });
+    let summary = summary?;
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     let preloaded = preload.and_then(|h| h.join().ok().flatten());

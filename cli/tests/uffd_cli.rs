@@ -60,18 +60,12 @@ fn checksum(data: &[u8], pages: &[u64]) -> u64 {
     })
 }
 
-#[test]
-fn serve_uffd_serves_vms_and_records_the_working_set() {
-    if !common::require("serve_uffd_serves_vms_and_records_the_working_set", false) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
-    let (_, data) = ingest_image(tmp.path(), &store, 1024);
-    let socket = tmp.path().join("uffd.sock");
-    let server = snapfork(&store)
-        .args(["serve-uffd", "vm", "--max-restores", "2", "--socket"])
-        .arg(&socket)
+/// `snapfork serve-uffd vm` for `restores` VMs, once it listens on `socket`.
+fn serve_uffd(store: &Path, socket: &Path, restores: u32) -> std::process::Child {
+    let _ = std::fs::remove_file(socket);
+    let server = snapfork(store)
+        .args(["serve-uffd", "vm", "--max-restores", &restores.to_string(), "--socket"])
+        .arg(socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -81,6 +75,19 @@ fn serve_uffd_serves_vms_and_records_the_working_set() {
         assert!(start.elapsed() < Duration::from_secs(30), "serve-uffd never listened");
         std::thread::sleep(Duration::from_millis(10));
     }
+    server
+}
+
+#[test]
+fn serve_uffd_serves_vms_and_records_the_working_set() {
+    if !common::require("serve_uffd_serves_vms_and_records_the_working_set", false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (_, data) = ingest_image(tmp.path(), &store, 1024);
+    let socket = tmp.path().join("uffd.sock");
+    let server = serve_uffd(&store, &socket, 2);
     // Two VMs, one after the other, each touching every page: both see the image's bytes.
     let pages: Vec<u64> = (0..(data.len() / PAGE) as u64).collect();
     let pattern = tmp.path().join("all-pages");
@@ -105,18 +112,7 @@ fn serve_uffd_serves_vms_and_records_the_working_set() {
 
     // A new server finds the working set with its pages and streams them into its cache before
     // any VM asks: all of the working set's data pages, each verified, none rejected.
-    let server = snapfork(&store)
-        .args(["serve-uffd", "vm", "--max-restores", "1", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "serve-uffd never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = serve_uffd(&store, &socket, 1);
     let seen = vm_process(&socket, data.len(), &pattern);
     assert_eq!(seen["checksum"].as_u64(), Some(checksum(&data, &pages)), "{seen}");
     let report = json(&server.wait_with_output().unwrap());

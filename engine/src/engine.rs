@@ -1431,9 +1431,17 @@ impl Inner {
                         && !rep.working_set.is_empty()
                     {
                         need_ws = false;
-                        match workingset::save(&store, &mem, page_size, &rep.working_set) {
-                            Ok(_) => srv.set_prefetch(rep.working_set.clone()),
-                            Err(e) => tracing::warn!(image = %id, error = %e, "could not store the working set"),
+                        srv.set_prefetch(rep.working_set.clone());
+                        // Stored beside the server (it reads and writes the working set's pages):
+                        // the server goes on accepting VMs meanwhile.
+                        let (store, ws, image) = (store.clone(), rep.working_set.clone(), id.clone());
+                        let saving = std::thread::Builder::new().name(format!("ws-save-{id}")).spawn(move || {
+                            if let Err(e) = workingset::save(&store, &mem, page_size, &ws) {
+                                tracing::warn!(%image, error = %e, "could not store the working set");
+                            }
+                        });
+                        if let Err(e) = saving {
+                            tracing::warn!(image = %id, error = %e, "could not start storing the working set");
                         }
                     }
                     tracing::info!(image = %id, ?ev, "uffd")

@@ -160,8 +160,8 @@ pub struct CachedSource {
     preloaded: Condvar,
 }
 
-/// How long a prefetch read waits for a preload before reading the store itself: a preload
-/// streams one contiguous blob, so a wait this long means its disk stalled.
+/// How long a prefetch read waits for a preload before giving up on it and reading the store
+/// itself: a preload streams one contiguous blob, so a wait this long means its disk stalled.
 const PRELOAD_WAIT: Duration = Duration::from_secs(1);
 
 impl CachedSource {
@@ -330,7 +330,10 @@ impl PageSource for CachedSource {
         while !pending.is_empty() && (first..first + count).any(|i| pending.contains(&i)) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                tracing::debug!(first, count, "preload is late; reading the store");
+                // Its disk stalled: nobody waits for it any more (what it still brings is
+                // cached all the same).
+                tracing::warn!(first, count, "working-set preload stalled; prefetch reads the image");
+                pending.clear();
                 return;
             }
             pending = self.preloaded.wait_timeout(pending, left).unwrap_or_else(|p| p.into_inner()).0;

@@ -207,7 +207,7 @@ fn working_set_pages_preload_into_the_shared_cache_and_go_with_their_image() {
 #[test]
 fn a_working_set_pages_blob_that_disagrees_with_its_image_is_not_believed() {
     let dir = tempdir();
-    let (store, image) = store_with_image(dir.path(), 1024);
+    let (store, _) = store_with_image(dir.path(), 1024);
     let id = store.resolve("vm").unwrap();
     let reader = store.open_image(&id).unwrap();
     let ws: Vec<u64> = (0..64).collect();
@@ -245,5 +245,4 @@ fn a_working_set_pages_blob_that_disagrees_with_its_image_is_not_believed() {
     workingset::save_pages(&store, &other_id, &ws, &name).unwrap();
     let err = workingset::preload(&store, &reader, &name, &cache).unwrap_err();
     assert!(err.to_string().contains("another image"), "{err}");
-    drop(image);
 }
