@@ -1177,13 +1177,34 @@ impl Inner {
         let dir = tempdir(&self.state.join("tmp"), "img")?;
         let path = dir.join("checkpoint.img");
         let r = (|| -> Result<()> {
-            let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+            let f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            // Segments are read (decompressed, verified) on two threads, each written at its
+            // offset: reading the store is CPU, and it is on the restore's path.
+            let mut jobs = Vec::with_capacity(segs.len());
+            let mut at = 0u64;
             for p in &segs {
-                self.store.read_blob(&Snapshot::part_id(p)?, &mut w)?;
+                jobs.push((Snapshot::part_id(p)?, at, p.size));
+                at += p.size;
             }
-            std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-            Ok(())
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let worker = || -> Result<()> {
+                while let Some(&(id, offset, size)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, OffsetWriter { file: &f, offset });
+                    if self.store.read_blob(&id, &mut w)? != size {
+                        return Err(Error::corrupt(
+                            format!("state blob {}", id.short()),
+                            "size differs from the snapshot's",
+                        ));
+                    }
+                    std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+                }
+                Ok(())
+            };
+            std::thread::scope(|scope| {
+                let other = scope.spawn(worker);
+                let mine = worker();
+                other.join().unwrap_or_else(|_| Err(Error::Invalid("image writer thread panicked".into()))).and(mine)
+            })
         })();
         match r {
             Ok(()) => Ok(Some(Prepared { dir, temporary: true })),
@@ -1909,6 +1930,23 @@ fn file_size(p: &Path) -> Result<u64> {
 
 fn rename(a: &Path, b: &Path) -> Result<()> {
     std::fs::rename(a, b).map_err(|e| Error::io(format!("rename {} -> {}", a.display(), b.display()), e))
+}
+
+/// Writes into `file` from `offset` on (positioned writes: several can fill one file at once).
+struct OffsetWriter<'a> {
+    file: &'a std::fs::File,
+    offset: u64,
+}
+
+impl std::io::Write for OffsetWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::write_at(self.file, buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `DIR/.NAME.suffix`: a hidden sibling on the same filesystem, so renames are atomic.
