@@ -792,6 +792,7 @@ impl Inner {
                     let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
                     let ck = self.runsc.checkpoint(&rid, &img_dir);
                     done.store(true, Ordering::SeqCst);
+                    clock.step("runsc checkpoint (image streamed meanwhile)");
                     let streamed =
                         ingest.join().unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
                     (ck, streamed)
@@ -801,7 +802,7 @@ impl Inner {
                     let _ = std::fs::remove_dir_all(&img_dir);
                     return Err(e);
                 }
-                clock.step("runsc checkpoint + streamed ingest");
+                clock.step("rest of the image streamed");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
                 // The finished image is hashed (to check it against what was streamed, and to
