@@ -348,6 +348,15 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
                 "image": id.to_hex(), "ref": workingset::ref_name(&id),
                 "id": blob.map(|b| b.to_hex()), "pages": n, "fraction": n as f64 / total,
             });
+            // Its pages, stored again back to back for restores to preload.
+            let pages_ref = workingset::pages_ref_name(&id);
+            let pages_blob = match store.get_ref(&pages_ref)? {
+                Some(b) => Some((b, store.blob_size(&b)?)),
+                None => None,
+            };
+            j["pages_ref"] = json!(pages_ref);
+            j["pages_blob"] = json!(pages_blob.map(|(b, _)| b.to_hex()));
+            j["pages_blob_bytes"] = json!(pages_blob.map(|(_, n)| n));
             if pages {
                 j["list"] = json!(ws.clone().unwrap_or_default());
             }
@@ -360,6 +369,12 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
                         w.len(),
                         100.0 * w.len() as f64 / total
                     );
+                    t += &match pages_blob {
+                        Some((_, n)) => {
+                            format!("; its pages stored again for preloading: {:.1} MiB", n as f64 / 1048576.0)
+                        }
+                        None => "; its pages are not stored for preloading".to_string(),
+                    };
                     if pages {
                         t += "\n";
                         t += &w.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");

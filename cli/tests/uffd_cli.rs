@@ -104,10 +104,12 @@ fn serve_uffd_serves_vms_and_records_the_working_set() {
     assert!(report["id"].is_string(), "no working set stored: {report}");
     let ws = json(&snapfork(&store).args(["working-set", "show", "vm"]).output().unwrap());
     assert!(ws["pages"].as_u64().unwrap() > 0, "{ws}");
+    // ...with its data pages stored again, back to back, for the next server to preload.
+    let nonzero = data.chunks(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+    assert!(ws["pages_blob_bytes"].as_u64().unwrap() >= nonzero * PAGE as u64, "{ws}");
     // ...which the second restore prefetched or found already faulted in: together with its
     // own faults, every non-zero page was installed exactly once.
     let stats = &report["restores"][1]["stats"];
-    let nonzero = data.chunks(PAGE).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
     assert_eq!(stats["pages_copied"].as_u64().unwrap(), nonzero, "{stats}");
 
     // A new server finds the working set with its pages and streams them into its cache before
