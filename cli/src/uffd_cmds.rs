@@ -863,6 +863,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         "prefetch_vs_file_cold": pf.total_ms / cold.total_ms,
         "prefetch_warm_cache_vs_file_warm": pfw.total_ms / warm.total_ms,
         "prefetch_warm_cache_vs_file_cold": pfw.total_ms / cold.total_ms,
+        "prefetch_by_page_vs_file_cold": get("lazy+pf by page").total_ms / cold.total_ms,
         "full_lazy_vs_eager": fseq.total_ms / feager.total_ms,
         "full_lazy_fill_vs_eager": ffill.total_ms / feager.total_ms,
         "lazy_setup_ms": get("lazy").setup_ms,
