@@ -514,6 +514,24 @@ struct Bench<'a> {
     store: Store,
     fault_around: usize,
     cold_store: bool,
+    /// The ref of the working-set pages this benchmark stored, deleted when it ends.
+    bench_pages: Option<String>,
+}
+
+impl Drop for Bench<'_> {
+    /// The benchmark's working-set pages go however it ends (gc reclaims their bytes).
+    fn drop(&mut self) {
+        if let Some(name) = self.bench_pages.take() {
+            let deleted = open_rw(self.global).and_then(|store| {
+                let mut tx = store.begin()?;
+                tx.delete_ref(&name);
+                Ok(tx.commit()?)
+            });
+            if let Err(e) = deleted {
+                eprintln!("bench: could not delete {name}: {e:#}");
+            }
+        }
+    }
 }
 
 impl Bench<'_> {
@@ -610,6 +628,7 @@ impl Bench<'_> {
         let image = self.store.open_image_ref(&self.reference)?.id();
         let name = snapfork_store::attached_name(&image, BENCH_PAGES);
         workingset::save_pages(&open_rw(self.global)?, &image, ws, &name)?;
+        self.bench_pages = Some(name.clone());
         self.store = open_ro(self.global)?;
         Ok(name)
     }
@@ -765,6 +784,7 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
         store: store.clone(),
         fault_around: a.fault_around_kib.max(4) << 10,
         cold_store: a.cold_store,
+        bench_pages: None,
     };
     let nonzero = (0..pages).filter(|&i| reader.page_id(i).is_ok_and(|h| !h.is_zero())).count() as u64;
     let mut rows: Vec<Row> = Vec::new();
@@ -847,12 +867,6 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
             LazyRun { prefetch: recorded, preload: sidecar.as_deref(), ..Default::default() },
         )?;
         fork_row(&mut rows, "lazy+prefetch", &g, w, cache_kib(&reps));
-    }
-    // The benchmark's working-set pages go; gc reclaims their bytes.
-    if let Some(name) = &sidecar {
-        let mut tx = open_rw(global)?.begin()?;
-        tx.delete_ref(name);
-        tx.commit()?;
     }
     let get = |m: &str| rows.iter().find(|r| r.mode == m).cloned().unwrap_or_default();
     let (cold, warm, pf) = (get("file-cold"), get("file-warm"), get("lazy+prefetch"));

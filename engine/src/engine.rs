@@ -1188,16 +1188,23 @@ impl Inner {
                 at += p.size;
             }
             let next = std::sync::atomic::AtomicUsize::new(0);
+            let failed = AtomicBool::new(false);
+            let segment = |&(id, offset, size): &(Hash, u64, u64)| -> Result<()> {
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, OffsetWriter { file: &f, offset });
+                if self.store.read_blob(&id, &mut w)? != size {
+                    return Err(Error::corrupt(
+                        format!("state blob {}", id.short()),
+                        "size differs from the snapshot's",
+                    ));
+                }
+                std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))
+            };
             let worker = || -> Result<()> {
-                while let Some(&(id, offset, size)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let mut w = std::io::BufWriter::with_capacity(1 << 20, OffsetWriter { file: &f, offset });
-                    if self.store.read_blob(&id, &mut w)? != size {
-                        return Err(Error::corrupt(
-                            format!("state blob {}", id.short()),
-                            "size differs from the snapshot's",
-                        ));
-                    }
-                    std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+                while !failed.load(Ordering::Relaxed)
+                    && let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
+                {
+                    // The first failure stops both threads.
+                    segment(job).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
                 }
                 Ok(())
             };
@@ -1832,7 +1839,7 @@ fn kill_pid(pid: Option<i32>) {
 /// Upper bounds of the local cache of runsc images (beyond them, least recently used go).
 const IMAGE_CACHE_BYTES: u64 = 4 << 30;
 /// Decompressed pages each memory image's UFFD server keeps for its restores and forks.
-const UFFD_CACHE_BYTES: usize = 1 << 30;
+const UFFD_CACHE_BYTES: usize = 256 << 20;
 /// The file beside a cached runsc image that holds its [`file_checksum`] (hex).
 const CHECKSUM_FILE: &str = "xxh3-128";
 const IMAGE_CACHE_ENTRIES: usize = 32;
@@ -1865,6 +1872,8 @@ fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) 
     let mut file: Option<std::fs::File> = None;
     let mut off = 0u64;
     let mut segs = Vec::new();
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; SEGMENT as usize];
     let mut whole = xxhash_rust::xxh3::Xxh3::new();
     // Where reading stood when runsc finished: what follows is stored after it, not beside it.
     let mut tail_from = None;
@@ -1879,16 +1888,17 @@ fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) 
         }
         if let Some(f) = &file {
             let size = f.metadata().map_err(|e| Error::io(format!("stat {}", image.display()), e))?.len();
+            if size < off {
+                return Err(Error::Invalid(format!("{} shrank while it was streamed", image.display())));
+            }
             while size - off >= SEGMENT || (finished && size > off) {
                 let n = (size - off).min(SEGMENT) as usize;
-                // Mapped, not read: the bytes are in the page cache runsc just wrote them to,
-                // and a copy would take CPU from runsc, which is still compressing.
-                // SAFETY: the image lies in a directory of ours that only runsc writes, and it
-                // only appends to it: the mapped range (below the size seen) stays valid.
-                let map = unsafe { memmap2::MmapOptions::new().offset(off).len(n).map(f) }
-                    .map_err(|e| Error::io(format!("map {}", image.display()), e))?;
-                whole.update(&map);
-                let info = tx.put_blob(&map)?;
+                // Read into a buffer of ours, not mapped: the checksum and the stored chunks
+                // must be computed from the same bytes even if runsc rewrote them meanwhile
+                // (the checksum then disagrees with the finished file, which is stored again).
+                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", image.display()), e))?;
+                whole.update(&buf[..n]);
+                let info = tx.put_blob(&buf[..n])?;
                 segs.push((info.id, n as u64, info.new_stored_bytes));
                 off += n as u64;
             }

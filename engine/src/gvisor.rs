@@ -153,8 +153,7 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
         return Ok(());
     }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let building = dir.with_file_name(format!(".{name}.building-{}-{nanos}", std::process::id()));
+    let building = dir.with_file_name(format!(".{name}.building-{}", unique_suffix()));
     populate_busybox_rootfs(busybox, &building)?;
     match std::fs::rename(&building, dir) {
         Ok(()) => Ok(()),
@@ -171,6 +170,13 @@ pub fn make_busybox_rootfs(dir: &Path) -> Result<()> {
     }
 }
 
+/// A name part no other caller, in this process or another, uses at the same time.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Creates whatever of the busybox rootfs is missing at `dir`; entries that exist, or that a
 /// concurrent caller creates first, are kept.
 fn populate_busybox_rootfs(busybox: &Path, dir: &Path) -> Result<()> {
@@ -182,7 +188,7 @@ fn populate_busybox_rootfs(busybox: &Path, dir: &Path) -> Result<()> {
     let target = bin.join("busybox");
     if !target.exists() {
         // Copied under a private name and renamed, so nobody executes a half-copied binary.
-        let partial = bin.join(format!(".busybox.{}", std::process::id()));
+        let partial = bin.join(format!(".busybox.{}", unique_suffix()));
         std::fs::copy(busybox, &partial).map_err(|e| Error::io(format!("copy {}", busybox.display()), e))?;
         std::fs::rename(&partial, &target).map_err(|e| Error::io(format!("rename {}", partial.display()), e))?;
     }

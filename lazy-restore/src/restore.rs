@@ -734,9 +734,6 @@ fn read_job(sh: &Shared, job: Job) -> Batch {
             let at = data.len();
             data.resize(at + (q - p) as usize * rps, 0);
             let first_image_page = image_pages(r, p, ip).start;
-            if job.prefetch && !job.bulk {
-                source.wait_preloaded(first_image_page, (q - p) * (rps as u64 / ip));
-            }
             let read = if job.bulk {
                 source.read_pages_bulk(first_image_page, &mut data[at..])
             } else {
@@ -807,7 +804,14 @@ fn reader_loop(sh: &Shared, tx: SyncSender<Batch>) {
                 // picks up the runs a jump skipped (pages installed or claimed are left out).
                 let i = sh.next.fetch_add(1, Relaxed);
                 if i < len {
-                    (claim_run(sh, sh.plan[i]), false)
+                    // Pages a preload is about to bring are waited for before they are claimed:
+                    // meanwhile a demand fault on one reads it itself rather than wait here.
+                    let run = sh.plan[i];
+                    let r = &sh.regions[run.region];
+                    let ip = sh.source.page_size() as u64;
+                    let first = image_pages(r, run.first, ip).start;
+                    sh.source.wait_preloaded(first, run.count * (r.page_size / ip));
+                    (claim_run(sh, run), false)
                 } else {
                     let i = sh.sweep.fetch_add(1, Relaxed);
                     if i >= len {

@@ -44,6 +44,10 @@ pub trait PageSource: Send + Sync {
     /// pages `first..first + count` into a cache in front: a prefetch read then finds them there
     /// instead of reading them once more, scattered, from the store. Demand reads never wait.
     fn wait_preloaded(&self, _first: u64, _count: u64) {}
+    /// The store id of the image, for sources that read one from the store.
+    fn image_id(&self) -> Option<snapfork_store::Hash> {
+        None
+    }
     /// A short name for logs and errors (the image id or the file path).
     fn name(&self) -> String;
     /// Image size in bytes.
@@ -188,9 +192,9 @@ impl CachedSource {
     /// Announces a preload of `pages` (image page indices, in the order they will arrive):
     /// prefetch reads of them wait for [`CachedSource::preload_pages`] instead of reading the
     /// store. Every announced page must be delivered, or released by [`CachedSource::end_preload`].
+    /// One preload at a time per cache.
     pub fn begin_preload(&self, pages: &[u64]) {
-        let mut pending = self.preload.lock().unwrap_or_else(|p| p.into_inner());
-        pending.extend(pages.iter().copied().filter(|&i| !self.is_zero(i)));
+        self.preload.lock().unwrap_or_else(|p| p.into_inner()).extend(pages.iter().copied());
     }
 
     /// Inserts preloaded pages (verified by the caller) and wakes the reads waiting for them.
@@ -324,6 +328,9 @@ impl PageSource for CachedSource {
         self.insert(index, buf);
         Ok(())
     }
+    fn image_id(&self) -> Option<snapfork_store::Hash> {
+        self.inner.image_id()
+    }
     fn wait_preloaded(&self, first: u64, count: u64) {
         let deadline = Instant::now() + PRELOAD_WAIT;
         let mut pending = self.preload.lock().unwrap_or_else(|p| p.into_inner());
@@ -399,6 +406,9 @@ impl PageSource for StoreSource {
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<()> {
         self.reader.read_pages(first, buf).map_err(|e| self.page_error(first, e))
     }
+    fn image_id(&self) -> Option<snapfork_store::Hash> {
+        Some(self.reader.id())
+    }
     fn name(&self) -> String {
         self.reader.name().to_string()
     }
@@ -432,5 +442,63 @@ impl SharedSources {
         map.retain(|_, w| w.strong_count() > 0);
         map.insert(key.to_string(), Arc::downgrade(&c));
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache over a raw file of `pages` pages, each filled with its index.
+    fn cache(dir: &Path, pages: u64) -> CachedSource {
+        let path = dir.join("mem.raw");
+        let data: Vec<u8> = (0..pages).flat_map(|i| vec![i as u8 + 1; 4096]).collect();
+        std::fs::write(&path, data).unwrap();
+        CachedSource::new(Arc::new(RawFileSource::open(&path, 4096).unwrap()), 1 << 20)
+    }
+
+    #[test]
+    fn a_prefetch_read_waits_for_announced_pages_until_they_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 8);
+        c.begin_preload(&[1, 2]);
+        let waited = std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let t = Instant::now();
+                c.wait_preloaded(1, 2);
+                t.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(150));
+            let (one, two) = (vec![9u8; 4096], vec![8u8; 4096]);
+            c.preload_pages(&[(1, &one), (2, &two)]);
+            waiter.join().unwrap()
+        });
+        assert!(waited >= Duration::from_millis(140) && waited < PRELOAD_WAIT, "{waited:?}");
+        // Delivered pages come from the cache (these bytes differ from the file's on purpose).
+        let mut buf = vec![0u8; 4096];
+        c.read_page(2, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 8));
+        // Pages nobody announced are never waited for.
+        let t = Instant::now();
+        c.wait_preloaded(3, 4);
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_stalled_preload_is_given_up_once_for_everybody() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path(), 8);
+        c.begin_preload(&[5, 6]);
+        let t = Instant::now();
+        c.wait_preloaded(5, 1);
+        let first = t.elapsed();
+        assert!(first >= PRELOAD_WAIT - Duration::from_millis(50), "{first:?}");
+        // The next read does not wait again, also for another announced page.
+        let t = Instant::now();
+        c.wait_preloaded(6, 1);
+        assert!(t.elapsed() < Duration::from_millis(50));
+        let mut buf = vec![0u8; 4096];
+        c.read_page(6, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7), "read from the file");
     }
 }

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use snapfork_store::{Hash, ImageReader, Store};
 
-use crate::source::CachedSource;
+use crate::source::{CachedSource, PageSource};
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"SFWS1\n";
@@ -103,7 +103,7 @@ pub fn decode(data: &[u8]) -> Result<(u32, Vec<u64>)> {
 /// Stores `pages` as the working set of `image` (replacing any previous one), with its pages
 /// ([`save_pages`]). Returns the blob id of the list.
 pub fn save(store: &Store, image: &Hash, page_size: u32, pages: &[u64]) -> Result<Hash> {
-    let record = pages_record(&store.open_image(image)?, pages)?;
+    let record = pages_record(&store.open_image(image)?, pages);
     let mut tx = store.begin()?;
     let blob = tx.put_blob(&encode(page_size, pages))?;
     tx.set_ref(&ref_name(image), blob.id)?;
@@ -128,7 +128,7 @@ const PAGES_MAX_BYTES: u64 = 512 << 20;
 /// Stores the data pages of `pages` (zero pages, repeats and pages past the end left out) of
 /// `image`, in that order, as one blob under ref `name`. Returns the blob id.
 pub fn save_pages(store: &Store, image: &Hash, pages: &[u64], name: &str) -> Result<Hash> {
-    let record = pages_record(&store.open_image(image)?, pages)?;
+    let record = pages_record(&store.open_image(image)?, pages);
     let mut tx = store.begin()?;
     let stored = tx.put_blob(&record)?;
     tx.set_ref(name, stored.id)?;
@@ -138,33 +138,43 @@ pub fn save_pages(store: &Store, image: &Hash, pages: &[u64], name: &str) -> Res
 
 /// The working-set pages blob: `b"SFWP1\n"`, the image id, the page size (u32 LE), the count
 /// (u64 LE), the page indices (u64 LE each), then the pages, read (and verified) from the store.
-fn pages_record(reader: &ImageReader, pages: &[u64]) -> Result<Vec<u8>> {
+/// A page that cannot be read (damaged in the store) is left out: the blob only speeds restores
+/// up, and the damage is for the restore that touches that page (or `verify`) to report.
+fn pages_record(reader: &ImageReader, pages: &[u64]) -> Vec<u8> {
     let ps = reader.page_size() as usize;
     let max = (PAGES_MAX_BYTES / ps as u64) as usize;
     let mut seen = HashSet::new();
-    let mut data_pages = Vec::new();
+    let (mut indices, mut data) = (Vec::new(), Vec::new());
+    let mut page = vec![0u8; ps];
     for &i in pages {
-        if data_pages.len() >= max {
+        if indices.len() >= max {
             break;
         }
-        if i < reader.page_count() && reader.page_len(i) == ps && seen.insert(i) && !reader.page_id(i)?.is_zero() {
-            data_pages.push(i);
+        let wanted = i < reader.page_count()
+            && reader.page_len(i) == ps
+            && seen.insert(i)
+            && reader.page_id(i).is_ok_and(|id| !id.is_zero());
+        if !wanted {
+            continue;
+        }
+        match reader.read_page(i, &mut page) {
+            Ok(_) => {
+                indices.push(i);
+                data.extend_from_slice(&page);
+            }
+            Err(e) => tracing::warn!(page = i, error = %e, "working-set page left out of its pages blob"),
         }
     }
-    let mut out = Vec::with_capacity(PAGES_HEADER + data_pages.len() * (8 + ps));
+    let mut out = Vec::with_capacity(PAGES_HEADER + indices.len() * 8 + data.len());
     out.extend_from_slice(PAGES_MAGIC);
     out.extend_from_slice(&reader.id().0);
     out.extend_from_slice(&(ps as u32).to_le_bytes());
-    out.extend_from_slice(&(data_pages.len() as u64).to_le_bytes());
-    for &i in &data_pages {
+    out.extend_from_slice(&(indices.len() as u64).to_le_bytes());
+    for &i in &indices {
         out.extend_from_slice(&i.to_le_bytes());
     }
-    let at = out.len();
-    out.resize(at + data_pages.len() * ps, 0);
-    for (k, &i) in data_pages.iter().enumerate() {
-        reader.read_page(i, &mut out[at + k * ps..at + (k + 1) * ps])?;
-    }
-    Ok(out)
+    out.extend_from_slice(&data);
+    out
 }
 
 /// What a [`preload`] did.
@@ -187,26 +197,35 @@ pub fn preload(store: &Store, image: &ImageReader, name: &str, cache: &CachedSou
     let Some(blob) = store.get_ref(name)? else {
         return Ok(None);
     };
+    if cache.image_id() != Some(image.id()) {
+        return Err(Error::WorkingSet(format!(
+            "preload of image {} into the cache of another image ({})",
+            image.id().short(),
+            cache.name()
+        )));
+    }
     let start = Instant::now();
     // Two stages: this thread reads the blob (decompressing and verifying its chunks) and cuts
     // it into pages; a second one checks each page against the manifest and inserts it.
     let (tx, rx) = std::sync::mpsc::sync_channel::<PageBatch>(16);
-    let mut sink = PreloadSink {
-        cache,
-        image,
-        limit: cache.capacity() / 2 / image.page_size() as usize,
-        header: Vec::new(),
-        pages: None,
-        next: 0,
-        partial: Vec::new(),
-        out: Some(tx),
-        error: None,
-    };
-    let (read, report) = std::thread::scope(|scope| {
+    let (sink, read, report) = std::thread::scope(|scope| {
         let inserting = scope.spawn(|| verify_and_insert(image, cache, rx));
+        // The sink (and with it the sender) lives in here: should reading panic, it is dropped
+        // on the way out, the inserting thread ends, and the scope can finish.
+        let mut sink = PreloadSink {
+            cache,
+            image,
+            limit: cache.capacity() / 2 / image.page_size() as usize,
+            header: Vec::new(),
+            pages: None,
+            next: 0,
+            partial: Vec::new(),
+            out: Some(tx),
+            error: None,
+        };
         let read = store.read_blob(&blob, &mut sink);
         sink.out = None;
-        (read, inserting.join())
+        (sink, read, inserting.join())
     });
     cache.end_preload();
     let mut report = report.map_err(|_| Error::WorkingSet("working-set preload thread panicked".into()))??;

@@ -245,4 +245,29 @@ fn a_working_set_pages_blob_that_disagrees_with_its_image_is_not_believed() {
     workingset::save_pages(&store, &other_id, &ws, &name).unwrap();
     let err = workingset::preload(&store, &reader, &name, &cache).unwrap_err();
     assert!(err.to_string().contains("another image"), "{err}");
+    // And no image's pages go into the cache of another.
+    let others = CachedSource::new(Arc::new(StoreSource::open(&store, "other").unwrap()), 64 << 20);
+    let err = workingset::preload(&store, &reader, &workingset::pages_ref_name(&id), &others).unwrap_err();
+    assert!(err.to_string().contains("cache of another image"), "{err}");
+}
+
+#[test]
+fn a_damaged_page_is_left_out_of_the_working_set_pages_and_the_list_is_stored() {
+    let dir = tempdir();
+    let (store, _) = corrupt_store(dir.path());
+    drop(store);
+    let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
+    let id = store.resolve("vm").unwrap();
+    let ws: Vec<u64> = (95..105).collect();
+    workingset::save(&store, &id, 4096, &ws).unwrap();
+    assert_eq!(workingset::load(&store, &id).unwrap().unwrap(), ws);
+    let reader = store.open_image(&id).unwrap();
+    let cache = CachedSource::new(Arc::new(StoreSource::open(&store, "vm").unwrap()), 64 << 20);
+    let report = workingset::preload(&store, &reader, &workingset::pages_ref_name(&id), &cache).unwrap().unwrap();
+    let want = data_pages(&reader, &ws).into_iter().filter(|&p| p != 100).count() as u64;
+    assert_eq!((report.pages, report.rejected), (want, 0));
+    // The damaged page is still reported when something reads it.
+    let mut buf = vec![0u8; 4096];
+    let err = cache.read_page(100, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("100"), "{err}");
 }
