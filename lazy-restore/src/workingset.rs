@@ -138,34 +138,25 @@ pub fn save_pages(store: &Store, image: &Hash, pages: &[u64], name: &str) -> Res
 
 /// The working-set pages blob: `b"SFWP1\n"`, the image id, the page size (u32 LE), the count
 /// (u64 LE), the page indices (u64 LE each), then the pages, read (and verified) from the store.
-/// A page that cannot be read (damaged in the store) is left out: the blob only speeds restores
-/// up, and the damage is for the restore that touches that page (or `verify`) to report.
+/// Built in one buffer (its size is the peak memory). A page that cannot be read (damaged in the
+/// store) is stored as zeros: a preload then rejects it against the manifest, and the damage is
+/// for the restore that touches that page (or `verify`) to report.
 fn pages_record(reader: &ImageReader, pages: &[u64]) -> Vec<u8> {
     let ps = reader.page_size() as usize;
     let max = (PAGES_MAX_BYTES / ps as u64) as usize;
     let mut seen = HashSet::new();
-    let (mut indices, mut data) = (Vec::new(), Vec::new());
-    let mut page = vec![0u8; ps];
-    for &i in pages {
-        if indices.len() >= max {
-            break;
-        }
-        let wanted = i < reader.page_count()
-            && reader.page_len(i) == ps
-            && seen.insert(i)
-            && reader.page_id(i).is_ok_and(|id| !id.is_zero());
-        if !wanted {
-            continue;
-        }
-        match reader.read_page(i, &mut page) {
-            Ok(_) => {
-                indices.push(i);
-                data.extend_from_slice(&page);
-            }
-            Err(e) => tracing::warn!(page = i, error = %e, "working-set page left out of its pages blob"),
-        }
-    }
-    let mut out = Vec::with_capacity(PAGES_HEADER + indices.len() * 8 + data.len());
+    let indices: Vec<u64> = pages
+        .iter()
+        .copied()
+        .filter(|&i| {
+            i < reader.page_count()
+                && reader.page_len(i) == ps
+                && seen.insert(i)
+                && reader.page_id(i).is_ok_and(|id| !id.is_zero())
+        })
+        .take(max)
+        .collect();
+    let mut out = Vec::with_capacity(PAGES_HEADER + indices.len() * (8 + ps));
     out.extend_from_slice(PAGES_MAGIC);
     out.extend_from_slice(&reader.id().0);
     out.extend_from_slice(&(ps as u32).to_le_bytes());
@@ -173,7 +164,15 @@ fn pages_record(reader: &ImageReader, pages: &[u64]) -> Vec<u8> {
     for &i in &indices {
         out.extend_from_slice(&i.to_le_bytes());
     }
-    out.extend_from_slice(&data);
+    let at = out.len();
+    out.resize(at + indices.len() * ps, 0);
+    for (k, &i) in indices.iter().enumerate() {
+        let page = &mut out[at + k * ps..at + (k + 1) * ps];
+        if let Err(e) = reader.read_page(i, page) {
+            tracing::warn!(page = i, error = %e, "damaged working-set page stored as zeros in its pages blob");
+            page.fill(0);
+        }
+    }
     out
 }
 
