@@ -105,6 +105,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (mut s_ck, mut s_rs, mut s_fork, mut second_added, mut first_added) = (vec![], vec![], vec![], vec![], vec![]);
     let mut s_ck_steps = Vec::new();
+    let mut s_lr_steps = Vec::new();
 
     for round in 0..rounds {
         // Baseline round.
@@ -200,6 +201,7 @@ fn main() {
                 .await
                 .unwrap();
             s_lr.push(ms(t.elapsed()));
+            s_lr_steps.push(ck2.timings.steps.clone());
             second_added.push(ck2.stored_bytes_added as f64);
             for s in engine.ls().await.unwrap() {
                 engine.rm(&s.name).await.unwrap();
@@ -232,6 +234,7 @@ fn main() {
         median(second_added) / 1e6
     );
     println!("snapfork checkpoint steps (last round): {:?}", s_ck_steps.last().unwrap());
+    println!("snapfork keep-running checkpoint steps (last round): {:?}", s_lr_steps.last().unwrap());
 }
 
 fn nix_is_root() -> bool {

@@ -805,64 +805,74 @@ impl Inner {
                 clock.step("rest of the image streamed");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
-                // The finished image is hashed (to check it against what was streamed, and to
-                // key the image cache) while the workspace is checkpointed: the hash is CPU, the
-                // workspace checkpoint mostly waits for the pack's data to reach the disk.
-                let (mut ws_err, file_hash) = std::thread::scope(|scope| {
-                    let hashing = scope.spawn(|| file_checksum(&image));
-                    // A failure fails the snapshot; the sandbox is brought back below.
-                    let ws =
-                        add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)
-                            .err();
-                    (ws, hashing.join().ok().and_then(|h| h.ok()))
-                });
-                clock.step("workspace + image hash");
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
                     self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
                 };
-                // With --leave-running, the sandbox comes back from the image just written while
-                // the image is stored (both only read it), so it waits for neither the other.
-                let (restored, stored) = std::thread::scope(|scope| {
-                    let restoring = opts.leave_running.then(|| scope.spawn(restore_in_place));
-                    let stored = (|| -> Result<Hash> {
-                        if let Some(e) = ws_err.take() {
-                            return Err(e);
+                // The finished image is hashed (to check it against what was streamed, and to
+                // key the image cache) while the workspace is checkpointed: the hash is CPU, the
+                // workspace checkpoint mostly waits for the pack's data to reach the disk. With
+                // --leave-running the sandbox comes back from the image (it only reads it) as
+                // soon as the workspace's files are captured, so that wait overlaps the restore.
+                let (mut ws_err, file_hash, restored) = std::thread::scope(|scope| {
+                    let hashing = scope.spawn(|| file_checksum(&image));
+                    let mut restoring = None;
+                    let mut captured = || {
+                        if opts.leave_running && restoring.is_none() {
+                            restoring = Some(scope.spawn(restore_in_place));
                         }
-                        let size = file_size(&image)?;
-                        // What was streamed must be exactly the finished file; otherwise
-                        // (runsc rewrote a part it had written) store the file again, whole.
-                        let segs = match streamed {
-                            Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => {
-                                segs
-                            }
-                            other => {
-                                if let Err(e) = other {
-                                    tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
-                                } else {
-                                    tracing::warn!("image changed while it was streamed; storing it again");
-                                }
-                                let info = tx.put_blob_file(&image)?;
-                                vec![(info.id, size, info.new_stored_bytes)]
-                            }
-                        };
-                        for (k, (id, len, new)) in segs.iter().enumerate() {
-                            added += new;
-                            parts.push(model::Part {
-                                role: Role::State,
-                                name: format!("checkpoint.img.{k:03}"),
-                                kind: PartKind::Blob,
-                                id: id.to_hex(),
-                                size: *len,
-                            });
-                        }
-                        Ok(state_key(&parts))
-                    })();
+                    };
+                    // A failure fails the snapshot; the sandbox is brought back below.
+                    let ws = add_workspace_part(
+                        &self.store,
+                        rec.workspace.as_deref(),
+                        &opts.message,
+                        created,
+                        &mut parts,
+                        &mut captured,
+                    )
+                    .err();
                     let restored = restoring
                         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
-                    (restored, stored)
+                    (ws, hashing.join().ok().and_then(|h| h.ok()), restored)
                 });
-                clock.step(if opts.leave_running { "ingest + restore in place" } else { "ingest" });
+                clock.step(if opts.leave_running {
+                    "workspace + image hash + restore in place"
+                } else {
+                    "workspace + image hash"
+                });
+                let stored = (|| -> Result<Hash> {
+                    if let Some(e) = ws_err.take() {
+                        return Err(e);
+                    }
+                    let size = file_size(&image)?;
+                    // What was streamed must be exactly the finished file; otherwise
+                    // (runsc rewrote a part it had written) store the file again, whole.
+                    let segs = match streamed {
+                        Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => segs,
+                        other => {
+                            if let Err(e) = other {
+                                tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
+                            } else {
+                                tracing::warn!("image changed while it was streamed; storing it again");
+                            }
+                            let info = tx.put_blob_file(&image)?;
+                            vec![(info.id, size, info.new_stored_bytes)]
+                        }
+                    };
+                    for (k, (id, len, new)) in segs.iter().enumerate() {
+                        added += new;
+                        parts.push(model::Part {
+                            role: Role::State,
+                            name: format!("checkpoint.img.{k:03}"),
+                            kind: PartKind::Blob,
+                            id: id.to_hex(),
+                            size: *len,
+                        });
+                    }
+                    Ok(state_key(&parts))
+                })();
+                clock.step("ingest");
                 let committed =
                     stored.and_then(|blob| Ok((self.commit_snapshot(tx, &rec, parent, opts, &parts)?, blob)));
                 clock.step("commit");
@@ -936,7 +946,14 @@ impl Inner {
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
                 let result = (|| -> Result<Hash> {
                     // Files first, while paused (memory and files of one instant).
-                    add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
+                    add_workspace_part(
+                        &self.store,
+                        rec.workspace.as_deref(),
+                        &opts.message,
+                        created,
+                        &mut parts,
+                        &mut || {},
+                    )?;
                     clock.step("workspace");
                     let prev = |role: Role, name: &str| {
                         parent_snap.as_ref().and_then(|p| {
@@ -1036,7 +1053,14 @@ impl Inner {
                 parts = p;
                 added += new;
                 clock.step("ingest files");
-                add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
+                add_workspace_part(
+                    &self.store,
+                    rec.workspace.as_deref(),
+                    &opts.message,
+                    created,
+                    &mut parts,
+                    &mut || {},
+                )?;
                 clock.step("workspace");
                 let id = self.commit_snapshot(tx, &rec, parent, opts, &parts)?;
                 clock.step("commit");
@@ -1997,16 +2021,18 @@ pub(crate) fn tempdir(parent: &Path, what: &str) -> Result<PathBuf> {
 }
 
 /// Checkpoints a sandbox's workspace, if it has one, as the snapshot's workspace part; the
-/// checkpoint's id goes to `created` (released again if the snapshot fails).
+/// checkpoint's id goes to `created` (released again if the snapshot fails). `captured` is
+/// called once the workspace may change again (at once when there is none).
 fn add_workspace_part(
     store: &Store,
     workspace: Option<&Path>,
     message: &str,
     created: &mut Vec<Hash>,
     parts: &mut Vec<model::Part>,
+    captured: &mut dyn FnMut(),
 ) -> Result<()> {
     if let Some(ws) = workspace {
-        let w = workspace::checkpoint(store, ws, message)?;
+        let w = workspace::checkpoint_then(store, ws, message, captured)?;
         created.push(w.id);
         parts.push(model::Part {
             role: Role::Workspace,
@@ -2015,6 +2041,8 @@ fn add_workspace_part(
             id: w.id.to_hex(),
             size: w.bytes,
         });
+    } else {
+        captured();
     }
     Ok(())
 }

@@ -499,6 +499,19 @@ fn stage_and_hash(
 /// directories are pinned in the transaction (a pinned node keeps its whole closure alive), so
 /// a checkpoint after a few edits costs the walk plus work proportional to what changed.
 pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<CheckpointReport> {
+    checkpoint_then(repo, dir, message, &mut || {})
+}
+
+/// [`checkpoint`], calling `captured` once the tree's state is taken (every file's content
+/// staged or known, nothing more read from `dir`) and before the store commit: from then on
+/// the workspace may change again (a sandbox may resume) while the commit waits for the disk.
+/// Not called when the checkpoint fails before that point.
+pub fn checkpoint_then(
+    repo: &dyn Repo,
+    dir: &Path,
+    message: Option<&str>,
+    captured: &mut dyn FnMut(),
+) -> Result<CheckpointReport> {
     let start = Instant::now();
     let ws = canonical(dir)?;
     let exclude = store_key(repo);
@@ -928,6 +941,7 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
             .map_err(|e| Error::Corrupt { id: "workspace record".into(), reason: e.to_string() })?;
         tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
         let t_nodes = start.elapsed();
+        captured();
         tx.commit()?;
         tracing::debug!(
             walk_ms = t_walk.as_secs_f64() * 1e3,
