@@ -823,7 +823,7 @@ impl Inner {
                         }
                     };
                     // A failure fails the snapshot; the sandbox is brought back below.
-                    let ws = add_workspace_part(
+                    let ws = add_workspace_part_then(
                         &self.store,
                         rec.workspace.as_deref(),
                         &opts.message,
@@ -946,14 +946,7 @@ impl Inner {
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
                 let result = (|| -> Result<Hash> {
                     // Files first, while paused (memory and files of one instant).
-                    add_workspace_part(
-                        &self.store,
-                        rec.workspace.as_deref(),
-                        &opts.message,
-                        created,
-                        &mut parts,
-                        &mut || {},
-                    )?;
+                    add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                     clock.step("workspace");
                     let prev = |role: Role, name: &str| {
                         parent_snap.as_ref().and_then(|p| {
@@ -1053,14 +1046,7 @@ impl Inner {
                 parts = p;
                 added += new;
                 clock.step("ingest files");
-                add_workspace_part(
-                    &self.store,
-                    rec.workspace.as_deref(),
-                    &opts.message,
-                    created,
-                    &mut parts,
-                    &mut || {},
-                )?;
+                add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                 clock.step("workspace");
                 let id = self.commit_snapshot(tx, &rec, parent, opts, &parts)?;
                 clock.step("commit");
@@ -2021,9 +2007,20 @@ pub(crate) fn tempdir(parent: &Path, what: &str) -> Result<PathBuf> {
 }
 
 /// Checkpoints a sandbox's workspace, if it has one, as the snapshot's workspace part; the
-/// checkpoint's id goes to `created` (released again if the snapshot fails). `captured` is
-/// called once the workspace may change again (at once when there is none).
+/// checkpoint's id goes to `created` (released again if the snapshot fails).
 fn add_workspace_part(
+    store: &Store,
+    workspace: Option<&Path>,
+    message: &str,
+    created: &mut Vec<Hash>,
+    parts: &mut Vec<model::Part>,
+) -> Result<()> {
+    add_workspace_part_then(store, workspace, message, created, parts, &mut || {})
+}
+
+/// [`add_workspace_part`], calling `captured` once the workspace may change again (at once
+/// when there is none).
+fn add_workspace_part_then(
     store: &Store,
     workspace: Option<&Path>,
     message: &str,
@@ -2032,7 +2029,7 @@ fn add_workspace_part(
     captured: &mut dyn FnMut(),
 ) -> Result<()> {
     if let Some(ws) = workspace {
-        let w = workspace::checkpoint_then(store, ws, message, captured)?;
+        let w = workspace::checkpoint(store, ws, message, captured)?;
         created.push(w.id);
         parts.push(model::Part {
             role: Role::Workspace,

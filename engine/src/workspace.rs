@@ -49,19 +49,10 @@ pub struct WorkspaceCheckpoint {
     pub new_objects: u64,
 }
 
-/// Checkpoints the tree at `dir` (the sandbox must be paused or stopped).
-pub fn checkpoint(store: &Store, dir: &Path, message: &str) -> Result<WorkspaceCheckpoint> {
-    checkpoint_then(store, dir, message, &mut || {})
-}
-
-/// [`checkpoint`], calling `captured` once the tree's state is taken and before the store
-/// commit (see `snapfork_fsfork::workspace::checkpoint_then`): the sandbox may resume then.
-pub fn checkpoint_then(
-    store: &Store,
-    dir: &Path,
-    message: &str,
-    captured: &mut dyn FnMut(),
-) -> Result<WorkspaceCheckpoint> {
+/// Checkpoints the tree at `dir` (the sandbox must be paused or stopped), calling `captured`
+/// once the tree's state is taken and before the store commit (see
+/// `snapfork_fsfork::workspace::checkpoint_then`): the sandbox may resume then.
+pub fn checkpoint(store: &Store, dir: &Path, message: &str, captured: &mut dyn FnMut()) -> Result<WorkspaceCheckpoint> {
     let msg = if message.is_empty() { None } else { Some(message) };
     let r = ws::checkpoint_then(store, dir, msg, captured)?;
     Ok(WorkspaceCheckpoint {

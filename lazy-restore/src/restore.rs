@@ -1078,17 +1078,19 @@ impl Serving {
     /// fault asked for, and the data pages installed with it (fault-around, read-ahead), which a
     /// restore that prefetches only the faulted pages would have to fault in again.
     fn record(&mut self, ri: usize, p: u64, n: u64) {
+        // On the fault path: no allocation, and the shared copy is locked only when it grows.
         let image_page = self.source.page_size() as u64;
+        let from = self.ws.len();
         let st = &mut self.states[ri];
-        let new: Vec<u64> = (p..p + n)
-            .filter(|&q| !st.removed.get(q) && !st.recorded.set(q, true))
-            .map(|q| image_pages(&st.r, q, image_page).start)
-            .collect();
-        if !new.is_empty() {
-            self.ws.extend_from_slice(&new);
-            if let Ok(mut w) = self.live_ws.lock() {
-                w.extend_from_slice(&new);
+        for q in p..p + n {
+            if !st.removed.get(q) && !st.recorded.set(q, true) {
+                self.ws.push(image_pages(&st.r, q, image_page).start);
             }
+        }
+        if self.ws.len() > from
+            && let Ok(mut w) = self.live_ws.lock()
+        {
+            w.extend_from_slice(&self.ws[from..]);
         }
     }
 
