@@ -70,6 +70,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Flushes every dirty page (the images earlier steps left in the page cache) so that each timed
+/// operation starts with an idle disk, whichever side wrote last.
+fn quiesce() {
+    nix::unistd::sync();
+}
+
 fn copy_tree(src: &Path, dst: &Path) {
     let st = std::process::Command::new("cp").arg("-a").arg(src).arg(dst).status().unwrap();
     assert!(st.success());
@@ -119,15 +125,18 @@ fn main() {
         wait_past(&ws.join("counter.log"), 5);
         let img = dir.join(format!("b-img-{round}"));
         std::fs::create_dir_all(&img).unwrap();
+        quiesce();
         let t = Instant::now();
         base.checkpoint(&id, &img).unwrap();
         b_ck.push(ms(t.elapsed()));
         b_img = std::fs::metadata(img.join("checkpoint.img")).unwrap().len();
         let rid = format!("{id}-r");
+        quiesce();
         let t = Instant::now();
         base.restore_detached(&rid, &bundle, &img, &log).unwrap();
         b_rs.push(ms(t.elapsed()));
         // Fork x3 by hand: copy the workspace, restore the image into 3 containers in parallel.
+        quiesce();
         let t = Instant::now();
         let handles: Vec<_> = (0..3)
             .map(|k| {
@@ -150,6 +159,7 @@ fn main() {
         // --leave-running never returns; see engine/README.md).
         let img2 = dir.join(format!("b-img2-{round}"));
         std::fs::create_dir_all(&img2).unwrap();
+        quiesce();
         let t = Instant::now();
         base.checkpoint(&rid, &img2).unwrap();
         base.restore_detached(&format!("{id}-r2"), &bundle, &img2, &log).unwrap();
@@ -174,19 +184,23 @@ fn main() {
                 .unwrap();
             let slog = info.workspace.clone().unwrap().join("counter.log");
             wait_past(&slog, 5);
+            quiesce();
             let t = Instant::now();
             let ck = engine.checkpoint(&name, CheckpointOptions::default()).await.unwrap();
             s_ck.push(ms(t.elapsed()));
             first_added.push(ck.stored_bytes_added as f64);
             s_ck_steps.push(ck.timings.steps.clone());
+            quiesce();
             let t = Instant::now();
             let r = engine.restore(&ck.id, &format!("{name}-r")).await.unwrap();
             s_rs.push(ms(t.elapsed()));
+            quiesce();
             let t = Instant::now();
             engine.fork(&ck.id, 3, Some(&format!("{name}-f"))).await.unwrap();
             s_fork.push(ms(t.elapsed()));
             // Restore with the local image cache emptied: the image comes out of the store.
             let _ = std::fs::remove_dir_all(dir.join("engine/cache"));
+            quiesce();
             let t = Instant::now();
             engine.restore(&ck.id, &format!("{name}-cold")).await.unwrap();
             s_cold.push(ms(t.elapsed()));
@@ -195,6 +209,7 @@ fn main() {
             let rlog = r.workspace.clone().unwrap().join("counter.log");
             let n = count(&rlog);
             wait_past(&rlog, n + 3);
+            quiesce();
             let t = Instant::now();
             let ck2 = engine
                 .checkpoint(&format!("{name}-r"), CheckpointOptions { leave_running: true, ..Default::default() })

@@ -783,38 +783,36 @@ impl Inner {
                 // workspace, which then holds exactly the files of the memory image's instant.
                 // The workspace is checkpointed right then, before anything (a restore in place)
                 // may write to it again.
-                // The image is stored while runsc writes it (segment by segment, as the file
-                // grows), so the store's work hides behind runsc's; checked against the finished
-                // file below.
+                // The image itself becomes the store's pack (adopted, not copied): while runsc
+                // writes it, its bytes are only handed to the disk, which costs runsc no CPU
+                // (runsc's checkpoint keeps both cores busy: any work of ours beside it slows it
+                // down as much); afterwards it is chunked and hashed in place.
                 let image = img_dir.join("checkpoint.img");
                 let done = AtomicBool::new(false);
-                let (ck, streamed) = std::thread::scope(|scope| {
-                    let ingest = scope.spawn(|| stream_ingest(&mut tx, &image, &done));
+                let ck = std::thread::scope(|scope| {
+                    scope.spawn(|| write_back_while_written(&image, &done));
                     let ck = self.runsc.checkpoint(&rid, &img_dir);
                     done.store(true, Ordering::SeqCst);
-                    clock.step("runsc checkpoint (image streamed meanwhile)");
-                    let streamed =
-                        ingest.join().unwrap_or_else(|_| Err(Error::Invalid("ingest thread panicked".into())));
-                    (ck, streamed)
+                    ck
                 });
+                clock.step("runsc checkpoint (image written back meanwhile)");
                 if let Err(e) = ck {
                     // runsc ends the sandbox only after a complete image: it is as it was.
                     let _ = std::fs::remove_dir_all(&img_dir);
                     return Err(e);
                 }
-                clock.step("rest of the image streamed");
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
                 let new_rid = self.runtime_id(name, rec.generation + 1);
                 let restore_in_place = || -> Result<()> {
                     self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
                 };
-                // The finished image is hashed (to check it against what was streamed, and to
-                // key the image cache) while the workspace is checkpointed: the hash is CPU, the
-                // workspace checkpoint mostly waits for the pack's data to reach the disk. With
+                // The image is stored (chunked and hashed on the cores runsc no longer needs) and
+                // checksummed for the image cache while the workspace is checkpointed. With
                 // --leave-running the sandbox comes back from the image (it only reads it) as
-                // soon as the workspace's files are captured, so that wait overlaps the restore.
-                let (mut ws_err, file_hash, restored) = std::thread::scope(|scope| {
+                // soon as the workspace's files are captured, so the rest overlaps the restore.
+                let (mut ws_err, stored, file_hash, restored) = std::thread::scope(|scope| {
+                    let storing = scope.spawn(|| tx.adopt_file_as_blobs(&image, SEGMENT));
                     let hashing = scope.spawn(|| file_checksum(&image));
                     let mut restoring = None;
                     let mut captured = || {
@@ -834,40 +832,29 @@ impl Inner {
                     .err();
                     let restored = restoring
                         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
-                    (ws, hashing.join().ok().and_then(|h| h.ok()), restored)
+                    let stored = storing
+                        .join()
+                        .map_err(|_| Error::Invalid("store thread panicked".into()))
+                        .and_then(|r| r.map_err(Error::from));
+                    (ws, stored, hashing.join().ok().and_then(|h| h.ok()), restored)
                 });
                 clock.step(if opts.leave_running {
-                    "workspace + image hash + restore in place"
+                    "image stored + workspace + restore in place"
                 } else {
-                    "workspace + image hash"
+                    "image stored + workspace"
                 });
                 let stored = (|| -> Result<Hash> {
                     if let Some(e) = ws_err.take() {
                         return Err(e);
                     }
-                    let size = file_size(&image)?;
-                    // What was streamed must be exactly the finished file; otherwise
-                    // (runsc rewrote a part it had written) store the file again, whole.
-                    let segs = match streamed {
-                        Ok((segs, h)) if Some(h) == file_hash && segs.iter().map(|x| x.1).sum::<u64>() == size => segs,
-                        other => {
-                            if let Err(e) = other {
-                                tracing::warn!(error = %e, "streamed ingest failed; storing the image again");
-                            } else {
-                                tracing::warn!("image changed while it was streamed; storing it again");
-                            }
-                            let info = tx.put_blob_file(&image)?;
-                            vec![(info.id, size, info.new_stored_bytes)]
-                        }
-                    };
-                    for (k, (id, len, new)) in segs.iter().enumerate() {
-                        added += new;
+                    for (k, info) in stored?.iter().enumerate() {
+                        added += info.new_stored_bytes;
                         parts.push(model::Part {
                             role: Role::State,
                             name: format!("checkpoint.img.{k:03}"),
                             kind: PartKind::Blob,
-                            id: id.to_hex(),
-                            size: *len,
+                            id: info.id.to_hex(),
+                            size: info.size,
                         });
                     }
                     Ok(state_key(&parts))
@@ -1869,53 +1856,43 @@ impl Prepared {
     }
 }
 
-/// Size of the segments a runsc image is stored in while it is being written.
+/// Size of the segments a runsc image is stored in (one blob each, chunked in parallel).
 const SEGMENT: u64 = 16 << 20;
 
-/// One stored segment of a runsc image: blob id, length, new stored bytes.
-type Segment = (Hash, u64, u64);
+/// How much newly written image [`write_back_while_written`] collects before handing it to
+/// the disk.
+const WRITEBACK_STEP: u64 = 4 << 20;
 
-/// Stores `image` segment by segment while runsc writes it, until `done` is set and the file has
-/// been read to its end. Returns (blob id, length, new stored bytes) per segment and the
-/// [`file_checksum`] of all bytes read, for the caller to check against the finished file.
-fn stream_ingest(tx: &mut snapfork_store::Txn, image: &Path, done: &AtomicBool) -> Result<(Vec<Segment>, u128)> {
+/// Starts writeback of `image`'s pages as runsc writes them, until `done` is set: the file
+/// becomes the store's pack, and the commit's fdatasync then finds little left to write. Costs a
+/// stat and, every [`WRITEBACK_STEP`], one syscall; an error only loses the head start.
+fn write_back_while_written(image: &Path, done: &AtomicBool) {
+    use std::os::fd::AsRawFd;
     let mut file: Option<std::fs::File> = None;
-    let mut off = 0u64;
-    let mut segs = Vec::new();
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; SEGMENT as usize];
-    let mut whole = xxhash_rust::xxh3::Xxh3::new();
-    // Where reading stood when runsc finished: what follows is stored after it, not beside it.
-    let mut tail_from = None;
+    let mut from = 0u64;
     loop {
         // Read the flag before the size: once set, the size seen next is the final one.
         let finished = done.load(Ordering::SeqCst);
-        if finished && tail_from.is_none() {
-            tail_from = Some(off);
-        }
         if file.is_none() {
             file = std::fs::File::open(image).ok();
         }
         if let Some(f) = &file {
-            let size = f.metadata().map_err(|e| Error::io(format!("stat {}", image.display()), e))?.len();
-            if size < off {
-                return Err(Error::Invalid(format!("{} shrank while it was streamed", image.display())));
-            }
-            while size - off >= SEGMENT || (finished && size > off) {
-                let n = (size - off).min(SEGMENT) as usize;
-                // Read into a buffer of ours, not mapped: the checksum and the stored chunks
-                // must be computed from the same bytes even if runsc rewrote them meanwhile
-                // (the checksum then disagrees with the finished file, which is stored again).
-                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(format!("read {}", image.display()), e))?;
-                whole.update(&buf[..n]);
-                let info = tx.put_blob(&buf[..n])?;
-                segs.push((info.id, n as u64, info.new_stored_bytes));
-                off += n as u64;
+            let size = f.metadata().map_or(from, |m| m.len());
+            if size >= from + WRITEBACK_STEP || (finished && size > from) {
+                // SAFETY: `f` is open for the whole call, which only starts writeback of a range
+                // of that file and touches no memory of ours.
+                let rc = unsafe {
+                    libc::sync_file_range(f.as_raw_fd(), from as i64, (size - from) as i64, libc::SYNC_FILE_RANGE_WRITE)
+                };
+                if rc != 0 {
+                    tracing::debug!("sync_file_range on {}: {}", image.display(), std::io::Error::last_os_error());
+                    return;
+                }
+                from = size;
             }
         }
         if finished {
-            tracing::debug!(bytes = off, tail = off - tail_from.unwrap_or(off), "image streamed");
-            return Ok((segs, whole.digest128()));
+            return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -1930,9 +1907,8 @@ fn state_key(parts: &[model::Part]) -> Hash {
     Hash(*h.finalize().as_bytes())
 }
 
-/// A runsc image file's checksum (xxh3-128), held beside its copy in the image cache and used
-/// to check that what was streamed into the store is the finished file. It guards a local file
-/// of ours against change and damage, not against a forger (the store's blake3 ids do that for
+/// A runsc image file's checksum (xxh3-128), held beside it in the image cache and checked
+/// before each use. It guards a local file of ours against change and damage, not against a forger (the store's blake3 ids do that for
 /// the stored copy), so it is the cheapest strong checksum: four times faster than blake3 here,
 /// and it sits on the path of every checkpoint and every cached restore.
 fn file_checksum(p: &Path) -> Result<u128> {

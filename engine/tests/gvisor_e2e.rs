@@ -164,14 +164,19 @@ async fn gvisor_export_import_restore_and_gc() {
     .unwrap()
     .unwrap();
 
-    // A damaged cached image is detected (whole-file hash) and the store's copy used instead.
+    // The cached image and the store's copy are one file: the store adopted runsc's image as a
+    // pack (two names, no second copy on disk).
+    use std::os::unix::fs::MetadataExt;
     let cache = dir.path().join("engine/cache");
     let entry = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
-    let img = entry.join("checkpoint.img");
-    let mut b = std::fs::read(&img).unwrap();
-    let mid = b.len() / 3;
-    b[mid] ^= 0xFF;
-    std::fs::write(&img, &b).unwrap();
+    let ino = std::fs::metadata(entry.join("checkpoint.img")).unwrap().ino();
+    let pack = std::fs::read_dir(dir.path().join("store/packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().ino() == ino)
+        .expect("runsc's image is one of the store's packs");
+    // Without the cached image (evicted), a restore reads the store's copy.
+    std::fs::remove_dir_all(&cache).unwrap();
     let r = engine.restore(&ck.id, "from-store").await.unwrap();
     let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
     assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
@@ -204,6 +209,19 @@ async fn gvisor_export_import_restore_and_gc() {
     let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
     assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
     cleanup(&engine2).await;
+
+    // A damaged byte in the adopted image is caught, named, and never restored from.
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    let at = file.metadata().unwrap().len() / 3;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0xFF], at).unwrap();
+    let err = engine.restore(&ck.id, "damaged").await.unwrap_err().to_string();
+    assert!(err.contains("blob") && err.contains("chunk"), "{err}");
+    // verify names it once per ref that reaches it: one damaged chunk.
+    let report = engine.store().verify(None, None).unwrap();
+    assert!(!report.damaged.is_empty() && report.damaged.iter().all(|d| d.id == report.damaged[0].id), "{report:?}");
     cleanup(&engine).await;
     drop(dir2);
 }

@@ -53,13 +53,9 @@ impl Txn {
         for batch in items.chunks(256) {
             new_chunks += self.put_chunks(batch, false)?.chunks;
         }
-        let mut body = Vec::with_capacity(8 + 4 * items.len());
-        body.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        for (_, chunk) in &items {
-            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-        }
+        let lens: Vec<u32> = items.iter().map(|(_, chunk)| chunk.len() as u32).collect();
         let links = items.iter().map(|(h, _)| *h).collect();
-        let id = self.put_node(&Node::new(kind::BLOB, links, body))?;
+        let id = self.put_node(&blob_node(data.len() as u64, links, &lens))?;
         Ok(BlobInfo {
             id,
             size: data.len() as u64,
@@ -81,6 +77,93 @@ impl Txn {
         let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
         self.put_blob(&data)
     }
+}
+
+impl Txn {
+    /// Stores the file at `path` as blobs of `segment` bytes each (the last may be shorter),
+    /// without copying its bytes: the file itself becomes a pack of raw chunks, hard-linked
+    /// into the packs directory, so that the only disk write its data ever needs is the one that
+    /// created it. For large files that compress poorly and were just written (a runsc
+    /// checkpoint image, flate-compressed by runsc): storing them costs chunking and hashing,
+    /// not a second copy on disk. Blobs and chunks are the same as [`Txn::put_blob`] makes of
+    /// each segment; chunks the store already holds keep their location, and their copies in
+    /// the adopted file are dead bytes that gc reclaims when it repacks the file.
+    ///
+    /// The file must not change from now on (the caller's link keeps pointing at the pack's
+    /// bytes). A file on another filesystem is stored by copying instead.
+    pub fn adopt_file_as_blobs(&mut self, path: &Path, segment: u64) -> Result<Vec<BlobInfo>> {
+        if segment == 0 {
+            return Err(Error::InvalidInput("segment size 0".into()));
+        }
+        let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
+        let size = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
+        if size == 0 {
+            return Ok(vec![self.put_blob(&[])?]);
+        }
+        // SAFETY: a read-only shared mapping of a file the caller no longer changes (documented
+        // above); it lives until the end of this function, and every chunk's id is computed
+        // from the mapped bytes that the index will point at.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ctx(|| format!("map {}", path.display()))?;
+        let segments: Vec<(u64, u64)> =
+            (0..size.div_ceil(segment)).map(|k| (k * segment, segment.min(size - k * segment))).collect();
+        let pack = self.store.alloc_pack();
+        let pack_path = crate::pack::pack_path(&self.store.packs_dir(), pack);
+        match std::fs::hard_link(path, &pack_path) {
+            Ok(()) => self.adopted_pack(pack, pack_path),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                tracing::debug!(path = %path.display(), "not on the store's filesystem: copying it");
+                return segments
+                    .iter()
+                    .map(|&(off, len)| self.put_blob(&map[off as usize..(off + len) as usize]))
+                    .collect();
+            }
+            Err(e) => {
+                return Err(Error::Io { context: format!("link {} into the store", path.display()), source: e });
+            }
+        }
+        // (offset in the file, length, id) of every chunk, segment by segment.
+        let chunked: Vec<Vec<(u64, u32, Hash)>> = segments
+            .par_iter()
+            .map(|&(off, len)| {
+                let data = &map[off as usize..(off + len) as usize];
+                fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                    .map(|c| (off + c.offset as u64, c.length as u32, Hash::of(&data[c.offset..c.offset + c.length])))
+                    .collect()
+            })
+            .collect();
+        let mut infos = Vec::with_capacity(segments.len());
+        for ((_, len), chunks) in segments.iter().zip(chunked) {
+            let before = self.appended_bytes();
+            let ids: Vec<Hash> = chunks.iter().map(|c| c.2).collect();
+            let known = self.known(&ids)?;
+            let mut new_chunks = 0;
+            for (&(offset, chunk_len, id), known) in chunks.iter().zip(known) {
+                if !known && self.index_adopted(id, pack, offset, chunk_len) {
+                    new_chunks += 1;
+                }
+            }
+            let lens: Vec<u32> = chunks.iter().map(|c| c.1).collect();
+            let id = self.put_node(&blob_node(*len, ids, &lens))?;
+            infos.push(BlobInfo {
+                id,
+                size: *len,
+                chunks: chunks.len() as u64,
+                new_chunks,
+                new_stored_bytes: self.appended_bytes() - before,
+            });
+        }
+        Ok(infos)
+    }
+}
+
+/// A blob's manifest node: its size, then each chunk's length; the chunks are its links.
+fn blob_node(size: u64, links: Vec<Hash>, lens: &[u32]) -> Node {
+    let mut body = Vec::with_capacity(8 + 4 * lens.len());
+    body.extend_from_slice(&size.to_le_bytes());
+    for len in lens {
+        body.extend_from_slice(&len.to_le_bytes());
+    }
+    Node::new(kind::BLOB, links, body)
 }
 
 /// A stored blob's manifest.

@@ -5,6 +5,10 @@
 //! repair tools read a pack without the index. A transaction appends to packs of its own and
 //! makes them durable (fdatasync, plus an fsync of the directory for a new file) before the index
 //! points into them, so the index never names bytes that a crash could lose.
+//!
+//! An *adopted* pack is a file taken over whole (`Txn::adopt_file_as_blobs`): no file header
+//! and no record headers, only raw chunk payloads that the index alone locates. gc treats it
+//! like any other pack (its chunks are found through the index).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -49,6 +49,8 @@ pub struct Txn {
     my_packs: Vec<u32>,
     /// Bytes appended to packs so far.
     appended: u64,
+    /// Files adopted whole as packs of raw chunks ([`Txn::adopt_file_as_blobs`]).
+    adopted: Vec<PathBuf>,
 }
 
 impl Txn {
@@ -64,6 +66,7 @@ impl Txn {
             created_packs: false,
             my_packs: Vec::new(),
             appended: 0,
+            adopted: Vec::new(),
         }
     }
 
@@ -178,6 +181,28 @@ impl Txn {
         Ok(true)
     }
 
+    /// Registers `path`, a file just linked into the packs directory as pack `pack`, as this
+    /// transaction's: kept from gc until it ends, made durable by its commit, removed if it
+    /// is abandoned.
+    pub(crate) fn adopted_pack(&mut self, pack: u32, path: PathBuf) {
+        self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(pack);
+        self.my_packs.push(pack);
+        self.adopted.push(path);
+        self.created_packs = true;
+    }
+
+    /// Indexes chunk `id` as the raw bytes at `offset` of adopted pack `pack`, unless this
+    /// transaction already stored it; true if indexed.
+    pub(crate) fn index_adopted(&mut self, id: Hash, pack: u32, offset: u64, len: u32) -> bool {
+        if self.new_chunks.contains_key(&id) {
+            return false;
+        }
+        let loc = Location { is_node: false, codec: Codec::Raw, pack, offset, stored_len: len, raw_len: len };
+        self.new_chunks.insert(id, loc);
+        self.appended += u64::from(len);
+        true
+    }
+
     fn pack_writer(&mut self) -> Result<&mut PackWriter> {
         if self.pack.as_ref().is_some_and(|p| p.len() >= MAX_PACK_BYTES)
             && let Some(full) = self.pack.take()
@@ -246,6 +271,9 @@ impl Txn {
         for p in &mut packs {
             p.sync()?;
         }
+        for path in &self.adopted {
+            fs::File::open(path).and_then(|f| f.sync_data()).ctx(|| format!("fdatasync {}", path.display()))?;
+        }
         if self.created_packs {
             sync_dir(&self.store.packs_dir())?;
         }
@@ -287,6 +315,8 @@ impl Txn {
         let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
         let files_done = started.elapsed();
         let entries = self.new_chunks.len() + self.batch.len();
+        // From here on the index may name the adopted packs' bytes: they stay whatever happens.
+        self.adopted.clear();
         if self.new_chunks.len() >= TABLE_FILE_ENTRIES {
             store.ingest_chunk_entries(&self.new_chunks)?;
         } else {
@@ -314,7 +344,11 @@ impl Drop for Txn {
             active.remove(n);
         }
         // Packs of an abandoned transaction stay on disk unreferenced until gc reclaims them;
-        // staged files likewise (gc clears staging entries older than its grace period).
+        // staged files likewise (gc clears staging entries older than its grace period). An
+        // adopted file's link goes now: it is only a second name for the caller's file.
+        for path in &self.adopted {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
