@@ -1142,7 +1142,7 @@ impl Inner {
 
     /// Materializes the runtime state a restore needs (gvisor: the checkpoint image): from the
     /// image cache when its whole-file hash still matches, else out of the store, verified chunk
-    /// by chunk, into a temporary directory.
+    /// by chunk, into a temporary directory (linked there when the store holds it as one file).
     fn prepare_state(&self, s: &Snapshot) -> Result<Option<Prepared>> {
         if s.body.driver != "gvisor" {
             return Ok(None);
@@ -1175,6 +1175,12 @@ impl Inner {
         let dir = tempdir(&self.state.join("tmp"), "img")?;
         let path = dir.join("checkpoint.img");
         let r = (|| -> Result<()> {
+            // The image the store adopted at checkpoint is still one of its packs, unless its
+            // chunks were deduplicated against older ones: then it is linked, not rewritten.
+            let ids = segs.iter().map(|p| Snapshot::part_id(p)).collect::<Result<Vec<_>>>()?;
+            if self.store.link_blobs_as_file(&ids, &path)? {
+                return Ok(());
+            }
             let f = std::fs::File::create(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
             // Segments are read (decompressed, verified) on two threads, each written at its
             // offset: reading the store is CPU, and it is on the restore's path.

@@ -235,6 +235,75 @@ impl Store {
         Ok(manifest.size)
     }
 
+    /// Hard-links to `dest` the pack whose bytes are exactly blobs `ids` one after the other,
+    /// after checking each chunk against its id; false (and nothing linked) when their chunks
+    /// do not lie that way. That pack is a file adopted by [`Txn::adopt_file_as_blobs`] whose
+    /// chunks were all new to the store: a caller that needs the blobs as one file (a runsc
+    /// restore needs its image) then gets it without a copy. `dest` must only be read: it is
+    /// the store's data.
+    pub fn link_blobs_as_file(&self, ids: &[Hash], dest: &Path) -> Result<bool> {
+        // (chunk id, length, what names it in errors), in file order.
+        let mut chunks = Vec::new();
+        for id in ids {
+            let what = || format!("blob {}", id.short());
+            let manifest = BlobManifest::from_node(&self.get_node(id)?, &what)?;
+            chunks.extend(manifest.chunks.into_iter().enumerate().map(|(k, (c, len))| (c, len, (*id, k))));
+        }
+        let ids: Vec<Hash> = chunks.iter().map(|c| c.0).collect();
+        let locations = self.locations(&ids)?;
+        let (mut pack, mut end) = (None, 0u64);
+        for ((_, len, _), loc) in chunks.iter().zip(&locations) {
+            let Some(loc) = loc else { return Ok(false) };
+            let contiguous = loc.codec == crate::pack::Codec::Raw
+                && loc.stored_len == *len
+                && loc.offset == end
+                && pack.is_none_or(|p| p == loc.pack);
+            if !contiguous {
+                return Ok(false);
+            }
+            pack = Some(loc.pack);
+            end += u64::from(*len);
+        }
+        let Some(pack) = pack else { return Ok(false) };
+        let path = crate::pack::pack_path(&self.packs_dir(), pack);
+        let Ok(file) = File::open(&path) else { return Ok(false) };
+        let meta = file.metadata().ctx(|| format!("stat {}", path.display()))?;
+        if meta.len() != end {
+            return Ok(false);
+        }
+        // SAFETY: a read-only mapping of a pack, which the store never changes in place (gc
+        // replaces packs, and the mapping keeps this one's bytes readable until it is dropped).
+        let map = unsafe { memmap2::Mmap::map(&file) }.ctx(|| format!("map {}", path.display()))?;
+        let mut spans = Vec::with_capacity(chunks.len());
+        let mut at = 0usize;
+        for &(id, len, named) in &chunks {
+            spans.push((id, at, len as usize, named));
+            at += len as usize;
+        }
+        spans.par_iter().try_for_each(|&(id, at, len, (blob, k))| {
+            let got = Hash::of(&map[at..at + len]);
+            if got == id {
+                Ok(())
+            } else {
+                Err(Error::Corrupt {
+                    what: format!("blob {} chunk {k}", blob.short()),
+                    detail: format!("content hashes to {} instead of {}", got.short(), id.short()),
+                })
+            }
+        })?;
+        // The link must name the file just checked: gc may have removed the pack meanwhile (and
+        // a later pack reused its number).
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::hard_link(&path, dest).is_err() {
+            return Ok(false);
+        }
+        if std::fs::metadata(dest).map(|m| m.ino()).ok() != Some(meta.ino()) {
+            let _ = std::fs::remove_file(dest);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// Reads blob `id` into memory.
     pub fn get_blob(&self, id: &Hash) -> Result<Vec<u8>> {
         let mut out = Vec::new();

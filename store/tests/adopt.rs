@@ -133,3 +133,33 @@ fn a_file_on_another_filesystem_is_copied_into_the_same_blobs() {
     let ids = |v: &[BlobInfo]| v.iter().map(|i| i.id).collect::<Vec<_>>();
     assert_eq!(ids(&infos), ids(&again));
 }
+
+#[test]
+fn an_adopted_file_links_back_as_one_verified_file_and_a_deduplicated_one_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let v1 = random(2 * SEGMENT as usize + 999, 6);
+    let path = write(tmp.path(), "v1", &v1);
+    let a = adopt(&store, &path, "v1");
+    let ids = |v: &[BlobInfo]| v.iter().map(|i| i.id).collect::<Vec<_>>();
+    let dest = tmp.path().join("restored.img");
+    assert!(store.link_blobs_as_file(&ids(&a), &dest).unwrap());
+    assert_eq!(fs::read(&dest).unwrap(), v1);
+    assert_eq!(fs::metadata(&dest).unwrap().ino(), fs::metadata(&path).unwrap().ino());
+    // Part of the blobs, or a file whose chunks partly live in an older pack: no single file.
+    let part = tmp.path().join("part.img");
+    assert!(!store.link_blobs_as_file(&ids(&a)[1..], &part).unwrap());
+    let mut v2 = v1.clone();
+    v2[100] ^= 1;
+    let b = adopt(&store, &write(tmp.path(), "v2", &v2), "v2");
+    let other = tmp.path().join("v2.img");
+    assert!(!store.link_blobs_as_file(&ids(&b), &other).unwrap());
+    assert!(!other.exists() && !part.exists());
+    // A damaged byte is named (blob and chunk) rather than linked.
+    fs::remove_file(&dest).unwrap();
+    use std::os::unix::fs::FileExt;
+    fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[v1[SEGMENT as usize] ^ 1], SEGMENT).unwrap();
+    let err = store.link_blobs_as_file(&ids(&a), &dest).unwrap_err();
+    assert!(err.is_corruption() && err.to_string().contains(&format!("blob {}", a[1].id.short())), "{err}");
+    assert!(!dest.exists());
+}
