@@ -812,12 +812,26 @@ impl Inner {
                 // --leave-running the sandbox comes back from the image (it only reads it) as
                 // soon as the workspace's files are captured, so the rest overlaps the restore.
                 let (mut ws_err, stored, file_hash, restored) = std::thread::scope(|scope| {
-                    let storing = scope.spawn(|| tx.adopt_file_as_blobs(&image, SEGMENT));
-                    let hashing = scope.spawn(|| file_checksum(&image));
+                    // With --leave-running the image is stored once the sandbox is back: runsc's
+                    // restore needs both cores, and the sandbox running again is what the caller
+                    // waits for first. (The store's wait for the disk overlaps either way.)
+                    let (restore_ended, wait_for_restore) = std::sync::mpsc::channel::<()>();
+                    let (tx, image) = (&mut tx, &image);
+                    let storing = scope.spawn(move || {
+                        // Returns once every sender is gone: the restore ended or never started.
+                        let _ = wait_for_restore.recv();
+                        tx.adopt_file_as_blobs(image, SEGMENT)
+                    });
+                    let hashing = scope.spawn(|| file_checksum(image));
                     let mut restoring = None;
                     let mut captured = || {
                         if opts.leave_running && restoring.is_none() {
-                            restoring = Some(scope.spawn(restore_in_place));
+                            let ended = restore_ended.clone();
+                            restoring = Some(scope.spawn(move || {
+                                let r = restore_in_place();
+                                drop(ended);
+                                r
+                            }));
                         }
                     };
                     // A failure fails the snapshot; the sandbox is brought back below.
@@ -830,6 +844,8 @@ impl Inner {
                         &mut captured,
                     )
                     .err();
+                    drop(captured);
+                    drop(restore_ended);
                     let restored = restoring
                         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
                     let stored = storing
