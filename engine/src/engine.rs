@@ -844,7 +844,6 @@ impl Inner {
                         &mut captured,
                     )
                     .err();
-                    drop(captured);
                     drop(restore_ended);
                     let restored = restoring
                         .map(|h| h.join().unwrap_or_else(|_| Err(Error::Invalid("restore thread panicked".into()))));
