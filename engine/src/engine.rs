@@ -874,7 +874,6 @@ impl Inner {
                     }
                     Ok(state_key(&parts))
                 })();
-                clock.step("ingest");
                 let committed =
                     stored.and_then(|blob| Ok((self.commit_snapshot(tx, &rec, parent, opts, &parts)?, blob)));
                 clock.step("commit");
