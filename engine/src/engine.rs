@@ -1928,9 +1928,10 @@ fn state_key(parts: &[model::Part]) -> Hash {
 }
 
 /// A runsc image file's checksum (xxh3-128), held beside it in the image cache and checked
-/// before each use. It guards a local file of ours against change and damage, not against a forger (the store's blake3 ids do that for
-/// the stored copy), so it is the cheapest strong checksum: four times faster than blake3 here,
-/// and it sits on the path of every checkpoint and every cached restore.
+/// before each use. It guards a local file of ours against change and damage, not against a
+/// forger (the store's blake3 ids do that for the stored copy), so it is the cheapest strong
+/// checksum: four times faster than blake3 here, and it sits on the path of every checkpoint
+/// and every cached restore.
 fn file_checksum(p: &Path) -> Result<u128> {
     let f = std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
     if f.metadata().map_err(|e| Error::io(format!("stat {}", p.display()), e))?.len() == 0 {
