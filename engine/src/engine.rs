@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use snapfork_store::{Hash, Store};
@@ -37,12 +37,18 @@ pub struct EngineOptions {
     pub state_dir: PathBuf,
     /// The runsc binary (default: `$RUNSC` or `runsc`).
     pub runsc: Option<PathBuf>,
+    /// How long a memory image's UFFD page server (Firecracker restores) stays up with no VM
+    /// connected before it stops and frees its page cache; the next restore starts a new one.
+    pub uffd_idle: Duration,
 }
+
+/// [`EngineOptions::uffd_idle`] by default.
+pub const UFFD_IDLE: Duration = Duration::from_secs(300);
 
 impl EngineOptions {
     /// The default: `STORE/engine`.
     pub fn for_store(store: &Store) -> EngineOptions {
-        EngineOptions { state_dir: store.dir().join("engine"), runsc: None }
+        EngineOptions { state_dir: store.dir().join("engine"), runsc: None, uffd_idle: UFFD_IDLE }
     }
 }
 
@@ -251,9 +257,31 @@ struct Inner {
     runsc: Runsc,
     /// Short hash of the state directory, part of every runtime id.
     tag: String,
-    /// One UFFD page server per memory image restored (Firecracker): image id -> socket.
-    uffd: Mutex<HashMap<Hash, (PathBuf, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// One UFFD page server per memory image restored (Firecracker), while it is in use.
+    uffd: Arc<Mutex<HashMap<Hash, UffdServerHandle>>>,
+    uffd_idle: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A running UFFD page server of one memory image.
+#[derive(Clone)]
+struct UffdServerHandle {
+    /// Where Firecracker connects.
+    sock: PathBuf,
+    /// Set to stop the server.
+    stop: Arc<AtomicBool>,
+    /// VMs connected now.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    /// When a VM last connected or left, or a restore was handed the socket.
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl UffdServerHandle {
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
 }
 
 /// The engine. Cheap to clone; share one per store.
@@ -282,7 +310,8 @@ impl Engine {
                 state,
                 runsc,
                 tag,
-                uffd: Mutex::new(HashMap::new()),
+                uffd: Arc::new(Mutex::new(HashMap::new())),
+                uffd_idle: opts.uffd_idle,
                 locks: Mutex::new(HashMap::new()),
             }),
         })
@@ -1440,12 +1469,23 @@ impl Inner {
     fn uffd_server(&self, mem: Hash) -> Result<PathBuf> {
         use snapfork_lazy_restore::{CachedSource, RestoreOptions, ServerEvent, ServerOptions, workingset};
         let mut map = self.uffd.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((sock, _)) = map.get(&mem) {
-            return Ok(sock.clone());
+        if let Some(h) = map.get(&mem) {
+            // Handed out under the lock: the idle stop (which takes it too) now waits a whole
+            // idle period for this VM to connect.
+            h.touch();
+            return Ok(h.sock.clone());
         }
         let dir = self.state.join("uffd");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
-        let sock = dir.join(format!("{}.sock", &mem.to_hex()[..16]));
+        // A name of its own per server: one that stopped removes its socket as it exits, which
+        // must not be its successor's.
+        static SERVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let sock = dir.join(format!(
+            "{}-{}-{}.sock",
+            &mem.to_hex()[..16],
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::Relaxed)
+        ));
         let reader = self.store.open_image(&mem)?;
         let page_size = reader.page_size();
         let runtime =
@@ -1464,14 +1504,30 @@ impl Inner {
             ..Default::default()
         };
         let server = snapfork_lazy_restore::UffdServer::bind(&sock, cache, opts).map_err(runtime)?;
-        let stop = server.stopper();
+        let handle = UffdServerHandle {
+            sock: sock.clone(),
+            stop: server.stopper(),
+            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+        };
         let id = mem.short();
         let store = self.store.clone();
         let mut need_ws = stored_ws.is_none();
+        let (active, in_use) = (handle.active.clone(), handle.clone());
         std::thread::Builder::new()
             .name(format!("uffd-{id}"))
             .spawn(move || {
                 let r = server.run(|srv, ev| {
+                    match &ev {
+                        ServerEvent::Started { .. } => {
+                            active.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ServerEvent::Ended(_) => {
+                            active.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        ServerEvent::Refused { .. } => {}
+                    }
+                    in_use.touch();
                     if let ServerEvent::Ended(rep) = &ev
                         && need_ws
                         && !rep.working_set.is_empty()
@@ -1495,8 +1551,37 @@ impl Inner {
                 tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
             })
             .map_err(|e| Error::io("spawn uffd server", e))?;
-        map.insert(mem, (sock.clone(), stop));
+        self.stop_when_idle(mem, &handle)?;
+        map.insert(mem, handle);
         Ok(sock)
+    }
+
+    /// Stops `server` (and frees its page cache) once no VM has been connected to it, nor been
+    /// handed its socket, for [`EngineOptions::uffd_idle`]. Checked under the servers' lock, so
+    /// a restore either gets this server before it stops or starts a new one.
+    fn stop_when_idle(&self, mem: Hash, server: &UffdServerHandle) -> Result<()> {
+        let (servers, server, idle) = (self.uffd.clone(), server.clone(), self.uffd_idle);
+        let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        std::thread::Builder::new()
+            .name(format!("uffd-idle-{}", mem.short()))
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(tick);
+                    let mut map = servers.lock().unwrap_or_else(|p| p.into_inner());
+                    let unused = server.active.load(Ordering::SeqCst) == 0
+                        && server.last_used.lock().map_or(true, |t| t.elapsed() >= idle);
+                    if unused || server.stop.load(Ordering::SeqCst) {
+                        server.stop.store(true, Ordering::SeqCst);
+                        if map.get(&mem).is_some_and(|h| Arc::ptr_eq(&h.stop, &server.stop)) {
+                            map.remove(&mem);
+                        }
+                        tracing::info!(image = %mem.short(), "uffd server idle: stopped");
+                        return;
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| Error::io("spawn uffd idle watch", e))
     }
 
     /// Starts a Firecracker process in `dir` and loads snapshot `s` into it with its memory served

@@ -25,7 +25,7 @@ pub mod workspace;
 
 pub use engine::{
     CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry, RunSpec, SandboxInfo,
-    SnapshotDiff, Timings,
+    SnapshotDiff, Timings, UFFD_IDLE,
 };
 pub use error::{Error, Result};
 pub use firecracker::FirecrackerConfig;

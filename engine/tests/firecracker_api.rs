@@ -230,7 +230,15 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     if !common::require(TEST, false) {
         return;
     }
-    let (dir, engine) = common::new_engine();
+    // UFFD servers stop after 2 s without a VM (300 s by default), so that the test sees it.
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let store = snapfork_store::Store::open(dir.path().join("store"), Default::default()).unwrap();
+    let opts = snapfork_engine::EngineOptions {
+        state_dir: dir.path().join("engine"),
+        runsc: None,
+        uffd_idle: Duration::from_secs(2),
+    };
+    let engine = snapfork_engine::Engine::open(store, opts).unwrap();
     let _guard = common::Guard(engine.clone());
     let me = std::env::current_exe().unwrap();
     let api = dir.path().join("vm.sock");
@@ -320,6 +328,19 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     };
     assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set")).count(), 2, "{stored:?}");
     assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set-pages")).count(), 2, "{stored:?}");
+
+    // With no VM left, the servers stop (freeing their page caches) once idle; the next restore
+    // starts a new one, which serves the same memory.
+    let sockets = || std::fs::read_dir(dir.path().join("engine/uffd")).unwrap().count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sockets() > 0 {
+        assert!(std::time::Instant::now() < deadline, "{} idle UFFD servers still up", sockets());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    engine.restore(&a.id, "vm-again").await.unwrap();
+    assert_eq!(memory(&api_of(dir.path(), "vm-again"))["blake3"], at_a["blake3"]);
+    assert_eq!(sockets(), 1);
+    engine.rm("vm-again").await.unwrap();
 }
 
 /// The stand-in "running VM" dies with the test, also when it panics.

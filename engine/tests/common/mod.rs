@@ -33,7 +33,8 @@ pub fn require(test: &str, need_runsc: bool) -> bool {
 pub fn new_engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
-    let opts = EngineOptions { state_dir: dir.path().join("engine"), runsc: None };
+    let opts =
+        EngineOptions { state_dir: dir.path().join("engine"), runsc: None, uffd_idle: snapfork_engine::UFFD_IDLE };
     let engine = Engine::open(store, opts).unwrap();
     (dir, engine)
 }
