@@ -1470,10 +1470,13 @@ impl Inner {
         use snapfork_lazy_restore::{CachedSource, RestoreOptions, ServerEvent, ServerOptions, workingset};
         let mut map = self.uffd.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get(&mem) {
-            // Handed out under the lock: the idle stop (which takes it too) now waits a whole
-            // idle period for this VM to connect.
-            h.touch();
-            return Ok(h.sock.clone());
+            // A server that stopped (it failed, or is stopping) is replaced below.
+            if !h.stop.load(Ordering::SeqCst) {
+                // Handed out under the lock: the idle stop (which takes it too) now waits a
+                // whole idle period for this VM to connect.
+                h.touch();
+                return Ok(h.sock.clone());
+            }
         }
         let dir = self.state.join("uffd");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
@@ -1513,7 +1516,7 @@ impl Inner {
         let id = mem.short();
         let store = self.store.clone();
         let mut need_ws = stored_ws.is_none();
-        let (active, in_use) = (handle.active.clone(), handle.clone());
+        let (active, in_use, ended) = (handle.active.clone(), handle.clone(), handle.stop.clone());
         std::thread::Builder::new()
             .name(format!("uffd-{id}"))
             .spawn(move || {
@@ -1548,10 +1551,15 @@ impl Inner {
                     }
                     tracing::info!(image = %id, ?ev, "uffd")
                 });
+                // However it ended, the next restore of this image gets a new server.
+                ended.store(true, Ordering::SeqCst);
                 tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
             })
             .map_err(|e| Error::io("spawn uffd server", e))?;
-        self.stop_when_idle(mem, &handle)?;
+        if let Err(e) = self.stop_when_idle(mem, &handle) {
+            handle.stop.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         map.insert(mem, handle);
         Ok(sock)
     }
