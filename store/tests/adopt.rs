@@ -163,3 +163,25 @@ fn an_adopted_file_links_back_as_one_verified_file_and_a_deduplicated_one_does_n
     assert!(err.is_corruption() && err.to_string().contains(&format!("blob {}", a[1].id.short())), "{err}");
     assert!(!dest.exists());
 }
+
+#[test]
+fn a_crash_between_link_and_commit_leaves_an_orphan_that_gc_reclaims_and_nothing_else() {
+    // What a kill after the link and before the commit leaves: the caller's file linked into
+    // the packs directory under a pack name, with nothing in the index naming it.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let kept = random(SEGMENT as usize, 7);
+    let infos = adopt(&store, &write(tmp.path(), "kept", &kept), "kept");
+    let data = random(SEGMENT as usize, 8);
+    let path = write(tmp.path(), "img", &data);
+    let orphan = store.dir().join("packs/pack-00000999.sfp");
+    fs::hard_link(&path, &orphan).unwrap();
+    drop(store);
+    let store = open(tmp.path());
+    assert!(store.verify(None, None).unwrap().is_ok());
+    let report = store.gc(&GcOptions { grace: Duration::ZERO, ..GcOptions::default() }).unwrap();
+    assert_eq!(report.removed_packs, 1, "{report:?}");
+    assert!(!orphan.exists());
+    assert_eq!(fs::read(&path).unwrap(), data, "the caller's file is untouched");
+    assert_eq!(read_back(&store, &infos), kept);
+}
