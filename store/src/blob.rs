@@ -77,9 +77,7 @@ impl Txn {
         let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
         self.put_blob(&data)
     }
-}
 
-impl Txn {
     /// Stores the file at `path` as blobs of `segment` bytes each (the last may be shorter),
     /// without copying its bytes: the file itself becomes a pack of raw chunks, hard-linked
     /// into the packs directory, so that the only disk write its data ever needs is the one that

@@ -35,6 +35,10 @@ fn read_back(store: &snapfork_store::Store, infos: &[BlobInfo]) -> Vec<u8> {
     infos.iter().flat_map(|i| store.get_blob(&i.id).unwrap()).collect()
 }
 
+fn ids(infos: &[BlobInfo]) -> Vec<snapfork_store::Hash> {
+    infos.iter().map(|i| i.id).collect()
+}
+
 fn packs(store: &snapfork_store::Store) -> Vec<fs::Metadata> {
     fs::read_dir(store.dir().join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap()).collect()
 }
@@ -130,7 +134,6 @@ fn a_file_on_another_filesystem_is_copied_into_the_same_blobs() {
     assert_eq!(fs::metadata(&path).unwrap().nlink(), 1, "nothing links across filesystems");
     assert_eq!(read_back(&store, &infos), data);
     let again = adopt(&store, &write(tmp.path(), "same", &data), "same");
-    let ids = |v: &[BlobInfo]| v.iter().map(|i| i.id).collect::<Vec<_>>();
     assert_eq!(ids(&infos), ids(&again));
 }
 
@@ -141,7 +144,6 @@ fn an_adopted_file_links_back_as_one_verified_file_and_a_deduplicated_one_does_n
     let v1 = random(2 * SEGMENT as usize + 999, 6);
     let path = write(tmp.path(), "v1", &v1);
     let a = adopt(&store, &path, "v1");
-    let ids = |v: &[BlobInfo]| v.iter().map(|i| i.id).collect::<Vec<_>>();
     let dest = tmp.path().join("restored.img");
     assert!(store.link_blobs_as_file(&ids(&a), &dest).unwrap());
     assert_eq!(fs::read(&dest).unwrap(), v1);
