@@ -9,7 +9,9 @@
 //!
 //! SIGTERM or SIGINT: stop accepting, let in-flight operations finish (they cannot be half done:
 //! see the engine's atomicity rules), remove the socket, exit. Sandboxes keep running; a restarted
-//! daemon finds them in the engine's state directory.
+//! daemon finds them in the engine's state directory, and serves the memory of the Firecracker
+//! VMs an earlier daemon restored lazily again (`Engine::adopt_vms`), whether that daemon stopped
+//! or crashed.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -369,6 +371,14 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         let listener = tokio::net::UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         eprintln!("snapfork daemon: serving {} on {}", global.store.display(), path.display());
+        // VMs an earlier daemon restored lazily stall until their pages are served again.
+        match engine.adopt_vms().await {
+            Ok(vms) if !vms.is_empty() => {
+                eprintln!("snapfork daemon: serving the memory of {} running VM(s) again", vms.len())
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not take over the VMs of an earlier daemon"),
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let in_flight = Arc::new(AtomicUsize::new(0));

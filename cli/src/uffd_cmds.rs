@@ -234,6 +234,9 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
             on_corrupt,
             ..Default::default()
         },
+        // A standalone server keeps no journals: nothing takes its VMs over when it ends (the
+        // daemon's servers do keep them).
+        journal_dir: None,
     };
     let server = UffdServer::bind(&a.socket, source, opts)?;
     // SIGINT/SIGTERM end the server cleanly (restores stopped, summary printed).

@@ -1,5 +1,5 @@
 //! The daemon end to end: ten gVisor sandboxes checkpointed at once from ten client processes,
-//! SIGTERM, restart, sandboxes found again. Root and runsc required (CI has both).
+//! SIGTERM, restart, sandboxes found again (and a dead VM's page-server journal cleared). Root and runsc required (CI has both).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -122,7 +122,23 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
     // SIGTERM: clean exit; the sandboxes keep running; a new daemon finds them.
     assert!(daemon.term().success());
     assert!(!store.join("engine/run/daemon.sock").exists());
+    // A lazily restored VM that exited while no daemon ran left its journal: the new daemon,
+    // which takes over the VMs still running, removes it.
+    let stale = {
+        let mut vm = Command::new("sleep").arg("60").spawn().unwrap();
+        let region = snapfork_lazy_restore::Region { base: 1 << 30, size: 1 << 20, offset: 0, page_size: 4096 };
+        let dir = store.join("engine/vm-journals");
+        let j = snapfork_lazy_restore::journal::Journal::create(&dir, vm.id() as i32, None, &[region]).unwrap();
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        j.path().to_path_buf()
+    };
     let daemon = Daemon::start(&store);
+    let t = Instant::now();
+    while stale.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the daemon left a dead VM's journal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
     let list = ls["sandboxes"].as_array().unwrap();
     assert_eq!(list.len(), 10);

@@ -189,6 +189,17 @@ pub struct SandboxInfo {
     pub timings: Timings,
 }
 
+/// A VM taken over by [`Engine::adopt_vms`].
+#[derive(Clone, Debug, Serialize)]
+pub struct AdoptedVm {
+    /// Its Firecracker process.
+    pub pid: i32,
+    /// The sandbox it runs, when a record names that process.
+    pub sandbox: Option<String>,
+    /// The memory image it is served from (hex id).
+    pub image: String,
+}
+
 /// One snapshot in `log`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LogEntry {
@@ -484,6 +495,14 @@ impl Engine {
     /// Every sandbox, with its status refreshed from the runtime.
     pub async fn ls(&self) -> Result<Vec<SandboxInfo>> {
         self.blocking(|i| i.ls()).await
+    }
+
+    /// Takes over the lazily restored VMs (Firecracker) whose page server died with an earlier
+    /// process, typically the previous daemon: without this they stall on their next page
+    /// fault. VMs a live restore serves already (this process's) are left alone. The daemon calls it as it starts,
+    /// before it takes requests; a process that does not stay up to serve the VMs must not.
+    pub async fn adopt_vms(&self) -> Result<Vec<AdoptedVm>> {
+        self.blocking(|i| i.adopt_vms()).await
     }
 
     /// Names snapshot `snap` with tag `tag`.
@@ -1504,6 +1523,7 @@ impl Inner {
         }
         let opts = ServerOptions {
             restore: RestoreOptions { prefetch: stored_ws.clone().unwrap_or_default(), ..Default::default() },
+            journal_dir: Some(self.vm_journals()),
             ..Default::default()
         };
         let server = snapfork_lazy_restore::UffdServer::bind(&sock, cache, opts).map_err(runtime)?;
@@ -1562,6 +1582,96 @@ impl Inner {
         }
         map.insert(mem, handle);
         Ok(sock)
+    }
+
+    /// Where each lazily restored VM's journal lives: what a later daemon needs to serve it on.
+    fn vm_journals(&self) -> PathBuf {
+        self.state.join("vm-journals")
+    }
+
+    /// Takes over every VM whose UFFD server died with an earlier process (a daemon restart or
+    /// crash): each stalls on its next page fault until served again. Journals of VMs that are
+    /// gone are removed; a VM that cannot be taken over is logged and skipped.
+    fn adopt_vms(&self) -> Result<Vec<AdoptedVm>> {
+        use snapfork_lazy_restore::{CachedSource, journal};
+        let runtime =
+            |e: snapfork_lazy_restore::Error| Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() };
+        let mut caches: HashMap<Hash, Arc<CachedSource>> = HashMap::new();
+        let mut adopted = Vec::new();
+        for path in journal::list(&self.vm_journals()).map_err(runtime)? {
+            // One bad journal must not keep the other VMs stalled.
+            let orphan = match journal::read(&path) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take over the VM of this journal");
+                    continue;
+                }
+            };
+            if !orphan.is_alive() {
+                tracing::info!(pid = orphan.pid, "VM of a journal is gone: journal removed");
+                orphan.discard();
+                continue;
+            }
+            let pid = orphan.pid;
+            let (mem, handle) = match self.adopt_vm(orphan, &mut caches) {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(pid, error = %e, "cannot take over this VM: it stalls on its next page fault");
+                    continue;
+                }
+            };
+            let sandbox = self.sandbox_of_pid(pid);
+            tracing::info!(pid, sandbox = sandbox.as_deref(), image = %mem.short(), "VM adopted: its pages are served again");
+            std::thread::Builder::new()
+                .name(format!("uffd-adopted-{pid}"))
+                .spawn(move || {
+                    let r = handle.join();
+                    tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
+                })
+                .map_err(|e| Error::io("spawn adopted VM watch", e))?;
+            adopted.push(AdoptedVm { pid, sandbox, image: mem.to_hex() });
+        }
+        Ok(adopted)
+    }
+
+    /// Takes over one VM, reading its pages through the cache of its image in `caches`; None
+    /// when a live restore (this process's, typically) serves it already.
+    fn adopt_vm(
+        &self,
+        orphan: snapfork_lazy_restore::journal::Orphan,
+        caches: &mut HashMap<Hash, Arc<snapfork_lazy_restore::CachedSource>>,
+    ) -> Result<Option<(Hash, snapfork_lazy_restore::RestoreHandle)>> {
+        use snapfork_lazy_restore::{CachedSource, RestoreOptions, StoreSource};
+        let mem =
+            orphan.image.as_deref().and_then(|h| h.parse::<Hash>().ok()).ok_or_else(|| {
+                Error::corrupt(orphan.path.display().to_string(), "no memory image id in the journal")
+            })?;
+        let cache = match caches.get(&mem) {
+            Some(c) => c.clone(),
+            None => {
+                let source = Arc::new(StoreSource::new(self.store.open_image(&mem)?));
+                let c = Arc::new(CachedSource::new(source, UFFD_CACHE_BYTES));
+                caches.insert(mem, c.clone());
+                c
+            }
+        };
+        match orphan.adopt(cache, RestoreOptions::default()) {
+            Ok(handle) => Ok(Some((mem, handle))),
+            Err(snapfork_lazy_restore::Error::Busy(_)) => Ok(None),
+            Err(e) => Err(Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() }),
+        }
+    }
+
+    /// The sandbox whose Firecracker process is `pid`, if any.
+    fn sandbox_of_pid(&self, pid: i32) -> Option<String> {
+        let names = std::fs::read_dir(self.state.join("sandboxes")).ok()?;
+        names.flatten().filter_map(|e| e.file_name().into_string().ok()).find(|name| {
+            self.load_record(name).is_ok_and(|rec| {
+                DriverConfig::from_parts(&rec.driver, &rec.config)
+                    .is_ok_and(|c| matches!(c, DriverConfig::Firecracker(fc) if fc.pid == Some(pid)))
+            })
+        })
     }
 
     /// Stops `server` (and frees its page cache) once no VM has been connected to it, nor been

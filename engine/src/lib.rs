@@ -24,8 +24,8 @@ pub mod runsc;
 pub mod workspace;
 
 pub use engine::{
-    CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry, RunSpec, SandboxInfo,
-    SnapshotDiff, Timings, UFFD_IDLE,
+    AdoptedVm, CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry, RunSpec,
+    SandboxInfo, SnapshotDiff, Timings, UFFD_IDLE,
 };
 pub use error::{Error, Result};
 pub use firecracker::FirecrackerConfig;

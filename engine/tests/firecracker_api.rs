@@ -6,7 +6,9 @@
 //! maps that memory exactly as Firecracker does (lazy-restore's `FakeVm`: anonymous mapping
 //! registered with userfaultfd, handshake over the backend socket) and reads it, so every page
 //! comes from snapfork's UFFD server. Test-only endpoints: `PUT /fake/write` (a guest write,
-//! which dirties a page), `GET /fake/memory`, `PUT /fake/fail-next-create`.
+//! which dirties a page), `PUT /fake/discard` (the guest gives a page back: madvise DONTNEED, as
+//! a balloon does), `GET /fake/memory` (reads all of it), `PUT /fake/fail-next-create`. A loaded
+//! VM reads half its memory at load, like a guest that resumes; the rest faults in when touched.
 //!
 //! `harness = false` with the small part of libtest's protocol nextest uses (`--list`).
 
@@ -20,11 +22,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use snapfork_engine::firecracker::{ApiClient, wait_for_api};
-use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec};
+use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec, UFFD_IDLE};
 
 const PAGE: usize = 4096;
 const PAGES: usize = 64;
 const TEST: &str = "firecracker_checkpoint_diff_restore_fork_via_uffd";
+const TEST_ADOPT: &str = "firecracker_vm_outlives_the_process_serving_its_memory";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -32,34 +35,55 @@ fn main() {
         fake::serve(Path::new(&args[i + 1]));
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--restore-and-serve") {
+        runtime().block_on(restore_and_serve(&args[i + 1..]));
+        return;
+    }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            println!("{TEST}: test");
+            println!("{TEST}: test\n{TEST_ADOPT}: test");
         }
         return;
     }
     let filter: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with('-')).collect();
-    if filter.is_empty() || filter.iter().any(|f| TEST.contains(f.as_str())) {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(firecracker_checkpoint_diff_restore_fork_via_uffd());
+    let selected = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    if selected(TEST) {
+        runtime().block_on(firecracker_checkpoint_diff_restore_fork_via_uffd());
         println!("test {TEST} ... ok");
     }
+    if selected(TEST_ADOPT) {
+        runtime().block_on(firecracker_vm_outlives_the_process_serving_its_memory());
+        println!("test {TEST_ADOPT} ... ok");
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 mod fake {
     use super::*;
 
     struct Vm {
-        mem: Vec<u8>,
+        /// Guest memory until a snapshot is loaded.
+        own: Vec<u8>,
         dirty: BTreeSet<usize>,
         state: &'static str,
         fail_next_create: bool,
-        // Kept alive: the registered memory the UFFD server fills.
-        _loaded: Option<snapfork_lazy_restore::client::FakeVm>,
+        /// After a load: guest memory is this registered mapping, filled by the UFFD server.
+        loaded: Option<snapfork_lazy_restore::client::FakeVm>,
+    }
+
+    impl Vm {
+        fn mem(&self) -> &[u8] {
+            self.loaded.as_ref().map_or(&self.own[..], |l| l.region(0))
+        }
+        fn mem_mut(&mut self) -> &mut [u8] {
+            match &mut self.loaded {
+                Some(l) => l.region_mut(0),
+                None => &mut self.own[..],
+            }
+        }
     }
 
     fn reply(s: &mut UnixStream, status: u16, body: Option<Value>) {
@@ -81,14 +105,14 @@ mod fake {
         let _ = std::fs::remove_file(sock);
         let listener = UnixListener::bind(sock).unwrap();
         let mut vm = Vm {
-            mem: vec![0; PAGES * PAGE],
+            own: vec![0; PAGES * PAGE],
             dirty: BTreeSet::new(),
             state: "Not started",
             fail_next_create: false,
-            _loaded: None,
+            loaded: None,
         };
         if std::env::var("FAKE_FC_SEED").is_ok() {
-            for (i, page) in vm.mem.chunks_mut(PAGE).enumerate() {
+            for (i, page) in vm.own.chunks_mut(PAGE).enumerate() {
                 page.fill((i * 7 % 251) as u8 + 1);
             }
             vm.state = "Running";
@@ -150,17 +174,17 @@ mod fake {
                 let (Some(st), Some(mp)) = (body["snapshot_path"].as_str(), body["mem_file_path"].as_str()) else {
                     return fault(s, "missing snapshot_path or mem_file_path");
                 };
-                let vmstate = json!({"regions": [{"size": vm.mem.len(), "offset": 0}], "page_size": PAGE});
+                let vmstate = json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
                 match body["snapshot_type"].as_str().unwrap_or("Full") {
-                    "Full" => f.write_all(&vm.mem).unwrap(),
+                    "Full" => f.write_all(vm.mem()).unwrap(),
                     "Diff" => {
                         // Sparse: only dirty pages at their offsets, holes elsewhere.
-                        f.set_len(vm.mem.len() as u64).unwrap();
+                        f.set_len(vm.mem().len() as u64).unwrap();
                         for &p in &vm.dirty {
                             use std::os::unix::fs::FileExt;
-                            f.write_all_at(&vm.mem[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64).unwrap();
+                            f.write_all_at(&vm.mem()[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64).unwrap();
                         }
                     }
                     t => return fault(s, &format!("bad snapshot_type {t}")),
@@ -185,16 +209,26 @@ mod fake {
                 let mut fvm = snapfork_lazy_restore::client::FakeVm::new(&[spec]).unwrap();
                 let sock = PathBuf::from(body["mem_backend"]["backend_path"].as_str().unwrap());
                 fvm.connect(&sock, snapfork_lazy_restore::client::Shape::V1_12, &[]).unwrap();
-                // Touch every page: each is served by snapfork's UFFD server from the store.
-                vm.mem = fvm.region(0).to_vec();
-                vm._loaded = Some(fvm);
+                // The guest resumes and reads half its memory, served by snapfork's UFFD server
+                // from the store; the rest faults in when touched.
+                let half = &fvm.region(0)[..size as usize / 2];
+                std::hint::black_box(half.chunks(PAGE).map(|p| p[0] as u64).sum::<u64>());
+                vm.loaded = Some(fvm);
                 vm.state = if body["resume_vm"].as_bool() == Some(true) { "Running" } else { "Paused" };
                 reply(s, 204, None)
             }
             ("PUT", "/fake/write") => {
                 let p = body["page"].as_u64().unwrap() as usize;
-                vm.mem[p * PAGE..(p + 1) * PAGE].fill(body["byte"].as_u64().unwrap() as u8);
+                vm.mem_mut()[p * PAGE..(p + 1) * PAGE].fill(body["byte"].as_u64().unwrap() as u8);
                 vm.dirty.insert(p);
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/discard") => {
+                let p = body["page"].as_u64().unwrap() as usize;
+                let Some(l) = &vm.loaded else { return fault(s, "no snapshot loaded") };
+                // SAFETY: one page inside the registered mapping, page aligned.
+                let r = unsafe { libc::madvise(l.regions[0].ptr.add(p * PAGE).cast(), PAGE, libc::MADV_DONTNEED) };
+                assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
                 reply(s, 204, None)
             }
             ("PUT", "/fake/fail-next-create") => {
@@ -202,8 +236,8 @@ mod fake {
                 reply(s, 204, None)
             }
             ("GET", "/fake/memory") => {
-                let firsts: Vec<u8> = vm.mem.chunks(PAGE).map(|p| p[0]).collect();
-                reply(s, 200, Some(json!({"blake3": blake3::hash(&vm.mem).to_hex().to_string(), "firsts": firsts})))
+                let firsts: Vec<u8> = vm.mem().chunks(PAGE).map(|p| p[0]).collect();
+                reply(s, 200, Some(json!({"blake3": blake3::hash(vm.mem()).to_hex().to_string(), "firsts": firsts})))
             }
             _ => fault(s, &format!("no route {method} {path}")),
         }
@@ -296,6 +330,10 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
     assert_eq!(state(&rapi), "Running");
     assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("task.txt")).unwrap(), "step 2");
+    // Its server keeps a journal for a successor, but this process serves it: nothing to adopt.
+    assert_eq!(std::fs::read_dir(dir.path().join("engine/vm-journals")).unwrap().count(), 1);
+    let adopted = engine.adopt_vms().await.unwrap();
+    assert!(adopted.is_empty(), "adopted a VM this process serves: {adopted:?}");
 
     // Fork A twice: both get A's memory (one server serves both), each in its own process.
     let forks = engine.fork(&a.id, 2, Some("vm-a")).await.unwrap();
@@ -341,6 +379,130 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!(memory(&api_of(dir.path(), "vm-again"))["blake3"], at_a["blake3"]);
     assert_eq!(sockets(), 1);
     engine.rm("vm-again").await.unwrap();
+}
+
+fn engine_at(dir: &Path) -> snapfork_engine::Engine {
+    let store = snapfork_store::Store::open(dir.join("store"), Default::default()).unwrap();
+    let opts = snapfork_engine::EngineOptions { state_dir: dir.join("engine"), runsc: None, uffd_idle: UFFD_IDLE };
+    snapfork_engine::Engine::open(store, opts).unwrap()
+}
+
+/// The serving process of [`firecracker_vm_outlives_the_process_serving_its_memory`], in a
+/// process of its own so that the test can SIGKILL it: restores `SNAP` as `NAME` from the store
+/// in `DIR`, says so on stdout, and serves the VM's memory until killed.
+async fn restore_and_serve(args: &[String]) {
+    let [dir, snap, name, ..] = args else { panic!("--restore-and-serve DIR SNAP NAME") };
+    let engine = engine_at(Path::new(dir));
+    engine.restore(snap, name).await.unwrap();
+    println!("RESTORED {}", api_of(Path::new(dir), name).display());
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// A daemon dies (SIGKILL) while it serves a lazily restored VM's memory, and in the worst
+/// moment: the guest is waiting on a page fault. The next engine process finds the VM from its
+/// journal, serves it on, and the guest reads exactly its memory: the snapshot's pages, and zeros
+/// where it gave pages back before the kill.
+async fn firecracker_vm_outlives_the_process_serving_its_memory() {
+    if !common::require(TEST_ADOPT, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let me = std::env::current_exe().unwrap();
+    // A snapshot of a running VM, taken by one engine that then closes the store.
+    let snap = {
+        let engine = engine_at(dir.path());
+        let api = dir.path().join("vm.sock");
+        let _vm = KillOnDrop(
+            std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+        );
+        wait_for_api(&api, Duration::from_secs(10)).unwrap();
+        let cfg = FirecrackerConfig {
+            api_socket: api.clone(),
+            binary: Some(me.clone()),
+            disks: vec![],
+            page_size: PAGE as u32,
+            diff: false,
+            pid: None,
+        };
+        let spec = RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None };
+        engine.run(spec).await.unwrap();
+        let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+        engine.rm("vm").await.unwrap();
+        a.id
+    };
+    let mut expected: Vec<u8> = (0..PAGES).flat_map(|i| vec![(i * 7 % 251) as u8 + 1; PAGE]).collect();
+
+    // Another process restores it and serves its memory.
+    let mut server = KillOnDrop(
+        std::process::Command::new(&me)
+            .arg("--restore-and-serve")
+            .arg(dir.path())
+            .arg(&snap)
+            .arg("vm-r")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let api = PathBuf::from(line.trim().strip_prefix("RESTORED ").unwrap_or_else(|| panic!("{line:?}")));
+    let vm_pid = {
+        let rec: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("engine/sandboxes/vm-r/sandbox.json")).unwrap())
+                .unwrap();
+        rec["config"]["pid"].as_i64().unwrap() as i32
+    };
+    let _vm = KillPid(vm_pid);
+    // The guest gives two pages back: one it had read (in the half read at load), one not.
+    for page in [5, 40] {
+        ApiClient::new(&api).call("PUT", "/fake/discard", Some(&json!({"page": page}))).unwrap();
+        expected[page * PAGE..(page + 1) * PAGE].fill(0);
+    }
+    let journals = || std::fs::read_dir(dir.path().join("engine/vm-journals")).map_or(0, |d| d.count());
+    assert_eq!(journals(), 1);
+
+    // The server freezes, the guest faults on the half it has not read, the server dies.
+    let server_pid = server.0.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server_pid, libc::SIGSTOP) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader_api = api.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(memory(&reader_api));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(rx.try_recv().is_err(), "the guest read its memory with nobody serving it");
+    drop(server);
+
+    // A new engine process (as a restarted daemon does) takes the VM over.
+    let engine = engine_at(dir.path());
+    let adopted = engine.adopt_vms().await.unwrap();
+    assert_eq!(adopted.len(), 1, "{adopted:?}");
+    assert_eq!((adopted[0].pid, adopted[0].sandbox.as_deref()), (vm_pid, Some("vm-r")));
+    let mem = rx.recv_timeout(Duration::from_secs(30)).expect("the adopted VM still stalls");
+    assert_eq!(mem["blake3"], blake3::hash(&expected).to_hex().to_string(), "{mem}");
+    assert_eq!(state(&api), "Running");
+
+    // Removing the sandbox ends the VM, and with it the journal; nothing is left to adopt.
+    engine.rm("vm-r").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while journals() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the journal outlived its VM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(engine.adopt_vms().await.unwrap().is_empty());
+}
+
+/// Kills a process (a stand-in VM whose parent is gone) when the test ends, also on panic.
+struct KillPid(i32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2); the pid is a stand-in VM this test made (still alive or gone).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
 }
 
 /// The stand-in "running VM" dies with the test, also when it panics.

@@ -161,6 +161,14 @@ impl FakeVm {
         // SAFETY: the mapping is `size` bytes, readable, and lives as long as `self`.
         unsafe { std::slice::from_raw_parts(m.ptr, m.spec.size as usize) }
     }
+
+    /// The bytes of region `i`, writable (a guest write). Touching them faults the pages in.
+    pub fn region_mut(&mut self, i: usize) -> &mut [u8] {
+        let m = &self.regions[i];
+        // SAFETY: the mapping is `size` bytes, writable, lives as long as `self`, and the
+        // exclusive borrow of `self` keeps any other slice of it from existing meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(m.ptr, m.spec.size as usize) }
+    }
 }
 
 impl Drop for FakeVm {

@@ -36,6 +36,9 @@ pub enum Error {
     /// Invalid arguments.
     #[error("{0}")]
     Invalid(String),
+    /// Someone serves that VM already (its journal is locked by a live restore).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Result alias of this crate.

@@ -10,12 +10,14 @@
 //!
 //! Layers, bottom up: [`uffd`] (raw ioctls on a possibly foreign userfaultfd), [`source`] (where
 //! pages come from), [`restore`] (serving one userfaultfd), [`handshake`] + [`server`] (the
-//! Firecracker-facing socket), [`client`] (Firecracker's side, for tests and benchmarks).
+//! Firecracker-facing socket), [`journal`] (handing a VM over to a new server process),
+//! [`client`] (Firecracker's side, for tests and benchmarks).
 
 pub mod bitmap;
 pub mod client;
 mod error;
 pub mod handshake;
+pub mod journal;
 pub mod restore;
 pub mod server;
 pub mod source;

@@ -21,6 +21,7 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 use crate::bitmap::{AtomicBitmap, Bitmap};
+use crate::journal::Journal;
 use crate::source::PageSource;
 use crate::uffd::{self, Event, Fill};
 use crate::{Error, Result};
@@ -34,7 +35,7 @@ const ZERO_RUN_PAGES: u64 = 2048;
 pub const HUGE_PAGE: u64 = 2 << 20;
 
 /// One guest memory region registered with the userfaultfd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Region {
     /// Start address in the address space that owns the userfaultfd.
     pub base: u64,
@@ -383,6 +384,19 @@ pub fn start(
     peer: Peer,
     opts: RestoreOptions,
 ) -> Result<RestoreHandle> {
+    start_journaled(uffd, regions, source, peer, opts, None)
+}
+
+/// [`start`], writing down in `journal` what a successor needs to take the VM over (see
+/// [`crate::journal`]); ranges the journal says were given back are served as zeros.
+pub fn start_journaled(
+    uffd: OwnedFd,
+    regions: Vec<Region>,
+    source: Arc<dyn PageSource>,
+    peer: Peer,
+    opts: RestoreOptions,
+    mut journal: Option<Journal>,
+) -> Result<RestoreHandle> {
     validate_regions(&regions, source.size(), source.page_size() as u64)?;
     // The fd must be non-blocking: the serving loop reads it until EAGAIN.
     // SAFETY: fcntl on a descriptor we own.
@@ -446,7 +460,7 @@ pub fn start(
     }
     drop(tx);
     let readers = Readers { shared, rx, threads, run_of };
-    let serving = Serving {
+    let mut serving = Serving {
         uffd,
         states: regions
             .iter()
@@ -477,7 +491,12 @@ pub fn start(
         seq: 0,
         seq_start: 0,
         stream: None,
+        journal: None,
     };
+    for (start, end) in journal.as_mut().map(Journal::take_replay).unwrap_or_default() {
+        serving.apply_remove(start, end);
+    }
+    serving.journal = journal;
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("uffd-{}", pid.unwrap_or(0)))
@@ -619,6 +638,8 @@ struct Serving {
     seq_start: u64,
     /// A sequential read-ahead stream: region and the first page not yet given to the readers.
     stream: Option<(usize, u64)>,
+    /// Where ranges given back are written down for a successor.
+    journal: Option<Journal>,
 }
 
 /// The image pages behind region page `p` of `r`.
@@ -848,6 +869,12 @@ impl Serving {
         if let Some(readers) = self.readers.take() {
             readers.finish();
         }
+        if let Some(journal) = self.journal.take()
+            && end != EndReason::Stopped
+        {
+            // The VM is gone (or was killed for a corrupt page): nobody will take it over.
+            journal.discard();
+        }
         let ip = self.source.page_size() as u64;
         let mut touched = Vec::new();
         for st in &self.states {
@@ -926,7 +953,12 @@ impl Serving {
         for ev in events.drain(..) {
             match ev {
                 Event::Pagefault { addr, .. } => self.pending.push_back((addr, None)),
-                Event::Remove { start, end } | Event::Unmap { start, end } => self.apply_remove(start, end),
+                Event::Remove { start, end } | Event::Unmap { start, end } => {
+                    self.apply_remove(start, end);
+                    if let Some(j) = &mut self.journal {
+                        j.removed(start, end);
+                    }
+                }
                 Event::Other(code) => debug!(code, "ignored userfaultfd event"),
             }
         }

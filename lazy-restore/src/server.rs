@@ -13,6 +13,7 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use crate::handshake::{self, PeerCred};
+use crate::journal::Journal;
 use crate::restore::{self, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport};
 use crate::source::PageSource;
 use crate::{Error, Result};
@@ -28,6 +29,9 @@ pub struct ServerOptions {
     pub max_restores: Option<usize>,
     /// Options for every restore.
     pub restore: RestoreOptions,
+    /// Where each restore keeps its [`Journal`], so that another process can take its VM over
+    /// if this one dies (None: no journals).
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -37,6 +41,7 @@ impl Default for ServerOptions {
             idle_timeout: None,
             max_restores: None,
             restore: RestoreOptions::default(),
+            journal_dir: None,
         }
     }
 }
@@ -151,9 +156,10 @@ impl UffdServer {
                         let mut ropts = self.opts.restore.clone();
                         ropts.prefetch = self.prefetch.lock().map(|p| p.clone()).unwrap_or_default();
                         let timeout = self.opts.handshake_timeout;
+                        let journals = self.opts.journal_dir.clone();
                         let spawned = std::thread::Builder::new().name("uffd-handshake".into()).spawn(move || {
                             let pid = cred.map(|c| c.pid);
-                            let res = accept_vm(stream, cred, source, ropts, timeout);
+                            let res = accept_vm(stream, cred, source, ropts, timeout, journals.as_deref());
                             let _ = tx.send((pid, res));
                         });
                         match spawned {
@@ -250,6 +256,7 @@ fn accept_vm(
     source: Arc<dyn PageSource>,
     opts: RestoreOptions,
     timeout: Duration,
+    journal_dir: Option<&Path>,
 ) -> Result<(RestoreHandle, Vec<Region>, usize)> {
     let pid = cred.map(|c| c.pid);
     // Open the pidfd before anything slow, so the pid cannot be recycled under us.
@@ -267,8 +274,25 @@ fn accept_vm(
         "handshake received"
     );
     let regions = hs.regions.clone();
+    restore::validate_regions(&regions, source.size(), source.page_size() as u64)?;
+    let journal = match (journal_dir, pid.filter(|&p| p > 0)) {
+        (Some(dir), Some(pid)) => {
+            let image = source.image_id().map(|h| h.to_hex());
+            // Without its journal the VM still runs; it only cannot outlive this process.
+            Journal::create(dir, pid, image, &regions)
+                .inspect_err(|e| error!(pid, "no journal: this VM stalls if this server dies: {e}"))
+                .ok()
+        }
+        _ => None,
+    };
+    let written = journal.as_ref().map(|j| j.path().to_path_buf());
     let peer = Peer { pid, pidfd, conn: Some(stream) };
-    let handle = restore::start(hs.uffd, hs.regions, source, peer, opts)?;
+    let handle = restore::start_journaled(hs.uffd, hs.regions, source, peer, opts, journal).inspect_err(|_| {
+        // Refused: the VM will not run on this memory, so nobody is to take it over.
+        if let Some(path) = &written {
+            let _ = std::fs::remove_file(path);
+        }
+    })?;
     Ok((handle, regions, hs.fds))
 }
 

@@ -387,3 +387,100 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
     assert_eq!(ended[0].touched.len(), 2048);
     srv.stop();
 }
+
+/// Reads the child's stdout up to its next CHILD_RESULT line.
+fn next_result(out: &mut impl std::io::BufRead) -> serde_json::Value {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the child exited early");
+        if let Some((_, j)) = line.split_once("CHILD_RESULT ") {
+            return serde_json::from_str(j).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_new_server_takes_over_a_running_vm_from_its_journal() {
+    use snapfork_lazy_restore::{RestoreOptions, journal};
+    use std::io::Write;
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 1024);
+    let journals = dir.path().join("journals");
+    let opts = ServerOptions { journal_dir: Some(journals.clone()), ..Default::default() };
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), opts);
+    let mut child = spawn_child(json!({
+        "role": "takeover", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    assert_eq!(next_result(&mut out)["ready"], true);
+    let pid = child.id() as i32;
+
+    // While its server runs, the VM cannot be taken over (the restore holds its journal).
+    let busy = journal::orphans(&journals).unwrap().pop().unwrap();
+    match busy.adopt(raw_source(&image), RestoreOptions::default()) {
+        Err(snapfork_lazy_restore::Error::Busy(_)) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a VM was taken over while its server served it"),
+    }
+
+    // The first server goes away with the VM still running: its journal stays, naming the VM,
+    // its region and the 16 pages it gave back.
+    srv.stop();
+    let found = journal::orphans(&journals).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].pid, found[0].regions.len()), (pid, 1));
+    assert_eq!(found[0].removed.iter().map(|(s, e)| e - s).sum::<u64>(), 16 * PAGE as u64, "{found:?}");
+    assert!(found[0].is_alive());
+
+    // The guest goes on and faults while nobody serves it; then a new server adopts it.
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let orphan = journal::orphans(&journals).unwrap().pop().unwrap();
+    let handle = orphan.adopt(raw_source(&image), RestoreOptions::default()).unwrap();
+    let done = next_result(&mut out);
+    assert_eq!((done["mismatches"].as_u64(), done["nonzero_removed"].as_u64()), (Some(0), Some(0)), "{done}");
+    assert!(child.wait().unwrap().success());
+    let report = handle.join();
+    assert_eq!(report.end, EndReason::PeerExited, "{report:?}");
+    // The new server knew the given-back pages from the journal, and served what the guest
+    // touched after the takeover.
+    let st = &report.stats;
+    assert!(st.pages_removed == 16 && st.faults > 0 && st.pages_copied > 0, "{st:?}");
+    // The VM is gone: so is its journal.
+    assert!(journal::orphans(&journals).unwrap().is_empty());
+}
+
+#[test]
+fn a_journal_is_not_believed_for_another_process_with_its_pid() {
+    use snapfork_lazy_restore::journal;
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let region = snapfork_lazy_restore::Region { base: 1 << 30, size: 1 << 20, offset: 0, page_size: 4096 };
+    let me = std::process::id() as i32;
+    let j = journal::Journal::create(dir.path(), me, None, &[region]).unwrap();
+    let path = j.path().to_path_buf();
+    drop(j);
+    let mut orphan = journal::orphans(dir.path()).unwrap().pop().unwrap();
+    assert!(orphan.is_alive());
+    // Same pid, another start time: a recycled pid is not the VM.
+    orphan.start_time += 1;
+    assert!(!orphan.is_alive());
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 256);
+    match orphan.adopt(raw_source(&image), Default::default()) {
+        Err(e) => assert!(e.to_string().contains("is not the VM of journal"), "{e}"),
+        Ok(_) => panic!("adopted a process that is not the journal's VM"),
+    }
+    // A damaged journal is an error naming it.
+    std::fs::write(&path, "{\"version\": 1, \"pid\":").unwrap();
+    let err = journal::orphans(dir.path()).unwrap_err();
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}

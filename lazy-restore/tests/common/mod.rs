@@ -131,7 +131,13 @@ pub fn spawn_child(role: Value) -> Child {
         "{} is missing: run the tests with cargo test or cargo nextest (they build examples)",
         peer.display()
     );
-    Command::new(peer).env(CHILD_ENV, role.to_string()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap()
+    Command::new(peer)
+        .env(CHILD_ENV, role.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
 }
 
 /// Waits for a child and returns (exit status, its CHILD_RESULT object).
@@ -180,8 +186,10 @@ fn compare(vm: &FakeVm, i: usize, image: &std::fs::File) -> (u64, Vec<u64>) {
 /// Entry of the child process: plays the role described by the JSON in `SNAPFORK_TEST_CHILD`.
 ///
 /// Roles: `fc` (handshake, read every page, compare), `remove` (fc + madvise DONTNEED then read
-/// zeros), `hang` (handshake, touch some pages, then sleep until killed), `kvm` (handshake, then a
-/// KVM guest reads every page and reports a checksum through an I/O port).
+/// zeros), `takeover` (touch, give memory back, wait for "go" on stdin, read everything: the
+/// server is replaced in between), `hang` (handshake, touch some pages, then sleep until
+/// killed), `kvm` (handshake, then a KVM guest reads every page and reports a checksum through an
+/// I/O port).
 pub fn child_main() {
     let Ok(role) = std::env::var(CHILD_ENV) else {
         eprintln!("fc_peer: set {CHILD_ENV} to a JSON role (the lazy-restore tests do)");
@@ -254,6 +262,38 @@ pub fn child_main() {
             }
             emit(json!({"before": n0, "nonzero_in_removed": nonzero, "outside_bad": outside_bad}));
             std::process::exit(if n0 == 0 && nonzero == 0 && outside_bad == 0 { 0 } else { 3 });
+        }
+        "takeover" => {
+            // Touch the first quarter, give back pages 8..24 (read, so installed), then
+            // wait for the test to say "go" on stdin (it replaces the server meanwhile) and read
+            // everything: given-back pages must read zero, all others the image.
+            let m = &vm.regions[0];
+            let size = m.spec.size as usize;
+            let region = vm.region(0);
+            let quarter: u64 = region[..size / 4].chunks_exact(PAGE).map(|p| p[0] as u64).sum();
+            let (start, len) = (8 * PAGE, 16 * PAGE);
+            // SAFETY: the range lies inside region 0, page aligned.
+            let r = unsafe { libc::madvise(m.ptr.add(start).cast(), len, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+            emit(json!({"ready": true, "quarter": quarter}));
+            let mut go = String::new();
+            std::io::stdin().read_line(&mut go).unwrap();
+            let mut buf = vec![0u8; PAGE];
+            let (mut bad, mut nonzero_removed) = (Vec::new(), 0);
+            for (p, got) in vm.region(0).chunks_exact(PAGE).enumerate() {
+                if (start..start + len).contains(&(p * PAGE)) {
+                    nonzero_removed += got.iter().any(|&b| b != 0) as u64;
+                    continue;
+                }
+                image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
+                if got != &buf[..] {
+                    bad.push(p);
+                }
+            }
+            emit(
+                json!({"mismatches": bad.len(), "first_bad": &bad[..bad.len().min(16)], "nonzero_removed": nonzero_removed}),
+            );
+            std::process::exit(if bad.is_empty() && nonzero_removed == 0 { 0 } else { 3 });
         }
         "hang" => {
             let touch = role["touch_pages"].as_u64().unwrap_or(16) as usize;
