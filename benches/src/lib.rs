@@ -62,6 +62,12 @@ pub fn median<T>(reps: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyho
     Ok((times[times.len() / 2], last.context("no repetitions")?))
 }
 
+/// `sync(2)`: a timed step that follows starts with nothing of an earlier one's left to write back.
+pub fn sync() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
 /// MB/s (10^6 bytes per second).
 pub fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6

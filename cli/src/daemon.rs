@@ -39,6 +39,13 @@ pub struct DaemonArgs {
 
 const MAX_HEAD: usize = 64 << 10;
 const MAX_BODY: usize = 1 << 20;
+/// Longest a client may take to send its request, and to take its response: a client that
+/// stalls is dropped instead of holding a task and a descriptor.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more wait in the socket's backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// How long the CLI waits for a daemon to answer its health probe before calling it hung.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The daemon socket of the store in `global`.
 pub fn socket_path(global: &Global) -> PathBuf {
@@ -163,7 +170,7 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
         }
         ("POST", ["v1", "snapshots", snap, "fork"]) => sb(S::Fork {
             snap: snap.to_string(),
-            n: body.get("n").and_then(Value::as_u64).unwrap_or(1) as usize,
+            n: opt_field::<Option<usize>>(body, "n")?.unwrap_or(1),
             prefix: opt_field(body, "prefix")?,
         }),
         ("GET", ["v1", "snapshots", snap]) => sb(S::Show { snap: snap.to_string() }),
@@ -201,12 +208,12 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
     if !path.exists() {
         return Ok(None);
     }
-    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
-        Ok(s) => s,
-        // A socket left by a daemon that died: nobody listens.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
-    };
+    // A socket left by a daemon that died: nobody listens.
+    if !probe(&path)? {
+        return Ok(None);
+    }
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
     let (method, target, body) = to_request(cmd)?;
     let body = if body.is_null() { String::new() } else { body.to_string() };
     write!(
@@ -228,6 +235,31 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
         v.get("result").cloned().unwrap_or(Value::Null),
         v.get("text").and_then(Value::as_str).unwrap_or_default().to_string(),
     )))
+}
+
+/// Asks the daemon at `path` whether it is up: false when nobody listens (a stale socket), an
+/// error when it accepts but does not answer in time (stopped or hung), rather than waiting on it
+/// forever. Operations themselves get no deadline: a checkpoint may take minutes.
+fn probe(path: &Path) -> anyhow::Result<bool> {
+    let mut s = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
+    s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    s.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    let mut resp = Vec::new();
+    let answered = s
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: snapfork\r\nConnection: close\r\n\r\n")
+        .and_then(|_| s.read_to_end(&mut resp));
+    match answered {
+        Ok(_) if resp.starts_with(b"HTTP/1.1 200") => Ok(true),
+        Ok(_) => bail!("the daemon at {} answered its health check with an error", path.display()),
+        Err(e) => bail!(
+            "the daemon at {} does not answer ({e}): is it stopped or hung? (stop it, or remove the socket if it is gone)",
+            path.display()
+        ),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,18 +328,43 @@ async fn respond(conn: &mut tokio::net::UnixStream, status: u16, body: &Value) {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
         b.len()
     );
-    let _ = conn.write_all(msg.as_bytes()).await;
-    let _ = conn.shutdown().await;
+    // A client that does not read its response is dropped after CLIENT_TIMEOUT.
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        let _ = conn.write_all(msg.as_bytes()).await;
+        let _ = conn.shutdown().await;
+    })
+    .await;
 }
 
-async fn handle(mut conn: tokio::net::UnixStream, engine: snapfork_engine::Engine, global: Arc<Global>) {
-    let req = match read_request(&mut conn).await {
-        Ok(r) => r,
-        Err(e) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})).await,
+/// Serves one connection. `in_flight` counts it from the moment its request is read until its
+/// response is written: what shutdown waits for (a client still sending is not waited for).
+async fn handle(
+    mut conn: tokio::net::UnixStream,
+    engine: snapfork_engine::Engine,
+    global: Arc<Global>,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let req = match tokio::time::timeout(CLIENT_TIMEOUT, read_request(&mut conn)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})).await,
+        Err(_) => {
+            let e = format!("no complete request within {} s", CLIENT_TIMEOUT.as_secs());
+            return respond(&mut conn, 400, &json!({"error": e})).await;
+        }
     };
+    in_flight.fetch_add(1, Ordering::SeqCst);
+    serve_request(&mut conn, req, engine, global).await;
+    in_flight.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn serve_request(
+    conn: &mut tokio::net::UnixStream,
+    req: Request,
+    engine: snapfork_engine::Engine,
+    global: Arc<Global>,
+) {
     if req.method == "GET" && req.target == "/v1/health" {
-        return respond(&mut conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}))
-            .await;
+        return respond(conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"})).await;
     }
     let body: Value = if req.body.is_empty() {
         Value::Null
@@ -315,7 +372,7 @@ async fn handle(mut conn: tokio::net::UnixStream, engine: snapfork_engine::Engin
         match serde_json::from_slice(&req.body) {
             Ok(v) => v,
             Err(e) => {
-                return respond(&mut conn, 400, &json!({"error": format!("body is not JSON: {e}")})).await;
+                return respond(conn, 400, &json!({"error": format!("body is not JSON: {e}")})).await;
             }
         }
     };
@@ -323,19 +380,19 @@ async fn handle(mut conn: tokio::net::UnixStream, engine: snapfork_engine::Engin
         Ok(c) => c,
         Err(e) => {
             let status = if e.downcast_ref::<NotFound>().is_some() { 404 } else { 400 };
-            return respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await;
+            return respond(conn, status, &json!({"error": format!("{e:#}")})).await;
         }
     };
     tracing::info!(method = %req.method, target = %req.target, "request");
     match execute(cmd, &global, &engine).await {
-        Ok(r) => respond(&mut conn, 200, &json!({"result": r.json, "text": r.text})).await,
+        Ok(r) => respond(conn, 200, &json!({"result": r.json, "text": r.text})).await,
         Err(e) => {
             let status = match e.downcast_ref::<snapfork_engine::Error>() {
                 Some(snapfork_engine::Error::NotFound(_)) => 404,
                 Some(snapfork_engine::Error::Invalid(_)) | Some(snapfork_engine::Error::Exists(_)) => 400,
                 _ => 500,
             };
-            respond(&mut conn, status, &json!({"error": format!("{e:#}")})).await
+            respond(conn, status, &json!({"error": format!("{e:#}")})).await
         }
     }
 }
@@ -382,22 +439,32 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut served = 0u64;
         loop {
+            let slot = tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                slot = slots.clone().acquire_owned() => slot?,
+            };
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 accepted = listener.accept() => {
                     let (conn, _) = match accepted {
                         Ok(c) => c,
-                        Err(e) => { tracing::warn!(error = %e, "accept"); continue; }
+                        Err(e) => {
+                            // Out of descriptors, typically: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                     };
                     served += 1;
                     let (engine, global, n) = (engine.clone(), global.clone(), in_flight.clone());
-                    n.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        handle(conn, engine, global).await;
-                        n.fetch_sub(1, Ordering::SeqCst);
+                        handle(conn, engine, global, n).await;
+                        drop(slot);
                     });
                 }
             }

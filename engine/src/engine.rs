@@ -502,7 +502,8 @@ impl Engine {
     /// fault. VMs a live restore serves already (this process's) are left alone. The daemon calls it as it starts,
     /// before it takes requests; a process that does not stay up to serve the VMs must not.
     pub async fn adopt_vms(&self) -> Result<Vec<AdoptedVm>> {
-        self.blocking(|i| i.adopt_vms()).await
+        let inner = self.inner.clone();
+        self.blocking(move |_| inner.adopt_vms()).await
     }
 
     /// Names snapshot `snap` with tag `tag`.
@@ -1591,76 +1592,97 @@ impl Inner {
 
     /// Takes over every VM whose UFFD server died with an earlier process (a daemon restart or
     /// crash): each stalls on its next page fault until served again. Journals of VMs that are
-    /// gone are removed; a VM that cannot be taken over is logged and skipped.
-    fn adopt_vms(&self) -> Result<Vec<AdoptedVm>> {
-        use snapfork_lazy_restore::{CachedSource, journal};
+    /// gone are removed; a VM that cannot be taken over is logged and skipped. A VM still served
+    /// (by a daemon that is stopping, say) gets a thread that takes it over once that server lets
+    /// go of it.
+    fn adopt_vms(self: &Arc<Self>) -> Result<Vec<AdoptedVm>> {
+        use snapfork_lazy_restore::journal;
         let runtime =
             |e: snapfork_lazy_restore::Error| Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() };
-        let mut caches: HashMap<Hash, Arc<CachedSource>> = HashMap::new();
         let mut adopted = Vec::new();
         for path in journal::list(&self.vm_journals()).map_err(runtime)? {
-            // One bad journal must not keep the other VMs stalled.
-            let orphan = match journal::read(&path) {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot take over the VM of this journal");
-                    continue;
+            match self.adopt_vm(&path) {
+                Ok(Some(vm)) => adopted.push(vm),
+                Ok(None) => {
+                    let (me, waited) = (self.clone(), path.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("uffd-await".into())
+                        .spawn(move || me.adopt_when_free(&waited));
+                    if let Err(e) = spawned {
+                        tracing::error!(journal = %path.display(), "cannot wait for this VM's server to let go: {e}");
+                    }
                 }
-            };
-            if !orphan.is_alive() {
-                tracing::info!(pid = orphan.pid, "VM of a journal is gone: journal removed");
-                orphan.discard();
-                continue;
+                // One VM that cannot be taken over must not keep the others stalled.
+                Err(e) => {
+                    tracing::error!(journal = %path.display(), error = %e, "cannot take this VM over: it stalls on its next page fault")
+                }
             }
-            let pid = orphan.pid;
-            let (mem, handle) = match self.adopt_vm(orphan, &mut caches) {
-                Ok(Some(x)) => x,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(pid, error = %e, "cannot take over this VM: it stalls on its next page fault");
-                    continue;
-                }
-            };
-            let sandbox = self.sandbox_of_pid(pid);
-            tracing::info!(pid, sandbox = sandbox.as_deref(), image = %mem.short(), "VM adopted: its pages are served again");
-            std::thread::Builder::new()
-                .name(format!("uffd-adopted-{pid}"))
-                .spawn(move || {
-                    let r = handle.join();
-                    tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
-                })
-                .map_err(|e| Error::io("spawn adopted VM watch", e))?;
-            adopted.push(AdoptedVm { pid, sandbox, image: mem.to_hex() });
         }
         Ok(adopted)
     }
 
-    /// Takes over one VM, reading its pages through the cache of its image in `caches`; None
-    /// when a live restore (this process's, typically) serves it already.
-    fn adopt_vm(
-        &self,
-        orphan: snapfork_lazy_restore::journal::Orphan,
-        caches: &mut HashMap<Hash, Arc<snapfork_lazy_restore::CachedSource>>,
-    ) -> Result<Option<(Hash, snapfork_lazy_restore::RestoreHandle)>> {
-        use snapfork_lazy_restore::{CachedSource, RestoreOptions, StoreSource};
+    /// Waits until the server of the VM of journal `path` lets go of it, then takes it over
+    /// (unless it is gone by then, or somebody else was quicker).
+    fn adopt_when_free(&self, path: &Path) {
+        loop {
+            if let Err(e) = snapfork_lazy_restore::journal::wait_free(path) {
+                // Removed meanwhile (its VM exited), typically.
+                tracing::debug!(journal = %path.display(), "no VM to take over: {e}");
+                return;
+            }
+            match self.adopt_vm(path) {
+                Ok(Some(_)) => return,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(journal = %path.display(), error = %e, "cannot take this VM over: it stalls on its next page fault");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes over the VM of journal `path` and serves it on a thread of its own (its pages
+    /// through a cache of its own). None when a live restore serves it (this process's, or a
+    /// server that has not let go yet); a journal whose VM is gone is removed, and also None.
+    fn adopt_vm(&self, path: &Path) -> Result<Option<AdoptedVm>> {
+        use snapfork_lazy_restore::{CachedSource, RestoreOptions, StoreSource, journal};
+        let runtime =
+            |e: snapfork_lazy_restore::Error| Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() };
+        let orphan = match journal::read(path) {
+            Err(snapfork_lazy_restore::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            other => other.map_err(runtime)?,
+        };
+        let pid = orphan.pid;
+        if !orphan.is_alive() {
+            tracing::info!(pid, "VM of a journal is gone: journal removed");
+            orphan.discard();
+            return Ok(None);
+        }
         let mem =
             orphan.image.as_deref().and_then(|h| h.parse::<Hash>().ok()).ok_or_else(|| {
                 Error::corrupt(orphan.path.display().to_string(), "no memory image id in the journal")
             })?;
-        let cache = match caches.get(&mem) {
-            Some(c) => c.clone(),
-            None => {
-                let source = Arc::new(StoreSource::new(self.store.open_image(&mem)?));
-                let c = Arc::new(CachedSource::new(source, UFFD_CACHE_BYTES));
-                caches.insert(mem, c.clone());
-                c
-            }
+        let source = Arc::new(StoreSource::new(self.store.open_image(&mem)?));
+        let cache = Arc::new(CachedSource::new(source, UFFD_CACHE_BYTES));
+        let handle = match orphan.adopt(cache, RestoreOptions::default()) {
+            Ok(h) => h,
+            Err(snapfork_lazy_restore::Error::Busy(_)) => return Ok(None),
+            Err(e) => return Err(runtime(e)),
         };
-        match orphan.adopt(cache, RestoreOptions::default()) {
-            Ok(handle) => Ok(Some((mem, handle))),
-            Err(snapfork_lazy_restore::Error::Busy(_)) => Ok(None),
-            Err(e) => Err(Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() }),
+        let sandbox = self.sandbox_of_pid(pid);
+        tracing::info!(pid, sandbox = sandbox.as_deref(), image = %mem.short(), "VM adopted: its pages are served again");
+        // Joined on a thread of its own; if that cannot start, the restore still serves (its
+        // handle is only dropped, which does not stop it).
+        let watch = std::thread::Builder::new().name(format!("uffd-adopted-{pid}")).spawn(move || {
+            let r = handle.join();
+            tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
+        });
+        if let Err(e) = watch {
+            tracing::warn!(pid, "cannot watch the adopted VM's restore: {e}");
         }
+        Ok(Some(AdoptedVm { pid, sandbox, image: mem.to_hex() }))
     }
 
     /// The sandbox whose Firecracker process is `pid`, if any.

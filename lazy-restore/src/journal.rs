@@ -13,13 +13,17 @@
 //! already installed stay as the guest left them (UFFDIO_COPY answers EEXIST for them).
 //!
 //! The restore serving a VM holds its journal locked (`flock`), so a journal that can be locked
-//! is one whose server is gone, whichever process that was, and a VM is never served twice. A
-//! journal is removed when its restore ends because the VM exited or was stopped for a corrupt
-//! page; a restore stopped on purpose ([`crate::RestoreHandle::stop`]) keeps it (unlocked),
-//! because the VM goes on running. Journals are written without fsync: they must outlive the serving process,
-//! not the machine (a reboot ends the VM too). One window remains: a REMOVE is written down just
-//! after it is read, and the guest goes on as soon as it is read, so a server killed between the
-//! two forgets that range; its successor would then serve the snapshot's bytes there, instead of
+//! is one whose server is gone, whichever process that was, and a VM is never served twice. When
+//! a restore ends, its journal is removed if the VM is gone (it exited, or was killed for a
+//! corrupt page) and kept, unlocked, if the VM runs on (the restore was stopped, or failed). A
+//! journal is rewritten with its ranges merged as it grows (balloon free-page reporting gives
+//! memory back all the time), and removed if a range cannot be written down: a VM nobody can take
+//! over stalls, which is better than one that reads old bytes where it gave memory back.
+//!
+//! Journals are written without fsync: they must outlive the serving process, not the machine (a
+//! reboot ends the VM too). One window remains: ranges are written down just after they are read
+//! (up to 64 events at a time), and the guest goes on as soon as they are read, so a server killed
+//! in between forgets them; its successor would then serve the snapshot's bytes there, instead of
 //! zeros, if the guest reads that memory before writing it.
 
 use std::fs::File;
@@ -29,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::restore::{self, Peer, Region, RestoreHandle, RestoreOptions};
 use crate::source::PageSource;
@@ -57,34 +61,39 @@ struct Removed {
     removed: (u64, u64),
 }
 
-/// The open journal of one restore (see the module documentation).
+/// Lines after which a journal is rewritten with its ranges merged (balloon free-page reporting
+/// gives memory back all the time).
+const COMPACT_AFTER: usize = 4096;
+
+/// The open journal of one restore (see the module documentation). It holds the journal's lock
+/// for as long as it lives.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: File,
-    /// Ranges given back before this process took over, applied before serving starts.
-    replay: Vec<(u64, u64)>,
+    header: Header,
+    /// Everything given back so far: sorted, merged ranges.
+    removed: Vec<(u64, u64)>,
+    /// Range lines in the file.
+    lines: usize,
+    /// Written by a process that took the VM over (pages installed before are unknown to it).
+    adopted: bool,
+    /// A range could not be written down: the journal was removed, so that no successor serves
+    /// the snapshot's bytes where the guest gave memory back.
+    broken: bool,
 }
 
 impl Journal {
     /// Starts the journal of a restore serving process `pid`'s `regions` from `image`, in `dir`.
-    /// It appears complete or not at all (written beside, then renamed).
+    /// It appears complete and locked, or not at all.
     pub fn create(dir: &Path, pid: i32, image: Option<String>, regions: &[Region]) -> Result<Journal> {
         let start_time = process_start_time(pid)
             .ok_or_else(|| Error::Invalid(format!("process {pid} is gone: no journal to write for it")))?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let path = dir.join(format!("{pid}-{start_time}{SUFFIX}"));
-        let tmp = dir.join(format!(".{pid}-{start_time}.tmp"));
         let header = Header { version: VERSION, pid, start_time, image, regions: regions.to_vec() };
-        let mut line = serde_json::to_vec(&header).map_err(|e| Error::Invalid(format!("journal header: {e}")))?;
-        line.push(b'\n');
-        let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
-        let mut file = File::create(&tmp).map_err(|e| io("create", e))?;
-        // Locked before it has its name: nobody can take the VM over while this restore serves it.
-        lock(&file).map_err(|e| io("flock", e))?;
-        file.write_all(&line).map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-        Ok(Journal { path, file, replay: Vec::new() })
+        let file = write_locked(&path, &header, &[])?;
+        Ok(Journal { path, file, header, removed: Vec::new(), lines: 0, adopted: false, broken: false })
     }
 
     /// Where it is.
@@ -92,25 +101,103 @@ impl Journal {
         &self.path
     }
 
-    /// Writes down that the guest gave `[start, end)` back. One `write(2)` of one line: a
-    /// process killed around it leaves the line whole or absent.
+    /// A second handle on the journal's lock (the same open file): the lock stays while either
+    /// lives. Lets a caller that hands the journal over remove it, still locked, if that fails.
+    pub fn lock_guard(&self) -> Result<File> {
+        self.file.try_clone().map_err(|e| Error::io(format!("dup {}", self.path.display()), e))
+    }
+
+    /// Ranges given back so far (sorted, merged): served as zeros, never as snapshot bytes.
+    pub(crate) fn removed_ranges(&self) -> &[(u64, u64)] {
+        &self.removed
+    }
+
+    /// True when a process that took the VM over writes it.
+    pub(crate) fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Writes down that the guest gave `[start, end)` back: one `write(2)` of one line, which a
+    /// process killed around it leaves whole or absent. If it cannot be written, the journal is
+    /// removed: a VM nobody can take over stalls, which is better than one that reads old bytes.
     pub(crate) fn removed(&mut self, start: u64, end: u64) {
+        if self.broken {
+            return;
+        }
+        merge(&mut self.removed, start, end);
         let mut line = serde_json::to_vec(&Removed { removed: (start, end) }).unwrap_or_default();
         line.push(b'\n');
-        if let Err(e) = self.file.write_all(&line) {
-            warn!(journal = %self.path.display(), "cannot write a removed range down: {e}");
+        let written = if self.lines >= COMPACT_AFTER && self.lines >= 4 * self.removed.len() {
+            // Rewritten whole, merged; the new file is locked before it takes the name.
+            write_locked(&self.path, &self.header, &self.removed).map(|f| {
+                self.file = f;
+                self.lines = self.removed.len();
+            })
+        } else {
+            self.file.write_all(&line).map(|()| self.lines += 1).map_err(|e| Error::io("append", e))
+        };
+        if let Err(e) = written {
+            error!(journal = %self.path.display(), "cannot write a range the guest gave back ({e}): removing the journal; this VM now stalls if its server dies");
+            self.broken = true;
+            remove(&self.path);
         }
     }
 
-    /// The ranges to apply before serving (given back under an earlier server).
-    pub(crate) fn take_replay(&mut self) -> Vec<(u64, u64)> {
-        std::mem::take(&mut self.replay)
+    /// Ends the journal of a restore that ended: removed when its VM is gone, kept (and
+    /// unlocked, by dropping it) while the VM runs on, for a successor to take over.
+    pub(crate) fn close(self, peer_exited: bool) {
+        if peer_exited || process_start_time(self.header.pid) != Some(self.header.start_time) {
+            self.discard();
+        } else {
+            info!(pid = self.header.pid, journal = %self.path.display(), "restore ended with its VM alive: journal kept for a successor");
+        }
     }
 
-    /// Removes the journal: its VM needs no successor.
+    /// Removes the journal (unlinked while still locked): its VM needs no successor.
     pub fn discard(self) {
         remove(&self.path)
     }
+}
+
+/// Writes `header` and `removed` to a temporary file, locks it, then renames it to `path`: the
+/// journal at `path` is always complete and, until its new owner lets go, locked.
+fn write_locked(path: &Path, header: &Header, removed: &[(u64, u64)]) -> Result<File> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}-{}-{seq}.tmp", header.pid, std::process::id()));
+    let mut text = serde_json::to_vec(header).map_err(|e| Error::Invalid(format!("journal header: {e}")))?;
+    text.push(b'\n');
+    for &r in removed {
+        text.extend(serde_json::to_vec(&Removed { removed: r }).unwrap_or_default());
+        text.push(b'\n');
+    }
+    let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+    let written = (|| {
+        let mut file =
+            std::fs::OpenOptions::new().create_new(true).append(true).open(&tmp).map_err(|e| io("create", e))?;
+        lock(&file).map_err(|e| io("flock", e))?;
+        file.write_all(&text).map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
+        Ok(file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Adds `[start, end)` to sorted, merged `ranges`.
+fn merge(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let (mut s, mut e) = (start, end);
+    let first = ranges.partition_point(|&(_, re)| re < s);
+    let mut last = first;
+    while last < ranges.len() && ranges[last].0 <= e {
+        s = s.min(ranges[last].0);
+        e = e.max(ranges[last].1);
+        last += 1;
+    }
+    ranges.splice(first..last, [(s, e)]);
 }
 
 /// Takes the journal's lock without waiting.
@@ -141,7 +228,7 @@ pub struct Orphan {
     pub image: Option<String>,
     /// Its regions, as its handshake gave them.
     pub regions: Vec<Region>,
-    /// Ranges the guest gave back, in order.
+    /// Ranges the guest gave back (sorted, merged).
     pub removed: Vec<(u64, u64)>,
 }
 
@@ -153,7 +240,8 @@ pub fn orphans(dir: &Path) -> Result<Vec<Orphan>> {
     Ok(out)
 }
 
-/// The journal files in `dir` (none when it does not exist).
+/// The journal files in `dir` (none when it does not exist). Temporary files that a process died
+/// writing (nobody holds their lock) are removed on the way.
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -163,8 +251,11 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in entries {
         let path = entry.map_err(|e| Error::io(format!("read {}", dir.display()), e))?.path();
-        if path.to_str().is_some_and(|p| p.ends_with(SUFFIX)) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(SUFFIX) {
             out.push(path);
+        } else if name.starts_with('.') && name.ends_with(".tmp") && File::open(&path).is_ok_and(|f| lock(&f).is_ok()) {
+            remove(&path);
         }
     }
     Ok(out)
@@ -185,7 +276,7 @@ pub fn read(path: &Path) -> Result<Orphan> {
     for line in lines {
         let line = line.map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         let r: Removed = serde_json::from_str(&line).map_err(|e| bad(format!("line {line:?}: {e}")))?;
-        removed.push(r.removed);
+        merge(&mut removed, r.removed.0, r.removed.1);
     }
     Ok(Orphan {
         path: path.to_path_buf(),
@@ -195,6 +286,23 @@ pub fn read(path: &Path) -> Result<Orphan> {
         regions: h.regions,
         removed,
     })
+}
+
+/// Waits until nobody serves the VM of the journal at `path` (its lock is free), without taking
+/// it over: then [`Orphan::adopt`] can. For a VM found served by a server that is going away.
+pub fn wait_free(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    loop {
+        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Ok(()); // released when `file` closes
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(Error::io(format!("flock {}", path.display()), e));
+        }
+    }
 }
 
 impl Orphan {
@@ -211,14 +319,11 @@ impl Orphan {
     /// Takes the VM over: copies its userfaultfd out of it (`pidfd_getfd`, which needs ptrace
     /// rights over it: root, or the same user without Yama restrictions), wakes every thread
     /// waiting on a fault, and serves it from `source` (which must be the journal's image) from
-    /// now on, writing to the same journal. [`Error::Busy`] when a live restore (in this process
-    /// or another) serves it already.
+    /// now on, writing to the journal (rewritten, merged). [`Error::Busy`] when a live restore
+    /// (in this process or another) serves it already.
     pub fn adopt(self, source: Arc<dyn PageSource>, opts: RestoreOptions) -> Result<RestoreHandle> {
         let pid = self.pid;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| Error::io(format!("open {}", self.path.display()), e))?;
+        let file = File::open(&self.path).map_err(|e| Error::io(format!("open {}", self.path.display()), e))?;
         match lock(&file) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
@@ -226,8 +331,9 @@ impl Orphan {
             }
             Err(e) => return Err(Error::io(format!("flock {}", self.path.display()), e)),
         }
-        // The pidfd pins the process: checking the start time after opening it rules out a
-        // recycled pid for the rest of this restore.
+        // Open the pidfd, then check the start time: if the pid has been reused by then, the
+        // check fails; if it is reused later, the pidfd still names the checked process (and
+        // pidfd_getfd fails once it has exited).
         let pidfd = restore::pidfd_open(pid)?;
         if !self.is_alive() {
             return Err(Error::Invalid(format!("process {pid} is not the VM of journal {}", self.path.display())));
@@ -240,22 +346,38 @@ impl Orphan {
                 warn!(pid, base = r.base, "UFFDIO_WAKE: {e}");
             }
         }
-        // Read again under the lock: the dead server may have written ranges down after the
-        // listing read this journal.
-        let removed = read(&self.path)?.removed;
-        let journal = Journal { path: self.path, file, replay: removed };
-        info!(pid, regions = self.regions.len(), removed = journal.replay.len(), "adopting a VM from its journal");
+        // Read again under the lock (the dead server may have written ranges down after the
+        // listing read it), then rewrite it merged, locked by its new owner before it takes the
+        // name; the old file's lock goes with `file`.
+        let fresh = read(&self.path)?;
+        let header = Header {
+            version: VERSION,
+            pid,
+            start_time: self.start_time,
+            image: fresh.image,
+            regions: fresh.regions.clone(),
+        };
+        let new = write_locked(&self.path, &header, &fresh.removed)?;
+        drop(file);
+        let lines = fresh.removed.len();
+        let journal =
+            Journal { path: self.path, file: new, header, removed: fresh.removed, lines, adopted: true, broken: false };
+        info!(pid, regions = fresh.regions.len(), removed = journal.removed.len(), "adopting a VM from its journal");
         let peer = Peer { pid: Some(pid), pidfd: Some(pidfd), conn: None };
-        restore::start_journaled(uffd, self.regions, source, peer, opts, Some(journal))
+        restore::start_journaled(uffd, fresh.regions, source, peer, opts, Some(journal))
     }
 }
 
-/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot), if the process exists.
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot), if the process exists
+/// and has not exited (a zombie has no memory left to serve).
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// A copy of process `pid`'s one userfaultfd, through its pidfd.
@@ -286,4 +408,44 @@ fn take_userfaultfd(pid: i32, pidfd: &OwnedFd) -> Result<OwnedFd> {
         return Err(Error::Invalid(format!("fd {target} of process {pid} is no longer a userfaultfd")));
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_sorted_overlapping_and_adjacent() {
+        let mut r = Vec::new();
+        for (s, e) in [(100, 200), (300, 400), (0, 10), (200, 250), (350, 500), (10, 20), (600, 700)] {
+            merge(&mut r, s, e);
+        }
+        assert_eq!(r, vec![(0, 20), (100, 250), (300, 500), (600, 700)]);
+        merge(&mut r, 5, 650);
+        assert_eq!(r, vec![(0, 700)]);
+    }
+
+    #[test]
+    fn a_long_journal_is_rewritten_merged_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region { base: 1 << 30, size: 64 << 20, offset: 0, page_size: 4096 };
+        let mut j = Journal::create(dir.path(), std::process::id() as i32, Some("ab".into()), &[region]).unwrap();
+        // 10,000 REMOVEs of the same 100 pages, as free-page reporting sends them.
+        for k in 0..10_000u64 {
+            let p = (k % 100) * 2;
+            j.removed(region.base + p * 4096, region.base + (p + 1) * 4096);
+        }
+        let text = std::fs::read_to_string(j.path()).unwrap();
+        assert!(text.lines().count() < 2 * COMPACT_AFTER, "{} lines", text.lines().count());
+        let o = read(j.path()).unwrap();
+        assert_eq!(o.removed.len(), 100);
+        assert_eq!(o.removed, j.removed_ranges());
+        assert_eq!((o.image.as_deref(), o.regions.as_slice()), (Some("ab"), &[region][..]));
+        // The rewritten journal is still locked by its owner; no temporary file is left.
+        let f = File::open(j.path()).unwrap();
+        assert_eq!(lock(&f).unwrap_err().raw_os_error(), Some(libc::EWOULDBLOCK));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        j.discard();
+        assert!(list(dir.path()).unwrap().is_empty());
+    }
 }

@@ -297,8 +297,11 @@ pub struct RestoreReport {
     /// Image pages the guest faulted on, in first-fault order: the working set.
     pub working_set: Vec<u64>,
     /// Image pages that may differ from the snapshot (installed, or zapped by REMOVE): the set the
-    /// next checkpoint must hash. Sorted.
+    /// next checkpoint must hash. Sorted. Incomplete when `adopted`.
     pub touched: Vec<u64>,
+    /// This restore took the VM over from a server that died ([`crate::journal`]): pages that
+    /// server installed are missing from `touched` and `working_set`.
+    pub adopted: bool,
     /// Fault service times in nanoseconds (read of the event to wake-up), in order.
     #[serde(skip)]
     pub fault_ns: Vec<u32>,
@@ -359,6 +362,7 @@ impl RestoreHandle {
                 stats: self.stats.snapshot(),
                 working_set: Vec::new(),
                 touched: Vec::new(),
+                adopted: false,
                 fault_ns: Vec::new(),
             },
         }
@@ -395,7 +399,7 @@ pub fn start_journaled(
     source: Arc<dyn PageSource>,
     peer: Peer,
     opts: RestoreOptions,
-    mut journal: Option<Journal>,
+    journal: Option<Journal>,
 ) -> Result<RestoreHandle> {
     validate_regions(&regions, source.size(), source.page_size() as u64)?;
     // The fd must be non-blocking: the serving loop reads it until EAGAIN.
@@ -493,7 +497,8 @@ pub fn start_journaled(
         stream: None,
         journal: None,
     };
-    for (start, end) in journal.as_mut().map(Journal::take_replay).unwrap_or_default() {
+    let removed = journal.as_ref().map(|j| j.removed_ranges().to_vec()).unwrap_or_default();
+    for (start, end) in removed {
         serving.apply_remove(start, end);
     }
     serving.journal = journal;
@@ -869,11 +874,10 @@ impl Serving {
         if let Some(readers) = self.readers.take() {
             readers.finish();
         }
-        if let Some(journal) = self.journal.take()
-            && end != EndReason::Stopped
-        {
-            // The VM is gone (or was killed for a corrupt page): nobody will take it over.
-            journal.discard();
+        let adopted = self.journal.as_ref().is_some_and(Journal::adopted);
+        if let Some(journal) = self.journal.take() {
+            // Removed once the VM is gone; kept, for a successor, while it runs on.
+            journal.close(end == EndReason::PeerExited);
         }
         let ip = self.source.page_size() as u64;
         let mut touched = Vec::new();
@@ -892,6 +896,7 @@ impl Serving {
             stats: self.stats.snapshot(),
             working_set: std::mem::take(&mut self.ws),
             touched,
+            adopted,
             fault_ns: std::mem::take(&mut self.fault_ns),
         }
     }

@@ -285,14 +285,16 @@ fn accept_vm(
         }
         _ => None,
     };
-    let written = journal.as_ref().map(|j| j.path().to_path_buf());
+    // If the restore does not start, the VM will not run on this memory: its journal goes, removed
+    // while this second handle still holds its lock, so that nobody takes that VM over meanwhile.
+    let guard = journal.as_ref().map(|j| (j.path().to_path_buf(), j.lock_guard()));
     let peer = Peer { pid, pidfd, conn: Some(stream) };
     let handle = restore::start_journaled(hs.uffd, hs.regions, source, peer, opts, journal).inspect_err(|_| {
-        // Refused: the VM will not run on this memory, so nobody is to take it over.
-        if let Some(path) = &written {
+        if let Some((path, _lock)) = &guard {
             let _ = std::fs::remove_file(path);
         }
     })?;
+    drop(guard);
     Ok((handle, regions, hs.fds))
 }
 

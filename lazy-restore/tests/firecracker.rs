@@ -411,47 +411,62 @@ fn a_new_server_takes_over_a_running_vm_from_its_journal() {
     let image = dir.path().join("mem.raw");
     make_image(&image, 1024);
     let journals = dir.path().join("journals");
-    let opts = ServerOptions { journal_dir: Some(journals.clone()), ..Default::default() };
-    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), opts);
+    let socket = dir.path().join("uffd.sock");
+    let marker = dir.path().join("stuck");
+    // The first server runs in a process of its own, and gets stuck reading page 700.
+    let mut server = spawn_child(json!({
+        "role": "server", "socket": socket, "image": image, "journals": journals,
+        "stuck_page": 700, "marker": marker,
+    }));
+    assert_eq!(next_result(&mut std::io::BufReader::new(server.stdout.take().unwrap()))["ready"], true);
     let mut child = spawn_child(json!({
-        "role": "takeover", "socket": srv.socket, "image": image,
-        "regions": [{"size": 4 << 20, "offset": 0}],
+        "role": "takeover", "socket": socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}], "first_touch": 700,
     }));
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    assert_eq!(next_result(&mut out)["ready"], true);
     let pid = child.id() as i32;
+    let _reap = KillOnPanic(vec![pid, server.id() as i32]);
+    assert_eq!(next_result(&mut out)["ready"], true);
 
-    // While its server runs, the VM cannot be taken over (the restore holds its journal).
-    let busy = journal::orphans(&journals).unwrap().pop().unwrap();
-    match busy.adopt(raw_source(&image), RestoreOptions::default()) {
+    // Its journal names the VM, its region and the 16 pages it gave back; while the server
+    // lives, nobody else can take the VM over.
+    let found = journal::orphans(&journals).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].pid, found[0].regions.len()), (pid, 1));
+    assert_eq!(
+        found[0].removed,
+        vec![(found[0].regions[0].base + 8 * PAGE as u64, found[0].regions[0].base + 24 * PAGE as u64)]
+    );
+    assert!(found[0].is_alive());
+    match journal::orphans(&journals).unwrap().pop().unwrap().adopt(raw_source(&image), RestoreOptions::default()) {
         Err(snapfork_lazy_restore::Error::Busy(_)) => {}
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a VM was taken over while its server served it"),
     }
 
-    // The first server goes away with the VM still running: its journal stays, naming the VM,
-    // its region and the 16 pages it gave back.
-    srv.stop();
-    let found = journal::orphans(&journals).unwrap();
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!((found[0].pid, found[0].regions.len()), (pid, 1));
-    assert_eq!(found[0].removed.iter().map(|(s, e)| e - s).sum::<u64>(), 16 * PAGE as u64, "{found:?}");
-    assert!(found[0].is_alive());
-
-    // The guest goes on and faults while nobody serves it; then a new server adopts it.
+    // The guest faults on page 700; the server takes the fault and never answers; it dies.
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    while !marker.exists() {
+        assert!(t.elapsed() < T, "the server never read page 700");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // A new server adopts the VM: the waiting guest is woken, faults again, and reads every
+    // page right (zeros where it gave pages back).
     let orphan = journal::orphans(&journals).unwrap().pop().unwrap();
     let handle = orphan.adopt(raw_source(&image), RestoreOptions::default()).unwrap();
-    let done = next_result(&mut out);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(next_result(&mut out)));
+    let done = rx.recv_timeout(T).expect("the guest still waits on the fault the dead server took");
     assert_eq!((done["mismatches"].as_u64(), done["nonzero_removed"].as_u64()), (Some(0), Some(0)), "{done}");
     assert!(child.wait().unwrap().success());
     let report = handle.join();
     assert_eq!(report.end, EndReason::PeerExited, "{report:?}");
-    // The new server knew the given-back pages from the journal, and served what the guest
-    // touched after the takeover.
     let st = &report.stats;
-    assert!(st.pages_removed == 16 && st.faults > 0 && st.pages_copied > 0, "{st:?}");
+    assert!(report.adopted && st.pages_removed == 16 && st.faults > 0 && st.pages_copied > 0, "{st:?}");
     // The VM is gone: so is its journal.
     assert!(journal::orphans(&journals).unwrap().is_empty());
 }
@@ -483,4 +498,18 @@ fn a_journal_is_not_believed_for_another_process_with_its_pid() {
     std::fs::write(&path, "{\"version\": 1, \"pid\":").unwrap();
     let err = journal::orphans(dir.path()).unwrap_err();
     assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+/// Kills the test's child processes if it fails (a guest left waiting on a fault never exits).
+struct KillOnPanic(Vec<i32>);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for &pid in &self.0 {
+                // SAFETY: plain kill(2) of this test's own children, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
 }

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use rand::{Rng, RngCore, SeedableRng};
+use snapfork_benches::sync;
 use snapfork_fsfork::testfs::{FsType, TestFs};
 use snapfork_fsfork::workspace;
 use snapfork_fsfork::{CloneOptions, clone_tree};
@@ -33,11 +34,6 @@ fn sh(args: &[&str]) -> Result<()> {
         bail!("{args:?} failed");
     }
     Ok(())
-}
-
-fn sync() {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
 }
 
 fn rm(p: &Path) -> Result<()> {

@@ -183,11 +183,68 @@ fn compare(vm: &FakeVm, i: usize, image: &std::fs::File) -> (u64, Vec<u64>) {
     (count, bad)
 }
 
+/// A source that never returns page `page` (after creating `marker`): a server reading it for
+/// a fault has taken the fault from the userfaultfd and will never answer it.
+struct Stuck {
+    inner: snapfork_lazy_restore::RawFileSource,
+    page: u64,
+    marker: PathBuf,
+}
+
+impl Stuck {
+    fn check(&self, first: u64, count: u64) {
+        if (first..first + count).contains(&self.page) {
+            std::fs::write(&self.marker, b"stuck").unwrap();
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+impl PageSource for Stuck {
+    fn page_size(&self) -> usize {
+        self.inner.page_size()
+    }
+    fn page_count(&self) -> u64 {
+        self.inner.page_count()
+    }
+    fn is_zero(&self, index: u64) -> bool {
+        self.inner.is_zero(index)
+    }
+    fn read_page(&self, index: u64, buf: &mut [u8]) -> snapfork_lazy_restore::Result<()> {
+        self.check(index, 1);
+        self.inner.read_page(index, buf)
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> snapfork_lazy_restore::Result<()> {
+        self.check(first, (buf.len() / PAGE) as u64);
+        self.inner.read_pages(first, buf)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+/// The `server` role: a UFFD server with journals, whose source gets stuck on one page, in a
+/// process of its own that the test kills.
+fn serve_until_killed(role: &Value) {
+    let inner = snapfork_lazy_restore::RawFileSource::open(Path::new(role["image"].as_str().unwrap()), PAGE).unwrap();
+    let source = Stuck {
+        inner,
+        page: role["stuck_page"].as_u64().unwrap(),
+        marker: PathBuf::from(role["marker"].as_str().unwrap()),
+    };
+    let opts = ServerOptions { journal_dir: Some(role["journals"].as_str().unwrap().into()), ..Default::default() };
+    let server = UffdServer::bind(Path::new(role["socket"].as_str().unwrap()), Arc::new(source), opts).unwrap();
+    emit(json!({"ready": true}));
+    server.run(|_, _| {}).unwrap();
+}
+
 /// Entry of the child process: plays the role described by the JSON in `SNAPFORK_TEST_CHILD`.
 ///
 /// Roles: `fc` (handshake, read every page, compare), `remove` (fc + madvise DONTNEED then read
 /// zeros), `takeover` (touch, give memory back, wait for "go" on stdin, read everything: the
-/// server is replaced in between), `hang` (handshake, touch some pages, then sleep until
+/// server is replaced in between), `server` (a UFFD server that gets stuck on one page), `hang` (handshake, touch some pages, then sleep until
 /// killed), `kvm` (handshake, then a KVM guest reads every page and reports a checksum through an
 /// I/O port).
 pub fn child_main() {
@@ -196,6 +253,9 @@ pub fn child_main() {
         std::process::exit(2);
     };
     let role: Value = serde_json::from_str(&role).unwrap();
+    if role["role"] == "server" {
+        return serve_until_killed(&role);
+    }
     let specs: Vec<RegionSpec> = role["regions"]
         .as_array()
         .unwrap()
@@ -278,6 +338,10 @@ pub fn child_main() {
             emit(json!({"ready": true, "quarter": quarter}));
             let mut go = String::new();
             std::io::stdin().read_line(&mut go).unwrap();
+            if let Some(p) = role["first_touch"].as_u64() {
+                // One fault, on its own (no sequential stream): the server reads it alone.
+                std::hint::black_box(vm.region(0)[p as usize * PAGE]);
+            }
             let mut buf = vec![0u8; PAGE];
             let (mut bad, mut nonzero_removed) = (Vec::new(), 0);
             for (p, got) in vm.region(0).chunks_exact(PAGE).enumerate() {
