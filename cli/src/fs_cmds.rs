@@ -92,6 +92,7 @@ fn side<'a>(store: &Store, arg: &'a str) -> anyhow::Result<Side<'a>> {
 pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
         FsCmd::Checkpoint { dir, message } => {
+            let _busy = output::spinner(global, "checkpoint");
             let store = open(global, false)?;
             let r = workspace::checkpoint(&store, &dir, message.as_deref())?;
             let text = format!(
@@ -108,6 +109,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(serde_json::to_value(&r)?, text))
         }
         FsCmd::Restore { checkpoint, dir } => {
+            let _busy = output::spinner(global, "restore");
             let store = open(global, false)?;
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let r = workspace::restore(&store, &id, &dir)?;
@@ -128,7 +130,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let start = std::time::Instant::now();
             std::fs::create_dir_all(&into).with_context(|| format!("create {}", into.display()))?;
-            let bar = output::progress(global, count as u64, "forking");
+            let bar = output::progress_count(global, count as u64, "forking");
             let mut forks = Vec::with_capacity(count);
             for i in 1..=count {
                 forks.push(workspace::fork_one(&store, &id, &into.join(format!("fork-{i}")))?);
@@ -145,6 +147,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(json!({ "id": ids, "checkpoint": id, "forks": forks, "elapsed_ms": ms }), text))
         }
         FsCmd::Revert { dir, checkpoint, wait } => {
+            let _busy = output::spinner(global, "revert");
             let store = open(global, false)?;
             let id = workspace::resolve_checkpoint(&store, &checkpoint)?;
             let r = workspace::revert(&store, &dir, &id)?;
@@ -167,6 +170,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(serde_json::to_value(&r)?, text))
         }
         FsCmd::Diff { a, b } => {
+            let _busy = output::spinner(global, "diff");
             let store = open(global, true)?;
             let d = workspace::diff(&store, side(&store, &a)?, side(&store, &b)?)?;
             let mut text = String::new();
@@ -202,6 +206,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(json!({ "workspace": record.path, "head": record.head, "events": entries }), text))
         }
         FsCmd::Clone { src, dst } => {
+            let _busy = output::spinner(global, "clone");
             let r = snapfork_fsfork::clone_tree(&src, &dst, &Default::default())?;
             let mut j = serde_json::to_value(&r)?;
             j["id"] = json!(dst);

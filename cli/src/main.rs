@@ -34,7 +34,7 @@ pub struct Global {
 impl Global {
     /// The lock timeout as a `Duration`.
     pub fn lock_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.lock_timeout.max(0.0))
+        seconds(self.lock_timeout)
     }
 }
 
@@ -59,8 +59,29 @@ enum Command {
     Uffd(uffd_cmds::UffdCmd),
 }
 
+/// `secs` seconds as a `Duration`: negative and NaN count as 0, and anything over ten years
+/// (`inf`, `1e30`) as ten years, "forever", which deadlines computed from it can still hold.
+pub fn seconds(secs: f64) -> Duration {
+    const FOREVER: Duration = Duration::from_secs(10 * 365 * 86_400);
+    Duration::try_from_secs_f64(secs.max(0.0)).map_or(FOREVER, |d| d.min(FOREVER))
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version print as clap prints them; a usage error is one line (an object with
+        // --json, for agents) and exit status 2.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            if std::env::args().any(|a| a == "--json") {
+                println!("{}", serde_json::json!({ "error": first }));
+            }
+            eprintln!("snapfork: error: {first} (see snapfork --help)");
+            std::process::exit(2);
+        }
+    };
     output::init_tracing();
     let result = match cli.command {
         Command::Store(cmd) => store_cmds::run(cmd, &cli.global),

@@ -51,17 +51,55 @@ pub fn finish(result: anyhow::Result<Report>, global: &Global) -> i32 {
     }
 }
 
-/// A progress bar on stderr when it is a terminal (and `--json` is off); hidden otherwise.
+/// True when progress is to be shown: stderr is a terminal and `--json` is off.
+fn shows_progress(global: &Global) -> bool {
+    !global.json && std::io::stderr().is_terminal()
+}
+
+/// A progress bar of `len` bytes on stderr (see [`shows_progress`]; hidden otherwise).
 pub fn progress(global: &Global, len: u64, what: &str) -> ProgressBar {
-    if global.json || !std::io::stderr().is_terminal() {
+    bar(global, len, what, "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+}
+
+/// A progress bar of `len` items (forks, files) on stderr.
+pub fn progress_count(global: &Global, len: u64, what: &str) -> ProgressBar {
+    bar(global, len, what, "{msg:>12} [{bar:40}] {pos}/{len} eta {eta}")
+}
+
+fn bar(global: &Global, len: u64, what: &str, template: &str) -> ProgressBar {
+    if !shows_progress(global) {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar
+}
+
+/// A spinner on stderr for work whose size is not known ahead (a checkpoint, a gc, a verify):
+/// what runs, the time so far, and the bytes done when the work reports them (`inc`). Cleared
+/// when dropped.
+pub fn spinner(global: &Global, what: &str) -> Spinner {
+    if !shows_progress(global) {
+        return Spinner(ProgressBar::hidden());
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed} {bytes} {binary_bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Spinner(bar)
+}
+
+/// See [`spinner`].
+pub struct Spinner(pub ProgressBar);
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }

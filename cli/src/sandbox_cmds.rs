@@ -40,6 +40,32 @@ pub enum EngineCmd {
     Daemon(crate::daemon::DaemonArgs),
 }
 
+/// What the spinner of `cmd` says.
+fn command_name(cmd: &EngineCmd) -> String {
+    use SandboxCmd as S;
+    let name = match cmd {
+        EngineCmd::Export { .. } => "export",
+        EngineCmd::Import { .. } => "import",
+        EngineCmd::Sandbox(s) => match s {
+            S::Run(_) => "run",
+            S::Checkpoint { .. } => "checkpoint",
+            S::Restore { .. } => "restore",
+            S::Fork { .. } => "fork",
+            S::Revert { .. } => "revert",
+            S::Diff { .. } => "diff",
+            S::Log { .. } => "log",
+            S::Show { .. } => "show",
+            S::Tag { .. } => "tag",
+            S::Rm { .. } => "rm",
+            S::Stop { .. } => "stop",
+            S::Ls => "ls",
+            S::Exec { .. } => "exec",
+        },
+        EngineCmd::Demo(_) | EngineCmd::Daemon(_) => "",
+    };
+    name.to_string()
+}
+
 /// Runs one engine command: through the daemon when one serves this store, else directly.
 pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
@@ -49,6 +75,8 @@ pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     }
     // Paths are the caller's: make them absolute before anything (the daemon has another cwd).
     absolutize(&mut cmd)?;
+    // Checkpoints, restores, forks, exports take seconds to minutes, here or in the daemon.
+    let _busy = crate::output::spinner(global, &command_name(&cmd));
     if let Some(report) = crate::daemon::try_call(&cmd, global)? {
         return Ok(report);
     }
@@ -349,23 +377,29 @@ pub fn busybox_rootfs(global: &Global) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// A request that cannot be carried out as given: the daemon answers 400.
+fn invalid(message: &str) -> anyhow::Error {
+    snapfork_engine::Error::Invalid(message.to_string()).into()
+}
+
 fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
     let driver = match a.driver.as_str() {
         "gvisor" => {
             let rootfs = match (a.rootfs, a.busybox) {
                 (Some(r), false) => std::path::absolute(r)?,
                 (None, true) => busybox_rootfs(global)?,
-                _ => bail!("gvisor: give exactly one of --rootfs DIR or --busybox"),
+                _ => return Err(invalid("gvisor: give exactly one of rootfs (--rootfs DIR) or busybox (--busybox)")),
             };
             if a.cmd.is_empty() {
-                bail!("gvisor: give the command after --");
+                return Err(invalid("gvisor: give the command (cmd, or after --)"));
             }
             let mut cfg = GvisorConfig::new(rootfs, a.cmd);
             cfg.env.extend(a.env);
             cfg.cwd = a.cwd;
             cfg.workspace_mount = a.workspace_mount;
             for m in a.ro_mounts {
-                let (src, dst) = m.split_once(':').context("--ro-mount wants SRC:DST")?;
+                let (src, dst) =
+                    m.split_once(':').ok_or_else(|| invalid("a read-only mount (--ro-mount) is SRC:DST"))?;
                 cfg.ro_mounts.push((std::path::absolute(src)?, dst.to_string()));
             }
             DriverConfig::Gvisor(cfg)
@@ -380,14 +414,16 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             })
         }
         "firecracker" => DriverConfig::Firecracker(snapfork_engine::FirecrackerConfig {
-            api_socket: std::path::absolute(a.api_socket.context("firecracker: give --api-socket")?)?,
+            api_socket: std::path::absolute(
+                a.api_socket.ok_or_else(|| invalid("firecracker: give api_socket (--api-socket PATH)"))?,
+            )?,
             binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
             disks: a.disk.into_iter().map(std::path::absolute).collect::<Result<_, _>>()?,
             page_size: a.page_size,
             diff: a.diff,
             pid: None,
         }),
-        other => bail!("unknown driver {other} (gvisor, firecracker, raw)"),
+        other => return Err(invalid(&format!("unknown driver {other} (gvisor, firecracker, raw)"))),
     };
     Ok(RunSpec { name: a.name, driver, workspace: a.workspace })
 }
@@ -402,7 +438,7 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
         SandboxCmd::Checkpoint { name, message, labels, leave_running } => {
             let mut l = BTreeMap::new();
             for kv in labels {
-                let (k, v) = kv.split_once('=').context("--label wants KEY=VALUE")?;
+                let (k, v) = kv.split_once('=').ok_or_else(|| invalid("a label (--label) is KEY=VALUE"))?;
                 l.insert(k.to_string(), v.to_string());
             }
             let r = engine.checkpoint(&name, CheckpointOptions { message, labels: l, leave_running }).await?;

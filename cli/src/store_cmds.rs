@@ -99,7 +99,9 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             let size = fs::metadata(&file).with_context(|| format!("stat {}", file.display()))?.len();
             let started = Instant::now();
             if blob {
+                let busy = crate::output::spinner(global, "ingest (blob)");
                 let info = store.put_blob_file(&file, Some(&name))?;
+                drop(busy);
                 let secs = started.elapsed().as_secs_f64();
                 let text = format!(
                     "{name} = {} (blob, {} in {} chunks, {} new, {} stored, {:.2}s)",
@@ -118,7 +120,7 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             }
             let parent = parent.map(|p| store.resolve(&p)).transpose()?;
             let dirty = match (dirty_pages, dirty_bitmap) {
-                (Some(p), _) => Some(PageSet::parse_text(&read_text(&p)?)?),
+                (Some(p), _) => Some(PageSet::parse_text(&read_text(&p)?, size.div_ceil(u64::from(page_size).max(1)))?),
                 (_, Some(p)) => {
                     Some(PageSet::from_bitmap(&fs::read(&p).with_context(|| format!("read {}", p.display()))?))
                 }
@@ -164,6 +166,7 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
                     ("image", image.size())
                 }
                 kind::BLOB => {
+                    let _busy = crate::output::spinner(global, "cat (blob)");
                     let mut out = fs::File::create(&output).with_context(|| format!("create {}", output.display()))?;
                     let n = store.read_blob(&id, &mut out)?;
                     out.sync_all()?;
@@ -173,7 +176,7 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             };
             let secs = started.elapsed().as_secs_f64();
             Ok(Report::new(
-                json!({"ref": reference, "source": id, "kind": kind_name, "size": size, "output": output, "seconds": secs}),
+                json!({"id": output, "ref": reference, "source": id, "kind": kind_name, "size": size, "output": output, "seconds": secs}),
                 format!("wrote {} ({kind_name}, {}) in {secs:.2}s", output.display(), bytes(size)),
             ))
         }
@@ -202,6 +205,7 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
         }
         StoreCmd::Gc { dry_run, grace } => {
             let store = open_store(global, false)?;
+            let _busy = crate::output::spinner(global, "gc");
             let report = store.gc(&GcOptions { dry_run, grace: Duration::from_secs(grace), ..GcOptions::default() })?;
             let verb = if dry_run { "would remove" } else { "removed" };
             let text = format!(
@@ -221,21 +225,32 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
         }
         StoreCmd::Verify { reference } => {
             let store = open_store(global, true)?;
-            let bar = progress(global, 0, "verify");
-            let b = bar.clone();
+            let bar = crate::output::spinner(global, "verify");
+            let b = bar.0.clone();
             let progress: snapfork_store::Progress = Arc::new(move |n| b.inc(n));
             let report = store.verify(reference.as_deref(), Some(&progress))?;
-            bar.finish_and_clear();
-            if !report.is_ok() {
-                let mut msg = format!("{} damaged object(s):", report.damaged.len());
-                for d in &report.damaged {
-                    msg.push_str(&format!("\n  {}: {} ({})", d.what, d.detail, d.id.short()));
-                }
+            drop(bar);
+            if let Some(first) = report.damaged.first() {
+                // Every damaged object on its own line first (stderr), then the one-line error;
+                // with --json, one object: the report plus `error`. Exit status 2 either way.
+                let summary = format!(
+                    "{} damaged object(s), the first {}: {} ({})",
+                    report.damaged.len(),
+                    first.what,
+                    first.detail,
+                    first.id.short()
+                );
                 if global.json {
-                    println!("{}", serde_json::to_value(&report)?);
-                    std::process::exit(2);
+                    let mut j = serde_json::to_value(&report)?;
+                    j["error"] = json!(summary);
+                    println!("{j}");
+                } else {
+                    for d in &report.damaged {
+                        eprintln!("damaged: {}: {} ({})", d.what, d.detail, d.id.short());
+                    }
                 }
-                bail!(msg);
+                eprintln!("snapfork: error: {summary}");
+                std::process::exit(2);
             }
             let text = format!("ok: {} objects, {} re-hashed", report.objects, bytes(report.bytes));
             Ok(Report::new(serde_json::to_value(&report)?, text))

@@ -223,8 +223,8 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
         Some(workingset::spawn_preload(store.clone(), id, workingset::pages_ref_name(&id), cache)?)
     };
     let opts = ServerOptions {
-        handshake_timeout: Duration::from_secs_f64(a.handshake_timeout.max(0.001)),
-        idle_timeout: a.idle_timeout.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        handshake_timeout: crate::seconds(a.handshake_timeout.max(0.001)),
+        idle_timeout: a.idle_timeout.map(crate::seconds),
         max_restores: a.max_restores,
         restore: RestoreOptions {
             fault_around: a.fault_around_kib.max(4) << 10,
@@ -391,10 +391,7 @@ fn working_set(cmd: WsCmd, global: &Global) -> anyhow::Result<Report> {
             let store = open_rw(global)?;
             let image = store.open_image_ref(&reference)?;
             let text = std::fs::read_to_string(&pattern).with_context(|| format!("read {}", pattern.display()))?;
-            let pages = workingset::parse_pattern(&text)?;
-            if let Some(bad) = pages.iter().find(|&&p| p >= image.page_count()) {
-                bail!("page {bad} is beyond the image ({} pages)", image.page_count());
-            }
+            let pages = workingset::parse_pattern(&text, image.page_count())?;
             let blob = workingset::save(&store, &image.id(), image.page_size(), &pages)?;
             Ok(Report::new(
                 json!({"id": blob.to_hex(), "image": image.id().to_hex(), "pages": pages.len()}),
@@ -758,7 +755,8 @@ fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
     };
     let ws = match &a.pattern {
         Some(p) => {
-            workingset::parse_pattern(&std::fs::read_to_string(p)?)?.into_iter().filter(|&x| x < pages).collect()
+            let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+            workingset::parse_pattern(&text, pages)?
         }
         None => workingset::random(pages, a.working_set, a.seed),
     };

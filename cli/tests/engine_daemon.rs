@@ -1,5 +1,6 @@
 //! The daemon end to end: ten gVisor sandboxes checkpointed at once from ten client processes,
-//! SIGTERM, restart, sandboxes found again (and a dead VM's page-server journal cleared). Root and runsc required (CI has both).
+//! SIGTERM, restart, sandboxes found again (and a dead VM's page-server journal cleared);
+//! and clients that stall, or a daemon that does, hold nobody up. Root and runsc required (CI has both).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -150,4 +151,44 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
     assert_eq!(r["id"], "again");
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Clients that connect and say nothing neither block other clients nor keep the daemon from
+/// stopping, and are dropped after a while; a daemon that accepts but does not answer (stopped)
+/// is reported by the CLI within seconds instead of hanging it.
+#[test]
+fn daemon_is_not_held_up_by_silent_clients_and_a_hung_daemon_is_reported() {
+    use std::io::Read;
+    let tmp = tempfile::Builder::new().prefix("sf-daemon-silent-").tempdir_in("/var/tmp").unwrap();
+    let store = tmp.path().join("store");
+    let daemon = Daemon::start(&store);
+    let sock = store.join("engine/run/daemon.sock");
+    let silent: Vec<_> = (0..3).map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap()).collect();
+    // Others are served meanwhile.
+    let t = Instant::now();
+    let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    assert!(ls["sandboxes"].as_array().unwrap().is_empty());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A silent client is answered with an error and dropped.
+    let mut first = &silent[0];
+    first.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut resp = String::new();
+    first.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("no complete request"), "{resp}");
+    // A stopped daemon: the CLI says so within seconds.
+    let pid = daemon.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let t = Instant::now();
+    let out = snapfork(&store).args(["sandbox", "ls"]).output().unwrap();
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not answer"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // SIGTERM with silent clients still connected: the daemon does not wait for them.
+    let idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let t = Instant::now();
+    assert!(daemon.term().success());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop((silent, idle));
 }

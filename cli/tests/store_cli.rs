@@ -123,6 +123,20 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
     let out = snapfork(&store).args(["cat", "missing", "-o"]).arg(tmp.path().join("o")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
     assert!(!out.status.success());
+    // A page list with a page past the image: refused, nothing allocated for it.
+    let list = tmp.path().join("dirty");
+    fs::write(&list, "0-18446744073709551615").unwrap();
+    let out = snapfork(&store).args(["ingest", "--name", "y", "--dirty-pages"]).arg(&list).arg(&file).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the image"), "{out:?}");
+    // Arguments clap refuses: one line, and with --json one object; "forever" is no crash.
+    let out = snapfork(&store).args(["--json", "no-such-command"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["error"].is_string());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim().lines().count(), 1, "{out:?}");
+    let out = snapfork(&store).args(["--lock-timeout", "inf", "ls", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[test]
@@ -140,9 +154,17 @@ fn verify_names_the_damaged_page_and_exits_non_zero() {
     bytes[n / 3] ^= 0x80;
     fs::write(&pack, bytes).unwrap();
     let out = snapfork(&store).arg("verify").output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("image vm page "), "{err}");
+    // With --json: one object, the report and the error.
+    let out = snapfork(&store).args(["verify", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("image vm page "), "{v}");
+    assert!(!v["damaged"].as_array().unwrap().is_empty(), "{v}");
     let out = snapfork(&store).args(["cat", "vm", "-o"]).arg(tmp.path().join("o")).output().unwrap();
     assert!(!out.status.success(), "cat must refuse to write damaged data");
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt image vm page"));

@@ -456,8 +456,9 @@ pub fn random(pages: u64, fraction: f64, seed: u64) -> Vec<u64> {
 }
 
 /// Reads a page list from text: page indices separated by whitespace or commas, `#` comments,
-/// and `a-b` inclusive ranges (the `--pattern FILE` format).
-pub fn parse_pattern(text: &str) -> Result<Vec<u64>> {
+/// and `a-b` inclusive ranges (the `--pattern FILE` format). Pages must be below `limit` (the
+/// image's page count).
+pub fn parse_pattern(text: &str, limit: u64) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
@@ -466,15 +467,17 @@ pub fn parse_pattern(text: &str) -> Result<Vec<u64>> {
                 continue;
             }
             let num = |s: &str| s.parse::<u64>().map_err(|_| Error::WorkingSet(format!("bad page number {s:?}")));
-            if let Some((a, b)) = tok.split_once('-') {
-                let (a, b) = (num(a)?, num(b)?);
-                if b < a {
-                    return Err(Error::WorkingSet(format!("empty range {tok}")));
-                }
-                out.extend(a..=b);
-            } else {
-                out.push(num(tok)?);
+            let (a, b) = match tok.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(tok)?, num(tok)?),
+            };
+            if b < a {
+                return Err(Error::WorkingSet(format!("empty range {tok}")));
             }
+            if b >= limit {
+                return Err(Error::WorkingSet(format!("page {b} is past the image's {limit} pages")));
+            }
+            out.extend(a..=b);
         }
     }
     Ok(out)
@@ -500,7 +503,9 @@ mod tests {
 
     #[test]
     fn pattern_text() {
-        assert_eq!(parse_pattern("1, 2 # c\n10-12\n").unwrap(), vec![1, 2, 10, 11, 12]);
-        assert!(parse_pattern("x").is_err());
+        assert_eq!(parse_pattern("1, 2 # c\n10-12\n", 13).unwrap(), vec![1, 2, 10, 11, 12]);
+        assert!(parse_pattern("x", 13).is_err());
+        assert!(parse_pattern("13", 13).is_err());
+        assert!(parse_pattern("0-18446744073709551615", 13).is_err());
     }
 }

@@ -80,8 +80,9 @@ impl PageSet {
     }
 
     /// Parses the text form: page numbers or inclusive ranges `A-B`, separated by whitespace,
-    /// commas or newlines; `#` starts a comment.
-    pub fn parse_text(text: &str) -> Result<PageSet> {
+    /// commas or newlines; `#` starts a comment. Pages must be below `limit` (the image's page
+    /// count): a number past it is an error, not a bitmap sized to fit it.
+    pub fn parse_text(text: &str, limit: u64) -> Result<PageSet> {
         let mut set = PageSet::new();
         for line in text.lines() {
             let line = line.split('#').next().unwrap_or("");
@@ -89,16 +90,19 @@ impl PageSet {
                 let num = |s: &str| {
                     s.parse::<u64>().map_err(|_| Error::InvalidInput(format!("bad page number {s:?} in page list")))
                 };
-                match item.split_once('-') {
-                    Some((a, b)) => {
-                        let (a, b) = (num(a)?, num(b)?);
-                        if b < a {
-                            return Err(Error::InvalidInput(format!("empty page range {item:?}")));
-                        }
-                        set.insert_range(a, b + 1);
-                    }
-                    None => set.insert(num(item)?),
+                let (a, b) = match item.split_once('-') {
+                    Some((a, b)) => (num(a)?, num(b)?),
+                    None => (num(item)?, num(item)?),
+                };
+                if b < a {
+                    return Err(Error::InvalidInput(format!("empty page range {item:?}")));
                 }
+                if b >= limit {
+                    return Err(Error::InvalidInput(format!(
+                        "page {b} in page list is past the image's {limit} pages"
+                    )));
+                }
+                set.insert_range(a, b + 1);
             }
         }
         Ok(set)
@@ -140,11 +144,14 @@ mod tests {
 
     #[test]
     fn text_and_bitmap_round_trip() {
-        let s = PageSet::parse_text("1, 3-5\n# comment\n64 200").unwrap();
+        let s = PageSet::parse_text("1, 3-5\n# comment\n64 200", 201).unwrap();
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![1, 3, 4, 5, 64, 200]);
-        assert_eq!(PageSet::parse_text(&s.to_text()).unwrap(), s);
+        assert_eq!(PageSet::parse_text(&s.to_text(), 201).unwrap(), s);
         assert_eq!(PageSet::from_bitmap(&s.to_bitmap()), s);
-        assert!(PageSet::parse_text("5-3").is_err());
-        assert!(PageSet::parse_text("x").is_err());
+        assert!(PageSet::parse_text("5-3", 201).is_err());
+        assert!(PageSet::parse_text("x", 201).is_err());
+        // Numbers past the image are refused before anything is allocated for them.
+        assert!(PageSet::parse_text("201", 201).is_err());
+        assert!(PageSet::parse_text("0-18446744073709551615", 201).is_err());
     }
 }
