@@ -455,32 +455,12 @@ pub fn random(pages: u64, fraction: f64, seed: u64) -> Vec<u64> {
     out
 }
 
-/// Reads a page list from text: page indices separated by whitespace or commas, `#` comments,
-/// and `a-b` inclusive ranges (the `--pattern FILE` format). Pages must be below `limit` (the
+/// Reads a page list in order (the `--pattern FILE` format, [`snapfork_store::parse_page_list`]:
+/// page numbers and inclusive ranges `a-b`, `#` comments). Pages must be below `limit` (the
 /// image's page count).
 pub fn parse_pattern(text: &str, limit: u64) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or("");
-        for tok in line.split(|c: char| c.is_whitespace() || c == ',') {
-            if tok.is_empty() {
-                continue;
-            }
-            let num = |s: &str| s.parse::<u64>().map_err(|_| Error::WorkingSet(format!("bad page number {s:?}")));
-            let (a, b) = match tok.split_once('-') {
-                Some((a, b)) => (num(a)?, num(b)?),
-                None => (num(tok)?, num(tok)?),
-            };
-            if b < a {
-                return Err(Error::WorkingSet(format!("empty range {tok}")));
-            }
-            if b >= limit {
-                return Err(Error::WorkingSet(format!("page {b} is past the image's {limit} pages")));
-            }
-            out.extend(a..=b);
-        }
-    }
-    Ok(out)
+    let ranges = snapfork_store::parse_page_list(text, limit).map_err(|e| Error::WorkingSet(e.to_string()))?;
+    Ok(ranges.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

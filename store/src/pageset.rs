@@ -79,31 +79,11 @@ impl PageSet {
         self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
-    /// Parses the text form: page numbers or inclusive ranges `A-B`, separated by whitespace,
-    /// commas or newlines; `#` starts a comment. Pages must be below `limit` (the image's page
-    /// count): a number past it is an error, not a bitmap sized to fit it.
+    /// Parses the text form ([`parse_page_list`]); pages must be below `limit`.
     pub fn parse_text(text: &str, limit: u64) -> Result<PageSet> {
         let mut set = PageSet::new();
-        for line in text.lines() {
-            let line = line.split('#').next().unwrap_or("");
-            for item in line.split(|c: char| c.is_whitespace() || c == ',').filter(|s| !s.is_empty()) {
-                let num = |s: &str| {
-                    s.parse::<u64>().map_err(|_| Error::InvalidInput(format!("bad page number {s:?} in page list")))
-                };
-                let (a, b) = match item.split_once('-') {
-                    Some((a, b)) => (num(a)?, num(b)?),
-                    None => (num(item)?, num(item)?),
-                };
-                if b < a {
-                    return Err(Error::InvalidInput(format!("empty page range {item:?}")));
-                }
-                if b >= limit {
-                    return Err(Error::InvalidInput(format!(
-                        "page {b} in page list is past the image's {limit} pages"
-                    )));
-                }
-                set.insert_range(a, b + 1);
-            }
+        for r in parse_page_list(text, limit)? {
+            set.insert_range(*r.start(), r.end() + 1);
         }
         Ok(set)
     }
@@ -136,6 +116,34 @@ impl FromIterator<u64> for PageSet {
         }
         s
     }
+}
+
+/// Parses a page list, in order: page numbers or inclusive ranges `A-B`, separated by
+/// whitespace, commas or newlines; `#` starts a comment (dirty-page files, working-set patterns).
+/// Pages must be below `limit` (the image's page count): a number past it is an error, not a
+/// bitmap or list sized to fit it.
+pub fn parse_page_list(text: &str, limit: u64) -> Result<Vec<std::ops::RangeInclusive<u64>>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        for item in line.split(|c: char| c.is_whitespace() || c == ',').filter(|s| !s.is_empty()) {
+            let num = |s: &str| {
+                s.parse::<u64>().map_err(|_| Error::InvalidInput(format!("bad page number {s:?} in page list")))
+            };
+            let (a, b) = match item.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(item)?, num(item)?),
+            };
+            if b < a {
+                return Err(Error::InvalidInput(format!("empty page range {item:?}")));
+            }
+            if b >= limit {
+                return Err(Error::InvalidInput(format!("page {b} in page list is past the image's {limit} pages")));
+            }
+            out.push(a..=b);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
