@@ -826,6 +826,9 @@ impl Inner {
                 }
                 let rid = rec.runtime_id.clone().ok_or_else(|| Error::Invalid("no runtime id".into()))?;
                 let was_paused = rec.status == Status::Paused;
+                // runsc ends the sandbox when it cannot write its image (a full disk): refuse
+                // first, while the sandbox is untouched, when the image cannot fit.
+                check_room_for_image(&self.state.join("tmp"), self.runsc.memory_usage(&rid), name)?;
                 let img_dir = tempdir(&self.state.join("tmp"), "ckpt")?;
                 // No pause of our own: runsc checkpoint stops every task before it saves memory
                 // and ends the sandbox afterwards, so once it returns nothing can change the
@@ -846,8 +849,18 @@ impl Inner {
                 });
                 clock.step("runsc checkpoint (image written back meanwhile)");
                 if let Err(e) = ck {
-                    // runsc ends the sandbox only after a complete image: it is as it was.
                     let _ = std::fs::remove_dir_all(&img_dir);
+                    // runsc ends the sandbox after a complete image, but also when it fails to
+                    // write one: say which, and record it.
+                    self.refresh(&mut rec)?;
+                    if rec.status == Status::Exited {
+                        return Err(Error::Runtime {
+                            what: "runsc checkpoint".into(),
+                            detail: format!(
+                                "{e}; the sandbox {name} ended with it (its state since the last checkpoint is lost)"
+                            ),
+                        });
+                    }
                     return Err(e);
                 }
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
@@ -2107,6 +2120,27 @@ const SEGMENT: u64 = 16 << 20;
 /// How much newly written image [`write_back_while_written`] collects before handing it to
 /// the disk.
 const WRITEBACK_STEP: u64 = 4 << 20;
+/// Refuses a checkpoint of sandbox `name` whose image (at most `usage` bytes, the sandbox's
+/// memory, plus 4 MiB of runtime state) cannot fit on the filesystem of `dir`. Unknown usage
+/// passes.
+fn check_room_for_image(dir: &Path, usage: Option<u64>, name: &str) -> Result<()> {
+    let Some(usage) = usage else { return Ok(()) };
+    let vfs = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
+    let free = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    let need = usage + (4 << 20);
+    if free < need {
+        return Err(Error::Runtime {
+            what: "checkpoint".into(),
+            detail: format!(
+                "not enough space on {} for the image of {name}: it may take {} MB (the sandbox's memory), {} MB are free; nothing was changed",
+                dir.display(),
+                need >> 20,
+                free >> 20
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Starts writeback of `image`'s pages as runsc writes them, until `done` is set: the file
 /// becomes the store's pack, and the commit's fdatasync then finds little left to write. Costs a

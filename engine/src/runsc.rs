@@ -159,6 +159,15 @@ impl Runsc {
         }
     }
 
+    /// The memory sandbox `id` uses, from its cgroup (runsc names it after the container, under
+    /// cgroup v1's memory hierarchy or v2's unified one); None where neither is found. A checkpoint
+    /// image holds at most about this much (runsc compresses it).
+    pub fn memory_usage(&self, id: &str) -> Option<u64> {
+        [format!("/sys/fs/cgroup/memory/{id}/memory.usage_in_bytes"), format!("/sys/fs/cgroup/{id}/memory.current")]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    }
+
     /// `runsc pause`.
     pub fn pause(&self, id: &str) -> Result<()> {
         self.exec(&["pause", id], None, "pause").map(|_| ())

@@ -225,3 +225,63 @@ async fn gvisor_export_import_restore_and_gc() {
     cleanup(&engine).await;
     drop(dir2);
 }
+
+/// A checkpoint that runs out of disk space leaves no snapshot and nothing half written, and the
+/// sandbox runs on as it was; once there is room again, checkpoints work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running() {
+    if !require("gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running", true) {
+        return;
+    }
+    let outer = tempfile::Builder::new().prefix("sf-engine-full-").tempdir_in("/var/tmp").unwrap();
+    // The store and the engine's state on a small filesystem of their own.
+    let small = outer.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&small).status();
+    assert!(st.unwrap().success(), "mount tmpfs");
+    let _unmount = Unmount(small.clone());
+    let store = snapfork_store::Store::open(small.join("store"), Default::default()).unwrap();
+    let opts = snapfork_engine::EngineOptions {
+        state_dir: small.join("engine"),
+        runsc: None,
+        uffd_idle: snapfork_engine::UFFD_IDLE,
+    };
+    let engine = snapfork_engine::Engine::open(store, opts).unwrap();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(outer.path());
+    let log = engine.run(counter_spec("full", &rootfs)).await.unwrap().workspace.unwrap().join("counter.log");
+    wait_lines(&log, 3).await;
+    let a = engine.checkpoint("full", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+
+    // Fill the filesystem, leaving room for the counter's log but not for a checkpoint.
+    let vfs = nix::sys::statvfs::statvfs(&small).unwrap();
+    let free = vfs.blocks_available() * vfs.fragment_size();
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - (64 << 10)) as usize]).unwrap();
+    let refs = engine.store().list_refs("").unwrap();
+    let err = engine.checkpoint("full", CheckpointOptions::default()).await.unwrap_err();
+    eprintln!("checkpoint on a full disk: {err}");
+    assert_eq!(engine.store().list_refs("").unwrap(), refs, "a failed checkpoint left refs behind");
+    let me = engine.ls().await.unwrap().into_iter().find(|s| s.name == "full").unwrap();
+    assert_eq!(me.status, Status::Running, "{me:?}");
+    assert_eq!(me.head.as_deref(), Some(a.id.as_str()));
+    let n = lines(&log).len();
+    let after = wait_lines(&log, n + 3).await;
+    assert!(consecutive_from_one(&after), "the counter restarted or skipped: {after:?}");
+    assert!(engine.store().verify(None, None).unwrap().is_ok());
+
+    // With room again, the next checkpoint works and follows the last one.
+    std::fs::remove_file(&filler).unwrap();
+    let b = engine.checkpoint("full", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
+    cleanup(&engine).await;
+}
+
+/// Unmounts (lazily) when dropped, also when a test panics.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
