@@ -855,7 +855,7 @@ impl Inner {
                     self.refresh(&mut rec)?;
                     if rec.status == Status::Exited {
                         return Err(Error::Runtime {
-                            what: "runsc checkpoint".into(),
+                            what: "checkpoint".into(),
                             detail: format!(
                                 "{e}; the sandbox {name} ended with it (its state since the last checkpoint is lost)"
                             ),

@@ -285,3 +285,45 @@ impl Drop for Unmount {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// The runtime dies while runsc writes the checkpoint: the checkpoint fails, leaves no snapshot,
+/// no image and nothing in the store, the sandbox is reported exited, and its last snapshot still
+/// restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_runtime_killed_during_checkpoint_leaves_no_snapshot() {
+    if !require("gvisor_runtime_killed_during_checkpoint_leaves_no_snapshot", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    // 60 MB in the sandbox's memory (its /dev/shm): its checkpoint takes long enough to be cut short.
+    let mut spec = counter_spec("big", &rootfs);
+    if let snapfork_engine::DriverConfig::Gvisor(cfg) = &mut spec.driver {
+        cfg.args[2] = format!("head -c 60000000 /dev/urandom > /dev/shm/blob; {COUNTER}");
+    }
+    let log = engine.run(spec).await.unwrap().workspace.unwrap().join("counter.log");
+    wait_lines(&log, 3).await;
+    let a = engine.checkpoint("big", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "big").unwrap().runtime_id.unwrap();
+    let pid = engine.runsc().state(&rid).unwrap().unwrap().pid as i32;
+    let refs = engine.store().list_refs("").unwrap();
+    let e = engine.clone();
+    let ck = tokio::spawn(async move { e.checkpoint("big", CheckpointOptions::default()).await });
+    // Into runsc's checkpoint, then the sandbox dies.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let err = ck.await.unwrap().unwrap_err();
+    eprintln!("checkpoint with its runtime killed: {err}");
+    assert_eq!(engine.store().list_refs("").unwrap(), refs, "a failed checkpoint left refs behind");
+    let me = engine.ls().await.unwrap().into_iter().find(|s| s.name == "big").unwrap();
+    assert_eq!((me.status, me.head.as_deref()), (Status::Exited, Some(a.id.as_str())), "{me:?}");
+    assert!(engine.store().verify(None, None).unwrap().is_ok());
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("engine/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "left in the engine's tmp: {tmp:?}");
+    // The last snapshot restores, with its counter.
+    let r = engine.restore(&a.id, "big-again").await.unwrap();
+    let back = wait_lines(&r.workspace.unwrap().join("counter.log"), 3).await;
+    assert!(back.len() >= 3);
+    cleanup(&engine).await;
+}
