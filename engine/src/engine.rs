@@ -828,7 +828,8 @@ impl Inner {
                 let was_paused = rec.status == Status::Paused;
                 // runsc ends the sandbox when it cannot write its image (a full disk): refuse
                 // first, while the sandbox is untouched, when the image cannot fit.
-                check_room_for_image(&self.state.join("tmp"), self.runsc.memory_usage(&rid), name)?;
+                let usage = self.runsc.memory_usage(&rid);
+                check_room_for_image(&self.state.join("tmp"), usage, self.store.min_free_bytes(), name)?;
                 let img_dir = tempdir(&self.state.join("tmp"), "ckpt")?;
                 // No pause of our own: runsc checkpoint stops every task before it saves memory
                 // and ends the sandbox afterwards, so once it returns nothing can change the
@@ -2121,18 +2122,18 @@ const SEGMENT: u64 = 16 << 20;
 /// the disk.
 const WRITEBACK_STEP: u64 = 4 << 20;
 /// Refuses a checkpoint of sandbox `name` whose image (at most `usage` bytes, the sandbox's
-/// memory, plus 4 MiB of runtime state) cannot fit on the filesystem of `dir`. Unknown usage
-/// passes.
-fn check_room_for_image(dir: &Path, usage: Option<u64>, name: &str) -> Result<()> {
+/// memory, plus 4 MiB of runtime state) cannot fit on the filesystem of `dir` beside the
+/// `reserve` the store keeps free. Unknown usage passes.
+fn check_room_for_image(dir: &Path, usage: Option<u64>, reserve: u64, name: &str) -> Result<()> {
     let Some(usage) = usage else { return Ok(()) };
     let vfs = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
     let free = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
-    let need = usage + (4 << 20);
+    let need = usage + (4 << 20) + reserve;
     if free < need {
         return Err(Error::Runtime {
             what: "checkpoint".into(),
             detail: format!(
-                "not enough space on {} for the image of {name}: it may take {} MB (the sandbox's memory), {} MB are free; nothing was changed",
+                "not enough space on {} for the image of {name}: it may take {} MB (the sandbox's memory, and the store's reserve), {} MB are free; nothing was changed",
                 dir.display(),
                 need >> 20,
                 free >> 20

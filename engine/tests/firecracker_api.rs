@@ -462,6 +462,14 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
     }
     let journals = || std::fs::read_dir(dir.path().join("engine/vm-journals")).map_or(0, |d| d.count());
     assert_eq!(journals(), 1);
+    // The guest's madvise returns once the server has read the REMOVE, a moment before it writes
+    // the range down: wait until both are.
+    let t = std::time::Instant::now();
+    while snapfork_lazy_restore::journal::orphans(&dir.path().join("engine/vm-journals")).unwrap()[0].removed.len() < 2
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "the ranges given back were never written down");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // The server freezes, the guest faults on the half it has not read, the server dies.
     let server_pid = server.0.id() as i32;

@@ -240,7 +240,9 @@ async fn gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running
     let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&small).status();
     assert!(st.unwrap().success(), "mount tmpfs");
     let _unmount = Unmount(small.clone());
-    let store = snapfork_store::Store::open(small.join("store"), Default::default()).unwrap();
+    // The store's default reserve (64 MiB) is this whole filesystem.
+    let store_opts = snapfork_store::OpenOptions { min_free_bytes: 4 << 20, ..Default::default() };
+    let store = snapfork_store::Store::open(small.join("store"), store_opts).unwrap();
     let opts = snapfork_engine::EngineOptions {
         state_dir: small.join("engine"),
         runsc: None,

@@ -46,6 +46,20 @@ pub enum Error {
     /// A write on a store opened read-only.
     #[error("the store was opened read-only")]
     ReadOnly,
+    /// The store's filesystem is nearly full: writing more would eat into the room kept for the
+    /// index ([`crate::OpenOptions::min_free_bytes`]).
+    #[error(
+        "the filesystem of {} is nearly full: {} MB free, and the store keeps {} MB free for its index; nothing was committed",
+        path.display(), free >> 20, reserve >> 20
+    )]
+    Full {
+        /// Where the store was writing.
+        path: PathBuf,
+        /// Bytes free there.
+        free: u64,
+        /// Bytes the store keeps free.
+        reserve: u64,
+    },
 }
 
 /// The store's result type.

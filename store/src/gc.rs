@@ -64,6 +64,9 @@ pub struct GcReport {
     pub pack_bytes_after: u64,
     /// Attached refs and meta entries removed with their owner (see [`attached_name`]).
     pub removed_attached: u64,
+    /// Packs that were due for a rewrite but kept: their live bytes did not fit in the free
+    /// space beyond [`crate::OpenOptions::min_free_bytes`] (a later gc, with room, rewrites them).
+    pub repacks_skipped_for_space: u64,
 }
 
 /// The prefix of attached names: see [`attached_name`].
@@ -194,6 +197,9 @@ impl Store {
         let active = self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let packs_dir = self.packs_dir();
         let mut repack_into: Option<PackWriter> = None;
+        // Rewriting needs room for the live bytes first; what does not fit beyond the store's
+        // reserve waits for a later gc (deleting dead packs needs none).
+        let mut room = crate::pack::free_bytes(&packs_dir)?.saturating_sub(self.inner.min_free);
         let mut moved = WriteBatch::default();
         let mut to_delete = Vec::new();
         for entry in fs::read_dir(&packs_dir).ctx(|| format!("list {}", packs_dir.display()))? {
@@ -223,6 +229,12 @@ impl Store {
                 continue;
             }
             if (live as f64) / (payload as f64) < opts.repack_below {
+                if live > room {
+                    report.repacks_skipped_for_space += 1;
+                    report.pack_bytes_after += meta.len();
+                    continue;
+                }
+                room -= live;
                 report.repacked += 1;
                 report.removed_packs += 1;
                 report.pack_bytes_after += live;
@@ -232,7 +244,8 @@ impl Store {
                 if repack_into.is_none() {
                     let number = self.alloc_pack();
                     self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
-                    repack_into = Some(PackWriter::create(&packs_dir, number)?);
+                    // No reserve check of its own: `room` already keeps the reserve.
+                    repack_into = Some(PackWriter::create(&packs_dir, number, 0)?);
                 }
                 let writer = repack_into.as_mut().expect("repack pack was just created");
                 for (id, loc) in live_locs.get(&n).map(Vec::as_slice).unwrap_or(&[]) {

@@ -46,6 +46,6 @@ pub use image::{ImageInfo, ImageReader, IngestOptions, Progress, is_zero};
 pub use node::Node;
 pub use pageset::{PageSet, parse_page_list};
 pub use stats::{RefStats, StoreStats, Totals};
-pub use store::{OpenOptions, Store};
+pub use store::{MIN_FREE_BYTES, OpenOptions, Store};
 pub use txn::{Txn, validate_ref_name};
 pub use verify::{Damage, VerifyReport};

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::hash::Hash;
 
 /// The 16 bytes at the start of every pack.
@@ -134,11 +134,15 @@ pub struct PackWriter {
     len: u64,
     /// Bytes already handed to the kernel for writeback.
     written_back: u64,
+    /// Bytes of the filesystem the writer leaves free (checked every [`WRITEBACK_STEP`]).
+    reserve: u64,
 }
 
 impl PackWriter {
-    /// Creates pack `number` in `dir`; fails if it exists.
-    pub fn create(dir: &Path, number: u32) -> Result<PackWriter> {
+    /// Creates pack `number` in `dir`; fails if it exists, or with [`Error::Full`] once fewer
+    /// than `reserve` bytes of the filesystem are free (checked now and every 8 MiB written).
+    pub fn create(dir: &Path, number: u32, reserve: u64) -> Result<PackWriter> {
+        check_free(dir, reserve)?;
         let path = pack_path(dir, number);
         let file = OpenOptions::new()
             .write(true)
@@ -147,7 +151,7 @@ impl PackWriter {
             .ctx(|| format!("create pack {}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(FILE_MAGIC).ctx(|| format!("write {}", path.display()))?;
-        Ok(PackWriter { number, path, out, len: FILE_MAGIC.len() as u64, written_back: 0 })
+        Ok(PackWriter { number, path, out, len: FILE_MAGIC.len() as u64, written_back: 0, reserve })
     }
 
     /// Bytes written so far.
@@ -190,7 +194,7 @@ impl PackWriter {
             tracing::debug!("sync_file_range on {}: {}", self.path.display(), std::io::Error::last_os_error());
         }
         self.written_back = self.len;
-        Ok(())
+        check_free(&self.path, self.reserve)
     }
 
     /// Flushes and fdatasyncs the pack: after this, its records survive a crash.
@@ -198,6 +202,26 @@ impl PackWriter {
         self.out.flush().ctx(|| format!("flush {}", self.path.display()))?;
         self.out.get_ref().sync_data().ctx(|| format!("fdatasync {}", self.path.display()))
     }
+}
+
+/// Fails with [`Error::Full`] when fewer than `reserve` bytes are free on the filesystem of
+/// `path`.
+pub(crate) fn check_free(path: &Path, reserve: u64) -> Result<()> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let free = free_bytes(path)?;
+    if free < reserve {
+        return Err(Error::Full { path: path.to_path_buf(), free, reserve });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
+    let vfs = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::Io { context: format!("statvfs {}", path.display()), source: e.into() })?;
+    Ok(vfs.blocks_available() as u64 * vfs.fragment_size() as u64)
 }
 
 /// Open pack files, shared by all readers.

@@ -57,11 +57,24 @@ pub struct OpenOptions {
     pub create: bool,
     /// zstd level for new chunks.
     pub compression_level: i32,
+    /// Bytes of the store's filesystem that writing packs leaves free: room for the index,
+    /// whose RocksDB fails hard (aborts, with Debian's build) when its disk fills, and for gc. An
+    /// ingest that would eat into it fails with [`Error::Full`] and commits nothing.
+    pub min_free_bytes: u64,
 }
+
+/// [`OpenOptions::min_free_bytes`] by default.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { read_only: false, lock_timeout: Duration::from_secs(30), create: true, compression_level: 1 }
+        OpenOptions {
+            read_only: false,
+            lock_timeout: Duration::from_secs(30),
+            create: true,
+            compression_level: 1,
+            min_free_bytes: MIN_FREE_BYTES,
+        }
     }
 }
 
@@ -77,6 +90,8 @@ pub(crate) struct Inner {
     pub packs: PackFiles,
     pub read_only: bool,
     pub level: i32,
+    /// See [`OpenOptions::min_free_bytes`].
+    pub min_free: u64,
     /// Next pack number to hand out.
     pub next_pack: AtomicU32,
     /// Packs that uncommitted transactions are writing: gc leaves them alone.
@@ -134,6 +149,7 @@ impl Store {
                 db,
                 read_only: opts.read_only,
                 level: opts.compression_level,
+                min_free: opts.min_free_bytes,
                 next_pack: AtomicU32::new(next_pack),
                 active_packs: Mutex::default(),
                 pins: Mutex::default(),
@@ -319,6 +335,11 @@ impl Store {
     pub fn file_object_path(&self, id: &Hash) -> PathBuf {
         let hex = id.to_hex();
         self.inner.dir.join("objects").join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Bytes of its filesystem the store leaves free ([`OpenOptions::min_free_bytes`]).
+    pub fn min_free_bytes(&self) -> u64 {
+        self.inner.min_free
     }
 
     /// A directory, on the store's filesystem, where callers prepare files for

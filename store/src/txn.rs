@@ -213,7 +213,7 @@ impl Txn {
             let number = self.store.alloc_pack();
             self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
             self.my_packs.push(number);
-            self.pack = Some(PackWriter::create(&self.store.packs_dir(), number)?);
+            self.pack = Some(PackWriter::create(&self.store.packs_dir(), number, self.store.inner.min_free)?);
             self.created_packs = true;
         }
         Ok(self.pack.as_mut().expect("pack was just created"))
