@@ -108,8 +108,16 @@ pub struct CloneReport {
 }
 
 /// Puts the contents of `src` (an open regular file of `len` bytes) into the new, empty file
-/// `dst`: a reflink where possible, else a sparse-aware copy.
-pub fn transfer(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, c: &Counters) -> std::io::Result<CopyMode> {
+/// `dst`: a reflink where possible, else a sparse-aware copy. A copy that would leave less than
+/// `keep_free` bytes free on `dst`'s filesystem is refused (`StorageFull`) before it starts: the
+/// store keeps that much free for its index.
+pub fn transfer(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    len: u64,
+    keep_free: u64,
+    c: &Counters,
+) -> std::io::Result<CopyMode> {
     c.bytes.fetch_add(len, Ordering::Relaxed);
     if len == 0 {
         return Ok(CopyMode::None);
@@ -128,6 +136,20 @@ pub fn transfer(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, c: &Counters
                 tracing::debug!(error = %e, "reflink not possible, copying");
             }
             Err(e) => return Err(e),
+        }
+    }
+    if keep_free > 0 {
+        let free = sys::free_bytes(dst)?;
+        if free < len.saturating_add(keep_free) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "copying {} MB would leave less than the {} MB the store keeps free ({} MB free)",
+                    len >> 20,
+                    keep_free >> 20,
+                    free >> 20
+                ),
+            ));
         }
     }
     let n = sys::sparse_copy(src, dst, len)?;
@@ -187,7 +209,7 @@ pub fn create_file(
     c: &Counters,
 ) -> std::io::Result<OwnedFd> {
     let dst = sys::openat(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
-    transfer(src, dst.as_fd(), meta.size, c)?;
+    transfer(src, dst.as_fd(), meta.size, 0, c)?;
     apply_meta_fd(dst.as_fd(), meta, xattrs, c)?;
     Ok(dst)
 }
@@ -239,7 +261,7 @@ pub fn create_file_lean(
         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
         if mode_at_create { perm } else { 0o600 },
     )?;
-    transfer(src, dst.as_fd(), meta.size, c)?;
+    transfer(src, dst.as_fd(), meta.size, 0, c)?;
     if !owner_at_create {
         sys::fchown(dst.as_fd(), meta.uid, meta.gid)?;
     }

@@ -67,6 +67,10 @@ pub trait Repo: Send + Sync {
     fn root_dir(&self) -> PathBuf;
     /// A directory on the store's filesystem where file objects are prepared before adoption.
     fn staging_dir(&self) -> PathBuf;
+    /// Bytes of that filesystem the store keeps free: a copy into staging must leave them.
+    fn min_free_bytes(&self) -> u64 {
+        0
+    }
     /// Where the file object `id` lives once adopted.
     fn file_object_path(&self, id: &Id) -> PathBuf;
     /// Whether the store holds file object `id`.

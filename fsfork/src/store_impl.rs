@@ -19,6 +19,9 @@ impl Repo for Store {
     fn staging_dir(&self) -> PathBuf {
         Store::staging_dir(self)
     }
+    fn min_free_bytes(&self) -> u64 {
+        Store::min_free_bytes(self)
+    }
 
     fn file_object_path(&self, id: &Id) -> PathBuf {
         Store::file_object_path(self, &h(id))

@@ -223,6 +223,17 @@ pub fn lutimensat(dir: BorrowedFd<'_>, name: &CStr, atime: Time, mtime: Time) ->
     cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem of `fd` (`fstatvfs(3)`).
+pub fn free_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: an all-zero statvfs is a valid value for the call to overwrite.
+    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the call; `v` is a valid, writable statvfs.
+    if unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut v) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v.f_bavail as u64 * v.f_frsize as u64)
+}
+
 /// `FICLONE`: makes `dst` share all of `src`'s extents.
 pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: the ioctl takes the source descriptor as its integer argument.

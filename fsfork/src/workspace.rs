@@ -411,7 +411,7 @@ fn stage_and_hash(
     let dfd = sys::openat(sdir, &cname, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o444).ctx("create", &path)?;
     let result = (|| {
         let t0 = Instant::now();
-        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, repo.min_free_bytes(), c).ctx("stage", &path)?;
         let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.

@@ -628,3 +628,46 @@ fn partial_checkpoints_match_the_tree() {
     assert!(d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty(), "{d:?}");
     assert!(env.store.verify(None, None).unwrap().is_ok());
 }
+
+/// Without reflinks a checkpoint copies file contents into the store; a copy that would eat into
+/// the room the store keeps for its index is refused before it starts, and leaves nothing.
+#[test]
+fn a_checkpoint_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
+    let test = "a_checkpoint_that_would_fill_the_disk_is_refused_and_leaves_nothing";
+    if !require_root(test) {
+        return;
+    }
+    let fs = TestFs::new(FsType::Ext4, 256).expect("make test filesystem");
+    let store = Store::open(fs.path().join("store"), OpenOptions { min_free_bytes: 24 << 20, ..Default::default() })
+        .expect("open store");
+    let ws = fs.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("small.txt"), b"fits").unwrap();
+    let first = workspace::checkpoint(&store, &ws, None).unwrap();
+    // A file about as large as what is left beside the reserve: its copy would eat into it.
+    let free = free_bytes(fs.path());
+    assert!(free > 48 << 20, "{free} bytes free");
+    let big = vec![7u8; (free - (16 << 20)) as usize];
+    std::fs::write(ws.join("big.bin"), &big).unwrap();
+    let refs = store.list_refs("").unwrap();
+    let err = workspace::checkpoint(&store, &ws, None).unwrap_err();
+    assert!(err.to_string().contains("the store keeps free"), "{err}");
+    assert_eq!(store.list_refs("").unwrap(), refs, "a refused checkpoint left refs");
+    assert_eq!(std::fs::read_dir(store.staging_dir()).unwrap().count(), 0, "staged copies left behind");
+    assert!(store.verify(None, None).unwrap().is_ok());
+    // With the file gone again, checkpoints work, and the first one still restores.
+    std::fs::remove_file(ws.join("big.bin")).unwrap();
+    workspace::checkpoint(&store, &ws, None).unwrap();
+    let back = fs.path().join("back");
+    workspace::restore(&store, &first.id, &back).unwrap();
+    assert_eq!(std::fs::read(back.join("small.txt")).unwrap(), b"fits");
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: an all-zero statvfs is a valid value for the call to overwrite.
+    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `v` a writable statvfs, both alive for the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut v) }, 0);
+    v.f_bavail as u64 * v.f_frsize as u64
+}
