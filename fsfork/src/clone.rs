@@ -55,9 +55,17 @@ pub struct Counters {
     pub bytes: AtomicU64,
     /// Extended attributes that could not be set.
     pub xattr_failures: AtomicU64,
+    /// Bytes a copy must leave free on its destination's filesystem (see [`transfer`]).
+    keep_free: u64,
 }
 
 impl Counters {
+    /// Counters for a clone whose copies must leave `bytes` free on the destination's filesystem
+    /// (a store's reserve, when that filesystem holds the store).
+    pub fn keeping_free(bytes: u64) -> Self {
+        Counters { keep_free: bytes, ..Default::default() }
+    }
+
     /// The overall mode.
     pub fn mode(&self) -> CopyMode {
         match (self.reflinked.load(Ordering::Relaxed), self.copied.load(Ordering::Relaxed)) {
@@ -109,15 +117,10 @@ pub struct CloneReport {
 
 /// Puts the contents of `src` (an open regular file of `len` bytes) into the new, empty file
 /// `dst`: a reflink where possible, else a sparse-aware copy. A copy that would leave less than
-/// `keep_free` bytes free on `dst`'s filesystem is refused (`StorageFull`) before it starts: the
-/// store keeps that much free for its index.
-pub fn transfer(
-    src: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    len: u64,
-    keep_free: u64,
-    c: &Counters,
-) -> std::io::Result<CopyMode> {
+/// the counters' `keep_free` bytes free on `dst`'s filesystem is refused (`StorageFull`) before
+/// it starts: the store keeps that much free for its index.
+pub fn transfer(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, c: &Counters) -> std::io::Result<CopyMode> {
+    let keep_free = c.keep_free;
     c.bytes.fetch_add(len, Ordering::Relaxed);
     if len == 0 {
         return Ok(CopyMode::None);
@@ -209,7 +212,7 @@ pub fn create_file(
     c: &Counters,
 ) -> std::io::Result<OwnedFd> {
     let dst = sys::openat(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
-    transfer(src, dst.as_fd(), meta.size, 0, c)?;
+    transfer(src, dst.as_fd(), meta.size, c)?;
     apply_meta_fd(dst.as_fd(), meta, xattrs, c)?;
     Ok(dst)
 }
@@ -261,7 +264,7 @@ pub fn create_file_lean(
         libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
         if mode_at_create { perm } else { 0o600 },
     )?;
-    transfer(src, dst.as_fd(), meta.size, 0, c)?;
+    transfer(src, dst.as_fd(), meta.size, c)?;
     if !owner_at_create {
         sys::fchown(dst.as_fd(), meta.uid, meta.gid)?;
     }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -411,7 +412,7 @@ fn stage_and_hash(
     let dfd = sys::openat(sdir, &cname, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o444).ctx("create", &path)?;
     let result = (|| {
         let t0 = Instant::now();
-        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, repo.min_free_bytes(), c).ctx("stage", &path)?;
+        let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
         let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
@@ -635,7 +636,8 @@ pub fn checkpoint_then(
     }
     let t_match = start.elapsed();
 
-    let c = Counters::default();
+    // File contents are copied (without reflinks) into the store's staging: leave its reserve.
+    let c = Counters::keeping_free(repo.min_free_bytes());
     // Entries of reused directories are not looked at again.
     let mut seen: Vec<Seen> = scan
         .entries
@@ -1115,7 +1117,11 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 work.push((di, ei));
             }
         }
-        let c = Counters::default();
+        // Copies into the store's own filesystem leave the store's reserve free.
+        let c = match (std::fs::metadata(dst), std::fs::metadata(repo.root_dir())) {
+            (Ok(d), Ok(s)) if d.dev() == s.dev() => Counters::keeping_free(repo.min_free_bytes()),
+            _ => Counters::default(),
+        };
         let cache = Mutex::new(StatCache::default());
         let skipped = Mutex::new(Vec::new());
         let files = AtomicU64::new(0);

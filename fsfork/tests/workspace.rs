@@ -629,11 +629,12 @@ fn partial_checkpoints_match_the_tree() {
     assert!(env.store.verify(None, None).unwrap().is_ok());
 }
 
-/// Without reflinks a checkpoint copies file contents into the store; a copy that would eat into
-/// the room the store keeps for its index is refused before it starts, and leaves nothing.
+/// Without reflinks a checkpoint copies file contents into the store, and a restore copies them
+/// out; a copy onto the store's filesystem that would eat into the room the store keeps for its
+/// index is refused before it starts, and leaves nothing.
 #[test]
-fn a_checkpoint_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
-    let test = "a_checkpoint_that_would_fill_the_disk_is_refused_and_leaves_nothing";
+fn copies_that_would_fill_the_store_disk_are_refused_and_leave_nothing() {
+    let test = "copies_that_would_fill_the_store_disk_are_refused_and_leave_nothing";
     if !require_root(test) {
         return;
     }
@@ -657,10 +658,20 @@ fn a_checkpoint_that_would_fill_the_disk_is_refused_and_leaves_nothing() {
     assert!(store.verify(None, None).unwrap().is_ok());
     // With the file gone again, checkpoints work, and the first one still restores.
     std::fs::remove_file(ws.join("big.bin")).unwrap();
-    workspace::checkpoint(&store, &ws, None).unwrap();
+    std::fs::write(ws.join("medium.bin"), vec![9u8; 32 << 20]).unwrap();
+    let second = workspace::checkpoint(&store, &ws, None).unwrap();
     let back = fs.path().join("back");
     workspace::restore(&store, &first.id, &back).unwrap();
     assert_eq!(std::fs::read(back.join("small.txt")).unwrap(), b"fits");
+    // A restore onto the store's filesystem copies too, and keeps the reserve the same way.
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0u8; (free_bytes(fs.path()) - (40 << 20)) as usize]).unwrap();
+    let err = workspace::restore(&store, &second.id, &fs.path().join("back2")).unwrap_err();
+    assert!(err.to_string().contains("the store keeps free"), "{err}");
+    assert!(!fs.path().join("back2").exists(), "a refused restore left its tree");
+    std::fs::remove_file(&filler).unwrap();
+    workspace::restore(&store, &second.id, &fs.path().join("back2")).unwrap();
+    assert!(store.verify(None, None).unwrap().is_ok());
 }
 
 fn free_bytes(p: &Path) -> u64 {
