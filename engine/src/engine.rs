@@ -271,6 +271,8 @@ struct Inner {
     /// One UFFD page server per memory image restored (Firecracker), while it is in use.
     uffd: Arc<Mutex<HashMap<Hash, UffdServerHandle>>>,
     uffd_idle: Duration,
+    /// Page caches of the VMs taken over from an earlier process, one per image.
+    adopted_caches: snapfork_lazy_restore::SharedSources,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -323,6 +325,7 @@ impl Engine {
                 tag,
                 uffd: Arc::new(Mutex::new(HashMap::new())),
                 uffd_idle: opts.uffd_idle,
+                adopted_caches: snapfork_lazy_restore::SharedSources::new(),
                 locks: Mutex::new(HashMap::new()),
             }),
         })
@@ -1659,7 +1662,7 @@ impl Inner {
     /// through a cache of its own). None when a live restore serves it (this process's, or a
     /// server that has not let go yet); a journal whose VM is gone is removed, and also None.
     fn adopt_vm(&self, path: &Path) -> Result<Option<AdoptedVm>> {
-        use snapfork_lazy_restore::{CachedSource, RestoreOptions, StoreSource, journal};
+        use snapfork_lazy_restore::{RestoreOptions, StoreSource, journal};
         let runtime =
             |e: snapfork_lazy_restore::Error| Error::Runtime { what: "adopt a VM".into(), detail: e.to_string() };
         let orphan = match journal::read(path) {
@@ -1678,8 +1681,14 @@ impl Inner {
             orphan.image.as_deref().and_then(|h| h.parse::<Hash>().ok()).ok_or_else(|| {
                 Error::corrupt(orphan.path.display().to_string(), "no memory image id in the journal")
             })?;
-        let source = Arc::new(StoreSource::new(self.store.open_image(&mem)?));
-        let cache = Arc::new(CachedSource::new(source, UFFD_CACHE_BYTES));
+        // Adopted VMs of one image share one cache (alive while any of them is served).
+        let cache = self
+            .adopted_caches
+            .get_or_open(&mem.to_hex(), UFFD_CACHE_BYTES, || {
+                let reader = self.store.open_image(&mem).map_err(snapfork_lazy_restore::Error::Store)?;
+                Ok(Arc::new(StoreSource::new(reader)))
+            })
+            .map_err(runtime)?;
         let handle = match orphan.adopt(cache, RestoreOptions::default()) {
             Ok(h) => h,
             Err(snapfork_lazy_restore::Error::Busy(_)) => return Ok(None),
