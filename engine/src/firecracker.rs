@@ -101,6 +101,9 @@ impl ApiClient {
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
         r.read_line(&mut status_line).map_err(|e| self.err(&what, format!("read: {e}")))?;
+        if status_line.is_empty() {
+            return Err(self.err(&what, "the VMM closed the connection without answering (did it exit?)"));
+        }
         let status: u16 = status_line
             .split_whitespace()
             .nth(1)

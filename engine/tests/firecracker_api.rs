@@ -7,7 +7,8 @@
 //! registered with userfaultfd, handshake over the backend socket) and reads it, so every page
 //! comes from snapfork's UFFD server. Test-only endpoints: `PUT /fake/write` (a guest write,
 //! which dirties a page), `PUT /fake/discard` (the guest gives a page back: madvise DONTNEED, as
-//! a balloon does), `GET /fake/memory` (reads all of it), `PUT /fake/fail-next-create`. A loaded
+//! a balloon does), `GET /fake/memory` (reads all of it), `PUT /fake/fail-next-create`,
+//! `PUT /fake/die-in-next-create` (the process exits half way through the memory file). A loaded
 //! VM reads half its memory at load, like a guest that resumes; the rest faults in when touched.
 //!
 //! `harness = false` with the small part of libtest's protocol nextest uses (`--list`).
@@ -70,6 +71,7 @@ mod fake {
         dirty: BTreeSet<usize>,
         state: &'static str,
         fail_next_create: bool,
+        die_in_next_create: bool,
         /// After a load: guest memory is this registered mapping, filled by the UFFD server.
         loaded: Option<snapfork_lazy_restore::client::FakeVm>,
     }
@@ -109,6 +111,7 @@ mod fake {
             dirty: BTreeSet::new(),
             state: "Not started",
             fail_next_create: false,
+            die_in_next_create: false,
             loaded: None,
         };
         if std::env::var("FAKE_FC_SEED").is_ok() {
@@ -174,6 +177,11 @@ mod fake {
                 let (Some(st), Some(mp)) = (body["snapshot_path"].as_str(), body["mem_file_path"].as_str()) else {
                     return fault(s, "missing snapshot_path or mem_file_path");
                 };
+                if vm.die_in_next_create {
+                    // The VMM crashes half way through writing its memory file.
+                    std::fs::write(mp, &vm.mem()[..vm.mem().len() / 2]).unwrap();
+                    std::process::exit(137);
+                }
                 let vmstate = json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
@@ -233,6 +241,10 @@ mod fake {
             }
             ("PUT", "/fake/fail-next-create") => {
                 vm.fail_next_create = true;
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/die-in-next-create") => {
+                vm.die_in_next_create = true;
                 reply(s, 204, None)
             }
             ("GET", "/fake/memory") => {
@@ -348,6 +360,21 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let rapi2 = api_of(dir.path(), "vm-b");
     assert_ne!(rapi2, rapi);
     assert_eq!(memory(&rapi2)["blake3"], at_a["blake3"]);
+
+    // The VMM dies half way through its snapshot: no snapshot, nothing left in the engine's
+    // tmp, the store sound, the sandbox reported exited; its last snapshot still restores.
+    ApiClient::new(&rapi2).call("PUT", "/fake/die-in-next-create", None).unwrap();
+    let refs = engine.store().list_refs("").unwrap();
+    let err = engine.checkpoint("vm-b", CheckpointOptions::default()).await.unwrap_err();
+    eprintln!("checkpoint with the VMM dying: {err}");
+    assert_eq!(engine.store().list_refs("").unwrap(), refs);
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("engine/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "left in the engine's tmp: {tmp:?}");
+    assert!(engine.store().verify(None, None).unwrap().is_ok());
+    let vm_b = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-b").unwrap();
+    assert_eq!(vm_b.status, snapfork_engine::Status::Exited, "{vm_b:?}");
+    engine.restore(&a.id, "vm-b2").await.unwrap();
+    assert_eq!(memory(&api_of(dir.path(), "vm-b2"))["blake3"], at_a["blake3"]);
 
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
