@@ -1659,7 +1659,7 @@ impl Inner {
     }
 
     /// Takes over the VM of journal `path` and serves it on a thread of its own (its pages
-    /// through a cache of its own). None when a live restore serves it (this process's, or a
+    /// through the cache the adopted VMs of its image share). None when a live restore serves it (this process's, or a
     /// server that has not let go yet); a journal whose VM is gone is removed, and also None.
     fn adopt_vm(&self, path: &Path) -> Result<Option<AdoptedVm>> {
         use snapfork_lazy_restore::{RestoreOptions, StoreSource, journal};
