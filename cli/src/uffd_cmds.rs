@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use snapfork_lazy_restore::client::{FakeVm, RegionSpec, Shape};
 use snapfork_lazy_restore::{
     CachedSource, CorruptPolicy, PageSource, RestoreOptions, ServerEvent, ServerOptions, StoreSource, UffdServer,
-    workingset,
+    journal, workingset,
 };
 use snapfork_store::{OpenOptions, Store};
 
@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// On a corrupt page: `kill` the VM (default) or `poison` the page (SIGBUS on access).
     #[arg(long, default_value = "kill")]
     on_corrupt: String,
+    /// Keep a journal per VM in DIR, and on start take over the VMs of this image whose server
+    /// (an earlier `serve-uffd --journal DIR`) stopped or died: restart the server without
+    /// stopping the VMs.
+    #[arg(long, value_name = "DIR")]
+    journal: Option<PathBuf>,
 }
 
 /// Benchmarks.
@@ -171,6 +176,10 @@ pub struct GuestArgs {
     /// The page list to touch (working-set encoding).
     #[arg(long)]
     pattern: PathBuf,
+    /// Touch the first half of the pattern, print `{"held": true}`, wait for a line on stdin,
+    /// then touch the rest (for tests that replace the server in between).
+    #[arg(long)]
+    hold: bool,
 }
 
 /// Runs one lazy-restore command.
@@ -234,11 +243,16 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
             on_corrupt,
             ..Default::default()
         },
-        // A standalone server keeps no journals: nothing takes its VMs over when it ends (the
-        // daemon's servers do keep them).
-        journal_dir: None,
+        journal_dir: a.journal.clone(),
     };
-    let server = UffdServer::bind(&a.socket, source, opts)?;
+    // An adopted VM has most of its pages already: no prefetch, no fill.
+    let adopt_opts = RestoreOptions { prefetch: Vec::new(), fill: false, ..opts.restore.clone() };
+    let server = UffdServer::bind(&a.socket, source.clone(), opts)?;
+    // The VMs of this image that an earlier server left behind are served again first.
+    let adopted = match &a.journal {
+        Some(dir) => adopt_orphans(dir, &id, &source, &adopt_opts)?,
+        None => Vec::new(),
+    };
     // SIGINT/SIGTERM end the server cleanly (restores stopped, summary printed).
     // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
     unsafe {
@@ -317,19 +331,67 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     let summary = summary?;
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    // Stopped with the server: their journals stay, for the next server to take them over.
+    for h in &adopted {
+        h.stop();
+    }
+    let adopted: Vec<Value> = adopted
+        .into_iter()
+        .map(|h| {
+            let r = h.join();
+            json!({"pid": r.pid, "end": r.end, "stats": r.stats})
+        })
+        .collect();
     let preloaded = preload.and_then(|h| h.join().ok().flatten());
     let text =
         format!("served {} restores ({} refused), stopped: {}", summary.started, summary.refused, summary.reason);
     let mut j = json!({
         "image": id.to_hex(), "socket": a.socket, "started": summary.started,
         "refused": summary.refused, "ended": summary.ended, "reason": summary.reason,
-        "restores": restores, "preloaded": preloaded,
+        "restores": restores, "preloaded": preloaded, "adopted": adopted,
     });
     if let Some(blob) = saved {
         j["id"] = json!(blob);
         j["working_set_ref"] = json!(workingset::ref_name(&id));
     }
     Ok(Report::new(j, text))
+}
+
+/// Takes over the VMs of image `id` whose journals in `dir` no live server holds; removes the
+/// journals of VMs that are gone. VMs of other images are left to their own servers.
+fn adopt_orphans(
+    dir: &Path,
+    id: &snapfork_store::Hash,
+    source: &Arc<dyn PageSource>,
+    opts: &RestoreOptions,
+) -> anyhow::Result<Vec<snapfork_lazy_restore::RestoreHandle>> {
+    let mut adopted = Vec::new();
+    for path in journal::list(dir)? {
+        let orphan = match journal::read(&path) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("cannot take over the VM of {}: {e}", path.display());
+                continue;
+            }
+        };
+        if orphan.image.as_deref() != Some(id.to_hex().as_str()) {
+            continue;
+        }
+        if !orphan.is_alive() {
+            orphan.discard();
+            continue;
+        }
+        let pid = orphan.pid;
+        match orphan.adopt(source.clone(), opts.clone()) {
+            Ok(h) => {
+                eprintln!("vm pid {pid}: taken over from its journal");
+                adopted.push(h);
+            }
+            Err(snapfork_lazy_restore::Error::Busy(_)) => eprintln!("vm pid {pid}: another server serves it"),
+            Err(e) => eprintln!("vm pid {pid}: cannot take it over: {e}"),
+        }
+    }
+    Ok(adopted)
 }
 
 fn open_rw(global: &Global) -> anyhow::Result<Store> {
@@ -1097,8 +1159,17 @@ fn guest(a: GuestArgs, global: &Global) -> anyhow::Result<Report> {
     let setup_ns = t0.elapsed().as_nanos() as u64;
     let (f0, m0) = rusage_faults();
     let t1 = Instant::now();
+    let mut held = 0;
+    if a.hold {
+        held = offsets.len() / 2;
+        // SAFETY: every offset is a page of the `size`-byte mapping at `base`.
+        unsafe { snapfork_lazy_restore::client::touch(base, &offsets[..held]) };
+        println!("{}", json!({"held": true}));
+        std::io::stdout().flush()?;
+        std::io::stdin().read_line(&mut String::new())?;
+    }
     // SAFETY: every offset is a page of the `size`-byte mapping at `base`.
-    let (mut lat, _) = unsafe { snapfork_lazy_restore::client::touch(base, &offsets) };
+    let (mut lat, _) = unsafe { snapfork_lazy_restore::client::touch(base, &offsets[held..]) };
     let touch_ns = t1.elapsed().as_nanos() as u64;
     let (f1, m1) = rusage_faults();
     // A checksum of the first word of every touched page: all modes must agree.

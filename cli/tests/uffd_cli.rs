@@ -169,3 +169,87 @@ fn bench_restore_measures_every_mode_and_plots_them() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.contains("<svg") && chart.contains("lazy+prefetch"), "not a chart of the rows");
 }
+
+/// `serve-uffd --journal` killed under a running VM and started again: the new server takes the
+/// VM over, and the VM reads the rest of its memory right.
+#[test]
+fn serve_uffd_restarted_with_a_journal_takes_over_its_vms() {
+    use std::io::{BufRead, Write};
+    if !common::require("serve_uffd_restarted_with_a_journal_takes_over_its_vms", false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (_, data) = ingest_image(tmp.path(), &store, 2048);
+    let pages: Vec<u64> = (0..(data.len() / PAGE) as u64).collect();
+    let pattern = tmp.path().join("all-pages");
+    std::fs::write(&pattern, snapfork_lazy_restore::workingset::encode(PAGE as u32, &pages)).unwrap();
+    let (socket, journals) = (tmp.path().join("uffd.sock"), tmp.path().join("journals"));
+    let serve = || {
+        snapfork(&store)
+            .args(["serve-uffd", "vm", "--no-record", "--socket"])
+            .arg(&socket)
+            .arg("--journal")
+            .arg(&journals)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = serve();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "serve-uffd never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VM touches half its pages, then waits.
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_snapfork"))
+        .args(["__bench-guest", "--mode", "uffd", "--hold", "--size", &data.len().to_string(), "--socket"])
+        .arg(&socket)
+        .arg("--pattern")
+        .arg(&pattern)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(vm.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("held"), "{line:?}");
+    // The server dies; a new one starts on the same socket and journals.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let second = serve();
+    let _reap = KillOnPanic(vec![second.id(), vm.id()]);
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the second serve-uffd never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let seen: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(seen["checksum"].as_u64(), Some(checksum(&data, &pages)), "{seen}");
+    assert!(vm.wait().unwrap().success());
+    // SIGINT: the second server reports the VM it took over, which ended when the VM exited.
+    let st = Command::new("kill").args(["-INT", &second.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let report = json(&second.wait_with_output().unwrap());
+    assert_eq!(report["adopted"].as_array().map(Vec::len), Some(1), "{report}");
+    assert_eq!(report["adopted"][0]["end"]["kind"], "peer_exited", "{report}");
+    assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0, "journal left behind");
+}
+
+/// Kills the test's child processes if it fails (a VM left waiting, a server left serving).
+struct KillOnPanic(Vec<u32>);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for pid in &self.0 {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
