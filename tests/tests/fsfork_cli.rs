@@ -8,12 +8,34 @@ use std::process::Command;
 use serde_json::Value;
 use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
 
-/// The `snapfork` binary of this target directory, built if needed.
+/// The newest modification time of `path`, or of any file under it.
+fn newest(path: &Path) -> std::time::SystemTime {
+    let Ok(meta) = std::fs::metadata(path) else { return std::time::SystemTime::UNIX_EPOCH };
+    let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path).into_iter().flatten().flatten().map(|e| newest(&e.path())).fold(own, |a, b| a.max(b))
+}
+
+/// The `snapfork` binary of this target directory, built if needed: a workspace test run
+/// (`scripts/test.sh`) has built it already, newer than every source; only an older one is
+/// rebuilt (a build of the CLI alone unifies features differently and takes a minute).
 fn snapfork() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/snapfork
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     let bin = dir.join("snapfork");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let sources = ["cli", "engine", "fsfork", "lazy-restore", "store", "Cargo.lock", "Cargo.toml"]
+        .iter()
+        .map(|c| newest(&root.join(c)))
+        .max();
+    if let (Ok(built), Some(sources)) = (std::fs::metadata(&bin).and_then(|m| m.modified()), sources)
+        && built > sources
+    {
+        return bin;
+    }
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "-q", "-p", "snapfork-cli"]);
     if dir.file_name().is_some_and(|n| n == "release") {
