@@ -235,12 +235,9 @@ async fn gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running
     }
     let outer = tempfile::Builder::new().prefix("sf-engine-full-").tempdir_in("/var/tmp").unwrap();
     // The store and the engine's state on a small filesystem of their own.
-    let small = outer.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&small).status();
-    assert!(st.unwrap().success(), "mount tmpfs");
-    let _unmount = Unmount(small.clone());
-    // The store's default reserve (64 MiB) is this whole filesystem.
+    let fs = snapfork_fsfork::testfs::TestFs::new(snapfork_fsfork::testfs::FsType::Ext4, 160).unwrap();
+    let small = fs.path().to_path_buf();
+    // The store's default reserve (64 MiB) is most of this filesystem.
     let store_opts = snapfork_store::OpenOptions { min_free_bytes: 4 << 20, ..Default::default() };
     let store = snapfork_store::Store::open(small.join("store"), store_opts).unwrap();
     let opts = snapfork_engine::EngineOptions {
@@ -277,15 +274,6 @@ async fn gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running
     let b = engine.checkpoint("full", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
     assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
     cleanup(&engine).await;
-}
-
-/// Unmounts (lazily) when dropped, also when a test panics.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// The runtime dies while runsc writes the checkpoint: the checkpoint fails, leaves no snapshot,
