@@ -1828,12 +1828,20 @@ impl Inner {
     fn refresh(&self, rec: &mut SandboxRecord) -> Result<()> {
         if rec.driver == "firecracker" {
             if let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
-                && let Some(pid) = cfg.pid
-                && rec.status != Status::Stopped
-                && !Path::new(&format!("/proc/{pid}")).exists()
+                && matches!(rec.status, Status::Running | Status::Paused)
             {
-                rec.status = Status::Exited;
-                self.save_record(rec)?;
+                let gone = match cfg.pid {
+                    // A VM the engine started: its process.
+                    Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                    // One it was handed (`run`): nobody listens on its API socket any more.
+                    None => std::os::unix::net::UnixStream::connect(&cfg.api_socket).is_err_and(|e| {
+                        matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+                    }),
+                };
+                if gone {
+                    rec.status = Status::Exited;
+                    self.save_record(rec)?;
+                }
             }
             return Ok(());
         }
