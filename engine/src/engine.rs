@@ -2143,8 +2143,7 @@ const WRITEBACK_STEP: u64 = 4 << 20;
 /// `reserve` the store keeps free. Unknown usage passes.
 fn check_room_for_image(dir: &Path, usage: Option<u64>, reserve: u64, name: &str) -> Result<()> {
     let Some(usage) = usage else { return Ok(()) };
-    let vfs = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
-    let free = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    let free = snapfork_store::free_bytes(dir)?;
     let need = usage + (4 << 20) + reserve;
     if free < need {
         return Err(Error::Runtime {

@@ -646,7 +646,7 @@ fn copies_that_would_fill_the_store_disk_are_refused_and_leave_nothing() {
     std::fs::write(ws.join("small.txt"), b"fits").unwrap();
     let first = workspace::checkpoint(&store, &ws, None).unwrap();
     // A file about as large as what is left beside the reserve: its copy would eat into it.
-    let free = free_bytes(fs.path());
+    let free = snapfork_store::free_bytes(fs.path()).unwrap();
     assert!(free > 48 << 20, "{free} bytes free");
     let big = vec![7u8; (free - (16 << 20)) as usize];
     std::fs::write(ws.join("big.bin"), &big).unwrap();
@@ -665,20 +665,11 @@ fn copies_that_would_fill_the_store_disk_are_refused_and_leave_nothing() {
     assert_eq!(std::fs::read(back.join("small.txt")).unwrap(), b"fits");
     // A restore onto the store's filesystem copies too, and keeps the reserve the same way.
     let filler = fs.path().join("filler");
-    std::fs::write(&filler, vec![0u8; (free_bytes(fs.path()) - (40 << 20)) as usize]).unwrap();
+    std::fs::write(&filler, vec![0u8; (snapfork_store::free_bytes(fs.path()).unwrap() - (40 << 20)) as usize]).unwrap();
     let err = workspace::restore(&store, &second.id, &fs.path().join("back2")).unwrap_err();
     assert!(err.to_string().contains("the store keeps free"), "{err}");
     assert!(!fs.path().join("back2").exists(), "a refused restore left its tree");
     std::fs::remove_file(&filler).unwrap();
     workspace::restore(&store, &second.id, &fs.path().join("back2")).unwrap();
     assert!(store.verify(None, None).unwrap().is_ok());
-}
-
-fn free_bytes(p: &Path) -> u64 {
-    let c = CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: an all-zero statvfs is a valid value for the call to overwrite.
-    let mut v: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `v` a writable statvfs, both alive for the call.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut v) }, 0);
-    v.f_bavail as u64 * v.f_frsize as u64
 }

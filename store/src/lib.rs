@@ -44,6 +44,7 @@ pub use gc::{ATTACHED, GcOptions, GcReport, attached_name};
 pub use hash::Hash;
 pub use image::{ImageInfo, ImageReader, IngestOptions, Progress, is_zero};
 pub use node::Node;
+pub use pack::free_bytes;
 pub use pageset::{PageSet, parse_page_list};
 pub use stats::{RefStats, StoreStats, Totals};
 pub use store::{MIN_FREE_BYTES, OpenOptions, Store};

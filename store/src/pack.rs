@@ -218,7 +218,7 @@ pub(crate) fn check_free(path: &Path, reserve: u64) -> Result<()> {
 }
 
 /// Bytes an unprivileged writer may still use on the filesystem of `path`.
-pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
+pub fn free_bytes(path: &Path) -> Result<u64> {
     let vfs = nix::sys::statvfs::statvfs(path)
         .map_err(|e| Error::Io { context: format!("statvfs {}", path.display()), source: e.into() })?;
     Ok(vfs.blocks_available() as u64 * vfs.fragment_size() as u64)
