@@ -405,7 +405,7 @@ fn stage_and_hash(
     size: u64,
     prev: Option<Id>,
     c: &Counters,
-) -> Result<(PathBuf, Id, Option<CvRecord>, u64)> {
+) -> Result<(PathBuf, Id, Option<CvRecord>, u64, u64)> {
     let name = format!("fsfork-{}-{}", std::process::id(), STAGE_SEQ.fetch_add(1, Ordering::Relaxed));
     let path = staging.join(&name);
     let cname = sys::cstr(OsStr::new(&name)).ctx("name", &path)?;
@@ -413,6 +413,10 @@ fn stage_and_hash(
     let result = (|| {
         let t0 = Instant::now();
         let mode = clone::transfer(sfd.as_fd(), dfd.as_fd(), size, c).ctx("stage", &path)?;
+        // The staged copy is the version recorded, whatever its length: a reflink takes the
+        // whole file as it is at that instant, which may have grown or shrunk since `size` was
+        // read. Hashing any other length would give the object an id its bytes do not have.
+        let size = sys::fstat(dfd.as_fd()).ctx("stat", &path)?.st_size as u64;
         let t_stage = t0.elapsed();
         // Incremental: the previous object of this path, if it is still a file object with
         // known block CVs, and the extents both share.
@@ -478,10 +482,10 @@ fn stage_and_hash(
             total_ms = ms(t0.elapsed()),
             "staged and hashed"
         );
-        Ok((Id(h.id), record, h.hashed_bytes))
+        Ok((Id(h.id), record, h.hashed_bytes, size))
     })();
     match result {
-        Ok((id, cvs, hashed)) => Ok((path, id, cvs, hashed)),
+        Ok((id, cvs, hashed, size)) => Ok((path, id, cvs, hashed, size)),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e)
@@ -707,7 +711,7 @@ pub fn checkpoint_then(
                                     reason: "changed type during the checkpoint".into(),
                                 });
                             }
-                            let (staged, id, cvs, hashed) = stage_and_hash(
+                            let (staged, id, cvs, hashed, size) = stage_and_hash(
                                 repo,
                                 (&staging, staging_fd.as_fd()),
                                 &sfd,
@@ -720,7 +724,7 @@ pub fn checkpoint_then(
                             s.cvs = cvs;
                             s.hashed = Some(hashed);
                             // Record the size that was actually captured.
-                            s.meta.size = m.size;
+                            s.meta.size = size;
                         }
                     }
                     Kind::Symlink => {
@@ -1683,6 +1687,34 @@ mod tests {
         assert_eq!(from_source, 2 * hash::BLOCK);
         // Block 5 was read again from the copy.
         assert_eq!(h.hashed_bytes, 3 * hash::BLOCK);
+    }
+    /// A file that grows or shrinks between the walk's fstat and its reflink into staging is
+    /// recorded as the staged copy holds it: the object's id is the hash of all its bytes.
+    #[test]
+    fn a_file_that_changes_length_before_staging_is_recorded_as_staged() {
+        if !require_root("a_file_that_changes_length_before_staging_is_recorded_as_staged") {
+            return;
+        }
+        let fs = TestFs::new(FsType::Xfs, 512).unwrap();
+        let store = snapfork_store::Store::open(fs.path().join("store"), Default::default()).unwrap();
+        let repo: &dyn Repo = &store;
+        let staging = repo.staging_dir();
+        std::fs::create_dir_all(&staging).unwrap();
+        let sdir = sys::open_root_dir(&staging).unwrap();
+        let seen = 64 << 10;
+        for (name, len) in [("grown", seen + 8192), ("shrunk", seen - 5000)] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+            let path = fs.path().join(name);
+            std::fs::write(&path, &data).unwrap();
+            let src: OwnedFd = std::fs::File::open(&path).unwrap().into();
+            // `seen` is the size the walk read before the file changed.
+            let (staged, id, _, _, size) =
+                stage_and_hash(repo, (&staging, sdir.as_fd()), &src, seen as u64, None, &Counters::default()).unwrap();
+            assert_eq!(size, len as u64, "{name}: the recorded size is the staged copy's");
+            assert_eq!(std::fs::metadata(&staged).unwrap().len(), len as u64);
+            assert_eq!(id.0, *blake3::hash(&data).as_bytes(), "{name}: the id is the hash of every staged byte");
+            std::fs::remove_file(staged).unwrap();
+        }
     }
 }
 
