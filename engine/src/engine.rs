@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -621,7 +621,9 @@ impl Inner {
         let dir = self.sandbox_dir(&rec.name);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let path = self.record_path(&rec.name);
-        let tmp = dir.join("sandbox.json.tmp");
+        // A temporary name of its own per write, so two writers can never interleave in one file.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!("sandbox.json.{}-{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Invalid(e.to_string()))?;
         write_synced(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
@@ -1906,10 +1908,16 @@ impl Inner {
             .collect();
         names.sort();
         for n in names {
+            // Refreshing saves the record: only while no operation holds the sandbox, which
+            // would otherwise have its own save overwritten with what was read before it.
+            let lock = self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(n.clone()).or_default().clone();
+            let held = lock.try_lock();
             let Ok(mut rec) = self.load_record(&n) else {
                 continue;
             };
-            let _ = self.refresh(&mut rec);
+            if held.is_ok() {
+                let _ = self.refresh(&mut rec);
+            }
             out.push(Self::info(&rec, Timings::default()));
         }
         Ok(out)

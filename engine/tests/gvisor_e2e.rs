@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -125,8 +127,30 @@ async fn gvisor_parallel_checkpoints_and_dead_runtime() {
             e.checkpoint(&format!("p{k}"), CheckpointOptions { leave_running: true, ..Default::default() }).await
         }));
     }
+    // An agent polling `ls` meanwhile (runsc stops each sandbox for its checkpoint) must not
+    // write a stale record over the one a checkpoint saves.
+    let done = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (e, done) = (engine.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut polls = 0;
+            while !done.load(Ordering::SeqCst) {
+                e.ls().await.unwrap();
+                polls += 1;
+            }
+            polls
+        })
+    };
+    let mut heads = Vec::new();
     for t in tasks {
-        t.await.unwrap().unwrap();
+        heads.push(t.await.unwrap().unwrap().id);
+    }
+    done.store(true, Ordering::SeqCst);
+    assert!(poller.await.unwrap() > 0);
+    for (k, head) in heads.iter().enumerate() {
+        let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == format!("p{k}")).unwrap();
+        assert_eq!(info.head.as_ref(), Some(head), "p{k}'s record names its checkpoint");
+        assert_eq!(info.status, Status::Running, "p{k} keeps running");
     }
     assert_eq!(engine.log(None).await.unwrap().snapshots.len(), 3);
 
