@@ -398,12 +398,8 @@ async fn serve_request(
 }
 
 fn prepare_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("socket path has no directory")?;
     std::fs::create_dir_all(dir)?;
-    // The directory is private first, so nobody can connect in the instant before the socket's
-    // own mode is set.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("a daemon already serves this store at {}", path.display());
@@ -411,6 +407,27 @@ fn prepare_socket(path: &Path) -> anyhow::Result<()> {
         std::fs::remove_file(path)?;
     }
     Ok(())
+}
+
+/// Binds the daemon's socket at `path` with mode 0600 and no instant in which anyone else could
+/// connect: it is bound in a private directory beside `path`, given its mode, then renamed into
+/// place. The directory that holds `path` (possibly a shared one such as /tmp) is left as it is.
+fn bind_private(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.parent().context("socket path has no directory")?;
+    let private = dir.join(format!(".snapfork-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).with_context(|| format!("create {}", private.display()))?;
+    let bound = (|| -> anyhow::Result<_> {
+        let tmp = private.join("sock");
+        let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("move the socket to {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -424,9 +441,7 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
     let rt = runtime()?;
     let global = Arc::new(global.clone());
     let served = rt.block_on(async {
-        use std::os::unix::fs::PermissionsExt;
-        let listener = tokio::net::UnixListener::bind(&path)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = tokio::net::UnixListener::from_std(bind_private(&path)?)?;
         eprintln!("snapfork daemon: serving {} on {}", global.store.display(), path.display());
         // VMs an earlier daemon restored lazily stall until their pages are served again.
         match engine.adopt_vms().await {

@@ -192,3 +192,37 @@ fn daemon_is_not_held_up_by_silent_clients_and_a_hung_daemon_is_reported() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     drop((silent, idle));
 }
+
+/// `daemon --socket` in a directory others share (a sticky, world-writable one like /tmp): the
+/// socket is 0600 from the moment it appears and the directory keeps its mode.
+#[test]
+fn daemon_socket_in_a_shared_directory_is_private_and_leaves_the_directory_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let sock = shared.join("d.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapfork"))
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&sock), 0o600);
+    assert_eq!(mode(&shared), 0o1777, "the shared directory's mode is left alone");
+    let names: Vec<_> = std::fs::read_dir(&shared).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("d.sock")], "nothing left beside the socket");
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(child.wait().unwrap().success());
+}
