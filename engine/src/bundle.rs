@@ -272,6 +272,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
     }
     let mut report = BundleReport { id: root.to_hex(), bytes: total, ..Default::default() };
     let mut seen = HashSet::new();
+    let mut snapshots = Vec::new();
     let mut queue = VecDeque::from([root]);
     while let Some(id) = queue.pop_front() {
         if id.is_zero() || !seen.insert(id) {
@@ -279,7 +280,23 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         }
         if let Some(node) = nodes.get(&id) {
             if node.kind == KIND_SNAPSHOT {
+                snapshots.push(id);
                 let snap = SnapshotBody::from_node(id, node).map_err(|e| bad(e.to_string()))?;
+                // A snapshot's parent is a snapshot: `log` and `diff` walk that chain.
+                if let Some(p) = &snap.body.parent {
+                    let parent = crate::model::parse_hash(p).ok_or_else(|| bad(format!("bad parent id {p}")))?;
+                    let is_snapshot = match nodes.get(&parent) {
+                        Some(n) => n.kind == KIND_SNAPSHOT,
+                        None => store.contains(&parent)? && store.get_node(&parent)?.kind == KIND_SNAPSHOT,
+                    };
+                    if !is_snapshot {
+                        return Err(bad(format!(
+                            "snapshot {}'s parent {} is not a snapshot",
+                            id.short(),
+                            parent.short()
+                        )));
+                    }
+                }
                 for p in &snap.body.parts {
                     if p.kind == PartKind::Workspace {
                         let tree = crate::model::Snapshot::part_id(p)?;
@@ -342,9 +359,25 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
             }
         }
         tx.set_ref(&format!("imported/{}", root.to_hex()), root)?;
+        // What an imported snapshot's configuration names is the exporter's word: see
+        // `is_imported`.
+        for id in &snapshots {
+            tx.meta_put(&imported_key(id), Some(b"1"));
+        }
         tx.commit()?;
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&staging);
     result.map(|_| report)
+}
+
+fn imported_key(snapshot: &Hash) -> String {
+    format!("imported-snapshot/{}", snapshot.to_hex())
+}
+
+/// Whether snapshot `id` came into this store by import. Such a snapshot's configuration was
+/// written elsewhere, so the engine never runs a program it names (a Firecracker binary): its
+/// restores start the local one.
+pub(crate) fn is_imported(store: &Store, id: &Hash) -> Result<bool> {
+    Ok(store.meta_get(&imported_key(id))?.is_some())
 }

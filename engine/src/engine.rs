@@ -1339,6 +1339,8 @@ impl Inner {
             match &driver {
                 DriverConfig::Gvisor(cfg) => {
                     let img = prepared.ok_or_else(|| Error::Invalid("state image not prepared".into()))?;
+                    // The configuration may come from an imported bundle: held to the rules of `run`.
+                    cfg.validate()?;
                     let bundle = self.bundle_dir(name);
                     cfg.write_bundle(&bundle, Some(&ws))?;
                     let rid = self.runtime_id(name, rec.generation);
@@ -1784,6 +1786,10 @@ impl Inner {
             .open(self.console_log(name))
             .map_err(|e| Error::io("open console log", e))?;
         let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
+        let cfg = &FirecrackerConfig {
+            binary: if crate::bundle::is_imported(&self.store, &s.id)? { None } else { cfg.binary.clone() },
+            ..cfg.clone()
+        };
         let binary = cfg.binary();
         let mut child = std::process::Command::new(&binary)
             .arg("--api-sock")

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use snapfork_fsfork::manifest::{self, KIND_CHECKPOINT, KIND_DIR};
 use snapfork_fsfork::repo::{Id, NodeData};
+use snapfork_fsfork::walk::Kind;
 use snapfork_fsfork::workspace as ws;
 use snapfork_store::{Hash, Node, Store};
 
@@ -102,7 +103,8 @@ pub fn diff(store: &Store, a: &Part, b: &Part) -> Result<Vec<FileChange>> {
 
 /// Checks a workspace tree that is about to be imported: every checkpoint and directory node
 /// reachable from `tree` (in `nodes`, else in the store) must decode under fsfork's rules, which
-/// refuse entry names that could escape the restore directory (`/`, `.`, `..`).
+/// refuse entry names that could escape the restore directory (`/`, `.`, `..`), and no entry
+/// may carry privileges onto this host (see [`refuse_privileged`]).
 pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Result<()> {
     let get = |h: &Hash| -> Result<Option<NodeData>> {
         let n = match nodes.get(h) {
@@ -130,7 +132,9 @@ pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Res
                 manifest::decode_checkpoint(&id(h), &n)?;
             }
             KIND_DIR => {
-                manifest::decode_dir(&id(h), &n)?;
+                for e in manifest::decode_dir(&id(h), &n)? {
+                    refuse_privileged(&e)?;
+                }
             }
             k => {
                 return Err(Error::corrupt(
@@ -140,6 +144,27 @@ pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Res
             }
         }
         queue.extend(n.links.iter().map(|l| Hash(l.0)));
+    }
+    Ok(())
+}
+
+/// Refuses what a workspace from elsewhere must not bring onto this host, where the engine
+/// restores it as root: device nodes (raw access to this machine's disks or memory), set-user-
+/// and set-group-id files, and the extended attributes that grant privileges (file
+/// capabilities, security labels, `trusted.*`). An agent's workspace has no need of them, and
+/// stripping them silently would restore a tree other than the one exported.
+fn refuse_privileged(e: &manifest::ManifestEntry) -> Result<()> {
+    let name = String::from_utf8_lossy(&e.name);
+    let refuse =
+        |what: String| Err(Error::Invalid(format!("entry {name:?} {what}, which an imported workspace may not hold")));
+    if matches!(e.kind, Kind::CharDevice | Kind::BlockDevice) {
+        return refuse(format!("is a device node ({:#x})", e.rdev));
+    }
+    if e.mode & (libc::S_ISUID | libc::S_ISGID) != 0 && e.kind != Kind::Dir {
+        return refuse(format!("is set-user-id or set-group-id (mode {:o})", e.mode & 0o7777));
+    }
+    if let Some((x, _)) = e.xattrs.iter().find(|(x, _)| x.starts_with(b"security.") || x.starts_with(b"trusted.")) {
+        return refuse(format!("has the extended attribute {}", String::from_utf8_lossy(x)));
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! Hostile bundles: a workspace tree whose entry names would escape the restore directory, a
-//! forged snapshot, garbage after the end. Each is refused and leaves nothing in the store.
+//! Hostile bundles: a workspace tree whose entry names would escape the restore directory or
+//! whose entries would carry privileges onto the host (device nodes, set-id files, capability
+//! xattrs), a snapshot whose parent is no snapshot, a forged snapshot, garbage after the end.
+//! Each is refused and leaves nothing in the store.
 
 mod common;
 
@@ -34,18 +36,19 @@ fn node(d: snapfork_fsfork::repo::NodeData) -> Node {
     Node::new(d.kind, d.links.iter().map(|l| Hash(l.0)).collect(), d.body)
 }
 
-/// Stores a snapshot whose workspace tree holds an entry named `evil` and tags it `evil`.
-fn plant(engine: &snapfork_engine::Engine, evil: &[u8]) -> Hash {
+/// Stores a snapshot whose workspace tree holds `evil` and tags it `evil`; with
+/// `parent_is_checkpoint`, the snapshot names its workspace checkpoint as its parent.
+fn plant(engine: &snapfork_engine::Engine, evil: ManifestEntry, parent_is_checkpoint: bool) -> Hash {
     let store = engine.store();
     let mut tx = store.begin().unwrap();
-    let inner = tx.put_node(&node(manifest::encode_dir(vec![entry(evil, Kind::Dir, None)]))).unwrap();
+    let inner = tx.put_node(&node(manifest::encode_dir(vec![evil]))).unwrap();
     let root = tx.put_node(&node(manifest::encode_dir(vec![entry(b"", Kind::Dir, Some(inner))]))).unwrap();
     let info = serde_json::json!({"v": 1, "message": null, "time": 0.0, "workspace": "/x",
         "parent": null, "files": 0, "bytes": 0});
     let ck = tx.put_node(&Node::new(KIND_CHECKPOINT, vec![root], serde_json::to_vec(&info).unwrap())).unwrap();
     let body = SnapshotBody {
         version: 1,
-        parent: None,
+        parent: parent_is_checkpoint.then(|| ck.to_hex()),
         sandbox: "evil".into(),
         message: String::new(),
         labels: BTreeMap::new(),
@@ -80,12 +83,27 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     }
     let (dir, src) = new_engine();
     let (_dir2, dst) = new_engine();
-    for (k, evil) in [b"..".as_slice(), b"a/../../etc", b"."].into_iter().enumerate() {
-        let id = plant(&src, evil);
+    let device = ManifestEntry { mode: 0o20600, rdev: 0x801, ..entry(b"sda1", Kind::CharDevice, None) };
+    let setuid = ManifestEntry { mode: 0o104755, ..entry(b"su", Kind::File, None) };
+    let caps = ManifestEntry {
+        xattrs: vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])],
+        ..entry(b"d", Kind::Dir, None)
+    };
+    let cases = [
+        (entry(b"..", Kind::Dir, None), false, "workspace tree"),
+        (entry(b"a/../../etc", Kind::Dir, None), false, "workspace tree"),
+        (entry(b".", Kind::Dir, None), false, "workspace tree"),
+        (device, false, "device node"),
+        (setuid, false, "set-user-id"),
+        (caps, false, "security.capability"),
+        (entry(b"ok", Kind::Dir, None), true, "is not a snapshot"),
+    ];
+    for (k, (evil, parent_is_checkpoint, expect)) in cases.into_iter().enumerate() {
+        let id = plant(&src, evil, parent_is_checkpoint);
         let bundle = dir.path().join(format!("evil{k}.sfb"));
         src.export(&id.to_hex(), &bundle).await.unwrap();
         let err = dst.import(&bundle).await.unwrap_err().to_string();
-        assert!(err.contains("workspace tree"), "{err}");
+        assert!(err.contains(expect), "case {k}: {err}");
         assert_empty(&dst);
     }
     // A good bundle with garbage appended, and one with a record's bytes swapped for others.
