@@ -1010,9 +1010,18 @@ impl Inner {
             }
             DriverConfig::Firecracker(cfg) => {
                 let api = ApiClient::new(&cfg.api_socket);
-                api.pause()?;
-                clock.step("pause");
+                // Before the pause, so that failing to make it leaves the VM running.
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
+                // Firecracker clears its dirty log at every snapshot/create. When the checkpoint
+                // then fails, the pages dirtied before it would be missing from every later
+                // Diff, so the next snapshot must be Full: this mark says so, written before the
+                // call and removed once a checkpoint has committed.
+                let full_needed = self.sandbox_dir(name).join("needs-full-snapshot");
+                if let Err(e) = api.pause() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                clock.step("pause");
                 let result = (|| -> Result<Hash> {
                     // Files first, while paused (memory and files of one instant).
                     add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
@@ -1029,8 +1038,11 @@ impl Inner {
                     let prev_mem = prev(Role::Memory, "mem");
                     // A Diff snapshot holds only the pages dirtied since the last one: it is
                     // ingested onto the parent's image.
-                    let diff = cfg.diff && prev_mem.is_some();
+                    let diff = cfg.diff && prev_mem.is_some() && !full_needed.exists();
                     let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
+                    if cfg.diff {
+                        write_synced(&full_needed, b"")?;
+                    }
                     api.create_snapshot(diff, &vmstate, &mem)?;
                     clock.step(if diff { "snapshot/create Diff" } else { "snapshot/create Full" });
                     let info = tx.put_blob_file(&vmstate)?;
@@ -1097,6 +1109,7 @@ impl Inner {
                     rec.status = Status::Paused;
                 }
                 let id = result?;
+                let _ = std::fs::remove_file(&full_needed);
                 rec.head = Some(id.to_hex());
                 self.save_record(&rec)?;
                 Ok(CheckpointReport {

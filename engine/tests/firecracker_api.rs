@@ -72,6 +72,7 @@ mod fake {
         state: &'static str,
         fail_next_create: bool,
         die_in_next_create: bool,
+        short_next_create: bool,
         /// After a load: guest memory is this registered mapping, filled by the UFFD server.
         loaded: Option<snapfork_lazy_restore::client::FakeVm>,
     }
@@ -112,6 +113,7 @@ mod fake {
             state: "Not started",
             fail_next_create: false,
             die_in_next_create: false,
+            short_next_create: false,
             loaded: None,
         };
         if std::env::var("FAKE_FC_SEED").is_ok() {
@@ -197,6 +199,11 @@ mod fake {
                     }
                     t => return fault(s, &format!("bad snapshot_type {t}")),
                 }
+                if std::mem::take(&mut vm.short_next_create) {
+                    // Answers success with a memory file the store must refuse (a page short):
+                    // the dirty log is cleared all the same, as Firecracker's is.
+                    f.set_len((vm.mem().len() - PAGE) as u64).unwrap();
+                }
                 vm.dirty.clear();
                 reply(s, 204, None)
             }
@@ -241,6 +248,10 @@ mod fake {
             }
             ("PUT", "/fake/fail-next-create") => {
                 vm.fail_next_create = true;
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/short-next-create") => {
+                vm.short_next_create = true;
                 reply(s, 204, None)
             }
             ("PUT", "/fake/die-in-next-create") => {
@@ -329,6 +340,25 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!((mem.units_changed, mem.units_total), (2, PAGES as u64), "{d:?}");
     assert!(d.files.iter().any(|f| f.path == "task.txt"));
 
+    // A Diff snapshot/create that succeeds but whose checkpoint then fails has still cleared
+    // the VM's dirty log: the next snapshot is Full, so the pages dirtied before it are kept.
+    ApiClient::new(&api).call("PUT", "/fake/write", Some(&json!({"page": 5, "byte": 0xCC}))).unwrap();
+    ApiClient::new(&api).call("PUT", "/fake/short-next-create", None).unwrap();
+    let refs = engine.store().list_refs("").unwrap();
+    let err =
+        engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap_err();
+    eprintln!("checkpoint of a short memory file: {err}");
+    assert_eq!(engine.store().list_refs("").unwrap(), refs);
+    assert_eq!(state(&api), "Running");
+    let at_c = memory(&api);
+    let c = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert!(c.timings.steps.iter().any(|(s, _)| s == "snapshot/create Full"), "{:?}", c.timings);
+    engine.restore(&c.id, "vm-c").await.unwrap();
+    assert_eq!(memory(&api_of(dir.path(), "vm-c"))["blake3"], at_c["blake3"], "C holds page 5's write");
+    engine.rm("vm-c").await.unwrap();
+    let d = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    assert!(d.timings.steps.iter().any(|(s, _)| s == "snapshot/create Diff"), "after a Full, Diffs again");
+
     // A failing snapshot/create leaves no snapshot and the VM running.
     ApiClient::new(&api).call("PUT", "/fake/fail-next-create", None).unwrap();
     let refs = engine.store().list_refs("").unwrap();
@@ -394,15 +424,16 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let stored = loop {
         let refs: Vec<String> = engine.store().list_refs("attached/").unwrap().into_iter().map(|(n, _)| n).collect();
-        if refs.iter().filter(|n| n.ends_with("/working-set-pages")).count() == 2
+        if refs.iter().filter(|n| n.ends_with("/working-set-pages")).count() == 3
             || std::time::Instant::now() > deadline
         {
             break refs;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set")).count(), 2, "{stored:?}");
-    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set-pages")).count(), 2, "{stored:?}");
+    // (Three memory images were restored: A's, B's and C's.)
+    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set")).count(), 3, "{stored:?}");
+    assert_eq!(stored.iter().filter(|n| n.ends_with("/working-set-pages")).count(), 3, "{stored:?}");
 
     // With no VM left, the servers stop (freeing their page caches) once idle; the next restore
     // starts a new one, which serves the same memory.

@@ -212,6 +212,17 @@ impl Txn {
             return Err(Error::InvalidInput("a dirty-page set or a diff snapshot needs a parent image".into()));
         }
         let parent_pages = parent.as_ref().map_or(0, Root::pages);
+        // A diff snapshot covers the whole guest memory (holes mean "unchanged"), so one shorter
+        // than its parent cannot say what became of the pages past its end: a truncated write.
+        if let Some(p) = &parent
+            && opts.diff_snapshot
+            && size < p.size
+        {
+            return Err(Error::InvalidInput(format!(
+                "the diff snapshot is {size} bytes, shorter than its parent image ({} bytes): truncated?",
+                p.size
+            )));
+        }
         // Pages that hold data in the file: holes are zero (or, in a diff snapshot, unchanged).
         let mut data = PageSet::new();
         for (start, end) in data_extents(&file, size) {
