@@ -1310,6 +1310,10 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
         events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
     tx.meta_put(&format!("fsfork/ws/{}", ws_key(&target)), &json_bytes("workspace record", &record)?);
+    // Restores of one checkpoint run in parallel (fork -n N): each adds itself to the list it
+    // read, so the read and the commit must not interleave with another's.
+    static OFFSPRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = OFFSPRING.lock().unwrap_or_else(|p| p.into_inner());
     let key = format!("fsfork/offspring/{}", ckpt.hex());
     let mut list: Vec<Offspring> = load_json(repo, &key)?;
     list.push(Offspring { path: target.to_string_lossy().into_owned(), kind: kind.into(), time: now() });

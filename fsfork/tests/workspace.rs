@@ -673,3 +673,28 @@ fn copies_that_would_fill_the_store_disk_are_refused_and_leave_nothing() {
     workspace::restore(&store, &second.id, &fs.path().join("back2")).unwrap();
     assert!(store.verify(None, None).unwrap().is_ok());
 }
+
+/// Forks of one checkpoint made at once (the engine's `fork -n N` runs them in parallel) are all
+/// in its log: none overwrites another's entry in the offspring list.
+#[test]
+fn parallel_forks_are_all_recorded() {
+    let Some(env) = Env::new(FsType::Xfs, "parallel_forks_are_all_recorded", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("f"), b"x").unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let (store, c, dst) = (&env.store, c.id, env.p(&format!("fork-{i}")));
+            s.spawn(move || workspace::fork_one(store, &c, &dst).unwrap());
+        }
+    });
+    let (_rec, log) = workspace::log(&env.store, &ws).unwrap();
+    let mut paths: Vec<_> = log[0].offspring.iter().map(|o| o.path.clone()).collect();
+    paths.sort();
+    let mut want: Vec<_> = (0..8).map(|i| env.p(&format!("fork-{i}")).to_string_lossy().into_owned()).collect();
+    want.sort();
+    assert_eq!(paths, want);
+}
