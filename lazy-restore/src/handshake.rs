@@ -153,6 +153,18 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
         return Err(Error::Handshake("none of the descriptors is a userfaultfd".into()));
     };
     let uffd = fds.swap_remove(pos);
+    // Without REMOVE events a range the guest gives back (balloon, MADV_DONTNEED) is zapped
+    // silently, and its next fault would be served the snapshot's old bytes instead of zeros.
+    match uffd::enabled_features(uffd.as_fd()) {
+        Some(f) if f & uffd::FEATURE_EVENT_REMOVE != 0 => {}
+        Some(f) => {
+            return Err(Error::Handshake(format!(
+                "the userfaultfd was created without UFFD_FEATURE_EVENT_REMOVE (features {f:#x}): \
+                 pages the guest gives back could be served stale"
+            )));
+        }
+        None => return Err(Error::Handshake("cannot read the userfaultfd's features from /proc".into())),
+    }
     Ok(Handshake { regions, uffd, fds: nfds, bytes: data.len() })
 }
 

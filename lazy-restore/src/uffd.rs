@@ -209,6 +209,17 @@ pub fn read_events(fd: BorrowedFd<'_>, out: &mut Vec<Event>) -> io::Result<bool>
     }
 }
 
+/// The features the owner of userfaultfd `fd` enabled with `UFFDIO_API` (the middle field of
+/// the `API:` line of its /proc fdinfo); `None` when that cannot be read.
+pub fn enabled_features(fd: BorrowedFd<'_>) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    let api = info.lines().find_map(|l| l.strip_prefix("API:"))?;
+    u64::from_str_radix(api.trim().split(':').nth(1)?, 16).ok()
+}
+
+/// `UFFD_FEATURE_EVENT_REMOVE`: the kernel reports `madvise(MADV_DONTNEED)` and balloon zaps.
+pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+
 /// True when `fd` is a userfaultfd (its /proc link reads `anon_inode:[userfaultfd]`).
 pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))

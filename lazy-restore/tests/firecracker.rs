@@ -228,6 +228,9 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
         )
     };
     let ok = format!("[{}]", region(1 << 20, 0));
+    // A userfaultfd of its own that never asked for REMOVE events.
+    let no_remove =
+        userfaultfd::UffdBuilder::new().close_on_exec(true).non_blocking(true).user_mode_only(false).create().unwrap();
     let cases: Vec<(&str, String, Vec<i32>, bool)> = vec![
         ("bad json", "[{\"base_host_virt_addr\": 1,".to_string() + "]", vec![uffd], false),
         ("not an array", r#"{"regions": []}"#.into(), vec![uffd], false),
@@ -248,6 +251,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
         ("no fd", ok.clone(), vec![], false),
         ("four fds", ok.clone(), vec![uffd, n, n, n], false),
         ("no userfaultfd", ok.clone(), vec![n], false),
+        ("no EVENT_REMOVE", ok.clone(), vec![no_remove.as_raw_fd()], false),
         ("trailing garbage", format!("{ok}xyz"), vec![uffd], false),
         ("truncated then closed", ok[..ok.len() / 2].to_string(), vec![uffd], true),
         ("silent", String::new(), vec![], false),
@@ -296,6 +300,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
         "no file descriptor",
         "4 file descriptors",
         "none of the descriptors is a userfaultfd",
+        "without UFFD_FEATURE_EVENT_REMOVE",
         "trailing bytes",
         "no handshake within",
     ] {
@@ -305,6 +310,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
     srv.stop();
     drop(vm);
     drop(null);
+    drop(no_remove);
     assert_eq!(fd_count(), fds0, "descriptors leaked");
 }
 
