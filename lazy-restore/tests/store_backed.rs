@@ -121,7 +121,7 @@ fn corrupt_page_kills_only_its_vm() {
 }
 
 #[test]
-fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() {
+fn working_set_stored_with_snapshot_and_kept_through_gc() {
     if !require_root() {
         return;
     }
@@ -148,17 +148,51 @@ fn working_set_stored_with_snapshot_and_touched_pages_feed_incremental_ingest() 
     // The ref keeps the blob through gc.
     store.gc(&snapfork_store::GcOptions { dry_run: false, grace: Duration::ZERO, ..Default::default() }).unwrap();
     assert_eq!(workingset::load(&store, &id).unwrap().unwrap(), loaded);
-    // Incremental ingest from the touched set reproduces the image.
-    let touched = report.touched_pages();
-    assert_eq!(touched.len(), 2048);
-    let info = store
+}
+
+/// A guest writes into some pages (sequentially, so that read-ahead installs pages it then
+/// writes without faulting, and a few scattered): the restore's touched set covers every page
+/// it changed, and an incremental ingest of the guest's new memory that hashes only those
+/// pages gives the same image as a full ingest.
+#[test]
+fn touched_pages_feed_an_incremental_ingest_of_what_the_guest_wrote() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let (store, image) = store_with_image(dir.path(), 2048);
+    let id = store.resolve("vm").unwrap();
+    let writes: Vec<u64> = (100..400u64).chain([7, 1500, 1501, 2047]).collect();
+    let srv = TestServer::start(dir.path().join("w.sock"), cached(&store), ServerOptions::default());
+    let c = spawn_child(json!({
+        "role": "write", "socket": srv.socket, "image": image,
+        "regions": [{"size": 8 << 20, "offset": 0}], "write": writes,
+    }));
+    let (st, res) = wait_child(c);
+    assert!(st.success(), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    srv.stop();
+    let touched = ended[0].touched_pages();
+    assert!(writes.iter().all(|&p| touched.contains(p)), "a written page is missing from the touched set");
+    assert!(touched.len() < 2048, "the guest touched a part of memory only, not {} pages", touched.len());
+    // The guest's memory now: the snapshot with its writes.
+    let mut mem = std::fs::read(&image).unwrap();
+    for &p in &writes {
+        mem[p as usize * 4096] = common::written_byte(p as usize);
+    }
+    let now = dir.path().join("now.raw");
+    std::fs::write(&now, &mem).unwrap();
+    let full = store.ingest_image(&now, &IngestOptions::default(), Some("full")).unwrap();
+    assert_ne!(full.id, id);
+    let inc = store
         .ingest_image(
-            &image,
+            &now,
             &IngestOptions { parent: Some(id), dirty: Some(touched), ..Default::default() },
-            Some("vm2"),
+            Some("inc"),
         )
         .unwrap();
-    assert_eq!(info.id, id);
+    assert_eq!(inc.id, full.id, "hashing the touched pages alone gives the guest's memory");
+    assert!(inc.hashed_pages < 2048, "{} pages hashed", inc.hashed_pages);
 }
 
 /// The data pages of `ws` in first-seen order (what a working-set pages blob holds).

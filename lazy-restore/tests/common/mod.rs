@@ -299,6 +299,20 @@ pub fn child_main() {
             emit(json!({"mismatches": mismatches, "first_bad": first_bad}));
             std::process::exit(if mismatches == 0 { 0 } else { 3 });
         }
+        "write" => {
+            // A guest that writes one byte into each listed page (region 0) and reads nothing
+            // else: the pages it changed are what the next checkpoint must hash.
+            let m = &vm.regions[0];
+            let pages: Vec<usize> =
+                role["write"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            for &p in &pages {
+                assert!(p * PAGE < m.spec.size as usize);
+                // SAFETY: the page lies inside region 0, which is mapped writable.
+                unsafe { m.ptr.add(p * PAGE).write_volatile(written_byte(p)) };
+            }
+            emit(json!({"written": pages.len()}));
+            std::process::exit(0);
+        }
         "remove" => {
             let m = &vm.regions[0];
             let size = m.spec.size as usize;
@@ -493,4 +507,9 @@ pub fn thread_count() -> usize {
 /// Open descriptors of this process.
 pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The byte the `write` role puts at the start of page `p`.
+pub fn written_byte(p: usize) -> u8 {
+    (p as u8) ^ 0x5a
 }
