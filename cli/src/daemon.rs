@@ -204,6 +204,12 @@ impl std::error::Error for NotFound {}
 
 /// Sends `cmd` to the daemon serving this store, if one runs; None when there is none.
 pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Report>> {
+    let (method, target, body) = to_request(cmd)?;
+    try_request(method, &target, &body, global)
+}
+
+/// Sends one request to the daemon serving this store, if one runs; None when there is none.
+pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) -> anyhow::Result<Option<Report>> {
     let path = socket_path(global);
     if !path.exists() {
         return Ok(None);
@@ -214,7 +220,6 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
     }
     let mut stream =
         std::os::unix::net::UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
-    let (method, target, body) = to_request(cmd)?;
     let body = if body.is_null() { String::new() } else { body.to_string() };
     write!(
         stream,
@@ -376,6 +381,27 @@ async fn serve_request(
             }
         }
     };
+    // gc is the store's, not a sandbox operation; it runs here because the daemon holds the
+    // store's writer lock (sandboxes and their snapshots are refs, so gc keeps what they need).
+    if req.method == "POST" && req.target == "/v1/gc" {
+        let opts = snapfork_store::GcOptions {
+            dry_run: body["dry_run"].as_bool().unwrap_or(false),
+            grace: std::time::Duration::from_secs(body["grace_seconds"].as_u64().unwrap_or(3600)),
+            ..Default::default()
+        };
+        let dry_run = opts.dry_run;
+        let e = engine.clone();
+        tracing::info!(dry_run, "gc");
+        let r = tokio::task::spawn_blocking(move || e.store().gc(&opts)).await;
+        return match r {
+            Ok(Ok(report)) => {
+                let r = crate::store_cmds::gc_report(&report, dry_run);
+                respond(conn, 200, &json!({"result": r.json, "text": r.text})).await
+            }
+            Ok(Err(e)) => respond(conn, 500, &json!({"error": format!("gc: {e}")})).await,
+            Err(e) => respond(conn, 500, &json!({"error": format!("gc task: {e}")})).await,
+        };
+    }
     let cmd = match from_request(&req.method, &req.target, &body) {
         Ok(c) => c,
         Err(e) => {

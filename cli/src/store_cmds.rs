@@ -204,24 +204,15 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(json!({ "removed": refs }), format!("removed {}", refs.join(", "))))
         }
         StoreCmd::Gc { dry_run, grace } => {
-            let store = open_store(global, false)?;
             let _busy = crate::output::spinner(global, "gc");
+            // A running daemon holds the store: it runs the gc.
+            let body = json!({"dry_run": dry_run, "grace_seconds": grace});
+            if let Some(r) = crate::daemon::try_request("POST", "/v1/gc", &body, global)? {
+                return Ok(r);
+            }
+            let store = open_store(global, false)?;
             let report = store.gc(&GcOptions { dry_run, grace: Duration::from_secs(grace), ..GcOptions::default() })?;
-            let verb = if dry_run { "would remove" } else { "removed" };
-            let text = format!(
-                "{verb} {} chunks ({}), {} file objects ({}) and {} attached entries; {} packs rewritten, {} removed; \
-                 packs {} -> {}",
-                report.removed_chunks,
-                bytes(report.removed_chunk_bytes),
-                report.removed_files,
-                bytes(report.removed_file_bytes),
-                report.removed_attached,
-                report.repacked,
-                report.removed_packs,
-                bytes(report.pack_bytes_before),
-                bytes(report.pack_bytes_after)
-            );
-            Ok(Report::new(serde_json::to_value(&report)?, text))
+            Ok(gc_report(&report, dry_run))
         }
         StoreCmd::Verify { reference } => {
             let store = open_store(global, true)?;
@@ -323,4 +314,23 @@ pub fn bytes(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// What `gc` prints: the same from the CLI and from the daemon.
+pub fn gc_report(report: &snapfork_store::GcReport, dry_run: bool) -> Report {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let text = format!(
+        "{verb} {} chunks ({}), {} file objects ({}) and {} attached entries; {} packs rewritten, {} removed; \
+         packs {} -> {}",
+        report.removed_chunks,
+        bytes(report.removed_chunk_bytes),
+        report.removed_files,
+        bytes(report.removed_file_bytes),
+        report.removed_attached,
+        report.repacked,
+        report.removed_packs,
+        bytes(report.pack_bytes_before),
+        bytes(report.pack_bytes_after)
+    );
+    Report::new(serde_json::to_value(report).unwrap_or_default(), text)
 }

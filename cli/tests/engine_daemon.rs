@@ -226,3 +226,19 @@ fn daemon_socket_in_a_shared_directory_is_private_and_leaves_the_directory_alone
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     assert!(child.wait().unwrap().success());
 }
+
+/// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait
+/// for the writer lock and fail).
+#[test]
+fn gc_runs_in_the_daemon_that_holds_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let daemon = Daemon::start(&store);
+    for args in [&["gc", "--dry-run"][..], &["gc", "--grace", "0"]] {
+        let out = snapfork(&store).args(["--lock-timeout", "1"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v = json(&out);
+        assert!(v["removed_chunks"].is_u64() && v["pack_bytes_after"].is_u64(), "{v}");
+    }
+    assert!(daemon.term().success());
+}
