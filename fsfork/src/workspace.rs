@@ -396,6 +396,19 @@ fn hash_via_source(
     Ok((h, from_source))
 }
 
+/// The manifest's name for the hard-link group of inode `ino` on device `dev`: the same in every
+/// checkpoint (directory nodes are reused across checkpoints), and unique across the
+/// filesystems a tree spans (btrfs subvolumes and mounts number their inodes alike), where the
+/// inode number alone would merge unrelated files on restore.
+fn link_group(dev: u64, ino: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&dev.to_le_bytes());
+    h.update(&ino.to_le_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(b).max(1)
+}
+
 /// Reflinks (or copies) an open file into the staging area and hashes the staged copy, reusing
 /// the block CVs of `prev` where the staged copy still shares extents with that object.
 fn stage_and_hash(
@@ -826,7 +839,11 @@ pub fn checkpoint_then(
                 atime: e.meta.atime,
                 mtime: e.meta.mtime,
                 rdev: if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { e.meta.rdev } else { 0 },
-                link_group: if groups.contains(&(e.meta.dev, e.meta.ino)) { e.meta.ino } else { 0 },
+                link_group: if groups.contains(&(e.meta.dev, e.meta.ino)) {
+                    link_group(e.meta.dev, e.meta.ino)
+                } else {
+                    0
+                },
                 link: match e.subdir {
                     Some(d) => dir_ids[d],
                     None => s.id,

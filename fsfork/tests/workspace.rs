@@ -698,3 +698,32 @@ fn parallel_forks_are_all_recorded() {
     want.sort();
     assert_eq!(paths, want);
 }
+
+/// Hard links in two btrfs subvolumes of one workspace whose inodes have the same numbers (each
+/// subvolume numbers its own): each pair comes back as its own link, never merged with the other.
+#[test]
+fn hard_links_in_two_subvolumes_with_equal_inode_numbers_stay_apart() {
+    let Some(env) = Env::new(FsType::Btrfs, "hard_links_in_two_subvolumes_with_equal_inode_numbers_stay_apart", 512)
+    else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    for sub in ["a", "b"] {
+        let st = Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(ws.join(sub)).status().unwrap();
+        assert!(st.success(), "btrfs subvolume create");
+        std::fs::write(ws.join(sub).join("f"), format!("content of {sub}\n")).unwrap();
+        std::fs::hard_link(ws.join(sub).join("f"), ws.join(sub).join("g")).unwrap();
+    }
+    let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(ws.join("a/f")), ino(ws.join("b/f")), "the two subvolumes number their inodes alike");
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    let dst = env.p("restored");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    for sub in ["a", "b"] {
+        let (f, g) = (dst.join(sub).join("f"), dst.join(sub).join("g"));
+        assert_eq!(ino(f.clone()), ino(g.clone()), "{sub}/f and {sub}/g are one file again");
+        assert_eq!(std::fs::read_to_string(&g).unwrap(), format!("content of {sub}\n"));
+    }
+    assert_ne!(ino(dst.join("a/f")), ino(dst.join("b/f")), "the two pairs stay apart");
+}
