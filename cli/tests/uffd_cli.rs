@@ -142,6 +142,7 @@ fn bench_restore_measures_every_mode_and_plots_them() {
     for mode in [
         "file-cold",
         "file-warm",
+        "floor: memcpy",
         "eager",
         "lazy",
         "lazy+prefetch",
@@ -149,6 +150,7 @@ fn bench_restore_measures_every_mode_and_plots_them() {
         "lazy+pf warm",
         "full: eager",
         "full: lazy",
+        "full: lazy+fill",
     ] {
         assert!(modes.contains(&mode), "no {mode} row in {modes:?}");
     }
@@ -157,7 +159,7 @@ fn bench_restore_measures_every_mode_and_plots_them() {
         assert!(row["touch_ms"].as_f64().unwrap() > 0.0, "{row}");
     }
     // The side-by-side ratios are computed, and the forks ran.
-    for ratio in ["prefetch_vs_file_cold", "prefetch_vs_file_warm", "full_lazy_vs_eager"] {
+    for ratio in ["prefetch_vs_file_cold", "prefetch_vs_file_warm", "full_lazy_vs_eager", "memcpy_floor_vs_file_warm"] {
         assert!(report["ratios"][ratio].as_f64().is_some_and(|r| r > 0.0), "{ratio}: {}", report["ratios"]);
     }
     let lazy = rows.iter().find(|r| r["mode"] == "lazy").unwrap();
