@@ -1487,7 +1487,9 @@ impl Inner {
                 let dir = self.sandbox_dir(name).join(format!("vm-{new_gen}"));
                 match self.start_firecracker(&s, cfg, &dir, name) {
                     Ok(new_cfg) => {
-                        kill_pid(cfg.pid);
+                        // The old VM, also one handed over with `run` (found by its API socket):
+                        // two VMs must never run on the same disk files.
+                        kill_pid(cfg.vmm_pid());
                         rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                         rec.status = Status::Running;
                     }
@@ -1839,7 +1841,7 @@ impl Inner {
         if rec.driver == "firecracker"
             && let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
         {
-            kill_pid(cfg.pid);
+            kill_pid(cfg.vmm_pid());
         }
     }
 

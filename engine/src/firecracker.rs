@@ -51,6 +51,18 @@ fn default_page() -> u32 {
 }
 
 impl FirecrackerConfig {
+    /// The VMM's process: the one the engine started, else (a VM handed over with `run`) the
+    /// process listening on the API socket, by `SO_PEERCRED`. `None` when neither is known (the
+    /// VMM is gone).
+    pub fn vmm_pid(&self) -> Option<i32> {
+        if self.pid.is_some() {
+            return self.pid;
+        }
+        let s = std::os::unix::net::UnixStream::connect(&self.api_socket).ok()?;
+        let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+        Some(cred.pid()).filter(|&p| p > 1)
+    }
+
     /// The binary restores start.
     pub fn binary(&self) -> PathBuf {
         self.binary

@@ -411,10 +411,15 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     engine.restore(&a.id, "vm-b2").await.unwrap();
     assert_eq!(memory(&api_of(dir.path(), "vm-b2"))["blake3"], at_a["blake3"]);
 
-    // The VM the test started and handed over with `run` exits: `ls` sees it by its API socket.
-    drop(_vm);
-    let vm = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm").unwrap();
-    assert_eq!(vm.status, snapfork_engine::Status::Exited, "{vm:?}");
+    // The VM the test started and handed over with `run`: `stop` ends its process, found by
+    // the API socket's peer credentials (the engine never knew its pid).
+    let mut vmm = _vm;
+    engine.stop("vm").await.unwrap();
+    let t = std::time::Instant::now();
+    while vmm.0.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(5), "stop left the handed-over VMM running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
