@@ -403,19 +403,9 @@ impl Engine {
             return Err(Error::Invalid(format!("fork count {n} must be 1..=256")));
         }
         let snap = snap.to_string();
-        let (s, names) = {
-            let inner = self.inner.clone();
-            let prefix = prefix.map(str::to_string);
-            tokio::task::spawn_blocking(move || -> Result<(Snapshot, Vec<String>)> {
-                let s = inner.load_snapshot(inner.resolve(&snap)?)?;
-                let prefix = prefix.unwrap_or_else(|| s.body.sandbox.clone());
-                let names = inner.free_names(&prefix, n)?;
-                Ok((s, names))
-            })
-            .await
-            .map_err(|e| Error::Runtime { what: "engine task".into(), detail: e.to_string() })??
-        };
-        let _g = self.lock(&names).await;
+        let s = self.blocking(move |i| i.load_snapshot(i.resolve(&snap)?)).await?;
+        let prefix = prefix.map_or_else(|| s.body.sandbox.clone(), str::to_string);
+        let (names, _g) = self.inner.claim_free_names(&prefix, n)?;
         // One materialized state image serves every fork.
         let s2 = s.clone();
         let prepared = self.blocking(move |i| i.prepare_state(&s2)).await?;
@@ -633,18 +623,26 @@ impl Inner {
         self.record_path(name).exists()
     }
 
-    fn free_names(&self, prefix: &str, n: usize) -> Result<Vec<String>> {
-        let mut names = Vec::with_capacity(n);
+    /// The first `n` names `PREFIX-K` that no sandbox has, each returned with its lock held. A
+    /// name whose lock another operation holds is being created (a concurrent fork): skipped,
+    /// so two forks with one prefix take different numbers instead of colliding.
+    fn claim_free_names(&self, prefix: &str, n: usize) -> Result<(Vec<String>, Vec<tokio::sync::OwnedMutexGuard<()>>)> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut names, mut guards) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut k = 1;
         while names.len() < n {
             let candidate = format!("{prefix}-{k}");
             check_name(&candidate)?;
-            if !self.exists(&candidate) {
-                names.push(candidate);
-            }
             k += 1;
+            if self.exists(&candidate) {
+                continue;
+            }
+            if let Ok(g) = locks.entry(candidate.clone()).or_default().clone().try_lock_owned() {
+                names.push(candidate);
+                guards.push(g);
+            }
         }
-        Ok(names)
+        Ok((names, guards))
     }
 
     /// runsc names each sandbox's control socket after the container id in the *abstract*

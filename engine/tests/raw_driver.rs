@@ -91,3 +91,37 @@ async fn raw_checkpoint_diff_restore_revert() {
     assert_eq!(log.snapshots.len(), 1);
     assert_eq!(log.snapshots[0].refs, ["tag/keep"]);
 }
+
+/// Two forks of one snapshot at once, with the same prefix: each takes free numbers of its own
+/// (before, both chose the same names and one failed), and every fork's workspace is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_forks_with_one_prefix_take_different_names() {
+    if !require("concurrent_forks_with_one_prefix_take_different_names", false) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let mem = dir.path().join("mem");
+    write(&mem, &[1, 2, 0, 3]);
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("f"), "x").unwrap();
+    let cfg = RawConfig { memory: Some(mem), state: vec![], disks: vec![], page_size: 4096 };
+    engine.run(RunSpec { name: "vm".into(), driver: DriverConfig::Raw(cfg), workspace: Some(ws) }).await.unwrap();
+    let snap = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap().id;
+    let (e1, e2) = (engine.clone(), engine.clone());
+    let (s1, s2) = (snap.clone(), snap.clone());
+    let (a, b) = tokio::join!(
+        tokio::spawn(async move { e1.fork(&s1, 3, Some("f")).await }),
+        tokio::spawn(async move { e2.fork(&s2, 3, Some("f")).await })
+    );
+    let mut names: Vec<String> = a.unwrap().unwrap().into_iter().chain(b.unwrap().unwrap()).map(|i| i.name).collect();
+    names.sort();
+    let want: Vec<String> = (1..=6).map(|k| format!("f-{k}")).collect();
+    assert_eq!(names, want);
+    let infos = engine.ls().await.unwrap();
+    for n in &want {
+        let i = infos.iter().find(|i| &i.name == n).unwrap_or_else(|| panic!("{n} missing"));
+        assert_eq!(std::fs::read_to_string(i.workspace.as_ref().unwrap().join("f")).unwrap(), "x");
+    }
+}
