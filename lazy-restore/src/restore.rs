@@ -1237,14 +1237,30 @@ impl Serving {
             }
             _ => {
                 error!(pid = self.peer.pid, page = i, "corrupt page: poisoning it (an access raises SIGBUS): {msg}");
-                match uffd::poison(self.fd(), r.base + p * r.page_size, r.page_size as usize) {
-                    Ok(Fill::Gone) => Err(Stop::Gone),
-                    Ok(_) => {
-                        self.states[ri].installed.set(p, true);
-                        Ok(())
+                let dst = r.base + p * r.page_size;
+                loop {
+                    match uffd::poison(self.fd(), dst, r.page_size as usize) {
+                        Ok(Fill::Gone) => return Err(Stop::Gone),
+                        Ok(Fill::Done) => break,
+                        Ok(Fill::Exists) => {
+                            let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
+                            break;
+                        }
+                        // Nothing poisoned yet (a mapping change is pending): apply the events,
+                        // then poison again, unless the guest gave the page back meanwhile,
+                        // when it is a zero page like any other given back.
+                        Ok(Fill::Again | Fill::Partial(_)) => {
+                            self.stats.eagain.fetch_add(1, Relaxed);
+                            self.drain()?;
+                            if self.states[ri].removed.get(p) {
+                                return self.install_zero(ri, p, 1);
+                            }
+                        }
+                        Err(pe) => return Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}"))),
                     }
-                    Err(pe) => Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}"))),
                 }
+                self.states[ri].installed.set(p, true);
+                Ok(())
             }
         }
     }
