@@ -135,7 +135,7 @@ pub struct BenchArgs {
     /// Also run N restores of each kind at once.
     #[arg(long, default_value_t = 1)]
     forks: usize,
-    /// Write a chart (SVG) of the results.
+    /// Write a chart of the results to this .svg file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Demand-fault size for the lazy modes, KiB.
@@ -797,6 +797,12 @@ fn row(mode: &str, one: &GuestResult, pages: u64) -> Row {
 }
 
 fn bench(a: BenchArgs, global: &Global) -> anyhow::Result<Report> {
+    // Before minutes of measuring: the chart is SVG, and a file named otherwise would lie.
+    if let Some(p) = &a.plot
+        && !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        bail!("--plot writes an SVG chart: name the file .svg (not {})", p.display());
+    }
     let store = open_ro(global)?;
     let reader = store.open_image_ref(&a.reference)?;
     let page_size = reader.page_size() as u64;

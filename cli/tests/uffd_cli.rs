@@ -130,6 +130,11 @@ fn bench_restore_measures_every_mode_and_plots_them() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
     ingest_image(tmp.path(), &store, 2048);
+    // A chart named for another format is refused before anything is measured.
+    let png = tmp.path().join("restore.png");
+    let out = snapfork(&store).args(["bench", "restore", "vm", "--plot"]).arg(&png).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("SVG"));
+    assert!(!png.exists());
     let svg = tmp.path().join("restore.svg");
     let out = snapfork(&store)
         .args(["bench", "restore", "vm", "--working-set", "0.1", "--forks", "2", "--plot"])
