@@ -82,6 +82,9 @@ pub struct ServerSummary {
     pub reason: String,
 }
 
+/// Handshakes in progress at once; more connections wait in the listen backlog.
+const MAX_HANDSHAKES: usize = 64;
+
 /// A listening page-fault server for one image.
 pub struct UffdServer {
     listener: UnixListener,
@@ -145,8 +148,16 @@ impl UffdServer {
             if self.stop.load(Ordering::Relaxed) {
                 break "stopped";
             }
-            // Accept everything queued.
+            // Accept everything queued, up to MAX_HANDSHAKES at once (a flood of peers that
+            // connect and say nothing waits in the listen backlog, not in threads); an accept
+            // that fails (EMFILE) backs off instead of spinning on a listener still readable.
+            let mut back_off = false;
             loop {
+                handshakes.retain(|h| !h.is_finished());
+                if handshakes.len() >= MAX_HANDSHAKES {
+                    back_off = true;
+                    break;
+                }
                 match self.listener.accept() {
                     Ok((stream, _)) => {
                         last_activity = Instant::now();
@@ -170,6 +181,7 @@ impl UffdServer {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         warn!("accept: {e}");
+                        back_off = true;
                         break;
                     }
                 }
@@ -216,9 +228,13 @@ impl UffdServer {
             }
             let mut pfd =
                 libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.listener), events: libc::POLLIN, revents: 0 };
-            // Wake for connections at once; otherwise every 20 ms to reap ended restores.
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 20) };
+            if back_off {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            } else {
+                // Wake for connections at once; otherwise every 20 ms to reap ended restores.
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 20) };
+            }
         };
         for h in &active {
             h.stop();

@@ -527,3 +527,34 @@ impl Drop for KillOnPanic {
         }
     }
 }
+
+/// A flood of peers that connect and say nothing: the server holds at most 64 handshakes (and
+/// threads for them) at once, the rest wait in the backlog, and a real VM among them is served.
+#[test]
+fn a_flood_of_silent_connections_is_bounded_and_a_vm_still_gets_served() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 256);
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let before = threads();
+    let srv = TestServer::start(
+        dir.path().join("uffd.sock"),
+        raw_source(&image),
+        ServerOptions { handshake_timeout: Duration::from_millis(1500), ..Default::default() },
+    );
+    let silent: Vec<UnixStream> = (0..150).map(|_| UnixStream::connect(&srv.socket).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let during = threads();
+    assert!(during <= before + 64 + 8, "{during} threads for 150 silent peers ({before} before)");
+    let good = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 1 << 20, "offset": 0}],
+    }));
+    let (status, res) = wait_child(good);
+    assert!(status.success(), "{status:?} {res:?}");
+    drop(silent);
+    srv.stop();
+}
