@@ -3,6 +3,14 @@
 //! matches is not read again (ctime changes on every write, chmod, chown and xattr change, and
 //! cannot be set by users, so a match means nothing changed).
 //!
+//! A match proves nothing for a file changed in the same clock tick as it was read: the
+//! kernel stamps inodes with a coarse clock (a jiffy; a whole second on filesystems without
+//! sub-second times), so a second write in that tick leaves ctime as it was (git's "racily
+//! clean" problem). So before reading, a checkpoint lets the clock pass the newest ctime it
+//! saw (a jiffy at most, where that is all the tick is) and caches an entry whose ctime is
+//! still not older than the clock when reading began as [smudged](CacheEntry::smudge) (read
+//! again next time); a restore lets the clock pass the newest ctime it recorded, or smudges.
+//!
 //! The cache is split by directory: one record per directory holds that directory's entries,
 //! sorted by name. A checkpoint rewrites only the records of directories in which something
 //! changed, so after 10 edits it writes a few kilobytes instead of the whole cache (1.3 MB for
@@ -52,6 +60,17 @@ impl CacheEntry {
         }
     }
 
+    /// Marks the entry as not to be trusted: the next checkpoint reads it again.
+    pub fn smudge(&mut self) {
+        self.ctime = Time::default();
+    }
+
+    /// Whether a write after `start` (the coarse clock, taken before this entry was read)
+    /// could leave the entry's ctime as cached.
+    pub fn is_racy(&self, start: Time) -> bool {
+        self.ctime >= tick_of(self.ctime, start)
+    }
+
     /// Whether `meta` shows the entry unchanged since it was cached.
     pub fn matches(&self, meta: &Meta) -> bool {
         self.size == meta.size
@@ -59,6 +78,37 @@ impl CacheEntry {
             && self.ctime == meta.ctime
             && self.ino == meta.ino
             && self.dev == meta.dev
+    }
+}
+
+/// The start of the clock tick holding `t`, at the timestamp granularity `ctime` suggests: a
+/// ctime with no nanoseconds comes from a filesystem that keeps whole seconds (or, rarely,
+/// fell on one; then the entry is only read once more than needed).
+fn tick_of(ctime: Time, t: Time) -> Time {
+    if ctime.nsec == 0 { Time { sec: t.sec, nsec: 0 } } else { t }
+}
+
+/// How long a checkpoint or restore waits for the clock tick to end rather than leave entries
+/// smudged: longer than a jiffy (1 to 10 ms), far shorter than a whole second.
+pub const TICK_WAIT: std::time::Duration = std::time::Duration::from_millis(12);
+
+/// Waits until the coarse clock has passed `ctime`'s tick, so that any later change of the
+/// entry gives it a newer ctime. False, at once or after [`TICK_WAIT`], if that is further
+/// off (a whole-second tick, a clock set back): then the entries as new as the clock must be
+/// smudged.
+pub fn wait_past(ctime: Time) -> bool {
+    let deadline = std::time::Instant::now() + TICK_WAIT;
+    loop {
+        let now = crate::sys::coarse_now();
+        if tick_of(ctime, now) > ctime {
+            return true;
+        }
+        let whole_second_left = (ctime.sec as i128 + 1 - now.sec as i128) * 1_000_000_000 - now.nsec as i128;
+        if std::time::Instant::now() > deadline || (ctime.nsec == 0 && whole_second_left > TICK_WAIT.as_nanos() as i128)
+        {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
     }
 }
 
@@ -198,6 +248,22 @@ impl StatCache {
     pub fn insert(&mut self, rel: &[u8], e: CacheEntry) {
         let (dir, name) = split_rel(rel);
         self.dirs.entry(dir.to_vec()).or_default().entries.push((name.to_vec(), e));
+    }
+
+    /// Returns once a change of any entry from now on would change its ctime: waits for the
+    /// clock to pass the newest ctime (a jiffy at most where the filesystem keeps nanoseconds)
+    /// or, where that is further off, smudges the entries it has not passed.
+    pub fn settle(&mut self) {
+        let newest = self.dirs.values().flat_map(|d| d.entries.iter().map(|(_, e)| e.ctime)).max();
+        if newest.is_none_or(wait_past) {
+            return;
+        }
+        let now = crate::sys::coarse_now();
+        for (_, e) in self.dirs.values_mut().flat_map(|d| d.entries.iter_mut()) {
+            if e.is_racy(now) {
+                e.smudge();
+            }
+        }
     }
 
     /// Sorts every directory's entries by name (the last insert of a name wins).

@@ -195,7 +195,7 @@ pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 }
 
 /// A timestamp with nanoseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize)]
 pub struct Time {
     /// Seconds since the epoch.
     pub sec: i64,
@@ -207,6 +207,15 @@ impl Time {
     fn ts(self) -> libc::timespec {
         libc::timespec { tv_sec: self.sec as libc::time_t, tv_nsec: self.nsec as libc::c_long }
     }
+}
+
+/// The coarse wall clock the kernel stamps inode times with (`CLOCK_REALTIME_COARSE`): a
+/// file changed from now on gets a ctime no earlier than this.
+pub fn coarse_now() -> Time {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a pointer to a live timespec; cannot fail for this clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    Time { sec: ts.tv_sec, nsec: ts.tv_nsec as u32 }
 }
 
 /// `futimens(fd, [atime, mtime])`.

@@ -213,7 +213,13 @@ pub fn scan_excluding(root: &Path, exclude: Option<(u64, u64)>) -> Result<Scan> 
             .par_iter()
             .map(|&i| {
                 let path = || root.join(&dirs[i].rel);
-                let fd = fds.get(i).map_err(|e| Error::io("open", path(), e))?;
+                let fd = match fds.get(i) {
+                    Ok(fd) => fd,
+                    // Only an empty directory can be removed: one gone since its parent was
+                    // listed was empty at that moment, and is recorded so.
+                    Err(e) if i != 0 && e.raw_os_error() == Some(libc::ENOENT) => return Ok((None, Vec::new())),
+                    Err(e) => return Err(Error::io("open", path(), e)),
+                };
                 let found = list_dir(root, &dirs[i], fd.fd(), exclude)?;
                 Ok((
                     match fd {
@@ -257,9 +263,15 @@ struct Found {
 }
 
 /// Lists one directory, sorted by name bytes, with every entry stat'ed (not followed).
-/// Entries that vanish meanwhile are simply not part of the tree.
+/// Entries that vanish meanwhile are simply not part of the tree; a directory removed
+/// meanwhile lists as empty.
 fn list_dir(root: &Path, dir: &Dir, fd: BorrowedFd<'_>, exclude: Option<(u64, u64)>) -> Result<Vec<Found>> {
-    let mut names = sys::read_dir(fd).ctx("read directory", root.join(&dir.rel))?;
+    let mut names = match sys::read_dir(fd) {
+        Ok(names) => names,
+        // Removed while listed (the kernel refuses to list a dead directory): it was empty.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read directory", root.join(&dir.rel), e)),
+    };
     // Sorted by name bytes: deterministic manifests and walk order.
     names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut out = Vec::with_capacity(names.len());

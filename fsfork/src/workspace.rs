@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::hash::{self, Previous};
 use crate::manifest::{self, CheckpointInfo, KIND_CHECKPOINT, ManifestEntry};
 use crate::repo::{Id, NodeData, Repo, RepoTx};
-use crate::statcache::{CacheEntry, DirCache, StatCache};
+use crate::statcache::{self, CacheEntry, DirCache, StatCache};
 use crate::sys::{self, XattrTarget};
 use crate::walk::{self, Kind, Meta};
 
@@ -671,97 +671,97 @@ pub fn checkpoint_then(
         })
         .collect();
     let work: Vec<usize> = (0..nent).filter(|&i| !reused[scan.entries[i].dir]).collect();
-    let looked: Vec<(usize, Result<Seen>)> = work
-        .par_iter()
-        .map(|&i| -> (usize, Result<Seen>) {
-            let r = (|| -> Result<Seen> {
-                let e = &scan.entries[i];
-                if secondary[i].is_some() {
-                    return Ok(Seen { meta: e.meta, ..Seen::default() });
+    // A file changed in the tick it is read in could change again unseen: let the tick of the
+    // newest change pass (usually it has), and cache what changed since smudged (see `statcache`).
+    if let Some(newest) = work.iter().map(|&i| scan.entries[i].meta.ctime).max() {
+        statcache::wait_past(newest);
+    }
+    let read_from = sys::coarse_now();
+    // Reads entry `i`; the further names of a hard link take their content from the first.
+    let look = |i: usize, further_name: bool| -> Result<Seen> {
+        let r = (|| -> Result<Seen> {
+            let e = &scan.entries[i];
+            if further_name {
+                return Ok(Seen { meta: e.meta, ..Seen::default() });
+            }
+            let cached = cached[i];
+            // A cache hit names a file object; gc may have removed it since (every
+            // checkpoint that used it deleted): then the file is read again like a changed one.
+            let mut hit = cached.filter(|ce| ce.matches(&e.meta));
+            if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
+                && !repo.has_file_object(&id)?
+            {
+                hit = None;
+            }
+            let err_path = || ws.join(scan.rel_path(e));
+            // Only opened when needed (a reopen if the walk could not keep it open).
+            let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
+            let mut s = Seen { meta: e.meta, hit: hit.is_some(), ..Seen::default() };
+            s.xattrs = match (hit, e.subdir) {
+                (Some(h), _) => h.xattrs.clone(),
+                (None, Some(d)) => {
+                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
+                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", err_path(), x))?
                 }
-                let cached = cached[i];
-                // A cache hit names a file object; gc may have removed it since (every
-                // checkpoint that used it deleted): then the file is read again like a changed one.
-                let mut hit = cached.filter(|ce| ce.matches(&e.meta));
-                if let Some(id) = hit.and_then(|ce| ce.id).filter(|_| e.subdir.is_none())
-                    && !repo.has_file_object(&id)?
-                {
-                    hit = None;
+                (None, None) => {
+                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", err_path(), x))?
                 }
-                let err_path = || ws.join(scan.rel_path(e));
-                // Only opened when needed (a reopen if the walk could not keep it open).
-                let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
-                let mut s = Seen { meta: e.meta, hit: hit.is_some(), ..Seen::default() };
-                s.xattrs = match (hit, e.subdir) {
-                    (Some(h), _) => h.xattrs.clone(),
-                    (None, Some(d)) => {
-                        let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
-                        sys::read_xattrs(XattrTarget::Fd(f.fd()))
-                            .map_err(|x| Error::io("read xattrs", err_path(), x))?
-                    }
-                    (None, None) => walk::entry_xattrs(sdir()?.fd(), &e.name)
-                        .map_err(|x| Error::io("read xattrs", err_path(), x))?,
-                };
-                match e.meta.kind() {
-                    Kind::File => {
-                        if let Some(h) = hit.filter(|h| h.id.is_some()) {
-                            s.id = h.id;
-                        } else if e.meta.size == 0 {
-                            s.id = None;
-                        } else {
-                            let sfd = sys::openat(
-                                sdir()?.fd(),
-                                &e.name,
-                                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-                                0,
-                            )
-                            .map_err(|x| Error::io("open", err_path(), x))?;
-                            let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
-                            let m = Meta::from_stat(&st);
-                            if m.kind() != Kind::File {
-                                return Err(Error::InvalidPath {
-                                    path: err_path(),
-                                    reason: "changed type during the checkpoint".into(),
-                                });
-                            }
-                            let (staged, id, cvs, hashed, size) = stage_and_hash(
-                                repo,
-                                (&staging, staging_fd.as_fd()),
-                                &sfd,
-                                m.size,
-                                cached.and_then(|c| c.id),
-                                &c,
-                            )?;
-                            s.id = Some(id);
-                            s.staged = Some(staged);
-                            s.cvs = cvs;
-                            s.hashed = Some(hashed);
-                            // Record the size that was actually captured.
-                            s.meta.size = size;
-                        }
-                    }
-                    Kind::Symlink => {
-                        s.target = sys::readlinkat(sdir()?.fd(), &e.name)
-                            .map_err(|x| Error::io("readlink", err_path(), x))?
-                            .into_encoded_bytes();
-                    }
-                    _ => {}
-                }
-                Ok(s)
-            })();
-            let r = match r {
-                // A live workspace loses files all the time (temporary files, builds): an entry
-                // that disappears between the walk and its read is simply not in the checkpoint.
-                Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
-                    if source.raw_os_error() == Some(libc::ENOENT) =>
-                {
-                    Ok(Seen { vanished: true, ..Seen::default() })
-                }
-                r => r,
             };
-            (i, r)
-        })
-        .collect();
+            match e.meta.kind() {
+                Kind::File => {
+                    if let Some(h) = hit.filter(|h| h.id.is_some()) {
+                        s.id = h.id;
+                    } else if e.meta.size == 0 {
+                        s.id = None;
+                    } else {
+                        let sfd =
+                            sys::openat(sdir()?.fd(), &e.name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+                                .map_err(|x| Error::io("open", err_path(), x))?;
+                        let st = sys::fstat(sfd.as_fd()).map_err(|x| Error::io("stat", err_path(), x))?;
+                        let m = Meta::from_stat(&st);
+                        if m.kind() != Kind::File {
+                            return Err(Error::InvalidPath {
+                                path: err_path(),
+                                reason: "changed type during the checkpoint".into(),
+                            });
+                        }
+                        let (staged, id, cvs, hashed, size) = stage_and_hash(
+                            repo,
+                            (&staging, staging_fd.as_fd()),
+                            &sfd,
+                            m.size,
+                            cached.and_then(|c| c.id),
+                            &c,
+                        )?;
+                        s.id = Some(id);
+                        s.staged = Some(staged);
+                        s.cvs = cvs;
+                        s.hashed = Some(hashed);
+                        // Record the size that was actually captured.
+                        s.meta.size = size;
+                    }
+                }
+                Kind::Symlink => {
+                    s.target = sys::readlinkat(sdir()?.fd(), &e.name)
+                        .map_err(|x| Error::io("readlink", err_path(), x))?
+                        .into_encoded_bytes();
+                }
+                _ => {}
+            }
+            Ok(s)
+        })();
+        match r {
+            // A live workspace loses files all the time (temporary files, builds): an entry
+            // that disappears between the walk and its read is simply not in the checkpoint.
+            Err(Error::Io { op: "open" | "readlink" | "read xattrs", ref source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(Seen { vanished: true, ..Seen::default() })
+            }
+            r => r,
+        }
+    };
+    let looked: Vec<(usize, Result<Seen>)> = work.par_iter().map(|&i| (i, look(i, secondary[i].is_some()))).collect();
     // Collect, cleaning every staged file if anything failed.
     let mut failure = None;
     for (i, s) in looked {
@@ -769,6 +769,35 @@ pub fn checkpoint_then(
             Ok(s) => seen[i] = s,
             Err(e) => {
                 failure.get_or_insert(e);
+            }
+        }
+    }
+    // A hard link whose first name vanished (renamed away, replaced) is read through its next
+    // name that is still there; the rest of its names link to that one.
+    while failure.is_none() {
+        let mut next_first: HashMap<usize, usize> = HashMap::new();
+        for (i, p) in secondary.iter().enumerate() {
+            if let Some(p) = *p
+                && seen[p].vanished
+            {
+                next_first.entry(p).or_insert(i);
+            }
+        }
+        if next_first.is_empty() {
+            break;
+        }
+        for &i in next_first.values() {
+            secondary[i] = None;
+            match look(i, false) {
+                Ok(s) => seen[i] = s,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        for p in secondary.iter_mut().flatten() {
+            if let Some(&n) = next_first.get(p) {
+                *p = n;
             }
         }
     }
@@ -928,8 +957,11 @@ pub fn checkpoint_then(
                     Some(sd) => dir_ids[sd],
                     None => s.id,
                 };
-                rec.entries
-                    .push((scan.entries[i].name.to_bytes().to_vec(), CacheEntry::new(&s.meta, id, s.xattrs.clone())));
+                let mut ce = CacheEntry::new(&s.meta, id, s.xattrs.clone());
+                if ce.is_racy(read_from) {
+                    ce.smudge();
+                }
+                rec.entries.push((scan.entries[i].name.to_bytes().to_vec(), ce));
             }
             if &rec == dcache[d] {
                 continue;
@@ -1282,6 +1314,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             }
         }
         cache.finish();
+        cache.settle();
         Ok(RestoreReport {
             checkpoint: *ckpt,
             path: dst.to_path_buf(),

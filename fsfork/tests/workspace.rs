@@ -501,10 +501,16 @@ fn checkpoint_while_files_come_and_go() {
                     std::fs::write(&tmp, format!("content {i}")).unwrap();
                     std::fs::rename(&tmp, dir.join(format!("t{i}"))).unwrap();
                     let _ = std::os::unix::fs::symlink("x", dir.join(format!("l{i}")));
+                    // A directory that may be gone by the time the walk descends into it.
+                    let sub = dir.join(format!("d{i}"));
+                    std::fs::create_dir(&sub).unwrap();
+                    std::fs::write(&tmp, format!("inner {i}")).unwrap();
+                    std::fs::rename(&tmp, sub.join("f")).unwrap();
                 }
                 for i in 0..50 {
                     let _ = std::fs::remove_file(dir.join(format!("t{i}")));
                     let _ = std::fs::remove_file(dir.join(format!("l{i}")));
+                    std::fs::remove_dir_all(dir.join(format!("d{i}"))).unwrap();
                 }
                 n += 1;
             }
@@ -527,6 +533,49 @@ fn checkpoint_while_files_come_and_go() {
             if let Some(i) = name.strip_prefix('t') {
                 assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("content {i}"));
             }
+            // A directory caught while it was being removed is restored empty (as rmdir saw it).
+            if let Some(i) = name.strip_prefix('d') {
+                for f in std::fs::read_dir(&p).unwrap() {
+                    assert_eq!(std::fs::read_to_string(f.unwrap().path()).unwrap(), format!("inner {i}"));
+                }
+            }
+        }
+    }
+}
+
+/// A hard link whose first name (in walk order) is removed during the checkpoint is still
+/// recorded through its other name.
+#[test]
+fn a_hard_link_losing_its_first_name_keeps_the_other() {
+    let Some(env) = Env::new(FsType::Xfs, "a_hard_link_losing_its_first_name_keeps_the_other", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("z"), b"linked").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (stop, ws) = (stop.clone(), ws.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::fs::hard_link(ws.join("z"), ws.join("a")).unwrap();
+                std::fs::remove_file(ws.join("a")).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let ids: Vec<_> =
+        (0..30).map(|_| workspace::checkpoint(&env.store, &ws, None).expect("checkpoint during churn").id).collect();
+    stop.store(true, Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+    for (k, id) in ids.iter().enumerate() {
+        let dst = env.p(&format!("r{k}"));
+        workspace::restore(&env.store, id, &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("z")).unwrap(), b"linked", "checkpoint {k} lost z");
+        if let Ok(a) = std::fs::symlink_metadata(dst.join("a")) {
+            assert_eq!(a.ino(), std::fs::symlink_metadata(dst.join("z")).unwrap().ino());
         }
     }
 }
@@ -726,4 +775,56 @@ fn hard_links_in_two_subvolumes_with_equal_inode_numbers_stay_apart() {
         assert_eq!(std::fs::read_to_string(&g).unwrap(), format!("content of {sub}\n"));
     }
     assert_ne!(ino(dst.join("a/f")), ino(dst.join("b/f")), "the two pairs stay apart");
+}
+
+/// Sleeps until just after the wall clock's next whole second.
+fn align_to_second() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    std::thread::sleep(std::time::Duration::from_nanos(1_000_000_000 - now.subsec_nanos() as u64 + 5_000_000));
+}
+
+fn ctime(p: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.ctime(), m.ctime_nsec())
+}
+
+/// A file rewritten (same size) in the second it was checkpointed keeps its ctime on a
+/// filesystem with whole-second timestamps: the stat cache must not vouch for it, or the next
+/// checkpoint silently keeps the old content. Likewise for a file written right after a restore.
+#[test]
+fn a_file_rewritten_in_the_tick_it_was_read_is_read_again() {
+    let Some(env) = Env::new(FsType::Ext4Seconds, "a_file_rewritten_in_the_tick_it_was_read_is_read_again", 256) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("other"), b"unchanged").unwrap();
+    let f = ws.join("f");
+    let mut raced = false;
+    for attempt in 0..5 {
+        align_to_second();
+        std::fs::write(&f, format!("old {attempt}")).unwrap();
+        let before = ctime(&f);
+        let first = workspace::checkpoint(&env.store, &ws, None).unwrap();
+        std::fs::write(&f, format!("new {attempt}")).unwrap();
+        // The race needs both writes in one second; on a slow run, try again.
+        if ctime(&f) != before {
+            continue;
+        }
+        raced = true;
+        let second = workspace::checkpoint(&env.store, &ws, None).unwrap();
+        let out = env.p(&format!("r{attempt}"));
+        workspace::restore(&env.store, &second.id, &out).unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), format!("new {attempt}"));
+        assert_eq!(std::fs::read_to_string(out.join("other")).unwrap(), "unchanged");
+        assert_ne!(first.id, second.id);
+        // A write right after the restore returns, same size: the fork's next checkpoint sees it.
+        std::fs::write(out.join("f"), format!("mod {attempt}")).unwrap();
+        let third = workspace::checkpoint(&env.store, &out, None).unwrap();
+        let again = env.p(&format!("again{attempt}"));
+        workspace::restore(&env.store, &third.id, &again).unwrap();
+        assert_eq!(std::fs::read_to_string(again.join("f")).unwrap(), format!("mod {attempt}"));
+        break;
+    }
+    assert!(raced, "five tries never wrote twice within one second");
 }
