@@ -109,9 +109,9 @@ pub fn to_request(cmd: &EngineCmd) -> anyhow::Result<(&'static str, String, Valu
             S::Log { name: Some(n) } => ("GET", format!("/v1/log?sandbox={}", enc(n)), Value::Null),
             S::Log { name: None } => ("GET", "/v1/log".into(), Value::Null),
             S::Show { snap } => ("GET", format!("/v1/snapshots/{}", enc(snap)), Value::Null),
-            S::Tag { snap, tag: _, delete: true } => ("DELETE", format!("/v1/tags/{}", enc(snap)), Value::Null),
-            S::Tag { snap, tag: Some(t), delete: false } => {
-                ("PUT", format!("/v1/tags/{}", enc(t)), json!({"snapshot": snap}))
+            S::Tag { snap, delete: true, .. } => ("DELETE", format!("/v1/tags/{}", enc(snap)), Value::Null),
+            S::Tag { snap, tag: Some(t), delete: false, force } => {
+                ("PUT", format!("/v1/tags/{}", enc(t)), json!({"snapshot": snap, "force": force}))
             }
             S::Tag { tag: None, .. } => bail!("give SNAP TAG"),
             S::Rm { names } => ("POST", "/v1/rm".into(), json!({"names": names})),
@@ -176,10 +176,13 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
         ("GET", ["v1", "snapshots", snap]) => sb(S::Show { snap: snap.to_string() }),
         ("GET", ["v1", "diff"]) => sb(S::Diff { a: qget("a")?, b: qget("b")? }),
         ("GET", ["v1", "log"]) => sb(S::Log { name: q.get("sandbox").cloned() }),
-        ("PUT", ["v1", "tags", tag]) => {
-            sb(S::Tag { snap: field(body, "snapshot")?, tag: Some(tag.to_string()), delete: false })
-        }
-        ("DELETE", ["v1", "tags", tag]) => sb(S::Tag { snap: tag.to_string(), tag: None, delete: true }),
+        ("PUT", ["v1", "tags", tag]) => sb(S::Tag {
+            snap: field(body, "snapshot")?,
+            tag: Some(tag.to_string()),
+            delete: false,
+            force: opt_field(body, "force")?,
+        }),
+        ("DELETE", ["v1", "tags", tag]) => sb(S::Tag { snap: tag.to_string(), tag: None, delete: true, force: false }),
         ("POST", ["v1", "export"]) => {
             Ok(EngineCmd::Export { snap: field(body, "snapshot")?, out: field(body, "output")? })
         }

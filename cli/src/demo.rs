@@ -93,7 +93,8 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         .await?;
     timings.push(("checkpoint".into(), ck.timings.total_ms));
     let at_ck = *lines(&log).iter().filter(|&&x| x > 0).max().unwrap_or(&0);
-    engine.tag(&ck.id, &format!("{name}-safe")).await?;
+    // Forced: a demo run again marks its own new safe point.
+    engine.tag(&ck.id, &format!("{name}-safe"), true).await?;
     say(format!(
         "2. checkpoint {} \"before risky action\" in {:.0} ms (memory image + workspace of one instant); {} bytes stored; tagged {name}-safe",
         &ck.id[..12],

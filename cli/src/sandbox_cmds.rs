@@ -235,6 +235,9 @@ pub enum SandboxCmd {
         /// Remove tag SNAP instead.
         #[arg(long)]
         delete: bool,
+        /// Move the tag if it names another snapshot.
+        #[arg(long, short)]
+        force: bool,
     },
     /// Remove a sandbox (its snapshots stay while other refs reach them).
     Rm {
@@ -493,13 +496,13 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
             let text = serde_json::to_string_pretty(&v)?;
             Report::new(v, text)
         }
-        SandboxCmd::Tag { snap, tag, delete } => {
+        SandboxCmd::Tag { snap, tag, delete, force } => {
             if delete {
                 engine.untag(&snap).await?;
                 Report::new(json!({"id": snap, "deleted": true}), format!("removed tag {snap}"))
             } else {
                 let tag = tag.context("give SNAP TAG")?;
-                let id = engine.tag(&snap, &tag).await?;
+                let id = engine.tag(&snap, &tag, force).await?;
                 Report::new(json!({"id": tag, "snapshot": id}), format!("tag {tag} -> {}", &id[..12]))
             }
         }

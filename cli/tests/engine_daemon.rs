@@ -149,6 +149,14 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
     // Restore one of the snapshots through the restarted daemon.
     let r = json(&snapfork(&store).args(["sandbox", "restore", &ids[3], "--as", "again"]).output().unwrap());
     assert_eq!(r["id"], "again");
+    // Tags through the daemon: set, refused to move without --force, moved with it.
+    let t = json(&snapfork(&store).args(["sandbox", "tag", &ids[0], "good"]).output().unwrap());
+    assert_eq!((t["id"].as_str(), t["snapshot"].as_str()), (Some("good"), Some(ids[0].as_str())));
+    let moved = snapfork(&store).args(["sandbox", "tag", &ids[1], "good"]).output().unwrap();
+    assert!(!moved.status.success(), "a tag moved without --force");
+    assert!(String::from_utf8_lossy(&moved.stderr).contains("--force"), "{moved:?}");
+    let t = json(&snapfork(&store).args(["sandbox", "tag", &ids[1], "good", "--force"]).output().unwrap());
+    assert_eq!(t["snapshot"].as_str(), Some(ids[1].as_str()));
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
 }

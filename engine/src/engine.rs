@@ -499,13 +499,22 @@ impl Engine {
         self.blocking(move |_| inner.adopt_vms()).await
     }
 
-    /// Names snapshot `snap` with tag `tag`.
-    pub async fn tag(&self, snap: &str, tag: &str) -> Result<String> {
+    /// Names snapshot `snap` with tag `tag`. A tag that names another snapshot is moved only
+    /// with `force` (an agent's "known good" tag must not move by accident); else `Exists`.
+    pub async fn tag(&self, snap: &str, tag: &str, force: bool) -> Result<String> {
         check_name(tag)?;
         let snap = snap.to_string();
         let tag = tag.to_string();
+        let guards = self.lock(&[tag_ref(&tag)]).await;
         self.blocking(move |i| {
+            let _guards = guards;
             let s = i.load_snapshot(i.resolve(&snap)?)?;
+            if let Some(old) = i.store.get_ref(&tag_ref(&tag))?
+                && old != s.id
+                && !force
+            {
+                return Err(Error::Exists(format!("tag {tag} (on snapshot {}; move it with --force)", old.to_hex())));
+            }
             let mut tx = i.store.begin()?;
             tx.set_ref(&tag_ref(&tag), s.id)?;
             tx.commit()?;

@@ -84,7 +84,15 @@ async fn raw_checkpoint_diff_restore_revert() {
     assert!(log.tree.contains(&a.id[..12]) && log.tree.contains(&b.id[..12]));
 
     // rm drops the refs of the sandbox; the tag keeps A.
-    engine.tag(&a.id, "keep").await.unwrap();
+    engine.tag(&a.id, "keep", false).await.unwrap();
+    // A tag moves only when told to; naming the same snapshot again is fine.
+    engine.tag(&a.id, "keep", false).await.unwrap();
+    match engine.tag(&b.id, "keep", false).await {
+        Err(snapfork_engine::Error::Exists(what)) => assert!(what.contains(&a.id), "{what}"),
+        other => panic!("moving a tag without force gave {other:?}"),
+    }
+    assert_eq!(engine.tag(&b.id, "keep", true).await.unwrap(), b.id);
+    assert_eq!(engine.tag(&a.id, "keep", true).await.unwrap(), a.id);
     engine.rm("vm").await.unwrap();
     engine.rm("vm2").await.unwrap();
     let log = engine.log(None).await.unwrap();

@@ -574,8 +574,10 @@ fn a_hard_link_losing_its_first_name_keeps_the_other() {
         let dst = env.p(&format!("r{k}"));
         workspace::restore(&env.store, id, &dst).unwrap();
         assert_eq!(std::fs::read(dst.join("z")).unwrap(), b"linked", "checkpoint {k} lost z");
-        if let Ok(a) = std::fs::symlink_metadata(dst.join("a")) {
-            assert_eq!(a.ino(), std::fs::symlink_metadata(dst.join("z")).unwrap().ino());
+        // A walk of a live tree is not atomic: `a` may have been stat'ed as a link and `z`
+        // after `a` went (so one name each), but whatever is there holds the content.
+        if dst.join("a").exists() {
+            assert_eq!(std::fs::read(dst.join("a")).unwrap(), b"linked");
         }
     }
 }
