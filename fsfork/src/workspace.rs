@@ -520,6 +520,19 @@ pub fn checkpoint(repo: &dyn Repo, dir: &Path, message: Option<&str>) -> Result<
     checkpoint_then(repo, dir, message, &mut || {})
 }
 
+/// Reads the extended attributes of a walked entry without following it: a directory through
+/// its own descriptor, anything else through its parent's.
+fn xattrs_of(scan: &walk::Scan, e: &walk::Entry, path: &dyn Fn() -> PathBuf) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let read = match e.subdir {
+        Some(d) => {
+            let f = scan.dir_fd(d).map_err(|x| Error::io("open", path(), x))?;
+            sys::read_xattrs(XattrTarget::Fd(f.fd()))
+        }
+        None => walk::entry_xattrs(scan.dir_fd(e.dir).map_err(|x| Error::io("open", path(), x))?.fd(), &e.name),
+    };
+    read.map_err(|x| Error::io("read xattrs", path(), x))
+}
+
 /// [`checkpoint`], calling `captured` once the tree's state is taken (every file's content
 /// staged or known, nothing more read from `dir`) and before the store commit: from then on
 /// the workspace may change again (a sandbox may resume) while the commit waits for the disk.
@@ -697,15 +710,9 @@ pub fn checkpoint_then(
             // Only opened when needed (a reopen if the walk could not keep it open).
             let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", err_path(), x));
             let mut s = Seen { meta: e.meta, hit: hit.is_some(), ..Seen::default() };
-            s.xattrs = match (hit, e.subdir) {
-                (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => {
-                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", err_path(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
-                (None, None) => {
-                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", err_path(), x))?
-                }
+            s.xattrs = match hit {
+                Some(h) => h.xattrs.clone(),
+                None => xattrs_of(&scan, e, &err_path)?,
             };
             match e.meta.kind() {
                 Kind::File => {
@@ -1519,15 +1526,9 @@ fn flatten_dir(repo: &dyn Repo, dir: &Path) -> Result<BTreeMap<Vec<u8>, Flat>> {
             let p = || ws.join(scan.rel_path(e));
             let sdir = || scan.dir_fd(e.dir).map_err(|x| Error::io("open", p(), x));
             let kind = e.meta.kind();
-            let xattrs = match (hit, e.subdir) {
-                (Some(h), _) => h.xattrs.clone(),
-                (None, Some(d)) => {
-                    let f = scan.dir_fd(d).map_err(|x| Error::io("open", p(), x))?;
-                    sys::read_xattrs(XattrTarget::Fd(f.fd())).map_err(|x| Error::io("read xattrs", p(), x))?
-                }
-                (None, None) => {
-                    walk::entry_xattrs(sdir()?.fd(), &e.name).map_err(|x| Error::io("read xattrs", p(), x))?
-                }
+            let xattrs = match hit {
+                Some(h) => h.xattrs.clone(),
+                None => xattrs_of(&scan, e, &p)?,
             };
             let id = if kind == Kind::File && e.meta.size > 0 {
                 match hit.and_then(|h| h.id) {
