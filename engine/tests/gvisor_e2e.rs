@@ -341,3 +341,61 @@ async fn gvisor_runtime_killed_during_checkpoint_leaves_no_snapshot() {
     assert!(back.len() >= 3);
     cleanup(&engine).await;
 }
+
+/// Operations on different sandboxes run in parallel; two on one sandbox run in turn. While the
+/// checkpoint of `stuck` hangs in its runtime (its sandbox process stopped with SIGSTOP), a
+/// checkpoint of `free` completes, and a `stop` of `stuck` waits for the checkpoint before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_a_stuck_sandbox_holds_up_only_its_own_operations() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    if !require("gvisor_a_stuck_sandbox_holds_up_only_its_own_operations", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    for name in ["stuck", "free"] {
+        let log = engine.run(counter_spec(name, &rootfs)).await.unwrap().workspace.unwrap().join("counter.log");
+        wait_lines(&log, 3).await;
+    }
+    let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "stuck").unwrap().runtime_id.unwrap();
+    let pid = Pid::from_raw(engine.runsc().state(&rid).unwrap().unwrap().pid as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Whatever happens below, the sandbox process must not stay stopped.
+    struct Cont(Pid);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let cont = Cont(pid);
+
+    let e = engine.clone();
+    let stuck_ck = tokio::spawn(async move {
+        e.checkpoint("stuck", CheckpointOptions { leave_running: true, ..Default::default() }).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stuck_ck.is_finished(), "runsc checkpoint of a stopped sandbox returned: {:?}", stuck_ck.await);
+    let e = engine.clone();
+    let stuck_stop = tokio::spawn(async move { e.stop("stuck").await });
+
+    let free = tokio::time::timeout(
+        Duration::from_secs(60),
+        engine.checkpoint("free", CheckpointOptions { leave_running: true, ..Default::default() }),
+    )
+    .await
+    .expect("a checkpoint of another sandbox waited for the stuck one")
+    .unwrap();
+    assert_eq!(free.status, Status::Running);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stuck_ck.is_finished(), "the stuck checkpoint returned before its sandbox went on");
+    assert!(!stuck_stop.is_finished(), "stop ran beside a checkpoint of the same sandbox: {:?}", stuck_stop.await);
+
+    drop(cont);
+    let ck = stuck_ck.await.unwrap().unwrap();
+    let stopped = stuck_stop.await.unwrap().unwrap();
+    assert_eq!(stopped.status, Status::Stopped);
+    assert_eq!(stopped.head.as_deref(), Some(ck.id.as_str()), "the stop came after the checkpoint");
+    cleanup(&engine).await;
+}
