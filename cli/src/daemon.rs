@@ -329,6 +329,9 @@ async fn respond(conn: &mut tokio::net::UnixStream, status: u16, body: &Value) {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        409 => "Conflict",
+        503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "Internal Server Error",
     };
     let b = body.to_string();
@@ -415,15 +418,38 @@ async fn serve_request(
     tracing::info!(method = %req.method, target = %req.target, "request");
     match execute(cmd, &global, &engine).await {
         Ok(r) => respond(conn, 200, &json!({"result": r.json, "text": r.text})).await,
-        Err(e) => {
-            let status = match e.downcast_ref::<snapfork_engine::Error>() {
-                Some(snapfork_engine::Error::NotFound(_)) => 404,
-                Some(snapfork_engine::Error::Invalid(_)) | Some(snapfork_engine::Error::Exists(_)) => 400,
+        Err(e) => respond(conn, status_of(&e), &json!({"error": format!("{e:#}")})).await,
+    }
+}
+
+/// The HTTP status of a failed operation: what the client can act on. Its own mistakes are 4xx
+/// (400 invalid, 404 missing, 409 taken), a full disk 507, a store held by another process 503
+/// (retry later), anything else (a runtime or an I/O failure, corruption) 500.
+fn status_of(e: &anyhow::Error) -> u16 {
+    use snapfork_engine::Error as E;
+    use snapfork_store::Error as S;
+    let store = |s: &S| match s {
+        S::NotFound(_) => 404,
+        S::InvalidInput(_) => 400,
+        S::Full { .. } => 507,
+        S::Locked { .. } => 503,
+        _ => 500,
+    };
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<E>() {
+            return match e {
+                E::NotFound(_) => 404,
+                E::Exists(_) => 409,
+                E::Invalid(_) => 400,
+                E::Store(s) | E::Workspace(snapfork_fsfork::Error::Store(s)) => store(s),
                 _ => 500,
             };
-            respond(conn, status, &json!({"error": format!("{e:#}")})).await
+        }
+        if let Some(s) = cause.downcast_ref::<S>() {
+            return store(s);
         }
     }
+    500
 }
 
 fn prepare_socket(path: &Path) -> anyhow::Result<()> {

@@ -15,6 +15,19 @@ fn snapfork(store: &Path) -> Command {
     c
 }
 
+/// One raw HTTP request to the daemon, as curl would send it: its status and JSON body.
+fn request(store: &Path, method: &str, target: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(store.join("engine/run/daemon.sock")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(c, "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
 struct Daemon {
     child: std::process::Child,
     store: PathBuf,
@@ -152,6 +165,19 @@ fn daemon_ten_parallel_checkpoints_from_ten_clients() {
     // Tags through the daemon: set, refused to move without --force, moved with it.
     let t = json(&snapfork(&store).args(["sandbox", "tag", &ids[0], "good"]).output().unwrap());
     assert_eq!((t["id"].as_str(), t["snapshot"].as_str()), (Some("good"), Some(ids[0].as_str())));
+    // What an HTTP client acts on: the status says whose fault and what kind.
+    let (status, v) = request(&store, "PUT", "/v1/tags/good", &format!(r#"{{"snapshot":"{}"}}"#, ids[1]));
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("--force"), "{v}");
+    let (status, v) = request(&store, "GET", "/v1/snapshots/0123456789abcdef", "");
+    assert_eq!(status, 404, "{v}");
+    let (status, v) =
+        request(&store, "POST", "/v1/sandboxes", r#"{"name":"again","busybox":true,"cmd":["/bin/true"]}"#);
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = request(&store, "POST", "/v1/sandboxes", r#"{"name":"x","busybox":true,"colour":"red"}"#);
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = request(&store, "POST", "/v1/sandboxes/nobody/checkpoint", "");
+    assert_eq!(status, 404, "{v}");
     let moved = snapfork(&store).args(["sandbox", "tag", &ids[1], "good"]).output().unwrap();
     assert!(!moved.status.success(), "a tag moved without --force");
     assert!(String::from_utf8_lossy(&moved.stderr).contains("--force"), "{moved:?}");
