@@ -104,29 +104,45 @@ pub fn checkpoint(store: &Store, tx: &mut Txn, cfg: &RawConfig, prev: &[Part]) -
     Ok((parts, added))
 }
 
-fn write_part(store: &Store, part: &Part, dest: &Path) -> Result<()> {
+/// Writes `part` into a temporary file beside `dest` and syncs it; returns that file. Nothing at
+/// `dest` changes.
+fn stage_part(store: &Store, part: &Part, dest: &Path) -> Result<PathBuf> {
     let id: Hash = Snapshot::part_id(part)?;
     let tmp = dest.with_file_name(format!(".{}.restore", part.name));
     let r = (|| -> Result<()> {
         match part.kind {
             PartKind::Image => {
+                // materialize syncs the file itself.
                 store.open_image(&id)?.materialize(&tmp, None)?;
             }
+            PartKind::Workspace => return Err(Error::Invalid(format!("{} is a workspace, not a file", part.name))),
             PartKind::Blob => {
                 let mut f =
                     std::fs::File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
                 store.read_blob(&id, &mut w)?;
                 std::io::Write::flush(&mut w).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+                drop(w);
+                f.sync_all().map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
             }
-            PartKind::Workspace => return Ok(()),
         }
-        std::fs::rename(&tmp, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))
+        Ok(())
     })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match r {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    r
+}
+
+fn write_part(store: &Store, part: &Part, dest: &Path) -> Result<()> {
+    let tmp = stage_part(store, part, dest)?;
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(format!("rename to {}", dest.display()), e)
+    })
 }
 
 /// Writes every file part into `dir` and returns the config pointing at them.
@@ -153,15 +169,65 @@ pub fn materialize(store: &Store, parts: &[Part], dir: &Path) -> Result<RawConfi
     Ok(cfg)
 }
 
-/// Writes the snapshot's files back over the paths in `cfg` (each file atomically).
+/// Writes the snapshot's files back over the paths in `cfg`, all or none: every file is first
+/// written in full beside its path, then each is swapped in (RENAME_EXCHANGE, so the old content
+/// stays at hand until all are in). A failure at any point leaves every file as it was.
 pub fn revert(store: &Store, parts: &[Part], cfg: &RawConfig) -> Result<()> {
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
+    let remove_staged = |staged: &[(PathBuf, &Path)]| {
+        for (tmp, _) in staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    };
     for (role, path) in cfg.files() {
-        let name = part_name(path)?;
-        let part = parts
-            .iter()
-            .find(|p| p.role == role && p.name == name)
-            .ok_or_else(|| Error::Invalid(format!("snapshot has no {name}")))?;
-        write_part(store, part, path)?;
+        let r = part_name(path).and_then(|name| {
+            let part = parts
+                .iter()
+                .find(|p| p.role == role && p.name == name && p.kind != PartKind::Workspace)
+                .ok_or_else(|| Error::Invalid(format!("snapshot has no {name}")))?;
+            stage_part(store, part, path)
+        });
+        match r {
+            Ok(tmp) => staged.push((tmp, path)),
+            Err(e) => {
+                remove_staged(&staged);
+                return Err(e);
+            }
+        }
     }
+    // Swap each new file in; what was there moves to the staged name. `existed` says which
+    // paths had a file (a plain rename put the new one where nothing was).
+    let mut swapped: Vec<(&Path, &Path, bool)> = Vec::new();
+    for (tmp, dest) in &staged {
+        let r = match swap(tmp, dest) {
+            Err(e) if e == nix::errno::Errno::ENOENT && !dest.exists() => std::fs::rename(tmp, dest)
+                .map(|_| false)
+                .map_err(|e| Error::io(format!("rename to {}", dest.display()), e)),
+            r => r.map(|_| true).map_err(|e| Error::io(format!("swap {} into place", dest.display()), e.into())),
+        };
+        match r {
+            Ok(existed) => swapped.push((tmp, dest, existed)),
+            Err(e) => {
+                // Undo in reverse: the old files go back where they were.
+                for (tmp, dest, existed) in swapped.into_iter().rev() {
+                    let _ = if existed {
+                        swap(tmp, dest).map_err(std::io::Error::from)
+                    } else {
+                        std::fs::rename(dest, tmp)
+                    };
+                }
+                remove_staged(&staged);
+                return Err(e);
+            }
+        }
+    }
+    // All are in: the old contents (now under the staged names) go.
+    remove_staged(&staged);
     Ok(())
+}
+
+/// Atomically exchanges the files at `a` and `b` (renameat2 RENAME_EXCHANGE).
+fn swap(a: &Path, b: &Path) -> nix::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE)
 }

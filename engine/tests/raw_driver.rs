@@ -133,3 +133,60 @@ async fn concurrent_forks_with_one_prefix_take_different_names() {
         assert_eq!(std::fs::read_to_string(i.workspace.as_ref().unwrap().join("f")).unwrap(), "x");
     }
 }
+
+/// A revert that fails on its last file (the disk's directory is gone) changes nothing: the
+/// memory image written before it, the workspace and the sandbox's head are all as they were;
+/// once the directory is back, the same revert puts every file back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_revert_is_all_or_nothing() {
+    if !require("raw_revert_is_all_or_nothing", false) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let (vm, disks) = (dir.path().join("vm"), dir.path().join("disks"));
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::create_dir_all(&disks).unwrap();
+    let (mem, state, disk) = (vm.join("mem"), vm.join("vmstate"), disks.join("disk.img"));
+    write(&mem, &[1, 2, 3, 4]);
+    std::fs::write(&state, b"state v1").unwrap();
+    write(&disk, &[5, 0, 6]);
+    let cfg =
+        RawConfig { memory: Some(mem.clone()), state: vec![state.clone()], disks: vec![disk.clone()], page_size: 4096 };
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("notes.txt"), "v1").unwrap();
+    engine
+        .run(RunSpec { name: "vm".into(), driver: DriverConfig::Raw(cfg), workspace: Some(ws.clone()) })
+        .await
+        .unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
+    write(&mem, &[1, 9, 3, 9]);
+    std::fs::write(&state, b"state v2").unwrap();
+    std::fs::write(ws.join("notes.txt"), "v2").unwrap();
+    let b = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
+    let (mem_b, disk_b) = (std::fs::read(&mem).unwrap(), std::fs::read(&disk).unwrap());
+
+    std::fs::remove_dir_all(&disks).unwrap();
+    let err = engine.revert("vm", &a.id).await.expect_err("a revert onto a missing directory succeeded");
+    assert!(err.to_string().contains("disk.img"), "{err}");
+    assert_eq!(std::fs::read(&mem).unwrap(), mem_b, "memory was reverted although the revert failed");
+    assert_eq!(std::fs::read(&state).unwrap(), b"state v2");
+    assert_eq!(std::fs::read_to_string(ws.join("notes.txt")).unwrap(), "v2");
+    assert_eq!(engine.show("vm").await.unwrap().id.to_hex(), b.id);
+    let leftovers: Vec<_> = std::fs::read_dir(&vm).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "staged files left behind: {leftovers:?}");
+
+    std::fs::create_dir_all(&disks).unwrap();
+    engine.revert("vm", &a.id).await.unwrap();
+    let mut want = Vec::new();
+    for p in [1u8, 2, 3, 4] {
+        want.extend(std::iter::repeat_n(p, 4096));
+    }
+    assert_eq!(std::fs::read(&mem).unwrap(), want);
+    assert_eq!(std::fs::read(&state).unwrap(), b"state v1");
+    assert_eq!(std::fs::read(&disk).unwrap().len(), 3 * 4096);
+    assert_ne!(std::fs::read(&disk).unwrap(), disk_b.iter().map(|_| 0u8).collect::<Vec<_>>());
+    assert_eq!(std::fs::read_to_string(ws.join("notes.txt")).unwrap(), "v1");
+    assert_eq!(engine.show("vm").await.unwrap().id.to_hex(), a.id);
+}
