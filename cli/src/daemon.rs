@@ -357,7 +357,7 @@ async fn handle(
 ) {
     let req = match tokio::time::timeout(CLIENT_TIMEOUT, read_request(&mut conn)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return respond(&mut conn, 400, &json!({"error": format!("{e:#}")})).await,
+        Ok(Err(e)) => return respond(&mut conn, 400, &json!({"error": crate::output::error_line(&e)})).await,
         Err(_) => {
             let e = format!("no complete request within {} s", CLIENT_TIMEOUT.as_secs());
             return respond(&mut conn, 400, &json!({"error": e})).await;
@@ -412,13 +412,13 @@ async fn serve_request(
         Ok(c) => c,
         Err(e) => {
             let status = if e.downcast_ref::<NotFound>().is_some() { 404 } else { 400 };
-            return respond(conn, status, &json!({"error": format!("{e:#}")})).await;
+            return respond(conn, status, &json!({"error": crate::output::error_line(&e)})).await;
         }
     };
     tracing::info!(method = %req.method, target = %req.target, "request");
     match execute(cmd, &global, &engine).await {
         Ok(r) => respond(conn, 200, &json!({"result": r.json, "text": r.text})).await,
-        Err(e) => respond(conn, status_of(&e), &json!({"error": format!("{e:#}")})).await,
+        Err(e) => respond(conn, status_of(&e), &json!({"error": crate::output::error_line(&e)})).await,
     }
 }
 

@@ -115,7 +115,7 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             let r = workspace::restore(&store, &id, &dir)?;
             let mut j = serde_json::to_value(&r)?;
             j["id"] = json!(r.path);
-            let text = format!(
+            let mut text = format!(
                 "restored {} into {} ({}, {} files, {:.1} ms)",
                 id.short(),
                 r.path.display(),
@@ -123,6 +123,12 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                 r.files,
                 r.elapsed_ms
             );
+            if r.owner_failures > 0 {
+                text += &format!(
+                    "; {} entries are yours, not their recorded owner's (only root may chown)",
+                    r.owner_failures
+                );
+            }
             Ok(Report::new(j, text))
         }
         FsCmd::Fork { checkpoint, count, into } => {

@@ -29,6 +29,22 @@ pub fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// An error and its causes on one line, `outer: cause: root`. A cause that the message above it
+/// already quotes (library errors that print their source) is not repeated.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Prints the result and returns the process exit code.
 pub fn finish(result: anyhow::Result<Report>, global: &Global) -> i32 {
     match result {
@@ -41,7 +57,7 @@ pub fn finish(result: anyhow::Result<Report>, global: &Global) -> i32 {
             0
         }
         Err(err) => {
-            let message = format!("{err:#}");
+            let message = error_line(&err);
             if global.json {
                 println!("{}", serde_json::json!({ "error": message }));
             }
@@ -101,5 +117,19 @@ pub struct Spinner(pub ProgressBar);
 impl Drop for Spinner {
     fn drop(&mut self) {
         self.0.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn a_quoted_cause_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(libc::EPERM);
+        let quoted = anyhow::Error::new(snapfork_fsfork::Error::io("create", "/w/a", io));
+        assert_eq!(error_line(&quoted), "create /w/a: Operation not permitted (os error 1)");
+        let plain = anyhow::anyhow!("disk full").context("checkpoint s1");
+        assert_eq!(error_line(&plain), "checkpoint s1: disk full");
     }
 }

@@ -55,6 +55,8 @@ pub struct Counters {
     pub bytes: AtomicU64,
     /// Extended attributes that could not be set.
     pub xattr_failures: AtomicU64,
+    /// Entries that keep this process's owner because it may not give them theirs.
+    pub owner_failures: AtomicU64,
     /// Bytes a copy must leave free on its destination's filesystem (see [`transfer`]).
     keep_free: u64,
 }
@@ -111,6 +113,9 @@ pub struct CloneReport {
     pub copied_bytes: u64,
     /// Extended attributes that could not be set (logged as warnings).
     pub xattr_failures: u64,
+    /// Entries that keep this process's owner: only root may give files away (see
+    /// [`apply_meta_fd`]).
+    pub owner_failures: u64,
     /// Entries that could not be recreated (e.g. device nodes without privilege).
     pub skipped: Vec<Skipped>,
 }
@@ -161,17 +166,61 @@ pub fn transfer(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64, c: &Counters
     Ok(CopyMode::Copy)
 }
 
+/// Takes the result of giving an entry its owner. An owner this process may not give (EPERM:
+/// not root; EINVAL: an id outside its user namespace) is counted, not an error, the way
+/// `cp -a` and `tar` behave for a regular user: the entry keeps our owner, and then at least
+/// its group is tried alone. Returns whether the owner was set.
+fn owner_set(
+    r: std::io::Result<()>,
+    c: &Counters,
+    group_only: impl FnOnce() -> std::io::Result<()>,
+) -> std::io::Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) => {
+            if c.owner_failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::debug!(error = %e, "cannot give entries their owner; they keep ours");
+            }
+            // The group may still be one of ours; if not, the entry keeps our group too.
+            let _ = group_only();
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Says on stderr (a warning) what a clone or restore into `dst` could not keep.
+pub(crate) fn warn_lost_metadata(c: &Counters, dst: &Path) {
+    let (owners, xattrs) = (c.owner_failures.load(Ordering::Relaxed), c.xattr_failures.load(Ordering::Relaxed));
+    if owners > 0 {
+        tracing::warn!(
+            path = %dst.display(),
+            entries = owners,
+            "entries keep this user's owner (only root may give files their owners) and lose setuid/setgid"
+        );
+    }
+    if xattrs > 0 {
+        tracing::warn!(path = %dst.display(), xattrs, "extended attributes could not be set");
+    }
+}
+
+/// The permissions to set: `meta`'s, less setuid and setgid where the entry did not get its
+/// owner (a program meant to run as root must not become one that runs as us).
+fn perm_for(meta: &Meta, owned: bool) -> u32 {
+    if owned { meta.perm() } else { meta.perm() & !0o6000 }
+}
+
 /// Sets owner, permissions, extended attributes and times of an open file or directory, in
 /// that order: chown clears setuid bits, and setting xattrs would not touch mtime but chmod
-/// must come after chown.
+/// must come after chown. An owner this process may not give is counted (see [`owner_set`]).
 pub fn apply_meta_fd(
     fd: BorrowedFd<'_>,
     meta: &Meta,
     xattrs: &[(Vec<u8>, Vec<u8>)],
     c: &Counters,
 ) -> std::io::Result<()> {
-    sys::fchown(fd, meta.uid, meta.gid)?;
-    sys::fchmod(fd, meta.perm())?;
+    let owned = owner_set(sys::fchown(fd, meta.uid, meta.gid), c, || sys::fchown(fd, u32::MAX, meta.gid))?;
+    sys::fchmod(fd, perm_for(meta, owned))?;
     if !xattrs.is_empty() {
         let failed = sys::write_xattrs(XattrTarget::Fd(fd), xattrs)?;
         c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
@@ -187,11 +236,12 @@ pub fn apply_meta_at(
     xattrs: &[(Vec<u8>, Vec<u8>)],
     c: &Counters,
 ) -> std::io::Result<()> {
-    sys::lchownat(dir, name, meta.uid, meta.gid)?;
+    let owned =
+        owner_set(sys::lchownat(dir, name, meta.uid, meta.gid), c, || sys::lchownat(dir, name, u32::MAX, meta.gid))?;
     if meta.kind() != Kind::Symlink {
         // The entry was created by us a moment ago under a directory only we know about, so
         // fchmodat (which follows symlinks) cannot be redirected.
-        sys::fchmodat(dir, name, meta.perm())?;
+        sys::fchmodat(dir, name, perm_for(meta, owned))?;
     }
     if !xattrs.is_empty() {
         let p = sys::proc_path(dir, name);
@@ -242,8 +292,8 @@ fn defaults() -> &'static Defaults {
 /// Like [`create_file`], but skips `fchown` when the file would get the wanted owner anyway
 /// and `fchmod` when creating it with the wanted mode is enough: two of its three metadata
 /// transactions on XFS. The prediction can be wrong (a setgid or default-ACL parent, a
-/// different fsuid), so the caller must check the final `fstat` with [`meta_matches`] and
-/// call [`apply_meta_fd`] when it does not match.
+/// different fsuid), so it is checked on the final `fstat` and everything is set where it
+/// was wrong. Returns the file and that `fstat`.
 pub fn create_file_lean(
     dir: BorrowedFd<'_>,
     name: &CStr,
@@ -251,7 +301,7 @@ pub fn create_file_lean(
     meta: &Meta,
     xattrs: &[(Vec<u8>, Vec<u8>)],
     c: &Counters,
-) -> std::io::Result<OwnedFd> {
+) -> std::io::Result<(OwnedFd, libc::stat)> {
     let d = defaults();
     let perm = meta.perm();
     // setuid/setgid/sticky bits are cleared by the reflink (it removes privileges) and by
@@ -265,24 +315,25 @@ pub fn create_file_lean(
         if mode_at_create { perm } else { 0o600 },
     )?;
     transfer(src, dst.as_fd(), meta.size, c)?;
-    if !owner_at_create {
-        sys::fchown(dst.as_fd(), meta.uid, meta.gid)?;
-    }
-    if !mode_at_create {
-        sys::fchmod(dst.as_fd(), perm)?;
+    let fd = dst.as_fd();
+    let owned =
+        owner_at_create || owner_set(sys::fchown(fd, meta.uid, meta.gid), c, || sys::fchown(fd, u32::MAX, meta.gid))?;
+    if !mode_at_create || !owned {
+        sys::fchmod(fd, perm_for(meta, owned))?;
     }
     if !xattrs.is_empty() {
-        let failed = sys::write_xattrs(XattrTarget::Fd(dst.as_fd()), xattrs)?;
+        let failed = sys::write_xattrs(XattrTarget::Fd(fd), xattrs)?;
         c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
     }
-    sys::futimens(dst.as_fd(), meta.atime, meta.mtime)?;
-    Ok(dst)
-}
-
-/// Whether a created entry's `st` has the owner and permissions of `meta` (what
-/// [`create_file_lean`] may have guessed wrong; times are always set explicitly).
-pub fn meta_matches(st: &Meta, meta: &Meta) -> bool {
-    (st.uid, st.gid, st.perm()) == (meta.uid, meta.gid, meta.perm())
+    sys::futimens(fd, meta.atime, meta.mtime)?;
+    let mut st = sys::fstat(fd)?;
+    // Where the owner could not be given, what we set is all there is to check.
+    let got = Meta::from_stat(&st);
+    if owned && (got.uid, got.gid, got.perm()) != (meta.uid, meta.gid, meta.perm()) {
+        apply_meta_fd(fd, meta, xattrs, c)?;
+        st = sys::fstat(fd)?;
+    }
+    Ok((dst, st))
 }
 
 /// Creates a FIFO, socket or device node like `meta`.
@@ -412,14 +463,8 @@ fn clone_scanned(scan: &walk::Scan, src: &Path, root: OwnedFd, dst: &Path, opts:
                 }
                 let xattrs = sys::read_xattrs(XattrTarget::Fd(sfd.as_fd()))
                     .map_err(|err| Error::io("read xattrs", src.join(rel()), err))?;
-                let dfd = create_file_lean(ddir, &e.name, sfd.as_fd(), &meta, &xattrs, &c)
+                create_file_lean(ddir, &e.name, sfd.as_fd(), &meta, &xattrs, &c)
                     .map_err(|err| Error::io("clone", dst.join(rel()), err))?;
-                // One fstat instead of an fchown and an fchmod (each a metadata transaction).
-                let st = sys::fstat(dfd.as_fd()).map_err(|err| Error::io("stat", dst.join(rel()), err))?;
-                if !meta_matches(&Meta::from_stat(&st), &meta) {
-                    apply_meta_fd(dfd.as_fd(), &meta, &xattrs, &c)
-                        .map_err(|err| Error::io("set metadata", dst.join(rel()), err))?;
-                }
                 files.fetch_add(1, Ordering::Relaxed);
             }
             Kind::Symlink => {
@@ -487,6 +532,7 @@ fn clone_scanned(scan: &walk::Scan, src: &Path, root: OwnedFd, dst: &Path, opts:
         (0..scan.dirs.len()).try_for_each(dir_meta)?;
     }
 
+    warn_lost_metadata(&c, dst);
     Ok(CloneReport {
         mode: c.mode(),
         dirs: scan.dirs.len() as u64,
@@ -499,6 +545,7 @@ fn clone_scanned(scan: &walk::Scan, src: &Path, root: OwnedFd, dst: &Path, opts:
         bytes: c.bytes.load(Ordering::Relaxed),
         copied_bytes: c.copied_bytes.load(Ordering::Relaxed),
         xattr_failures: c.xattr_failures.load(Ordering::Relaxed),
+        owner_failures: c.owner_failures.load(Ordering::Relaxed),
         skipped: skipped.into_inner().unwrap_or_else(|p| p.into_inner()),
     })
 }

@@ -1132,6 +1132,10 @@ pub struct RestoreReport {
     pub files: u64,
     /// Logical bytes of regular files.
     pub bytes: u64,
+    /// Extended attributes that could not be set.
+    pub xattr_failures: u64,
+    /// Entries that keep this process's owner: only root may give files away.
+    pub owner_failures: u64,
     /// Entries that could not be created.
     pub skipped: Vec<Skipped>,
     /// Wall time in milliseconds.
@@ -1213,28 +1217,22 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             let meta = meta_of(e);
             let cached = match e.kind {
                 Kind::File => {
-                    let fd = match e.link {
+                    let st = match e.link {
                         Some(id) => {
                             let src = open_object(&id)?;
                             clone::create_file_lean(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("create", path(), x))?
+                                .1
                         }
                         None => {
                             let fd = sys::openat(ddir, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
                                 .map_err(|x| Error::io("create", path(), x))?;
                             clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("set metadata", path(), x))?;
-                            fd
+                            sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?
                         }
                     };
                     files.fetch_add(1, Ordering::Relaxed);
-                    let mut st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
-                    if !clone::meta_matches(&Meta::from_stat(&st), &meta) {
-                        // The lean creation guessed the owner or mode wrong: set everything.
-                        clone::apply_meta_fd(fd.as_fd(), &meta, &e.xattrs, &c)
-                            .map_err(|x| Error::io("set metadata", path(), x))?;
-                        st = sys::fstat(fd.as_fd()).map_err(|x| Error::io("stat", path(), x))?;
-                    }
                     (e.link_group == 0).then(|| CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()))
                 }
                 Kind::Symlink => {
@@ -1322,6 +1320,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         }
         cache.finish();
         cache.settle();
+        clone::warn_lost_metadata(&c, dst);
         Ok(RestoreReport {
             checkpoint: *ckpt,
             path: dst.to_path_buf(),
@@ -1329,6 +1328,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             dirs: dirs.len() as u64,
             files: files.into_inner(),
             bytes: c.bytes.load(Ordering::Relaxed),
+            xattr_failures: c.xattr_failures.load(Ordering::Relaxed),
+            owner_failures: c.owner_failures.load(Ordering::Relaxed),
             skipped: skipped.into_inner().unwrap_or_else(|p| p.into_inner()),
             elapsed_ms: start.elapsed().as_secs_f64() * 1000.0,
         }
@@ -1407,6 +1408,12 @@ pub struct RevertReport {
     pub old_tree: PathBuf,
     /// How file contents got there.
     pub mode: CopyMode,
+    /// Extended attributes that could not be set.
+    pub xattr_failures: u64,
+    /// Entries that keep this process's owner: only root may give files away.
+    pub owner_failures: u64,
+    /// Entries that could not be created.
+    pub skipped: Vec<Skipped>,
     /// Time to build the new tree beside the old one (ms).
     pub build_ms: f64,
     /// Wall time until the swap (ms).
@@ -1456,7 +1463,17 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
     tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
     tx.commit()?;
-    Ok(RevertReport { checkpoint: *ckpt, path: ws, old_tree: side, mode: report.mode, build_ms, elapsed_ms })
+    Ok(RevertReport {
+        checkpoint: *ckpt,
+        path: ws,
+        old_tree: side,
+        mode: report.mode,
+        xattr_failures: report.xattr_failures,
+        owner_failures: report.owner_failures,
+        skipped: report.skipped,
+        build_ms,
+        elapsed_ms,
+    })
 }
 
 /// Removes a tree on another thread (symlinks are removed, never followed).

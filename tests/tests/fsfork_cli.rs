@@ -51,11 +51,20 @@ struct Cli {
     bin: PathBuf,
     store: PathBuf,
     cwd: PathBuf,
+    /// Run as user `nobody` rather than as ourselves (root).
+    as_nobody: bool,
 }
 
 impl Cli {
     fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&self.bin)
+        let mut cmd = if self.as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"]).arg(&self.bin);
+            c
+        } else {
+            Command::new(&self.bin)
+        };
+        let out = cmd
             .arg("--json")
             .arg("--store")
             .arg(&self.store)
@@ -84,7 +93,7 @@ fn fsfork_cli_end_to_end() {
         return;
     }
     let fs = TestFs::new(FsType::Xfs, 512).expect("make XFS");
-    let cli = Cli { bin: snapfork(), store: fs.path().join("store"), cwd: fs.path().to_path_buf() };
+    let cli = Cli { bin: snapfork(), store: fs.path().join("store"), cwd: fs.path().to_path_buf(), as_nobody: false };
     let ws = fs.path().join("ws");
     std::fs::create_dir_all(ws.join("src")).unwrap();
     std::fs::write(ws.join("src/main.rs"), "fn main() {}\n").unwrap();
@@ -147,4 +156,66 @@ fn fsfork_cli_end_to_end() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let (ok, _, _) = cli.run(&["restore", &id1, "restored"]);
     assert!(!ok, "restoring over an existing directory must fail");
+}
+
+/// A regular user restores a workspace whose files belong to others (root, a uid of a
+/// container), as `cp -a` and `tar` do for one: the restore succeeds with every byte and mode,
+/// the entries become the user's, a setuid-root program loses its setuid bit, and the report
+/// counts the entries whose owner could not be kept. Root, restoring the same checkpoint, keeps
+/// every owner.
+#[test]
+fn a_regular_user_restores_files_owned_by_others() {
+    if !require_root("a_regular_user_restores_files_owned_by_others") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fs = TestFs::new(FsType::Xfs, 512).expect("make XFS");
+    let top = fs.path();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = top.join("ws");
+    std::fs::create_dir_all(ws.join("bin")).unwrap();
+    std::fs::write(ws.join("notes.txt"), "root's notes\n").unwrap();
+    std::fs::copy("/bin/true", ws.join("bin/su-tool")).unwrap();
+    std::fs::set_permissions(ws.join("bin/su-tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(ws.join("bin/theirs"), "a container user's file\n").unwrap();
+    std::fs::set_permissions(ws.join("bin/theirs"), std::fs::Permissions::from_mode(0o640 | 0o004)).unwrap();
+    std::os::unix::fs::lchown(ws.join("bin/theirs"), Some(1234), Some(1234)).unwrap();
+    std::os::unix::fs::symlink("notes.txt", ws.join("link")).unwrap();
+    // The store and the place to restore to are the user's; the workspace is root's.
+    let (store, out) = (top.join("store"), top.join("out"));
+    std::fs::create_dir_all(&out).unwrap();
+    let nobody = 65534;
+    std::os::unix::fs::chown(&out, Some(nobody), Some(nobody)).unwrap();
+    std::os::unix::fs::chown(top, Some(nobody), Some(nobody)).unwrap();
+    let user = Cli { bin: snapfork(), store: store.clone(), cwd: top.to_path_buf(), as_nobody: true };
+
+    let c = user.json(&["checkpoint", "ws"]);
+    let id = c["id"].as_str().unwrap().to_string();
+    let r = user.json(&["restore", &id, "out/mine"]);
+    let mine = out.join("mine");
+    // ws, bin, notes.txt, su-tool, theirs, link: none is nobody's.
+    assert_eq!(r["owner_failures"], 6, "{r}");
+    for rel in ["notes.txt", "bin/su-tool", "bin/theirs"] {
+        assert_eq!(std::fs::read(mine.join(rel)).unwrap(), std::fs::read(ws.join(rel)).unwrap(), "{rel}");
+    }
+    assert_eq!(std::fs::read_link(mine.join("link")).unwrap(), Path::new("notes.txt"));
+    for rel in ["", "bin", "notes.txt", "bin/su-tool", "bin/theirs", "link"] {
+        let m = std::fs::symlink_metadata(mine.join(rel)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (nobody, nobody), "{rel} is the user's");
+    }
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&mine.join("bin/su-tool")), 0o755, "setuid dropped with the owner");
+    assert_eq!(mode(&mine.join("bin/theirs")), 0o644);
+    assert_eq!(mode(&mine.join("notes.txt")), mode(&ws.join("notes.txt")));
+
+    // Root restores the same checkpoint with every owner and the setuid bit.
+    let root = Cli { as_nobody: false, ..user };
+    let r = root.json(&["restore", &id, "out/roots"]);
+    assert_eq!(r["owner_failures"], 0, "{r}");
+    let roots = out.join("roots");
+    for rel in ["", "bin", "notes.txt", "bin/su-tool", "bin/theirs", "link"] {
+        let (a, b) =
+            (std::fs::symlink_metadata(ws.join(rel)).unwrap(), std::fs::symlink_metadata(roots.join(rel)).unwrap());
+        assert_eq!((a.uid(), a.gid(), a.mode()), (b.uid(), b.gid(), b.mode()), "{rel}");
+    }
 }
