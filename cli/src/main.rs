@@ -29,6 +29,17 @@ pub struct Global {
     /// How long to wait for another process that holds the store, in seconds.
     #[arg(long, global = true, default_value_t = 30.0)]
     pub lock_timeout: f64,
+    /// A host directory that snapshots imported from bundles may show their sandboxes (as a
+    /// gVisor rootfs or read-only mount); repeat for more. The store's own busybox rootfs is
+    /// always trusted. For a daemon, what counts is the daemon's own flag.
+    #[arg(
+        long = "trust-host-dir",
+        value_name = "DIR",
+        global = true,
+        env = "SNAPFORK_TRUST_HOST_DIRS",
+        value_delimiter = ':'
+    )]
+    pub trust_host_dirs: Vec<PathBuf>,
 }
 
 impl Global {

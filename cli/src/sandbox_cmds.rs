@@ -347,7 +347,13 @@ pub fn open_engine(global: &Global) -> anyhow::Result<Engine> {
     let opts = OpenOptions { lock_timeout: global.lock_timeout(), ..Default::default() };
     let store =
         Store::open(&global.store, opts).with_context(|| format!("opening store {}", global.store.display()))?;
-    let eopts = EngineOptions::for_store(&store);
+    let mut eopts = EngineOptions::for_store(&store);
+    eopts.trusted_host_dirs = global.trust_host_dirs.clone();
+    // Made by snapfork itself: nothing of the host's in it.
+    let busybox = eopts.state_dir.join(BUSYBOX_ROOTFS);
+    if busybox.is_dir() {
+        eopts.trusted_host_dirs.push(busybox);
+    }
     Ok(Engine::open(store, eopts)?)
 }
 
@@ -373,9 +379,12 @@ fn info_text(i: &SandboxInfo) -> String {
     )
 }
 
+/// Where under the engine's state directory [`busybox_rootfs`] keeps its tree.
+const BUSYBOX_ROOTFS: &str = "rootfs-busybox";
+
 /// The busybox rootfs the demo and `--busybox` use, kept under the engine's state directory.
 pub fn busybox_rootfs(global: &Global) -> anyhow::Result<PathBuf> {
-    let dir = std::path::absolute(global.store.join("engine").join("rootfs-busybox"))?;
+    let dir = std::path::absolute(global.store.join("engine").join(BUSYBOX_ROOTFS))?;
     snapfork_engine::gvisor::make_busybox_rootfs(&dir)?;
     Ok(dir)
 }

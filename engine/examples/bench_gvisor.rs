@@ -107,11 +107,8 @@ fn main() {
     let (mut s_lr, mut s_cold) = (vec![], vec![]);
     // ---- snapfork ----
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
-    let engine = Engine::open(
-        store,
-        EngineOptions { state_dir: dir.join("engine"), runsc: None, uffd_idle: snapfork_engine::UFFD_IDLE },
-    )
-    .unwrap();
+    let opts = EngineOptions { state_dir: dir.join("engine"), ..EngineOptions::for_store(&store) };
+    let engine = Engine::open(store, opts).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (mut s_ck, mut s_rs, mut s_fork, mut second_added, mut first_added) = (vec![], vec![], vec![], vec![], vec![]);
     let mut s_ck_steps = Vec::new();

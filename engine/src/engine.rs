@@ -40,6 +40,12 @@ pub struct EngineOptions {
     /// How long a memory image's UFFD page server (Firecracker restores) stays up with no VM
     /// connected before it stops and frees its page cache; the next restore starts a new one.
     pub uffd_idle: Duration,
+    /// Host directories a snapshot that came by import may show its sandbox (a gVisor rootfs
+    /// or read-only mount must lie under one of them). A bundle's configuration is its
+    /// exporter's word: one naming `/` as its rootfs, or another sandbox's workspace as a
+    /// mount, would otherwise hand those files to the code in the sandbox. Empty by default:
+    /// no imported gVisor snapshot restores until its directories are vouched for here.
+    pub trusted_host_dirs: Vec<PathBuf>,
 }
 
 /// [`EngineOptions::uffd_idle`] by default.
@@ -48,7 +54,12 @@ pub const UFFD_IDLE: Duration = Duration::from_secs(300);
 impl EngineOptions {
     /// The default: `STORE/engine`.
     pub fn for_store(store: &Store) -> EngineOptions {
-        EngineOptions { state_dir: store.dir().join("engine"), runsc: None, uffd_idle: UFFD_IDLE }
+        EngineOptions {
+            state_dir: store.dir().join("engine"),
+            runsc: None,
+            uffd_idle: UFFD_IDLE,
+            trusted_host_dirs: Vec::new(),
+        }
     }
 }
 
@@ -274,6 +285,8 @@ struct Inner {
     /// Page caches of the VMs taken over from an earlier process, one per image.
     adopted_caches: snapfork_lazy_restore::SharedSources,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// [`EngineOptions::trusted_host_dirs`], resolved (symlinks and `..` gone).
+    trusted_host_dirs: Vec<PathBuf>,
 }
 
 /// A running UFFD page server of one memory image.
@@ -315,6 +328,11 @@ impl Engine {
         if let Some(b) = opts.runsc {
             runsc.binary = b;
         }
+        let mut trusted_host_dirs = Vec::new();
+        for d in &opts.trusted_host_dirs {
+            let real = d.canonicalize().map_err(|e| Error::io(format!("trusted host directory {}", d.display()), e))?;
+            trusted_host_dirs.push(real);
+        }
         let canonical = std::fs::canonicalize(&state).unwrap_or_else(|_| state.clone());
         let tag = Hash::of(canonical.as_os_str().as_encoded_bytes()).to_hex()[..8].to_string();
         Ok(Engine {
@@ -327,6 +345,7 @@ impl Engine {
                 uffd_idle: opts.uffd_idle,
                 adopted_caches: snapfork_lazy_restore::SharedSources::new(),
                 locks: Mutex::new(HashMap::new()),
+                trusted_host_dirs,
             }),
         })
     }
@@ -1328,6 +1347,25 @@ impl Inner {
         }
     }
 
+    /// Refuses an imported snapshot whose sandbox would see a host directory (its rootfs, a
+    /// read-only mount) outside [`EngineOptions::trusted_host_dirs`]. Paths are resolved first,
+    /// so neither `..` nor a symlink leads out of a trusted directory.
+    fn check_imported_host_dirs(&self, s: &Snapshot, cfg: &GvisorConfig) -> Result<()> {
+        let shown = std::iter::once(&cfg.rootfs).chain(cfg.ro_mounts.iter().map(|(src, _)| src));
+        for dir in shown {
+            let real = dir.canonicalize().map_err(|e| Error::io(format!("resolve {}", dir.display()), e))?;
+            if !self.trusted_host_dirs.iter().any(|t| real.starts_with(t)) {
+                return Err(Error::Invalid(format!(
+                    "snapshot {} came by import and would show its sandbox host directory {}, which is not \
+                     under a trusted host directory (EngineOptions::trusted_host_dirs, CLI --trust-host-dir)",
+                    s.id.short(),
+                    real.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn restore_as(&self, s: &Snapshot, name: &str, prepared: Option<&Path>) -> Result<SandboxInfo> {
         let mut clock = Clock::new();
         check_name(name)?;
@@ -1359,8 +1397,12 @@ impl Inner {
             match &driver {
                 DriverConfig::Gvisor(cfg) => {
                     let img = prepared.ok_or_else(|| Error::Invalid("state image not prepared".into()))?;
-                    // The configuration may come from an imported bundle: held to the rules of `run`.
+                    // The configuration may come from an imported bundle: held to the rules of
+                    // `run`, and what it shows of the host must be vouched for here.
                     cfg.validate()?;
+                    if crate::bundle::is_imported(&self.store, &s.id)? {
+                        self.check_imported_host_dirs(s, cfg)?;
+                    }
                     let bundle = self.bundle_dir(name);
                     cfg.write_bundle(&bundle, Some(&ws))?;
                     let rid = self.runtime_id(name, rec.generation);

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use snapfork_engine::firecracker::{ApiClient, wait_for_api};
-use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec, UFFD_IDLE};
+use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec};
 
 const PAGE: usize = 4096;
 const PAGES: usize = 64;
@@ -299,8 +299,8 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let store = snapfork_store::Store::open(dir.path().join("store"), Default::default()).unwrap();
     let opts = snapfork_engine::EngineOptions {
         state_dir: dir.path().join("engine"),
-        runsc: None,
         uffd_idle: Duration::from_secs(2),
+        ..snapfork_engine::EngineOptions::for_store(&store)
     };
     let engine = snapfork_engine::Engine::open(store, opts).unwrap();
     let _guard = common::Guard(engine.clone());
@@ -463,7 +463,10 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
 
 fn engine_at(dir: &Path) -> snapfork_engine::Engine {
     let store = snapfork_store::Store::open(dir.join("store"), Default::default()).unwrap();
-    let opts = snapfork_engine::EngineOptions { state_dir: dir.join("engine"), runsc: None, uffd_idle: UFFD_IDLE };
+    let opts = snapfork_engine::EngineOptions {
+        state_dir: dir.join("engine"),
+        ..snapfork_engine::EngineOptions::for_store(&store)
+    };
     snapfork_engine::Engine::open(store, opts).unwrap()
 }
 

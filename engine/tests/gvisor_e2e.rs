@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use snapfork_engine::{CheckpointOptions, Status};
+use snapfork_engine::{CheckpointOptions, DriverConfig, Status};
 
 fn consecutive_from_one(v: &[i64]) -> bool {
     v.first() == Some(&1) && v.windows(2).all(|w| w[1] == w[0] + 1)
@@ -174,7 +174,14 @@ async fn gvisor_export_import_restore_and_gc() {
     let (dir, engine) = new_engine();
     let _guard = Guard(engine.clone());
     let rootfs = rootfs(dir.path());
-    let info = engine.run(counter_spec("src", &rootfs)).await.unwrap();
+    // A host directory shown read-only at /etc: part of the configuration a bundle carries.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("motd"), "from the host\n").unwrap();
+    let mut spec = counter_spec("src", &rootfs);
+    let DriverConfig::Gvisor(cfg) = &mut spec.driver else { unreachable!() };
+    cfg.ro_mounts.push((shared.clone(), "/etc".into()));
+    let info = engine.run(spec).await.unwrap();
     let log = info.workspace.unwrap().join("counter.log");
     wait_lines(&log, 4).await;
     let ck = engine.checkpoint("src", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
@@ -227,12 +234,25 @@ async fn gvisor_export_import_restore_and_gc() {
     assert_eq!(before.file_objects, after.file_objects);
     assert!(engine2.store().list_refs("").unwrap().is_empty());
 
+    // An imported snapshot restores only where its host directories are vouched for: its
+    // rootfs and its read-only mount, each named when refused, and a refusal leaves nothing.
     let im = engine2.import(&bundle).await.unwrap();
     assert_eq!(im.id, ck.id);
-    let r = engine2.restore(&ck.id, "copy").await.unwrap();
+    let err = engine2.restore(&ck.id, "copy").await.unwrap_err().to_string();
+    assert!(err.contains("came by import") && err.contains(&rootfs.display().to_string()), "{err}");
+    assert!(engine2.ls().await.unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(dir2.path().join("engine/workspaces")).unwrap().count(), 0);
+    let (_dir3, engine3) = new_engine_trusting(std::slice::from_ref(&rootfs));
+    engine3.import(&bundle).await.unwrap();
+    let err = engine3.restore(&ck.id, "copy").await.unwrap_err().to_string();
+    assert!(err.contains(&shared.display().to_string()), "{err}");
+    let (_dir4, engine4) = new_engine_trusting(&[rootfs.clone(), shared.clone()]);
+    let _guard4 = Guard(engine4.clone());
+    engine4.import(&bundle).await.unwrap();
+    let r = engine4.restore(&ck.id, "copy").await.unwrap();
     let l = wait_lines(&r.workspace.unwrap().join("counter.log"), 8).await;
     assert!(l.first() == Some(&1) && l.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
-    cleanup(&engine2).await;
+    cleanup(&engine4).await;
 
     // A damaged byte in the adopted image is caught, named, and never restored from.
     use std::os::unix::fs::FileExt;
@@ -266,8 +286,7 @@ async fn gvisor_checkpoint_on_a_full_disk_leaves_nothing_and_the_sandbox_running
     let store = snapfork_store::Store::open(small.join("store"), store_opts).unwrap();
     let opts = snapfork_engine::EngineOptions {
         state_dir: small.join("engine"),
-        runsc: None,
-        uffd_idle: snapfork_engine::UFFD_IDLE,
+        ..snapfork_engine::EngineOptions::for_store(&store)
     };
     let engine = snapfork_engine::Engine::open(store, opts).unwrap();
     let _guard = Guard(engine.clone());

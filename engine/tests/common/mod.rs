@@ -31,10 +31,18 @@ pub fn require(test: &str, need_runsc: bool) -> bool {
 
 /// A fresh store and engine in a temp dir (kept alive by the returned TempDir).
 pub fn new_engine() -> (tempfile::TempDir, Engine) {
+    new_engine_trusting(&[])
+}
+
+/// Like [`new_engine`], with host directories that imported snapshots may show their sandboxes.
+pub fn new_engine_trusting(trusted_host_dirs: &[PathBuf]) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
-    let opts =
-        EngineOptions { state_dir: dir.path().join("engine"), runsc: None, uffd_idle: snapfork_engine::UFFD_IDLE };
+    let opts = EngineOptions {
+        state_dir: dir.path().join("engine"),
+        trusted_host_dirs: trusted_host_dirs.to_vec(),
+        ..EngineOptions::for_store(&store)
+    };
     let engine = Engine::open(store, opts).unwrap();
     (dir, engine)
 }
