@@ -644,7 +644,8 @@ impl Inner {
         let tmp = dir.join(format!("sandbox.json.{}-{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Invalid(e.to_string()))?;
         write_synced(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
+        sync_dir(&dir)
     }
 
     fn exists(&self, name: &str) -> bool {
@@ -2341,6 +2342,13 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
     f.write_all(bytes).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     f.sync_all().map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+}
+
+/// fsyncs a directory: what was created, renamed or removed in it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
 }
 
 /// A fresh, uniquely named directory under `parent`.

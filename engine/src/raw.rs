@@ -156,6 +156,7 @@ pub fn materialize(store: &Store, parts: &[Part], dir: &Path) -> Result<RawConfi
         check_part_name(&p.name)?;
         let dest = dir.join(&p.name);
         write_part(store, p, &dest)?;
+        crate::engine::sync_dir(dir)?;
         match p.role {
             Role::Memory => {
                 cfg.page_size = store.open_image(&Snapshot::part_id(p)?)?.page_size();
@@ -198,6 +199,12 @@ pub fn revert(store: &Store, parts: &[Part], cfg: &RawConfig) -> Result<()> {
     // Swap each new file in; what was there moves to the staged name. `existed` says which
     // paths had a file (a plain rename put the new one where nothing was).
     let mut swapped: Vec<(&Path, &Path, bool)> = Vec::new();
+    // Undone in reverse: the old files go back where they were.
+    let undo = |swapped: Vec<(&Path, &Path, bool)>| {
+        for (tmp, dest, existed) in swapped.into_iter().rev() {
+            let _ = if existed { swap(tmp, dest).map_err(std::io::Error::from) } else { std::fs::rename(dest, tmp) };
+        }
+    };
     for (tmp, dest) in &staged {
         let r = match swap(tmp, dest) {
             Err(e) if e == nix::errno::Errno::ENOENT && !dest.exists() => std::fs::rename(tmp, dest)
@@ -208,20 +215,22 @@ pub fn revert(store: &Store, parts: &[Part], cfg: &RawConfig) -> Result<()> {
         match r {
             Ok(existed) => swapped.push((tmp, dest, existed)),
             Err(e) => {
-                // Undo in reverse: the old files go back where they were.
-                for (tmp, dest, existed) in swapped.into_iter().rev() {
-                    let _ = if existed {
-                        swap(tmp, dest).map_err(std::io::Error::from)
-                    } else {
-                        std::fs::rename(dest, tmp)
-                    };
-                }
+                undo(swapped);
                 remove_staged(&staged);
                 return Err(e);
             }
         }
     }
-    // All are in: the old contents (now under the staged names) go.
+    // All are in. The swaps are made durable before the old contents (now under the staged
+    // names) go: once this returns, a crash cannot bring them back.
+    let mut dirs: Vec<&Path> = staged.iter().filter_map(|(_, dest)| dest.parent()).collect();
+    dirs.sort();
+    dirs.dedup();
+    if let Err(e) = dirs.into_iter().try_for_each(crate::engine::sync_dir) {
+        undo(swapped);
+        remove_staged(&staged);
+        return Err(e);
+    }
     remove_staged(&staged);
     Ok(())
 }
