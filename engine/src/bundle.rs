@@ -317,6 +317,14 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         }
         return Err(bad(format!("object {id} is referenced but not in the bundle")));
     }
+    // A snapshot this store holds already was made here (or imported before): its configuration
+    // stays as trusted as it was.
+    let mut arriving = Vec::new();
+    for id in snapshots {
+        if !store.contains(&id)? {
+            arriving.push(id);
+        }
+    }
     // ---- pass 2: write, in one transaction ----
     let staging = store.staging_dir().join(format!("import-{}-{}", std::process::id(), crate::model::now_ms()));
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(format!("mkdir {}", staging.display()), e))?;
@@ -361,7 +369,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         tx.set_ref(&format!("imported/{}", root.to_hex()), root)?;
         // What an imported snapshot's configuration names is the exporter's word: see
         // `is_imported`.
-        for id in &snapshots {
+        for id in &arriving {
             tx.meta_put(&imported_key(id), Some(b"1"));
         }
         tx.commit()?;

@@ -215,6 +215,10 @@ async fn gvisor_export_import_restore_and_gc() {
     let bundle = dir.path().join("snap.sfb");
     let ex = engine.export(&ck.id, &bundle).await.unwrap();
     assert!(ex.bytes > 0 && ex.nodes > 0);
+    // Imported back into the store it came from, it stays this store's own snapshot.
+    engine.import(&bundle).await.unwrap();
+    engine.restore(&ck.id, "reimported").await.unwrap();
+    engine.rm("reimported").await.unwrap();
 
     let (dir2, engine2) = new_engine();
     let _guard2 = Guard(engine2.clone());
