@@ -32,7 +32,8 @@ use crate::sandbox_cmds::{EngineCmd, RunArgs, SandboxCmd, execute, open_engine, 
 /// `daemon` options.
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// Socket path (default: STORE/engine/run/daemon.sock).
+    /// Socket path (default: STORE/engine/run/daemon.sock, where a symlink to it is left
+    /// otherwise, so that the CLI finds the daemon either way).
     #[arg(long)]
     pub socket: Option<PathBuf>,
 }
@@ -452,6 +453,25 @@ fn status_of(e: &anyhow::Error) -> u16 {
     500
 }
 
+/// Makes `STORE/engine/run`, the directory of the store's socket, private (0700).
+fn prepare_run_dir(default_socket: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = default_socket.parent().context("socket path has no directory")?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("make {} private", dir.display()))
+}
+
+/// Leaves a symlink at the store's socket path that leads to the socket a daemon serves
+/// elsewhere (`--socket`), so that the CLI finds it the same way. Made under a private name and
+/// renamed into place.
+fn link_default_socket(default_socket: &Path, socket: &Path) -> anyhow::Result<()> {
+    let tmp = default_socket.with_extension(format!("link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(socket, &tmp).with_context(|| format!("create {}", tmp.display()))?;
+    std::fs::rename(&tmp, default_socket).with_context(|| format!("create {}", default_socket.display()))
+}
+
 fn prepare_socket(path: &Path) -> anyhow::Result<()> {
     let dir = path.parent().context("socket path has no directory")?;
     std::fs::create_dir_all(dir)?;
@@ -492,11 +512,18 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         None => socket_path(global),
     };
     let engine = open_engine(global)?;
+    // Holding the store, we are its only daemon: what is at its socket path is stale.
+    let default = socket_path(global);
+    prepare_run_dir(&default)?;
+    prepare_socket(&default)?;
     prepare_socket(&path)?;
     let rt = runtime()?;
     let global = Arc::new(global.clone());
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(bind_private(&path)?)?;
+        if path != default {
+            link_default_socket(&default, &path)?;
+        }
         eprintln!("snapfork daemon: serving {} on {}", global.store.display(), path.display());
         // VMs an earlier daemon restored lazily stall until their pages are served again.
         match engine.adopt_vms().await {
@@ -542,6 +569,9 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         // Stop taking work, then let what is in flight finish.
         drop(listener);
         let _ = std::fs::remove_file(&path);
+        if path != default && std::fs::read_link(&default).is_ok_and(|to| to == path) {
+            let _ = std::fs::remove_file(&default);
+        }
         let waited = std::time::Instant::now();
         while in_flight.load(Ordering::SeqCst) > 0 && waited.elapsed() < Duration::from_secs(300) {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -257,8 +257,16 @@ fn daemon_socket_in_a_shared_directory_is_private_and_leaves_the_directory_alone
     assert_eq!(mode(&shared), 0o1777, "the shared directory's mode is left alone");
     let names: Vec<_> = std::fs::read_dir(&shared).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("d.sock")], "nothing left beside the socket");
+    // The CLI finds this daemon through the store (it holds the store: opening it directly
+    // would fail after the 1 s lock timeout), and the store's run directory is private.
+    let store = dir.path().join("store");
+    let out = snapfork(&store).args(["--lock-timeout", "1", "sandbox", "ls"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["sandboxes"], serde_json::json!([]));
+    assert_eq!(mode(&store.join("engine/run")), 0o700);
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     assert!(child.wait().unwrap().success());
+    assert!(std::fs::symlink_metadata(store.join("engine/run/daemon.sock")).is_err(), "its link goes with it");
 }
 
 /// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait
