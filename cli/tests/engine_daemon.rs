@@ -1,6 +1,7 @@
 //! The daemon end to end: ten gVisor sandboxes checkpointed at once from ten client processes,
 //! SIGTERM, restart, sandboxes found again (and a dead VM's page-server journal cleared);
-//! and clients that stall, or a daemon that does, hold nobody up. Root and runsc required (CI has both).
+//! SIGTERM with a checkpoint in flight (finished, then a clean exit); and clients that stall, or a
+//! daemon that does, hold nobody up. Root and runsc required (CI has both).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -283,4 +284,88 @@ fn gc_runs_in_the_daemon_that_holds_the_store() {
         assert!(v["removed_chunks"].is_u64() && v["pack_bytes_after"].is_u64(), "{v}");
     }
     assert!(daemon.term().success());
+}
+
+/// SIGTERM while a checkpoint is in flight (held in runsc by a stopped sandbox): the daemon
+/// takes no new work at once (its socket goes), finishes the checkpoint, answers its client,
+/// then exits cleanly; a restarted daemon lists the snapshot and the running sandbox.
+#[test]
+fn daemon_sigterm_finishes_the_checkpoint_in_flight() {
+    if !common::require("daemon_sigterm_finishes_the_checkpoint_in_flight", true) {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("sf-daemon-term-").tempdir_in("/var/tmp").unwrap();
+    let store = tmp.path().join("store");
+    let mut daemon = Daemon::start(&store);
+    let run = json(
+        &snapfork(&store)
+            .args(["sandbox", "run", "--busybox", "busy", "--", "/bin/sh", "-c", COUNTER])
+            .output()
+            .unwrap(),
+    );
+    let counter = PathBuf::from(run["workspace"].as_str().unwrap()).join("counter.log");
+    let t = Instant::now();
+    while std::fs::read_to_string(&counter).unwrap_or_default().lines().count() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the sandbox does not count");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let state = Command::new("runsc")
+        .arg("--root")
+        .arg(store.join("engine/runsc"))
+        .args(["state", run["runtime_id"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let pid = serde_json::from_slice::<serde_json::Value>(&state.stdout).unwrap()["pid"].as_i64().unwrap();
+    let signal = |sig: &str, pid: i64| Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    // Whatever happens below, the sandbox must not stay stopped.
+    struct Cont(i64);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg("-CONT").arg(self.0.to_string()).status();
+        }
+    }
+    assert!(signal("STOP", pid).unwrap().success());
+    let cont = Cont(pid);
+
+    let checkpoint = snapfork(&store)
+        .args(["sandbox", "checkpoint", "busy", "-m", "in flight", "--leave-running"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(signal("TERM", daemon.child.id() as i64).unwrap().success());
+    let sock = store.join("engine/run/daemon.sock");
+    let t = Instant::now();
+    while sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the stopping daemon still takes work");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon exited with a checkpoint in flight");
+
+    drop(cont);
+    let out = checkpoint.wait_with_output().unwrap();
+    let ck = json(&out);
+    let id = ck["id"].as_str().unwrap().to_string();
+    assert_eq!(ck["status"], "running");
+    let t = Instant::now();
+    let exited = loop {
+        if let Some(st) = daemon.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the daemon did not exit after its last operation");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.success(), "{exited:?}");
+    std::mem::forget(daemon);
+
+    let daemon = Daemon::start(&store);
+    let log = json(&snapfork(&store).args(["sandbox", "log", "busy"]).output().unwrap());
+    let snaps = log["snapshots"].as_array().unwrap();
+    assert!(snaps.iter().any(|s| s["id"] == id.as_str()), "{log}");
+    let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    assert_eq!(ls["sandboxes"][0]["status"], "running", "{ls}");
+    assert_eq!(ls["sandboxes"][0]["head"], id.as_str(), "{ls}");
+    drop(daemon);
 }
