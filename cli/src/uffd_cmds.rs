@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Do not store the first restore's working set when the snapshot has none.
     #[arg(long)]
     no_record: bool,
+    /// Seconds after its start that a VM's page faults count as its working set: recorded
+    /// then, or when the VM ends if sooner.
+    #[arg(long, default_value_t = snapfork_lazy_restore::WORKING_SET_WINDOW.as_secs_f64())]
+    working_set_window: f64,
     /// Install this many KiB per demand fault (the faulting page and the next pages not yet
     /// present).
     #[arg(long, default_value_t = 4)]
@@ -245,7 +249,9 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
             ..Default::default()
         },
         journal_dir: a.journal.clone(),
+        working_set_window: crate::seconds(a.working_set_window),
     };
+    let window = opts.working_set_window;
     // An adopted VM has most of its pages already: no prefetch, no fill.
     let adopt_opts = RestoreOptions { prefetch: Vec::new(), fill: false, ..opts.restore.clone() };
     let server = UffdServer::bind(&a.socket, source.clone(), opts)?;
@@ -291,39 +297,51 @@ fn serve(a: ServeArgs, global: &Global) -> anyhow::Result<Report> {
     // this loop must keep accepting VMs.
     let (summary, saved) = std::thread::scope(|scope| {
         let mut saving = None;
-        let summary = server.run(|srv, ev| match ev {
-            ServerEvent::Started { pid, regions, fds } => {
-                eprintln!("vm pid {pid}: {} regions, {fds} fds", regions.len());
-            }
-            ServerEvent::Refused { pid, error } => {
-                eprintln!("refused pid {pid:?}: {error}");
-            }
-            ServerEvent::Ended(r) => {
-                eprintln!(
-                    "vm pid {:?}: ended ({:?}); {} faults, {} pages copied, {} zero",
-                    r.pid, r.end, r.stats.faults, r.stats.pages_copied, r.stats.pages_zeroed
-                );
-                if need_ws && !r.working_set.is_empty() {
-                    need_ws = false;
-                    // The server's cache holds these pages now: later VMs prefetch from it.
-                    if !a.no_prefetch {
-                        srv.set_prefetch(r.working_set.clone());
-                    }
-                    let ws = r.working_set.clone();
-                    saving = Some(scope.spawn(move || match save_ws(global, &id, page_size as u32, &ws) {
-                        Ok(blob) => {
-                            eprintln!("stored a working set of {} pages", ws.len());
-                            Some(blob)
-                        }
-                        Err(e) => {
-                            eprintln!("could not store the working set: {e:#}");
-                            None
-                        }
-                    }));
+        let summary = server.run(|srv, ev| {
+            let recorded = match ev {
+                ServerEvent::Started { pid, regions, fds } => {
+                    eprintln!("vm pid {pid}: {} regions, {fds} fds", regions.len());
+                    None
                 }
-                restores.push(json!({
-                    "pid": r.pid, "end": r.end, "stats": r.stats,
-                    "working_set_pages": r.working_set.len(), "touched_pages": r.touched.len(),
+                ServerEvent::Refused { pid, error } => {
+                    eprintln!("refused pid {pid:?}: {error}");
+                    None
+                }
+                ServerEvent::WorkingSet { pid, pages } => {
+                    eprintln!("vm pid {pid:?}: faulted on {} pages in its first {:?}", pages.len(), window);
+                    Some(pages)
+                }
+                ServerEvent::Ended(r) => {
+                    eprintln!(
+                        "vm pid {:?}: ended ({:?}); {} faults, {} pages copied, {} zero",
+                        r.pid, r.end, r.stats.faults, r.stats.pages_copied, r.stats.pages_zeroed
+                    );
+                    restores.push(json!({
+                        "pid": r.pid, "end": r.end, "stats": r.stats,
+                        "working_set_pages": r.working_set.len(), "touched_pages": r.touched.len(),
+                    }));
+                    Some(r.working_set)
+                }
+            };
+            // The first VM's working set: when its window closed, or at its end if sooner.
+            if let Some(ws) = recorded
+                && need_ws
+                && !ws.is_empty()
+            {
+                need_ws = false;
+                // The server's cache holds these pages now: later VMs prefetch from it.
+                if !a.no_prefetch {
+                    srv.set_prefetch(ws.clone());
+                }
+                saving = Some(scope.spawn(move || match save_ws(global, &id, page_size as u32, &ws) {
+                    Ok(blob) => {
+                        eprintln!("stored a working set of {} pages", ws.len());
+                        Some(blob)
+                    }
+                    Err(e) => {
+                        eprintln!("could not store the working set: {e:#}");
+                        None
+                    }
                 }));
             }
         });

@@ -1635,18 +1635,25 @@ impl Inner {
                         ServerEvent::Ended(_) => {
                             active.fetch_sub(1, Ordering::SeqCst);
                         }
-                        ServerEvent::Refused { .. } => {}
+                        ServerEvent::Refused { .. } | ServerEvent::WorkingSet { .. } => {}
                     }
                     in_use.touch();
-                    if let ServerEvent::Ended(rep) = &ev
+                    // The first VM's working set, from when its window closed or, if it ended
+                    // sooner, from its end.
+                    let recorded = match &ev {
+                        ServerEvent::WorkingSet { pages, .. } => Some(pages),
+                        ServerEvent::Ended(rep) => Some(&rep.working_set),
+                        _ => None,
+                    };
+                    if let Some(pages) = recorded
                         && need_ws
-                        && !rep.working_set.is_empty()
+                        && !pages.is_empty()
                     {
                         need_ws = false;
-                        srv.set_prefetch(rep.working_set.clone());
+                        srv.set_prefetch(pages.clone());
                         // Stored beside the server (it reads and writes the working set's pages):
                         // the server goes on accepting VMs meanwhile.
-                        let (store, ws, image) = (store.clone(), rep.working_set.clone(), id.clone());
+                        let (store, ws, image) = (store.clone(), pages.clone(), id.clone());
                         let saving = std::thread::Builder::new().name(format!("ws-save-{id}")).spawn(move || {
                             if let Err(e) = workingset::save(&store, &mem, page_size, &ws) {
                                 tracing::warn!(%image, error = %e, "could not store the working set");

@@ -28,5 +28,5 @@ pub use error::{Error, Result};
 pub use restore::{
     CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport, StatsSnapshot,
 };
-pub use server::{ServerEvent, ServerOptions, ServerSummary, UffdServer};
+pub use server::{ServerEvent, ServerOptions, ServerSummary, UffdServer, WORKING_SET_WINDOW};
 pub use source::{CachedSource, PageSource, RawFileSource, SharedSources, StoreSource};

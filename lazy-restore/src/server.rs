@@ -32,7 +32,16 @@ pub struct ServerOptions {
     /// Where each restore keeps its [`Journal`], so that another process can take its VM over
     /// if this one dies (None: no journals).
     pub journal_dir: Option<PathBuf>,
+    /// How long after a restore starts its demand faults count as its working set: a VM still
+    /// running when this has passed is reported by [`ServerEvent::WorkingSet`] (long-lived
+    /// sandboxes would otherwise record theirs only when they exit, and then everything they
+    /// ever touched). A VM that ends sooner has its working set in [`ServerEvent::Ended`] only.
+    pub working_set_window: Duration,
 }
+
+/// [`ServerOptions::working_set_window`] by default: what a resumed sandbox touches while it
+/// takes up its work again.
+pub const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -42,6 +51,7 @@ impl Default for ServerOptions {
             max_restores: None,
             restore: RestoreOptions::default(),
             journal_dir: None,
+            working_set_window: WORKING_SET_WINDOW,
         }
     }
 }
@@ -64,6 +74,14 @@ pub enum ServerEvent {
         pid: Option<i32>,
         /// Why.
         error: String,
+    },
+    /// A VM has run for [`ServerOptions::working_set_window`]: the image pages it faulted on
+    /// until now, in first-fault order (not sent for a VM that faulted on none).
+    WorkingSet {
+        /// SO_PEERCRED pid of the VM.
+        pid: Option<i32>,
+        /// Image pages in first-fault order.
+        pages: Vec<u64>,
     },
     /// A restore ended.
     Ended(Box<RestoreReport>),
@@ -141,7 +159,8 @@ impl UffdServer {
     pub fn run(&self, mut on_event: impl FnMut(&UffdServer, ServerEvent)) -> Result<ServerSummary> {
         let (tx, rx) = mpsc::channel::<(Option<i32>, Result<(RestoreHandle, Vec<Region>, usize)>)>();
         let mut handshakes: Vec<JoinHandle<()>> = Vec::new();
-        let mut active: Vec<RestoreHandle> = Vec::new();
+        // Each restore with when it started and whether its working set was reported.
+        let mut active: Vec<(RestoreHandle, Instant, bool)> = Vec::new();
         let mut summary = ServerSummary::default();
         let mut last_activity = Instant::now();
         let reason = loop {
@@ -191,7 +210,7 @@ impl UffdServer {
                     Ok((handle, regions, fds)) => {
                         summary.started += 1;
                         on_event(self, ServerEvent::Started { pid: pid.unwrap_or(0), regions, fds });
-                        active.push(handle);
+                        active.push((handle, Instant::now(), false));
                     }
                     Err(e) => {
                         summary.refused += 1;
@@ -203,14 +222,22 @@ impl UffdServer {
             handshakes.retain(|h| !h.is_finished());
             let mut i = 0;
             while i < active.len() {
-                if active[i].is_finished() {
-                    let report = active.swap_remove(i).join();
+                let (handle, started, reported) = &mut active[i];
+                if handle.is_finished() {
+                    let report = active.swap_remove(i).0.join();
                     summary.ended += 1;
                     last_activity = Instant::now();
                     on_event(self, ServerEvent::Ended(Box::new(report)));
-                } else {
-                    i += 1;
+                    continue;
                 }
+                if !*reported && started.elapsed() >= self.opts.working_set_window {
+                    *reported = true;
+                    let (pid, pages) = (handle.pid(), handle.working_set());
+                    if !pages.is_empty() {
+                        on_event(self, ServerEvent::WorkingSet { pid, pages });
+                    }
+                }
+                i += 1;
             }
             if let Some(max) = self.opts.max_restores
                 && summary.ended + summary.refused >= max
@@ -236,7 +263,7 @@ impl UffdServer {
                 unsafe { libc::poll(&mut pfd, 1, 20) };
             }
         };
-        for h in &active {
+        for (h, _, _) in &active {
             h.stop();
         }
         for h in handshakes {
@@ -245,12 +272,12 @@ impl UffdServer {
         while let Ok((pid, res)) = rx.try_recv() {
             if let Ok((h, _, _)) = res {
                 h.stop();
-                active.push(h);
+                active.push((h, Instant::now(), true));
             } else if let Err(e) = res {
                 on_event(self, ServerEvent::Refused { pid, error: e.to_string() });
             }
         }
-        for h in active {
+        for (h, _, _) in active {
             summary.ended += 1;
             on_event(self, ServerEvent::Ended(Box::new(h.join())));
         }

@@ -286,6 +286,7 @@ fn hostile_handshakes_are_refused_and_disturb_no_other_vm() {
             ServerEvent::Started { pid, .. } => {
                 assert_ne!(pid, std::process::id() as i32, "a hostile handshake was accepted")
             }
+            ServerEvent::WorkingSet { .. } => {}
         }
     }
     assert_eq!(refused.len(), cases.len(), "{refused:#?}");
@@ -391,6 +392,61 @@ fn working_set_is_recorded_in_order_and_prefetched_next_time() {
     assert_eq!(s.pages_copied + s.pages_zeroed, 2048, "{s:?}");
     // Touched pages: everything was installed, so everything may differ.
     assert_eq!(ended[0].touched.len(), 2048);
+    srv.stop();
+}
+
+/// A VM that runs on reports its working set once its window has passed (what it faulted on
+/// so far, in order), not only when it exits; one that exits sooner reports it at its end only.
+#[test]
+fn a_long_running_vm_reports_its_working_set_when_its_window_closes() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 1024);
+    let window = Duration::from_millis(400);
+    let opts = ServerOptions { working_set_window: window, ..Default::default() };
+    let srv = TestServer::start(dir.path().join("ws.sock"), raw_source(&image), opts);
+    let mut vm = spawn_child(json!({
+        "role": "hang", "socket": srv.socket, "image": image,
+        "regions": [{"size": 4 << 20, "offset": 0}], "touch_pages": 64,
+    }));
+    let _reap = KillOnPanic(vec![vm.id() as i32]);
+    let started = std::time::Instant::now();
+    assert!(matches!(srv.next(T), ServerEvent::Started { .. }));
+    let pages = match srv.next(T) {
+        ServerEvent::WorkingSet { pages, .. } => pages,
+        other => panic!("expected the working set, got {other:?}"),
+    };
+    assert!(started.elapsed() >= window);
+    assert!(vm.try_wait().unwrap().is_none(), "reported only because the VM is still running");
+    // The guest read pages 0..64 in order: those first, in that order (then what read-ahead
+    // installed past them, which counts too).
+    assert_eq!(pages[..64], (0..64).collect::<Vec<u64>>()[..], "{pages:?}");
+    assert!(pages.windows(2).all(|w| w[0] < w[1]), "{pages:?}");
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].working_set, pages, "nothing faulted after the window in this guest");
+
+    // A VM that ends inside its window: no WorkingSet event, its set comes with its end.
+    let srv2 = TestServer::start(
+        dir.path().join("ws2.sock"),
+        raw_source(&image),
+        ServerOptions { working_set_window: Duration::from_secs(600), ..Default::default() },
+    );
+    let c = spawn_child(json!({
+        "role": "fc", "socket": srv2.socket, "image": image, "regions": [{"size": 4 << 20, "offset": 0}],
+    }));
+    let (status, res) = wait_child(c);
+    assert!(status.success(), "{status:?} {res:?}");
+    assert!(matches!(srv2.next(T), ServerEvent::Started { .. }));
+    match srv2.next(T) {
+        ServerEvent::Ended(r) => assert!(!r.working_set.is_empty()),
+        other => panic!("expected the end, got {other:?}"),
+    }
+    srv2.stop();
     srv.stop();
 }
 

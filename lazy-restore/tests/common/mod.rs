@@ -107,7 +107,7 @@ impl TestServer {
             match self.events.recv_timeout(left) {
                 Ok(ServerEvent::Ended(r)) => ended.push(*r),
                 Ok(ServerEvent::Refused { error, .. }) => refused.push(error),
-                Ok(ServerEvent::Started { .. }) => {}
+                Ok(ServerEvent::Started { .. } | ServerEvent::WorkingSet { .. }) => {}
                 Err(_) => panic!("only {} of {n} restores ended in time", ended.len()),
             }
         }
