@@ -300,7 +300,13 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                 for p in &snap.body.parts {
                     if p.kind == PartKind::Workspace {
                         let tree = crate::model::Snapshot::part_id(p)?;
-                        crate::workspace::check_tree(store, &nodes, tree)
+                        let is_file = |h: &Hash| -> Result<bool> {
+                            Ok(match entries.get(h) {
+                                Some(e) => e.tag == TAG_FILE,
+                                None => store.has_file_object(h)?,
+                            })
+                        };
+                        crate::workspace::check_tree(store, &nodes, tree, &is_file)
                             .map_err(|e| bad(format!("workspace tree {}: {e}", tree.short())))?;
                     }
                 }
@@ -317,11 +323,11 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         }
         return Err(bad(format!("object {id} is referenced but not in the bundle")));
     }
-    // A snapshot this store holds already was made here (or imported before): its configuration
-    // stays as trusted as it was.
+    // A snapshot this store holds already (as a node: the same bytes sent before as plain data
+    // are no snapshot of ours) was made here or imported before: it stays as trusted as it was.
     let mut arriving = Vec::new();
     for id in snapshots {
-        if !store.contains(&id)? {
+        if !store.location(&id)?.is_some_and(|l| l.is_node) {
             arriving.push(id);
         }
     }

@@ -104,8 +104,15 @@ pub fn diff(store: &Store, a: &Part, b: &Part) -> Result<Vec<FileChange>> {
 /// Checks a workspace tree that is about to be imported: every checkpoint and directory node
 /// reachable from `tree` (in `nodes`, else in the store) must decode under fsfork's rules, which
 /// refuse entry names that could escape the restore directory (`/`, `.`, `..`), and no entry
-/// may carry privileges onto this host (see [`refuse_privileged`]).
-pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Result<()> {
+/// may carry privileges onto this host (see [`refuse_privileged`]). Anything else the tree links
+/// to must be a file object (`is_file`): a directory listing sent as plain data would otherwise
+/// go unchecked.
+pub fn check_tree(
+    store: &Store,
+    nodes: &HashMap<Hash, Node>,
+    tree: Hash,
+    is_file: &dyn Fn(&Hash) -> Result<bool>,
+) -> Result<()> {
     let get = |h: &Hash| -> Result<Option<NodeData>> {
         let n = match nodes.get(h) {
             Some(n) => n.clone(),
@@ -126,7 +133,15 @@ pub fn check_tree(store: &Store, nodes: &HashMap<Hash, Node>, tree: Hash) -> Res
         if h.is_zero() || !seen.insert(h) {
             continue;
         }
-        let Some(n) = get(&h)? else { continue };
+        let Some(n) = get(&h)? else {
+            if is_file(&h)? {
+                continue;
+            }
+            return Err(Error::corrupt(
+                "workspace tree",
+                format!("it links {}, which is neither a node nor a file object", h.short()),
+            ));
+        };
         match n.kind {
             KIND_CHECKPOINT => {
                 manifest::decode_checkpoint(&id(h), &n)?;

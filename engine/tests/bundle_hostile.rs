@@ -145,3 +145,52 @@ async fn hostile_bundles_refused_and_nothing_kept() {
     let again = dst.import(&good).await.unwrap();
     assert_eq!(again.id, ck.id);
 }
+
+/// A directory listing sent as plain data (its record tagged as a chunk, the bundle's digest
+/// made to match) would pass unchecked: refused, nothing kept. And bytes stored as data are never
+/// read as a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_disguised_as_data_is_refused() {
+    let (dir, src) = new_engine();
+    let (_dir2, dst) = new_engine();
+    let dev = ManifestEntry { mode: 0o20666, rdev: 0x103, ..entry(b"evil-dev", Kind::CharDevice, None) };
+    let disguised = Hash::of(&node(manifest::encode_dir(vec![dev.clone()])).encode());
+    let id = plant(&src, dev, false);
+    let bundle = dir.path().join("evil.sfb");
+    src.export(&id.to_hex(), &bundle).await.unwrap();
+    assert!(dst.import(&bundle).await.unwrap_err().to_string().contains("device"));
+
+    // Records: tag (1 byte), id (32), length (8 LE), bytes; after the 48-byte header; the
+    // end tag is followed by the blake3 of everything before it.
+    let mut b = std::fs::read(&bundle).unwrap();
+    let mut pos = 48;
+    let mut retagged = false;
+    while b[pos] != 0xFF {
+        let len = u64::from_le_bytes(b[pos + 33..pos + 41].try_into().unwrap()) as usize;
+        if &b[pos + 1..pos + 33] == disguised.as_bytes() {
+            b[pos] = 2;
+            retagged = true;
+        }
+        pos += 41 + len;
+    }
+    assert!(retagged);
+    let digest = *blake3::hash(&b[..pos + 1]).as_bytes();
+    b[pos + 1..pos + 33].copy_from_slice(&digest);
+    std::fs::write(&bundle, &b).unwrap();
+    let err = dst.import(&bundle).await.unwrap_err().to_string();
+    assert!(err.contains("neither a node nor a file object"), "{err}");
+    assert_empty(&dst);
+
+    // Data that decodes as a node is not one; storing it as a node makes it one.
+    let store = dst.store();
+    let bytes = node(manifest::encode_dir(vec![entry(b"a", Kind::File, None)])).encode();
+    let mut tx = store.begin().unwrap();
+    let as_data = tx.put_chunk(&bytes).unwrap();
+    tx.commit().unwrap();
+    assert!(store.get_node(&as_data).unwrap_err().to_string().contains("stored as data"));
+    let mut tx = store.begin().unwrap();
+    let as_node = tx.put_node(&Node::decode(&bytes, &|| "test".into()).unwrap()).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(as_node, as_data);
+    assert!(store.get_node(&as_node).is_ok());
+}

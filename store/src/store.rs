@@ -252,8 +252,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads node `id`, verified.
+    /// Reads node `id`, verified. Bytes stored as data are not a node, whatever they decode
+    /// to: gc follows only nodes' links, and an importer vets only what arrives as nodes.
     pub fn get_node(&self, id: &Hash) -> Result<Node> {
+        let loc = self.location(id)?.ok_or_else(|| Error::NotFound(format!("node {id}")))?;
+        if !loc.is_node {
+            return Err(Error::Corrupt { what: format!("node {id}"), detail: "stored as data, not as a node".into() });
+        }
         let bytes = self.get_chunk(id)?;
         Node::decode(&bytes, &|| format!("node {id}"))
     }

@@ -139,7 +139,16 @@ impl Txn {
     /// parallel, appended in order.
     pub(crate) fn put_chunks(&mut self, items: &[(Hash, &[u8])], is_node: bool) -> Result<Added> {
         let ids: Vec<Hash> = items.iter().map(|(id, _)| *id).collect();
-        let known = self.known(&ids)?;
+        let mut known = self.known(&ids)?;
+        if is_node {
+            // The same bytes stored as data (a page that happens to encode this node) are not
+            // the node: written again as one, so that gc follows its links.
+            for (k, id) in known.iter_mut().zip(&ids) {
+                if *k && !self.new_chunks.contains_key(id) && self.store.location(id)?.is_some_and(|l| !l.is_node) {
+                    *k = false;
+                }
+            }
+        }
         let mut seen = HashSet::new();
         let todo: Vec<&(Hash, &[u8])> = items
             .iter()
