@@ -1031,7 +1031,14 @@ impl Inner {
                     }
                     Err(e) => {
                         self.save_record(&rec)?;
-                        Err(e)
+                        match restart_err {
+                            // Both failed: the caller must learn the sandbox is gone too.
+                            Some(r) => Err(Error::Runtime {
+                                what: format!("checkpoint of {name} failed ({e}), and restarting it"),
+                                detail: r.to_string(),
+                            }),
+                            None => Err(e),
+                        }
                     }
                 }
             }

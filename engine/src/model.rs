@@ -171,12 +171,14 @@ pub fn check_name(name: &str) -> Result<()> {
         && name.len() <= 64
         && !name.starts_with('.')
         && !name.starts_with('-')
+        // Refs are named after sandboxes and tags, and ref names refuse "..".
+        && !name.contains("..")
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
     if ok {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
-            "bad name {name:?}: use 1-64 letters, digits, '_', '.', '-' (not leading '.' or '-')"
+            "bad name {name:?}: use 1-64 letters, digits, '_', '.', '-' (not leading '.' or '-', no '..')"
         )))
     }
 }
@@ -279,7 +281,7 @@ mod tests {
     #[test]
     fn names_and_part_names_checked() {
         assert!(check_name("ok-1.x_y").is_ok());
-        for bad in ["", ".x", "-x", "a/b", "a b", &"x".repeat(65)] {
+        for bad in ["", ".x", "-x", "a/b", "a b", "a..b", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         for bad in ["", "..", ".", "a/b", "../../etc/passwd"] {

@@ -833,7 +833,8 @@ pub fn checkpoint_then(
             let (Some(p), Some(id)) = (&s.staged, &s.id) else {
                 continue;
             };
-            if adopted.contains(id) || repo.has_file_object(id)? {
+            // `keep` pins before it looks: a gc cannot take the object away before our commit.
+            if adopted.contains(id) || tx.keep(id)? {
                 let _ = std::fs::remove_file(p);
                 continue;
             }

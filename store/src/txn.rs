@@ -236,8 +236,9 @@ impl Txn {
     /// Adds file object `id`: a file at `staged`, inside [`Store::staging_dir`], whose content
     /// hashes to `id`. On commit it is made durable and moved into the object directory.
     pub fn adopt_file_object(&mut self, staged: &Path, id: Hash) -> Result<()> {
+        // Pinned before looking, so that a gc cannot remove it between the look and our commit.
+        self.pin(id);
         if self.store.has_file_object(&id)? {
-            self.pin(id);
             fs::remove_file(staged).ctx(|| format!("remove {}", staged.display()))?;
             return Ok(());
         }
@@ -287,6 +288,10 @@ impl Txn {
             sync_dir(&self.store.packs_dir())?;
         }
         let packs_synced = started.elapsed();
+        // From here on gc must not be between its mark and its sweep: it would unlink as dead
+        // an object file moved into place below (not indexed yet) with its own stale copy.
+        let store = self.store.clone();
+        let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
         // 2. File objects: durable, moved into place, the moves durable. Many files (a first
         //    workspace checkpoint) are flushed with one syncfs per step rather than an fsync each.
         let files = std::mem::take(&mut self.files);
@@ -320,8 +325,6 @@ impl Txn {
         // 3. The index, while gc is not between its mark and its sweep: the new chunks' entries
         //    (many of them as one table file), then refs and the rest in one synced batch. A
         //    crash between the two leaves chunks that nothing names yet, which gc reclaims.
-        let store = self.store.clone();
-        let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
         let files_done = started.elapsed();
         let entries = self.new_chunks.len() + self.batch.len();
         // From here on the index may name the adopted packs' bytes: they stay whatever happens.
