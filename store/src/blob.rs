@@ -106,7 +106,15 @@ impl Txn {
             (0..size.div_ceil(segment)).map(|k| (k * segment, segment.min(size - k * segment))).collect();
         let pack = self.store.alloc_pack();
         let pack_path = crate::pack::pack_path(&self.store.packs_dir(), pack);
-        match std::fs::hard_link(path, &pack_path) {
+        // Active before it appears: a gc must never take it for an abandoned pack (its age is
+        // the source file's, and the grace period may be zero).
+        let active = &self.store.inner.active_packs;
+        active.lock().unwrap_or_else(|e| e.into_inner()).insert(pack);
+        let linked = std::fs::hard_link(path, &pack_path);
+        if linked.is_err() {
+            active.lock().unwrap_or_else(|e| e.into_inner()).remove(&pack);
+        }
+        match linked {
             Ok(()) => self.adopted_pack(pack, pack_path),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 tracing::debug!(path = %path.display(), "not on the store's filesystem: copying it");

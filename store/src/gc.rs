@@ -194,7 +194,9 @@ impl Store {
         }
 
         // Packs: delete the dead, rewrite the sparse.
-        let active = self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Asked afresh for each pack: one a transaction starts meanwhile is active (registered
+        // before its file exists) and must not be taken for an abandoned one.
+        let is_active = |n: &u32| self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).contains(n);
         let packs_dir = self.packs_dir();
         let mut repack_into: Option<PackWriter> = None;
         // Rewriting needs room for the live bytes first; what does not fit beyond the store's
@@ -209,7 +211,7 @@ impl Store {
             };
             let meta = entry.metadata().ctx(|| format!("stat {}", entry.path().display()))?;
             report.pack_bytes_before += meta.len();
-            if active.contains(&n) {
+            if is_active(&n) {
                 report.pack_bytes_after += meta.len();
                 continue;
             }
