@@ -208,7 +208,7 @@ fn gc_without_grace_never_deletes_the_pack_of_a_transaction_that_started_meanwhi
     let runs = gc.join().unwrap();
     for (id, data) in &blobs {
         let mut out = Vec::new();
-        store.read_blob(&id, &mut out).unwrap();
+        store.read_blob(id, &mut out).unwrap();
         assert_eq!(&out, data);
     }
     assert!(store.verify(None, None).unwrap().is_ok());
