@@ -287,6 +287,19 @@ struct Inner {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// [`EngineOptions::trusted_host_dirs`], resolved (symlinks and `..` gone).
     trusted_host_dirs: Vec<PathBuf>,
+    /// Threads writing to the store in the background (working sets): joined when the engine
+    /// goes, so that none is still inside RocksDB when the process exits (its C++ teardown
+    /// aborts the process then).
+    background: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let threads = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A running UFFD page server of one memory image.
@@ -346,6 +359,7 @@ impl Engine {
                 adopted_caches: snapfork_lazy_restore::SharedSources::new(),
                 locks: Mutex::new(HashMap::new()),
                 trusted_host_dirs,
+                background: Arc::default(),
             }),
         })
     }
@@ -1630,6 +1644,7 @@ impl Inner {
         let id = mem.short();
         let store = self.store.clone();
         let mut need_ws = stored_ws.is_none();
+        let background = self.background.clone();
         let (active, in_use, ended) = (handle.active.clone(), handle.clone(), handle.stop.clone());
         std::thread::Builder::new()
             .name(format!("uffd-{id}"))
@@ -1666,8 +1681,15 @@ impl Inner {
                                 tracing::warn!(%image, error = %e, "could not store the working set");
                             }
                         });
-                        if let Err(e) = saving {
-                            tracing::warn!(image = %id, error = %e, "could not start storing the working set");
+                        match saving {
+                            Ok(t) => {
+                                let mut threads = background.lock().unwrap_or_else(|p| p.into_inner());
+                                threads.retain(|t| !t.is_finished());
+                                threads.push(t);
+                            }
+                            Err(e) => {
+                                tracing::warn!(image = %id, error = %e, "could not start storing the working set")
+                            }
                         }
                     }
                     tracing::info!(image = %id, ?ev, "uffd")

@@ -587,6 +587,17 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(engine.adopt_vms().await.unwrap().is_empty());
+    // The adopted VM's restore thread lets go of the store once its watcher has joined it: wait
+    // for that, since a store still open in a thread when the process exits makes RocksDB's
+    // teardown abort it (CI saw "terminate called without an active exception").
+    let watcher = |t: std::fs::DirEntry| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("uffd-adopted"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir("/proc/self/task").unwrap().flatten().any(watcher) {
+        assert!(std::time::Instant::now() < deadline, "the adopted VM's restore never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Kills a process (a stand-in VM whose parent is gone) when the test ends, also on panic.
