@@ -141,7 +141,7 @@ impl Txn {
         for ((_, len), chunks) in segments.iter().zip(chunked) {
             let before = self.appended_bytes();
             let ids: Vec<Hash> = chunks.iter().map(|c| c.2).collect();
-            let known = self.known(&ids)?;
+            let known = self.known(&ids, false)?;
             let mut new_chunks = 0;
             for (&(offset, chunk_len, id), known) in chunks.iter().zip(known) {
                 if !known && self.index_adopted(id, pack, offset, chunk_len) {

@@ -199,7 +199,12 @@ impl Store {
         let loc = self
             .location(id)?
             .ok_or_else(|| Error::Corrupt { what: what(), detail: format!("chunk {id} is missing from the store") })?;
-        match self.read_located(id, &loc, out, what) {
+        self.read_found(id, &loc, out, what)
+    }
+
+    /// Reads chunk `id`, just found at `loc`, into `out`, verified.
+    fn read_found(&self, id: &Hash, loc: &Location, out: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
+        match self.read_located(id, loc, out, what) {
             // gc may have moved the chunk to a new pack between our lookup and our read.
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let loc = self.location(id)?.ok_or_else(|| Error::Corrupt {
@@ -248,19 +253,21 @@ impl Store {
     pub fn get_chunk(&self, id: &Hash) -> Result<Vec<u8>> {
         let loc = self.location(id)?.ok_or_else(|| Error::NotFound(format!("object {id}")))?;
         let mut out = vec![0u8; loc.raw_len as usize];
-        self.read_chunk_into(id, &mut out, &|| format!("object {id}"))?;
+        self.read_found(id, &loc, &mut out, &|| format!("object {id}"))?;
         Ok(out)
     }
 
     /// Reads node `id`, verified. Bytes stored as data are not a node, whatever they decode
     /// to: gc follows only nodes' links, and an importer vets only what arrives as nodes.
     pub fn get_node(&self, id: &Hash) -> Result<Node> {
-        let loc = self.location(id)?.ok_or_else(|| Error::NotFound(format!("node {id}")))?;
+        let what = || format!("node {id}");
+        let loc = self.location(id)?.ok_or_else(|| Error::NotFound(what()))?;
         if !loc.is_node {
-            return Err(Error::Corrupt { what: format!("node {id}"), detail: "stored as data, not as a node".into() });
+            return Err(Error::Corrupt { what: what(), detail: "stored as data, not as a node".into() });
         }
-        let bytes = self.get_chunk(id)?;
-        Node::decode(&bytes, &|| format!("node {id}"))
+        let mut bytes = vec![0u8; loc.raw_len as usize];
+        self.read_found(id, &loc, &mut bytes, &what)?;
+        Node::decode(&bytes, &what)
     }
 
     // ----- refs -----

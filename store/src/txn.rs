@@ -99,8 +99,10 @@ impl Txn {
     }
 
     /// Which of `ids` already exist (in the store or in this transaction). Existing ones are
-    /// pinned first, then looked up, so that a concurrent gc cannot remove them under us.
-    pub(crate) fn known(&mut self, ids: &[Hash]) -> Result<Vec<bool>> {
+    /// pinned first, then looked up, so that a concurrent gc cannot remove them under us. With
+    /// `nodes`, bytes the store holds as data do not count: a node must be written as one (the
+    /// same bytes as a page are not it: gc follows only nodes' links).
+    pub(crate) fn known(&mut self, ids: &[Hash], nodes: bool) -> Result<Vec<bool>> {
         let mut answer = vec![true; ids.len()];
         let mut ask = Vec::new();
         let mut ask_at = Vec::new();
@@ -124,7 +126,7 @@ impl Txn {
         };
         let mut not_found = Vec::new();
         for ((id, i), loc) in ask.iter().zip(ask_at).zip(found) {
-            if loc.is_some() {
+            if loc.is_some_and(|l| l.is_node || !nodes) {
                 self.pinned.insert(*id);
             } else {
                 answer[i] = false;
@@ -139,16 +141,7 @@ impl Txn {
     /// parallel, appended in order.
     pub(crate) fn put_chunks(&mut self, items: &[(Hash, &[u8])], is_node: bool) -> Result<Added> {
         let ids: Vec<Hash> = items.iter().map(|(id, _)| *id).collect();
-        let mut known = self.known(&ids)?;
-        if is_node {
-            // The same bytes stored as data (a page that happens to encode this node) are not
-            // the node: written again as one, so that gc follows its links.
-            for (k, id) in known.iter_mut().zip(&ids) {
-                if *k && !self.new_chunks.contains_key(id) && self.store.location(id)?.is_some_and(|l| !l.is_node) {
-                    *k = false;
-                }
-            }
-        }
+        let known = self.known(&ids, is_node)?;
         let mut seen = HashSet::new();
         let todo: Vec<&(Hash, &[u8])> = items
             .iter()
