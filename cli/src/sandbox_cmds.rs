@@ -434,6 +434,7 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
             page_size: a.page_size,
             diff: a.diff,
             pid: None,
+            pid_start_time: None,
         }),
         other => return Err(invalid(&format!("unknown driver {other} (gvisor, firecracker, raw)"))),
     };

@@ -1397,6 +1397,7 @@ impl Inner {
         let driver = DriverConfig::from_parts(&s.body.driver, &s.body.config)?;
         let dir = self.sandbox_dir(name);
         let ws = self.state.join("workspaces").join(format!("{name}.{}", model::now_ms()));
+        let mut started_vm = None;
         let result = (|| -> Result<SandboxRecord> {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
             match s.part(Role::Workspace) {
@@ -1434,9 +1435,11 @@ impl Inner {
                     clock.step("runsc restore");
                 }
                 DriverConfig::Firecracker(cfg) => {
-                    let new_cfg = self.start_firecracker(s, cfg, &dir, name)?;
+                    // Each incarnation in a directory of its own, which goes with it (revert).
+                    let new_cfg = self.start_firecracker(s, cfg, &dir.join("vm-1"), name)?;
                     rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                     rec.status = Status::Running;
+                    started_vm = Some(new_cfg);
                     clock.step("firecracker load (uffd)");
                 }
                 DriverConfig::Raw(_) => {
@@ -1457,6 +1460,9 @@ impl Inner {
             Ok(rec) => Ok(Self::info(&rec, clock.done())),
             Err(e) => {
                 let _ = self.runsc.destroy(&self.runtime_id(name, 1));
+                if let Some(vm) = started_vm {
+                    vm.kill_vmm();
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 let _ = std::fs::remove_dir_all(&ws);
                 Err(e)
@@ -1496,6 +1502,19 @@ impl Inner {
             cleanup_prepared();
             return Err(e);
         }
+        // A Firecracker VM too, so that two never run on the same disk files. One whose API
+        // does not answer goes on running until it is killed below.
+        let old_vm = match &driver {
+            DriverConfig::Firecracker(c) => Some(c),
+            _ => None,
+        };
+        let vm_paused = was_running
+            && old_vm.is_some_and(|c| {
+                ApiClient::new(&c.api_socket)
+                    .pause()
+                    .inspect_err(|e| tracing::warn!(sandbox = name, "cannot pause the VM before its revert: {e}"))
+                    .is_ok()
+            });
         clock.step("pause");
         // The workspace goes back atomically; the old tree stays aside until the end. The paused
         // sandbox's gofer holds the old directory by fd, so it keeps seeing the old tree.
@@ -1526,6 +1545,9 @@ impl Inner {
             if was_running && let Some(rid) = &old_rid {
                 let _ = self.runsc.resume(rid);
             }
+            if vm_paused && let Some(c) = old_vm {
+                let _ = ApiClient::new(&c.api_socket).resume();
+            }
             cleanup_prepared();
             e
         };
@@ -1547,24 +1569,28 @@ impl Inner {
                     return Err(undo(e));
                 }
                 clock.step("runsc restore");
-                if let Some(old) = &old_rid {
-                    self.runsc.discard(old);
-                }
                 rec.runtime_id = Some(rid);
                 rec.status = Status::Running;
             }
             DriverConfig::Firecracker(cfg) => {
                 // Firecracker loads snapshots only before boot: a new process takes over.
                 let dir = self.sandbox_dir(name).join(format!("vm-{new_gen}"));
-                match self.start_firecracker(&s, cfg, &dir, name) {
+                let started = self.start_firecracker(&s, cfg, &dir, name).and_then(|new_cfg| {
+                    let v = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()));
+                    if v.is_err() {
+                        new_cfg.kill_vmm();
+                    }
+                    v
+                });
+                match started {
                     Ok(new_cfg) => {
-                        // The old VM, also one handed over with `run` (found by its API socket):
-                        // two VMs must never run on the same disk files.
-                        kill_pid(cfg.vmm_pid());
-                        rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+                        rec.config = new_cfg;
                         rec.status = Status::Running;
                     }
-                    Err(e) => return Err(undo(e)),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(undo(e));
+                    }
                 }
                 clock.step("firecracker load (uffd)");
             }
@@ -1577,16 +1603,72 @@ impl Inner {
         }
         rec.generation = new_gen;
         rec.head = Some(s.id.to_hex());
-        let mut tx = self.store.begin()?;
-        tx.set_ref(&head_ref(name), s.id)?;
-        tx.commit()?;
-        self.save_record(&rec)?;
+        let committed = (|| -> Result<()> {
+            let mut tx = self.store.begin()?;
+            tx.set_ref(&head_ref(name), s.id)?;
+            tx.commit()?;
+            self.save_record(&rec)
+        })();
+        // Until the record names the new runtime, the old one stays (paused): a failure here
+        // ends the new one and resumes the old, as if the revert never ran.
+        if let Err(e) = committed {
+            self.end_runtime(&rec);
+            return Err(undo(e));
+        }
+        match &driver {
+            DriverConfig::Gvisor(_) => {
+                if let Some(old) = &old_rid {
+                    self.runsc.discard(old);
+                }
+            }
+            // Also one handed over with `run` (found by its API socket).
+            DriverConfig::Firecracker(old) => {
+                old.kill_vmm();
+                self.discard_vm_files(name, old);
+            }
+            DriverConfig::Raw(_) => {}
+        }
         cleanup_prepared();
         if let Some(old) = old_tree {
             workspace::remove_old_tree(old);
         }
         clock.step("commit");
         Ok(Self::info(&rec, clock.done()))
+    }
+
+    /// Ends the runtime `rec` names (a revert's new incarnation that could not be committed)
+    /// and removes what only it used.
+    fn end_runtime(&self, rec: &SandboxRecord) {
+        match DriverConfig::from_parts(&rec.driver, &rec.config) {
+            Ok(DriverConfig::Gvisor(_)) => {
+                if let Some(rid) = &rec.runtime_id {
+                    let _ = self.runsc.destroy(rid);
+                }
+            }
+            Ok(DriverConfig::Firecracker(cfg)) => {
+                cfg.kill_vmm();
+                self.discard_vm_files(&rec.name, &cfg);
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes the files the engine made for a Firecracker VM it started for sandbox `name` (its
+    /// `vm-N` directory: vmstate, disk copies, API socket) once that VM is gone. A VM handed
+    /// over with `run` owns its files: they stay.
+    fn discard_vm_files(&self, name: &str, cfg: &FirecrackerConfig) {
+        let sandbox = self.sandbox_dir(name);
+        let Some(dir) = cfg.api_socket.parent() else {
+            return;
+        };
+        let is_vm_dir = dir.parent() == Some(sandbox.as_path())
+            && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vm-"));
+        if cfg.pid.is_some()
+            && is_vm_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), "cannot remove the files of a replaced VM: {e}");
+        }
     }
 
     /// The UFFD page server for memory image `mem` (one per image, shared by every restore and
@@ -1776,7 +1858,7 @@ impl Inner {
             }
             other => other.map_err(runtime)?,
         };
-        let pid = orphan.pid;
+        let (pid, start_time) = (orphan.pid, orphan.start_time);
         if !orphan.is_alive() {
             tracing::info!(pid, "VM of a journal is gone: journal removed");
             orphan.discard();
@@ -1799,7 +1881,7 @@ impl Inner {
             Err(snapfork_lazy_restore::Error::Busy(_)) => return Ok(None),
             Err(e) => return Err(runtime(e)),
         };
-        let sandbox = self.sandbox_of_pid(pid);
+        let sandbox = self.sandbox_of_vm(pid, start_time);
         tracing::info!(pid, sandbox = sandbox.as_deref(), image = %mem.short(), "VM adopted: its pages are served again");
         // Joined on a thread of its own; if that cannot start, the restore still serves (its
         // handle is only dropped, which does not stop it).
@@ -1813,13 +1895,15 @@ impl Inner {
         Ok(Some(AdoptedVm { pid, sandbox, image: mem.to_hex() }))
     }
 
-    /// The sandbox whose Firecracker process is `pid`, if any.
-    fn sandbox_of_pid(&self, pid: i32) -> Option<String> {
+    /// The sandbox whose Firecracker process is `pid`, started at `start_time`, if any.
+    fn sandbox_of_vm(&self, pid: i32, start_time: u64) -> Option<String> {
         let names = std::fs::read_dir(self.state.join("sandboxes")).ok()?;
         names.flatten().filter_map(|e| e.file_name().into_string().ok()).find(|name| {
             self.load_record(name).is_ok_and(|rec| {
-                DriverConfig::from_parts(&rec.driver, &rec.config)
-                    .is_ok_and(|c| matches!(c, DriverConfig::Firecracker(fc) if fc.pid == Some(pid)))
+                DriverConfig::from_parts(&rec.driver, &rec.config).is_ok_and(|c| {
+                    matches!(c, DriverConfig::Firecracker(fc)
+                        if fc.pid == Some(pid) && fc.pid_start_time.is_none_or(|t| t == start_time))
+                })
             })
         })
     }
@@ -1904,22 +1988,32 @@ impl Inner {
                 detail: format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display()),
             })?;
         let pid = child.id() as i32;
+        // Read before it can be reaped: what tells this VMM from a later process of its pid.
+        let start_time = snapfork_lazy_restore::journal::process_start_time(pid);
         // Reap it whenever it exits (it is ours; a zombie would look alive to `ls`).
         std::thread::spawn(move || child.wait());
-        let loaded = crate::firecracker::wait_for_api(&api_sock, std::time::Duration::from_secs(10))
-            .and_then(|_| ApiClient::new(&api_sock).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true));
-        if let Err(e) = loaded {
-            kill_pid(Some(pid));
-            return Err(e);
-        }
-        Ok(FirecrackerConfig {
+        let started = FirecrackerConfig {
             api_socket: api_sock,
             binary: cfg.binary.clone(),
             disks,
             page_size: cfg.page_size,
             diff: cfg.diff,
             pid: Some(pid),
-        })
+            pid_start_time: start_time,
+        };
+        let loaded = match start_time {
+            None => Err(Error::Runtime {
+                what: "firecracker start".into(),
+                detail: format!("{} exited at once (see {})", binary.display(), self.console_log(name).display()),
+            }),
+            Some(_) => crate::firecracker::wait_for_api(&started.api_socket, std::time::Duration::from_secs(10))
+                .and_then(|_| ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true)),
+        };
+        if let Err(e) = loaded {
+            started.kill_vmm();
+            return Err(e);
+        }
+        Ok(started)
     }
 
     /// Kills the Firecracker process the engine started for `rec`, if any.
@@ -1927,7 +2021,7 @@ impl Inner {
         if rec.driver == "firecracker"
             && let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
         {
-            kill_pid(cfg.vmm_pid());
+            cfg.kill_vmm();
         }
     }
 
@@ -1940,8 +2034,8 @@ impl Inner {
                 && matches!(rec.status, Status::Running | Status::Paused)
             {
                 let gone = match cfg.pid {
-                    // A VM the engine started: its process.
-                    Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                    // A VM the engine started: its process (not a later one given its pid).
+                    Some(_) => cfg.vmm_process().is_none(),
                     // One it was handed (`run`): nobody listens on its API socket any more.
                     None => std::os::unix::net::UnixStream::connect(&cfg.api_socket).is_err_and(|e| {
                         matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
@@ -2215,13 +2309,6 @@ fn render_tree(entries: &[LogEntry]) -> String {
     }
     walk(&mut out, &children, None, "");
     out
-}
-
-/// SIGKILLs `pid` (a process this engine started).
-fn kill_pid(pid: Option<i32>) {
-    if let Some(p) = pid.filter(|p| *p > 1) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-    }
 }
 
 /// Upper bounds of the local cache of runsc images (beyond them, least recently used go).

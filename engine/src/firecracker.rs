@@ -15,11 +15,14 @@
 //! jailer's chroot with the same relative paths; the restore does not rewrite the vmstate.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use snapfork_lazy_restore::journal::process_start_time;
 
 use crate::error::{Error, Result};
 
@@ -44,6 +47,11 @@ pub struct FirecrackerConfig {
     /// Host pid of the Firecracker process, when the engine started it (restores and forks).
     #[serde(default)]
     pub pid: Option<i32>,
+    /// That process's start time (field 22 of `/proc/PID/stat`): a later process given the same
+    /// pid is not this VMM, and is never signalled or taken for it. (Records written before it
+    /// was kept have none and trust the pid.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start_time: Option<u64>,
 }
 
 fn default_page() -> u32 {
@@ -51,16 +59,36 @@ fn default_page() -> u32 {
 }
 
 impl FirecrackerConfig {
-    /// The VMM's process: the one the engine started, else (a VM handed over with `run`) the
-    /// process listening on the API socket, by `SO_PEERCRED`. `None` when neither is known (the
-    /// VMM is gone).
-    pub fn vmm_pid(&self) -> Option<i32> {
-        if self.pid.is_some() {
-            return self.pid;
+    /// The VMM's process, as (pid, start time): the one the engine started, while that very
+    /// process lives, else (a VM handed over with `run`) the process listening on the API
+    /// socket, by `SO_PEERCRED`. `None` when the VMM is gone.
+    pub fn vmm_process(&self) -> Option<(i32, u64)> {
+        if let Some(pid) = self.pid.filter(|&p| p > 1) {
+            let now = process_start_time(pid)?;
+            return self.pid_start_time.is_none_or(|t| t == now).then_some((pid, now));
         }
         let s = std::os::unix::net::UnixStream::connect(&self.api_socket).ok()?;
         let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
-        Some(cred.pid()).filter(|&p| p > 1)
+        let pid = Some(cred.pid()).filter(|&p| p > 1)?;
+        Some((pid, process_start_time(pid)?))
+    }
+
+    /// SIGKILLs the VMM ([`vmm_process`](Self::vmm_process)), if it still runs. Through a pidfd
+    /// whose process is checked after it is opened, so that a pid recycled at any moment is
+    /// never signalled.
+    pub fn kill_vmm(&self) {
+        let Some((pid, start)) = self.vmm_process() else {
+            return;
+        };
+        let Ok(pidfd) = snapfork_lazy_restore::restore::pidfd_open(pid) else {
+            return;
+        };
+        if process_start_time(pid) != Some(start) {
+            return;
+        }
+        if let Err(e) = snapfork_lazy_restore::restore::pidfd_kill(std::os::fd::AsFd::as_fd(&pidfd)) {
+            tracing::warn!(pid, "cannot kill the VMM: {e}");
+        }
     }
 
     /// The binary restores start.
@@ -89,9 +117,15 @@ pub struct ApiResponse {
 }
 
 impl ApiClient {
-    /// A client of the API socket at `socket`.
+    /// A client of the API socket at `socket`, whose calls fail after 60 s.
     pub fn new(socket: impl Into<PathBuf>) -> ApiClient {
         ApiClient { socket: socket.into(), timeout: Duration::from_secs(60) }
+    }
+
+    /// The same client with calls failing after `timeout`, whatever the VMM does: one that
+    /// stopped accepting connections, stopped reading, or answers a byte at a time.
+    pub fn with_timeout(self, timeout: Duration) -> ApiClient {
+        ApiClient { timeout, ..self }
     }
 
     fn err(&self, what: &str, detail: impl Into<String>) -> Error {
@@ -102,17 +136,26 @@ impl ApiClient {
     /// Content-Length.
     pub fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
         let what = format!("{method} {path}");
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| self.err(&what, format!("connect: {e}")))?;
-        s.set_read_timeout(Some(self.timeout)).map_err(|e| self.err(&what, e.to_string()))?;
+        let deadline = Instant::now() + self.timeout;
+        let s = connect_by(&self.socket, deadline).map_err(|e| self.err(&what, format!("connect: {e}")))?;
+        s.set_write_timeout(Some(self.timeout)).map_err(|e| self.err(&what, e.to_string()))?;
         let b = body.map(|v| v.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
             b.len()
         );
-        s.write_all(req.as_bytes()).map_err(|e| self.err(&what, format!("send: {e}")))?;
-        let mut r = BufReader::new(s);
+        (&s).write_all(req.as_bytes()).map_err(|e| self.err(&what, format!("send: {e}")))?;
+        let mut r = BufReader::new(Deadlined { stream: s, deadline });
+        // Lines of a bounded length: a peer that never ends one cannot grow the engine.
+        let read_line = |r: &mut BufReader<Deadlined>, line: &mut String| {
+            let n = r.by_ref().take(MAX_LINE).read_line(line).map_err(|e| self.err(&what, format!("read: {e}")))?;
+            if n as u64 == MAX_LINE {
+                return Err(self.err(&what, format!("a response line of more than {MAX_LINE} bytes")));
+            }
+            Ok(n)
+        };
         let mut status_line = String::new();
-        r.read_line(&mut status_line).map_err(|e| self.err(&what, format!("read: {e}")))?;
+        read_line(&mut r, &mut status_line)?;
         if status_line.is_empty() {
             return Err(self.err(&what, "the VMM closed the connection without answering (did it exit?)"));
         }
@@ -124,7 +167,7 @@ impl ApiClient {
         let mut len = 0usize;
         loop {
             let mut line = String::new();
-            let n = r.read_line(&mut line).map_err(|e| self.err(&what, format!("read: {e}")))?;
+            let n = read_line(&mut r, &mut line)?;
             if n == 0 || line == "\r\n" || line == "\n" {
                 break;
             }
@@ -200,11 +243,54 @@ impl ApiClient {
     }
 }
 
+/// The longest status or header line a response may have.
+const MAX_LINE: u64 = 8 << 10;
+
+/// Connects to `socket`, giving up at `deadline`. A plain `connect` blocks for as long as the
+/// listener's backlog is full (a VMM that stopped accepting); a non-blocking one fails with
+/// EAGAIN instead (AF_UNIX has no connection in progress to wait for), and is retried.
+fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as new_socket};
+    let fd = new_socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(socket)?;
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the VMM accepts no connection"));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// A stream whose reads fail once `deadline` has passed: a per-read timeout alone would let a
+/// peer that sends a byte now and then hold a call forever.
+struct Deadlined {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 /// Waits until a freshly started Firecracker answers on `socket`.
 pub fn wait_for_api(socket: &Path, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        if UnixStream::connect(socket).is_ok() {
+        if connect_by(socket, start + timeout).is_ok() {
             return Ok(());
         }
         if start.elapsed() > timeout {
@@ -214,5 +300,63 @@ pub fn wait_for_api(socket: &Path, timeout: Duration) -> Result<()> {
             });
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VMM that hangs: its API socket listens but never accepts, and its backlog is full.
+    #[test]
+    fn a_vmm_that_accepts_no_connection_fails_the_call_in_time() {
+        use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let l = socket(AddressFamily::Unix, SockType::Stream, SockFlag::empty(), None).unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&l, Backlog::new(0).unwrap()).unwrap();
+        let mut pending = Vec::new();
+        while let Ok(s) = connect_by(&path, Instant::now()) {
+            pending.push(s);
+            assert!(pending.len() < 64, "the backlog never filled");
+        }
+        let t = Instant::now();
+        let err = ApiClient::new(&path).with_timeout(Duration::from_millis(300)).instance_info().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert!(err.to_string().contains("connect"), "{err}");
+    }
+
+    /// A VMM that accepts and then answers one byte every 50 ms, forever.
+    #[test]
+    fn a_vmm_that_answers_slowly_fails_the_call_by_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            while s.write_all(b"H").is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let t = Instant::now();
+        let err = ApiClient::new(&path).with_timeout(Duration::from_millis(500)).instance_info().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+        assert!(err.to_string().contains("read"), "{err}");
+    }
+
+    /// A VMM whose answer is one endless line.
+    #[test]
+    fn an_endless_response_line_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let chunk = vec![b'x'; 64 << 10];
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let err = ApiClient::new(&path).with_timeout(Duration::from_secs(10)).instance_info().unwrap_err();
+        assert!(err.to_string().contains("response line"), "{err}");
     }
 }

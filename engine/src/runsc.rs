@@ -84,6 +84,9 @@ impl Runsc {
         };
         let out = open_append(&out_path)?;
         let err = open_append(&err_path)?;
+        // A sandbox's console log holds everything its guest ever printed: only what this
+        // command adds to it can explain its failure.
+        let err_from = err.metadata().map(|m| m.len()).unwrap_or(0);
         cmd.stdout(out).stderr(err);
         tracing::debug!(?args, "runsc");
         let mut child = cmd.spawn().map_err(|e| Error::Runtime {
@@ -108,14 +111,13 @@ impl Runsc {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         if !status.success() {
-            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-            let tail: String = last_lines(&stderr, 3);
+            let tail: String = last_lines(&read_tail(&err_path, err_from, MAX_ERROR_TAIL), 3);
             return Err(Error::Runtime { what: format!("runsc {what}"), detail: format!("{status}: {tail}") });
         }
         tracing::debug!(?args, elapsed = ?start.elapsed(), "runsc done");
-        Ok(stdout)
+        // Captured output only: a console log is the guest's, not an answer.
+        Ok(if log.is_some() { String::new() } else { read_tail(&out_path, 0, u64::MAX) })
     }
 
     /// Runs a create-style command; when a stale container of that id exists (left by a crashed
@@ -237,6 +239,25 @@ impl Runsc {
     }
 }
 
+/// How much of what a failed command wrote is read for its error message.
+const MAX_ERROR_TAIL: u64 = 64 << 10;
+
+/// The last `max` bytes of `path` after offset `from`, as text (bytes that are not UTF-8 are
+/// replaced, not lost with the rest); empty when it cannot be read.
+fn read_tail(path: &Path, from: u64, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = from.max(len.saturating_sub(max));
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.take(len.saturating_sub(start)).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 fn last_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
@@ -264,4 +285,31 @@ fn tempdir_in(parent: &Path) -> Result<PathBuf> {
     let dir = parent.join(format!(".exec-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_tail_is_what_the_command_added_bounded_and_lossy() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        // The guest's earlier output: much of it, not UTF-8.
+        let mut earlier = vec![0xffu8; 1 << 20];
+        earlier.extend_from_slice(b"\nold error from the guest\n");
+        std::fs::write(&log, &earlier).unwrap();
+        let from = earlier.len() as u64;
+        let mut f = open_append(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"\xfe\xfe running...\ncreating container: boom\n").unwrap();
+        let tail = last_lines(&read_tail(&log, from, MAX_ERROR_TAIL), 3);
+        assert!(tail.contains("creating container: boom"), "{tail}");
+        assert!(!tail.contains("old error"), "{tail}");
+        // A command that wrote more than the bound: its last bytes.
+        let mut big = vec![b'x'; 2 << 20];
+        big.extend_from_slice(b"\nthe real cause\n");
+        std::io::Write::write_all(&mut f, &big).unwrap();
+        let t = read_tail(&log, from, MAX_ERROR_TAIL);
+        assert!(t.len() as u64 <= MAX_ERROR_TAIL + 8 && t.ends_with("the real cause\n"), "{} bytes", t.len());
+    }
 }

@@ -323,6 +323,7 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
         page_size: PAGE as u32,
         diff: true,
         pid: None,
+        pid_start_time: None,
     };
     engine
         .run(RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: Some(ws.clone()) })
@@ -398,6 +399,10 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let rapi2 = api_of(dir.path(), "vm-b");
     assert_ne!(rapi2, rapi);
     assert_eq!(memory(&rapi2)["blake3"], at_a["blake3"]);
+    // The replaced VM is gone, and with it its directory (vmstate, disk copies, socket).
+    let old_dir = rapi.parent().unwrap();
+    assert!(old_dir.starts_with(dir.path().join("engine/sandboxes/vm-b")), "{}", old_dir.display());
+    assert!(!old_dir.exists(), "the replaced VM's files stay: {}", old_dir.display());
 
     // The VMM dies half way through its snapshot: no snapshot, nothing left in the engine's
     // tmp, the store sound, the sandbox reported exited; its last snapshot still restores.
@@ -418,6 +423,21 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!(vm_b.status, snapfork_engine::Status::Exited, "{vm_b:?}");
     engine.restore(&a.id, "vm-b2").await.unwrap();
     assert_eq!(memory(&api_of(dir.path(), "vm-b2"))["blake3"], at_a["blake3"]);
+
+    // The pid a record names has since been given to another process (the VMM died, the pid
+    // was recycled): that process is not the VM. `ls` reports the VM exited, `rm` spares it.
+    let rec_path = dir.path().join("engine/sandboxes/vm-b2/sandbox.json");
+    let mut rec: Value = serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    let vmm = rec["config"]["pid"].as_i64().unwrap() as i32;
+    assert!(rec["config"]["pid_start_time"].is_u64(), "{rec}");
+    let mut other = KillOnDrop(std::process::Command::new("sleep").arg("600").spawn().unwrap());
+    rec["config"]["pid"] = json!(other.0.id());
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), nix::sys::signal::Signal::SIGKILL);
+    let vm_b2 = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-b2").unwrap();
+    assert_eq!(vm_b2.status, snapfork_engine::Status::Exited, "{vm_b2:?}");
+    engine.rm("vm-b2").await.unwrap();
+    assert!(other.0.try_wait().unwrap().is_none(), "rm killed a process that is not the VM's");
 
     // The VM the test started and handed over with `run`: `stop` ends its process, found by
     // the API socket's peer credentials (the engine never knew its pid).
@@ -509,6 +529,7 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
             page_size: PAGE as u32,
             diff: false,
             pid: None,
+            pid_start_time: None,
         };
         let spec = RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None };
         engine.run(spec).await.unwrap();

@@ -179,7 +179,9 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
+/// SIGKILLs the process of `pidfd`: unlike `kill(2)` by pid, never a later process that was
+/// given the same pid.
+pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
     // SAFETY: plain syscall; a null siginfo means "as if by kill(2)".
     let r = unsafe {
         libc::syscall(
