@@ -40,6 +40,11 @@ pub struct Global {
         value_delimiter = ':'
     )]
     pub trust_host_dirs: Vec<PathBuf>,
+    /// Restore Firecracker snapshots imported from bundles: their VM state names the host
+    /// files (disks) the VM opens, as whoever made the bundle chose. Only for bundles from a
+    /// source you trust. For a daemon, what counts is the daemon's own flag.
+    #[arg(long, global = true, env = "SNAPFORK_TRUST_IMPORTED_VM_STATE")]
+    pub trust_imported_vm_state: bool,
 }
 
 impl Global {

@@ -349,6 +349,7 @@ pub fn open_engine(global: &Global) -> anyhow::Result<Engine> {
         Store::open(&global.store, opts).with_context(|| format!("opening store {}", global.store.display()))?;
     let mut eopts = EngineOptions::for_store(&store);
     eopts.trusted_host_dirs = global.trust_host_dirs.clone();
+    eopts.trust_imported_vm_state = global.trust_imported_vm_state;
     // Made by snapfork itself: nothing of the host's in it.
     let busybox = eopts.state_dir.join(BUSYBOX_ROOTFS);
     if busybox.is_dir() {

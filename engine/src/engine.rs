@@ -46,6 +46,12 @@ pub struct EngineOptions {
     /// mount, would otherwise hand those files to the code in the sandbox. Empty by default:
     /// no imported gVisor snapshot restores until its directories are vouched for here.
     pub trusted_host_dirs: Vec<PathBuf>,
+    /// Restore Firecracker snapshots that came by import. Their VM state (Firecracker's
+    /// format, not read here) names the host files the VM opens, its disks above all, and a
+    /// VMM started without the jailer opens them as they are named: a bundle's word would
+    /// choose which host files the guest gets to read and write. Off by default: such a
+    /// snapshot is refused until its source is trusted here.
+    pub trust_imported_vm_state: bool,
 }
 
 /// [`EngineOptions::uffd_idle`] by default.
@@ -59,6 +65,7 @@ impl EngineOptions {
             runsc: None,
             uffd_idle: UFFD_IDLE,
             trusted_host_dirs: Vec::new(),
+            trust_imported_vm_state: false,
         }
     }
 }
@@ -287,6 +294,8 @@ struct Inner {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// [`EngineOptions::trusted_host_dirs`], resolved (symlinks and `..` gone).
     trusted_host_dirs: Vec<PathBuf>,
+    /// [`EngineOptions::trust_imported_vm_state`].
+    trust_imported_vm_state: bool,
     /// Threads writing to the store in the background (working sets): joined when the engine
     /// goes, so that none is still inside RocksDB when the process exits (its C++ teardown
     /// aborts the process then).
@@ -359,6 +368,7 @@ impl Engine {
                 adopted_caches: snapfork_lazy_restore::SharedSources::new(),
                 locks: Mutex::new(HashMap::new()),
                 trusted_host_dirs,
+                trust_imported_vm_state: opts.trust_imported_vm_state,
                 background: Arc::default(),
             }),
         })
@@ -1945,6 +1955,15 @@ impl Inner {
         dir: &Path,
         name: &str,
     ) -> Result<FirecrackerConfig> {
+        let imported = crate::bundle::is_imported(&self.store, &s.id)?;
+        if imported && !self.trust_imported_vm_state {
+            return Err(Error::Invalid(format!(
+                "snapshot {} came by import: its Firecracker VM state names the host files the VM would open \
+                 (its disks), chosen by whoever made the bundle; restore it only from a source you trust \
+                 (EngineOptions::trust_imported_vm_state, CLI --trust-imported-vm-state)",
+                s.id.short()
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let part = |role: Role| {
             s.part(role)
@@ -1971,10 +1990,7 @@ impl Inner {
             .open(self.console_log(name))
             .map_err(|e| Error::io("open console log", e))?;
         let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
-        let cfg = &FirecrackerConfig {
-            binary: if crate::bundle::is_imported(&self.store, &s.id)? { None } else { cfg.binary.clone() },
-            ..cfg.clone()
-        };
+        let cfg = &FirecrackerConfig { binary: if imported { None } else { cfg.binary.clone() }, ..cfg.clone() };
         let binary = cfg.binary();
         let mut child = std::process::Command::new(&binary)
             .arg("--api-sock")

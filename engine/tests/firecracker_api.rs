@@ -31,6 +31,11 @@ const TEST: &str = "firecracker_checkpoint_diff_restore_fork_via_uffd";
 const TEST_ADOPT: &str = "firecracker_vm_outlives_the_process_serving_its_memory";
 
 fn main() {
+    // Restores of imported snapshots start the local Firecracker: here, the stand-in.
+    if std::env::var_os("FIRECRACKER").is_none() {
+        // SAFETY: no other thread runs yet (the runtime starts below).
+        unsafe { std::env::set_var("FIRECRACKER", std::env::current_exe().unwrap()) };
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--api-sock") {
         fake::serve(Path::new(&args[i + 1]));
@@ -480,6 +485,33 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!(memory(&api_of(dir.path(), "vm-again"))["blake3"], at_a["blake3"]);
     assert_eq!(sockets(), 1);
     engine.rm("vm-again").await.unwrap();
+
+    // Exported and imported into another store: its VM state names host files (the disks),
+    // so it restores only where its source is trusted, and then with the local binary.
+    let bundle = dir.path().join("a.sfb");
+    engine.export(&a.id, &bundle).await.unwrap();
+    let elsewhere = |sub: &str, trust: bool| {
+        let d = dir.path().join(sub);
+        let store = snapfork_store::Store::open(d.join("store"), Default::default()).unwrap();
+        let opts = snapfork_engine::EngineOptions {
+            state_dir: d.join("engine"),
+            trust_imported_vm_state: trust,
+            ..snapfork_engine::EngineOptions::for_store(&store)
+        };
+        snapfork_engine::Engine::open(store, opts).unwrap()
+    };
+    let wary = elsewhere("wary", false);
+    let _g2 = common::Guard(wary.clone());
+    wary.import(&bundle).await.unwrap();
+    let err = wary.restore(&a.id, "vm-imported").await.unwrap_err().to_string();
+    assert!(err.contains("came by import") && err.contains("--trust-imported-vm-state"), "{err}");
+    assert!(wary.ls().await.unwrap().is_empty());
+    let trusting = elsewhere("trusting", true);
+    let _g3 = common::Guard(trusting.clone());
+    trusting.import(&bundle).await.unwrap();
+    trusting.restore(&a.id, "vm-imported").await.unwrap();
+    assert_eq!(memory(&api_of(&dir.path().join("trusting"), "vm-imported"))["blake3"], at_a["blake3"]);
+    trusting.rm("vm-imported").await.unwrap();
 }
 
 fn engine_at(dir: &Path) -> snapfork_engine::Engine {
