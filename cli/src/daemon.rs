@@ -8,7 +8,8 @@
 //! and `{"error": "..."}` (status 4xx/5xx) otherwise. The routes are in docs/api.md.
 //!
 //! SIGTERM or SIGINT: stop accepting, let in-flight operations finish (they cannot be half done:
-//! see the engine's atomicity rules), remove the socket, exit. Sandboxes keep running; a restarted
+//! see the engine's atomicity rules), remove the socket, stop serving VM memory
+//! (`Engine::shutdown`), exit. Sandboxes keep running; a restarted
 //! daemon finds them in the engine's state directory, and serves the memory of the Firecracker
 //! VMs an earlier daemon restored lazily again (`Engine::adopt_vms`), whether that daemon stopped
 //! or crashed.
@@ -578,5 +579,8 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         }
         anyhow::Ok(served)
     })?;
+    // VMs restored lazily run on; the next daemon serves their memory again (their journals
+    // stay). Their servers go first: none may be inside the store as the process exits.
+    engine.shutdown();
     Ok(Report::new(json!({"stopped": true, "requests": served}), format!("daemon stopped after {served} requests")))
 }

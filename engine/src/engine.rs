@@ -300,14 +300,44 @@ struct Inner {
     /// goes, so that none is still inside RocksDB when the process exits (its C++ teardown
     /// aborts the process then).
     background: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// Threads serving the memory of lazily restored VMs (UFFD servers, VMs taken over): stopped
+    /// and joined by [`Engine::shutdown`], for the same reason.
+    serving: Mutex<Vec<ServingThread>>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+/// A thread that serves VM memory from the store, and how to stop it.
+struct ServingThread {
+    stop: Box<dyn Fn() + Send>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Inner {
+    /// See [`Engine::shutdown`].
+    fn shutdown(&self) {
+        let serving = std::mem::take(&mut *self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+        for s in &serving {
+            (s.stop)();
+        }
+        for s in serving {
+            let _ = s.thread.join();
+        }
+        // After the servers: a restore they stop may still hand its working set to be saved.
         let threads = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    fn keep_serving_thread(&self, stop: Box<dyn Fn() + Send>, thread: std::thread::JoinHandle<()>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        serving.retain(|s| !s.thread.is_finished());
+        serving.push(ServingThread { stop, thread });
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -370,6 +400,7 @@ impl Engine {
                 trusted_host_dirs,
                 trust_imported_vm_state: opts.trust_imported_vm_state,
                 background: Arc::default(),
+                serving: Mutex::default(),
             }),
         })
     }
@@ -506,6 +537,16 @@ impl Engine {
         let name = name.to_string();
         let _g = self.lock(std::slice::from_ref(&name)).await;
         self.blocking(move |i| i.remove(&name)).await
+    }
+
+    /// Stops serving the memory of the VMs restored lazily (the engine's UFFD servers and the
+    /// VMs it took over) and waits for every thread of the engine that uses the store, so that
+    /// the process can exit: one still inside RocksDB then would abort it. The VMs run on and
+    /// stall on their next fault until the next engine on this state directory serves them
+    /// again ([`Engine::adopt_vms`], from their journals). For a daemon's exit; also done when
+    /// the last clone of the engine goes.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
     }
 
     /// Kills every sandbox's runtime now, synchronously (test teardown, `snapfork sandbox rm
@@ -1738,7 +1779,7 @@ impl Inner {
         let mut need_ws = stored_ws.is_none();
         let background = self.background.clone();
         let (active, in_use, ended) = (handle.active.clone(), handle.clone(), handle.stop.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("uffd-{id}"))
             .spawn(move || {
                 let r = server.run(|srv, ev| {
@@ -1791,6 +1832,8 @@ impl Inner {
                 tracing::info!(image = %id, result = ?r.map(|s| format!("{s:?}")), "uffd server ended");
             })
             .map_err(|e| Error::io("spawn uffd server", e))?;
+        let stop = handle.stop.clone();
+        self.keep_serving_thread(Box::new(move || stop.store(true, Ordering::SeqCst)), thread);
         if let Err(e) = self.stop_when_idle(mem, &handle) {
             handle.stop.store(true, Ordering::SeqCst);
             return Err(e);
@@ -1895,12 +1938,14 @@ impl Inner {
         tracing::info!(pid, sandbox = sandbox.as_deref(), image = %mem.short(), "VM adopted: its pages are served again");
         // Joined on a thread of its own; if that cannot start, the restore still serves (its
         // handle is only dropped, which does not stop it).
+        let stopper = handle.stopper();
         let watch = std::thread::Builder::new().name(format!("uffd-adopted-{pid}")).spawn(move || {
             let r = handle.join();
             tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
         });
-        if let Err(e) = watch {
-            tracing::warn!(pid, "cannot watch the adopted VM's restore: {e}");
+        match watch {
+            Ok(t) => self.keep_serving_thread(Box::new(move || stopper.stop()), t),
+            Err(e) => tracing::warn!(pid, "cannot watch the adopted VM's restore: {e}"),
         }
         Ok(Some(AdoptedVm { pid, sandbox, image: mem.to_hex() }))
     }

@@ -26,7 +26,7 @@ pub mod workingset;
 
 pub use error::{Error, Result};
 pub use restore::{
-    CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport, StatsSnapshot,
+    CorruptPolicy, EndReason, Peer, Region, RestoreHandle, RestoreOptions, RestoreReport, RestoreStopper, StatsSnapshot,
 };
 pub use server::{ServerEvent, ServerOptions, ServerSummary, UffdServer, WORKING_SET_WINDOW};
 pub use source::{CachedSource, PageSource, RawFileSource, SharedSources, StoreSource};

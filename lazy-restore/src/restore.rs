@@ -321,6 +321,19 @@ impl RestoreReport {
     }
 }
 
+/// Stops one restore: [`RestoreHandle::stopper`].
+#[derive(Clone, Debug)]
+pub struct RestoreStopper(Arc<OwnedFd>);
+
+impl RestoreStopper {
+    /// Asks the serving thread to stop (it ends with [`EndReason::Stopped`]).
+    pub fn stop(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a local to an eventfd we own.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
 /// A running restore.
 pub struct RestoreHandle {
     thread: Option<JoinHandle<RestoreReport>>,
@@ -333,9 +346,11 @@ pub struct RestoreHandle {
 impl RestoreHandle {
     /// Asks the serving thread to stop (it ends with [`EndReason::Stopped`]).
     pub fn stop(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a local to an eventfd we own.
-        unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stopper().stop();
+    }
+    /// What stops this restore from elsewhere (the handle itself may be waiting in `join`).
+    pub fn stopper(&self) -> RestoreStopper {
+        RestoreStopper(self.stop.clone())
     }
     /// True once the serving thread has ended.
     pub fn is_finished(&self) -> bool {
