@@ -69,7 +69,8 @@ pub enum StoreCmd {
         /// Say what would go; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Keep unreferenced pack files younger than this many seconds (an ingest in progress).
+        /// Keep unreferenced pack files and file objects younger than this many seconds (an
+        /// ingest in progress).
         #[arg(long, default_value_t = 3600)]
         grace: u64,
     },
@@ -320,12 +321,14 @@ pub fn bytes(n: u64) -> String {
 pub fn gc_report(report: &snapfork_store::GcReport, dry_run: bool) -> Report {
     let verb = if dry_run { "would remove" } else { "removed" };
     let text = format!(
-        "{verb} {} chunks ({}), {} file objects ({}) and {} attached entries; {} packs rewritten, {} removed; \
-         packs {} -> {}",
+        "{verb} {} chunks ({}), {} file objects ({}), {} orphaned file objects ({}) and {} attached entries; \
+         {} packs rewritten, {} removed; packs {} -> {}",
         report.removed_chunks,
         bytes(report.removed_chunk_bytes),
         report.removed_files,
         bytes(report.removed_file_bytes),
+        report.orphaned_files,
+        bytes(report.orphaned_file_bytes),
         report.removed_attached,
         report.repacked,
         report.removed_packs,

@@ -3,11 +3,13 @@
 //! Safe while transactions run in this process: gc holds the commit lock from its mark to the end
 //! of its sweep (ingests keep hashing and writing; only their final commit waits), keeps the
 //! closure of every id a transaction has pinned (dedup hits, parents), and never touches packs a
-//! transaction is writing. Pack files and staged files that no index entry names (the remains of
-//! a killed process) are removed once older than the grace period.
+//! transaction is writing. Pack files, file objects and staged files that no index entry names
+//! (the remains of a killed process, or of a removal that failed) are removed once older than
+//! the grace period.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rocksdb::WriteBatch;
@@ -25,7 +27,8 @@ pub struct GcOptions {
     /// Report what would go; change nothing.
     pub dry_run: bool,
     /// Unreferenced pack and staged files younger than this are kept: they may belong to an
-    /// ingest that has not committed yet.
+    /// ingest that has not committed yet. Object files that the index does not name are kept as
+    /// long, as a margin (gc never sees one that a commit of this process is still indexing).
     pub grace: Duration,
     /// Packs whose live fraction falls below this are rewritten.
     pub repack_below: f64,
@@ -54,6 +57,12 @@ pub struct GcReport {
     pub removed_files: u64,
     /// Their bytes.
     pub removed_file_bytes: u64,
+    /// Files in the object directory that no index entry names (a commit killed between moving
+    /// them into place and indexing them, or a dead file object whose removal failed), removed
+    /// because they were older than the grace period.
+    pub orphaned_files: u64,
+    /// Their bytes.
+    pub orphaned_file_bytes: u64,
     /// Packs rewritten because most of them was dead.
     pub repacked: u64,
     /// Pack files deleted (emptied, rewritten or orphaned).
@@ -67,6 +76,19 @@ pub struct GcReport {
     /// Packs that were due for a rewrite but kept: their live bytes did not fit in the free
     /// space beyond [`crate::OpenOptions::min_free_bytes`] (a later gc, with room, rewrites them).
     pub repacks_skipped_for_space: u64,
+}
+
+/// How long ago `meta`'s file last changed: the later of its modification and its status
+/// change time. A file object keeps the modification time of the file it was made from (a
+/// checkpointed file may be years old), while the move into `objects/` updates its ctime, so
+/// the ctime is what says how recently it arrived. A time in the future counts as now.
+fn age(meta: &fs::Metadata) -> Duration {
+    use std::os::unix::fs::MetadataExt;
+    let ctime = u64::try_from(meta.ctime()).ok().and_then(|s| {
+        SystemTime::UNIX_EPOCH.checked_add(Duration::new(s, meta.ctime_nsec().clamp(0, 999_999_999) as u32))
+    });
+    let changed = meta.modified().ok().into_iter().chain(ctime).max().unwrap_or_else(SystemTime::now);
+    SystemTime::now().duration_since(changed).unwrap_or_default()
 }
 
 /// The prefix of attached names: see [`attached_name`].
@@ -168,10 +190,12 @@ impl Store {
             Ok(())
         })?;
         let mut dead_files = Vec::new();
+        let mut indexed_files = HashSet::new();
         self.scan(key::FILE, |k, v| {
             let Some(id) = Hash::from_slice(k) else {
                 return Ok(());
             };
+            indexed_files.insert(id);
             if !marked.contains(&id) {
                 report.removed_files += 1;
                 report.removed_file_bytes += v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
@@ -192,6 +216,7 @@ impl Store {
                 }
             }
         }
+        self.sweep_orphaned_files(&indexed_files, &marked, opts, &mut report);
 
         // Packs: delete the dead, rewrite the sparse.
         // Asked afresh for each pack: one a transaction starts meanwhile is active (registered
@@ -281,7 +306,90 @@ impl Store {
         Ok(report)
     }
 
-    /// Removes staged files and unindexed object files older than `grace`.
+    /// Removes (with `dry_run`, only counts) the files under `objects/` that no `f` index entry
+    /// names and nothing reaches, once older than `opts.grace`. `indexed` holds every file object
+    /// the index named when gc scanned it (dead ones included: this gc removes those itself).
+    ///
+    /// Called with the commit lock held exclusively, which is what makes "unindexed" mean
+    /// "abandoned": [`Txn::commit`](crate::Txn::commit) holds it shared from before it moves its
+    /// file objects into `objects/` until its index batch is written, so no commit of this
+    /// process is between the two while we look, and a commit waiting for the lock moves its
+    /// files (over any orphan of the same id: a rename replaces it) and indexes them after we
+    /// are done. Files a transaction has only staged are in `staging/`, not here. No other
+    /// process writes the store meanwhile: a writer holds `DIR/lock` (see `lock.rs`) for as
+    /// long as it has the store open, and read-only openers never write `objects/` (a gc of
+    /// one is a dry run: beside a live writer it may count a file that writer is indexing, but
+    /// removes nothing). So an unindexed object file was left by a writer that died or failed
+    /// between the move and the index batch, or by a failed removal; the grace period is only
+    /// a margin on top.
+    fn sweep_orphaned_files(
+        &self,
+        indexed: &HashSet<Hash>,
+        marked: &HashSet<Hash>,
+        opts: &GcOptions,
+        report: &mut GcReport,
+    ) {
+        // Cleaning up after a crash is best effort: a directory that cannot be listed is
+        // logged and skipped rather than failing the gc whose sweep has already committed.
+        let list = |dir: &Path| match fs::read_dir(dir) {
+            Ok(entries) => entries.filter_map(|e| e.ok()).collect(),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %dir.display(), error = %e, "could not list for orphaned file objects");
+                }
+                Vec::new()
+            }
+        };
+        for fan in list(&self.dir().join("objects")) {
+            let Some(prefix) = fan.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if prefix.len() != 2 || !fan.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for entry in list(&fan.path()) {
+                // Only names that are exactly where `file_object_path` puts an id are ours:
+                // anything else (a temporary file of some tool, a name in upper case) stays.
+                let Some(id) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|rest| format!("{prefix}{rest}").parse::<Hash>().ok())
+                    .filter(|id| self.file_object_path(id) == entry.path())
+                else {
+                    continue;
+                };
+                if indexed.contains(&id) {
+                    continue;
+                }
+                let path = entry.path();
+                if marked.contains(&id) {
+                    // Something refers to it (a ref, or a transaction that is adopting the same
+                    // content and will move its own copy over it): never ours to delete.
+                    tracing::warn!(path = %path.display(), "kept a file object that the index does not name: something refers to it");
+                    continue;
+                }
+                // DirEntry::metadata does not follow a symlink: the entry itself is judged.
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                if meta.is_dir() || age(&meta) < opts.grace {
+                    continue;
+                }
+                if !opts.dry_run
+                    && let Err(e) = fs::remove_file(&path)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove an orphaned file object");
+                    continue;
+                }
+                tracing::info!(path = %path.display(), bytes = meta.len(), dry_run = opts.dry_run, "orphaned file object");
+                report.orphaned_files += 1;
+                report.orphaned_file_bytes += meta.len();
+            }
+        }
+    }
+
+    /// Removes staged files older than `grace` (files prepared for transactions that never
+    /// committed, leftover index table files).
     fn clean_staging(&self, grace: Duration) -> Result<()> {
         let staging = self.staging_dir();
         let Ok(entries) = fs::read_dir(&staging) else {

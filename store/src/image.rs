@@ -153,33 +153,98 @@ pub fn is_zero(buf: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// The byte ranges of `file` that hold data (SEEK_DATA/SEEK_HOLE); the whole file where the
-/// filesystem does not say.
-fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+/// What SEEK_DATA/SEEK_HOLE said about where a file holds data.
+#[derive(Debug, Default)]
+struct DataExtents {
+    /// The byte ranges that hold data, ascending, as far as the filesystem answered.
+    ranges: Vec<(u64, u64)>,
+    /// Where the filesystem stopped answering, and how: an lseek error other than ENXIO (which
+    /// only means "no data past here"), or an answer that contradicts itself. Nothing is known
+    /// about the file from that offset on.
+    failed: Option<(u64, String)>,
+}
+
+impl DataExtents {
+    /// The data ranges, everything the filesystem did not answer for counted as data: right for
+    /// a full image, where a hole is a zero page and reading one as data is only slower.
+    fn or_data(&self, size: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().copied().chain(self.failed.as_ref().map(|&(at, _)| (at, size)))
+    }
+}
+
+/// Where `file` (of `size` bytes) holds data, by SEEK_DATA/SEEK_HOLE.
+fn data_extents(file: &File, size: u64) -> DataExtents {
     use nix::errno::Errno;
     use nix::unistd::{Whence, lseek};
     let fd = file.as_fd();
-    let mut out = Vec::new();
+    let mut out = DataExtents::default();
+    // `size` came from st_size, an off_t: every offset below it fits in one.
     let mut pos: u64 = 0;
     while pos < size {
         let start = match lseek(fd, pos as i64, Whence::SeekData) {
-            Ok(start) => start as u64,
+            Ok(start) if start as u64 >= pos => start as u64,
+            Ok(start) => {
+                out.failed = Some((pos, format!("lseek SEEK_DATA from {pos} answered {start}")));
+                break;
+            }
             // No data past `pos` (a file that ends in a hole, or is all hole).
             Err(Errno::ENXIO) => break,
-            // The filesystem cannot say: treat the rest as data.
-            Err(_) => {
-                out.push((pos, size));
+            Err(e) => {
+                out.failed = Some((pos, format!("lseek SEEK_DATA at {pos}: {e}")));
                 break;
             }
         };
-        let end = lseek(fd, start as i64, Whence::SeekHole).map_or(size, |e| e as u64).min(size);
-        if end <= start {
+        if start >= size {
             break;
         }
-        out.push((start, end));
+        let end = match lseek(fd, start as i64, Whence::SeekHole) {
+            Ok(end) if end as u64 > start => (end as u64).min(size),
+            Ok(end) => {
+                out.failed = Some((start, format!("lseek SEEK_HOLE from data at {start} answered {end}")));
+                break;
+            }
+            Err(e) => {
+                out.failed = Some((start, format!("lseek SEEK_HOLE at {start}: {e}")));
+                break;
+            }
+        };
+        out.ranges.push((start, end));
         pos = end;
     }
     out
+}
+
+/// Why the holes of a diff snapshot of `size` bytes, `allocated` of them allocated on disk
+/// (st_blocks × 512), cannot be told from its written pages by `extents`; `None` when they can.
+///
+/// Refused: a filesystem that failed to answer, and one that calls (nearly) the whole file data
+/// although more than `slack` (a page, at least 4 KiB) of it is not allocated. The second is
+/// what a filesystem without SEEK_HOLE support answers through the kernel's generic code (one
+/// extent from 0 to the end: NFS before 4.2, ramfs, many FUSE filesystems); read as data, every
+/// hole, which means "as in the parent", would become a zero page over the parent's content.
+///
+/// Why this rarely refuses a file it should take: where the filesystem does report holes,
+/// (nearly) no holes means (nearly) every block allocated, so st_blocks covers the size. What
+/// can make st_blocks smaller than the data: inline data and tail packing (ext4 inline data,
+/// btrfs inline extents), only in files smaller than a page, which `slack` covers; and ZFS,
+/// which counts compressed bytes (and fewer until its transaction group syncs), so a diff there
+/// without a single hole may be refused: loudly, and it ingests as a full snapshot. What makes
+/// st_blocks larger never refuses: preallocation (fallocate, XFS speculative preallocation),
+/// metadata blocks, delayed allocations (ext4 and XFS count them). btrfs counts a compressed
+/// extent at its uncompressed length (seen with compress-force=zstd), so it is no exception.
+fn diff_holes_unknown(size: u64, allocated: u64, page_size: u64, extents: &DataExtents) -> Option<String> {
+    if let Some((_, why)) = &extents.failed {
+        return Some(format!("the filesystem cannot say where its holes are ({why})"));
+    }
+    let slack = page_size.max(4096);
+    let data: u64 = extents.ranges.iter().map(|(start, end)| end - start).sum();
+    if data.saturating_add(slack) > size && allocated.saturating_add(slack) < size {
+        return Some(format!(
+            "the filesystem calls {data} of its {size} bytes data, but only {allocated} are allocated: it does not \
+             report holes"
+        ));
+    }
+    None
 }
 
 impl Txn {
@@ -187,7 +252,8 @@ impl Txn {
     /// after [`Txn::commit`].
     pub fn ingest_image(&mut self, path: &Path, opts: &IngestOptions) -> Result<ImageInfo> {
         let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        let size = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
+        let meta = file.metadata().ctx(|| format!("stat {}", path.display()))?;
+        let size = meta.len();
         let ps = if opts.page_size == 0 { DEFAULT_PAGE_SIZE } else { opts.page_size };
         if !valid_page_size(ps) {
             return Err(Error::InvalidInput(format!("page size {ps} is not a power of two from 512 to 1 GiB")));
@@ -224,8 +290,22 @@ impl Txn {
             )));
         }
         // Pages that hold data in the file: holes are zero (or, in a diff snapshot, unchanged).
+        let extents = data_extents(&file, size);
+        if opts.diff_snapshot {
+            use std::os::unix::fs::MetadataExt;
+            let allocated = meta.blocks().saturating_mul(512);
+            if let Some(why) = diff_holes_unknown(size, allocated, ps64, &extents) {
+                return Err(Error::InvalidInput(format!(
+                    "diff snapshot {}: {why}. Its holes mean \"as in the parent\", and this filesystem cannot tell \
+                     them from the pages written; read as zeros they would overwrite the parent's pages. Write diff \
+                     snapshots on a filesystem that reports holes (SEEK_DATA/SEEK_HOLE: ext4, XFS, btrfs, tmpfs), \
+                     or take a full snapshot",
+                    path.display()
+                )));
+            }
+        }
         let mut data = PageSet::new();
-        for (start, end) in data_extents(&file, size) {
+        for (start, end) in extents.or_data(size) {
             data.insert_range(start / ps64, end.div_ceil(ps64));
         }
         let parent_size = parent.as_ref().map_or(0, |p| p.size);
@@ -915,5 +995,74 @@ impl ImageReader {
             }
         }
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const PAGE: u64 = 4096;
+
+    fn extents(ranges: &[(u64, u64)]) -> DataExtents {
+        DataExtents { ranges: ranges.to_vec(), failed: None }
+    }
+
+    #[test]
+    fn a_sparse_diff_that_the_filesystem_calls_all_data_is_refused() {
+        // 64 MiB of guest memory, 1 MiB of it written: the generic SEEK_DATA answer.
+        let why = diff_holes_unknown(64 * MIB, MIB, PAGE, &extents(&[(0, 64 * MIB)]));
+        assert!(why.as_deref().is_some_and(|w| w.contains("does not report holes")), "{why:?}");
+        // Huge pages: the same, with a 2 MiB page.
+        assert!(diff_holes_unknown(64 * MIB, 4 * MIB, 2 * MIB, &extents(&[(0, 64 * MIB)])).is_some());
+    }
+
+    #[test]
+    fn a_dense_diff_called_all_data_is_taken() {
+        assert_eq!(diff_holes_unknown(64 * MIB, 64 * MIB, PAGE, &extents(&[(0, 64 * MIB)])), None);
+        // Preallocated beyond its end, or with metadata blocks: more allocated than its size.
+        assert_eq!(diff_holes_unknown(64 * MIB, 80 * MIB, PAGE, &extents(&[(0, 64 * MIB)])), None);
+        // A partial last block, and inline data of a file smaller than a page (no blocks).
+        assert_eq!(diff_holes_unknown(64 * MIB + 100, 64 * MIB, PAGE, &extents(&[(0, 64 * MIB + 100)])), None);
+        assert_eq!(diff_holes_unknown(3000, 0, PAGE, &extents(&[(0, 3000)])), None);
+    }
+
+    #[test]
+    fn a_sparse_diff_with_real_extents_is_taken() {
+        let written = [(0, PAGE), (5 * PAGE, 7 * PAGE), (64 * MIB - PAGE, 64 * MIB)];
+        assert_eq!(diff_holes_unknown(64 * MIB, 4 * PAGE, PAGE, &extents(&written)), None);
+        // All data but one page: a real hole of one page, the rest written and allocated.
+        assert_eq!(diff_holes_unknown(64 * MIB, 64 * MIB - PAGE, PAGE, &extents(&[(PAGE, 64 * MIB)])), None);
+        // Nothing written at all.
+        assert_eq!(diff_holes_unknown(64 * MIB, 0, PAGE, &extents(&[])), None);
+    }
+
+    #[test]
+    fn a_filesystem_that_fails_to_answer_is_refused() {
+        let failed = DataExtents {
+            ranges: vec![(0, PAGE)],
+            failed: Some((PAGE, "lseek SEEK_DATA at 4096: EINVAL: Invalid argument".into())),
+        };
+        let why = diff_holes_unknown(64 * MIB, 64 * MIB, PAGE, &failed);
+        assert!(why.as_deref().is_some_and(|w| w.contains("EINVAL")), "{why:?}");
+        // A full image counts what was not answered for as data.
+        assert_eq!(failed.or_data(64 * MIB).collect::<Vec<_>>(), [(0, PAGE), (PAGE, 64 * MIB)]);
+    }
+
+    #[test]
+    fn data_extents_of_a_sparse_file_name_its_written_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(4 * MIB).unwrap();
+        file.write_all_at(&[1u8; PAGE as usize], MIB).unwrap();
+        let found = data_extents(&file, 4 * MIB);
+        assert!(found.failed.is_none(), "{found:?}");
+        // A filesystem that reports holes names the page (some round to larger blocks); one
+        // that does not calls it all data. Both are the truth as far as the data goes.
+        let data: u64 = found.ranges.iter().map(|(s, e)| e - s).sum();
+        assert!(found.ranges.iter().any(|&(s, e)| s <= MIB && e >= MIB + PAGE), "{found:?}");
+        assert!(data == 4 * MIB || data <= MIB, "{found:?}");
     }
 }

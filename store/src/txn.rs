@@ -3,7 +3,7 @@
 //! A transaction appends new chunks to packs of its own, stages file objects and collects index
 //! updates. [`Txn::commit`] makes pack data and file objects durable first, then applies every
 //! index update in one synced RocksDB batch: a crash before that batch leaves only unreferenced
-//! pack bytes (which gc reclaims), never an index entry pointing at lost data.
+//! pack bytes and object files (which gc reclaims), never an index entry pointing at lost data.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -282,7 +282,8 @@ impl Txn {
         }
         let packs_synced = started.elapsed();
         // From here on gc must not be between its mark and its sweep: it would unlink as dead
-        // an object file moved into place below (not indexed yet) with its own stale copy.
+        // an object file moved into place below (not indexed yet) with its own stale copy, and
+        // its sweep of unindexed object files would take one for the remains of a crash.
         let store = self.store.clone();
         let _guard = store.inner.commit_lock.read().unwrap_or_else(|e| e.into_inner());
         // 2. File objects: durable, moved into place, the moves durable. Many files (a first

@@ -214,3 +214,133 @@ fn gc_without_grace_never_deletes_the_pack_of_a_transaction_that_started_meanwhi
     assert!(store.verify(None, None).unwrap().is_ok());
     eprintln!("{runs} gc runs beside 60 commits");
 }
+
+/// Puts a file object into the store the way `Txn::commit` does, then takes its index entry
+/// away again as a kill between the move and the index batch would: the file is at
+/// `file_object_path(id)` and the index does not name it. Returns the id and the path.
+fn orphan_file_object(store: &snapfork_store::Store, content: &[u8]) -> (snapfork_store::Hash, std::path::PathBuf) {
+    let id = snapfork_store::Hash::of(content);
+    let path = store.file_object_path(&id);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, content).unwrap();
+    assert!(!store.has_file_object(&id).unwrap());
+    (id, path)
+}
+
+/// Commits `content` as a file object named by ref `name`, through the staging directory as
+/// fsfork does.
+fn commit_file_object(store: &snapfork_store::Store, name: &str, content: &[u8]) -> std::path::PathBuf {
+    let id = snapfork_store::Hash::of(content);
+    let staged = store.staging_dir().join(format!("staged-{name}"));
+    std::fs::write(&staged, content).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.adopt_file_object(&staged, id).unwrap();
+    tx.set_ref(name, id).unwrap();
+    tx.commit().unwrap();
+    store.file_object_path(&id)
+}
+
+#[test]
+fn gc_removes_object_files_that_no_index_entry_names_after_the_grace_period() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let live = commit_file_object(&store, "live", b"a file a ref names");
+    // A dead file object: committed, then its ref deleted.
+    let dead = commit_file_object(&store, "dead", b"a file nothing names any more");
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("dead");
+    tx.commit().unwrap();
+    let orphan_content = vec![7u8; 10_000];
+    let (_, orphan) = orphan_file_object(&store, &orphan_content);
+    // Not ours: another name in the object directory, and a file in a fan-out directory whose
+    // name is no id.
+    let stray = store.dir().join("objects").join("README");
+    std::fs::write(&stray, b"left by someone").unwrap();
+    let tmpfile = orphan.parent().unwrap().join(".tmp-editor-swap");
+    std::fs::write(&tmpfile, b"also not an object").unwrap();
+
+    // Young orphans are kept. A file object keeps the modification time of the file it was
+    // made from, so an old one says nothing about when the file arrived in objects/.
+    let year_ago = std::time::SystemTime::now() - Duration::from_secs(365 * 24 * 3600);
+    std::fs::File::options().write(true).open(&orphan).unwrap().set_modified(year_ago).unwrap();
+    let report = store.gc(&GcOptions { grace: Duration::from_secs(3600), ..GcOptions::default() }).unwrap();
+    assert_eq!((report.orphaned_files, report.orphaned_file_bytes), (0, 0), "{report:?}");
+    assert!(orphan.exists(), "an orphan younger than the grace period was removed");
+    assert_eq!(report.removed_files, 1, "the dead file object goes whatever its age: {report:?}");
+    assert!(!dead.exists());
+
+    // A dry run says what would go and removes nothing.
+    let dry = store.gc(&GcOptions { dry_run: true, ..gc_now() }).unwrap();
+    assert_eq!((dry.orphaned_files, dry.orphaned_file_bytes), (1, orphan_content.len() as u64), "{dry:?}");
+    assert!(orphan.exists(), "a dry run removed an orphan");
+
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!((report.orphaned_files, report.orphaned_file_bytes), (1, orphan_content.len() as u64), "{report:?}");
+    assert_eq!(report.removed_files, 0, "{report:?}");
+    assert!(!orphan.exists(), "the orphan is still there");
+    assert_eq!(std::fs::read(&live).unwrap(), b"a file a ref names", "the live file object was touched");
+    assert!(stray.exists() && tmpfile.exists(), "gc removed a file that is not a file object");
+    let verify = store.verify(None, None).unwrap();
+    assert!(verify.is_ok(), "{verify:?}");
+    assert_eq!(verify.objects, 1, "{verify:?}");
+    // Nothing more to do.
+    assert_eq!(store.gc(&gc_now()).unwrap().orphaned_files, 0);
+
+    // An orphan whose content is checkpointed again: the commit moves its own copy over it and
+    // indexes it, and from then on it is an object like any other.
+    let (id, path) = orphan_file_object(&store, &orphan_content);
+    assert_eq!(commit_file_object(&store, "again", &orphan_content), path);
+    assert!(store.has_file_object(&id).unwrap());
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.orphaned_files, 0, "{report:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), orphan_content);
+    assert!(store.verify(None, None).unwrap().is_ok());
+}
+
+/// gc with no grace period, over and over, while transactions commit file objects: a file a
+/// commit has moved into `objects/` but not indexed yet is never taken for an orphan.
+#[test]
+fn gc_without_grace_never_removes_a_file_object_a_commit_is_indexing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s2, stop2) = (store.clone(), stop.clone());
+    let gc = std::thread::spawn(move || {
+        let (mut orphaned, mut runs) = (0, 0);
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            orphaned += s2.gc(&GcOptions { grace: Duration::ZERO, ..GcOptions::default() }).unwrap().orphaned_files;
+            runs += 1;
+            // Room for commits: a gc holds them off from its mark to its end.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (orphaned, runs)
+    });
+    let mut paths = Vec::new();
+    for k in 0..60u32 {
+        // Many files per commit (more than the syncfs threshold, half of the commits) to widen
+        // the window between the moves and the index batch.
+        let mut tx = store.begin().unwrap();
+        let files = if k % 2 == 0 { 1 } else { 40 };
+        for f in 0..files {
+            let content = format!("commit {k} file {f}").into_bytes();
+            let id = snapfork_store::Hash::of(&content);
+            // Staged beside the store, on its filesystem, rather than in staging/: gc without
+            // grace clears staging/, files of open transactions included (the grace period is
+            // all that protects those), and this test is about what happens after the move.
+            let staged = tmp.path().join(format!("s-{k}-{f}"));
+            std::fs::write(&staged, &content).unwrap();
+            tx.adopt_file_object(&staged, id).unwrap();
+            tx.set_ref(&format!("f/{k}/{f}"), id).unwrap();
+            paths.push((store.file_object_path(&id), content));
+        }
+        tx.commit().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (orphaned, runs) = gc.join().unwrap();
+    assert_eq!(orphaned, 0, "gc took a committed file object for an orphan");
+    for (path, content) in &paths {
+        assert_eq!(&std::fs::read(path).unwrap(), content, "{}", path.display());
+    }
+    assert!(store.verify(None, None).unwrap().is_ok());
+    eprintln!("{runs} gc runs beside 60 commits");
+}
