@@ -253,6 +253,11 @@ impl PackFiles {
         self.open.write().unwrap_or_else(|e| e.into_inner()).remove(&n);
     }
 
+    /// Closes every pack (a reader whose view of the index moved on).
+    pub fn forget_all(&self) {
+        self.open.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Reads `len` bytes at `offset` of pack `n` into `buf`.
     pub fn read_at(&self, n: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let file = self.get(n)?;

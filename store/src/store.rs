@@ -102,6 +102,47 @@ pub(crate) struct Inner {
     /// and its sweep.
     pub commit_lock: RwLock<()>,
     _lock: Option<StoreLock>,
+    /// A read-only store's own directory for its secondary index instance (last: removed after
+    /// the index closes).
+    _secondary: Option<SecondaryDir>,
+}
+
+/// The directory a secondary RocksDB instance keeps its own files in (its info log), removed
+/// when the store closes. In the system's temporary directory: a reader need not be able to
+/// write the store.
+struct SecondaryDir(PathBuf);
+
+impl SecondaryDir {
+    const PREFIX: &str = "snapfork-reader-";
+
+    fn create() -> Result<SecondaryDir> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = std::env::temp_dir();
+        // Those of readers that were killed (or exited without closing the store).
+        if seq == 0
+            && let Ok(entries) = fs::read_dir(&tmp)
+        {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let pid =
+                    name.to_str().and_then(|n| n.strip_prefix(Self::PREFIX)?.split('-').next()?.parse::<u32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("{}{}-{seq}", Self::PREFIX, std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        Ok(SecondaryDir(dir))
+    }
+}
+
+impl Drop for SecondaryDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 thread_local! {
@@ -140,7 +181,8 @@ impl Store {
                 FORMAT.trim()
             )));
         }
-        let db = open_index(&dir.join("index"), opts.read_only)?;
+        let secondary = if opts.read_only { Some(SecondaryDir::create()?) } else { None };
+        let db = open_index(&dir.join("index"), secondary.as_ref().map(|d| d.0.as_path()))?;
         let next_pack = max_pack_number(&dir.join("packs"))?.map_or(1, |n| n + 1);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -155,6 +197,7 @@ impl Store {
                 pins: Mutex::default(),
                 commit_lock: RwLock::default(),
                 _lock: lock,
+                _secondary: secondary,
             }),
         })
     }
@@ -203,18 +246,27 @@ impl Store {
     }
 
     /// Reads chunk `id`, just found at `loc`, into `out`, verified.
+    ///
+    /// gc may have moved the chunk to a new pack between the lookup and the read: the old pack
+    /// is gone, so it is looked up again. A read-only store's index shows the store as it was
+    /// when it opened (or last caught up) while a writer elsewhere goes on, so its lookup may
+    /// name a pack that the writer's gc deleted, or whose number a later pack took (which then
+    /// reads other bytes): it catches up with the writer, forgets the pack it had open, and
+    /// looks again. A chunk that really is damaged fails the second read too, by name.
     fn read_found(&self, id: &Hash, loc: &Location, out: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
         match self.read_located(id, loc, out, what) {
-            // gc may have moved the chunk to a new pack between our lookup and our read.
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                let loc = self.location(id)?.ok_or_else(|| Error::Corrupt {
-                    what: what(),
-                    detail: format!("chunk {id} is missing from the store"),
-                })?;
-                self.read_located(id, &loc, out, what)
-            }
-            other => other,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(Error::Corrupt { .. }) if self.inner.read_only => {}
+            other => return other,
         }
+        if self.inner.read_only {
+            self.inner.db.try_catch_up_with_primary()?;
+            self.inner.packs.forget(loc.pack);
+        }
+        let loc = self
+            .location(id)?
+            .ok_or_else(|| Error::Corrupt { what: what(), detail: format!("chunk {id} is missing from the store") })?;
+        self.read_located(id, &loc, out, what)
     }
 
     pub(crate) fn read_located(
@@ -564,17 +616,24 @@ fn index_options() -> rocksdb::Options {
     opts
 }
 
-fn open_index(path: &Path, read_only: bool) -> Result<DB> {
+/// Opens the index; read-only (`secondary`: where that instance keeps its own files) as a
+/// secondary instance, which can catch up with a writer's later changes (see
+/// [`Store::read_found`]).
+fn open_index(path: &Path, secondary: Option<&Path>) -> Result<DB> {
     let mut opts = index_options();
-    opts.create_if_missing(!read_only);
+    opts.create_if_missing(secondary.is_none());
     opts.increase_parallelism(2);
-    opts.set_max_open_files(512);
+    // A secondary instance must keep every table open (RocksDB requires it).
+    opts.set_max_open_files(if secondary.is_some() { -1 } else { 512 });
     opts.set_write_buffer_size(64 << 20);
     // Most probes of a first ingest miss: a bloom filter over the memtable answers them without
     // walking its skiplist.
     opts.set_memtable_prefix_bloom_ratio(0.1);
     opts.set_memtable_whole_key_filtering(true);
-    let db = if read_only { DB::open_for_read_only(&opts, path, false)? } else { DB::open(&opts, path)? };
+    let db = match secondary {
+        Some(own) => DB::open_as_secondary(&opts, path, own)?,
+        None => DB::open(&opts, path)?,
+    };
     Ok(db)
 }
 

@@ -47,7 +47,21 @@ impl VerifyReport {
 impl Store {
     /// Re-reads and re-hashes every object (with `only`, every object that ref reaches) and names
     /// each damaged one by every place a ref uses it.
+    ///
+    /// A read-only store sees the store as it was when it opened, while a writer elsewhere may
+    /// since have collected or moved what it checks: damage found there is checked again once
+    /// caught up with the writer, and only what is still damaged then is reported.
     pub fn verify(&self, only: Option<&str>, progress: Option<&Progress>) -> Result<VerifyReport> {
+        let report = self.verify_once(only, progress)?;
+        if report.is_ok() || !self.is_read_only() {
+            return Ok(report);
+        }
+        self.inner.db.try_catch_up_with_primary()?;
+        self.inner.packs.forget_all();
+        self.verify_once(only, progress)
+    }
+
+    fn verify_once(&self, only: Option<&str>, progress: Option<&Progress>) -> Result<VerifyReport> {
         let roots: Vec<(String, Hash)> = match only {
             Some(name) => vec![(name.to_string(), self.resolve(name)?)],
             None => self.list_refs("")?,

@@ -125,6 +125,69 @@ fn gc_rewrites_packs_that_are_mostly_dead() {
     assert!(store.verify(None, None).unwrap().is_ok());
 }
 
+/// A reader that opened the store read-only beside its writer (`snapfork serve-uffd`, `cat`,
+/// `verify` next to a daemon) sees the index as it was; the writer's gc then moves its pages.
+#[test]
+fn a_read_only_reader_follows_pages_the_writers_gc_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let big = make_image(1000, 0, 4);
+    let small = make_image(50, 0, 5);
+    let mut tx = store.begin().unwrap();
+    let ib = tx.ingest_image(&write(tmp.path(), "big", &big), &IngestOptions::default()).unwrap();
+    let is = tx.ingest_image(&write(tmp.path(), "small", &small), &IngestOptions::default()).unwrap();
+    tx.set_ref("big", ib.id).unwrap();
+    tx.set_ref("small", is.id).unwrap();
+    tx.commit().unwrap();
+    // The next version of `small` has its manifest in a pack of its own, most pages in the
+    // first one (where `big` is).
+    let mut small = small;
+    small[3 * 4096..4 * 4096].fill(0xEE);
+    let mut tx = store.begin().unwrap();
+    let is2 = tx.ingest_image(&write(tmp.path(), "small2", &small), &IngestOptions::default()).unwrap();
+    tx.set_ref("small", is2.id).unwrap();
+    tx.commit().unwrap();
+    let ro = || {
+        let opts = snapfork_store::OpenOptions { read_only: true, create: false, ..Default::default() };
+        snapfork_store::Store::open(tmp.path().join("store"), opts).unwrap()
+    };
+    // One reader has read a page of the first pack (which it keeps open), the other only the
+    // manifest, from the second.
+    let (ro_a, ro_b) = (ro(), ro());
+    let reader_a = ro_a.open_image_ref("small").unwrap();
+    let mut page = vec![0u8; 4096];
+    reader_a.read_page(7, &mut page).unwrap();
+    let reader_b = ro_b.open_image_ref("small").unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("big");
+    tx.commit().unwrap();
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.repacked, 1, "{report:?}");
+    // A later pack takes the old pack's number: the readers must not read it as theirs.
+    let mut tx = store.begin().unwrap();
+    let other =
+        tx.ingest_image(&write(tmp.path(), "other", &make_image(300, 0, 9)), &IngestOptions::default()).unwrap();
+    tx.set_ref("other", other.id).unwrap();
+    tx.commit().unwrap();
+    for reader in [&reader_a, &reader_b] {
+        for i in 0..50 {
+            reader.read_page(i, &mut page).unwrap();
+            assert_eq!(page, small[i as usize * 4096..][..4096], "page {i}");
+        }
+        let mut all = vec![0u8; 50 * 4096];
+        reader.read_pages(0, &mut all).unwrap();
+        assert_eq!(all, small);
+    }
+    // verify from a read-only view that predates the gc: what the gc removed is no damage.
+    let ro_c = ro();
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("other");
+    tx.commit().unwrap();
+    store.gc(&gc_now()).unwrap();
+    let v = ro_c.verify(None, None).unwrap();
+    assert!(v.is_ok(), "{v:?}");
+}
+
 #[test]
 fn verify_reports_a_link_to_a_missing_object() {
     let tmp = tempfile::tempdir().unwrap();
