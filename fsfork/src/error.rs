@@ -36,6 +36,26 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file object in the store does not have the size its checkpoint records: the store's
+    /// copy was truncated or extended (disk damage, a bad copy). Damage that keeps the size is
+    /// found by re-hashing (`snapfork verify`), not here.
+    #[error(
+        "corrupt file object {id} ({}): it is {actual} bytes, but checkpoint entry {} records {expected}",
+        object.display(),
+        path.display()
+    )]
+    CorruptObject {
+        /// The object's id (hex).
+        id: String,
+        /// Where the store keeps it.
+        object: PathBuf,
+        /// The entry that links it, relative to the checkpoint's root.
+        path: PathBuf,
+        /// The size the checkpoint records.
+        expected: u64,
+        /// The size of the object as found.
+        actual: u64,
+    },
     /// A checkpoint name or id could not be resolved.
     #[error("no such checkpoint: {0}")]
     NoSuchCheckpoint(String),

@@ -491,6 +491,12 @@ pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)
 }
 
+/// `syncfs(fd)`: writes back all dirty data and metadata of the filesystem holding `fd`.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: live descriptor; syncfs touches no memory of ours.
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
 /// One extent as reported by FIEMAP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {

@@ -1221,6 +1221,26 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     let st = match e.link {
                         Some(id) => {
                             let src = open_object(&id)?;
+                            // An object truncated or extended in the store (disk damage, a bad
+                            // copy) would come out as a file of the wrong size and content, and
+                            // the stat cache seeded below would vouch for it as this object at
+                            // the next checkpoint. Its size costs one fstat; damage that keeps
+                            // the size is found by `snapfork verify` (the store re-hashes every
+                            // object), not here: re-hashing on restore would read every byte,
+                            // which reflinks exist to avoid. Nothing is created for this entry,
+                            // and the error removes the partial tree like any other.
+                            let found = sys::fstat(src.as_fd())
+                                .map_err(|x| Error::io("stat object", repo.file_object_path(&id), x))?
+                                .st_size as u64;
+                            if found != e.size {
+                                return Err(Error::CorruptObject {
+                                    id: id.hex(),
+                                    object: repo.file_object_path(&id),
+                                    path: rel,
+                                    expected: e.size,
+                                    actual: found,
+                                });
+                            }
                             clone::create_file_lean(ddir, &name, src.as_fd(), &meta, &e.xattrs, &c)
                                 .map_err(|x| Error::io("create", path(), x))?
                                 .1
@@ -1318,6 +1338,29 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
             if !k.is_empty() {
                 cache.insert(&k, v);
             }
+        }
+        // The stat cache returned here vouches for each file as its object by (size, mtime,
+        // ctime, inode): it must not become durable before the files' data. A copied file
+        // (no reflink: ext4, another filesystem than the store's, a refused FICLONE) has its
+        // size (ftruncate), times and mode in the journal long before its data is written back
+        // (delayed allocation); after a crash it can read as zeros or old blocks with exactly
+        // the stat we cached, and the next checkpoint would record it as the object. So a
+        // tree with copies is flushed first: one syncfs (the data of thousands of files in one
+        // go; fsync per file would cost a journal commit each). That also makes a revert's new
+        // tree complete on disk before it is swapped in.
+        //
+        // A reflinked file needs none: its blocks are the object's, on disk since the store
+        // committed it, and the clone is metadata, which XFS (one ordered log) and btrfs
+        // (atomic transactions) recover as a prefix of what was done. The cached stat is the
+        // one after the file's last change (futimens, after the clone), so if it survived, the
+        // clone did too; if the crash lost it, the file is missing or has another size, mtime
+        // or ctime, and the cache misses (it is read again), never matches wrong bytes.
+        // Flushing anyway cost 24-105 ms per fork or revert of 10,000 files (BENCHMARKS.md),
+        // more when other writers leave the filesystem dirty: syncfs waits for all of it.
+        if c.copied.load(Ordering::Relaxed) > 0 {
+            let t_sync = Instant::now();
+            sys::syncfs(dfds.get(0).ctx("open", dst)?.fd()).ctx("sync", dst)?;
+            tracing::debug!(ms = t_sync.elapsed().as_secs_f64() * 1e3, "materialize: copies flushed (syncfs)");
         }
         cache.finish();
         cache.settle();

@@ -830,3 +830,81 @@ fn a_file_rewritten_in_the_tick_it_was_read_is_read_again() {
     }
     assert!(raced, "five tries never wrote twice within one second");
 }
+
+/// A file object truncated or extended in the store (disk damage, a bad copy) is refused by
+/// restore, fork and revert with an error naming the object, the entry and both sizes, instead
+/// of coming back as a file of the wrong size that the stat cache would then vouch for. Nothing
+/// is left behind or recorded, and the workspace a revert would have replaced is as it was.
+#[test]
+fn an_object_of_the_wrong_size_is_refused_and_nothing_changes() {
+    let Some(env) = Env::new(FsType::Xfs, "an_object_of_the_wrong_size_is_refused_and_nothing_changes", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    for i in 0..200 {
+        std::fs::write(ws.join(format!("src/f{i}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 253) as u8).collect();
+    std::fs::write(ws.join("src/data.bin"), &data).unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, Some("base")).unwrap();
+    // The workspace moves on after the checkpoint: a failed revert must keep these edits.
+    std::fs::write(ws.join("src/data.bin"), b"edited after the checkpoint").unwrap();
+    std::fs::write(ws.join("new.txt"), b"new").unwrap();
+    let before = common::snapshot(&ws);
+    let (_, log_before) = workspace::log(&env.store, &ws).unwrap();
+    let id = blake3::hash(&data);
+    let obj = env.store.file_object_path(&snapfork_store::Hash(*id.as_bytes()));
+    assert!(obj.exists(), "no object {}", obj.display());
+
+    for (damage, len) in [("truncated", 4096u64), ("extended", data.len() as u64 + 1)] {
+        std::fs::OpenOptions::new().write(true).open(&obj).unwrap().set_len(len).unwrap();
+        let refused = |what: &str, r: snapfork_fsfork::Result<()>| {
+            let err = r.expect_err(&format!("{what} of a checkpoint whose object is {damage} succeeded"));
+            let msg = err.to_string();
+            assert!(
+                matches!(
+                    &err,
+                    snapfork_fsfork::Error::CorruptObject { id: i, path, expected, actual, .. }
+                        if *i == id.to_hex().as_str() && path == Path::new("src/data.bin")
+                            && *expected == data.len() as u64 && *actual == len
+                ),
+                "{what}, object {damage}: {err:?}"
+            );
+            for part in [id.to_hex().as_str(), "src/data.bin", &len.to_string(), &data.len().to_string()] {
+                assert!(msg.contains(part), "{what}, object {damage}: {part:?} not in {msg:?}");
+            }
+        };
+        let dst = env.p(&format!("restored-{damage}"));
+        refused("restore", workspace::restore(&env.store, &c.id, &dst).map(drop));
+        assert!(!dst.exists(), "a refused restore left a tree");
+        let into = env.p(&format!("forks-{damage}"));
+        refused("fork", workspace::fork(&env.store, &c.id, 1, &into).map(drop));
+        assert!(!into.join("fork-1").exists(), "a refused fork left a tree");
+        refused("revert", workspace::revert(&env.store, &ws, &c.id).map(drop));
+        common::assert_same(&before, &common::snapshot(&ws));
+        // No side tree of the revert is left beside the workspace.
+        let mut beside: Vec<String> = std::fs::read_dir(env.fs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        beside.sort();
+        let mut want = vec!["store".to_string(), "ws".to_string(), "forks-truncated".to_string()];
+        if damage == "extended" {
+            want.push("forks-extended".into());
+        }
+        want.sort();
+        assert_eq!(beside, want);
+        // Nothing was recorded: no offspring of the checkpoint, no revert in the history.
+        assert!(workspace::offspring(&env.store, &c.id).unwrap().is_empty());
+        let (_, log) = workspace::log(&env.store, &ws).unwrap();
+        assert_eq!(format!("{log:?}"), format!("{log_before:?}"));
+    }
+
+    // With the object as it was, the same checkpoint restores (only a wrong size is refused).
+    std::fs::write(&obj, &data).unwrap();
+    let dst = env.p("restored");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    assert_eq!(std::fs::read(dst.join("src/data.bin")).unwrap(), data);
+    assert_eq!(std::fs::read_to_string(dst.join("src/f7.txt")).unwrap(), "file 7\n");
+}
