@@ -296,13 +296,15 @@ struct Inner {
     trusted_host_dirs: Vec<PathBuf>,
     /// [`EngineOptions::trust_imported_vm_state`].
     trust_imported_vm_state: bool,
-    /// Threads writing to the store in the background (working sets): joined when the engine
-    /// goes, so that none is still inside RocksDB when the process exits (its C++ teardown
+    /// Threads using the store in the background (working sets saved, preloaded): joined when
+    /// the engine goes, so that none is still inside RocksDB when the process exits (its C++ teardown
     /// aborts the process then).
     background: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
     /// Threads serving the memory of lazily restored VMs (UFFD servers, VMs taken over): stopped
     /// and joined by [`Engine::shutdown`], for the same reason.
     serving: Mutex<Vec<ServingThread>>,
+    /// Set by [`Engine::shutdown`]: no thread that serves VM memory starts after it.
+    shutting_down: AtomicBool,
 }
 
 /// A thread that serves VM memory from the store, and how to stop it.
@@ -314,7 +316,12 @@ struct ServingThread {
 impl Inner {
     /// See [`Engine::shutdown`].
     fn shutdown(&self) {
-        let serving = std::mem::take(&mut *self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+        // Under the lock: a serving thread registered from now on is stopped at once (below).
+        let serving = {
+            let mut list = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+            self.shutting_down.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *list)
+        };
         for s in &serving {
             (s.stop)();
         }
@@ -330,8 +337,24 @@ impl Inner {
 
     fn keep_serving_thread(&self, stop: Box<dyn Fn() + Send>, thread: std::thread::JoinHandle<()>) {
         let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        if self.shutting_down.load(Ordering::SeqCst) {
+            drop(serving);
+            stop();
+            let _ = thread.join();
+            return;
+        }
         serving.retain(|s| !s.thread.is_finished());
         serving.push(ServingThread { stop, thread });
+    }
+
+    fn refuse_when_shutting_down(&self) -> Result<()> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(Error::Runtime {
+                what: "serve VM memory".into(),
+                detail: "the engine is shutting down".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -401,6 +424,7 @@ impl Engine {
                 trust_imported_vm_state: opts.trust_imported_vm_state,
                 background: Arc::default(),
                 serving: Mutex::default(),
+                shutting_down: AtomicBool::new(false),
             }),
         })
     }
@@ -1487,7 +1511,7 @@ impl Inner {
                 }
                 DriverConfig::Firecracker(cfg) => {
                     // Each incarnation in a directory of its own, which goes with it (revert).
-                    let new_cfg = self.start_firecracker(s, cfg, &dir.join("vm-1"), name)?;
+                    let new_cfg = self.start_firecracker(s, cfg, &dir.join("vm-1"), name, true)?;
                     rec.config = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
                     rec.status = Status::Running;
                     started_vm = Some(new_cfg);
@@ -1553,19 +1577,35 @@ impl Inner {
             cleanup_prepared();
             return Err(e);
         }
-        // A Firecracker VM too, so that two never run on the same disk files. One whose API
-        // does not answer goes on running until it is killed below.
+        // A Firecracker VM too: its successor opens the same disk files (the vmstate names
+        // them), so the two must never run at once. One that does not pause is ended first.
         let old_vm = match &driver {
             DriverConfig::Firecracker(c) => Some(c),
             _ => None,
         };
-        let vm_paused = was_running
-            && old_vm.is_some_and(|c| {
-                ApiClient::new(&c.api_socket)
-                    .pause()
-                    .inspect_err(|e| tracing::warn!(sandbox = name, "cannot pause the VM before its revert: {e}"))
-                    .is_ok()
-            });
+        let mut vm_paused = false;
+        if was_running && let Some(c) = old_vm {
+            match ApiClient::new(&c.api_socket).with_timeout(Duration::from_secs(10)).pause() {
+                Ok(()) => vm_paused = true,
+                Err(e) => {
+                    tracing::warn!(
+                        sandbox = name,
+                        "the VM does not pause, so it is ended before its successor starts: {e}"
+                    );
+                    c.kill_vmm();
+                }
+            }
+        }
+        let resume_old = || {
+            if was_running && let Some(rid) = &old_rid {
+                let _ = self.runsc.resume(rid);
+            }
+            if vm_paused && let Some(c) = old_vm {
+                let _ = ApiClient::new(&c.api_socket).resume();
+            }
+        };
+        // What the record and the head ref were, put back if the revert fails half committed.
+        let before = rec.clone();
         clock.step("pause");
         // The workspace goes back atomically; the old tree stays aside until the end. The paused
         // sandbox's gofer holds the old directory by fd, so it keeps seeing the old tree.
@@ -1574,9 +1614,7 @@ impl Inner {
             (Some(dir), Some(p)) => match workspace::revert(&self.store, dir, p) {
                 Ok(old) => Some(old),
                 Err(e) => {
-                    if was_running && let Some(rid) = &old_rid {
-                        let _ = self.runsc.resume(rid);
-                    }
+                    resume_old();
                     cleanup_prepared();
                     return Err(e);
                 }
@@ -1593,12 +1631,7 @@ impl Inner {
                     workspace::remove_old_tree(aside);
                 }
             }
-            if was_running && let Some(rid) = &old_rid {
-                let _ = self.runsc.resume(rid);
-            }
-            if vm_paused && let Some(c) = old_vm {
-                let _ = ApiClient::new(&c.api_socket).resume();
-            }
+            resume_old();
             cleanup_prepared();
             e
         };
@@ -1626,7 +1659,8 @@ impl Inner {
             DriverConfig::Firecracker(cfg) => {
                 // Firecracker loads snapshots only before boot: a new process takes over.
                 let dir = self.sandbox_dir(name).join(format!("vm-{new_gen}"));
-                let started = self.start_firecracker(&s, cfg, &dir, name).and_then(|new_cfg| {
+                // Loaded paused: it runs only once its predecessor is gone.
+                let started = self.start_firecracker(&s, cfg, &dir, name, false).and_then(|new_cfg| {
                     let v = serde_json::to_value(&new_cfg).map_err(|e| Error::Invalid(e.to_string()));
                     if v.is_err() {
                         new_cfg.kill_vmm();
@@ -1661,9 +1695,11 @@ impl Inner {
             self.save_record(&rec)
         })();
         // Until the record names the new runtime, the old one stays (paused): a failure here
-        // ends the new one and resumes the old, as if the revert never ran.
+        // ends the new one, puts back whatever of the commit went through (the head ref, the
+        // record), and resumes the old, as if the revert never ran.
         if let Err(e) = committed {
             self.end_runtime(&rec);
+            self.put_back(&before);
             return Err(undo(e));
         }
         match &driver {
@@ -1683,8 +1719,35 @@ impl Inner {
         if let Some(old) = old_tree {
             workspace::remove_old_tree(old);
         }
+        if let Ok(DriverConfig::Firecracker(new)) = DriverConfig::from_parts(&rec.driver, &rec.config)
+            && let Err(e) = ApiClient::new(&new.api_socket).resume()
+        {
+            rec.status = Status::Paused;
+            let _ = self.save_record(&rec);
+            return Err(Error::Runtime {
+                what: format!("revert {name}"),
+                detail: format!("reverted to {}, but its VM did not resume (it is paused): {e}", s.id.short()),
+            });
+        }
         clock.step("commit");
         Ok(Self::info(&rec, clock.done()))
+    }
+
+    /// Puts sandbox `before.name`'s record and head ref back as `before` has them (best effort:
+    /// after a revert's commit failed half way).
+    fn put_back(&self, before: &SandboxRecord) {
+        let name = &before.name;
+        let head = before.head.as_deref().and_then(|h| h.parse::<Hash>().ok());
+        let restored = self.store.begin().and_then(|mut tx| {
+            match head {
+                Some(h) => tx.set_ref(&head_ref(name), h)?,
+                None => tx.delete_ref(&head_ref(name)),
+            }
+            tx.commit()
+        });
+        if let Err(e) = restored.map_err(Error::from).and_then(|_| self.save_record(before)) {
+            tracing::error!(sandbox = %name, "a failed revert could not put the sandbox back as it was: {e}");
+        }
     }
 
     /// Ends the runtime `rec` names (a revert's new incarnation that could not be committed)
@@ -1738,6 +1801,7 @@ impl Inner {
                 return Ok(h.sock.clone());
             }
         }
+        self.refuse_when_shutting_down()?;
         let dir = self.state.join("uffd");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         // A name of its own per server: one that stopped removes its socket as it exits, which
@@ -1758,9 +1822,18 @@ impl Inner {
             Arc::new(CachedSource::new(Arc::new(snapfork_lazy_restore::StoreSource::new(reader)), UFFD_CACHE_BYTES));
         if stored_ws.is_some() {
             // Finishes on its own; a failure only costs speed (it is logged).
-            let detached =
-                workingset::spawn_preload(self.store.clone(), mem, workingset::pages_ref_name(&mem), cache.clone());
-            detached.map_err(|e| Error::io("spawn working-set preload", e))?;
+            let preload =
+                workingset::spawn_preload(self.store.clone(), mem, workingset::pages_ref_name(&mem), cache.clone())
+                    .map_err(|e| Error::io("spawn working-set preload", e))?;
+            // It reads the store: joined with the other background threads (through one that
+            // ends with it, so that they all have one type).
+            let waiter = std::thread::Builder::new()
+                .name(format!("ws-preload-{}", mem.short()))
+                .spawn(move || drop(preload.join()))
+                .map_err(|e| Error::io("spawn working-set preload", e))?;
+            let mut threads = self.background.lock().unwrap_or_else(|p| p.into_inner());
+            threads.retain(|t| !t.is_finished());
+            threads.push(waiter);
         }
         let opts = ServerOptions {
             restore: RestoreOptions { prefetch: stored_ws.clone().unwrap_or_default(), ..Default::default() },
@@ -1887,6 +1960,9 @@ impl Inner {
                 tracing::debug!(journal = %path.display(), "no VM to take over: {e}");
                 return;
             }
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
             match self.adopt_vm(path) {
                 Ok(Some(_)) => return,
                 Ok(None) => continue,
@@ -1999,6 +2075,7 @@ impl Inner {
         cfg: &FirecrackerConfig,
         dir: &Path,
         name: &str,
+        resume: bool,
     ) -> Result<FirecrackerConfig> {
         let imported = crate::bundle::is_imported(&self.store, &s.id)?;
         if imported && !self.trust_imported_vm_state {
@@ -2068,7 +2145,9 @@ impl Inner {
                 detail: format!("{} exited at once (see {})", binary.display(), self.console_log(name).display()),
             }),
             Some(_) => crate::firecracker::wait_for_api(&started.api_socket, std::time::Duration::from_secs(10))
-                .and_then(|_| ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, true)),
+                .and_then(|_| {
+                    ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)
+                }),
         };
         if let Err(e) = loaded {
             started.kill_vmm();
@@ -2098,9 +2177,10 @@ impl Inner {
                     // A VM the engine started: its process (not a later one given its pid).
                     Some(_) => cfg.vmm_process().is_none(),
                     // One it was handed (`run`): nobody listens on its API socket any more.
-                    None => std::os::unix::net::UnixStream::connect(&cfg.api_socket).is_err_and(|e| {
-                        matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
-                    }),
+                    None => crate::firecracker::connect_by(&cfg.api_socket, Instant::now() + Duration::from_secs(2))
+                        .is_err_and(|e| {
+                            matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+                        }),
                 };
                 if gone {
                     rec.status = Status::Exited;

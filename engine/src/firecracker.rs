@@ -67,7 +67,8 @@ impl FirecrackerConfig {
             let now = process_start_time(pid)?;
             return self.pid_start_time.is_none_or(|t| t == now).then_some((pid, now));
         }
-        let s = std::os::unix::net::UnixStream::connect(&self.api_socket).ok()?;
+        // A VMM that stopped accepting connections does not hold the engine up.
+        let s = connect_by(&self.api_socket, Instant::now() + Duration::from_secs(2)).ok()?;
         let cred = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()?;
         let pid = Some(cred.pid()).filter(|&p| p > 1)?;
         Some((pid, process_start_time(pid)?))
@@ -138,7 +139,8 @@ impl ApiClient {
         let what = format!("{method} {path}");
         let deadline = Instant::now() + self.timeout;
         let s = connect_by(&self.socket, deadline).map_err(|e| self.err(&what, format!("connect: {e}")))?;
-        s.set_write_timeout(Some(self.timeout)).map_err(|e| self.err(&what, e.to_string()))?;
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        s.set_write_timeout(Some(left)).map_err(|e| self.err(&what, e.to_string()))?;
         let b = body.map(|v| v.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
@@ -249,7 +251,7 @@ const MAX_LINE: u64 = 8 << 10;
 /// Connects to `socket`, giving up at `deadline`. A plain `connect` blocks for as long as the
 /// listener's backlog is full (a VMM that stopped accepting); a non-blocking one fails with
 /// EAGAIN instead (AF_UNIX has no connection in progress to wait for), and is retried.
-fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+pub(crate) fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as new_socket};
     let fd = new_socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     let addr = UnixAddr::new(socket)?;

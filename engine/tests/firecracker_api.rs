@@ -385,7 +385,8 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let rapi = api_of(dir.path(), "vm-b");
     assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
     assert_eq!(state(&rapi), "Running");
-    assert_eq!(std::fs::read_to_string(r.workspace.unwrap().join("task.txt")).unwrap(), "step 2");
+    let ws_b = r.workspace.clone().unwrap();
+    assert_eq!(std::fs::read_to_string(ws_b.join("task.txt")).unwrap(), "step 2");
     // Its server keeps a journal for a successor, but this process serves it: nothing to adopt.
     assert_eq!(std::fs::read_dir(dir.path().join("engine/vm-journals")).unwrap().count(), 1);
     let adopted = engine.adopt_vms().await.unwrap();
@@ -399,11 +400,26 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     }
     assert_ne!(at_a["blake3"], at_b["blake3"]);
 
+    // A revert that fails (its workspace cannot be swapped: immutable) leaves the VM running
+    // as it was, not paused.
+    let chattr = |flag: &str| {
+        let st = std::process::Command::new("chattr").arg(flag).arg(&ws_b).status().unwrap();
+        assert!(st.success(), "chattr {flag}");
+    };
+    chattr("+i");
+    let err = engine.revert("vm-b", &a.id).await;
+    chattr("-i");
+    eprintln!("revert with an immutable workspace: {}", err.unwrap_err());
+    assert_eq!(state(&rapi), "Running");
+    assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
+
     // Revert the restored VM to A: a new process with A's memory replaces it.
     engine.revert("vm-b", &a.id).await.unwrap();
     let rapi2 = api_of(dir.path(), "vm-b");
     assert_ne!(rapi2, rapi);
     assert_eq!(memory(&rapi2)["blake3"], at_a["blake3"]);
+    // Loaded paused, it was resumed once its predecessor was gone.
+    assert_eq!(state(&rapi2), "Running");
     // The replaced VM is gone, and with it its directory (vmstate, disk copies, socket).
     let old_dir = rapi.parent().unwrap();
     assert!(old_dir.starts_with(dir.path().join("engine/sandboxes/vm-b")), "{}", old_dir.display());
@@ -435,6 +451,9 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let mut rec: Value = serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
     let vmm = rec["config"]["pid"].as_i64().unwrap() as i32;
     assert!(rec["config"]["pid_start_time"].is_u64(), "{rec}");
+    // (Start times tick at 100 Hz: the other process starts in a later tick, as a process that
+    // recycles a pid does.)
+    std::thread::sleep(Duration::from_millis(30));
     let mut other = KillOnDrop(std::process::Command::new("sleep").arg("600").spawn().unwrap());
     rec["config"]["pid"] = json!(other.0.id());
     std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();

@@ -108,40 +108,37 @@ pub(crate) struct Inner {
 }
 
 /// The directory a secondary RocksDB instance keeps its own files in (its info log), removed
-/// when the store closes. In the system's temporary directory: a reader need not be able to
-/// write the store.
-struct SecondaryDir(PathBuf);
+/// when the store closes. A private one (mkdtemp, mode 0700) in the system's temporary
+/// directory: a reader need not be able to write the store.
+struct SecondaryDir(tempfile::TempDir);
 
 impl SecondaryDir {
     const PREFIX: &str = "snapfork-reader-";
 
     fn create() -> Result<SecondaryDir> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
         let tmp = std::env::temp_dir();
-        // Those of readers that were killed (or exited without closing the store).
-        if seq == 0
-            && let Ok(entries) = fs::read_dir(&tmp)
-        {
+        // Those of this user's readers that were killed (or exited without closing the store).
+        SWEPT.call_once(|| {
+            let me = nix::unistd::geteuid().as_raw();
+            let Ok(entries) = fs::read_dir(&tmp) else {
+                return;
+            };
             for e in entries.flatten() {
                 let name = e.file_name();
                 let pid =
                     name.to_str().and_then(|n| n.strip_prefix(Self::PREFIX)?.split('-').next()?.parse::<u32>().ok());
-                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let mine = e.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == me);
+                if mine && pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
-        }
-        let dir = tmp.join(format!("{}{}-{seq}", Self::PREFIX, std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        });
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}{}-", Self::PREFIX, std::process::id()))
+            .tempdir_in(&tmp)
+            .ctx(|| format!("create a reader's directory in {}", tmp.display()))?;
         Ok(SecondaryDir(dir))
-    }
-}
-
-impl Drop for SecondaryDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -182,7 +179,7 @@ impl Store {
             )));
         }
         let secondary = if opts.read_only { Some(SecondaryDir::create()?) } else { None };
-        let db = open_index(&dir.join("index"), secondary.as_ref().map(|d| d.0.as_path()))?;
+        let db = open_index(&dir.join("index"), secondary.as_ref().map(|d| d.0.path()))?;
         let next_pack = max_pack_number(&dir.join("packs"))?.map_or(1, |n| n + 1);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -256,12 +253,13 @@ impl Store {
     fn read_found(&self, id: &Hash, loc: &Location, out: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
         match self.read_located(id, loc, out, what) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(Error::Corrupt { .. }) if self.inner.read_only => {}
+            // (A renumbered pack may also be shorter: any failed read.)
+            Err(Error::Io { .. } | Error::Corrupt { .. }) if self.inner.read_only => {}
             other => return other,
         }
         if self.inner.read_only {
             self.inner.db.try_catch_up_with_primary()?;
-            self.inner.packs.forget(loc.pack);
+            self.inner.packs.forget_all();
         }
         let loc = self
             .location(id)?
