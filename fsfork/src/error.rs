@@ -57,6 +57,24 @@ pub enum Error {
         actual: u64,
     },
     /// A checkpoint name or id could not be resolved.
+    /// A revert swapped the tree in, then could neither record it in the store nor swap it
+    /// back: the one case where an error leaves a workspace changed, so it says where both are.
+    #[error(
+        "the revert of {} could not be recorded ({reason}) nor undone ({source}): the workspace holds the reverted \
+         tree, its old tree is at {}",
+        path.display(),
+        old_tree.display()
+    )]
+    RevertUnrecorded {
+        /// The workspace.
+        path: PathBuf,
+        /// Where its old tree is.
+        old_tree: PathBuf,
+        /// Why the revert could not be recorded.
+        reason: String,
+        /// Why the old tree could not be put back.
+        source: io::Error,
+    },
     #[error("no such checkpoint: {0}")]
     NoSuchCheckpoint(String),
     /// An error from the content-addressed store.

@@ -1500,13 +1500,26 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
-    let mut tx = repo.begin()?;
-    save_cache(repo, &mut *tx, &ws, &cache)?;
-    let mut record = workspace_record(repo, &ws)?;
-    record.head = Some(ckpt.hex());
-    record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
-    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
-    tx.commit()?;
+    let recorded = (|| -> Result<()> {
+        let mut tx = repo.begin()?;
+        save_cache(repo, &mut *tx, &ws, &cache)?;
+        let mut record = workspace_record(repo, &ws)?;
+        record.head = Some(ckpt.hex());
+        record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
+        tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
+        tx.commit()
+    })();
+    if let Err(e) = recorded {
+        // A revert the store does not record is undone: the old tree goes back in place (the
+        // same atomic exchange), so that an error means the workspace is as it was.
+        return match sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&side);
+                Err(e)
+            }
+            Err(x) => Err(Error::RevertUnrecorded { path: ws, old_tree: side, reason: e.to_string(), source: x }),
+        };
+    }
     Ok(RevertReport {
         checkpoint: *ckpt,
         path: ws,

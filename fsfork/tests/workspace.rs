@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use snapfork_fsfork::CopyMode;
+use snapfork_fsfork::repo::{Id, NodeData, Repo, RepoTx};
 use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
 use snapfork_fsfork::workspace::{self, Side};
 use snapfork_store::{GcOptions, OpenOptions, Store};
@@ -907,4 +908,80 @@ fn an_object_of_the_wrong_size_is_refused_and_nothing_changes() {
     workspace::restore(&env.store, &c.id, &dst).unwrap();
     assert_eq!(std::fs::read(dst.join("src/data.bin")).unwrap(), data);
     assert_eq!(std::fs::read_to_string(dst.join("src/f7.txt")).unwrap(), "file 7\n");
+}
+
+/// The store, except that nothing can be committed any more (a disk that filled up, a store
+/// gone read-only): what a revert meets after it swapped the tree in.
+struct CannotCommit<'a>(&'a snapfork_store::Store);
+
+impl Repo for CannotCommit<'_> {
+    fn root_dir(&self) -> PathBuf {
+        Repo::root_dir(self.0)
+    }
+    fn staging_dir(&self) -> PathBuf {
+        Repo::staging_dir(self.0)
+    }
+    fn file_object_path(&self, id: &Id) -> PathBuf {
+        Repo::file_object_path(self.0, id)
+    }
+    fn has_file_object(&self, id: &Id) -> snapfork_fsfork::Result<bool> {
+        Repo::has_file_object(self.0, id)
+    }
+    fn contains(&self, id: &Id) -> snapfork_fsfork::Result<bool> {
+        Repo::contains(self.0, id)
+    }
+    fn get_node(&self, id: &Id) -> snapfork_fsfork::Result<NodeData> {
+        Repo::get_node(self.0, id)
+    }
+    fn get_ref(&self, name: &str) -> snapfork_fsfork::Result<Option<Id>> {
+        Repo::get_ref(self.0, name)
+    }
+    fn list_refs(&self, prefix: &str) -> snapfork_fsfork::Result<Vec<(String, Id)>> {
+        Repo::list_refs(self.0, prefix)
+    }
+    fn resolve(&self, name_or_hex: &str) -> snapfork_fsfork::Result<Option<Id>> {
+        Repo::resolve(self.0, name_or_hex)
+    }
+    fn meta_get(&self, key: &str) -> snapfork_fsfork::Result<Option<Vec<u8>>> {
+        Repo::meta_get(self.0, key)
+    }
+    fn meta_list(&self, prefix: &str) -> snapfork_fsfork::Result<Vec<(String, Vec<u8>)>> {
+        Repo::meta_list(self.0, prefix)
+    }
+    fn meta_put(&self, _key: &str, _value: &[u8]) -> snapfork_fsfork::Result<()> {
+        Err(snapfork_store::Error::ReadOnly.into())
+    }
+    fn begin(&self) -> snapfork_fsfork::Result<Box<dyn RepoTx + '_>> {
+        Err(snapfork_store::Error::ReadOnly.into())
+    }
+}
+
+#[test]
+fn a_revert_the_store_cannot_record_is_undone() {
+    let Some(env) = Env::new(FsType::Xfs, "a_revert_the_store_cannot_record_is_undone", 512) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    std::fs::write(ws.join("src/a.txt"), "version 1").unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, Some("v1")).unwrap();
+    std::fs::write(ws.join("src/a.txt"), "version 2").unwrap();
+    std::fs::write(ws.join("b.txt"), "new").unwrap();
+    let before = common::snapshot(&ws);
+    let (_, log_before) = workspace::log(&env.store, &ws).unwrap();
+    let err = workspace::revert(&CannotCommit(&env.store), &ws, &c.id).unwrap_err();
+    eprintln!("revert that cannot be recorded: {err}");
+    // The workspace is as it was, nothing is left beside it, and the log does not show a revert.
+    common::assert_same(&before, &common::snapshot(&ws));
+    let beside: Vec<_> = std::fs::read_dir(ws.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("snapfork-revert"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+    assert_eq!(workspace::log(&env.store, &ws).unwrap().1.len(), log_before.len());
+    // The same revert against the store itself goes through.
+    workspace::revert(&env.store, &ws, &c.id).unwrap();
+    assert_eq!(std::fs::read_to_string(ws.join("src/a.txt")).unwrap(), "version 1");
 }
