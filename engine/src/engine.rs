@@ -305,6 +305,8 @@ struct Inner {
     serving: Mutex<Vec<ServingThread>>,
     /// Set by [`Engine::shutdown`]: no thread that serves VM memory starts after it.
     shutting_down: AtomicBool,
+    /// Adoptions under way (`adopt_when_free` threads past their check): shutdown waits for them.
+    adopting: std::sync::atomic::AtomicUsize,
 }
 
 /// A thread that serves VM memory from the store, and how to stop it.
@@ -328,23 +330,46 @@ impl Inner {
         for s in serving {
             let _ = s.thread.join();
         }
+        // An adoption past its check reads the store, then registers its thread (stopped and
+        // joined at once now): short, but waited for.
+        let waited = Instant::now();
+        while self.adopting.load(Ordering::SeqCst) > 0 && waited.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // After the servers: a restore they stop may still hand its working set to be saved.
+        // Taken under the lock that `keep_background` checks the flag under.
         let threads = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
     }
 
-    fn keep_serving_thread(&self, stop: Box<dyn Fn() + Send>, thread: std::thread::JoinHandle<()>) {
+    /// Keeps a serving thread for [`Engine::shutdown`] to stop and join; false (the thread
+    /// stopped and joined already) when the engine is shutting down.
+    fn keep_serving_thread(&self, stop: Box<dyn Fn() + Send>, thread: std::thread::JoinHandle<()>) -> bool {
         let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
         if self.shutting_down.load(Ordering::SeqCst) {
             drop(serving);
             stop();
             let _ = thread.join();
-            return;
+            return false;
         }
         serving.retain(|s| !s.thread.is_finished());
         serving.push(ServingThread { stop, thread });
+        true
+    }
+
+    /// Keeps a thread that uses the store for [`Engine::shutdown`] to join, or joins it now
+    /// when the engine is shutting down.
+    fn keep_background(&self, thread: std::thread::JoinHandle<()>) {
+        let mut threads = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        if self.shutting_down.load(Ordering::SeqCst) {
+            drop(threads);
+            let _ = thread.join();
+            return;
+        }
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
     }
 
     fn refuse_when_shutting_down(&self) -> Result<()> {
@@ -425,6 +450,7 @@ impl Engine {
                 background: Arc::default(),
                 serving: Mutex::default(),
                 shutting_down: AtomicBool::new(false),
+                adopting: Default::default(),
             }),
         })
     }
@@ -1583,17 +1609,18 @@ impl Inner {
             DriverConfig::Firecracker(c) => Some(c),
             _ => None,
         };
+        // (Its successor loads paused and resumes only once this one is gone: see below.)
+        if old_vm.is_some()
+            && let Err(e) = self.check_vm_state_trusted(&s)
+        {
+            cleanup_prepared();
+            return Err(e);
+        }
         let mut vm_paused = false;
         if was_running && let Some(c) = old_vm {
             match ApiClient::new(&c.api_socket).with_timeout(Duration::from_secs(10)).pause() {
                 Ok(()) => vm_paused = true,
-                Err(e) => {
-                    tracing::warn!(
-                        sandbox = name,
-                        "the VM does not pause, so it is ended before its successor starts: {e}"
-                    );
-                    c.kill_vmm();
-                }
+                Err(e) => tracing::warn!(sandbox = name, "the VM does not pause; it runs until it is ended: {e}"),
             }
         }
         let resume_old = || {
@@ -1623,13 +1650,11 @@ impl Inner {
         };
         clock.step("revert workspace");
         let undo = |e: Error| -> Error {
-            // Put the old tree back (the reverted one goes aside), then resume the old sandbox.
-            if let (Some(dir), Some(old)) = (&ws, &old_tree) {
-                let aside = sibling(dir, "failed-revert");
-                let _ = std::fs::remove_dir_all(&aside);
-                if rename(dir, &aside).and_then(|_| rename(old, dir)).is_ok() {
-                    workspace::remove_old_tree(aside);
-                }
+            // Put the old tree back (and the workspace's record), then resume the old sandbox.
+            if let Some(reverted) = &old_tree
+                && let Err(x) = workspace::undo_revert(&self.store, reverted)
+            {
+                tracing::error!(sandbox = name, "the failed revert's workspace could not be put back: {x}");
             }
             resume_old();
             cleanup_prepared();
@@ -1702,32 +1727,41 @@ impl Inner {
             self.put_back(&before);
             return Err(undo(e));
         }
-        match &driver {
+        let old_gone = match &driver {
             DriverConfig::Gvisor(_) => {
                 if let Some(old) = &old_rid {
                     self.runsc.discard(old);
                 }
+                true
             }
             // Also one handed over with `run` (found by its API socket).
-            DriverConfig::Firecracker(old) => {
-                old.kill_vmm();
-                self.discard_vm_files(name, old);
-            }
-            DriverConfig::Raw(_) => {}
-        }
+            DriverConfig::Firecracker(old) => old.kill_vmm(),
+            DriverConfig::Raw(_) => true,
+        };
         cleanup_prepared();
         if let Some(old) = old_tree {
             workspace::remove_old_tree(old);
         }
-        if let Ok(DriverConfig::Firecracker(new)) = DriverConfig::from_parts(&rec.driver, &rec.config)
-            && let Err(e) = ApiClient::new(&new.api_socket).resume()
+        if let (DriverConfig::Firecracker(old), Ok(DriverConfig::Firecracker(new))) =
+            (&driver, DriverConfig::from_parts(&rec.driver, &rec.config))
         {
-            rec.status = Status::Paused;
-            let _ = self.save_record(&rec);
-            return Err(Error::Runtime {
-                what: format!("revert {name}"),
-                detail: format!("reverted to {}, but its VM did not resume (it is paused): {e}", s.id.short()),
-            });
+            // The new VM runs only once the old one is known to be gone: the two share disk files.
+            let resumed = if old_gone {
+                ApiClient::new(&new.api_socket).resume().map_err(|e| e.to_string())
+            } else {
+                Err("its predecessor could not be confirmed ended, and the two would share disk files".to_string())
+            };
+            if old_gone {
+                self.discard_vm_files(name, old);
+            }
+            if let Err(e) = resumed {
+                rec.status = Status::Paused;
+                let _ = self.save_record(&rec);
+                return Err(Error::Runtime {
+                    what: format!("revert {name}"),
+                    detail: format!("reverted to {}, but its VM stays paused: {e}", s.id.short()),
+                });
+            }
         }
         clock.step("commit");
         Ok(Self::info(&rec, clock.done()))
@@ -1737,11 +1771,12 @@ impl Inner {
     /// after a revert's commit failed half way).
     fn put_back(&self, before: &SandboxRecord) {
         let name = &before.name;
-        let head = before.head.as_deref().and_then(|h| h.parse::<Hash>().ok());
         let restored = self.store.begin().and_then(|mut tx| {
-            match head {
-                Some(h) => tx.set_ref(&head_ref(name), h)?,
+            match before.head.as_deref().map(str::parse::<Hash>) {
+                Some(Ok(h)) => tx.set_ref(&head_ref(name), h)?,
                 None => tx.delete_ref(&head_ref(name)),
+                // (A record that names no valid head: its ref is left as it is.)
+                Some(Err(_)) => {}
             }
             tx.commit()
         });
@@ -1831,9 +1866,7 @@ impl Inner {
                 .name(format!("ws-preload-{}", mem.short()))
                 .spawn(move || drop(preload.join()))
                 .map_err(|e| Error::io("spawn working-set preload", e))?;
-            let mut threads = self.background.lock().unwrap_or_else(|p| p.into_inner());
-            threads.retain(|t| !t.is_finished());
-            threads.push(waiter);
+            self.keep_background(waiter);
         }
         let opts = ServerOptions {
             restore: RestoreOptions { prefetch: stored_ws.clone().unwrap_or_default(), ..Default::default() },
@@ -1906,7 +1939,9 @@ impl Inner {
             })
             .map_err(|e| Error::io("spawn uffd server", e))?;
         let stop = handle.stop.clone();
-        self.keep_serving_thread(Box::new(move || stop.store(true, Ordering::SeqCst)), thread);
+        if !self.keep_serving_thread(Box::new(move || stop.store(true, Ordering::SeqCst)), thread) {
+            self.refuse_when_shutting_down()?;
+        }
         if let Err(e) = self.stop_when_idle(mem, &handle) {
             handle.stop.store(true, Ordering::SeqCst);
             return Err(e);
@@ -1960,10 +1995,14 @@ impl Inner {
                 tracing::debug!(journal = %path.display(), "no VM to take over: {e}");
                 return;
             }
+            // Counted before the check: shutdown either sees this adoption or it sees the flag.
+            self.adopting.fetch_add(1, Ordering::SeqCst);
+            let adopted = if self.shutting_down.load(Ordering::SeqCst) { Ok(None) } else { self.adopt_vm(path) };
+            self.adopting.fetch_sub(1, Ordering::SeqCst);
             if self.shutting_down.load(Ordering::SeqCst) {
                 return;
             }
-            match self.adopt_vm(path) {
+            match adopted {
                 Ok(Some(_)) => return,
                 Ok(None) => continue,
                 Err(e) => {
@@ -2020,7 +2059,12 @@ impl Inner {
             tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
         });
         match watch {
-            Ok(t) => self.keep_serving_thread(Box::new(move || stopper.stop()), t),
+            Ok(t) => {
+                if !self.keep_serving_thread(Box::new(move || stopper.stop()), t) {
+                    // Stopped at once: the VM is left to the next engine, as the others are.
+                    return Ok(None);
+                }
+            }
             Err(e) => tracing::warn!(pid, "cannot watch the adopted VM's restore: {e}"),
         }
         Ok(Some(AdoptedVm { pid, sandbox, image: mem.to_hex() }))
@@ -2067,6 +2111,21 @@ impl Inner {
             .map_err(|e| Error::io("spawn uffd idle watch", e))
     }
 
+    /// Refuses a Firecracker snapshot that came by import unless its source is trusted
+    /// ([`EngineOptions::trust_imported_vm_state`]); returns whether it came by import.
+    fn check_vm_state_trusted(&self, s: &Snapshot) -> Result<bool> {
+        let imported = crate::bundle::is_imported(&self.store, &s.id)?;
+        if imported && !self.trust_imported_vm_state {
+            return Err(Error::Invalid(format!(
+                "snapshot {} came by import: its Firecracker VM state names the host files the VM would open \
+                 (its disks), chosen by whoever made the bundle; restore it only from a source you trust \
+                 (EngineOptions::trust_imported_vm_state, CLI --trust-imported-vm-state)",
+                s.id.short()
+            )));
+        }
+        Ok(imported)
+    }
+
     /// Starts a Firecracker process in `dir` and loads snapshot `s` into it with its memory served
     /// by the UFFD server of the snapshot's memory image; returns the new VM's config.
     fn start_firecracker(
@@ -2077,15 +2136,7 @@ impl Inner {
         name: &str,
         resume: bool,
     ) -> Result<FirecrackerConfig> {
-        let imported = crate::bundle::is_imported(&self.store, &s.id)?;
-        if imported && !self.trust_imported_vm_state {
-            return Err(Error::Invalid(format!(
-                "snapshot {} came by import: its Firecracker VM state names the host files the VM would open \
-                 (its disks), chosen by whoever made the bundle; restore it only from a source you trust \
-                 (EngineOptions::trust_imported_vm_state, CLI --trust-imported-vm-state)",
-                s.id.short()
-            )));
-        }
+        let imported = self.check_vm_state_trusted(s)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("mkdir {}", dir.display()), e))?;
         let part = |role: Role| {
             s.part(role)
@@ -2144,10 +2195,12 @@ impl Inner {
                 what: "firecracker start".into(),
                 detail: format!("{} exited at once (see {})", binary.display(), self.console_log(name).display()),
             }),
-            Some(_) => crate::firecracker::wait_for_api(&started.api_socket, std::time::Duration::from_secs(10))
-                .and_then(|_| {
-                    ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)
-                }),
+            Some(t) => crate::firecracker::wait_for_vmm_api(
+                &started.api_socket,
+                std::time::Duration::from_secs(10),
+                Some((pid, t)),
+            )
+            .and_then(|_| ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)),
         };
         if let Err(e) = loaded {
             started.kill_vmm();
@@ -2584,12 +2637,6 @@ impl std::io::Write for OffsetWriter<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// `DIR/.NAME.suffix`: a hidden sibling on the same filesystem, so renames are atomic.
-fn sibling(p: &Path, suffix: &str) -> PathBuf {
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    p.with_file_name(format!(".{name}.{suffix}"))
 }
 
 fn remove_dir_if_exists(p: &Path) -> Result<()> {

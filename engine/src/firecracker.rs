@@ -74,22 +74,39 @@ impl FirecrackerConfig {
         Some((pid, process_start_time(pid)?))
     }
 
-    /// SIGKILLs the VMM ([`vmm_process`](Self::vmm_process)), if it still runs. Through a pidfd
-    /// whose process is checked after it is opened, so that a pid recycled at any moment is
-    /// never signalled.
-    pub fn kill_vmm(&self) {
+    /// SIGKILLs the VMM ([`vmm_process`](Self::vmm_process)), if it still runs, and waits up to
+    /// 5 s for it to exit. Through a pidfd whose process is checked after it is opened, so that
+    /// a pid recycled at any moment is never signalled. True when the VMM is known to be gone;
+    /// false when it may still run (it did not die in time, or a VM handed over with `run`
+    /// could not be reached to learn its pid).
+    pub fn kill_vmm(&self) -> bool {
+        if self.pid.is_none() {
+            match connect_by(&self.api_socket, Instant::now() + Duration::from_secs(2)) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+                    return true;
+                }
+                Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
         let Some((pid, start)) = self.vmm_process() else {
-            return;
+            return self.pid.is_some();
         };
         let Ok(pidfd) = snapfork_lazy_restore::restore::pidfd_open(pid) else {
-            return;
+            return true;
         };
         if process_start_time(pid) != Some(start) {
-            return;
+            return true;
         }
         if let Err(e) = snapfork_lazy_restore::restore::pidfd_kill(std::os::fd::AsFd::as_fd(&pidfd)) {
             tracing::warn!(pid, "cannot kill the VMM: {e}");
+            return false;
         }
+        // A pidfd polls readable once its process has exited.
+        let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        ready > 0
     }
 
     /// The binary restores start.
@@ -290,10 +307,24 @@ impl Read for Deadlined {
 
 /// Waits until a freshly started Firecracker answers on `socket`.
 pub fn wait_for_api(socket: &Path, timeout: Duration) -> Result<()> {
+    wait_for_vmm_api(socket, timeout, None)
+}
+
+/// [`wait_for_api`] for the VMM `vmm` (pid, start time) just started: fails as soon as that
+/// process is gone rather than at the timeout.
+pub fn wait_for_vmm_api(socket: &Path, timeout: Duration, vmm: Option<(i32, u64)>) -> Result<()> {
     let start = Instant::now();
     loop {
         if connect_by(socket, start + timeout).is_ok() {
             return Ok(());
+        }
+        if let Some((pid, t)) = vmm
+            && process_start_time(pid) != Some(t)
+        {
+            return Err(Error::Runtime {
+                what: "firecracker start".into(),
+                detail: format!("the VMM (pid {pid}) exited before it served its API at {}", socket.display()),
+            });
         }
         if start.elapsed() > timeout {
             return Err(Error::Runtime {

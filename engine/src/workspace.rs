@@ -8,7 +8,7 @@
 //! checkpoint that no snapshot names (no half snapshot exists).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 use snapfork_fsfork::manifest::{self, KIND_CHECKPOINT, KIND_DIR};
@@ -79,13 +79,18 @@ pub fn materialize(store: &Store, part: &Part, dest: &Path) -> Result<()> {
 /// Puts the live workspace `dir` back to `part` atomically (fsfork builds the tree beside it and
 /// swaps with RENAME_EXCHANGE); returns where the previous tree now is. A process that holds the
 /// old directory open (a paused sandbox's gofer) keeps seeing the old tree.
-pub fn revert(store: &Store, dir: &Path, part: &Part) -> Result<PathBuf> {
-    Ok(ws::revert(store, dir, &part_id(part)?)?.old_tree)
+pub fn revert(store: &Store, dir: &Path, part: &Part) -> Result<ws::RevertReport> {
+    Ok(ws::revert(store, dir, &part_id(part)?)?)
 }
 
-/// Removes a tree left by [`revert`] without making the caller wait.
-pub fn remove_old_tree(path: PathBuf) {
-    drop(ws::remove_tree_background(path));
+/// Puts back the tree (and the workspace's record) that [`revert`] replaced.
+pub fn undo_revert(store: &Store, reverted: &ws::RevertReport) -> Result<()> {
+    Ok(ws::undo_revert(store, reverted)?)
+}
+
+/// Removes the tree [`revert`] replaced, without making the caller wait.
+pub fn remove_old_tree(reverted: ws::RevertReport) {
+    drop(ws::remove_tree_background(reverted.old_tree));
 }
 
 /// Paths added, removed and changed from `a` to `b`.

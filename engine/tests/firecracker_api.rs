@@ -413,6 +413,26 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     assert_eq!(state(&rapi), "Running");
     assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
 
+    // A revert whose new VM does not start (its binary exits at once) is undone after its
+    // workspace was swapped: the tree, fsfork's record of it and the VM are as they were.
+    let rec_path = dir.path().join("engine/sandboxes/vm-b/sandbox.json");
+    let good = std::fs::read(&rec_path).unwrap();
+    let mut rec: Value = serde_json::from_slice(&good).unwrap();
+    rec["config"]["binary"] = json!("/bin/false");
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let ws_record = || {
+        let r = snapfork_fsfork::workspace::workspace_record(engine.store(), &ws_b).unwrap();
+        (r.head, r.events.len())
+    };
+    let ws_before = ws_record();
+    let err = engine.revert("vm-b", &a.id).await.unwrap_err();
+    eprintln!("revert with a VMM that exits at once: {err}");
+    std::fs::write(&rec_path, &good).unwrap();
+    assert_eq!(std::fs::read_to_string(ws_b.join("task.txt")).unwrap(), "step 2");
+    assert_eq!(ws_record(), ws_before, "fsfork's record still tells of the revert");
+    assert_eq!(state(&rapi), "Running");
+    assert_eq!(memory(&rapi)["blake3"], at_b["blake3"]);
+
     // Revert the restored VM to A: a new process with A's memory replaces it.
     engine.revert("vm-b", &a.id).await.unwrap();
     let rapi2 = api_of(dir.path(), "vm-b");

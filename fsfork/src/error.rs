@@ -56,7 +56,6 @@ pub enum Error {
         /// The size of the object as found.
         actual: u64,
     },
-    /// A checkpoint name or id could not be resolved.
     /// A revert swapped the tree in, then could neither record it in the store nor swap it
     /// back: the one case where an error leaves a workspace changed, so it says where both are.
     #[error(
@@ -75,6 +74,7 @@ pub enum Error {
         /// Why the old tree could not be put back.
         source: io::Error,
     },
+    /// A checkpoint name or id could not be resolved.
     #[error("no such checkpoint: {0}")]
     NoSuchCheckpoint(String),
     /// An error from the content-addressed store.

@@ -1446,6 +1446,8 @@ pub fn fork(repo: &dyn Repo, ckpt: &Id, n: usize, into: &Path) -> Result<Vec<Res
 pub struct RevertReport {
     /// The checkpoint the workspace was put back to.
     pub checkpoint: Id,
+    /// The checkpoint its record named before (for [`undo_revert`]).
+    pub previous_head: Option<String>,
     /// The workspace.
     pub path: PathBuf,
     /// Where the previous tree now is, until it is removed.
@@ -1492,18 +1494,18 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     let side = parent.join(&side_name);
     let (report, cache) = materialize(repo, ckpt, &side)?;
     let build_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let pfd = sys::open_root_dir(&parent).ctx("open", &parent)?;
-    let (a, b) = (sys::cstr(&side_name).ctx("name", &side)?, sys::cstr(name).ctx("name", &ws)?);
-    if let Err(e) = sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b) {
+    if let Err(e) = exchange(&ws, &side) {
         let _ = std::fs::remove_dir_all(&side);
         return Err(Error::io("exchange", &ws, e));
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let mut previous_head = None;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
     let recorded = (|| -> Result<()> {
         let mut tx = repo.begin()?;
         save_cache(repo, &mut *tx, &ws, &cache)?;
         let mut record = workspace_record(repo, &ws)?;
+        previous_head = record.head.take();
         record.head = Some(ckpt.hex());
         record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
         tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
@@ -1512,7 +1514,7 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     if let Err(e) = recorded {
         // A revert the store does not record is undone: the old tree goes back in place (the
         // same atomic exchange), so that an error means the workspace is as it was.
-        return match sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b) {
+        return match exchange(&ws, &side) {
             Ok(()) => {
                 let _ = std::fs::remove_dir_all(&side);
                 Err(e)
@@ -1522,6 +1524,7 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     }
     Ok(RevertReport {
         checkpoint: *ckpt,
+        previous_head,
         path: ws,
         old_tree: side,
         mode: report.mode,
@@ -1531,6 +1534,43 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
         build_ms,
         elapsed_ms,
     })
+}
+
+/// Swaps the directories `ws` and `side` (siblings) with one `renameat2(RENAME_EXCHANGE)`.
+fn exchange(ws: &Path, side: &Path) -> std::io::Result<()> {
+    let parent = ws.parent().unwrap_or(Path::new("/"));
+    let name = |p: &Path| {
+        p.file_name()
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} has no name", p.display()))
+            })
+            .and_then(sys::cstr)
+    };
+    let (a, b) = (name(side)?, name(ws)?);
+    let pfd = sys::open_root_dir(parent)?;
+    sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b)
+}
+
+/// Undoes a [`revert`] that its caller could not carry through (the sandbox it was for could
+/// not be started on it): the old tree is exchanged back into place (the same atomic swap, so a
+/// reader sees one whole tree or the other), the reverted one is removed, and the workspace's
+/// record names its previous head again, without the revert. Its stat cache needs nothing: its
+/// entries name the reverted tree's inodes, so they only miss.
+pub fn undo_revert(repo: &dyn Repo, report: &RevertReport) -> Result<()> {
+    let ws = &report.path;
+    exchange(ws, &report.old_tree).map_err(|source| Error::RevertUnrecorded {
+        path: ws.clone(),
+        old_tree: report.old_tree.clone(),
+        reason: "the revert was to be undone".into(),
+        source,
+    })?;
+    drop(remove_tree_background(report.old_tree.clone()));
+    let mut record = workspace_record(repo, ws)?;
+    if record.events.last().is_some_and(|e| e.kind == "revert" && e.checkpoint == report.checkpoint.hex()) {
+        record.events.pop();
+    }
+    record.head = report.previous_head.clone();
+    repo.meta_put(&format!("fsfork/ws/{}", ws_key(ws)), &json_bytes("workspace record", &record)?)
 }
 
 /// Removes a tree on another thread (symlinks are removed, never followed).

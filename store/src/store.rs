@@ -248,7 +248,7 @@ impl Store {
     /// is gone, so it is looked up again. A read-only store's index shows the store as it was
     /// when it opened (or last caught up) while a writer elsewhere goes on, so its lookup may
     /// name a pack that the writer's gc deleted, or whose number a later pack took (which then
-    /// reads other bytes): it catches up with the writer, forgets the pack it had open, and
+    /// reads other bytes): it catches up with the writer, forgets the packs it had open, and
     /// looks again. A chunk that really is damaged fails the second read too, by name.
     fn read_found(&self, id: &Hash, loc: &Location, out: &mut [u8], what: &dyn Fn() -> String) -> Result<usize> {
         match self.read_located(id, loc, out, what) {
