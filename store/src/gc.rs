@@ -82,6 +82,9 @@ pub struct GcReport {
 /// change time. A file object keeps the modification time of the file it was made from (a
 /// checkpointed file may be years old), while the move into `objects/` updates its ctime, so
 /// the ctime is what says how recently it arrived. A time in the future counts as now.
+/// How old a staging entry of this very process must be before gc takes it for a leftover.
+pub const OWN_STAGING_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 fn age(meta: &fs::Metadata) -> Duration {
     use std::os::unix::fs::MetadataExt;
     let ctime = u64::try_from(meta.ctime()).ok().and_then(|s| {
@@ -390,18 +393,26 @@ impl Store {
 
     /// Removes staged files older than `grace` (files prepared for transactions that never
     /// committed, leftover index table files).
+    ///
+    /// Only the writer stages, and gc runs in the writer: an entry whose name carries this
+    /// process's pid (`fsfork-PID-N`, `import-PID-MS`, `index-PID-N.sst`) may belong to an
+    /// operation still under way, and goes only once older than [`OWN_STAGING_GRACE`] (one that
+    /// failed without cleaning up). Those of earlier writers go after `grace`. Age counts from
+    /// the later of mtime and ctime: a staged copy may keep its source's old mtime.
     fn clean_staging(&self, grace: Duration) -> Result<()> {
         let staging = self.staging_dir();
         let Ok(entries) = fs::read_dir(&staging) else {
             return Ok(());
         };
+        let me = std::process::id().to_string();
         for entry in entries.flatten() {
-            let old = entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age >= grace);
+            let name = entry.file_name();
+            let ours = name
+                .to_str()
+                .and_then(|n| n.split('-').nth(1))
+                .is_some_and(|pid| pid.strip_suffix(".sst").unwrap_or(pid) == me);
+            let wait = if ours { grace.max(OWN_STAGING_GRACE) } else { grace };
+            let old = entry.metadata().ok().is_some_and(|m| age(&m) >= wait);
             if old {
                 let path = entry.path();
                 let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };

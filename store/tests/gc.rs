@@ -387,9 +387,8 @@ fn gc_without_grace_never_removes_a_file_object_a_commit_is_indexing() {
         for f in 0..files {
             let content = format!("commit {k} file {f}").into_bytes();
             let id = snapfork_store::Hash::of(&content);
-            // Staged beside the store, on its filesystem, rather than in staging/: gc without
-            // grace clears staging/, files of open transactions included (the grace period is
-            // all that protects those), and this test is about what happens after the move.
+            // Staged beside the store, on its filesystem, rather than in staging/ (whose names
+            // gc keeps apart by pid): this test is about what happens after the move.
             let staged = tmp.path().join(format!("s-{k}-{f}"));
             std::fs::write(&staged, &content).unwrap();
             tx.adopt_file_object(&staged, id).unwrap();
@@ -406,4 +405,24 @@ fn gc_without_grace_never_removes_a_file_object_a_commit_is_indexing() {
     }
     assert!(store.verify(None, None).unwrap().is_ok());
     eprintln!("{runs} gc runs beside 60 commits");
+}
+
+/// Staged files of an operation under way in this process (the writer: gc runs there too, in a
+/// daemon) are never taken for leftovers, whatever the grace; an earlier writer's are.
+#[test]
+fn gc_leaves_this_writers_staged_files_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let staging = store.staging_dir();
+    std::fs::create_dir_all(&staging).unwrap();
+    let me = std::process::id();
+    let ours = staging.join(format!("fsfork-{me}-7"));
+    let ours_dir = staging.join(format!("import-{me}-1700000000000"));
+    let earlier = staging.join("fsfork-1-7");
+    std::fs::write(&ours, b"a checkpoint's staged copy").unwrap();
+    std::fs::create_dir_all(&ours_dir).unwrap();
+    std::fs::write(&earlier, b"left by a writer that died").unwrap();
+    store.gc(&gc_now()).unwrap();
+    assert!(ours.exists() && ours_dir.exists(), "gc removed a staged file of this process");
+    assert!(!earlier.exists(), "gc kept an earlier writer's leftover");
 }
