@@ -360,14 +360,19 @@ mod tests {
         assert!(err.to_string().contains("connect"), "{err}");
     }
 
-    /// A VMM that accepts and then answers one byte every 50 ms, forever.
-    #[test]
-    fn a_vmm_that_answers_slowly_fails_the_call_by_its_deadline() {
+    /// An API socket whose one connection `answer` serves, on a thread of its own.
+    fn vmm_answering(answer: impl FnOnce(UnixStream) + Send + 'static) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        std::thread::spawn(move || answer(l.accept().unwrap().0));
+        (dir, path)
+    }
+
+    /// A VMM that accepts and then answers one byte every 50 ms, forever.
+    #[test]
+    fn a_vmm_that_answers_slowly_fails_the_call_by_its_deadline() {
+        let (_dir, path) = vmm_answering(|mut s| {
             while s.write_all(b"H").is_ok() {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -381,11 +386,7 @@ mod tests {
     /// A VMM whose answer is one endless line.
     #[test]
     fn an_endless_response_line_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api.sock");
-        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        let (_dir, path) = vmm_answering(|mut s| {
             let chunk = vec![b'x'; 64 << 10];
             while s.write_all(&chunk).is_ok() {}
         });

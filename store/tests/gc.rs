@@ -88,19 +88,26 @@ fn gc_running_during_an_ingest_never_loses_its_pages() {
     }
 }
 
+/// Commits two images in one transaction, so in one pack: `big` (1000 pages, for the test to
+/// let die) and `small` (50 pages), whose bytes it returns.
+fn big_and_small_in_one_pack(store: &snapfork_store::Store, dir: &std::path::Path) -> Vec<u8> {
+    let big = make_image(1000, 0, 4);
+    let small = make_image(50, 0, 5);
+    let mut tx = store.begin().unwrap();
+    let ib = tx.ingest_image(&write(dir, "big", &big), &IngestOptions::default()).unwrap();
+    let is = tx.ingest_image(&write(dir, "small", &small), &IngestOptions::default()).unwrap();
+    tx.set_ref("big", ib.id).unwrap();
+    tx.set_ref("small", is.id).unwrap();
+    tx.commit().unwrap();
+    small
+}
+
 #[test]
 fn gc_rewrites_packs_that_are_mostly_dead() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
     // One transaction, one pack, holding two images; then most of it dies.
-    let big = make_image(1000, 0, 4);
-    let small = make_image(50, 0, 5);
-    let mut tx = store.begin().unwrap();
-    let ib = tx.ingest_image(&write(tmp.path(), "big", &big), &IngestOptions::default()).unwrap();
-    let is = tx.ingest_image(&write(tmp.path(), "small", &small), &IngestOptions::default()).unwrap();
-    tx.set_ref("big", ib.id).unwrap();
-    tx.set_ref("small", is.id).unwrap();
-    tx.commit().unwrap();
+    let small = big_and_small_in_one_pack(&store, tmp.path());
     let mut tx = store.begin().unwrap();
     tx.delete_ref("big");
     tx.commit().unwrap();
@@ -131,14 +138,7 @@ fn gc_rewrites_packs_that_are_mostly_dead() {
 fn a_read_only_reader_follows_pages_the_writers_gc_moved() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
-    let big = make_image(1000, 0, 4);
-    let small = make_image(50, 0, 5);
-    let mut tx = store.begin().unwrap();
-    let ib = tx.ingest_image(&write(tmp.path(), "big", &big), &IngestOptions::default()).unwrap();
-    let is = tx.ingest_image(&write(tmp.path(), "small", &small), &IngestOptions::default()).unwrap();
-    tx.set_ref("big", ib.id).unwrap();
-    tx.set_ref("small", is.id).unwrap();
-    tx.commit().unwrap();
+    let small = big_and_small_in_one_pack(&store, tmp.path());
     // The next version of `small` has its manifest in a pack of its own, most pages in the
     // first one (where `big` is).
     let mut small = small;
