@@ -116,13 +116,26 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
     let mut data: Vec<u8> = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
+    // Bytes received when the message was last parsed (see below).
+    let mut parsed_at = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::Handshake(format!("timed out after {timeout:?} with {} bytes received", data.len())));
         }
         wait_readable(stream, left)?;
+        let first = data.is_empty();
+        let had = fds.len();
         let n = recv_with_fds(stream, &mut chunk, &mut fds)?;
+        // Refused as soon as they arrive: a peer sending descriptors with every byte would
+        // otherwise fill the server's descriptor table (and starve every other VM) before its
+        // message ends. Firecracker sends them once, with the start of its one message.
+        if fds.len() > MAX_FDS {
+            return Err(Error::Handshake(format!("{} file descriptors (at most {MAX_FDS} accepted)", fds.len())));
+        }
+        if !first && fds.len() > had {
+            return Err(Error::Handshake("file descriptors after the start of the message".into()));
+        }
         if n == 0 {
             if data.is_empty() {
                 return Err(Error::Handshake("connection closed before the handshake".into()));
@@ -134,7 +147,15 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
         if data.len() > MAX_MESSAGE {
             return Err(Error::Handshake(format!("message larger than {MAX_MESSAGE} bytes")));
         }
-        // Complete once the JSON value is; an unfinished value means more is in flight.
+        // Complete once the JSON value is; an unfinished value means more is in flight. Parsed
+        // when a chunk ends a value or the message has grown by a quarter, so that a peer
+        // sending a byte at a time costs linear work, not a parse of everything per byte.
+        let ends_value =
+            chunk[..n].iter().rev().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b == b']' || b == b'}');
+        if !ends_value && data.len() < parsed_at + parsed_at / 4 + 1 {
+            continue;
+        }
+        parsed_at = data.len();
         match serde_json::from_slice::<serde::de::IgnoredAny>(&data) {
             Ok(_) => break,
             Err(e) if e.is_eof() => continue,
@@ -156,6 +177,14 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
     // Without REMOVE events a range the guest gives back (balloon, MADV_DONTNEED) is zapped
     // silently, and its next fault would be served the snapshot's old bytes instead of zeros.
     match uffd::enabled_features(uffd.as_fd()) {
+        // Events this server does not follow: a forked child's faults (and its userfaultfd,
+        // installed in the reader by each fork event) or a region moved by mremap would be
+        // left waiting forever.
+        Some(f) if f & (uffd::FEATURE_EVENT_FORK | uffd::FEATURE_EVENT_REMAP) != 0 => {
+            return Err(Error::Handshake(format!(
+                "the userfaultfd asks for fork or remap events (features {f:#x}), which this server does not follow"
+            )));
+        }
         Some(f) if f & uffd::FEATURE_EVENT_REMOVE != 0 => {}
         Some(f) => {
             return Err(Error::Handshake(format!(
@@ -272,5 +301,64 @@ mod tests {
             let e = parse_regions(m).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} lacks {needle}");
         }
+    }
+
+    /// Sends `data` with `fds` descriptors (copies of stdin's) in one sendmsg.
+    fn send_with(s: &UnixStream, data: &[u8], fds: usize) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let raw = vec![0; fds];
+        let cmsgs: Vec<ControlMessage> = if fds > 0 { vec![ControlMessage::ScmRights(&raw)] } else { vec![] };
+        sendmsg::<()>(s.as_raw_fd(), &[std::io::IoSlice::new(data)], &cmsgs, MsgFlags::empty(), None).unwrap();
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// A userfaultfd that asks for fork events (each fork would hand the server the child's
+    /// userfaultfd, whose faults nobody serves) is refused by name.
+    #[test]
+    fn a_userfaultfd_with_fork_events_is_refused() {
+        use userfaultfd::{FeatureFlags, UffdBuilder};
+        // SAFETY: geteuid has no preconditions (fork events need CAP_SYS_PTRACE).
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("!!!!!!!! a_userfaultfd_with_fork_events_is_refused: needs root; NOT RUN !!!!!!!!");
+            assert_eq!(std::env::var("SNAPFORK_ALLOW_SKIP").as_deref(), Ok("1"), "needs root");
+            return;
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_FORK)
+            .create()
+            .unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
+        let msg = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0}]"#;
+        crate::client::send_with_fds(&client, msg, &[uffd.as_raw_fd()]).unwrap();
+        let e = receive(&server, Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(e.contains("fork or remap"), "{e}");
+    }
+
+    /// A peer that sends descriptors with every piece of its message is refused at the first
+    /// one that comes too many or too late, each closed as it comes: it cannot fill the
+    /// server's descriptor table however long it keeps sending.
+    #[test]
+    fn descriptors_beyond_the_first_piece_are_refused_as_they_come() {
+        let before = open_fds();
+        for pieces in [[(&b"[{"[..], 1), (b"\"size\"", 1)], [(b"[", 3), (b"{", 2)]] {
+            let (client, server) = UnixStream::pair().unwrap();
+            for (data, fds) in pieces {
+                send_with(&client, data, fds);
+            }
+            let e = receive(&server, Duration::from_secs(5)).unwrap_err().to_string();
+            assert!(e.contains("file descriptors"), "{e}");
+        }
+        let (client, server) = UnixStream::pair().unwrap();
+        send_with(&client, b"[", 4);
+        let e = receive(&server, Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(e.contains("4 file descriptors"), "{e}");
+        drop((client, server));
+        assert_eq!(open_fds(), before, "descriptors a refused peer sent are still open");
     }
 }

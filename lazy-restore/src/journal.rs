@@ -27,7 +27,7 @@
 //! zeros, if the guest reads that memory before writing it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,9 +144,11 @@ impl Journal {
     }
 
     /// Ends the journal of a restore that ended: removed when its VM is gone, kept (and
-    /// unlocked, by dropping it) while the VM runs on, for a successor to take over.
-    pub(crate) fn close(self, peer_exited: bool) {
-        if peer_exited || process_start_time(self.header.pid) != Some(self.header.start_time) {
+    /// unlocked, by dropping it) while the VM runs on, for a successor to take over. Whether it
+    /// is gone is asked of the process itself: a restore that took an error for the peer's exit
+    /// (an unmapped range) must not cost a live VM its successor.
+    pub(crate) fn close(self) {
+        if process_start_time(self.header.pid) != Some(self.header.start_time) {
             self.discard();
         } else {
             info!(pid = self.header.pid, journal = %self.path.display(), "restore ended with its VM alive: journal kept for a successor");
@@ -207,6 +209,17 @@ fn lock(file: &File) -> std::io::Result<()> {
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// True while `file` is still the file at `path`. A journal is rewritten by renaming a new
+/// file over it, which releases the old file's lock: a lock taken on the old file, opened just
+/// before, guards nothing.
+fn is_current(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 fn remove(path: &Path) {
     if let Err(e) = std::fs::remove_file(path)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -264,18 +277,21 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Reads one journal; an error names the file.
 pub fn read(path: &Path) -> Result<Orphan> {
     let bad = |m: String| Error::Invalid(format!("journal {}: {m}", path.display()));
-    let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let mut lines = BufReader::new(file).lines();
-    let first = lines.next().ok_or_else(|| bad("empty".into()))?;
-    let first = first.map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-    let h: Header = serde_json::from_str(&first).map_err(|e| bad(format!("header: {e}")))?;
+    let text = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    // Only whole lines count: a last line without its newline is one being written now (the
+    // reader holds no lock), or one its writer was killed writing, which is as if unwritten
+    // (the window the module documentation describes).
+    let whole = text.iter().rposition(|&b| b == b'\n').map_or(&text[..0], |end| &text[..end]);
+    let mut lines = whole.split(|&b| b == b'\n');
+    let first = lines.next().filter(|l| !l.is_empty()).ok_or_else(|| bad("empty".into()))?;
+    let h: Header = serde_json::from_slice(first).map_err(|e| bad(format!("header: {e}")))?;
     if h.version != VERSION {
         return Err(bad(format!("version {} (this build reads {VERSION})", h.version)));
     }
     let mut removed = Vec::new();
     for line in lines {
-        let line = line.map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-        let r: Removed = serde_json::from_str(&line).map_err(|e| bad(format!("line {line:?}: {e}")))?;
+        let r: Removed =
+            serde_json::from_slice(line).map_err(|e| bad(format!("line {:?}: {e}", String::from_utf8_lossy(line))))?;
         merge(&mut removed, r.removed.0, r.removed.1);
     }
     Ok(Orphan {
@@ -291,12 +307,17 @@ pub fn read(path: &Path) -> Result<Orphan> {
 /// Waits until nobody serves the VM of the journal at `path` (its lock is free), without taking
 /// it over: then [`Orphan::adopt`] can. For a VM found served by a server that is going away.
 pub fn wait_free(path: &Path) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let mut file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
     loop {
         // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if r == 0 {
-            return Ok(()); // released when `file` closes
+            if is_current(&file, path) {
+                return Ok(()); // released when `file` closes
+            }
+            // Rewritten meanwhile: the lock that matters is the new file's.
+            file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+            continue;
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
@@ -323,14 +344,19 @@ impl Orphan {
     /// (in this process or another) serves it already.
     pub fn adopt(self, source: Arc<dyn PageSource>, opts: RestoreOptions) -> Result<RestoreHandle> {
         let pid = self.pid;
-        let file = File::open(&self.path).map_err(|e| Error::io(format!("open {}", self.path.display()), e))?;
-        match lock(&file) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                return Err(Error::Busy(format!("VM {pid} is served by a live restore already")));
+        let file = loop {
+            let file = File::open(&self.path).map_err(|e| Error::io(format!("open {}", self.path.display()), e))?;
+            match lock(&file) {
+                Ok(()) if is_current(&file, &self.path) => break file,
+                // Rewritten (by its live server, or another adopter) between the open and the
+                // lock: that lock guards nothing; try the file that is the journal now.
+                Ok(()) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    return Err(Error::Busy(format!("VM {pid} is served by a live restore already")));
+                }
+                Err(e) => return Err(Error::io(format!("flock {}", self.path.display()), e)),
             }
-            Err(e) => return Err(Error::io(format!("flock {}", self.path.display()), e)),
-        }
+        };
         // Open the pidfd, then check the start time: if the pid has been reused by then, the
         // check fails; if it is reused later, the pidfd still names the checked process (and
         // pidfd_getfd fails once it has exited).
@@ -447,5 +473,47 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         j.discard();
         assert!(list(dir.path()).unwrap().is_empty());
+    }
+
+    /// A journal read while its last line is being written (or after its writer was killed
+    /// writing it) reads as the whole lines before it.
+    #[test]
+    fn a_torn_last_line_reads_as_unwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region { base: 1 << 30, size: 1 << 20, offset: 0, page_size: 4096 };
+        let mut j = Journal::create(dir.path(), std::process::id() as i32, None, &[region]).unwrap();
+        j.removed(region.base, region.base + 4096);
+        let mut f = std::fs::OpenOptions::new().append(true).open(j.path()).unwrap();
+        f.write_all(br#"{"removed":[1073745"#).unwrap();
+        let o = read(j.path()).unwrap();
+        assert_eq!(o.removed, vec![(region.base, region.base + 4096)]);
+        // A whole line that does not parse is damage, still refused.
+        f.write_all(b"\n").unwrap();
+        assert!(read(j.path()).is_err());
+        j.discard();
+    }
+
+    /// A lock taken on a journal that was rewritten between its open and the lock (the rename
+    /// released the old file's lock) is not taken for the journal's.
+    #[test]
+    fn a_lock_on_a_replaced_journal_is_not_the_journals() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region { base: 1 << 30, size: 1 << 20, offset: 0, page_size: 4096 };
+        let j = Journal::create(dir.path(), std::process::id() as i32, None, &[region]).unwrap();
+        let stale = File::open(j.path()).unwrap();
+        let header = Header {
+            version: VERSION,
+            pid: j.header.pid,
+            start_time: j.header.start_time,
+            image: None,
+            regions: vec![region],
+        };
+        let _new = write_locked(j.path(), &header, &[]).unwrap();
+        drop(j); // the old file's owner lets go of it
+        assert!(lock(&stale).is_ok(), "the replaced file's lock is free");
+        assert!(!is_current(
+            &stale,
+            &dir.path().join(std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().file_name())
+        ));
     }
 }

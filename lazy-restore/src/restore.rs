@@ -434,7 +434,9 @@ pub fn start_journaled(
     let pid = peer.pid;
     let live_ws = Arc::new(Mutex::new(Vec::new()));
     let max_page = regions.iter().map(|r| r.page_size).max().unwrap_or(4096) as usize;
-    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes);
+    // Large enough for whatever one demand fault installs: its fault-around, a read-ahead
+    // window, or a planned run (at most a batch).
+    let buf_len = opts.fault_around.max(max_page).max(opts.batch_bytes).max(opts.readahead);
     let plan = prefetch_plan(&regions, source.as_ref(), &opts);
     // Which run each region page belongs to: a demand fault on a planned page moves the
     // readers' cursor past its run (they follow the guest instead of trailing it) and installs
@@ -474,13 +476,13 @@ pub fn start_journaled(
         match std::thread::Builder::new().name(format!("uffd-reader-{i}")).spawn(move || reader_loop(&sh, tx)) {
             Ok(h) => threads.push(h),
             Err(e) => {
-                Readers { shared, rx, threads, run_of: Vec::new() }.finish();
+                drop(Readers { shared, rx: Some(rx), threads, run_of: Vec::new() });
                 return Err(Error::io("spawn reader thread", e));
             }
         }
     }
     drop(tx);
-    let readers = Readers { shared, rx, threads, run_of };
+    let readers = Readers { shared, rx: Some(rx), threads, run_of };
     let mut serving = Serving {
         uffd,
         states: regions
@@ -599,28 +601,31 @@ struct Shared {
 
 struct Readers {
     shared: Arc<Shared>,
-    rx: Receiver<Batch>,
+    /// Always Some until dropped.
+    rx: Option<Receiver<Batch>>,
     threads: Vec<JoinHandle<()>>,
     run_of: Vec<Vec<u32>>,
 }
 
-impl Readers {
-    /// Stops the readers and waits for them.
-    fn finish(self) {
-        let Readers { shared, rx, threads, .. } = self;
-        shared.quit.store(true, Relaxed);
+/// Dropping the readers stops them and waits for them: when a restore ends, and also when its
+/// serving thread panics or cannot start (they would otherwise wait for work forever).
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, Relaxed);
         {
             // Under the lock, so a reader between its quit check and its wait cannot miss it.
-            let _q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            shared.wake.notify_all();
+            let _q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.wake.notify_all();
         }
         // A reader blocked on a full channel fails its send once the receiver is gone.
-        drop(rx);
-        for t in threads {
+        drop(self.rx.take());
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+}
 
+impl Readers {
     fn push(&self, job: Job) {
         let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.push_back(job);
@@ -889,12 +894,12 @@ impl Serving {
             }
         };
         if let Some(readers) = self.readers.take() {
-            readers.finish();
+            drop(readers);
         }
         let adopted = self.journal.as_ref().is_some_and(Journal::adopted);
         if let Some(journal) = self.journal.take() {
             // Removed once the VM is gone; kept, for a successor, while it runs on.
-            journal.close(end == EndReason::PeerExited);
+            journal.close();
         }
         let ip = self.source.page_size() as u64;
         let mut touched = Vec::new();
@@ -939,8 +944,17 @@ impl Serving {
             if let Some(rd) = &self.readers {
                 fds.push(libc::pollfd { fd: rd.shared.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
+            // Without a pidfd nothing wakes us when the peer exits (a userfaultfd reports no
+            // hangup while we hold it): look for its pid now and then instead.
+            let timeout = if self.peer.pidfd.is_none() { 1000 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd of the given length.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n == 0
+                && let Some(pid) = self.peer.pid
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                return Err(Stop::Gone);
+            }
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EINTR) {
@@ -1099,7 +1113,9 @@ impl Serving {
                 let run = rd.shared.plan[idx as usize];
                 max = max.max(run.first + run.count - p);
             }
-            // Read (and claim) the following pages that nobody else will install.
+            // Read (and claim) the following pages that nobody else will install, as many as
+            // the buffer holds.
+            let max = max.min((self.buf.len() as u64 / r.page_size).max(1));
             let st = &self.states[ri];
             let mut n = 1;
             while n < max
@@ -1273,7 +1289,19 @@ impl Serving {
                                 return self.install_zero(ri, p, 1);
                             }
                         }
-                        Err(pe) => return Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}"))),
+                        Err(pe) => {
+                            // (UFFDIO_POISON is Linux 6.6+.) Left unanswered the guest would wait
+                            // forever: the VM is ended instead, as KillPeer would.
+                            let killed = match &self.peer.pidfd {
+                                Some(pidfd) => pidfd_kill(pidfd.as_fd()).map_or_else(
+                                    |e| format!("; could not kill the VM: {e}"),
+                                    |()| "; the VM was killed".into(),
+                                ),
+                                None => "; the VM could not be killed (no pidfd) and stalls".into(),
+                            };
+                            error!(pid = self.peer.pid, page = i, "corrupt page, poison failed ({pe}){killed}");
+                            return Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}{killed}")));
+                        }
                     }
                 }
                 self.states[ri].installed.set(p, true);
@@ -1291,7 +1319,9 @@ impl Serving {
             }
             for k in p..p + n {
                 let zeros = std::mem::take(&mut self.zeros);
-                let res = self.copy_pages(ri, k, 1, zeros.as_ptr());
+                // Zeros are right for a page given back too: no skipping it here (the guest
+                // faulted on it and waits for this copy).
+                let res = self.copy_pages(ri, k, 1, zeros.as_ptr(), false);
                 self.zeros = zeros;
                 self.stats.pages_zeroed.fetch_add(res?, Relaxed);
             }
@@ -1372,7 +1402,7 @@ impl Serving {
                 e += 1;
             }
             let ptr = src[((k - p) * rps) as usize..].as_ptr();
-            match self.copy_pages(ri, k, e - k, ptr) {
+            match self.copy_pages(ri, k, e - k, ptr, true) {
                 Ok(done) => installed += done,
                 Err(s) => break Err(s),
             }
@@ -1383,8 +1413,16 @@ impl Serving {
     }
 
     /// UFFDIO_COPY of `n` region pages at page `p` from `src`, following the kernel's rules.
-    /// Returns the pages this call installed.
-    fn copy_pages(&mut self, ri: usize, p: u64, n: u64, src: *const u8) -> std::result::Result<u64, Stop> {
+    /// With `skip_removed` (snapshot content), pages given back are left out. Returns the
+    /// pages this call installed.
+    fn copy_pages(
+        &mut self,
+        ri: usize,
+        p: u64,
+        n: u64,
+        src: *const u8,
+        skip_removed: bool,
+    ) -> std::result::Result<u64, Stop> {
         let r = self.states[ri].r;
         let len = (n * r.page_size) as usize;
         let dst = r.base + p * r.page_size;
@@ -1392,7 +1430,8 @@ impl Serving {
         let mut installed = 0;
         while done < len {
             let page = p + (done as u64) / r.page_size;
-            if self.states[ri].removed.get(page) {
+            let removed = |q: u64| skip_removed && self.states[ri].removed.get(q);
+            if removed(page) {
                 // A REMOVE drained while retrying covers this page: it must read zero now,
                 // not the snapshot's content. Leave it to fault again.
                 done += r.page_size as usize;
@@ -1400,7 +1439,7 @@ impl Serving {
             }
             // Copy up to the next removed page (none unless a retry drained a REMOVE).
             let mut end = done + r.page_size as usize;
-            while end < len && !self.states[ri].removed.get(p + end as u64 / r.page_size) {
+            while end < len && !removed(p + end as u64 / r.page_size) {
                 end += r.page_size as usize;
             }
             self.stats.ioctls.fetch_add(1, Relaxed);
@@ -1443,10 +1482,10 @@ impl Serving {
 
     /// Installs one batch from the readers if one is ready. Returns false when there is none now.
     fn batch_step(&mut self) -> std::result::Result<bool, Stop> {
-        let Some(rd) = &self.readers else {
+        let Some(rx) = self.readers.as_ref().and_then(|rd| rd.rx.as_ref()) else {
             return Ok(false);
         };
-        let (region, pieces, data, failed, prefetch) = match rd.rx.try_recv() {
+        let (region, pieces, data, failed, prefetch) = match rx.try_recv() {
             Ok(Batch::Pages { region, pieces, data, failed, prefetch }) => (region, pieces, data, failed, prefetch),
             Ok(Batch::PlanDone) => {
                 self.stats.prefetch_done.store(true, Relaxed);

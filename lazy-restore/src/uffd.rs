@@ -219,6 +219,10 @@ pub fn enabled_features(fd: BorrowedFd<'_>) -> Option<u64> {
 
 /// `UFFD_FEATURE_EVENT_REMOVE`: the kernel reports `madvise(MADV_DONTNEED)` and balloon zaps.
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `UFFD_FEATURE_EVENT_FORK`: each fork of the peer would hand us the child's userfaultfd.
+pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `UFFD_FEATURE_EVENT_REMAP`: mremap of a region would move it out from under its image.
+pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 
 /// True when `fd` is a userfaultfd (its /proc link reads `anon_inode:[userfaultfd]`).
 pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {

@@ -154,6 +154,30 @@ fn hugetlb_2mib_regions() {
     srv.stop();
 }
 
+/// Huge pages the guest gives back (madvise DONTNEED on hugetlb, as a balloon does) read zero
+/// when touched again: the fault on one is answered with a zero huge page (it used to be
+/// skipped as "removed", leaving the guest waiting forever).
+#[test]
+fn hugetlb_pages_given_back_read_zero() {
+    if !require_root() {
+        return;
+    }
+    assert!(ensure_hugepages(8), "could not reserve 8 huge pages");
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048); // 8 MiB
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let child = spawn_child(json!({
+        "role": "remove", "socket": srv.socket, "image": image,
+        "regions": [{"size": 8 << 20, "offset": 0, "page_size": 2 << 20}],
+    }));
+    let (status, res) = wait_child(child);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited);
+    srv.stop();
+}
+
 #[test]
 fn killed_client_leaves_others_served_and_leaks_nothing() {
     if !require_root() {

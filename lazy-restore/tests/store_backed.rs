@@ -306,3 +306,42 @@ fn a_damaged_page_does_not_stop_the_working_set_being_stored_nor_gets_preloaded(
     let err = cache.read_page(100, &mut buf).unwrap_err();
     assert!(err.to_string().contains("100"), "{err}");
 }
+
+/// A read-ahead window larger than a prefetch batch (`serve-uffd --readahead-kib 1024`): a
+/// guest streaming through dense data is served, and the serving thread never overruns its
+/// buffer (it used to panic there, leaving the VM stalled and its reader threads behind).
+#[test]
+fn a_read_ahead_window_larger_than_a_batch_is_served() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let dense: Vec<u8> = (0..(8 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&image, &dense).unwrap();
+    let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
+    store.ingest_image(&image, &IngestOptions::default(), Some("vm")).unwrap();
+    let opts = snapfork_lazy_restore::RestoreOptions { readahead: 1 << 20, ..Default::default() };
+    let srv = TestServer::start(
+        dir.path().join("uffd.sock"),
+        cached(&store),
+        ServerOptions { restore: opts, ..Default::default() },
+    );
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 8 << 20, "offset": 0}],
+    }));
+    let (st, res) = wait_child(child);
+    assert!(st.success(), "{st:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    srv.stop();
+}
