@@ -116,8 +116,7 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
     let mut data: Vec<u8> = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
-    // Bytes received when the message was last parsed (see below).
-    let mut parsed_at = 0;
+    let mut end = ValueEnd::default();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -147,15 +146,12 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
         if data.len() > MAX_MESSAGE {
             return Err(Error::Handshake(format!("message larger than {MAX_MESSAGE} bytes")));
         }
-        // Complete once the JSON value is; an unfinished value means more is in flight. Parsed
-        // when a chunk ends a value or the message has grown by a quarter, so that a peer
-        // sending a byte at a time costs linear work, not a parse of everything per byte.
-        let ends_value =
-            chunk[..n].iter().rev().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b == b']' || b == b'}');
-        if !ends_value && data.len() < parsed_at + parsed_at / 4 + 1 {
+        // Complete once the JSON value is; an unfinished value means more is in flight. Only
+        // the new bytes are scanned for the value's end, and the message is parsed once it
+        // ends: a peer sending a byte at a time costs linear work, not a parse per byte.
+        if !end.feed(&chunk[..n]) {
             continue;
         }
-        parsed_at = data.len();
         match serde_json::from_slice::<serde::de::IgnoredAny>(&data) {
             Ok(_) => break,
             Err(e) if e.is_eof() => continue,
@@ -195,6 +191,42 @@ pub fn receive(stream: &UnixStream, timeout: Duration) -> Result<Handshake> {
         None => return Err(Error::Handshake("cannot read the userfaultfd's features from /proc".into())),
     }
     Ok(Handshake { regions, uffd, fds: nfds, bytes: data.len() })
+}
+
+/// Finds where a JSON text's top-level array or object ends, fed a piece at a time.
+#[derive(Default)]
+struct ValueEnd {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl ValueEnd {
+    /// True once the top-level value has closed, or the text cannot be one (anything else at
+    /// the top level): either way the parser has the last word.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'[' | b'{' => self.depth += 1,
+                b']' | b'}' if self.depth <= 1 => return true,
+                b']' | b'}' => self.depth -= 1,
+                b'"' if self.depth > 0 => self.in_string = true,
+                b if b.is_ascii_whitespace() => {}
+                _ if self.depth == 0 => return true,
+                _ => {}
+            }
+        }
+        false
+    }
 }
 
 fn wait_readable(stream: &UnixStream, left: Duration) -> Result<()> {
@@ -303,10 +335,27 @@ mod tests {
         }
     }
 
-    /// Sends `data` with `fds` descriptors (copies of stdin's) in one sendmsg.
+    #[test]
+    fn the_end_of_a_value_is_found_a_piece_at_a_time() {
+        let msg = br#" [ {"a":"]\"}","b":[1,{"c":[]}]}, {"d":"\\"} ] "#;
+        let last = msg.iter().rposition(|&c| c == b']').unwrap();
+        for split in 1..msg.len() {
+            let mut end = ValueEnd::default();
+            let (a, b) = msg.split_at(split);
+            let at_a = end.feed(a);
+            let at_b = at_a || end.feed(b);
+            // It ends exactly at the last ']', in whichever piece that is.
+            assert_eq!((at_a, at_b), (split > last, true), "split at {split}");
+        }
+        assert!(ValueEnd::default().feed(b"garbage"));
+        assert!(!ValueEnd::default().feed(b"[[[{\"x\":"));
+    }
+
+    /// Sends `data` with `fds` descriptors (copies of one of /dev/null) in one sendmsg.
     fn send_with(s: &UnixStream, data: &[u8], fds: usize) {
         use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-        let raw = vec![0; fds];
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let raw = vec![null.as_raw_fd(); fds];
         let cmsgs: Vec<ControlMessage> = if fds > 0 { vec![ControlMessage::ScmRights(&raw)] } else { vec![] };
         sendmsg::<()>(s.as_raw_fd(), &[std::io::IoSlice::new(data)], &cmsgs, MsgFlags::empty(), None).unwrap();
     }

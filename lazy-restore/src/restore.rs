@@ -195,6 +195,16 @@ pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// True when process `pid`, started at `t0`, has exited (or its pid names another process
+/// now). A `/proc` entry that cannot be read for another reason (`hidepid`) says nothing: alive.
+fn peer_gone(pid: i32, t0: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        // Readable: a zombie (no start time) or another process given the pid is gone too.
+        Ok(_) => crate::journal::process_start_time(pid) != Some(t0),
+    }
+}
+
 /// Live counters of a restore.
 #[derive(Debug, Default)]
 pub struct RestoreStats {
@@ -498,6 +508,7 @@ pub fn start_journaled(
             })
             .collect(),
         source: source.clone(),
+        peer_start: peer.pid.filter(|&p| p > 0).and_then(crate::journal::process_start_time),
         peer,
         opts: opts.clone(),
         stats: stats.clone(),
@@ -644,6 +655,9 @@ struct Serving {
     states: Vec<RegionState>,
     source: Arc<dyn PageSource>,
     peer: Peer,
+    /// The peer's start time when the restore began (a pid we can see, > 0): without a pidfd,
+    /// what tells its exit from a live process, or a later one given its pid.
+    peer_start: Option<u64>,
     opts: RestoreOptions,
     stats: Arc<RestoreStats>,
     buf: Vec<u8>,
@@ -897,6 +911,15 @@ impl Serving {
             drop(readers);
         }
         let adopted = self.journal.as_ref().is_some_and(Journal::adopted);
+        // A VM killed for a corrupt page, or whose memory is being torn down (ESRCH), may not
+        // have exited yet: give it a moment, so that its journal goes with it.
+        if matches!(end, EndReason::PeerExited | EndReason::CorruptPage { .. })
+            && let Some(pidfd) = &self.peer.pidfd
+        {
+            let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 2000) };
+        }
         if let Some(journal) = self.journal.take() {
             // Removed once the VM is gone; kept, for a successor, while it runs on.
             journal.close();
@@ -950,8 +973,8 @@ impl Serving {
             // SAFETY: `fds` is a valid array of pollfd of the given length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n == 0
-                && let Some(pid) = self.peer.pid
-                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && let (Some(pid), Some(t0)) = (self.peer.pid, self.peer_start)
+                && peer_gone(pid, t0)
             {
                 return Err(Stop::Gone);
             }
