@@ -1499,6 +1499,11 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
         return Err(Error::io("exchange", &ws, e));
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
+    // The swap is made durable before the store records it: a crash must not leave a record
+    // of a revert whose old tree came back in place.
+    if let Err(e) = sys::open_root_dir(&parent).and_then(|d| sys::fsync(d.as_fd())) {
+        tracing::warn!(dir = %parent.display(), "cannot sync the revert's swap: {e}");
+    }
     let mut previous_head = None;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
     let recorded = (|| -> Result<()> {
