@@ -129,16 +129,22 @@ fn ensure_hugepages(n: u64) -> bool {
         >= n
 }
 
+/// An 8 MiB image served from a raw file, with 8 free huge pages for a client to map it in.
+fn hugetlb_setup() -> (tempfile::TempDir, std::path::PathBuf, TestServer) {
+    assert!(ensure_hugepages(8), "could not reserve 8 huge pages");
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 2048);
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    (dir, image, srv)
+}
+
 #[test]
 fn hugetlb_2mib_regions() {
     if !require_root() {
         return;
     }
-    assert!(ensure_hugepages(8), "could not reserve 8 huge pages");
-    let dir = tempdir();
-    let image = dir.path().join("mem.raw");
-    make_image(&image, 2048); // 8 MiB
-    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let (_dir, image, srv) = hugetlb_setup();
     let child = spawn_child(json!({
         "role": "fc", "socket": srv.socket, "image": image, "shape": "1.12",
         "regions": [
@@ -162,11 +168,7 @@ fn hugetlb_pages_given_back_read_zero() {
     if !require_root() {
         return;
     }
-    assert!(ensure_hugepages(8), "could not reserve 8 huge pages");
-    let dir = tempdir();
-    let image = dir.path().join("mem.raw");
-    make_image(&image, 2048); // 8 MiB
-    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let (_dir, image, srv) = hugetlb_setup();
     let child = spawn_child(json!({
         "role": "remove", "socket": srv.socket, "image": image,
         "regions": [{"size": 8 << 20, "offset": 0, "page_size": 2 << 20}],
