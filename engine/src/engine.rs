@@ -368,8 +368,7 @@ impl Inner {
             let _ = thread.join();
             return;
         }
-        threads.retain(|t| !t.is_finished());
-        threads.push(thread);
+        keep_live(&mut threads, thread);
     }
 
     fn refuse_when_shutting_down(&self) -> Result<()> {
@@ -387,6 +386,12 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Adds `thread` to `threads`, dropping those that have ended.
+fn keep_live(threads: &mut Vec<std::thread::JoinHandle<()>>, thread: std::thread::JoinHandle<()>) {
+    threads.retain(|t| !t.is_finished());
+    threads.push(thread);
 }
 
 /// A running UFFD page server of one memory image.
@@ -1604,12 +1609,12 @@ impl Inner {
             return Err(e);
         }
         // A Firecracker VM too: its successor opens the same disk files (the vmstate names
-        // them), so the two must never run at once. One that does not pause is ended first.
+        // them), so the two must never run at once. The successor loads paused and resumes
+        // only once this one is gone (below); one that does not pause runs until it is ended.
         let old_vm = match &driver {
             DriverConfig::Firecracker(c) => Some(c),
             _ => None,
         };
-        // (Its successor loads paused and resumes only once this one is gone: see below.)
         if old_vm.is_some()
             && let Err(e) = self.check_vm_state_trusted(&s)
         {
@@ -1921,11 +1926,9 @@ impl Inner {
                             }
                         });
                         match saving {
-                            Ok(t) => {
-                                let mut threads = background.lock().unwrap_or_else(|p| p.into_inner());
-                                threads.retain(|t| !t.is_finished());
-                                threads.push(t);
-                            }
+                            // (No shutdown check: shutdown joins this server before it takes
+                            // the background threads.)
+                            Ok(t) => keep_live(&mut background.lock().unwrap_or_else(|p| p.into_inner()), t),
                             Err(e) => {
                                 tracing::warn!(image = %id, error = %e, "could not start storing the working set")
                             }
@@ -2230,10 +2233,7 @@ impl Inner {
                     // A VM the engine started: its process (not a later one given its pid).
                     Some(_) => cfg.vmm_process().is_none(),
                     // One it was handed (`run`): nobody listens on its API socket any more.
-                    None => crate::firecracker::connect_by(&cfg.api_socket, Instant::now() + Duration::from_secs(2))
-                        .is_err_and(|e| {
-                            matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
-                        }),
+                    None => cfg.api_gone(),
                 };
                 if gone {
                     rec.status = Status::Exited;

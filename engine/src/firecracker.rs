@@ -80,14 +80,8 @@ impl FirecrackerConfig {
     /// false when it may still run (it did not die in time, or a VM handed over with `run`
     /// could not be reached to learn its pid).
     pub fn kill_vmm(&self) -> bool {
-        if self.pid.is_none() {
-            match connect_by(&self.api_socket, Instant::now() + Duration::from_secs(2)) {
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
-                    return true;
-                }
-                Err(_) => return false,
-                Ok(_) => {}
-            }
+        if self.pid.is_none() && self.api_gone() {
+            return true;
         }
         let Some((pid, start)) = self.vmm_process() else {
             return self.pid.is_some();
@@ -102,11 +96,14 @@ impl FirecrackerConfig {
             tracing::warn!(pid, "cannot kill the VMM: {e}");
             return false;
         }
-        // A pidfd polls readable once its process has exited.
-        let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
-        ready > 0
+        snapfork_lazy_restore::restore::pidfd_wait(std::os::fd::AsFd::as_fd(&pidfd), Duration::from_secs(5))
+    }
+
+    /// True when nobody listens on the API socket any more (refused, or no socket): how a VM
+    /// handed over with `run` is known to be gone. One that does not accept in time is not.
+    pub(crate) fn api_gone(&self) -> bool {
+        connect_by(&self.api_socket, Instant::now() + Duration::from_secs(2))
+            .is_err_and(|e| matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound))
     }
 
     /// The binary restores start.
@@ -268,7 +265,7 @@ const MAX_LINE: u64 = 8 << 10;
 /// Connects to `socket`, giving up at `deadline`. A plain `connect` blocks for as long as the
 /// listener's backlog is full (a VMM that stopped accepting); a non-blocking one fails with
 /// EAGAIN instead (AF_UNIX has no connection in progress to wait for), and is retried.
-pub(crate) fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as new_socket};
     let fd = new_socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     let addr = UnixAddr::new(socket)?;

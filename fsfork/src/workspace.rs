@@ -104,9 +104,14 @@ fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str)
     })
 }
 
+/// The metadata key of workspace `ws`'s record.
+fn record_key(ws: &Path) -> String {
+    format!("fsfork/ws/{}", ws_key(ws))
+}
+
 /// The record of the workspace at `path` (canonical).
 pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord> {
-    let mut r: WorkspaceRecord = load_json(repo, &format!("fsfork/ws/{}", ws_key(path)))?;
+    let mut r: WorkspaceRecord = load_json(repo, &record_key(path))?;
     r.path = path.to_string_lossy().into_owned();
     Ok(r)
 }
@@ -1002,7 +1007,7 @@ pub fn checkpoint_then(
         });
         let rec = serde_json::to_vec(&record)
             .map_err(|e| Error::Corrupt { id: "workspace record".into(), reason: e.to_string() })?;
-        tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &rec);
+        tx.meta_put(&record_key(&ws), &rec);
         let t_nodes = start.elapsed();
         captured();
         tx.commit()?;
@@ -1411,7 +1416,7 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
         head: Some(ckpt.hex()),
         events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
-    tx.meta_put(&format!("fsfork/ws/{}", ws_key(&target)), &json_bytes("workspace record", &record)?);
+    tx.meta_put(&record_key(&target), &json_bytes("workspace record", &record)?);
     // Restores of one checkpoint run in parallel (fork -n N): each adds itself to the list it
     // read, so the read and the commit must not interleave with another's.
     static OFFSPRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -1499,11 +1504,6 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
         return Err(Error::io("exchange", &ws, e));
     }
     let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
-    // The swap is made durable before the store records it: a crash must not leave a record
-    // of a revert whose old tree came back in place.
-    if let Err(e) = sys::open_root_dir(&parent).and_then(|d| sys::fsync(d.as_fd())) {
-        tracing::warn!(dir = %parent.display(), "cannot sync the revert's swap: {e}");
-    }
     let mut previous_head = None;
     // The cache was built while the tree was at `side`; paths are relative, inodes unchanged.
     let recorded = (|| -> Result<()> {
@@ -1513,7 +1513,7 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
         previous_head = record.head.take();
         record.head = Some(ckpt.hex());
         record.events.push(Event { kind: "revert".into(), checkpoint: ckpt.hex(), time: now(), message: None });
-        tx.meta_put(&format!("fsfork/ws/{}", ws_key(&ws)), &json_bytes("workspace record", &record)?);
+        tx.meta_put(&record_key(&ws), &json_bytes("workspace record", &record)?);
         tx.commit()
     })();
     if let Err(e) = recorded {
@@ -1541,7 +1541,8 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
     })
 }
 
-/// Swaps the directories `ws` and `side` (siblings) with one `renameat2(RENAME_EXCHANGE)`.
+/// Swaps the directories `ws` and `side` (siblings) with one `renameat2(RENAME_EXCHANGE)`, and
+/// syncs their parent.
 fn exchange(ws: &Path, side: &Path) -> std::io::Result<()> {
     let parent = ws.parent().unwrap_or(Path::new("/"));
     let name = |p: &Path| {
@@ -1553,7 +1554,13 @@ fn exchange(ws: &Path, side: &Path) -> std::io::Result<()> {
     };
     let (a, b) = (name(side)?, name(ws)?);
     let pfd = sys::open_root_dir(parent)?;
-    sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b)
+    sys::rename_exchange(pfd.as_fd(), &a, pfd.as_fd(), &b)?;
+    // Durable before anyone records it: a crash must not leave a record of a swap that did not
+    // survive. The swap itself is done, so a failure here is only reported.
+    if let Err(e) = sys::fsync(pfd.as_fd()) {
+        tracing::warn!(dir = %parent.display(), "cannot sync a tree swap: {e}");
+    }
+    Ok(())
 }
 
 /// Undoes a [`revert`] that its caller could not carry through (the sandbox it was for could
@@ -1575,7 +1582,7 @@ pub fn undo_revert(repo: &dyn Repo, report: &RevertReport) -> Result<()> {
         record.events.pop();
     }
     record.head = report.previous_head.clone();
-    repo.meta_put(&format!("fsfork/ws/{}", ws_key(ws)), &json_bytes("workspace record", &record)?)
+    repo.meta_put(&record_key(ws), &json_bytes("workspace record", &record)?)
 }
 
 /// Removes a tree on another thread (symlinks are removed, never followed).

@@ -353,11 +353,8 @@ mod tests {
 
     /// Sends `data` with `fds` descriptors (copies of one of /dev/null) in one sendmsg.
     fn send_with(s: &UnixStream, data: &[u8], fds: usize) {
-        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
         let null = std::fs::File::open("/dev/null").unwrap();
-        let raw = vec![null.as_raw_fd(); fds];
-        let cmsgs: Vec<ControlMessage> = if fds > 0 { vec![ControlMessage::ScmRights(&raw)] } else { vec![] };
-        sendmsg::<()>(s.as_raw_fd(), &[std::io::IoSlice::new(data)], &cmsgs, MsgFlags::empty(), None).unwrap();
+        crate::client::send_with_fds(s, data, &vec![null.as_raw_fd(); fds]).unwrap();
     }
 
     fn open_fds() -> usize {

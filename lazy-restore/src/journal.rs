@@ -397,7 +397,11 @@ impl Orphan {
 /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot), if the process exists
 /// and has not exited (a zombie has no memory left to serve).
 pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    start_time_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// [`process_start_time`] from the text of a `/proc/PID/stat`.
+pub(crate) fn start_time_in(stat: &str) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
     if matches!(fields.next()?, "Z" | "X" | "x") {
@@ -500,20 +504,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = Region { base: 1 << 30, size: 1 << 20, offset: 0, page_size: 4096 };
         let j = Journal::create(dir.path(), std::process::id() as i32, None, &[region]).unwrap();
-        let stale = File::open(j.path()).unwrap();
-        let header = Header {
-            version: VERSION,
-            pid: j.header.pid,
-            start_time: j.header.start_time,
-            image: None,
-            regions: vec![region],
-        };
-        let _new = write_locked(j.path(), &header, &[]).unwrap();
+        let path = j.path().to_path_buf();
+        let stale = File::open(&path).unwrap();
+        assert!(is_current(&stale, &path));
+        let header = Header { regions: vec![region], image: None, ..j.header };
+        let _new = write_locked(&path, &header, &[]).unwrap();
         drop(j); // the old file's owner lets go of it
         assert!(lock(&stale).is_ok(), "the replaced file's lock is free");
-        assert!(!is_current(
-            &stale,
-            &dir.path().join(std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().file_name())
-        ));
+        assert!(!is_current(&stale, &path), "a lock on the replaced file taken for the journal's");
     }
 }

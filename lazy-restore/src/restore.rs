@@ -195,13 +195,22 @@ pub fn pidfd_kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Waits up to `timeout` for the process of `pidfd` to exit; true once it has.
+pub fn pidfd_wait(pidfd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    // A pidfd polls readable once its process has exited.
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
 /// True when process `pid`, started at `t0`, has exited (or its pid names another process
 /// now). A `/proc` entry that cannot be read for another reason (`hidepid`) says nothing: alive.
 fn peer_gone(pid: i32, t0: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        // Readable: a zombie (no start time) or another process given the pid is gone too.
-        Ok(_) => crate::journal::process_start_time(pid) != Some(t0),
+        // A zombie (no start time) or another process given the pid is gone too.
+        Ok(stat) => crate::journal::start_time_in(&stat) != Some(t0),
     }
 }
 
@@ -907,18 +916,15 @@ impl Serving {
                 EndReason::Failed { message }
             }
         };
-        if let Some(readers) = self.readers.take() {
-            drop(readers);
-        }
+        // Dropping the readers stops them and waits for them.
+        self.readers = None;
         let adopted = self.journal.as_ref().is_some_and(Journal::adopted);
         // A VM killed for a corrupt page, or whose memory is being torn down (ESRCH), may not
         // have exited yet: give it a moment, so that its journal goes with it.
         if matches!(end, EndReason::PeerExited | EndReason::CorruptPage { .. })
             && let Some(pidfd) = &self.peer.pidfd
         {
-            let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, 2000) };
+            pidfd_wait(pidfd.as_fd(), std::time::Duration::from_secs(2));
         }
         if let Some(journal) = self.journal.take() {
             // Removed once the VM is gone; kept, for a successor, while it runs on.

@@ -78,13 +78,13 @@ pub struct GcReport {
     pub repacks_skipped_for_space: u64,
 }
 
+/// How old a staging entry of this very process must be before gc takes it for a leftover.
+pub const OWN_STAGING_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// How long ago `meta`'s file last changed: the later of its modification and its status
 /// change time. A file object keeps the modification time of the file it was made from (a
 /// checkpointed file may be years old), while the move into `objects/` updates its ctime, so
 /// the ctime is what says how recently it arrived. A time in the future counts as now.
-/// How old a staging entry of this very process must be before gc takes it for a leftover.
-pub const OWN_STAGING_GRACE: Duration = Duration::from_secs(24 * 3600);
-
 fn age(meta: &fs::Metadata) -> Duration {
     use std::os::unix::fs::MetadataExt;
     let ctime = u64::try_from(meta.ctime()).ok().and_then(|s| {
@@ -407,10 +407,7 @@ impl Store {
         let me = std::process::id().to_string();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let ours = name
-                .to_str()
-                .and_then(|n| n.split('-').nth(1))
-                .is_some_and(|pid| pid.strip_suffix(".sst").unwrap_or(pid) == me);
+            let ours = name.to_str().and_then(|n| n.split('-').nth(1)).is_some_and(|pid| pid == me);
             let wait = if ours { grace.max(OWN_STAGING_GRACE) } else { grace };
             let old = entry.metadata().ok().is_some_and(|m| age(&m) >= wait);
             if old {

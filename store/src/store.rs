@@ -258,13 +258,20 @@ impl Store {
             other => return other,
         }
         if self.inner.read_only {
-            self.inner.db.try_catch_up_with_primary()?;
-            self.inner.packs.forget_all();
+            self.catch_up()?;
         }
         let loc = self
             .location(id)?
             .ok_or_else(|| Error::Corrupt { what: what(), detail: format!("chunk {id} is missing from the store") })?;
         self.read_located(id, &loc, out, what)
+    }
+
+    /// A read-only store's view moves on to what the writer has committed since; the packs it
+    /// had open are closed (a later pack may have taken one's number).
+    pub(crate) fn catch_up(&self) -> Result<()> {
+        self.inner.db.try_catch_up_with_primary()?;
+        self.inner.packs.forget_all();
+        Ok(())
     }
 
     pub(crate) fn read_located(

@@ -56,8 +56,7 @@ impl Store {
         if report.is_ok() || !self.is_read_only() {
             return Ok(report);
         }
-        self.inner.db.try_catch_up_with_primary()?;
-        self.inner.packs.forget_all();
+        self.catch_up()?;
         self.verify_once(only, progress)
     }
 
