@@ -651,6 +651,13 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
     let server_pid = server.0.id() as i32;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(server_pid, libc::SIGSTOP) };
+    // kill() returns before the stop takes effect: a thread of the server must first run to
+    // stop the others, and until then its serving thread may still answer faults (seen under
+    // load). waitpid(WUNTRACED) returns once every thread has stopped.
+    let mut status = 0;
+    // SAFETY: waiting for our own child; `status` outlives the call.
+    let waited = unsafe { libc::waitpid(server_pid, &mut status, libc::WUNTRACED) };
+    assert!(waited == server_pid && libc::WIFSTOPPED(status), "the server did not stop: {status:#x}");
     let (tx, rx) = std::sync::mpsc::channel();
     let reader_api = api.clone();
     std::thread::spawn(move || {
