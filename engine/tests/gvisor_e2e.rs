@@ -385,6 +385,21 @@ async fn gvisor_a_stuck_sandbox_holds_up_only_its_own_operations() {
     let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "stuck").unwrap().runtime_id.unwrap();
     let pid = Pid::from_raw(engine.runsc().state(&rid).unwrap().unwrap().pid as i32);
     kill(pid, Signal::SIGSTOP).unwrap();
+    // kill() returns before the stop takes effect (a thread of the sandbox must run to stop the
+    // others): wait until every thread is stopped, so that the checkpoint really meets a
+    // stopped sandbox.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    };
+    let t = std::time::Instant::now();
+    while !stopped() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the sandbox process never stopped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Whatever happens below, the sandbox process must not stay stopped.
     struct Cont(Pid);
     impl Drop for Cont {
