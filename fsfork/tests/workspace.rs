@@ -234,6 +234,41 @@ fn large_image_is_hashed_incrementally_ext4() {
     large_image_is_hashed_incrementally(FsType::Ext4);
 }
 
+/// A checkpoint that copied a file (ext4: no reflinks) makes it durable before its stat cache
+/// vouches for it. Otherwise a power cut can keep the file's new mtime (journaled) and lose its
+/// new bytes (an overwrite in place is not ordered before the inode), and every later
+/// checkpoint would trust the cache and record bytes the file no longer holds.
+#[test]
+fn a_copied_file_is_durable_before_the_stat_cache_vouches_for_it() {
+    let Some(Env { fs, store }) =
+        Env::new(FsType::Ext4, "a_copied_file_is_durable_before_the_stat_cache_vouches_for_it", 256)
+    else {
+        return;
+    };
+    let ws = fs.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let f = ws.join("f");
+    std::fs::write(&f, vec![b'A'; 1 << 20]).unwrap();
+    sh("sync", &ws);
+    workspace::checkpoint(&store, &ws, Some("a")).unwrap();
+    // An in-place overwrite of blocks already on disk, captured by the next checkpoint.
+    let out = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&out, &[b'B'; 4096], 0).unwrap();
+    drop(out);
+    let b = workspace::checkpoint(&store, &ws, Some("b")).unwrap();
+    assert_eq!((b.hashed_files, b.mode), (1, CopyMode::Copy), "{b:?}");
+    drop(store);
+    fs.crash_and_remount().expect("crash and remount");
+
+    let store = Store::open(fs.path().join("store"), OpenOptions::default()).expect("open store after the crash");
+    let live = std::fs::read(&f).unwrap();
+    let c = workspace::checkpoint(&store, &ws, Some("after the crash")).unwrap();
+    let dst = fs.path().join("r");
+    workspace::restore(&store, &c.id, &dst).unwrap();
+    assert!(std::fs::read(dst.join("f")).unwrap() == live, "the checkpoint records bytes the file does not hold");
+    assert_eq!(&live[..4], b"BBBB", "the checkpointed write was lost in the crash");
+}
+
 fn read_tree_via_dirfd(ws: &Path) -> Option<Vec<Vec<u8>>> {
     let c = CString::new(ws.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: valid path; the descriptor is closed below.
