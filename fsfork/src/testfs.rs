@@ -136,26 +136,37 @@ impl TestFs {
         self.kind
     }
 
-    /// Simulates a power cut, then mounts the filesystem again: it is shut down without
-    /// flushing its log (`FS_IOC_SHUTDOWN`, `NOLOGFLUSH`, as xfstests' crash tests do; XFS and
-    /// ext4), so whatever was not yet durable is lost. Nothing may hold it open.
-    pub fn crash_and_remount(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // _IOR('X', 125, __u32): XFS_IOC_GOINGDOWN, the same number as EXT4_IOC_SHUTDOWN.
-        const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
-        const NOLOGFLUSH: u32 = 2;
-        let root = std::fs::File::open(&self.mount)?;
-        let flags = NOLOGFLUSH;
-        // SAFETY: an fd we own and a pointer to a u32 that outlives the call, as the ioctl
-        // expects.
-        if unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        drop(root);
+    /// Simulates a power cut: see [`power_cut`].
+    pub fn power_cut(&self) -> io::Result<()> {
+        power_cut(&self.mount)
+    }
+
+    /// Unmounts the filesystem and mounts it again (after [`TestFs::power_cut`]: it recovers
+    /// from its log as after a crash). Nothing may hold it open.
+    pub fn remount(&self) -> io::Result<()> {
         run(Command::new("umount").arg(&self.mount))?;
         let img = self.dir.join("backing.img");
         run(Command::new("mount").args(["-t", self.kind.name(), "-o", "loop,noatime"]).arg(&img).arg(&self.mount))
     }
+}
+
+/// Simulates a power cut on the filesystem mounted at `mount`: it is shut down without flushing
+/// its log (`FS_IOC_SHUTDOWN`, `NOLOGFLUSH`, as xfstests' crash tests do; XFS and ext4, not
+/// btrfs), so whatever was not yet durable is lost and every later access fails. A process
+/// that stands for the machine should then exit without cleaning up (`libc::_exit`), as its
+/// cleanup would only meet a dead filesystem; [`TestFs::remount`] brings it back.
+pub fn power_cut(mount: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // _IOR('X', 125, __u32): XFS_IOC_GOINGDOWN, the same number as EXT4_IOC_SHUTDOWN.
+    const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+    const NOLOGFLUSH: u32 = 2;
+    let root = std::fs::File::open(mount)?;
+    let flags = NOLOGFLUSH;
+    // SAFETY: an fd we own and a pointer to a u32 that outlives the call, as the ioctl expects.
+    if unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for TestFs {

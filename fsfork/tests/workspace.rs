@@ -258,7 +258,8 @@ fn a_copied_file_is_durable_before_the_stat_cache_vouches_for_it() {
     let b = workspace::checkpoint(&store, &ws, Some("b")).unwrap();
     assert_eq!((b.hashed_files, b.mode), (1, CopyMode::Copy), "{b:?}");
     drop(store);
-    fs.crash_and_remount().expect("crash and remount");
+    fs.power_cut().expect("power cut");
+    fs.remount().expect("remount");
 
     let store = Store::open(fs.path().join("store"), OpenOptions::default()).expect("open store after the crash");
     let live = std::fs::read(&f).unwrap();
