@@ -3,7 +3,8 @@
 //! that dies on the spot. Every commit the store reported before the cut is there afterwards,
 //! byte for byte and verified: full and incremental image ingests, a workspace checkpoint and
 //! the revert to it. A transaction that had not committed leaves no ref, and gc takes its torn
-//! pack. Needs root.
+//! pack. A busy machine (ingests, checkpoints and gc at once) loses power at random moments.
+//! Needs root.
 
 use std::path::{Path, PathBuf};
 
@@ -102,13 +103,179 @@ fn machine(mount: &Path, inputs: &Path) -> ! {
     unsafe { libc::_exit(0) }
 }
 
-/// Not a test of its own (so ignored): the entry point of [`machine`] in the child process.
+/// Not a test of its own (so ignored): the entry point of [`machine`] and [`busy_machine`] in
+/// the child process.
 #[test]
 #[ignore = "the child process of the power-cut tests"]
 fn power_cut_child() {
-    if let (Some(mount), Some(inputs)) = (std::env::var_os("POWER_CUT_MOUNT"), std::env::var_os("POWER_CUT_INPUTS")) {
-        machine(Path::new(&mount), Path::new(&inputs));
+    let Some(mount) = std::env::var_os("POWER_CUT_MOUNT") else { return };
+    match (std::env::var_os("POWER_CUT_INPUTS"), std::env::var("POWER_CUT_ROUND")) {
+        (Some(inputs), _) => machine(Path::new(&mount), Path::new(&inputs)),
+        (None, Ok(round)) => {
+            let after_ms = std::env::var("POWER_CUT_AFTER_MS").unwrap().parse().unwrap();
+            busy_machine(Path::new(&mount), round.parse().unwrap(), after_ms)
+        }
+        _ => panic!("POWER_CUT_INPUTS or POWER_CUT_ROUND"),
     }
+}
+
+/// Image `i` of round `r` of the busy machine: one base shared by all, with pages of its own.
+fn busy_image(r: u64, i: u64) -> Vec<u8> {
+    let mut img = image(7, 1024);
+    let own = image(r * 1000 + i, 1024);
+    for p in (((r * 1000 + i) % 13) as usize..1024).step_by(13) {
+        img[p * PAGE..(p + 1) * PAGE].copy_from_slice(&own[p * PAGE..(p + 1) * PAGE]);
+    }
+    img
+}
+
+/// File `k` of checkpoint `i` of round `r` of the busy machine's workspace.
+fn busy_file(r: u64, i: u64, k: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64((r * 1000 + i) * 10 + k);
+    let mut v = vec![0u8; (k as usize + 1) * 40_000];
+    rng.fill(&mut v[..]);
+    v
+}
+
+/// A machine at work when its power goes, at a moment of its own choosing (`after_ms`): one
+/// thread ingests images, one edits and checkpoints a workspace, one collects garbage. Each
+/// commit is reported on stdout (`COMMIT image r i ID`, `COMMIT ckpt r i ID`) once it returned.
+fn busy_machine(mount: &Path, r: u64, after_ms: u64) -> ! {
+    use std::io::Write;
+    let store = Store::open(mount.join("store"), OpenOptions::default()).expect("open store");
+    let report = move |what: &str, i: u64, id: String| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "COMMIT {what} {r} {i} {id}").unwrap();
+        out.flush().unwrap();
+    };
+    let scratch = tempfile::Builder::new().prefix("sf-busy-").tempdir_in("/var/tmp").unwrap();
+    let ingest = {
+        let (store, dir) = (store.clone(), scratch.path().to_path_buf());
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let path = dir.join(format!("img-{i}.raw"));
+                std::fs::write(&path, busy_image(r, i)).unwrap();
+                let info = store.ingest_image(&path, &IngestOptions::default(), Some(&format!("img-{r}-{i}"))).unwrap();
+                report("image", i, info.id.to_hex());
+                std::fs::remove_file(&path).unwrap();
+            }
+        })
+    };
+    let checkpoints = {
+        let (store, ws) = (store.clone(), mount.join(format!("ws-{r}")));
+        std::thread::spawn(move || {
+            std::fs::create_dir_all(&ws).unwrap();
+            for i in 0.. {
+                for k in 0..3 {
+                    std::fs::write(ws.join(format!("f{k}")), busy_file(r, i, k)).unwrap();
+                }
+                let ck = workspace::checkpoint(&store, &ws, None).unwrap();
+                report("ckpt", i, ck.id.hex());
+            }
+        })
+    };
+    let gc = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            loop {
+                // Images are dropped (all but four, in name order) and collected while others
+                // are ingested.
+                for (name, _) in store.list_refs("img-").unwrap().into_iter().rev().skip(4) {
+                    let mut tx = store.begin().unwrap();
+                    tx.delete_ref(&name);
+                    tx.commit().unwrap();
+                }
+                store.gc(&GcOptions { grace: std::time::Duration::ZERO, ..Default::default() }).unwrap();
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(after_ms));
+    snapfork_fsfork::testfs::power_cut(mount).expect("power cut");
+    drop((ingest, checkpoints, gc));
+    // SAFETY: ends this process at once, as a power cut would; nothing runs after it.
+    unsafe { libc::_exit(0) }
+}
+
+/// Rounds of a busy machine losing power at a random moment, on one filesystem: after each,
+/// every commit it reported is there and verifies, byte for byte.
+fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
+    if !require_root(test) {
+        return;
+    }
+    let fs = TestFs::new(kind, 2048).expect("make test filesystem");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
+    let out = tempfile::Builder::new().prefix("sf-powercut-").tempdir_in("/var/tmp").unwrap();
+    let mut images: Vec<(u64, u64, String)> = Vec::new();
+    let mut commits = 0;
+    for r in 0..4u64 {
+        let after_ms = rng.random_range(100..1500);
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("POWER_CUT_MOUNT", fs.path())
+            .env("POWER_CUT_ROUND", r.to_string())
+            .env("POWER_CUT_AFTER_MS", after_ms.to_string())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        let reported: Vec<(String, u64, String)> = stdout
+            .lines()
+            .filter_map(|l| l.split_once("COMMIT ").map(|(_, c)| c))
+            .filter_map(|c| match c.split(' ').collect::<Vec<_>>()[..] {
+                [what, rr, i, id] if rr == r.to_string() => Some((what.to_string(), i.parse().ok()?, id.to_string())),
+                _ => None,
+            })
+            .collect();
+        if !stdout.contains("COMMIT ") {
+            panic!("round {r}: the machine reported nothing\n{stdout}\n{}", String::from_utf8_lossy(&child.stderr));
+        }
+        fs.remount().expect("remount after the power cut");
+        let store = Store::open(fs.path().join("store"), OpenOptions::default())
+            .unwrap_or_else(|e| panic!("round {r} (cut after {after_ms} ms): the store does not open: {e}"));
+        let report = store.verify(None, None).unwrap();
+        assert!(report.is_ok(), "round {r} (cut after {after_ms} ms): damage {:?}", report.damaged);
+        for (what, i, id) in &reported {
+            commits += 1;
+            if what == "image" {
+                images.push((r, *i, id.clone()));
+                continue;
+            }
+            let ck = workspace::resolve_checkpoint(&store, id).unwrap();
+            let dst = fs.path().join(format!("check-{r}-{i}"));
+            workspace::restore(&store, &ck, &dst).unwrap();
+            for k in 0..3 {
+                let got = std::fs::read(dst.join(format!("f{k}"))).unwrap();
+                assert!(got == busy_file(r, *i, k), "round {r}: checkpoint {i}, file f{k} differs after the cut");
+            }
+            std::fs::remove_dir_all(&dst).unwrap();
+        }
+        // The reported images whose refs the machine had not dropped yet.
+        let refs = store.list_refs("img-").unwrap();
+        for (rr, i, id) in &images {
+            let name = format!("img-{rr}-{i}");
+            let Some((_, got)) = refs.iter().find(|(n, _)| *n == name) else { continue };
+            assert_eq!(got.to_hex(), *id, "{name} names another image after the cut");
+            let path = out.path().join("img.raw");
+            store.open_image_ref(&name).unwrap().materialize(&path, None).unwrap();
+            assert!(std::fs::read(&path).unwrap() == busy_image(*rr, *i), "{name} differs after the cut");
+        }
+        let last = |w: &str| reported.iter().filter(|c| c.0 == w).map(|c| c.1).max();
+        eprintln!(
+            "{kind:?} round {r}: power cut after {after_ms} ms; last reported image {:?}, checkpoint {:?}",
+            last("image"),
+            last("ckpt")
+        );
+    }
+    assert!(commits > 0);
+}
+
+#[test]
+fn power_cut_at_a_random_moment_xfs() {
+    power_cut_at_a_random_moment(FsType::Xfs, "power_cut_at_a_random_moment_xfs");
+}
+
+#[test]
+fn power_cut_at_a_random_moment_ext4() {
+    power_cut_at_a_random_moment(FsType::Ext4, "power_cut_at_a_random_moment_ext4");
 }
 
 fn power_cut_keeps_every_reported_commit(kind: FsType, test: &str) {
