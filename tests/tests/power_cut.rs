@@ -1,8 +1,8 @@
 //! Power cuts, simulated on loop-mounted XFS and ext4 (`FS_IOC_SHUTDOWN` without a log flush:
 //! whatever was not durable is lost; btrfs has no such ioctl). The machine is a child process
 //! that dies on the spot. Every commit the store reported before the cut is there afterwards,
-//! byte for byte and verified: full and incremental image ingests, a workspace checkpoint and
-//! the revert to it. A transaction that had not committed leaves no ref, and gc takes its torn
+//! byte for byte and verified: full and incremental image ingests, a runtime image adopted as a
+//! pack, a workspace checkpoint and the revert to it. A transaction that had not committed leaves no ref, and gc takes its torn
 //! pack. A busy machine (ingests, checkpoints and gc at once) loses power at random moments.
 //! Needs root.
 
@@ -60,6 +60,17 @@ fn inputs(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 fn machine(mount: &Path, inputs: &Path) -> ! {
     let dir = mount.join("store");
     let store = Store::open(&dir, OpenOptions::default()).expect("open store");
+    // In flight at the cut: a transaction that writes pack data and never commits. The kernel
+    // wrote back its first part (it may, at any time): flushed here, before anything else
+    // happened, so that the flush makes nothing that the reported commits wrote durable.
+    let before = packs(&dir);
+    let mut in_flight_tx = store.begin().unwrap();
+    in_flight_tx.ingest_image(&inputs.join("c.raw"), &IngestOptions::default()).unwrap();
+    let f = std::fs::File::open(&dir).unwrap();
+    // SAFETY: syncfs on a descriptor we own; it touches no memory of ours.
+    assert_eq!(unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) }, 0);
+    let in_flight: Vec<PathBuf> = packs(&dir).into_iter().filter(|p| !before.contains(p)).collect();
+
     // Reported commits: a full ingest, an incremental one, a workspace checkpoint.
     let ia = store.ingest_image(&inputs.join("a.raw"), &IngestOptions::default(), Some("a")).unwrap();
     let opts = IngestOptions { parent: Some(ia.id), ..Default::default() };
@@ -76,21 +87,21 @@ fn machine(mount: &Path, inputs: &Path) -> ! {
     std::fs::write(ws.join("new.txt"), "made after the checkpoint\n").unwrap();
     workspace::checkpoint(&store, &ws, Some("the risky action")).unwrap();
     workspace::revert(&store, &ws, &ck.id).unwrap();
+    // A runtime's checkpoint image (gVisor's), written and not synced by its runtime, adopted
+    // whole as a pack.
+    let runtime_image = mount.join("checkpoint.img");
+    std::fs::write(&runtime_image, image(4, 768)).unwrap();
+    let mut tx = store.begin().unwrap();
+    for (k, blob) in tx.adopt_file_as_blobs(&runtime_image, 1 << 20).unwrap().iter().enumerate() {
+        tx.set_ref(&format!("runtime-{k}"), blob.id).unwrap();
+    }
+    tx.commit().unwrap();
     let refs: Vec<(String, String)> =
         store.list_refs("").unwrap().into_iter().map(|(n, id)| (n, id.to_hex())).collect();
 
-    // In flight at the cut: a transaction that wrote pack data and had not committed.
-    let before = packs(&dir);
-    let mut tx = store.begin().unwrap();
-    tx.ingest_image(&inputs.join("c.raw"), &IngestOptions::default()).unwrap();
-    // The kernel wrote back what the transaction had written so far (it may, at any time);
-    // what it writes next is lost: the pack survives, torn, and no index entry names it.
-    let f = std::fs::File::open(&dir).unwrap();
-    // SAFETY: syncfs on a descriptor we own; it touches no memory of ours.
-    assert_eq!(unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) }, 0);
-    tx.ingest_image(&inputs.join("b.raw"), &IngestOptions::default()).unwrap();
-    tx.set_ref("c", snapfork_store::Hash::of(b"never committed")).unwrap();
-    let in_flight: Vec<PathBuf> = packs(&dir).into_iter().filter(|p| !before.contains(p)).collect();
+    // The transaction in flight writes more, which the cut loses: its pack survives torn.
+    in_flight_tx.ingest_image(&inputs.join("b.raw"), &IngestOptions::default()).unwrap();
+    in_flight_tx.set_ref("c", snapfork_store::Hash::of(b"never committed")).unwrap();
     let report = serde_json::json!({
         "a": ia.id.to_hex(), "b": ib.id.to_hex(),
         "checkpoint": ck.id.hex(), "refs": refs, "in_flight": in_flight,
@@ -314,6 +325,11 @@ fn power_cut_keeps_every_reported_commit(kind: FsType, test: &str) {
         reader.materialize(&out, None).unwrap();
         assert!(std::fs::read(&out).unwrap() == *data, "image {name} differs after the power cut");
     }
+    let mut runtime_image = Vec::new();
+    for k in 0..3 {
+        store.read_blob(&store.resolve(&format!("runtime-{k}")).unwrap(), &mut runtime_image).unwrap();
+    }
+    assert!(runtime_image == image(4, 768), "the adopted runtime image differs after the power cut");
     let report = store.verify(None, None).unwrap();
     assert!(report.is_ok(), "damage after the power cut: {:?}", report.damaged);
     let dst = fs.path().join("restored");
