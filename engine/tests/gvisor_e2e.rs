@@ -385,6 +385,14 @@ async fn gvisor_a_stuck_sandbox_holds_up_only_its_own_operations() {
     let rid = engine.ls().await.unwrap().into_iter().find(|s| s.name == "stuck").unwrap().runtime_id.unwrap();
     let pid = Pid::from_raw(engine.runsc().state(&rid).unwrap().unwrap().pid as i32);
     kill(pid, Signal::SIGSTOP).unwrap();
+    // Whatever happens below, the sandbox process must not stay stopped.
+    struct Cont(Pid);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let cont = Cont(pid);
     // kill() returns before the stop takes effect (a thread of the sandbox must run to stop the
     // others): wait until every thread is stopped, so that the checkpoint really meets a
     // stopped sandbox.
@@ -400,14 +408,6 @@ async fn gvisor_a_stuck_sandbox_holds_up_only_its_own_operations() {
         assert!(t.elapsed() < Duration::from_secs(10), "the sandbox process never stopped");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Whatever happens below, the sandbox process must not stay stopped.
-    struct Cont(Pid);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-    let cont = Cont(pid);
 
     let e = engine.clone();
     let stuck_ck = tokio::spawn(async move {

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use common::require;
 use snapfork_engine::{CheckpointOptions, DriverConfig, Engine, EngineOptions, RawConfig, RunSpec};
-use snapfork_fsfork::testfs::{FsType, TestFs};
+use snapfork_fsfork::testfs::{self, FsType, TestFs};
 use snapfork_store::{OpenOptions, Store};
 
 const PAGE: usize = 4096;
@@ -48,6 +48,7 @@ fn write_version(root: &Path, v: u8) {
 /// The machine: run, checkpoint (v1), change everything, checkpoint (v2), revert to v1; report
 /// the snapshots, cut the power and die on the spot.
 async fn machine(root: &Path) -> ! {
+    testfs::machine_panics_are_failures();
     std::fs::create_dir_all(root.join("vm")).unwrap();
     std::fs::create_dir_all(root.join("ws")).unwrap();
     write_version(root, 1);
@@ -66,11 +67,7 @@ async fn machine(root: &Path) -> ! {
     let b = engine.checkpoint("vm", CheckpointOptions { message: "v2".into(), ..Default::default() }).await.unwrap();
     engine.revert("vm", &a.id).await.unwrap();
     println!("MACHINE {} {}", a.id, b.id);
-    use std::io::Write;
-    std::io::stdout().flush().unwrap();
-    snapfork_fsfork::testfs::power_cut(root).expect("power cut");
-    // SAFETY: ends this process at once, as a power cut would; nothing runs after it.
-    unsafe { libc::_exit(0) }
+    testfs::power_cut_and_exit(root)
 }
 
 /// Not a test of its own (so ignored): the entry point of [`machine`] in the child process.
@@ -87,15 +84,17 @@ async fn engine_power_cut_after_checkpoint_and_revert(kind: FsType, test: &str) 
         return;
     }
     let fs = TestFs::new(kind, 512).expect("make test filesystem");
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["engine_power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-        .env("POWER_CUT_MOUNT", fs.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = testfs::run_machine(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["engine_power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("POWER_CUT_MOUNT", fs.path()),
+        fs.path(),
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap();
     let Some((a, b)) = stdout.lines().find_map(|l| l.split_once("MACHINE ").and_then(|(_, m)| m.split_once(' ')))
     else {
-        panic!("the machine reported nothing: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        panic!("the machine reported nothing: {stdout}");
     };
     fs.remount().expect("remount after the power cut");
 

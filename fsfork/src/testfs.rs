@@ -106,23 +106,7 @@ impl TestFs {
             FsType::Ext4 => run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?,
             FsType::Ext4Seconds => run(Command::new("mkfs.ext4").args(["-q", "-F", "-I", "128"]).arg(&img))?,
         }
-        // Parallel tests race for free loop devices: retry a few times.
-        let mut last = None;
-        for attempt in 0..8 {
-            match run(Command::new("mount").args(["-t", kind.name(), "-o", "loop,noatime"]).arg(&img).arg(&fs.mount)) {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
-                }
-            }
-        }
-        if let Some(e) = last {
-            return Err(e);
-        }
+        fs.mount_image()?;
         Ok(fs)
     }
 
@@ -144,9 +128,17 @@ impl TestFs {
     /// Unmounts the filesystem and mounts it again (after [`TestFs::power_cut`]: it recovers
     /// from its log as after a crash). Nothing may hold it open.
     pub fn remount(&self) -> io::Result<()> {
-        run(Command::new("umount").arg(&self.mount))?;
+        retrying(|| run(Command::new("umount").arg(&self.mount)))?;
+        self.mount_image()
+    }
+
+    /// Mounts the backing image at the mount point.
+    fn mount_image(&self) -> io::Result<()> {
         let img = self.dir.join("backing.img");
-        run(Command::new("mount").args(["-t", self.kind.name(), "-o", "loop,noatime"]).arg(&img).arg(&self.mount))
+        // Parallel tests race for free loop devices.
+        retrying(|| {
+            run(Command::new("mount").args(["-t", self.kind.name(), "-o", "loop,noatime"]).arg(&img).arg(&self.mount))
+        })
     }
 }
 
@@ -162,11 +154,119 @@ pub fn power_cut(mount: &Path) -> io::Result<()> {
     const NOLOGFLUSH: u32 = 2;
     let root = std::fs::File::open(mount)?;
     let flags = NOLOGFLUSH;
-    // SAFETY: an fd we own and a pointer to a u32 that outlives the call, as the ioctl expects.
+    // SAFETY: an fd we own, and a pointer to a u32 that outlives the call: the kernel only reads
+    // the flags through it (the `_IOR` in the number is historical).
     if unsafe { libc::ioctl(root.as_raw_fd(), FS_IOC_SHUTDOWN as _, &flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Runs `f` up to 8 times, waiting a little longer after each failure; the last error if all
+/// fail.
+fn retrying(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt == 7 => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100 * attempt));
+            }
+        }
+    }
+}
+
+/// Set as a machine cuts its power: panics from then on (its threads meeting a dead filesystem)
+/// are the cut's doing, not failures.
+static CUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks, on stdout, a panic of a machine process before its power cut.
+const PANIC_MARK: &str = "MACHINE-PANICKED-BEFORE-THE-CUT";
+
+/// Called first by a process standing for a machine that will lose power: a panic of any of
+/// its threads before [`power_cut_and_exit`] is reported to [`run_machine`] (a worker thread's
+/// panic would otherwise go unseen while the main thread cuts the power regardless).
+pub fn machine_panics_are_failures() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !CUT.load(Ordering::SeqCst) {
+            println!("{PANIC_MARK}");
+            previous(info);
+        }
+    }));
+}
+
+/// Cuts the power of the filesystem mounted at `mount` ([`power_cut`]) and ends this process
+/// on the spot (`_exit`), as the machine would end: no destructor, no flush, no cleanup. Its
+/// other threads may die first, of what they meet on the dead filesystem (RocksDB aborts).
+pub fn power_cut_and_exit(mount: &Path) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    CUT.store(true, Ordering::SeqCst);
+    let code = match power_cut(mount) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("power cut of {}: {e}", mount.display());
+            1
+        }
+    };
+    // SAFETY: ends this process at once, as a power cut would; nothing runs after it.
+    unsafe { libc::_exit(code) }
+}
+
+/// True when the filesystem mounted at `mount` is shut down (a power cut): it refuses to
+/// create a file.
+pub fn is_shut_down(mount: &Path) -> bool {
+    let probe = mount.join(".snapfork-testfs-probe");
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            false
+        }
+        Err(e) => e.raw_os_error() == Some(libc::EIO),
+    }
+}
+
+/// Runs `cmd`, a process standing for a machine that calls [`power_cut_and_exit`] on the
+/// filesystem at `mount`, and returns its stdout. Fails unless that filesystem was cut and
+/// nothing panicked before, and kills the machine if it has not ended within `timeout`.
+pub fn run_machine(cmd: &mut Command, mount: &Path, timeout: Duration) -> io::Result<String> {
+    use std::io::Read;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    let failed = |why: String| io::Error::other(format!("{why}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"));
+    match status {
+        None => Err(failed(format!("the machine did not end within {timeout:?}: killed"))),
+        Some(_) if stdout.contains(PANIC_MARK) => Err(failed("the machine panicked before its power cut".into())),
+        Some(st) if !is_shut_down(mount) => Err(failed(format!("the machine ended ({st}) without cutting its power"))),
+        Some(_) => Ok(stdout),
+    }
 }
 
 impl Drop for TestFs {

@@ -831,19 +831,6 @@ pub fn checkpoint_then(
 
     let result = (|| -> Result<(Id, u64, u64, u64)> {
         let mut record = record;
-        // A file read by copying may hold bytes that are still only in the page cache. After a
-        // crash ext4 can keep its new mtime (journaled) and lose those bytes (an overwrite in
-        // place is not ordered before its inode): the stat cache committed below would then
-        // vouch for bytes the file no longer holds, and every later checkpoint would record
-        // them. One syncfs of the workspace's filesystem makes them durable first. Reflinked
-        // files need none: FICLONE writes its source back before it shares the blocks, and the
-        // store's fsync of the staged object flushes them.
-        if c.copied.load(Ordering::Relaxed) > 0 {
-            let t_sync = Instant::now();
-            let root = scan.dir_fd(0).map_err(|x| Error::io("open", ws.clone(), x))?;
-            sys::syncfs(root.fd()).map_err(|x| Error::io("sync", ws.clone(), x))?;
-            tracing::debug!(ms = t_sync.elapsed().as_secs_f64() * 1e3, "checkpoint: copied sources flushed (syncfs)");
-        }
         let t_seen = start.elapsed();
         let mut adopted = HashSet::new();
         let mut new_objects = 0u64;
@@ -1023,6 +1010,31 @@ pub fn checkpoint_then(
         tx.meta_put(&record_key(&ws), &rec);
         let t_nodes = start.elapsed();
         captured();
+        // A file read by copying may hold bytes that are still only in the page cache. After a
+        // crash ext4 can keep its new mtime (journaled) and lose those bytes (an overwrite in
+        // place is not ordered before its inode): the stat cache committed here would then
+        // vouch for bytes the file no longer holds, and every later checkpoint would record
+        // them. So each filesystem that files were read from is flushed first (one syncfs
+        // each: the walk crosses mount points). Reflinked files need none: FICLONE writes its
+        // source back before it shares the blocks, and the store's fsync of the staged object
+        // flushes them. After `captured`: a runtime paused for the checkpoint goes on meanwhile
+        // (its later writes give newer mtimes, which the cache does not vouch for).
+        if c.copied.load(Ordering::Relaxed) > 0 {
+            let t_sync = Instant::now();
+            let mut flushed = HashSet::new();
+            for (i, s) in seen.iter().enumerate() {
+                let e = &scan.entries[i];
+                if s.staged.is_some() && flushed.insert(e.meta.dev) {
+                    let dir = scan.dir_fd(e.dir).map_err(|x| Error::io("open", ws.join(scan.rel_path(e)), x))?;
+                    sys::syncfs(dir.fd()).map_err(|x| Error::io("sync", ws.join(scan.rel_path(e)), x))?;
+                }
+            }
+            tracing::debug!(
+                ms = t_sync.elapsed().as_secs_f64() * 1e3,
+                filesystems = flushed.len(),
+                "checkpoint: copied sources flushed (syncfs)"
+            );
+        }
         tx.commit()?;
         tracing::debug!(
             walk_ms = t_walk.as_secs_f64() * 1e3,

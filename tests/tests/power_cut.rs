@@ -9,11 +9,13 @@
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
-use snapfork_fsfork::testfs::{FsType, TestFs, require_root};
+use snapfork_fsfork::testfs::{self, FsType, TestFs, require_root};
 use snapfork_fsfork::workspace;
 use snapfork_store::{GcOptions, IngestOptions, OpenOptions, Store};
 
 const PAGE: usize = 4096;
+/// Longer than any machine here runs (a few seconds): past it, it is killed as hung.
+const MACHINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A memory-like image: zero pages, random pages and repetitive (compressible) ones.
 fn image(seed: u64, pages: usize) -> Vec<u8> {
@@ -58,6 +60,7 @@ fn inputs(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 /// commits, cuts the power of the filesystem holding the store and dies on the spot, as the
 /// machine would, without closing anything.
 fn machine(mount: &Path, inputs: &Path) -> ! {
+    testfs::machine_panics_are_failures();
     let dir = mount.join("store");
     let store = Store::open(&dir, OpenOptions::default()).expect("open store");
     // In flight at the cut: a transaction that writes pack data and never commits. The kernel
@@ -107,11 +110,7 @@ fn machine(mount: &Path, inputs: &Path) -> ! {
         "checkpoint": ck.id.hex(), "refs": refs, "in_flight": in_flight,
     });
     println!("MACHINE {report}");
-    use std::io::Write;
-    std::io::stdout().flush().unwrap();
-    snapfork_fsfork::testfs::power_cut(mount).expect("power cut");
-    // SAFETY: ends this process at once, as a power cut would; nothing runs after it.
-    unsafe { libc::_exit(0) }
+    testfs::power_cut_and_exit(mount)
 }
 
 /// Not a test of its own (so ignored): the entry point of [`machine`] and [`busy_machine`] in
@@ -120,13 +119,13 @@ fn machine(mount: &Path, inputs: &Path) -> ! {
 #[ignore = "the child process of the power-cut tests"]
 fn power_cut_child() {
     let Some(mount) = std::env::var_os("POWER_CUT_MOUNT") else { return };
-    match (std::env::var_os("POWER_CUT_INPUTS"), std::env::var("POWER_CUT_ROUND")) {
-        (Some(inputs), _) => machine(Path::new(&mount), Path::new(&inputs)),
-        (None, Ok(round)) => {
+    let inputs = std::env::var_os("POWER_CUT_INPUTS").expect("POWER_CUT_INPUTS");
+    match std::env::var("POWER_CUT_ROUND") {
+        Err(_) => machine(Path::new(&mount), Path::new(&inputs)),
+        Ok(round) => {
             let after_ms = std::env::var("POWER_CUT_AFTER_MS").unwrap().parse().unwrap();
-            busy_machine(Path::new(&mount), round.parse().unwrap(), after_ms)
+            busy_machine(Path::new(&mount), Path::new(&inputs), round.parse().unwrap(), after_ms)
         }
-        _ => panic!("POWER_CUT_INPUTS or POWER_CUT_ROUND"),
     }
 }
 
@@ -148,25 +147,41 @@ fn busy_file(r: u64, i: u64, k: u64) -> Vec<u8> {
     v
 }
 
-/// A machine at work when its power goes, at a moment of its own choosing (`after_ms`): one
-/// thread ingests images, one edits and checkpoints a workspace, one collects garbage. Each
-/// commit is reported on stdout (`COMMIT image r i ID`, `COMMIT ckpt r i ID`) once it returned.
-fn busy_machine(mount: &Path, r: u64, after_ms: u64) -> ! {
+/// The ref of image `i` of round `r` (zero-padded: refs list in the order they were made).
+fn busy_ref(r: u64, i: u64) -> String {
+    format!("img-{r}-{i:06}")
+}
+
+/// A machine at work when its power goes, `after_ms` after its first commit: one thread
+/// ingests images, one edits and checkpoints a workspace, one drops old image refs and
+/// collects garbage. Each commit is reported on stdout once it returned (`COMMIT image r i ID`,
+/// `COMMIT ckpt r i ID`); each ref drop before it is made (`DROPPING NAME`). `scratch` is off
+/// the filesystem that loses power.
+fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    testfs::machine_panics_are_failures();
     let store = Store::open(mount.join("store"), OpenOptions::default()).expect("open store");
-    let report = move |what: &str, i: u64, id: String| {
+    let committed = std::sync::Arc::new(AtomicBool::new(false));
+    let say = |line: String| {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "COMMIT {what} {r} {i} {id}").unwrap();
+        writeln!(out, "{line}").unwrap();
         out.flush().unwrap();
     };
-    let scratch = tempfile::Builder::new().prefix("sf-busy-").tempdir_in("/var/tmp").unwrap();
+    let report = {
+        let committed = committed.clone();
+        move |what: &str, i: u64, id: String| {
+            say(format!("COMMIT {what} {r} {i} {id}"));
+            committed.store(true, Ordering::SeqCst);
+        }
+    };
     let ingest = {
-        let (store, dir) = (store.clone(), scratch.path().to_path_buf());
+        let (store, dir, report) = (store.clone(), scratch.to_path_buf(), report.clone());
         std::thread::spawn(move || {
             for i in 0.. {
                 let path = dir.join(format!("img-{i}.raw"));
                 std::fs::write(&path, busy_image(r, i)).unwrap();
-                let info = store.ingest_image(&path, &IngestOptions::default(), Some(&format!("img-{r}-{i}"))).unwrap();
+                let info = store.ingest_image(&path, &IngestOptions::default(), Some(&busy_ref(r, i))).unwrap();
                 report("image", i, info.id.to_hex());
                 std::fs::remove_file(&path).unwrap();
             }
@@ -189,9 +204,10 @@ fn busy_machine(mount: &Path, r: u64, after_ms: u64) -> ! {
         let store = store.clone();
         std::thread::spawn(move || {
             loop {
-                // Images are dropped (all but four, in name order) and collected while others
-                // are ingested.
+                // Images are dropped (all but the newest four) and collected while others are
+                // ingested.
                 for (name, _) in store.list_refs("img-").unwrap().into_iter().rev().skip(4) {
+                    say(format!("DROPPING {name}"));
                     let mut tx = store.begin().unwrap();
                     tx.delete_ref(&name);
                     tx.commit().unwrap();
@@ -200,11 +216,12 @@ fn busy_machine(mount: &Path, r: u64, after_ms: u64) -> ! {
             }
         })
     };
+    while !committed.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     std::thread::sleep(std::time::Duration::from_millis(after_ms));
-    snapfork_fsfork::testfs::power_cut(mount).expect("power cut");
     drop((ingest, checkpoints, gc));
-    // SAFETY: ends this process at once, as a power cut would; nothing runs after it.
-    unsafe { libc::_exit(0) }
+    testfs::power_cut_and_exit(mount)
 }
 
 /// Rounds of a busy machine losing power at a random moment, on one filesystem: after each,
@@ -217,17 +234,22 @@ fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
     let out = tempfile::Builder::new().prefix("sf-powercut-").tempdir_in("/var/tmp").unwrap();
     let mut images: Vec<(u64, u64, String)> = Vec::new();
+    let mut dropping = std::collections::HashSet::new();
     let mut commits = 0;
     for r in 0..4u64 {
-        let after_ms = rng.random_range(100..1500);
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env("POWER_CUT_MOUNT", fs.path())
-            .env("POWER_CUT_ROUND", r.to_string())
-            .env("POWER_CUT_AFTER_MS", after_ms.to_string())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&child.stdout);
+        let after_ms = rng.random_range(0..1200);
+        let stdout = testfs::run_machine(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+                .env("POWER_CUT_MOUNT", fs.path())
+                .env("POWER_CUT_INPUTS", out.path())
+                .env("POWER_CUT_ROUND", r.to_string())
+                .env("POWER_CUT_AFTER_MS", after_ms.to_string()),
+            fs.path(),
+            MACHINE_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("round {r}: {e}"));
+        dropping.extend(stdout.lines().filter_map(|l| l.split_once("DROPPING ").map(|(_, n)| n.to_string())));
         let reported: Vec<(String, u64, String)> = stdout
             .lines()
             .filter_map(|l| l.split_once("COMMIT ").map(|(_, c)| c))
@@ -236,9 +258,7 @@ fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
                 _ => None,
             })
             .collect();
-        if !stdout.contains("COMMIT ") {
-            panic!("round {r}: the machine reported nothing\n{stdout}\n{}", String::from_utf8_lossy(&child.stderr));
-        }
+        assert!(!reported.is_empty(), "round {r}: the machine reported nothing\n{stdout}");
         fs.remount().expect("remount after the power cut");
         let store = Store::open(fs.path().join("store"), OpenOptions::default())
             .unwrap_or_else(|e| panic!("round {r} (cut after {after_ms} ms): the store does not open: {e}"));
@@ -259,11 +279,14 @@ fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
             }
             std::fs::remove_dir_all(&dst).unwrap();
         }
-        // The reported images whose refs the machine had not dropped yet.
+        // Every reported image the machine had not begun to drop is there.
         let refs = store.list_refs("img-").unwrap();
         for (rr, i, id) in &images {
-            let name = format!("img-{rr}-{i}");
-            let Some((_, got)) = refs.iter().find(|(n, _)| *n == name) else { continue };
+            let name = busy_ref(*rr, *i);
+            let Some((_, got)) = refs.iter().find(|(n, _)| *n == name) else {
+                assert!(dropping.contains(&name), "{name} was reported committed and is gone after the cut");
+                continue;
+            };
             assert_eq!(got.to_hex(), *id, "{name} names another image after the cut");
             let path = out.path().join("img.raw");
             store.open_image_ref(&name).unwrap().materialize(&path, None).unwrap();
@@ -297,15 +320,17 @@ fn power_cut_keeps_every_reported_commit(kind: FsType, test: &str) {
     // Inputs live off the filesystem that loses power.
     let inputs_dir = tempfile::Builder::new().prefix("sf-powercut-").tempdir_in("/var/tmp").unwrap();
     let (a, b_on_a, c) = inputs(inputs_dir.path());
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-        .env("POWER_CUT_MOUNT", fs.path())
-        .env("POWER_CUT_INPUTS", inputs_dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = testfs::run_machine(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["power_cut_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("POWER_CUT_MOUNT", fs.path())
+            .env("POWER_CUT_INPUTS", inputs_dir.path()),
+        fs.path(),
+        MACHINE_TIMEOUT,
+    )
+    .unwrap();
     let Some(line) = stdout.lines().find_map(|l| l.split_once("MACHINE ").map(|(_, m)| m)) else {
-        panic!("the machine reported nothing: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        panic!("the machine reported nothing: {stdout}");
     };
     let m: serde_json::Value = serde_json::from_str(line).unwrap();
     let in_flight: Vec<PathBuf> = serde_json::from_value(m["in_flight"].clone()).unwrap();
