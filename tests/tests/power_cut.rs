@@ -129,13 +129,21 @@ fn power_cut_child() {
     }
 }
 
-/// Image `i` of round `r` of the busy machine: one base shared by all, with pages of its own.
+/// Image `i` of round `r` of the busy machine: one base shared by all, pages of its own, and a
+/// third of the previous image's own pages. Dropping an image then leaves its pack a third
+/// live, which gc rewrites: the cuts also fall among pack rewrites.
 fn busy_image(r: u64, i: u64) -> Vec<u8> {
     let mut img = image(7, 1024);
-    let own = image(r * 1000 + i, 1024);
-    for p in (((r * 1000 + i) % 13) as usize..1024).step_by(13) {
-        img[p * PAGE..(p + 1) * PAGE].copy_from_slice(&own[p * PAGE..(p + 1) * PAGE]);
+    let mut take = |i: u64, every: usize| {
+        let own = image(r * 1000 + i, 1024);
+        for p in ((i % 13) as usize..1024).step_by(13 * every) {
+            img[p * PAGE..(p + 1) * PAGE].copy_from_slice(&own[p * PAGE..(p + 1) * PAGE]);
+        }
+    };
+    if i > 0 {
+        take(i - 1, 3);
     }
+    take(i, 1);
     img
 }
 
@@ -212,7 +220,10 @@ fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
                     tx.delete_ref(&name);
                     tx.commit().unwrap();
                 }
-                store.gc(&GcOptions { grace: std::time::Duration::ZERO, ..Default::default() }).unwrap();
+                let gc = store.gc(&GcOptions { grace: std::time::Duration::ZERO, ..Default::default() }).unwrap();
+                if gc.repacked > 0 {
+                    say(format!("REPACKED {}", gc.repacked));
+                }
             }
         })
     };
@@ -235,7 +246,7 @@ fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
     let out = tempfile::Builder::new().prefix("sf-powercut-").tempdir_in("/var/tmp").unwrap();
     let mut images: Vec<(u64, u64, String)> = Vec::new();
     let mut dropping = std::collections::HashSet::new();
-    let mut commits = 0;
+    let (mut commits, mut repacked) = (0, 0);
     for r in 0..4u64 {
         let after_ms = rng.random_range(0..1200);
         let stdout = testfs::run_machine(
@@ -293,13 +304,19 @@ fn power_cut_at_a_random_moment(kind: FsType, test: &str) {
             assert!(std::fs::read(&path).unwrap() == busy_image(*rr, *i), "{name} differs after the cut");
         }
         let last = |w: &str| reported.iter().filter(|c| c.0 == w).map(|c| c.1).max();
+        let round_repacks: u64 =
+            stdout.lines().filter_map(|l| l.split_once("REPACKED ").and_then(|(_, n)| n.parse::<u64>().ok())).sum();
+        repacked += round_repacks;
         eprintln!(
-            "{kind:?} round {r}: power cut after {after_ms} ms; last reported image {:?}, checkpoint {:?}",
+            "{kind:?} round {r}: power cut after {after_ms} ms; last reported image {:?}, checkpoint {:?}; \
+             {round_repacks} packs rewritten by gc",
             last("image"),
             last("ckpt")
         );
     }
     assert!(commits > 0);
+    // The cuts also fell among gc's pack rewrites (copy, index switch, removal of the old pack).
+    assert!(repacked > 0, "gc rewrote no pack in any round: the rewrite was never cut into");
 }
 
 #[test]
