@@ -21,6 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::engine_at;
 use serde_json::{Value, json};
 use snapfork_engine::firecracker::{ApiClient, wait_for_api};
 use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec};
@@ -551,15 +552,6 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     trusting.restore(&a.id, "vm-imported").await.unwrap();
     assert_eq!(memory(&api_of(&dir.path().join("trusting"), "vm-imported"))["blake3"], at_a["blake3"]);
     trusting.rm("vm-imported").await.unwrap();
-}
-
-fn engine_at(dir: &Path) -> snapfork_engine::Engine {
-    let store = snapfork_store::Store::open(dir.join("store"), Default::default()).unwrap();
-    let opts = snapfork_engine::EngineOptions {
-        state_dir: dir.join("engine"),
-        ..snapfork_engine::EngineOptions::for_store(&store)
-    };
-    snapfork_engine::Engine::open(store, opts).unwrap()
 }
 
 /// The serving process of [`firecracker_vm_outlives_the_process_serving_its_memory`], in a

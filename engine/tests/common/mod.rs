@@ -37,14 +37,24 @@ pub fn new_engine() -> (tempfile::TempDir, Engine) {
 /// Like [`new_engine`], with host directories that imported snapshots may show their sandboxes.
 pub fn new_engine_trusting(trusted_host_dirs: &[PathBuf]) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
-    let store = Store::open(dir.path().join("store"), OpenOptions::default()).unwrap();
+    let engine = engine_trusting_at(dir.path(), trusted_host_dirs);
+    (dir, engine)
+}
+
+/// The engine of the store in `dir/store`, its state in `dir/engine`: opened again, it finds
+/// what an earlier engine there left (as a restarted daemon does).
+pub fn engine_at(dir: &Path) -> Engine {
+    engine_trusting_at(dir, &[])
+}
+
+fn engine_trusting_at(dir: &Path, trusted_host_dirs: &[PathBuf]) -> Engine {
+    let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
     let opts = EngineOptions {
-        state_dir: dir.path().join("engine"),
+        state_dir: dir.join("engine"),
         trusted_host_dirs: trusted_host_dirs.to_vec(),
         ..EngineOptions::for_store(&store)
     };
-    let engine = Engine::open(store, opts).unwrap();
-    (dir, engine)
+    Engine::open(store, opts).unwrap()
 }
 
 /// A busybox rootfs under `dir`.
