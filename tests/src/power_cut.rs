@@ -167,7 +167,7 @@ pub fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
             committed.store(true, Ordering::SeqCst);
         }
     };
-    let ingest = {
+    let _ingest = {
         let (store, dir, report) = (store.clone(), scratch.to_path_buf(), report.clone());
         std::thread::spawn(move || {
             for i in 0.. {
@@ -179,7 +179,7 @@ pub fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
             }
         })
     };
-    let checkpoints = {
+    let _checkpoints = {
         let (store, ws) = (store.clone(), mount.join(format!("ws-{r}")));
         std::thread::spawn(move || {
             std::fs::create_dir_all(&ws).unwrap();
@@ -192,7 +192,7 @@ pub fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
             }
         })
     };
-    let gc = {
+    let _gc = {
         let store = store.clone();
         std::thread::spawn(move || {
             loop {
@@ -215,7 +215,6 @@ pub fn busy_machine(mount: &Path, scratch: &Path, r: u64, after_ms: u64) -> ! {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     std::thread::sleep(std::time::Duration::from_millis(after_ms));
-    drop((ingest, checkpoints, gc));
     testfs::power_cut_and_exit(mount)
 }
 
