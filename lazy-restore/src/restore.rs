@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
@@ -235,6 +235,8 @@ pub struct RestoreStats {
     pub eexist: AtomicU64,
     /// EAGAIN answers (pending mapping change).
     pub eagain: AtomicU64,
+    /// Installs that found the VM's memory cgroup full (ENOMEM) and waited for memory.
+    pub memory_waits: AtomicU64,
     /// Set once the prefetch list (and fill) has been fully installed.
     pub prefetch_done: AtomicBool,
 }
@@ -260,6 +262,8 @@ pub struct StatsSnapshot {
     pub eexist: u64,
     /// EAGAIN answers.
     pub eagain: u64,
+    /// Installs that waited for the VM's memory cgroup to have room.
+    pub memory_waits: u64,
     /// Whether prefetch (and fill) completed.
     pub prefetch_done: bool,
 }
@@ -277,6 +281,7 @@ impl RestoreStats {
             pages_removed: self.pages_removed.load(Relaxed),
             eexist: self.eexist.load(Relaxed),
             eagain: self.eagain.load(Relaxed),
+            memory_waits: self.memory_waits.load(Relaxed),
             prefetch_done: self.prefetch_done.load(Relaxed),
         }
     }
@@ -299,7 +304,8 @@ pub enum EndReason {
         /// The error.
         message: String,
     },
-    /// An unexpected error ended the restore.
+    /// An unexpected error ended the restore; the peer was killed (it could no longer be
+    /// served, and would otherwise wait for its next page forever).
     Failed {
         /// The error.
         message: String,
@@ -521,6 +527,9 @@ pub fn start_journaled(
         peer,
         opts: opts.clone(),
         stats: stats.clone(),
+        stop: stop.clone(),
+        memory_wait: None,
+        refaults: (0, 0),
         buf: vec![0; buf_len],
         zeros: Vec::new(),
         pending: VecDeque::new(),
@@ -541,10 +550,9 @@ pub fn start_journaled(
         serving.apply_remove(start, end);
     }
     serving.journal = journal;
-    let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("uffd-{}", pid.unwrap_or(0)))
-        .spawn(move || serving.run(&stop2))
+        .spawn(move || serving.run())
         .map_err(|e| Error::io("spawn serving thread", e))?;
     Ok(RestoreHandle { thread: Some(thread), stop, stats, pid, live_ws })
 }
@@ -653,8 +661,15 @@ impl Readers {
     }
 }
 
+/// Faults in a row on one page already installed after which the page is taken to be missing
+/// in spite of the kernel's word (the faults of every vCPU queued before its install stay far
+/// below this).
+const REFAULT_LIMIT: u32 = 1000;
+
 enum Stop {
     Gone,
+    /// [`RestoreHandle::stop`] was called.
+    Requested,
     Corrupt(u64, String),
     Fatal(String),
 }
@@ -669,6 +684,12 @@ struct Serving {
     peer_start: Option<u64>,
     opts: RestoreOptions,
     stats: Arc<RestoreStats>,
+    /// Readable once the restore is asked to stop.
+    stop: Arc<OwnedFd>,
+    /// Since when, and how long the next sleep is, while the VM's memory cgroup is full.
+    memory_wait: Option<(Instant, Duration)>,
+    /// The last fault on a page already installed, and how many came in a row.
+    refaults: (u64, u32),
     buf: Vec<u8>,
     zeros: Vec<u8>,
     /// Faults to serve: address, and for a fault served again after waiting on a claimed page,
@@ -906,22 +927,26 @@ impl Serving {
         self.uffd.as_fd()
     }
 
-    fn run(mut self, stop: &OwnedFd) -> RestoreReport {
-        let end = match self.serve(stop) {
-            Ok(()) => EndReason::Stopped,
+    fn run(mut self) -> RestoreReport {
+        let stop = self.stop.clone();
+        let end = match self.serve(&stop) {
+            Ok(()) | Err(Stop::Requested) => EndReason::Stopped,
             Err(Stop::Gone) => EndReason::PeerExited,
             Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage { page, pid: self.peer.pid, message },
             Err(Stop::Fatal(message)) => {
-                error!(pid = self.peer.pid, "restore failed: {message}");
-                EndReason::Failed { message }
+                // Nobody else will answer its faults: ended, the VM fails visibly instead of
+                // hanging on its next page.
+                let killed = self.end_peer();
+                error!(pid = self.peer.pid, "restore failed: {message}{killed}");
+                EndReason::Failed { message: format!("{message}{killed}") }
             }
         };
         // Dropping the readers stops them and waits for them.
         self.readers = None;
         let adopted = self.journal.as_ref().is_some_and(Journal::adopted);
-        // A VM killed for a corrupt page, or whose memory is being torn down (ESRCH), may not
+        // A VM killed for a corrupt page or a failure, or whose memory is being torn down (ESRCH), may not
         // have exited yet: give it a moment, so that its journal goes with it.
-        if matches!(end, EndReason::PeerExited | EndReason::CorruptPage { .. })
+        if matches!(end, EndReason::PeerExited | EndReason::CorruptPage { .. } | EndReason::Failed { .. })
             && let Some(pidfd) = &self.peer.pidfd
         {
             pidfd_wait(pidfd.as_fd(), std::time::Duration::from_secs(2));
@@ -1077,6 +1102,20 @@ impl Serving {
         if st.installed.get(p) {
             // Installed since the fault was queued (prefetch or fault-around): just wake.
             let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
+            // Unless the page is not there after all and the guest faults on it again and again:
+            // a hugetlb UFFDIO_COPY answers EEXIST when no huge page can be allocated, so this
+            // is what an exhausted pool looks like. End it rather than spin with the guest.
+            self.refaults = if self.refaults.0 == dst { (dst, self.refaults.1 + 1) } else { (dst, 1) };
+            if self.refaults.1 > REFAULT_LIMIT {
+                let hint = if r.page_size == 4096 {
+                    ""
+                } else {
+                    " (the kernel answers EEXIST to a hugetlb copy when no huge page is free: is the pool exhausted?)"
+                };
+                return Err(Stop::Fatal(format!(
+                    "the guest faulted {REFAULT_LIMIT} times in a row on the page at {dst:#x}, which the kernel said was present{hint}"
+                )));
+            }
             return Ok(());
         }
         let removed = st.removed.get(p);
@@ -1321,13 +1360,7 @@ impl Serving {
                         Err(pe) => {
                             // (UFFDIO_POISON is Linux 6.6+.) Left unanswered the guest would wait
                             // forever: the VM is ended instead, as KillPeer would.
-                            let killed = match &self.peer.pidfd {
-                                Some(pidfd) => pidfd_kill(pidfd.as_fd()).map_or_else(
-                                    |e| format!("; could not kill the VM: {e}"),
-                                    |()| "; the VM was killed".into(),
-                                ),
-                                None => "; the VM could not be killed (no pidfd) and stalls".into(),
-                            };
+                            let killed = self.end_peer();
                             error!(pid = self.peer.pid, page = i, "corrupt page, poison failed ({pe}){killed}");
                             return Err(Stop::Corrupt(i, format!("{msg}; poison failed: {pe}{killed}")));
                         }
@@ -1363,6 +1396,7 @@ impl Serving {
             self.stats.ioctls.fetch_add(1, Relaxed);
             match uffd::zeropage(self.fd(), dst, len) {
                 Ok(Fill::Done) => {
+                    self.memory_is_back();
                     for q in k..p + n {
                         self.mark_installed(ri, q);
                     }
@@ -1388,6 +1422,7 @@ impl Serving {
                     self.drain()?;
                 }
                 Ok(Fill::Gone) => return Err(Stop::Gone),
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => self.wait_for_memory("UFFDIO_ZEROPAGE", dst)?,
                 Err(e) => return Err(self.ioctl_failed("UFFDIO_ZEROPAGE", dst, e)),
             }
         }
@@ -1406,7 +1441,66 @@ impl Serving {
             warn!(pid = self.peer.pid, dst, "{what}: {e}; ending this restore");
             return Stop::Gone;
         }
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            // (4 KiB pages wait for memory instead: `wait_for_memory`.)
+            return Stop::Fatal(format!("{what} at {dst:#x}: no free huge page (the hugetlb pool is exhausted): {e}"));
+        }
         Stop::Fatal(format!("{what} at {dst:#x}: {e}"))
+    }
+
+    /// SIGKILLs the peer, which nobody will serve any more; says what happened, for the log.
+    fn end_peer(&self) -> String {
+        match &self.peer.pidfd {
+            Some(pidfd) => pidfd_kill(pidfd.as_fd())
+                .map_or_else(|e| format!("; could not kill the VM: {e}"), |()| "; the VM was killed".into()),
+            None => "; the VM could not be killed (no pidfd) and stalls".into(),
+        }
+    }
+
+    /// An install at `dst` found the VM's memory cgroup full: ENOMEM from charging the page to
+    /// it (cgroup v1 with `oom_kill_disable`; otherwise the kernel's OOM killer acts first).
+    /// The VM's own page faults would wait there until memory is freed or the limit raised, so
+    /// its faults on us wait too: sleep a little (1 ms, doubling to 100 ms), then the caller
+    /// retries. Meanwhile events are drained (a balloon giving pages back frees memory and
+    /// blocks until its REMOVE is read), and a stop request or the peer's exit ends the wait.
+    fn wait_for_memory(&mut self, what: &str, dst: u64) -> std::result::Result<(), Stop> {
+        let (since, sleep) = match self.memory_wait {
+            Some(w) => w,
+            None => {
+                warn!(
+                    pid = self.peer.pid,
+                    "{what} at {dst:#x}: the VM's memory cgroup is full (ENOMEM); waiting for memory, as its own page faults would"
+                );
+                (Instant::now(), Duration::from_millis(1))
+            }
+        };
+        self.stats.memory_waits.fetch_add(1, Relaxed);
+        self.memory_wait = Some((since, (sleep * 2).min(Duration::from_millis(100))));
+        let mut fds = vec![libc::pollfd { fd: self.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if let Some(pidfd) = &self.peer.pidfd {
+            fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: `fds` is a valid array of pollfd of the given length. (EINTR: a shorter sleep.)
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, sleep.as_millis() as i32) };
+        if fds[0].revents != 0 {
+            return Err(Stop::Requested);
+        }
+        if fds.get(1).is_some_and(|f| f.revents != 0) {
+            return Err(Stop::Gone);
+        }
+        if let (None, Some(pid), Some(t0)) = (&self.peer.pidfd, self.peer.pid, self.peer_start)
+            && peer_gone(pid, t0)
+        {
+            return Err(Stop::Gone);
+        }
+        self.drain()
+    }
+
+    /// An install succeeded: if the VM's memory cgroup was full, it has room again.
+    fn memory_is_back(&mut self) {
+        if let Some((since, _)) = self.memory_wait.take() {
+            info!(pid = self.peer.pid, waited = ?since.elapsed(), "the VM's memory cgroup has room again");
+        }
     }
 
     /// Installs region pages `p..p+n` from `data` (or `self.buf`), skipping pages already
@@ -1476,6 +1570,7 @@ impl Serving {
             let res = unsafe { uffd::copy(self.fd(), dst + done as u64, src.add(done), end - done) };
             match res {
                 Ok(Fill::Done) => {
+                    self.memory_is_back();
                     let d = (end - done) as u64 / r.page_size;
                     for q in page..page + d {
                         self.mark_installed(ri, q);
@@ -1484,6 +1579,7 @@ impl Serving {
                     done = end;
                 }
                 Ok(Fill::Partial(k)) => {
+                    self.memory_is_back();
                     let d = k as u64 / r.page_size;
                     for q in page..page + d {
                         self.mark_installed(ri, q);
@@ -1502,6 +1598,9 @@ impl Serving {
                     self.drain()?;
                 }
                 Ok(Fill::Gone) => return Err(Stop::Gone),
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && r.page_size == 4096 => {
+                    self.wait_for_memory("UFFDIO_COPY", dst + done as u64)?;
+                }
                 Err(e) => return Err(self.ioctl_failed("UFFDIO_COPY", dst + done as u64, e)),
             }
         }

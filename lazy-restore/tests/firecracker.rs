@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -106,27 +106,11 @@ fn remove_after_madvise_dontneed_reads_zeros() {
 
 /// Makes sure `n` free 2 MiB huge pages exist (root can grow the pool).
 fn ensure_hugepages(n: u64) -> bool {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let get = |k: &str| -> u64 {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let (total, free) = (get("HugePages_Total:"), get("HugePages_Free:"));
+    let (total, free) = (meminfo("HugePages_Total:"), meminfo("HugePages_Free:"));
     if free < n {
         let _ = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", total + n - free));
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    meminfo
-        .lines()
-        .find(|l| l.starts_with("HugePages_Free:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        >= n
+    meminfo("HugePages_Free:") >= n
 }
 
 /// An 8 MiB image served from a raw file, with 8 free huge pages for a client to map it in.
@@ -177,6 +161,136 @@ fn hugetlb_pages_given_back_read_zero() {
     assert!(status.success(), "{status:?} {res:?}");
     let (ended, _) = srv.wait_ended(1, T);
     assert_eq!(ended[0].end, EndReason::PeerExited);
+    srv.stop();
+}
+
+/// The huge-page pool cut down to `free` free pages while it lives, then put back. Tests that
+/// change the pool run one at a time (`.config/nextest.toml`, group `hugetlb`).
+struct ScarcePool(u64);
+
+impl ScarcePool {
+    fn leaving(free: u64) -> Self {
+        assert!(ensure_hugepages(free), "could not reserve {free} huge pages");
+        let overcommit = std::fs::read_to_string("/proc/sys/vm/nr_overcommit_hugepages").unwrap();
+        assert_eq!(overcommit.trim(), "0", "surplus huge pages would hide an empty pool");
+        let (total, now_free) = (meminfo("HugePages_Total:"), meminfo("HugePages_Free:"));
+        std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", total - (now_free - free))).unwrap();
+        assert_eq!(meminfo("HugePages_Free:"), free);
+        ScarcePool(total)
+    }
+}
+
+impl Drop for ScarcePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    }
+}
+
+fn meminfo(key: &str) -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    meminfo.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap()
+}
+
+/// A VM whose memory the server cannot install (UFFDIO_COPY fails: here no huge page is left
+/// in the pool) is killed, as the kernel's SIGBUS would end it, instead of being left waiting
+/// for its page forever; the report says why.
+#[test]
+fn hugetlb_pool_exhausted_kills_the_vm_rather_than_leaving_it_waiting() {
+    if !require_root() {
+        return;
+    }
+    let (_dir, image, srv) = hugetlb_setup();
+    let _pool = ScarcePool::leaving(2);
+    let child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image,
+        "regions": [{"size": 8 << 20, "offset": 0, "page_size": 2 << 20}],
+    }));
+    let (status, res) = wait_child_for(child, T);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the VM was not killed: {status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    let EndReason::Failed { message } = &ended[0].end else { panic!("{:?}", ended[0]) };
+    assert!(message.contains("pool exhausted") && message.contains("the VM was killed"), "{message}");
+    assert_eq!(ended[0].stats.pages_copied, 2, "{:?}", ended[0].stats);
+    srv.stop();
+}
+
+/// A cgroup-v1 memory cgroup with `limit` bytes and the OOM killer disabled (Docker's
+/// `--oom-kill-disable`): its tasks wait for memory instead of being killed. Removed on drop.
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    fn new(limit: u64) -> Self {
+        let root = std::path::Path::new("/sys/fs/cgroup/memory");
+        assert!(
+            root.join("memory.oom_control").exists(),
+            "this test needs the cgroup-v1 memory controller at {} (oom_kill_disable)",
+            root.display()
+        );
+        let dir = root.join(format!("snapfork-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let cg = MemCgroup(dir);
+        cg.set_limit(limit);
+        std::fs::write(cg.0.join("memory.oom_control"), "1").unwrap();
+        cg
+    }
+
+    fn set_limit(&self, bytes: u64) {
+        std::fs::write(self.0.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
+    }
+
+    /// Charges refused because the cgroup was full.
+    fn failcnt(&self) -> u64 {
+        std::fs::read_to_string(self.0.join("memory.failcnt")).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        // Its last task may take a moment to leave after exiting.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A VM in a full memory cgroup (its OOM killer disabled) waits for memory, as its own page
+/// faults would, rather than being dropped by the server; once the cgroup has room again it runs
+/// on and reads every page right.
+#[test]
+fn a_vm_whose_memory_cgroup_is_full_waits_for_memory_then_runs_on() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 16384); // 64 MiB, some 50 MiB of it data pages
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let cg = MemCgroup::new(24 << 20);
+    let mut child = spawn_child(json!({
+        "role": "fc", "socket": srv.socket, "image": image, "cgroup": cg.0,
+        "regions": [{"size": 64 << 20, "offset": 0}],
+    }));
+    let deadline = Instant::now() + T;
+    while cg.failcnt() == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the VM ended before its cgroup filled up");
+        assert!(Instant::now() < deadline, "the VM's cgroup never filled up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if child.try_wait().unwrap().is_some() {
+        let (status, res) = wait_child(child);
+        panic!("the VM did not wait for memory: {status:?} {res:?}");
+    }
+    cg.set_limit(1 << 30);
+    let (status, res) = wait_child_for(child, T);
+    assert!(status.success(), "the VM did not run on once its cgroup had room: {status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    assert!(ended[0].stats.memory_waits > 0, "{:?}", ended[0].stats);
     srv.stop();
 }
 

@@ -151,6 +151,20 @@ pub fn wait_child(child: Child) -> (std::process::ExitStatus, Option<Value>) {
     (out.status, result)
 }
 
+/// [`wait_child`], but a child still running after `timeout` is killed and fails the test.
+pub fn wait_child_for(mut child: Child, timeout: Duration) -> (std::process::ExitStatus, Option<Value>) {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let (status, res) = wait_child(child);
+            panic!("the child was still running after {timeout:?} (killed: {status:?} {res:?})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_child(child)
+}
+
 fn emit(v: Value) {
     println!("CHILD_RESULT {v}");
 }
@@ -164,16 +178,36 @@ fn shape(s: &str) -> Shape {
     }
 }
 
+/// What a child compares its memory with.
+enum Expected {
+    /// The image file, read page by page.
+    File(std::fs::File),
+    /// The id of every image page, computed up front: for a child in a full memory cgroup, where
+    /// reading a file fails with ENOMEM once its page cache can give nothing back.
+    Ids(Vec<snapfork_store::Hash>),
+}
+
+impl Expected {
+    fn matches(&self, at: u64, got: &[u8], buf: &mut [u8]) -> bool {
+        match self {
+            Expected::File(f) => {
+                f.read_exact_at(buf, at).unwrap();
+                got == buf
+            }
+            Expected::Ids(ids) => ids[(at / PAGE as u64) as usize] == snapfork_store::Hash::of(got),
+        }
+    }
+}
+
 /// Compares region `i` of `vm` with the image; returns the mismatching page numbers (first 16).
-fn compare(vm: &FakeVm, i: usize, image: &std::fs::File) -> (u64, Vec<u64>) {
+fn compare(vm: &FakeVm, i: usize, image: &Expected) -> (u64, Vec<u64>) {
     let m = &vm.regions[i];
     let mut buf = vec![0u8; PAGE];
     let mut bad = Vec::new();
     let mut count = 0;
     let region = vm.region(i);
     for (p, got) in region.chunks_exact(PAGE).enumerate() {
-        image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
-        if got != &buf[..] {
+        if !image.matches(m.spec.offset + (p * PAGE) as u64, got, &mut buf) {
             count += 1;
             if bad.len() < 16 {
                 bad.push(p as u64);
@@ -266,6 +300,15 @@ pub fn child_main() {
             page_size: r["page_size"].as_u64().unwrap_or(4096),
         })
         .collect();
+    let image_path = Path::new(role["image"].as_str().unwrap());
+    let mut image = Expected::File(std::fs::File::open(image_path).unwrap());
+    // A VMM confined to a memory cgroup, as a jailer puts it (joined before it maps memory).
+    if let Some(cgroup) = role["cgroup"].as_str() {
+        let bytes = std::fs::read(image_path).unwrap();
+        image = Expected::Ids(bytes.chunks(PAGE).map(snapfork_store::Hash::of).collect());
+        drop(bytes);
+        std::fs::write(Path::new(cgroup).join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    }
     let mut vm = FakeVm::new(&specs).unwrap();
     let extra: Vec<std::fs::File> =
         (0..role["extra_fds"].as_u64().unwrap_or(0)).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
@@ -276,7 +319,6 @@ pub fn child_main() {
         &extra_fds,
     )
     .unwrap();
-    let image = std::fs::File::open(role["image"].as_str().unwrap()).unwrap();
     match role["role"].as_str().unwrap() {
         "fc" => {
             // A guest that takes a while to start (so that a prefetch has run), if asked.
@@ -329,8 +371,7 @@ pub fn child_main() {
             let mut buf = vec![0u8; PAGE];
             let mut outside_bad = 0;
             for p in (0..size / PAGE).filter(|p| p * PAGE < start || p * PAGE >= start + len) {
-                image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
-                if region[p * PAGE..(p + 1) * PAGE] != buf[..] {
+                if !image.matches(m.spec.offset + (p * PAGE) as u64, &region[p * PAGE..(p + 1) * PAGE], &mut buf) {
                     outside_bad += 1;
                 }
             }
@@ -363,8 +404,7 @@ pub fn child_main() {
                     nonzero_removed += got.iter().any(|&b| b != 0) as u64;
                     continue;
                 }
-                image.read_exact_at(&mut buf, m.spec.offset + (p * PAGE) as u64).unwrap();
-                if got != &buf[..] {
+                if !image.matches(m.spec.offset + (p * PAGE) as u64, got, &mut buf) {
                     bad.push(p);
                 }
             }
