@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -67,14 +68,11 @@ impl Txn {
 
     /// Stores the file at `path` as a blob.
     pub fn put_blob_file(&mut self, path: &Path) -> Result<BlobInfo> {
-        let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        let size = file.metadata().ctx(|| format!("stat {}", path.display()))?.len();
-        if size == 0 {
-            return self.put_blob(&[]);
-        }
+        let source = crate::device::open_source(path)?;
         // Read rather than mmap: a file truncated by another process while we read it must be
         // an error, not a SIGBUS.
-        let data = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
+        let mut data = vec![0u8; source.size as usize];
+        source.file.read_exact_at(&mut data, 0).ctx(|| format!("read {}", path.display()))?;
         self.put_blob(&data)
     }
 

@@ -10,7 +10,7 @@
 //! of the bytes that exist, and reads return exactly `size` bytes.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -251,9 +251,7 @@ impl Txn {
     /// Ingests the image file at `path` (see [`IngestOptions`]). The image is readable by id
     /// after [`Txn::commit`].
     pub fn ingest_image(&mut self, path: &Path, opts: &IngestOptions) -> Result<ImageInfo> {
-        let file = File::open(path).ctx(|| format!("open {}", path.display()))?;
-        let meta = file.metadata().ctx(|| format!("stat {}", path.display()))?;
-        let size = meta.len();
+        let crate::device::Opened { file, meta, size, .. } = crate::device::open_source(path)?;
         let ps = if opts.page_size == 0 { DEFAULT_PAGE_SIZE } else { opts.page_size };
         if !valid_page_size(ps) {
             return Err(Error::InvalidInput(format!("page size {ps} is not a power of two from 512 to 1 GiB")));
@@ -925,13 +923,10 @@ impl ImageReader {
     /// Writes the image to `path`, leaving zero pages as holes so the file stays sparse.
     /// Returns the bytes of data written. The file is fsynced before this returns.
     pub fn materialize(&self, path: &Path, progress: Option<&Progress>) -> Result<u64> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .ctx(|| format!("create {}", path.display()))?;
-        file.set_len(self.root.size).ctx(|| format!("size {}", path.display()))?;
+        let target = crate::device::open_target(path, self.root.size)?;
+        let file = &target.file;
+        // A file reads zero in its holes; a device holds whatever was there before.
+        let zero_fill = target.kind == crate::device::Kind::BlockDevice;
         let ps = u64::from(self.root.page_size);
         let written = (0..self.root.segments.len())
             .into_par_iter()
@@ -943,7 +938,16 @@ impl ImageReader {
                 let mut k = 0;
                 while k < ids.len() {
                     if ids[k].is_zero() {
-                        k += 1;
+                        let mut end = k + 1;
+                        while end < ids.len() && ids[end].is_zero() {
+                            end += 1;
+                        }
+                        if zero_fill {
+                            let (first, last) = (base + k as u64, base + end as u64 - 1);
+                            let len = (last - first) * ps + self.page_len(last) as u64;
+                            crate::device::zero_range(&target, path, first * ps, len)?;
+                        }
+                        k = end;
                         continue;
                     }
                     // A run of up to 64 data pages, read with one lookup, written with one pwrite.
@@ -1054,7 +1058,7 @@ mod tests {
     fn data_extents_of_a_sparse_file_name_its_written_pages() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sparse");
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(4 * MIB).unwrap();
         file.write_all_at(&[1u8; PAGE as usize], MIB).unwrap();
         let found = data_extents(&file, 4 * MIB);

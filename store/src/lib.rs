@@ -25,6 +25,7 @@
 //! ```
 
 pub mod blob;
+mod device;
 mod error;
 pub mod gc;
 mod hash;

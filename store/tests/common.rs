@@ -35,3 +35,17 @@ pub fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::write(&p, data).expect("write image");
     p
 }
+
+/// Whether the process is root. If not, says so loudly and fails, unless `SNAPFORK_ALLOW_SKIP=1`
+/// (a local run without root), where the test is skipped.
+pub fn require_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory of ours.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    eprintln!("!!!!!!!! {test}: needs root ({why}); NOT RUN !!!!!!!!");
+    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
+        return false;
+    }
+    panic!("{test} needs root; set SNAPFORK_ALLOW_SKIP=1 to skip");
+}

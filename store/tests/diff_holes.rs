@@ -30,20 +30,6 @@ impl Drop for Ramfs {
     }
 }
 
-/// Whether the process is root. If not, says so loudly and fails, unless `SNAPFORK_ALLOW_SKIP=1`
-/// (a local run without root), where the test is skipped.
-fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and touches no memory of ours.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    eprintln!("!!!!!!!! {test}: needs root (mounts a ramfs); NOT RUN !!!!!!!!");
-    if std::env::var("SNAPFORK_ALLOW_SKIP").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!("{test} needs root; set SNAPFORK_ALLOW_SKIP=1 to skip");
-}
-
 /// A diff snapshot of `image` as Firecracker writes one: a file of the full size holding only
 /// the pages in `written`, at their offsets.
 fn write_diff(path: &Path, image: &[u8], written: impl IntoIterator<Item = usize>) {
@@ -56,7 +42,10 @@ fn write_diff(path: &Path, image: &[u8], written: impl IntoIterator<Item = usize
 
 #[test]
 fn a_diff_snapshot_on_a_filesystem_without_holes_is_refused_not_zeroed_over_its_parent() {
-    if !require_root("a_diff_snapshot_on_a_filesystem_without_holes_is_refused_not_zeroed_over_its_parent") {
+    if !require_root(
+        "a_diff_snapshot_on_a_filesystem_without_holes_is_refused_not_zeroed_over_its_parent",
+        "mounts a ramfs",
+    ) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
