@@ -8,7 +8,7 @@
 //! (≤ 256 KiB of data) and always jumps the prefetch queue. Pages being read are claimed, so a
 //! page is read once and a fault on it waits for the reader's batch instead of reading it again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -235,7 +235,7 @@ pub struct RestoreStats {
     pub eexist: AtomicU64,
     /// EAGAIN answers (pending mapping change).
     pub eagain: AtomicU64,
-    /// Installs that found the VM's memory cgroup full (ENOMEM) and waited for memory.
+    /// Sleeps (1 to 100 ms each) of installs that found the VM's memory cgroup full (ENOMEM).
     pub memory_waits: AtomicU64,
     /// Set once the prefetch list (and fill) has been fully installed.
     pub prefetch_done: AtomicBool,
@@ -262,7 +262,7 @@ pub struct StatsSnapshot {
     pub eexist: u64,
     /// EAGAIN answers.
     pub eagain: u64,
-    /// Installs that waited for the VM's memory cgroup to have room.
+    /// Sleeps (1 to 100 ms each) waiting for the VM's memory cgroup to have room.
     pub memory_waits: u64,
     /// Whether prefetch (and fill) completed.
     pub prefetch_done: bool,
@@ -529,7 +529,9 @@ pub fn start_journaled(
         stats: stats.clone(),
         stop: stop.clone(),
         memory_wait: None,
-        refaults: (0, 0),
+        refaults: HashMap::new(),
+        speculate: true,
+        in_batch: false,
         buf: vec![0; buf_len],
         zeros: Vec::new(),
         pending: VecDeque::new(),
@@ -661,15 +663,17 @@ impl Readers {
     }
 }
 
-/// Faults in a row on one page already installed after which the page is taken to be missing
-/// in spite of the kernel's word (the faults of every vCPU queued before its install stay far
-/// below this).
+/// Faults on one page after its install after which the page is taken to be missing in spite
+/// of the kernel's word (the faults of every vCPU queued before its install stay far below
+/// this).
 const REFAULT_LIMIT: u32 = 1000;
 
 enum Stop {
     Gone,
     /// [`RestoreHandle::stop`] was called.
     Requested,
+    /// No memory for a speculative install (never leaves `install_pieces`).
+    NoRoom,
     Corrupt(u64, String),
     Fatal(String),
 }
@@ -688,8 +692,14 @@ struct Serving {
     stop: Arc<OwnedFd>,
     /// Since when, and how long the next sleep is, while the VM's memory cgroup is full.
     memory_wait: Option<(Instant, Duration)>,
-    /// The last fault on a page already installed, and how many came in a row.
-    refaults: (u64, u32),
+    /// Faults on pages already installed, per page (address), since each page's last install
+    /// or removal.
+    refaults: HashMap<u64, u32>,
+    /// Prefetch, fill and read-ahead still install pages; off once the VM's memory cgroup is
+    /// full, where speculative pages would take the room its own faults need.
+    speculate: bool,
+    /// A batch from the readers (speculative pages) is being installed.
+    in_batch: bool,
     buf: Vec<u8>,
     zeros: Vec<u8>,
     /// Faults to serve: address, and for a fault served again after waiting on a claimed page,
@@ -930,7 +940,7 @@ impl Serving {
     fn run(mut self) -> RestoreReport {
         let stop = self.stop.clone();
         let end = match self.serve(&stop) {
-            Ok(()) | Err(Stop::Requested) => EndReason::Stopped,
+            Ok(()) | Err(Stop::Requested | Stop::NoRoom) => EndReason::Stopped,
             Err(Stop::Gone) => EndReason::PeerExited,
             Err(Stop::Corrupt(page, message)) => EndReason::CorruptPage { page, pid: self.peer.pid, message },
             Err(Stop::Fatal(message)) => {
@@ -1076,6 +1086,7 @@ impl Serving {
                 }
             }
             debug!(start, end, pages = last - first, "range removed");
+            self.refaults.clear();
         }
     }
 
@@ -1105,15 +1116,20 @@ impl Serving {
             // Unless the page is not there after all and the guest faults on it again and again:
             // a hugetlb UFFDIO_COPY answers EEXIST when no huge page can be allocated, so this
             // is what an exhausted pool looks like. End it rather than spin with the guest.
-            self.refaults = if self.refaults.0 == dst { (dst, self.refaults.1 + 1) } else { (dst, 1) };
-            if self.refaults.1 > REFAULT_LIMIT {
+            if self.refaults.len() >= 4096 {
+                // Kept small: forgetting counts only delays the verdict.
+                self.refaults.clear();
+            }
+            let count = self.refaults.entry(dst).or_insert(0);
+            *count += 1;
+            if *count > REFAULT_LIMIT {
                 let hint = if r.page_size == 4096 {
                     ""
                 } else {
                     " (the kernel answers EEXIST to a hugetlb copy when no huge page is free: is the pool exhausted?)"
                 };
                 return Err(Stop::Fatal(format!(
-                    "the guest faulted {REFAULT_LIMIT} times in a row on the page at {dst:#x}, which the kernel said was present{hint}"
+                    "the guest faulted {REFAULT_LIMIT} times on the page at {dst:#x} since the kernel said it was present{hint}"
                 )));
             }
             return Ok(());
@@ -1200,6 +1216,12 @@ impl Serving {
                 self.states[ri].claimed.set(q, false);
             }
             let read = res?;
+            if self.states[ri].removed.get(p) && !self.states[ri].installed.get(p) {
+                // Given back while its install retried (a REMOVE drained meanwhile): its fault
+                // event is spent, so serve it again, as the zero page it now is.
+                self.pending.push_front((addr, Some(t0)));
+                return Ok(());
+            }
             self.record(ri, p, read);
             self.seq_next = (ri, p + n);
             // Hand the pages ahead to the readers, so they are read in parallel while this
@@ -1257,6 +1279,9 @@ impl Serving {
     /// bytes of data pages, or 8 MiB of zero pages), until [`Serving::stream_depth`] windows lie
     /// ahead of `from`. Pages installed, removed or claimed are left out.
     fn feed_stream(&mut self, ri: usize, from: u64) {
+        if !self.speculate {
+            return;
+        }
         let (w, depth) = (self.window_pages(), self.stream_depth());
         let pages = self.states[ri].r.pages();
         let mut next = match self.stream {
@@ -1390,31 +1415,34 @@ impl Serving {
             return Ok(());
         }
         let mut k = p;
+        let mut single = false;
         while k < p + n {
             let dst = r.base + k * r.page_size;
-            let len = ((p + n - k) * r.page_size) as usize;
+            let len = if single { r.page_size as usize } else { ((p + n - k) * r.page_size) as usize };
             self.stats.ioctls.fetch_add(1, Relaxed);
             match uffd::zeropage(self.fd(), dst, len) {
                 Ok(Fill::Done) => {
                     self.memory_is_back();
-                    for q in k..p + n {
+                    let d = len as u64 / r.page_size;
+                    for q in k..k + d {
                         self.mark_installed(ri, q);
                     }
-                    self.stats.pages_zeroed.fetch_add(p + n - k, Relaxed);
-                    return Ok(());
+                    self.forget_refaults(ri, k, d);
+                    self.stats.pages_zeroed.fetch_add(d, Relaxed);
+                    k += d;
                 }
                 Ok(Fill::Partial(done)) => {
+                    self.memory_is_back();
                     let d = done as u64 / r.page_size;
                     for q in k..k + d {
                         self.mark_installed(ri, q);
                     }
+                    self.forget_refaults(ri, k, d);
                     self.stats.pages_zeroed.fetch_add(d, Relaxed);
                     k += d;
                 }
                 Ok(Fill::Exists) => {
-                    self.stats.eexist.fetch_add(1, Relaxed);
-                    let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
-                    self.mark_installed(ri, k);
+                    self.exists(ri, k);
                     k += 1;
                 }
                 Ok(Fill::Again) => {
@@ -1422,7 +1450,15 @@ impl Serving {
                     self.drain()?;
                 }
                 Ok(Fill::Gone) => return Err(Stop::Gone),
-                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => self.wait_for_memory("UFFDIO_ZEROPAGE", dst)?,
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => self.out_of_memory("UFFDIO_ZEROPAGE", dst)?,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+                    let multi = len > r.page_size as usize;
+                    if self.unmapped("UFFDIO_ZEROPAGE", ri, k, multi, &e)? {
+                        single = true;
+                    } else {
+                        k += 1;
+                    }
+                }
                 Err(e) => return Err(self.ioctl_failed("UFFDIO_ZEROPAGE", dst, e)),
             }
         }
@@ -1435,17 +1471,73 @@ impl Serving {
         st.removed.set(p, false);
     }
 
-    fn ioctl_failed(&self, what: &str, dst: u64, e: std::io::Error) -> Stop {
-        if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EINVAL) {
-            // The range was unmapped or unregistered under us: the process is tearing down.
-            warn!(pid = self.peer.pid, dst, "{what}: {e}; ending this restore");
-            return Stop::Gone;
+    /// An install of region pages `p..p+n` succeeded: faults on them start counting afresh.
+    fn forget_refaults(&mut self, ri: usize, p: u64, n: u64) {
+        if self.refaults.is_empty() {
+            return;
         }
+        let r = self.states[ri].r;
+        for q in p..p + n {
+            self.refaults.remove(&(r.base + q * r.page_size));
+        }
+    }
+
+    /// EEXIST for region page `p`: present, so installed, unless a REMOVE for it was read: then
+    /// the page is still to be zapped and the guest's next fault on it gets zeros. Either way
+    /// the threads waiting on it are woken.
+    fn exists(&mut self, ri: usize, p: u64) {
+        self.stats.eexist.fetch_add(1, Relaxed);
+        self.memory_is_back();
+        let r = self.states[ri].r;
+        let _ = uffd::wake(self.fd(), r.base + p * r.page_size, r.page_size as usize);
+        if !self.states[ri].removed.get(p) {
+            self.mark_installed(ri, p);
+        }
+    }
+
+    fn ioctl_failed(&self, what: &str, dst: u64, e: std::io::Error) -> Stop {
         if e.raw_os_error() == Some(libc::ENOMEM) {
             // (4 KiB pages wait for memory instead: `wait_for_memory`.)
             return Stop::Fatal(format!("{what} at {dst:#x}: no free huge page (the hugetlb pool is exhausted): {e}"));
         }
         Stop::Fatal(format!("{what} at {dst:#x}: {e}"))
+    }
+
+    /// ENOENT or EINVAL installing region page `page` (`multi`: as the first of several): the
+    /// range is no longer mapped and registered as it was. If the peer is gone (tearing down),
+    /// the restore ends. If it lives on, it changed part of its memory's mapping (unmapped,
+    /// moved or split it, without an event): a range is retried page by page (returns true),
+    /// and a single page that fails is not ours any more and is left alone, marked done.
+    fn unmapped(
+        &mut self,
+        what: &str,
+        ri: usize,
+        page: u64,
+        multi: bool,
+        e: &std::io::Error,
+    ) -> std::result::Result<bool, Stop> {
+        let r = self.states[ri].r;
+        let dst = r.base + page * r.page_size;
+        if !self.peer_alive() {
+            warn!(pid = self.peer.pid, dst, "{what}: {e}; ending this restore");
+            return Err(Stop::Gone);
+        }
+        if multi {
+            return Ok(true);
+        }
+        debug!(pid = self.peer.pid, dst, "{what}: {e}: no longer mapped as registered; left alone");
+        let _ = uffd::wake(self.fd(), dst, r.page_size as usize);
+        self.mark_installed(ri, page);
+        Ok(false)
+    }
+
+    /// Whether the peer is known to be running still.
+    fn peer_alive(&self) -> bool {
+        match (&self.peer.pidfd, self.peer.pid, self.peer_start) {
+            (Some(pidfd), ..) => !pidfd_wait(pidfd.as_fd(), Duration::ZERO),
+            (None, Some(pid), Some(t0)) => !peer_gone(pid, t0),
+            _ => false,
+        }
     }
 
     /// SIGKILLs the peer, which nobody will serve any more; says what happened, for the log.
@@ -1455,6 +1547,29 @@ impl Serving {
                 .map_or_else(|e| format!("; could not kill the VM: {e}"), |()| "; the VM was killed".into()),
             None => "; the VM could not be killed (no pidfd) and stalls".into(),
         }
+    }
+
+    /// ENOMEM installing at `dst` (4 KiB pages): a speculative install (a batch of prefetch,
+    /// fill or read-ahead) gives up, and speculation stops for good, leaving the cgroup's room
+    /// to the guest's own faults; a demand install waits for memory.
+    fn out_of_memory(&mut self, what: &str, dst: u64) -> std::result::Result<(), Stop> {
+        if !self.in_batch {
+            return self.wait_for_memory(what, dst);
+        }
+        if self.speculate {
+            warn!(
+                pid = self.peer.pid,
+                "{what} at {dst:#x}: the VM's memory cgroup is full (ENOMEM); prefetch and read-ahead stop, faults are served as they come"
+            );
+            self.speculate = false;
+            self.stream = None;
+            if let Some(rd) = &self.readers {
+                // The readers see the plan done (they only count past its end from here).
+                rd.shared.next.fetch_max(rd.shared.plan.len(), Relaxed);
+                rd.shared.sweep.fetch_max(rd.shared.plan.len(), Relaxed);
+            }
+        }
+        Err(Stop::NoRoom)
     }
 
     /// An install at `dst` found the VM's memory cgroup full: ENOMEM from charging the page to
@@ -1526,7 +1641,10 @@ impl Serving {
             }
             let ptr = src[((k - p) * rps) as usize..].as_ptr();
             match self.copy_pages(ri, k, e - k, ptr, true) {
-                Ok(done) => installed += done,
+                Ok(done) => {
+                    self.stats.pages_copied.fetch_add(done, Relaxed);
+                    installed += done;
+                }
                 Err(s) => break Err(s),
             }
             k = e;
@@ -1551,6 +1669,8 @@ impl Serving {
         let dst = r.base + p * r.page_size;
         let mut done = 0usize;
         let mut installed = 0;
+        // After a range failed as no longer mapped: the rest one page at a time.
+        let mut single = false;
         while done < len {
             let page = p + (done as u64) / r.page_size;
             let removed = |q: u64| skip_removed && self.states[ri].removed.get(q);
@@ -1562,7 +1682,7 @@ impl Serving {
             }
             // Copy up to the next removed page (none unless a retry drained a REMOVE).
             let mut end = done + r.page_size as usize;
-            while end < len && !removed(p + end as u64 / r.page_size) {
+            while !single && end < len && !removed(p + end as u64 / r.page_size) {
                 end += r.page_size as usize;
             }
             self.stats.ioctls.fetch_add(1, Relaxed);
@@ -1575,6 +1695,7 @@ impl Serving {
                     for q in page..page + d {
                         self.mark_installed(ri, q);
                     }
+                    self.forget_refaults(ri, page, d);
                     installed += d;
                     done = end;
                 }
@@ -1584,13 +1705,12 @@ impl Serving {
                     for q in page..page + d {
                         self.mark_installed(ri, q);
                     }
+                    self.forget_refaults(ri, page, d);
                     installed += d;
                     done += (d * r.page_size) as usize;
                 }
                 Ok(Fill::Exists) => {
-                    self.stats.eexist.fetch_add(1, Relaxed);
-                    let _ = uffd::wake(self.fd(), dst + done as u64, r.page_size as usize);
-                    self.mark_installed(ri, page);
+                    self.exists(ri, page);
                     done += r.page_size as usize;
                 }
                 Ok(Fill::Again) => {
@@ -1599,12 +1719,19 @@ impl Serving {
                 }
                 Ok(Fill::Gone) => return Err(Stop::Gone),
                 Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && r.page_size == 4096 => {
-                    self.wait_for_memory("UFFDIO_COPY", dst + done as u64)?;
+                    self.out_of_memory("UFFDIO_COPY", dst + done as u64)?;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+                    let multi = end - done > r.page_size as usize;
+                    if self.unmapped("UFFDIO_COPY", ri, page, multi, &e)? {
+                        single = true;
+                    } else {
+                        done += r.page_size as usize;
+                    }
                 }
                 Err(e) => return Err(self.ioctl_failed("UFFDIO_COPY", dst + done as u64, e)),
             }
         }
-        self.stats.pages_copied.fetch_add(installed, Relaxed);
         Ok(installed)
     }
 
@@ -1623,7 +1750,15 @@ impl Serving {
             // Readers end only when told to (or if one panicked): nothing more will come.
             Err(_) => return Ok(false),
         };
-        let res = self.install_pieces(region, &pieces, &data, prefetch);
+        // Once the cgroup is full, what the readers still send is dropped: the demand path
+        // serves those pages if the guest wants them.
+        self.in_batch = true;
+        let res = if self.speculate { self.install_pieces(region, &pieces, &data, prefetch) } else { Ok(()) };
+        self.in_batch = false;
+        let res = match res {
+            Err(Stop::NoRoom) => Ok(()),
+            res => res,
+        };
         // Give the claims back whatever happened: a page not installed now (removed meanwhile,
         // or unreadable) is the demand path's again.
         let cl = &self.states[region].claimed;

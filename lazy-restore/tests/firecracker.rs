@@ -294,6 +294,72 @@ fn a_vm_whose_memory_cgroup_is_full_waits_for_memory_then_runs_on() {
     srv.stop();
 }
 
+/// With `--fill`, a VM whose memory cgroup fills up has its fill stopped, for good: the room is
+/// the guest's own faults' to take, not speculation's, and once there is room again the guest's
+/// pages are served and the fill stays off.
+#[test]
+fn a_full_memory_cgroup_stops_the_fill_and_leaves_its_room_to_the_guest() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 16384);
+    let opts = ServerOptions {
+        restore: snapfork_lazy_restore::RestoreOptions { fill: true, ..Default::default() },
+        ..Default::default()
+    };
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), opts);
+    let cg = MemCgroup::new(24 << 20);
+    // The guest starts once the fill has filled its cgroup, and writes pages near the top.
+    let pages: Vec<u64> = (16000..16016).collect();
+    let mut child = spawn_child(json!({
+        "role": "write", "socket": srv.socket, "image": image, "cgroup": cg.0, "start_delay_ms": 1500,
+        "regions": [{"size": 64 << 20, "offset": 0}], "write": pages,
+    }));
+    let deadline = Instant::now() + T;
+    while cg.failcnt() == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the VM ended before its cgroup filled up");
+        assert!(Instant::now() < deadline, "the fill never filled the VM's cgroup");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    cg.set_limit(1 << 30);
+    let (status, res) = wait_child_for(child, T);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    let st = &ended[0].stats;
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    // The fill got no further than the cgroup's 24 MiB: not to the image's ~50 MiB of data.
+    assert!(st.pages_copied * 4096 < 28 << 20, "the fill went on: {st:?}");
+    assert!(!st.prefetch_done, "{st:?}");
+    srv.stop();
+}
+
+/// A VM that unmaps part of its memory without an event goes on being served: installs that
+/// run into the unmapped part (read-ahead past its edge) are retried page by page and the
+/// pages no longer mapped are left alone, rather than the restore ending with the VM waiting
+/// for its next page forever.
+#[test]
+fn memory_unmapped_without_an_event_is_left_alone_and_the_rest_served() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempdir();
+    let image = dir.path().join("mem.raw");
+    make_image(&image, 4096);
+    let srv = TestServer::start(dir.path().join("uffd.sock"), raw_source(&image), ServerOptions::default());
+    let child = spawn_child(json!({
+        "role": "unmap", "socket": srv.socket, "image": image,
+        "regions": [{"size": 16 << 20, "offset": 0}],
+    }));
+    let (status, res) = wait_child_for(child, T);
+    assert!(status.success(), "{status:?} {res:?}");
+    let (ended, _) = srv.wait_ended(1, T);
+    assert_eq!(ended[0].end, EndReason::PeerExited, "{:?}", ended[0]);
+    srv.stop();
+}
+
 #[test]
 fn killed_client_leaves_others_served_and_leaks_nothing() {
     if !require_root() {

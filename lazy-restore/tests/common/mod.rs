@@ -319,12 +319,12 @@ pub fn child_main() {
         &extra_fds,
     )
     .unwrap();
+    // A guest that takes a while to start (so that a prefetch has run), if asked.
+    if let Some(ms) = role["start_delay_ms"].as_u64() {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     match role["role"].as_str().unwrap() {
         "fc" => {
-            // A guest that takes a while to start (so that a prefetch has run), if asked.
-            if let Some(ms) = role["start_delay_ms"].as_u64() {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
             // Optional access pattern first (pages of region 0), then everything.
             if let Some(pat) = role["touch"].as_array() {
                 let offs: Vec<u64> = pat.iter().map(|v| v.as_u64().unwrap() * PAGE as u64).collect();
@@ -354,6 +354,25 @@ pub fn child_main() {
             }
             emit(json!({"written": pages.len()}));
             std::process::exit(0);
+        }
+        "unmap" => {
+            // A VMM that unmaps the second half of its memory without telling the server (no
+            // UNMAP event: Firecracker asks only for REMOVE), then reads the first half, which
+            // the server's read-ahead runs past.
+            let m = &vm.regions[0];
+            let half = m.spec.size as usize / 2;
+            // SAFETY: the second half of region 0, page aligned; nothing here touches it again.
+            let r = unsafe { libc::munmap(m.ptr.add(half).cast(), half) };
+            assert_eq!(r, 0, "munmap: {}", std::io::Error::last_os_error());
+            let mut buf = vec![0u8; PAGE];
+            let region = &vm.region(0)[..half];
+            let bad = region
+                .chunks_exact(PAGE)
+                .enumerate()
+                .filter(|(p, got)| !image.matches(m.spec.offset + (p * PAGE) as u64, got, &mut buf))
+                .count();
+            emit(json!({"mismatches": bad}));
+            std::process::exit(if bad == 0 { 0 } else { 3 });
         }
         "remove" => {
             let m = &vm.regions[0];
