@@ -1163,6 +1163,12 @@ impl Inner {
                 }
             }
             DriverConfig::Firecracker(cfg) => {
+                if rec.status != Status::Running && rec.status != Status::Paused {
+                    return Err(Error::Invalid(format!(
+                        "sandbox {name} is {:?}: only a running VM can be checkpointed",
+                        rec.status
+                    )));
+                }
                 let api = ApiClient::new(&cfg.api_socket);
                 // Before the pause, so that failing to make it leaves the VM running.
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
@@ -1981,9 +1987,7 @@ impl Inner {
                     }
                 }
                 // One VM that cannot be taken over must not keep the others stalled.
-                Err(e) => {
-                    tracing::error!(journal = %path.display(), error = %e, "cannot take this VM over: it stalls on its next page fault")
-                }
+                Err(e) => end_unservable_vm(&path, &e),
             }
         }
         Ok(adopted)
@@ -2008,10 +2012,7 @@ impl Inner {
             match adopted {
                 Ok(Some(_)) => return,
                 Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(journal = %path.display(), error = %e, "cannot take this VM over: it stalls on its next page fault");
-                    return;
-                }
+                Err(e) => return end_unservable_vm(path, &e),
             }
         }
     }
@@ -2057,9 +2058,15 @@ impl Inner {
         // Joined on a thread of its own; if that cannot start, the restore still serves (its
         // handle is only dropped, which does not stop it).
         let stopper = handle.stopper();
+        let name = sandbox.clone();
         let watch = std::thread::Builder::new().name(format!("uffd-adopted-{pid}")).spawn(move || {
             let r = handle.join();
-            tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
+            use snapfork_lazy_restore::EndReason;
+            if matches!(r.end, EndReason::CorruptPage { .. } | EndReason::Failed { .. }) {
+                tracing::warn!(pid, sandbox = name.as_deref(), end = ?r.end, "adopted VM was ended by its memory server");
+            } else {
+                tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
+            }
         });
         match watch {
             Ok(t) => {
@@ -2712,4 +2719,31 @@ fn add_workspace_part_then(
         captured();
     }
     Ok(())
+}
+
+/// A VM whose journal says its memory needs serving, but that cannot be taken over (`e`): nothing
+/// will answer its next page fault, so it is killed (as lazy-restore kills a VM it can no longer
+/// serve) rather than left to hang while its sandbox reads as running. Its process is known by
+/// pid and start time, so a recycled pid is never signalled; its journal goes with it.
+fn end_unservable_vm(path: &Path, e: &Error) {
+    use snapfork_lazy_restore::restore::{pidfd_kill, pidfd_open, pidfd_wait};
+    let Ok(orphan) = snapfork_lazy_restore::journal::read(path) else {
+        tracing::error!(journal = %path.display(), error = %e, "cannot take this VM over, nor read which process it is: it stalls on its next page fault");
+        return;
+    };
+    let pid = orphan.pid;
+    let killed = pidfd_open(pid).ok().filter(|_| orphan.is_alive()).map(|fd| {
+        let sent = pidfd_kill(std::os::fd::AsFd::as_fd(&fd));
+        sent.is_ok() && pidfd_wait(std::os::fd::AsFd::as_fd(&fd), Duration::from_secs(5))
+    });
+    match killed {
+        Some(true) => {
+            tracing::error!(pid, journal = %path.display(), error = %e, "cannot take this VM over: killed it, since nothing would serve its memory");
+            orphan.discard();
+        }
+        Some(false) => {
+            tracing::error!(pid, error = %e, "cannot take this VM over, and could not kill it: it stalls on its next page fault")
+        }
+        None => orphan.discard(),
+    }
 }

@@ -30,6 +30,8 @@ const PAGE: usize = 4096;
 const PAGES: usize = 64;
 const TEST: &str = "firecracker_checkpoint_diff_restore_fork_via_uffd";
 const TEST_ADOPT: &str = "firecracker_vm_outlives_the_process_serving_its_memory";
+const TEST_EXITED: &str = "firecracker_checkpoint_of_a_vm_that_exited_is_refused_at_once";
+const TEST_UNSERVABLE: &str = "firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -48,7 +50,7 @@ fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            println!("{TEST}: test\n{TEST_ADOPT}: test");
+            println!("{TEST}: test\n{TEST_ADOPT}: test\n{TEST_UNSERVABLE}: test\n{TEST_EXITED}: test");
         }
         return;
     }
@@ -61,6 +63,14 @@ fn main() {
     if selected(TEST_ADOPT) {
         runtime().block_on(firecracker_vm_outlives_the_process_serving_its_memory());
         println!("test {TEST_ADOPT} ... ok");
+    }
+    if selected(TEST_EXITED) {
+        runtime().block_on(firecracker_checkpoint_of_a_vm_that_exited_is_refused_at_once());
+        println!("test {TEST_EXITED} ... ok");
+    }
+    if selected(TEST_UNSERVABLE) {
+        runtime().block_on(firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled());
+        println!("test {TEST_UNSERVABLE} ... ok");
     }
 }
 
@@ -567,20 +577,14 @@ async fn restore_and_serve(args: &[String]) {
     }
 }
 
-/// A daemon dies (SIGKILL) while it serves a lazily restored VM's memory, and in the worst
-/// moment: the guest is waiting on a page fault. The next engine process finds the VM from its
-/// journal, serves it on, and the guest reads exactly its memory: the snapshot's pages, and zeros
-/// where it gave pages back before the kill.
-async fn firecracker_vm_outlives_the_process_serving_its_memory() {
-    if !common::require(TEST_ADOPT, false) {
-        return;
-    }
-    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+/// A snapshot of a running (stand-in) VM, restored as `vm-r` by another process
+/// ([`restore_and_serve`]) that serves its memory: that server, the VM's API socket and pid.
+async fn restored_in_another_process(dir: &Path) -> (KillOnDrop, PathBuf, i32) {
     let me = std::env::current_exe().unwrap();
     // A snapshot of a running VM, taken by one engine that then closes the store.
     let snap = {
-        let engine = engine_at(dir.path());
-        let api = dir.path().join("vm.sock");
+        let engine = engine_at(dir);
+        let api = dir.join("vm.sock");
         let _vm = KillOnDrop(
             std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
         );
@@ -600,13 +604,12 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
         engine.rm("vm").await.unwrap();
         a.id
     };
-    let mut expected: Vec<u8> = (0..PAGES).flat_map(|i| vec![(i * 7 % 251) as u8 + 1; PAGE]).collect();
 
     // Another process restores it and serves its memory.
     let mut server = KillOnDrop(
         std::process::Command::new(&me)
             .arg("--restore-and-serve")
-            .arg(dir.path())
+            .arg(dir)
             .arg(&snap)
             .arg("vm-r")
             .stdout(std::process::Stdio::piped())
@@ -618,10 +621,23 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
     let api = PathBuf::from(line.trim().strip_prefix("RESTORED ").unwrap_or_else(|| panic!("{line:?}")));
     let vm_pid = {
         let rec: Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("engine/sandboxes/vm-r/sandbox.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(dir.join("engine/sandboxes/vm-r/sandbox.json")).unwrap()).unwrap();
         rec["config"]["pid"].as_i64().unwrap() as i32
     };
+    (server, api, vm_pid)
+}
+
+/// A daemon dies (SIGKILL) while it serves a lazily restored VM's memory, and in the worst
+/// moment: the guest is waiting on a page fault. The next engine process finds the VM from its
+/// journal, serves it on, and the guest reads exactly its memory: the snapshot's pages, and zeros
+/// where it gave pages back before the kill.
+async fn firecracker_vm_outlives_the_process_serving_its_memory() {
+    if !common::require(TEST_ADOPT, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let (server, api, vm_pid) = restored_in_another_process(dir.path()).await;
+    let mut expected: Vec<u8> = (0..PAGES).flat_map(|i| vec![(i * 7 % 251) as u8 + 1; PAGE]).collect();
     let _vm = KillPid(vm_pid);
     // The guest gives two pages back: one it had read (in the half read at load), one not.
     for page in [5, 40] {
@@ -694,6 +710,68 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(engine.adopt_vms().await.unwrap().is_empty());
+    engine.shutdown();
+}
+
+/// A checkpoint of a VM whose Firecracker has exited says so at once (a clear refusal, as for
+/// gVisor), instead of failing on the API socket nobody answers.
+async fn firecracker_checkpoint_of_a_vm_that_exited_is_refused_at_once() {
+    if !common::require(TEST_EXITED, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let vm = KillOnDrop(std::process::Command::new(&me).arg("--api-sock").arg(&api).spawn().unwrap());
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    let cfg = FirecrackerConfig {
+        api_socket: api.clone(),
+        binary: Some(me.clone()),
+        disks: vec![],
+        page_size: PAGE as u32,
+        diff: false,
+        pid: None,
+        pid_start_time: None,
+    };
+    let spec = RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None };
+    engine.run(spec).await.unwrap();
+    drop(vm);
+    let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
+    assert!(err.contains("is Exited") && err.contains("only a running VM"), "{err}");
+    engine.rm("vm").await.unwrap();
+    engine.shutdown();
+}
+
+/// A VM whose server died and that the next engine cannot take over (its journal names an
+/// image the store does not hold) is killed, since nothing would answer its next page fault,
+/// rather than left stalled while its sandbox reads as running; its journal goes with it.
+async fn firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled() {
+    if !common::require(TEST_UNSERVABLE, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let (server, _api, vm_pid) = restored_in_another_process(dir.path()).await;
+    let _vm = KillPid(vm_pid);
+    drop(server);
+    let journals = dir.path().join("engine/vm-journals");
+    let journal = std::fs::read_dir(&journals).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let (header, rest) = text.split_once('\n').unwrap();
+    let mut header: Value = serde_json::from_str(header).unwrap();
+    header["image"] = json!("f".repeat(64));
+    std::fs::write(&journal, format!("{header}\n{rest}")).unwrap();
+    let alive = || std::fs::read_to_string(format!("/proc/{vm_pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    assert!(alive(), "the VM died with its server");
+
+    let engine = engine_at(dir.path());
+    assert!(engine.adopt_vms().await.unwrap().is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive() {
+        assert!(std::time::Instant::now() < deadline, "the VM nobody can serve was left running (stalled)");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!journal.exists(), "its journal outlived it");
     engine.shutdown();
 }
 
