@@ -577,6 +577,20 @@ async fn restore_and_serve(args: &[String]) {
     }
 }
 
+/// Sandbox `vm` over the stand-in Firecracker listening at `api` (Full snapshots, no disks).
+fn stand_in_vm(api: &Path) -> RunSpec {
+    let cfg = FirecrackerConfig {
+        api_socket: api.to_path_buf(),
+        binary: Some(std::env::current_exe().unwrap()),
+        disks: vec![],
+        page_size: PAGE as u32,
+        diff: false,
+        pid: None,
+        pid_start_time: None,
+    };
+    RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None }
+}
+
 /// A snapshot of a running (stand-in) VM, restored as `vm-r` by another process
 /// ([`restore_and_serve`]) that serves its memory: that server, the VM's API socket and pid.
 async fn restored_in_another_process(dir: &Path) -> (KillOnDrop, PathBuf, i32) {
@@ -589,17 +603,7 @@ async fn restored_in_another_process(dir: &Path) -> (KillOnDrop, PathBuf, i32) {
             std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
         );
         wait_for_api(&api, Duration::from_secs(10)).unwrap();
-        let cfg = FirecrackerConfig {
-            api_socket: api.clone(),
-            binary: Some(me.clone()),
-            disks: vec![],
-            page_size: PAGE as u32,
-            diff: false,
-            pid: None,
-            pid_start_time: None,
-        };
-        let spec = RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None };
-        engine.run(spec).await.unwrap();
+        engine.run(stand_in_vm(&api)).await.unwrap();
         let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
         engine.rm("vm").await.unwrap();
         a.id
@@ -725,17 +729,7 @@ async fn firecracker_checkpoint_of_a_vm_that_exited_is_refused_at_once() {
     let me = std::env::current_exe().unwrap();
     let vm = KillOnDrop(std::process::Command::new(&me).arg("--api-sock").arg(&api).spawn().unwrap());
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
-    let cfg = FirecrackerConfig {
-        api_socket: api.clone(),
-        binary: Some(me.clone()),
-        disks: vec![],
-        page_size: PAGE as u32,
-        diff: false,
-        pid: None,
-        pid_start_time: None,
-    };
-    let spec = RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None };
-    engine.run(spec).await.unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
     drop(vm);
     let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
     assert!(err.contains("is Exited") && err.contains("only a running VM"), "{err}");
