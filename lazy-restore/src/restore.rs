@@ -304,8 +304,9 @@ pub enum EndReason {
         /// The error.
         message: String,
     },
-    /// An unexpected error ended the restore; the peer was killed (it could no longer be
-    /// served, and would otherwise wait for its next page forever).
+    /// An unexpected error ended the restore; the peer was killed through its pidfd, where it
+    /// has one (it could no longer be served, and would otherwise wait for its next page
+    /// forever).
     Failed {
         /// The error.
         message: String,
@@ -672,7 +673,7 @@ enum Stop {
     Gone,
     /// [`RestoreHandle::stop`] was called.
     Requested,
-    /// No memory for a speculative install (never leaves `install_pieces`).
+    /// No memory for a speculative install (caught in `batch_step`).
     NoRoom,
     Corrupt(u64, String),
     Fatal(String),
@@ -1752,12 +1753,13 @@ impl Serving {
         };
         // Once the cgroup is full, what the readers still send is dropped: the demand path
         // serves those pages if the guest wants them.
-        self.in_batch = true;
-        let res = if self.speculate { self.install_pieces(region, &pieces, &data, prefetch) } else { Ok(()) };
-        self.in_batch = false;
-        let res = match res {
-            Err(Stop::NoRoom) => Ok(()),
-            res => res,
+        let res = if self.speculate {
+            self.in_batch = true;
+            let res = self.install_pieces(region, &pieces, &data, prefetch);
+            self.in_batch = false;
+            if matches!(res, Err(Stop::NoRoom)) { Ok(()) } else { res }
+        } else {
+            Ok(())
         };
         // Give the claims back whatever happened: a page not installed now (removed meanwhile,
         // or unreadable) is the demand path's again.

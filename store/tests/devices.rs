@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use snapfork_store::{Error, IngestOptions};
@@ -70,20 +70,35 @@ fn what_has_no_size_is_refused_at_once() {
     let store = open(dir.path());
     let fifo = dir.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let t0 = Instant::now();
-    for (path, what) in [(fifo.as_path(), "a FIFO"), (Path::new("/dev/zero"), "a character device")] {
-        let err = store.ingest_image(path, &IngestOptions::default(), Some("x")).unwrap_err();
-        assert!(matches!(err, Error::InvalidInput(_)) && err.to_string().contains(what), "{err}");
-        let mut tx = store.begin().unwrap();
-        let err = tx.put_blob_file(path).unwrap_err();
-        assert!(err.to_string().contains(what), "{err}");
-    }
     let image = store.ingest_image(&write(dir.path(), "img", &make_image(4, 0, 1)), &IngestOptions::default(), None);
-    let reader = store.open_image(&image.unwrap().id).unwrap();
-    for (path, what) in [(fifo.as_path(), "a FIFO"), (Path::new("/dev/null"), "a character device")] {
-        let err = reader.materialize(path, None).unwrap_err();
-        assert!(err.to_string().contains(what), "{err}");
+    let id = image.unwrap().id;
+    // On a thread, so that a FIFO waited on fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (store2, fifo2) = (store.clone(), fifo.clone());
+    let checks = std::thread::spawn(move || {
+        let mut errors = Vec::new();
+        for (path, what) in [(fifo2.as_path(), "a FIFO"), (Path::new("/dev/zero"), "a character device")] {
+            let err = store2.ingest_image(path, &IngestOptions::default(), Some("x")).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+            errors.push((err.to_string(), what));
+            let mut txn = store2.begin().unwrap();
+            errors.push((txn.put_blob_file(path).unwrap_err().to_string(), what));
+        }
+        let reader = store2.open_image(&id).unwrap();
+        for (path, what) in [(fifo2.as_path(), "a FIFO"), (Path::new("/dev/null"), "a character device")] {
+            errors.push((reader.materialize(path, None).unwrap_err().to_string(), what));
+        }
+        let _ = tx.send(errors);
+    });
+    let errors = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(errors) => errors,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("a FIFO or device was waited on"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("a check failed on its thread (above)"),
+    };
+    // Its store handle goes before ours (RocksDB aborts a process it outlives).
+    checks.join().unwrap();
+    for (err, what) in errors {
+        assert!(err.contains(what), "{err} (expected it to name {what})");
     }
-    assert!(t0.elapsed() < Duration::from_secs(10), "a FIFO was waited on");
     assert!(store.resolve("x").is_err(), "nothing was committed");
 }
