@@ -52,10 +52,17 @@ pub struct EngineOptions {
     /// choose which host files the guest gets to read and write. Off by default: such a
     /// snapshot is refused until its source is trusted here.
     pub trust_imported_vm_state: bool,
+    /// How long a Firecracker API call may go unanswered before its VMM is taken as hung (and,
+    /// for `snapshot/create`, unanswered with its files not growing: a snapshot of a big VM
+    /// may take minutes, but never stops writing for this long).
+    pub vmm_timeout: Duration,
 }
 
 /// [`EngineOptions::uffd_idle`] by default.
 pub const UFFD_IDLE: Duration = Duration::from_secs(300);
+
+/// [`EngineOptions::vmm_timeout`] by default.
+pub const VMM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl EngineOptions {
     /// The default: `STORE/engine`.
@@ -66,6 +73,7 @@ impl EngineOptions {
             uffd_idle: UFFD_IDLE,
             trusted_host_dirs: Vec::new(),
             trust_imported_vm_state: false,
+            vmm_timeout: VMM_TIMEOUT,
         }
     }
 }
@@ -296,6 +304,8 @@ struct Inner {
     trusted_host_dirs: Vec<PathBuf>,
     /// [`EngineOptions::trust_imported_vm_state`].
     trust_imported_vm_state: bool,
+    /// [`EngineOptions::vmm_timeout`].
+    vmm_timeout: Duration,
     /// Threads using the store in the background (working sets saved, preloaded): joined when
     /// the engine goes, so that none is still inside RocksDB when the process exits (its C++ teardown
     /// aborts the process then).
@@ -452,6 +462,7 @@ impl Engine {
                 locks: Mutex::new(HashMap::new()),
                 trusted_host_dirs,
                 trust_imported_vm_state: opts.trust_imported_vm_state,
+                vmm_timeout: opts.vmm_timeout,
                 background: Arc::default(),
                 serving: Mutex::default(),
                 shutting_down: AtomicBool::new(false),
@@ -899,7 +910,7 @@ impl Inner {
                 }
                 DriverConfig::Firecracker(cfg) => {
                     // Attach to a running microVM: it must answer on its API socket.
-                    let info = ApiClient::new(&cfg.api_socket).instance_info()?;
+                    let info = self.api(&cfg.api_socket).instance_info()?;
                     tracing::info!(sandbox = %name, ?info, "attached to firecracker");
                     rec.status = Status::Running;
                 }
@@ -1169,7 +1180,16 @@ impl Inner {
                         rec.status
                     )));
                 }
-                let api = ApiClient::new(&cfg.api_socket);
+                // Its memory file is written from guest memory: a VM whose pages nobody serves
+                // would stall the VMM on the first missing one, and the checkpoint with it.
+                if self.memory_unserved(cfg)? {
+                    return Err(Error::Invalid(format!(
+                        "sandbox {name} was restored lazily and nothing serves its memory now (the \
+                         process that restored it is gone): start `snapfork daemon` for this store, \
+                         which takes the VM over, and checkpoint it through the daemon"
+                    )));
+                }
+                let api = self.api(&cfg.api_socket);
                 // Before the pause, so that failing to make it leaves the VM running.
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
                 // Firecracker clears its dirty log at every snapshot/create. When the checkpoint
@@ -1256,22 +1276,49 @@ impl Inner {
                     clock.step("commit");
                     Ok(id)
                 })();
-                let _ = std::fs::remove_dir_all(&dir);
-                // Resume when asked to, and always when the snapshot failed (as it was).
-                if opts.leave_running || result.is_err() {
-                    let resumed = api.resume();
-                    clock.step("resume");
-                    if result.is_ok() {
-                        resumed?;
-                    }
-                    rec.status = Status::Running;
+                if result.is_ok() {
+                    let _ = std::fs::remove_dir_all(&dir);
                 } else {
-                    rec.status = Status::Paused;
+                    // The VMM may still be writing its files (it did not answer in time), and
+                    // a file being written cannot be unlinked until the write ends: a VMM
+                    // stalled inside one would hold this checkpoint, and its sandbox, forever.
+                    remove_dir_in_background(dir);
                 }
-                let id = result?;
+                // Resume when asked to, and always when the snapshot failed (as it was).
+                let mut resume_failed = None;
+                rec.status = Status::Paused;
+                if opts.leave_running || result.is_err() {
+                    match api.resume() {
+                        Ok(()) => rec.status = Status::Running,
+                        Err(e) => resume_failed = Some(e),
+                    }
+                    clock.step("resume");
+                }
+                let id = match result {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.save_record(&rec)?;
+                        return Err(match resume_failed {
+                            None => e,
+                            Some(r) => Error::Runtime {
+                                what: format!("checkpoint of {name} failed ({e}), and resuming its VM (left paused)"),
+                                detail: r.to_string(),
+                            },
+                        });
+                    }
+                };
                 let _ = std::fs::remove_file(&full_needed);
                 rec.head = Some(id.to_hex());
                 self.save_record(&rec)?;
+                if let Some(r) = resume_failed {
+                    return Err(Error::Runtime {
+                        what: format!(
+                            "checkpoint {} of {name} was taken, but resuming its VM (left paused)",
+                            id.short()
+                        ),
+                        detail: r.to_string(),
+                    });
+                }
                 Ok(CheckpointReport {
                     id: id.to_hex(),
                     sandbox: name.to_string(),
@@ -1639,7 +1686,7 @@ impl Inner {
                 let _ = self.runsc.resume(rid);
             }
             if vm_paused && let Some(c) = old_vm {
-                let _ = ApiClient::new(&c.api_socket).resume();
+                let _ = self.api(&c.api_socket).resume();
             }
         };
         // What the record and the head ref were, put back if the revert fails half committed.
@@ -1758,7 +1805,7 @@ impl Inner {
         {
             // The new VM runs only once the old one is known to be gone: the two share disk files.
             let resumed = if old_gone {
-                ApiClient::new(&new.api_socket).resume().map_err(|e| e.to_string())
+                self.api(&new.api_socket).resume().map_err(|e| e.to_string())
             } else {
                 Err("its predecessor could not be confirmed ended, and the two would share disk files".to_string())
             };
@@ -2210,13 +2257,28 @@ impl Inner {
                 std::time::Duration::from_secs(10),
                 Some((pid, t)),
             )
-            .and_then(|_| ApiClient::new(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)),
+            .and_then(|_| self.api(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)),
         };
         if let Err(e) = loaded {
             started.kill_vmm();
             return Err(e);
         }
         Ok(started)
+    }
+
+    /// A client of the Firecracker API at `socket`, with [`EngineOptions::vmm_timeout`].
+    fn api(&self, socket: &Path) -> ApiClient {
+        ApiClient::new(socket).with_timeout(self.vmm_timeout)
+    }
+
+    /// True when the VM of `cfg` was restored lazily and no live server serves its memory (the
+    /// process that restored it, and took its journal, is gone; nothing took it over yet).
+    fn memory_unserved(&self, cfg: &FirecrackerConfig) -> Result<bool> {
+        let (Some(pid), Some(start_time)) = (cfg.pid, cfg.pid_start_time) else {
+            return Ok(false);
+        };
+        snapfork_lazy_restore::journal::unserved(&self.vm_journals(), pid, start_time)
+            .map_err(|e| Error::Runtime { what: "the VM's journal".into(), detail: e.to_string() })
     }
 
     /// Kills the Firecracker process the engine started for `rec`, if any.
@@ -2670,6 +2732,21 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A fresh, uniquely named directory under `parent`.
+/// Removes `dir` on a thread of its own, for files a process that may be stalled could still be
+/// writing: their unlink waits for the write to end.
+fn remove_dir_in_background(dir: PathBuf) {
+    let spawned = std::thread::Builder::new().name("remove-tmp".into()).spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), "cannot remove: {e}");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start removing a temporary directory: {e}; it stays");
+    }
+}
+
 pub(crate) fn tempdir(parent: &Path, what: &str) -> Result<PathBuf> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);

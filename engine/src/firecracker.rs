@@ -150,6 +150,21 @@ impl ApiClient {
     /// One HTTP/1.1 request; Firecracker keeps connections alive, so the body is read by its
     /// Content-Length.
     pub fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
+        self.call_watching(method, path, body, None)
+    }
+
+    /// [`ApiClient::call`], where `progress` (when given) tells a VMM at work from a hung one:
+    /// the answer may take any time while the value it returns keeps changing, and fails only
+    /// once it has not changed for the client's timeout. For calls whose time grows with the
+    /// VM (a snapshot of 32 GiB of memory to a slow disk), where any fixed deadline either
+    /// fails big VMs or waits long on hung ones.
+    fn call_watching(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        progress: Option<&dyn Fn() -> u64>,
+    ) -> Result<ApiResponse> {
         let what = format!("{method} {path}");
         let deadline = Instant::now() + self.timeout;
         let s = connect_by(&self.socket, deadline).map_err(|e| self.err(&what, format!("connect: {e}")))?;
@@ -161,9 +176,10 @@ impl ApiClient {
             b.len()
         );
         (&s).write_all(req.as_bytes()).map_err(|e| self.err(&what, format!("send: {e}")))?;
-        let mut r = BufReader::new(Deadlined { stream: s, deadline });
+        let last = progress.map(|p| p());
+        let mut r = BufReader::new(Deadlined { stream: s, deadline, stall: self.timeout, progress, last });
         // Lines of a bounded length: a peer that never ends one cannot grow the engine.
-        let read_line = |r: &mut BufReader<Deadlined>, line: &mut String| {
+        let read_line = |r: &mut BufReader<Deadlined<'_>>, line: &mut String| {
             let n = r.by_ref().take(MAX_LINE).read_line(line).map_err(|e| self.err(&what, format!("read: {e}")))?;
             if n as u64 == MAX_LINE {
                 return Err(self.err(&what, format!("a response line of more than {MAX_LINE} bytes")));
@@ -202,7 +218,17 @@ impl ApiClient {
     }
 
     fn expect_ok(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
-        let r = self.call(method, path, body)?;
+        self.expect_ok_watching(method, path, body, None)
+    }
+
+    fn expect_ok_watching(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        progress: Option<&dyn Fn() -> u64>,
+    ) -> Result<ApiResponse> {
+        let r = self.call_watching(method, path, body, progress)?;
         if (200..300).contains(&r.status) {
             return Ok(r);
         }
@@ -229,14 +255,21 @@ impl ApiClient {
         self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Resumed"}))).map(|_| ())
     }
 
-    /// `PUT /snapshot/create`: a Full or Diff snapshot of the paused VM.
+    /// `PUT /snapshot/create`: a Full or Diff snapshot of the paused VM. It may take as long
+    /// as the VMM takes to write the files, and fails once they have not grown for the client's
+    /// timeout: a VMM stalled while it writes (on guest memory nobody serves, say) is hung.
     pub fn create_snapshot(&self, diff: bool, vmstate: &Path, mem: &Path) -> Result<()> {
         let body = serde_json::json!({
             "snapshot_type": if diff { "Diff" } else { "Full" },
             "snapshot_path": vmstate,
             "mem_file_path": mem,
         });
-        self.expect_ok("PUT", "/snapshot/create", Some(&body)).map(|_| ())
+        // Bytes written so far: sizes, and blocks for a Diff's sparse file (sized first).
+        let written = || {
+            use std::os::unix::fs::MetadataExt;
+            [vmstate, mem].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len() + m.blocks() * 512).sum()
+        };
+        self.expect_ok_watching("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
     }
 
     /// `PUT /snapshot/load` with the Uffd memory backend at `uffd_socket`. Both the old
@@ -285,20 +318,39 @@ fn connect_by(socket: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
 }
 
 /// A stream whose reads fail once `deadline` has passed: a per-read timeout alone would let a
-/// peer that sends a byte now and then hold a call forever.
-struct Deadlined {
+/// peer that sends a byte now and then hold a call forever. With `progress`, the deadline moves
+/// `stall` on each time it passes with the value changed since the last time.
+struct Deadlined<'a> {
     stream: UnixStream,
     deadline: Instant,
+    stall: Duration,
+    progress: Option<&'a dyn Fn() -> u64>,
+    last: Option<u64>,
 }
 
-impl Read for Deadlined {
+impl Read for Deadlined<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"));
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                let Some(progress) = self.progress else {
+                    let msg = format!("no answer in {:?}", self.stall);
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
+                };
+                let seen = Some(progress());
+                if seen == self.last {
+                    let msg = format!("no answer, and nothing more written, for {:?}: the VMM is hung", self.stall);
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
+                }
+                self.last = seen;
+                self.deadline = now + self.stall;
+            }
+            self.stream.set_read_timeout(Some(self.deadline - now))?;
+            match self.stream.read(buf) {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                r => return r,
+            }
         }
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
     }
 }
 

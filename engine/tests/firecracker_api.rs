@@ -8,7 +8,8 @@
 //! comes from snapfork's UFFD server. Test-only endpoints: `PUT /fake/write` (a guest write,
 //! which dirties a page), `PUT /fake/discard` (the guest gives a page back: madvise DONTNEED, as
 //! a balloon does), `GET /fake/memory` (reads all of it), `PUT /fake/fail-next-create`,
-//! `PUT /fake/die-in-next-create` (the process exits half way through the memory file). A loaded
+//! `PUT /fake/die-in-next-create` (the process exits half way through the memory file),
+//! `PUT /fake/hang-in-next-create` (the process hangs inside its write of the memory file). A loaded
 //! VM reads half its memory at load, like a guest that resumes; the rest faults in when touched.
 //!
 //! `harness = false` with the small part of libtest's protocol nextest uses (`--list`).
@@ -32,6 +33,8 @@ const TEST: &str = "firecracker_checkpoint_diff_restore_fork_via_uffd";
 const TEST_ADOPT: &str = "firecracker_vm_outlives_the_process_serving_its_memory";
 const TEST_EXITED: &str = "firecracker_checkpoint_of_a_vm_that_exited_is_refused_at_once";
 const TEST_UNSERVABLE: &str = "firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled";
+const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_taken_over";
+const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -50,7 +53,9 @@ fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            println!("{TEST}: test\n{TEST_ADOPT}: test\n{TEST_UNSERVABLE}: test\n{TEST_EXITED}: test");
+            for t in [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG] {
+                println!("{t}: test");
+            }
         }
         return;
     }
@@ -72,6 +77,14 @@ fn main() {
         runtime().block_on(firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled());
         println!("test {TEST_UNSERVABLE} ... ok");
     }
+    if selected(TEST_UNSERVED) {
+        runtime().block_on(firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_taken_over());
+        println!("test {TEST_UNSERVED} ... ok");
+    }
+    if selected(TEST_HUNG) {
+        runtime().block_on(firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing());
+        println!("test {TEST_HUNG} ... ok");
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -88,6 +101,7 @@ mod fake {
         state: &'static str,
         fail_next_create: bool,
         die_in_next_create: bool,
+        hang_in_next_create: bool,
         short_next_create: bool,
         /// After a load: guest memory is this registered mapping, filled by the UFFD server.
         loaded: Option<snapfork_lazy_restore::client::FakeVm>,
@@ -129,6 +143,7 @@ mod fake {
             state: "Not started",
             fail_next_create: false,
             die_in_next_create: false,
+            hang_in_next_create: false,
             short_next_create: false,
             loaded: None,
         };
@@ -195,6 +210,20 @@ mod fake {
                 let (Some(st), Some(mp)) = (body["snapshot_path"].as_str(), body["mem_file_path"].as_str()) else {
                     return fault(s, "missing snapshot_path or mem_file_path");
                 };
+                if vm.hang_in_next_create {
+                    // The VMM hangs inside its write of the memory file: the guest memory it
+                    // copies from faults, and nothing serves that userfaultfd (as with a
+                    // Firecracker whose page server froze). The write holds the file meanwhile.
+                    let spec = snapfork_lazy_restore::client::RegionSpec {
+                        size: vm.own.len() as u64,
+                        offset: 0,
+                        page_size: PAGE as u64,
+                    };
+                    let unserved = snapfork_lazy_restore::client::FakeVm::new(&[spec]).unwrap();
+                    std::fs::write(st, b"{}").unwrap();
+                    let _ = std::fs::write(mp, unserved.region(0));
+                    unreachable!("a write from memory nobody serves returned");
+                }
                 if vm.die_in_next_create {
                     // The VMM crashes half way through writing its memory file.
                     std::fs::write(mp, &vm.mem()[..vm.mem().len() / 2]).unwrap();
@@ -269,6 +298,10 @@ mod fake {
             }
             ("PUT", "/fake/short-next-create") => {
                 vm.short_next_create = true;
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/hang-in-next-create") => {
+                vm.hang_in_next_create = true;
                 reply(s, 204, None)
             }
             ("PUT", "/fake/die-in-next-create") => {
@@ -660,16 +693,7 @@ async fn firecracker_vm_outlives_the_process_serving_its_memory() {
     }
 
     // The server freezes, the guest faults on the half it has not read, the server dies.
-    let server_pid = server.0.id() as i32;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(server_pid, libc::SIGSTOP) };
-    // kill() returns before the stop takes effect: a thread of the server must first run to
-    // stop the others, and until then its serving thread may still answer faults (seen under
-    // load). waitpid(WUNTRACED) returns once every thread has stopped.
-    let mut status = 0;
-    // SAFETY: waiting for our own child; `status` outlives the call.
-    let waited = unsafe { libc::waitpid(server_pid, &mut status, libc::WUNTRACED) };
-    assert!(waited == server_pid && libc::WIFSTOPPED(status), "the server did not stop: {status:#x}");
+    freeze(&server);
     let (tx, rx) = std::sync::mpsc::channel();
     let reader_api = api.clone();
     std::thread::spawn(move || {
@@ -766,6 +790,97 @@ async fn firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!journal.exists(), "its journal outlived it");
+    engine.shutdown();
+}
+
+/// A lazily restored VM whose server is gone (its daemon was killed) and that nothing took over
+/// yet, checkpointed by an engine that does not serve it (the CLI without a daemon): writing its
+/// memory file would stall the VMM on the first page nobody serves, and the checkpoint with it,
+/// for minutes. It is refused at once, naming the daemon, and the VM and its sandbox are left
+/// as they were; once an engine takes the VM over, the same checkpoint works.
+async fn firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_taken_over() {
+    if !common::require(TEST_UNSERVED, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let (server, api, vm_pid) = restored_in_another_process(dir.path()).await;
+    let _vm = KillPid(vm_pid);
+    drop(server);
+    let engine = engine_at(dir.path());
+    let t = std::time::Instant::now();
+    let err = engine.checkpoint("vm-r", CheckpointOptions::default()).await.unwrap_err().to_string();
+    assert!(t.elapsed() < Duration::from_secs(5), "refused only after {:?}", t.elapsed());
+    assert!(err.contains("nothing serves its memory") && err.contains("snapfork daemon"), "{err}");
+    assert_eq!(state(&api), "Running", "the refused checkpoint paused the VM");
+    let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-r").unwrap();
+    assert_eq!(info.status, snapfork_engine::Status::Running);
+
+    assert_eq!(engine.adopt_vms().await.unwrap().len(), 1);
+    let report = engine.checkpoint("vm-r", CheckpointOptions::default()).await.unwrap();
+    let expected: Vec<u8> = (0..PAGES).flat_map(|i| vec![(i * 7 % 251) as u8 + 1; PAGE]).collect();
+    let mem = report.parts.iter().find(|p| p.name == "mem").unwrap();
+    let mut got = vec![0; PAGES * PAGE];
+    engine.store().open_image(&mem.id.parse().unwrap()).unwrap().read_pages(0, &mut got).unwrap();
+    assert_eq!(blake3::hash(&got), blake3::hash(&expected), "the checkpoint holds other memory");
+    engine.rm("vm-r").await.unwrap();
+    engine.shutdown();
+}
+
+/// Stops (SIGSTOP) the serving process `server` and returns once every thread of it has stopped.
+fn freeze(server: &KillOnDrop) {
+    let pid = server.0.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // kill() returns before the stop takes effect: a thread of the server must first run to
+    // stop the others, and until then its serving thread may still answer faults (seen under
+    // load). waitpid(WUNTRACED) returns once every thread has stopped.
+    let mut status = 0;
+    // SAFETY: waiting for our own child; `status` outlives the call.
+    let waited = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    assert!(waited == pid && libc::WIFSTOPPED(status), "the server did not stop: {status:#x}");
+}
+
+/// A VMM that hangs inside `snapshot/create`, in its write of the memory file (the guest
+/// memory it copies from faults, and its page server is frozen). The checkpoint fails once the
+/// VMM has neither answered nor written more for the engine's VMM timeout, and says so; the
+/// sandbox reads as paused (the resume is not answered either); no snapshot is left; and the
+/// sandbox is not held: the stalled write holds the memory file too, and removing it would
+/// wait with it, so `rm` works at once, and the files go once the VMM is gone.
+async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing() {
+    if !common::require(TEST_HUNG, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = common::engine_at_with(dir.path(), |o| o.vmm_timeout = Duration::from_secs(2));
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    ApiClient::new(&api).call("PUT", "/fake/hang-in-next-create", None).unwrap();
+    let before = snapshot_refs(&engine);
+
+    let t = std::time::Instant::now();
+    let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
+    assert!(t.elapsed() < Duration::from_secs(20), "failed only after {:?}", t.elapsed());
+    assert!(err.contains("snapshot/create") && err.contains("hung") && err.contains("left paused"), "{err}");
+    assert_eq!(snapshot_refs(&engine), before, "the failed checkpoint left refs behind");
+    let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm").unwrap();
+    assert_eq!(info.status, snapfork_engine::Status::Paused);
+
+    // Nothing of the engine waits on the hung VMM: the sandbox goes at once, its VMM with it,
+    // and the snapshot files once the VMM is gone.
+    let t = std::time::Instant::now();
+    engine.rm("vm").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "rm took {:?}", t.elapsed());
+    let tmp = dir.path().join("engine/tmp");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&tmp).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the failed checkpoint's files stay");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     engine.shutdown();
 }
 

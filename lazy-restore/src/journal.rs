@@ -304,6 +304,30 @@ pub fn read(path: &Path) -> Result<Orphan> {
     })
 }
 
+/// True when the VM that was process `pid`, started at `start_time`, has a journal in `dir` that
+/// nobody serves: it was restored lazily and its server is gone, so it stalls on its next fault
+/// until taken over. False when it has no journal (it was not restored lazily, or its memory
+/// needs no server any more) or a live restore holds it. Takes the journal's lock for an
+/// instant when it is free: an [`Orphan::adopt`] that meets it then gets [`Error::Busy`], as
+/// when a server is letting go.
+pub fn unserved(dir: &Path, pid: i32, start_time: u64) -> Result<bool> {
+    let path = dir.join(format!("{pid}-{start_time}{SUFFIX}"));
+    loop {
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+        };
+        match lock(&file) {
+            // Rewritten meanwhile: the lock that matters is the new file's.
+            Ok(()) if !is_current(&file, &path) => continue,
+            Ok(()) => return Ok(true), // released when `file` closes
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(false),
+            Err(e) => return Err(Error::io(format!("flock {}", path.display()), e)),
+        }
+    }
+}
+
 /// Waits until nobody serves the VM of the journal at `path` (its lock is free), without taking
 /// it over: then [`Orphan::adopt`] can. For a VM found served by a server that is going away.
 pub fn wait_free(path: &Path) -> Result<()> {

@@ -48,12 +48,14 @@ pub fn engine_at(dir: &Path) -> Engine {
 }
 
 fn engine_trusting_at(dir: &Path, trusted_host_dirs: &[PathBuf]) -> Engine {
+    engine_at_with(dir, |o| o.trusted_host_dirs = trusted_host_dirs.to_vec())
+}
+
+/// [`engine_at`] with its options changed by `change`.
+pub fn engine_at_with(dir: &Path, change: impl FnOnce(&mut EngineOptions)) -> Engine {
     let store = Store::open(dir.join("store"), OpenOptions::default()).unwrap();
-    let opts = EngineOptions {
-        state_dir: dir.join("engine"),
-        trusted_host_dirs: trusted_host_dirs.to_vec(),
-        ..EngineOptions::for_store(&store)
-    };
+    let mut opts = EngineOptions { state_dir: dir.join("engine"), ..EngineOptions::for_store(&store) };
+    change(&mut opts);
     Engine::open(store, opts).unwrap()
 }
 
