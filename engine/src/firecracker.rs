@@ -432,6 +432,37 @@ mod tests {
         assert!(err.to_string().contains("read"), "{err}");
     }
 
+    /// A VMM that takes longer than the timeout to answer, while it keeps writing (a snapshot
+    /// of a big VM), is waited for; one that stops writing fails once it has been still for the
+    /// timeout, named hung.
+    #[test]
+    fn a_call_watching_progress_waits_while_it_moves_and_fails_once_it_stops() {
+        let answer_after = |delay: Duration| {
+            move |mut s: UnixStream| {
+                std::thread::sleep(delay);
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n");
+            }
+        };
+        let started = Instant::now();
+        let moving = || started.elapsed().as_millis() as u64 / 100;
+        let (_dir, path) = vmm_answering(answer_after(Duration::from_millis(1500)));
+        let client = ApiClient::new(&path).with_timeout(Duration::from_millis(400));
+        let r = client.call_watching("PUT", "/snapshot/create", None, Some(&moving)).unwrap();
+        assert_eq!(r.status, 204);
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+
+        let (_dir, path) = vmm_answering(answer_after(Duration::from_secs(30)));
+        let t = Instant::now();
+        let stops = || t.elapsed().min(Duration::from_millis(600)).as_millis() as u64;
+        let err = ApiClient::new(&path)
+            .with_timeout(Duration::from_millis(400))
+            .call_watching("PUT", "/snapshot/create", None, Some(&stops))
+            .unwrap_err();
+        // Still from 600 ms on: the deadline moved at 400 and 800 ms, and passed at 1200.
+        assert!((Duration::from_millis(1000)..Duration::from_secs(3)).contains(&t.elapsed()), "took {:?}", t.elapsed());
+        assert!(err.to_string().contains("the VMM is hung"), "{err}");
+    }
+
     /// A VMM whose answer is one endless line.
     #[test]
     fn an_endless_response_line_is_refused() {
