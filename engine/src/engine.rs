@@ -590,19 +590,42 @@ impl Engine {
         self.blocking(move |i| i.revert(&name, &snap)).await
     }
 
-    /// Stops sandbox `name` (its head and snapshots stay).
+    /// Stops sandbox `name` (its head and snapshots stay). An operation in flight on it (a
+    /// checkpoint of a VMM that hangs, say) is not waited for: its runtime is ended first, so
+    /// that the operation fails and lets go.
     pub async fn stop(&self, name: &str) -> Result<SandboxInfo> {
         let name = name.to_string();
-        let _g = self.lock(std::slice::from_ref(&name)).await;
+        let _g = self.lock_ending(&name).await;
         self.blocking(move |i| i.stop(&name)).await
     }
 
     /// Removes sandbox `name`: its runtime, state, owned workspace and refs (snapshots that other
-    /// refs still reach stay; gc collects the rest).
+    /// refs still reach stay; gc collects the rest). Like [`Engine::stop`], it ends the runtime
+    /// of an operation in flight rather than waiting for it.
     pub async fn rm(&self, name: &str) -> Result<()> {
         let name = name.to_string();
-        let _g = self.lock(std::slice::from_ref(&name)).await;
+        let _g = self.lock_ending(&name).await;
         self.blocking(move |i| i.remove(&name)).await
+    }
+
+    /// The lock of sandbox `name`, for an operation that ends the sandbox anyway: when another
+    /// operation holds it, the sandbox's runtime is killed first, which makes that one fail
+    /// (leaving the sandbox as it was, runtime gone) and let go instead of running to its end.
+    async fn lock_ending(&self, name: &str) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mutex =
+            self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default().clone();
+        if let Ok(g) = mutex.clone().try_lock_owned() {
+            return vec![g];
+        }
+        tracing::info!(sandbox = name, "busy with another operation: ending its runtime first");
+        let n = name.to_string();
+        let _ = self
+            .blocking(move |i| {
+                i.kill_runtime(&n);
+                Ok(())
+            })
+            .await;
+        vec![mutex.lock_owned().await]
     }
 
     /// Stops serving the memory of the VMs restored lazily (the engine's UFFD servers and the
@@ -2279,6 +2302,18 @@ impl Inner {
         };
         snapfork_lazy_restore::journal::unserved(&self.vm_journals(), pid, start_time)
             .map_err(|e| Error::Runtime { what: "the VM's journal".into(), detail: e.to_string() })
+    }
+
+    /// Kills sandbox `name`'s runtime (its VMM, or its runsc container), whatever it is doing;
+    /// its record is left to whoever holds the sandbox.
+    fn kill_runtime(&self, name: &str) {
+        let Ok(rec) = self.load_record(name) else { return };
+        self.kill_firecracker(&rec);
+        if let Some(rid) = &rec.runtime_id
+            && let Err(e) = self.runsc.destroy(rid)
+        {
+            tracing::warn!(sandbox = name, "cannot end its runsc container: {e}");
+        }
     }
 
     /// Kills the Firecracker process the engine started for `rec`, if any.

@@ -35,6 +35,7 @@ const TEST_EXITED: &str = "firecracker_checkpoint_of_a_vm_that_exited_is_refused
 const TEST_UNSERVABLE: &str = "firecracker_vm_that_cannot_be_taken_over_is_killed_not_left_stalled";
 const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_taken_over";
 const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
+const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -53,7 +54,7 @@ fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            for t in [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG] {
+            for t in [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG, TEST_RM_HUNG] {
                 println!("{t}: test");
             }
         }
@@ -84,6 +85,10 @@ fn main() {
     if selected(TEST_HUNG) {
         runtime().block_on(firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing());
         println!("test {TEST_HUNG} ... ok");
+    }
+    if selected(TEST_RM_HUNG) {
+        runtime().block_on(firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm());
+        println!("test {TEST_RM_HUNG} ... ok");
     }
 }
 
@@ -881,6 +886,45 @@ async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_a
         assert!(std::time::Instant::now() < deadline, "the failed checkpoint's files stay");
         std::thread::sleep(Duration::from_millis(20));
     }
+    engine.shutdown();
+}
+
+/// `rm` of a sandbox whose checkpoint is stuck in a hung VMM (with the default VMM timeout, it
+/// would hold the sandbox for a minute) ends the VMM at once, which fails the checkpoint,
+/// leaving no snapshot, and removes the sandbox; it does not queue behind the checkpoint.
+async fn firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm() {
+    if !common::require(TEST_RM_HUNG, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    ApiClient::new(&api).call("PUT", "/fake/hang-in-next-create", None).unwrap();
+    let before = snapshot_refs(&engine);
+    let e2 = engine.clone();
+    let checkpoint = tokio::spawn(async move { e2.checkpoint("vm", CheckpointOptions::default()).await });
+    // Wait until the VMM hangs in its write of the memory file.
+    let tmp = dir.path().join("engine/tmp");
+    let writing = || std::fs::read_dir(&tmp).unwrap().flatten().any(|d| d.path().join("mem").exists());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !writing() {
+        assert!(std::time::Instant::now() < deadline, "the VMM never started its memory file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let t = std::time::Instant::now();
+    engine.rm("vm").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "rm waited {:?} for the hung checkpoint", t.elapsed());
+    let err = checkpoint.await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("snapshot/create"), "{err}");
+    assert_eq!(snapshot_refs(&engine), before, "the checkpoint cut short left refs behind");
+    assert!(engine.ls().await.unwrap().is_empty());
     engine.shutdown();
 }
 
