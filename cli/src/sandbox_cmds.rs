@@ -370,14 +370,18 @@ fn info_json(i: &SandboxInfo) -> serde_json::Value {
 }
 
 fn info_text(i: &SandboxInfo) -> String {
-    format!(
+    let mut line = format!(
         "{}\t{}\t{:?}\thead {}\t{:.0} ms",
         i.name,
         i.driver,
         i.status,
         i.head.as_deref().map(|h| &h[..12]).unwrap_or("-"),
         i.timings.total_ms
-    )
+    );
+    if let Some(why) = &i.ended {
+        line.push_str(&format!("\t{why}"));
+    }
+    line
 }
 
 /// Where under the engine's state directory [`busybox_rootfs`] keeps its tree.

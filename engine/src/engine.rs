@@ -211,6 +211,10 @@ pub struct SandboxInfo {
     pub workspace: Option<PathBuf>,
     /// The runtime's container id.
     pub runtime_id: Option<String>,
+    /// Why snapfork ended its VM, when it did (`ls` only): the memory server killed it because
+    /// a page of its memory failed verification in the store, or could no longer be served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
     /// Time per step of the operation that produced this (empty for `ls`).
     pub timings: Timings,
 }
@@ -851,6 +855,7 @@ impl Inner {
             head: rec.head.clone(),
             workspace: rec.workspace.clone(),
             runtime_id: rec.runtime_id.clone(),
+            ended: None,
             timings,
         }
     }
@@ -1966,6 +1971,7 @@ impl Inner {
         let mut need_ws = stored_ws.is_none();
         let background = self.background.clone();
         let (active, in_use, ended) = (handle.active.clone(), handle.clone(), handle.stop.clone());
+        let sandboxes = self.state.join("sandboxes");
         let thread = std::thread::Builder::new()
             .name(format!("uffd-{id}"))
             .spawn(move || {
@@ -1974,8 +1980,11 @@ impl Inner {
                         ServerEvent::Started { .. } => {
                             active.fetch_add(1, Ordering::SeqCst);
                         }
-                        ServerEvent::Ended(_) => {
+                        ServerEvent::Ended(rep) => {
                             active.fetch_sub(1, Ordering::SeqCst);
+                            if let Some(pid) = rep.pid {
+                                note_vm_end(&sandboxes, pid, &rep.end);
+                            }
                         }
                         ServerEvent::Refused { .. } | ServerEvent::WorkingSet { .. } => {}
                     }
@@ -2129,11 +2138,13 @@ impl Inner {
         // handle is only dropped, which does not stop it).
         let stopper = handle.stopper();
         let name = sandbox.clone();
+        let sandboxes = self.state.join("sandboxes");
         let watch = std::thread::Builder::new().name(format!("uffd-adopted-{pid}")).spawn(move || {
             let r = handle.join();
             use snapfork_lazy_restore::EndReason;
             if matches!(r.end, EndReason::CorruptPage { .. } | EndReason::Failed { .. }) {
                 tracing::warn!(pid, sandbox = name.as_deref(), end = ?r.end, "adopted VM was ended by its memory server");
+                note_vm_end(&sandboxes, pid, &r.end);
             } else {
                 tracing::info!(pid, end = ?r.end, "adopted VM's restore ended");
             }
@@ -2417,7 +2428,11 @@ impl Inner {
             if held.is_ok() {
                 let _ = self.refresh(&mut rec);
             }
-            out.push(Self::info(&rec, Timings::default()));
+            let mut info = Self::info(&rec, Timings::default());
+            if rec.status == Status::Exited {
+                info.ended = vm_end(&self.sandbox_dir(&n), &rec);
+            }
+            out.push(info);
         }
         Ok(out)
     }
@@ -2767,6 +2782,49 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A fresh, uniquely named directory under `parent`.
+/// The file in a sandbox's directory that says why snapfork ended its VM.
+const VM_END_FILE: &str = "vm-ended.json";
+
+/// Writes down, for `ls`, why the memory server ended VM `pid` (in the sandbox, under
+/// `sandboxes`, whose Firecracker process it was) when that was not the VM's own doing: a
+/// corrupt page, a failure to serve. Keyed by the VM's pid and start time, so that it never
+/// describes a later incarnation of the sandbox.
+fn note_vm_end(sandboxes: &Path, pid: i32, end: &snapfork_lazy_restore::EndReason) {
+    use snapfork_lazy_restore::EndReason;
+    let reason = match end {
+        EndReason::CorruptPage { page, message, .. } => {
+            format!("killed: page {page} of its memory is corrupt in the store ({message})")
+        }
+        EndReason::Failed { message } => format!("killed: its memory could no longer be served ({message})"),
+        EndReason::PeerExited | EndReason::Stopped => return,
+    };
+    let Ok(names) = std::fs::read_dir(sandboxes) else { return };
+    for dir in names.flatten().map(|e| e.path()) {
+        let Some(rec) =
+            std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<SandboxRecord>(&b).ok())
+        else {
+            continue;
+        };
+        let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config) else { continue };
+        if cfg.pid != Some(pid) {
+            continue;
+        }
+        let note = serde_json::json!({"pid": pid, "start_time": cfg.pid_start_time, "reason": reason});
+        if let Err(e) = std::fs::write(dir.join(VM_END_FILE), note.to_string()) {
+            tracing::warn!(pid, "cannot write down why the VM was ended: {e}");
+        }
+        return;
+    }
+}
+
+/// Why snapfork ended the VM of `rec` (in `dir`), if it did ([`note_vm_end`]).
+fn vm_end(dir: &Path, rec: &SandboxRecord) -> Option<String> {
+    let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config) else { return None };
+    let note: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(VM_END_FILE)).ok()?).ok()?;
+    let same_vm = note["pid"].as_i64() == cfg.pid.map(i64::from) && note["start_time"].as_u64() == cfg.pid_start_time;
+    same_vm.then(|| note["reason"].as_str().map(str::to_string)).flatten()
+}
+
 /// Removes `dir` on a thread of its own, for files a process that may be stalled could still be
 /// writing: their unlink waits for the write to end.
 fn remove_dir_in_background(dir: PathBuf) {

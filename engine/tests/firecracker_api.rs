@@ -36,6 +36,7 @@ const TEST_UNSERVABLE: &str = "firecracker_vm_that_cannot_be_taken_over_is_kille
 const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_taken_over";
 const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
 const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
+const TEST_CORRUPT: &str = "firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -54,7 +55,9 @@ fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            for t in [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG, TEST_RM_HUNG] {
+            for t in
+                [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG, TEST_RM_HUNG, TEST_CORRUPT]
+            {
                 println!("{t}: test");
             }
         }
@@ -85,6 +88,10 @@ fn main() {
     if selected(TEST_HUNG) {
         runtime().block_on(firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing());
         println!("test {TEST_HUNG} ... ok");
+    }
+    if selected(TEST_CORRUPT) {
+        runtime().block_on(firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls());
+        println!("test {TEST_CORRUPT} ... ok");
     }
     if selected(TEST_RM_HUNG) {
         runtime().block_on(firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm());
@@ -925,6 +932,55 @@ async fn firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm() {
     assert!(err.contains("snapshot/create"), "{err}");
     assert_eq!(snapshot_refs(&engine), before, "the checkpoint cut short left refs behind");
     assert!(engine.ls().await.unwrap().is_empty());
+    engine.shutdown();
+}
+
+/// A lazily restored VM faults on a page that the store holds corrupt: its memory server kills
+/// it rather than hand it wrong bytes, and `ls` says why the sandbox exited (a guest that
+/// crashed by itself would look the same otherwise).
+async fn firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls() {
+    if !common::require(TEST_CORRUPT, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
+    engine.restore(&a.id, "vm-r").await.unwrap();
+    let restored = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-r").unwrap();
+    assert_eq!((restored.status, restored.ended.as_deref()), (snapfork_engine::Status::Running, None));
+    // The guest has read half its memory; every stored byte goes bad now.
+    for pack in std::fs::read_dir(dir.path().join("store/packs")).unwrap().flatten() {
+        let len = pack.metadata().unwrap().len() as usize;
+        std::fs::write(pack.path(), vec![0xa5; len]).unwrap();
+    }
+    let api_r = api_of(dir.path(), "vm-r");
+    let read = ApiClient::new(&api_r).call("GET", "/fake/memory", None);
+    assert!(read.is_err(), "the guest read memory the store holds corrupt: {:?}", read.map(|r| r.body));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-r").unwrap();
+        if info.ended.is_some() {
+            break info;
+        }
+        assert!(std::time::Instant::now() < deadline, "ls never said why the VM ended: {info:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info.status, snapfork_engine::Status::Exited);
+    let why = info.ended.unwrap();
+    assert!(why.contains("corrupt") && why.contains("page"), "{why}");
+    // The original sandbox's VM ended by itself (it was never served): no reason of snapfork's.
+    drop(_vm);
+    let vm = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm").unwrap();
+    assert_eq!((vm.status, vm.ended), (snapfork_engine::Status::Exited, None));
+    engine.rm("vm-r").await.unwrap();
+    engine.rm("vm").await.unwrap();
     engine.shutdown();
 }
 
