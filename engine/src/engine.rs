@@ -2319,7 +2319,9 @@ impl Inner {
     /// its record is left to whoever holds the sandbox.
     fn kill_runtime(&self, name: &str) {
         let Ok(rec) = self.load_record(name) else { return };
-        self.kill_firecracker(&rec);
+        if !self.kill_firecracker(&rec) {
+            tracing::warn!(sandbox = name, "its VMM may still run: it did not die in time, or cannot be found");
+        }
         if let Some(rid) = &rec.runtime_id
             && let Err(e) = self.runsc.destroy(rid)
         {
@@ -2327,13 +2329,27 @@ impl Inner {
         }
     }
 
-    /// Kills the Firecracker process the engine started for `rec`, if any.
-    fn kill_firecracker(&self, rec: &SandboxRecord) {
-        if rec.driver == "firecracker"
-            && let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config)
-        {
-            cfg.kill_vmm();
+    /// Kills the Firecracker process of `rec`, if any. False when it may still run: it did
+    /// not die in time, or (a VM handed over with `run`) it cannot be told which process it is.
+    fn kill_firecracker(&self, rec: &SandboxRecord) -> bool {
+        match DriverConfig::from_parts(&rec.driver, &rec.config) {
+            Ok(DriverConfig::Firecracker(cfg)) if rec.driver == "firecracker" => cfg.kill_vmm(),
+            _ => true,
         }
+    }
+
+    /// Kills sandbox `name`'s VMM, if it has one, or says that it may still run: a sandbox
+    /// recorded as stopped, or removed, must not leave a VM running that nothing knows of.
+    fn end_vmm(&self, rec: &SandboxRecord) -> Result<()> {
+        if self.kill_firecracker(rec) {
+            return Ok(());
+        }
+        Err(Error::Runtime {
+            what: format!("stop the VMM of sandbox {}", rec.name),
+            detail: "it neither exited when killed nor can be found by its API socket (it accepts no \
+                     connection): it may still run, and the sandbox is left as it was"
+                .into(),
+        })
     }
 
     // ---- stop / rm / ls -------------------------------------------------------------------
@@ -2377,7 +2393,7 @@ impl Inner {
 
     fn stop(&self, name: &str) -> Result<SandboxInfo> {
         let mut rec = self.load_record(name)?;
-        self.kill_firecracker(&rec);
+        self.end_vmm(&rec)?;
         if let Some(rid) = rec.runtime_id.take() {
             self.runsc.destroy(&rid)?;
         }
@@ -2388,7 +2404,7 @@ impl Inner {
 
     fn remove(&self, name: &str) -> Result<()> {
         let rec = self.load_record(name)?;
-        self.kill_firecracker(&rec);
+        self.end_vmm(&rec)?;
         if let Some(rid) = &rec.runtime_id {
             self.runsc.destroy(rid)?;
         }

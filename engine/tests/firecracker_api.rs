@@ -838,6 +838,24 @@ async fn firecracker_checkpoint_of_a_vm_nobody_serves_is_refused_until_it_is_tak
     engine.shutdown();
 }
 
+/// Connections to the API socket at `api` until its listener's backlog is full (its VMM does
+/// not accept them): held, the next connect fails at once.
+fn fill_backlog(api: &Path) -> Vec<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(api).unwrap();
+    let mut pending = Vec::new();
+    loop {
+        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).unwrap();
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => pending.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => return pending,
+            Err(e) => panic!("connect {}: {e}", api.display()),
+        }
+        assert!(pending.len() < 4096, "the backlog never filled");
+    }
+}
+
 /// Stops (SIGSTOP) the serving process `server` and returns once every thread of it has stopped.
 fn freeze(server: &KillOnDrop) {
     let pid = server.0.id() as i32;
@@ -856,8 +874,10 @@ fn freeze(server: &KillOnDrop) {
 /// memory it copies from faults, and its page server is frozen). The checkpoint fails once the
 /// VMM has neither answered nor written more for the engine's VMM timeout, and says so; the
 /// sandbox reads as paused (the resume is not answered either); no snapshot is left; and the
-/// sandbox is not held: the stalled write holds the memory file too, and removing it would
-/// wait with it, so `rm` works at once, and the files go once the VMM is gone.
+/// sandbox is not held (the stalled write holds the memory file too, and removing it would
+/// wait with it). A `stop` that cannot kill the VMM (its API socket's backlog is full, so its
+/// process cannot be found) says so and leaves the sandbox paused; once the VMM is gone, `rm`
+/// works at once and the files go.
 async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing() {
     if !common::require(TEST_HUNG, false) {
         return;
@@ -866,7 +886,7 @@ async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_a
     let engine = common::engine_at_with(dir.path(), |o| o.vmm_timeout = Duration::from_secs(2));
     let api = dir.path().join("vm.sock");
     let me = std::env::current_exe().unwrap();
-    let _vm = KillOnDrop(
+    let vm = KillOnDrop(
         std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
     );
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
@@ -882,8 +902,19 @@ async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_a
     let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm").unwrap();
     assert_eq!(info.status, snapfork_engine::Status::Paused);
 
-    // Nothing of the engine waits on the hung VMM: the sandbox goes at once, its VMM with it,
-    // and the snapshot files once the VMM is gone.
+    // Its API socket's backlog fills up: the VMM cannot be found by it any more, so `stop`
+    // cannot kill it, and says so instead of recording a stopped sandbox whose VM still runs.
+    let pending = fill_backlog(&api);
+    let err = engine.stop("vm").await.unwrap_err().to_string();
+    assert!(err.contains("may still run"), "{err}");
+    let info = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm").unwrap();
+    assert_eq!(info.status, snapfork_engine::Status::Paused);
+    // (Queued connections stay queued when their clients close: only the VMM's end frees them.)
+    drop(vm);
+    drop(pending);
+
+    // Nothing of the engine waits on the hung VMM: the sandbox goes at once, and the snapshot
+    // files once the VMM is gone.
     let t = std::time::Instant::now();
     engine.rm("vm").await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(10), "rm took {:?}", t.elapsed());
