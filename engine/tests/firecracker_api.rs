@@ -636,6 +636,19 @@ fn stand_in_vm(api: &Path) -> RunSpec {
     RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None }
 }
 
+/// Starts a stand-in VM (its memory seeded, running) at `dir/vm.sock` and hands it to `engine`
+/// as sandbox `vm`: the VM (killed when dropped) and its API socket.
+async fn run_stand_in(engine: &snapfork_engine::Engine, dir: &Path) -> (KillOnDrop, PathBuf) {
+    let api = dir.join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let vm = KillOnDrop(
+        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    (vm, api)
+}
+
 /// A snapshot of a running (stand-in) VM, restored as `vm-r` by another process
 /// ([`restore_and_serve`]) that serves its memory: that server, the VM's API socket and pid.
 async fn restored_in_another_process(dir: &Path) -> (KillOnDrop, PathBuf, i32) {
@@ -643,12 +656,7 @@ async fn restored_in_another_process(dir: &Path) -> (KillOnDrop, PathBuf, i32) {
     // A snapshot of a running VM, taken by one engine that then closes the store.
     let snap = {
         let engine = engine_at(dir);
-        let api = dir.join("vm.sock");
-        let _vm = KillOnDrop(
-            std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
-        );
-        wait_for_api(&api, Duration::from_secs(10)).unwrap();
-        engine.run(stand_in_vm(&api)).await.unwrap();
+        let (_vm, _api) = run_stand_in(&engine, dir).await;
         let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
         engine.rm("vm").await.unwrap();
         a.id
@@ -884,13 +892,7 @@ async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_a
     }
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let engine = common::engine_at_with(dir.path(), |o| o.vmm_timeout = Duration::from_secs(2));
-    let api = dir.path().join("vm.sock");
-    let me = std::env::current_exe().unwrap();
-    let vm = KillOnDrop(
-        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
-    engine.run(stand_in_vm(&api)).await.unwrap();
+    let (vm, api) = run_stand_in(&engine, dir.path()).await;
     ApiClient::new(&api).call("PUT", "/fake/hang-in-next-create", None).unwrap();
     let before = snapshot_refs(&engine);
 
@@ -936,13 +938,7 @@ async fn firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm() {
     }
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let engine = engine_at(dir.path());
-    let api = dir.path().join("vm.sock");
-    let me = std::env::current_exe().unwrap();
-    let _vm = KillOnDrop(
-        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
-    engine.run(stand_in_vm(&api)).await.unwrap();
+    let (_vm, api) = run_stand_in(&engine, dir.path()).await;
     ApiClient::new(&api).call("PUT", "/fake/hang-in-next-create", None).unwrap();
     let before = snapshot_refs(&engine);
     let e2 = engine.clone();
@@ -975,13 +971,7 @@ async fn firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls() {
     }
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
     let engine = engine_at(dir.path());
-    let api = dir.path().join("vm.sock");
-    let me = std::env::current_exe().unwrap();
-    let _vm = KillOnDrop(
-        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
-    engine.run(stand_in_vm(&api)).await.unwrap();
+    let (_vm, _api) = run_stand_in(&engine, dir.path()).await;
     let a = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap();
     engine.restore(&a.id, "vm-r").await.unwrap();
     let restored = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-r").unwrap();
