@@ -594,9 +594,10 @@ impl Engine {
         self.blocking(move |i| i.revert(&name, &snap)).await
     }
 
-    /// Stops sandbox `name` (its head and snapshots stay). An operation in flight on it (a
-    /// checkpoint of a VMM that hangs, say) is not waited for: its runtime is ended first, so
-    /// that the operation fails and lets go.
+    /// Stops sandbox `name` (its head and snapshots stay). It comes after an operation in
+    /// flight on the sandbox, but waits for one at most [`EngineOptions::vmm_timeout`] (a
+    /// checkpoint of a VMM that hangs, say): then its runtime is ended, so that the operation
+    /// fails and lets go.
     pub async fn stop(&self, name: &str) -> Result<SandboxInfo> {
         let name = name.to_string();
         let _g = self.lock_ending(&name).await;
@@ -605,7 +606,7 @@ impl Engine {
 
     /// Removes sandbox `name`: its runtime, state, owned workspace and refs (snapshots that other
     /// refs still reach stay; gc collects the rest). Like [`Engine::stop`], it ends the runtime
-    /// of an operation in flight rather than waiting for it.
+    /// of an operation in flight rather than wait for it longer than the VMM timeout.
     pub async fn rm(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         let _g = self.lock_ending(&name).await;
@@ -613,15 +614,15 @@ impl Engine {
     }
 
     /// The lock of sandbox `name`, for an operation that ends the sandbox anyway: when another
-    /// operation holds it, the sandbox's runtime is killed first, which makes that one fail
-    /// (leaving the sandbox as it was, runtime gone) and let go instead of running to its end.
+    /// operation still holds it after the VMM timeout, the sandbox's runtime is killed, which
+    /// makes that one fail (leaving the sandbox as it was, runtime gone) and let go.
     async fn lock_ending(&self, name: &str) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
         let mutex =
             self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default().clone();
-        if let Ok(g) = mutex.clone().try_lock_owned() {
+        if let Ok(g) = tokio::time::timeout(self.inner.vmm_timeout, mutex.clone().lock_owned()).await {
             return vec![g];
         }
-        tracing::info!(sandbox = name, "busy with another operation: ending its runtime first");
+        tracing::warn!(sandbox = name, "still busy with another operation: ending its runtime to end that");
         let n = name.to_string();
         let _ = self
             .blocking(move |i| {

@@ -929,15 +929,16 @@ async fn firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_a
     engine.shutdown();
 }
 
-/// `rm` of a sandbox whose checkpoint is stuck in a hung VMM (with the default VMM timeout, it
-/// would hold the sandbox for a minute) ends the VMM at once, which fails the checkpoint,
-/// leaving no snapshot, and removes the sandbox; it does not queue behind the checkpoint.
+/// `rm` of a sandbox whose checkpoint is stuck in a hung VMM (which would hold the sandbox for
+/// three VMM timeouts: two without progress in `snapshot/create`, one for the resume) waits one
+/// VMM timeout, then ends the VMM, which fails the checkpoint, leaving no snapshot, and removes
+/// the sandbox; it does not queue behind the checkpoint.
 async fn firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm() {
     if !common::require(TEST_RM_HUNG, false) {
         return;
     }
     let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
-    let engine = engine_at(dir.path());
+    let engine = common::engine_at_with(dir.path(), |o| o.vmm_timeout = Duration::from_secs(3));
     let (_vm, api) = run_stand_in(&engine, dir.path()).await;
     ApiClient::new(&api).call("PUT", "/fake/hang-in-next-create", None).unwrap();
     let before = snapshot_refs(&engine);
@@ -954,7 +955,7 @@ async fn firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm() {
 
     let t = std::time::Instant::now();
     engine.rm("vm").await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(10), "rm waited {:?} for the hung checkpoint", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(5500), "rm waited {:?} for the hung checkpoint", t.elapsed());
     let err = checkpoint.await.unwrap().unwrap_err().to_string();
     assert!(err.contains("snapshot/create"), "{err}");
     assert_eq!(snapshot_refs(&engine), before, "the checkpoint cut short left refs behind");
