@@ -777,20 +777,17 @@ impl Inner {
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
-        self.sandbox_dir(name).join("sandbox.json")
+        self.sandbox_dir(name).join(RECORD_FILE)
     }
 
     fn load_record(&self, name: &str) -> Result<SandboxRecord> {
         check_name(name)?;
-        let path = self.record_path(name);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(format!("sandbox {name}")));
+        read_record(&self.record_path(name)).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::NotFound(format!("sandbox {name}"))
             }
-            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
-        };
-        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))
+            e => e,
+        })
     }
 
     /// Writes the record atomically (temp file, fsync, rename).
@@ -2164,15 +2161,8 @@ impl Inner {
 
     /// The sandbox whose Firecracker process is `pid`, started at `start_time`, if any.
     fn sandbox_of_vm(&self, pid: i32, start_time: u64) -> Option<String> {
-        let names = std::fs::read_dir(self.state.join("sandboxes")).ok()?;
-        names.flatten().filter_map(|e| e.file_name().into_string().ok()).find(|name| {
-            self.load_record(name).is_ok_and(|rec| {
-                DriverConfig::from_parts(&rec.driver, &rec.config).is_ok_and(|c| {
-                    matches!(c, DriverConfig::Firecracker(fc)
-                        if fc.pid == Some(pid) && fc.pid_start_time.is_none_or(|t| t == start_time))
-                })
-            })
-        })
+        let (dir, _) = find_vm_sandbox(&self.state.join("sandboxes"), pid, Some(start_time))?;
+        dir.file_name()?.to_str().map(str::to_string)
     }
 
     /// Stops `server` (and frees its page cache) once no VM has been connected to it, nor been
@@ -2334,7 +2324,7 @@ impl Inner {
     /// not die in time, or (a VM handed over with `run`) it cannot be told which process it is.
     fn kill_firecracker(&self, rec: &SandboxRecord) -> bool {
         match DriverConfig::from_parts(&rec.driver, &rec.config) {
-            Ok(DriverConfig::Firecracker(cfg)) if rec.driver == "firecracker" => cfg.kill_vmm(),
+            Ok(DriverConfig::Firecracker(cfg)) => cfg.kill_vmm(),
             _ => true,
         }
     }
@@ -2799,6 +2789,9 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A fresh, uniquely named directory under `parent`.
+/// The file in a sandbox's directory that holds its record.
+const RECORD_FILE: &str = "sandbox.json";
+
 /// The file in a sandbox's directory that says why snapfork ended its VM.
 const VM_END_FILE: &str = "vm-ended.json";
 
@@ -2815,23 +2808,34 @@ fn note_vm_end(sandboxes: &Path, pid: i32, end: &snapfork_lazy_restore::EndReaso
         EndReason::Failed { message } => format!("killed: its memory could no longer be served ({message})"),
         EndReason::PeerExited | EndReason::Stopped => return,
     };
-    let Ok(names) = std::fs::read_dir(sandboxes) else { return };
-    for dir in names.flatten().map(|e| e.path()) {
-        let Some(rec) =
-            std::fs::read(dir.join("sandbox.json")).ok().and_then(|b| serde_json::from_slice::<SandboxRecord>(&b).ok())
-        else {
-            continue;
-        };
-        let Ok(DriverConfig::Firecracker(cfg)) = DriverConfig::from_parts(&rec.driver, &rec.config) else { continue };
-        if cfg.pid != Some(pid) {
-            continue;
-        }
-        let note = serde_json::json!({"pid": pid, "start_time": cfg.pid_start_time, "reason": reason});
-        if let Err(e) = std::fs::write(dir.join(VM_END_FILE), note.to_string()) {
-            tracing::warn!(pid, "cannot write down why the VM was ended: {e}");
-        }
-        return;
+    // Its start time is gone with it: the record's is the one the note is keyed by.
+    let Some((dir, cfg)) = find_vm_sandbox(sandboxes, pid, None) else { return };
+    let note = serde_json::json!({"pid": pid, "start_time": cfg.pid_start_time, "reason": reason});
+    if let Err(e) = std::fs::write(dir.join(VM_END_FILE), note.to_string()) {
+        tracing::warn!(pid, "cannot write down why the VM was ended: {e}");
     }
+}
+
+/// Reads the sandbox record at `path`.
+fn read_record(path: &Path) -> Result<SandboxRecord> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path.display().to_string(), e.to_string()))
+}
+
+/// The sandbox under `sandboxes` whose Firecracker process is `pid` (started at `start_time`,
+/// when given and recorded): its directory and VM configuration.
+fn find_vm_sandbox(sandboxes: &Path, pid: i32, start_time: Option<u64>) -> Option<(PathBuf, FirecrackerConfig)> {
+    std::fs::read_dir(sandboxes).ok()?.flatten().map(|e| e.path()).find_map(|dir| {
+        let rec = read_record(&dir.join(RECORD_FILE)).ok()?;
+        let DriverConfig::Firecracker(cfg) = DriverConfig::from_parts(&rec.driver, &rec.config).ok()? else {
+            return None;
+        };
+        let same_start = match (start_time, cfg.pid_start_time) {
+            (Some(want), Some(t)) => want == t,
+            _ => true,
+        };
+        (cfg.pid == Some(pid) && same_start).then_some((dir, cfg))
+    })
 }
 
 /// Why snapfork ended the VM of `rec` (in `dir`), if it did ([`note_vm_end`]).

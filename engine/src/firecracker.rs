@@ -176,7 +176,7 @@ impl ApiClient {
             b.len()
         );
         (&s).write_all(req.as_bytes()).map_err(|e| self.err(&what, format!("send: {e}")))?;
-        let last = progress.map(|p| p());
+        let last = progress.map_or(0, |p| p());
         let mut r = BufReader::new(Deadlined { stream: s, deadline, stall: self.timeout, progress, last });
         // Lines of a bounded length: a peer that never ends one cannot grow the engine.
         let read_line = |r: &mut BufReader<Deadlined<'_>>, line: &mut String| {
@@ -217,11 +217,9 @@ impl ApiClient {
         Ok(ApiResponse { status, body: String::from_utf8_lossy(&body).into_owned() })
     }
 
-    fn expect_ok(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<ApiResponse> {
-        self.expect_ok_watching(method, path, body, None)
-    }
-
-    fn expect_ok_watching(
+    /// [`ApiClient::call_watching`], with any status but 2xx an error carrying Firecracker's
+    /// `fault_message`.
+    fn expect_ok(
         &self,
         method: &str,
         path: &str,
@@ -241,18 +239,18 @@ impl ApiClient {
 
     /// `GET /`: the instance information (id, state, vmm_version).
     pub fn instance_info(&self) -> Result<serde_json::Value> {
-        let r = self.expect_ok("GET", "/", None)?;
+        let r = self.expect_ok("GET", "/", None, None)?;
         serde_json::from_str(&r.body).map_err(|e| self.err("GET /", format!("bad JSON: {e}")))
     }
 
     /// `PATCH /vm {"state": "Paused"}`.
     pub fn pause(&self) -> Result<()> {
-        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Paused"}))).map(|_| ())
+        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Paused"})), None).map(|_| ())
     }
 
     /// `PATCH /vm {"state": "Resumed"}`.
     pub fn resume(&self) -> Result<()> {
-        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Resumed"}))).map(|_| ())
+        self.expect_ok("PATCH", "/vm", Some(&serde_json::json!({"state": "Resumed"})), None).map(|_| ())
     }
 
     /// `PUT /snapshot/create`: a Full or Diff snapshot of the paused VM. It may take as long
@@ -269,7 +267,7 @@ impl ApiClient {
             use std::os::unix::fs::MetadataExt;
             [vmstate, mem].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len() + m.blocks() * 512).sum()
         };
-        self.expect_ok_watching("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
+        self.expect_ok("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
     }
 
     /// `PUT /snapshot/load` with the Uffd memory backend at `uffd_socket`. Both the old
@@ -288,7 +286,7 @@ impl ApiClient {
             "track_dirty_pages": track_dirty,
             "resume_vm": resume,
         });
-        self.expect_ok("PUT", "/snapshot/load", Some(&body)).map(|_| ())
+        self.expect_ok("PUT", "/snapshot/load", Some(&body), None).map(|_| ())
     }
 }
 
@@ -325,7 +323,8 @@ struct Deadlined<'a> {
     deadline: Instant,
     stall: Duration,
     progress: Option<&'a dyn Fn() -> u64>,
-    last: Option<u64>,
+    /// What `progress` said when the deadline was last set.
+    last: u64,
 }
 
 impl Read for Deadlined<'_> {
@@ -337,7 +336,7 @@ impl Read for Deadlined<'_> {
                     let msg = format!("no answer in {:?}", self.stall);
                     return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
                 };
-                let seen = Some(progress());
+                let seen = progress();
                 if seen == self.last {
                     let msg = format!("no answer, and nothing more written, for {:?}: the VMM is hung", self.stall);
                     return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
