@@ -430,12 +430,18 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
                 page_size: a.page_size,
             })
         }
+        "firecracker" if !a.disk.is_empty() => {
+            return Err(invalid(
+                "firecracker: the VM's drives come from its API (GET /vm/config), each writable one stored \
+                 with every snapshot; --disk is for the raw driver",
+            ));
+        }
         "firecracker" => DriverConfig::Firecracker(snapfork_engine::FirecrackerConfig {
             api_socket: std::path::absolute(
                 a.api_socket.ok_or_else(|| invalid("firecracker: give api_socket (--api-socket PATH)"))?,
             )?,
             binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
-            disks: a.disk.into_iter().map(std::path::absolute).collect::<Result<_, _>>()?,
+            drives: vec![],
             page_size: a.page_size,
             diff: a.diff,
             pid: None,

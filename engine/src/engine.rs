@@ -1245,6 +1245,7 @@ impl Inner {
                     // A Diff snapshot holds only the pages dirtied since the last one: it is
                     // ingested onto the parent's image.
                     let diff = cfg.diff && prev_mem.is_some() && !full_needed.exists();
+                    let drives = cfg.current_drives(&api)?;
                     let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
                     if cfg.diff {
                         write_synced(&full_needed, b"")?;
@@ -1275,30 +1276,30 @@ impl Inner {
                         id: m.id.to_hex(),
                         size: m.size,
                     });
-                    for disk in &cfg.disks {
-                        let dname = disk
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .ok_or_else(|| Error::Invalid(format!("bad disk path {}", disk.display())))?
-                            .to_string();
-                        model::check_part_name(&dname)?;
+                    // Flushed by snapshot/create; read-only drives are shared, not stored.
+                    for drive in drives.iter().filter(|d| !d.is_read_only) {
+                        crate::firecracker::check_drive_id(&drive.drive_id)?;
                         let o = snapfork_store::IngestOptions {
                             page_size: 4096,
-                            parent: prev(Role::Disk, &dname),
+                            parent: prev(Role::Disk, &drive.drive_id),
                             ..Default::default()
                         };
-                        let d = tx.ingest_image(disk, &o)?;
+                        let d = tx.ingest_image(&drive.host_path, &o)?;
                         added += d.new_stored_bytes;
                         parts.push(model::Part {
                             role: Role::Disk,
-                            name: dname,
+                            name: drive.drive_id.clone(),
                             kind: PartKind::Image,
                             id: d.id.to_hex(),
                             size: d.size,
                         });
                     }
                     clock.step("ingest");
-                    let id = self.commit_snapshot(tx, &rec, parent, opts, &parts)?;
+                    // The snapshot records the drives as its vmstate names them, for restores.
+                    let taken = FirecrackerConfig { drives, ..cfg.clone() };
+                    let config = serde_json::to_value(&taken).map_err(|e| Error::Invalid(e.to_string()))?;
+                    let id =
+                        self.commit_snapshot(tx, &SandboxRecord { config, ..rec.clone() }, parent, opts, &parts)?;
                     clock.step("commit");
                     Ok(id)
                 })();
@@ -1687,9 +1688,10 @@ impl Inner {
             cleanup_prepared();
             return Err(e);
         }
-        // A Firecracker VM too: its successor opens the same disk files (the vmstate names
-        // them), so the two must never run at once. The successor loads paused and resumes
-        // only once this one is gone (below); one that does not pause runs until it is ended.
+        // A Firecracker VM too: its successor may open the same disk files (it loads from the
+        // paths its vmstate names before it is pointed at its copies), so the two must never
+        // run at once. The successor loads paused and resumes only once this one is gone
+        // (below); one that does not pause runs until it is ended.
         let old_vm = match &driver {
             DriverConfig::Firecracker(c) => Some(c),
             _ => None,
@@ -2229,13 +2231,44 @@ impl Inner {
             let mut f = std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
             self.store.read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
         }
-        let mut disks = Vec::new();
-        for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
-            model::check_part_name(&p.name)?;
-            let dest = dir.join(&p.name);
-            self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&dest, None)?;
-            disks.push(dest);
+        // The VMM runs in a directory of its own, where each writable drive gets its copy.
+        let cwd = dir.join("drives");
+        std::fs::create_dir_all(&cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
+        // The snapshot's drives, as its vmstate names them (a revert's `cfg` is its sandbox's).
+        let recorded = match DriverConfig::from_parts(&s.body.driver, &s.body.config)? {
+            DriverConfig::Firecracker(taken) => taken.drives,
+            _ => vec![],
+        };
+        let drives = crate::firecracker::plan_drives(&recorded, &cwd)?;
+        for d in &drives {
+            let Some(dest) = d.place() else { continue };
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
+            }
+            match &d.make {
+                crate::firecracker::Make::Copy => {
+                    let p = s.part_named(Role::Disk, &d.drive.drive_id).ok_or_else(|| {
+                        Error::corrupt(
+                            format!("snapshot {}", s.id.short()),
+                            format!("no disk part {}", d.drive.drive_id),
+                        )
+                    })?;
+                    self.store.open_image(&Snapshot::part_id(p)?)?.materialize(dest, None)?;
+                }
+                crate::firecracker::Make::Link { .. } => std::os::unix::fs::symlink(&d.drive.host_path, dest)
+                    .map_err(|e| Error::io(format!("symlink {}", dest.display()), e))?,
+                crate::firecracker::Make::Nothing => {}
+            }
         }
+        if recorded.is_empty() {
+            // A snapshot taken before drives were recorded: its disks by name, for a vmstate
+            // that names them relatively.
+            for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
+                model::check_part_name(&p.name)?;
+                self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&cwd.join(&p.name), None)?;
+            }
+        }
+        let patches: Vec<&crate::firecracker::Drive> = drives.iter().filter(|d| d.patch).map(|d| &d.drive).collect();
         let uffd = self.uffd_server(Snapshot::part_id(part(Role::Memory)?)?)?;
         let api_sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&api_sock);
@@ -2248,6 +2281,7 @@ impl Inner {
         let cfg = &FirecrackerConfig { binary: if imported { None } else { cfg.binary.clone() }, ..cfg.clone() };
         let binary = cfg.binary();
         let mut child = std::process::Command::new(&binary)
+            .current_dir(&cwd)
             .arg("--api-sock")
             .arg(&api_sock)
             .stdin(std::process::Stdio::null())
@@ -2266,7 +2300,7 @@ impl Inner {
         let started = FirecrackerConfig {
             api_socket: api_sock,
             binary: cfg.binary.clone(),
-            disks,
+            drives: drives.iter().map(|d| d.drive.clone()).collect(),
             page_size: cfg.page_size,
             diff: cfg.diff,
             pid: Some(pid),
@@ -2282,7 +2316,18 @@ impl Inner {
                 std::time::Duration::from_secs(10),
                 Some((pid, t)),
             )
-            .and_then(|_| self.api(&started.api_socket).load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume)),
+            .and_then(|_| {
+                // Pointed at their copies before the guest runs: loaded paused when any is.
+                let api = self.api(&started.api_socket);
+                api.load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume && patches.is_empty())?;
+                for d in &patches {
+                    api.patch_drive(&d.drive_id, &d.path_on_host)?;
+                }
+                if resume && !patches.is_empty() {
+                    api.resume()?;
+                }
+                Ok(())
+            }),
         };
         if let Err(e) = loaded {
             started.kill_vmm();

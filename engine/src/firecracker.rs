@@ -9,10 +9,16 @@
 //! "enable_diff_snapshots", "track_dirty_pages", "resume_vm"}`. Successful calls answer 204 (or
 //! 200 with a body); failures answer 4xx with `{"fault_message": "..."}`.
 //!
-//! Limits, by Firecracker's design: the vmstate names the block devices' host paths, so a
-//! restored VM reopens the *original* disk files. The engine stores and restores disk images (a
-//! fork gets its own copies in its directory), but pointing the restored VM at them needs the
-//! jailer's chroot with the same relative paths; the restore does not rewrite the vmstate.
+//! Drives: the vmstate names each block device's host file by the path it had, and a VMM that
+//! loads it reopens that path, so without more every fork of a snapshot would write the one
+//! disk. A checkpoint asks the VMM for its drives (`GET /vm/config`), stores each writable one
+//! (read-only ones are shared, as Firecracker intends) and records them in the snapshot
+//! ([`Drive`]). A restore starts its VMM in a directory of its own and gives it a copy of each
+//! writable drive there: at the same relative path when the vmstate names it relatively (the
+//! jailer's way; the copy is then what the load opens), else loaded from the original path and
+//! pointed at the copy with `PATCH /drives/{id}` (a relative path) before the guest runs a single
+//! instruction. Snapshots of restored VMs therefore name their drives relatively, and restore
+//! with nothing outside their directory. ([`plan_drives`] says where each file goes.)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -34,9 +40,11 @@ pub struct FirecrackerConfig {
     /// The firecracker binary for restores (default: `$FIRECRACKER`, else `firecracker`).
     #[serde(default)]
     pub binary: Option<PathBuf>,
-    /// Disk images to store with each snapshot.
-    #[serde(default)]
-    pub disks: Vec<PathBuf>,
+    /// The VM's drives: in a snapshot, as they were when it was taken (the paths its vmstate
+    /// holds); in the record of a VM the engine started, as its restore set them up. Empty for
+    /// a VM handed over with `run`, whose VMM reports them ([`ApiClient::drives`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<Drive>,
     /// Guest page size (4096, or 2097152 for huge pages).
     #[serde(default = "default_page")]
     pub page_size: u32,
@@ -56,6 +64,170 @@ pub struct FirecrackerConfig {
 
 fn default_page() -> u32 {
     4096
+}
+
+/// One block device of a VM, as a snapshot records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drive {
+    /// Firecracker's `drive_id`; a stored drive's part is named after it.
+    pub drive_id: String,
+    /// The host path as the VMM names it: what its vmstate holds and a load reopens. Relative
+    /// to the VMM's working directory when relative.
+    pub path_on_host: PathBuf,
+    /// Read-only drives are shared by every VM restored from the snapshot, never copied.
+    pub is_read_only: bool,
+    /// The file itself, as the engine reaches it (`path_on_host` resolved in the VMM's root
+    /// and working directory).
+    pub host_path: PathBuf,
+}
+
+/// Where a restore puts one drive of a snapshot for the VMM it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveSetup {
+    /// The drive as the restored VM has it: `host_path` is its file (its copy, or the shared
+    /// file of a read-only drive).
+    pub drive: Drive,
+    /// What to make before the VMM starts.
+    pub make: Make,
+    /// The vmstate names the drive by an absolute path (the VM it was taken of was not started
+    /// by snapfork): the VMM loads it from there, and `PATCH /drives` then points it at its
+    /// copy, `drive.path_on_host`, before it runs.
+    pub patch: bool,
+}
+
+/// What a restore makes for one drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Make {
+    /// A writable drive: the stored image, written out at `drive.host_path`.
+    Copy,
+    /// A read-only drive named relatively: a symlink at `at` to the shared file.
+    Link {
+        /// Where the vmstate's relative path leads in the VMM's directory.
+        at: PathBuf,
+    },
+    /// A read-only drive named absolutely: nothing; the VMM opens the shared file where it is.
+    Nothing,
+}
+
+impl DriveSetup {
+    /// The path the restore creates, if any.
+    pub fn place(&self) -> Option<&Path> {
+        match &self.make {
+            Make::Copy => Some(&self.drive.host_path),
+            Make::Link { at } => Some(at),
+            Make::Nothing => None,
+        }
+    }
+}
+
+/// Plans the drives `drives` of a snapshot for a VMM that will run in `cwd`. Refuses names that
+/// would leave `cwd`, two drives on one file, and (with a clear word on why) a snapshot whose
+/// vmstate names a file that is gone: Firecracker opens every drive when it loads.
+pub fn plan_drives(drives: &[Drive], cwd: &Path) -> Result<Vec<DriveSetup>> {
+    use std::path::Component;
+    let mut plan = Vec::with_capacity(drives.len());
+    for d in drives {
+        check_drive_id(&d.drive_id)?;
+        let relative = !d.path_on_host.is_absolute();
+        if relative
+            && (d.path_on_host.as_os_str().is_empty()
+                || !d.path_on_host.components().all(|c| matches!(c, Component::Normal(_))))
+        {
+            return Err(Error::Invalid(format!(
+                "drive {}: its path {} leaves the VM's directory",
+                d.drive_id,
+                d.path_on_host.display()
+            )));
+        }
+        if !relative && std::fs::symlink_metadata(&d.path_on_host).is_err() {
+            return Err(Error::Invalid(format!(
+                "drive {}: the snapshot's vmstate names {}, which Firecracker opens when it loads the \
+                 snapshot (before snapfork points the VM at a copy of its own), and that file is gone; \
+                 snapshots of VMs snapfork restored name their drives relatively and need no file \
+                 outside their directory",
+                d.drive_id,
+                d.path_on_host.display()
+            )));
+        }
+        let setup = match (d.is_read_only, relative) {
+            (true, false) => DriveSetup { drive: d.clone(), make: Make::Nothing, patch: false },
+            (true, true) => {
+                DriveSetup { drive: d.clone(), make: Make::Link { at: cwd.join(&d.path_on_host) }, patch: false }
+            }
+            (false, true) => DriveSetup {
+                drive: Drive { host_path: cwd.join(&d.path_on_host), ..d.clone() },
+                make: Make::Copy,
+                patch: false,
+            },
+            (false, false) => DriveSetup {
+                drive: Drive {
+                    path_on_host: PathBuf::from(&d.drive_id),
+                    host_path: cwd.join(&d.drive_id),
+                    ..d.clone()
+                },
+                make: Make::Copy,
+                patch: true,
+            },
+        };
+        // One file each, and none inside another's place (through a drive's symlink, a write
+        // would leave the directory).
+        if let Some(mine) = setup.place()
+            && let Some(other) = plan.iter().find(|o: &&DriveSetup| {
+                o.place().is_some_and(|theirs| theirs.starts_with(mine) || mine.starts_with(theirs))
+            })
+        {
+            return Err(Error::Invalid(format!(
+                "drives {} and {}: the snapshot restores them to one place ({} and {})",
+                other.drive.drive_id,
+                d.drive_id,
+                other.drive.path_on_host.display(),
+                setup.drive.path_on_host.display()
+            )));
+        }
+        plan.push(setup);
+    }
+    Ok(plan)
+}
+
+/// Firecracker's rule for API resource ids (1-64 of `[A-Za-z0-9_]`), which makes a drive id a
+/// plain file name and a URL path segment as it is.
+pub fn check_drive_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(Error::Invalid(format!("bad drive id {id:?}: Firecracker's are 1-64 of [A-Za-z0-9_]")));
+    }
+    Ok(())
+}
+
+/// The file `path_on_host` names for the VMM `pid`: relative paths resolve in its working
+/// directory, absolute ones under its root (a jailer's chroot). Without the process, an
+/// absolute path is taken as it is.
+fn resolve_drive(drive_id: &str, path_on_host: &Path, pid: Option<i32>) -> Result<PathBuf> {
+    let through = match (pid, path_on_host.strip_prefix("/")) {
+        (Some(pid), Ok(rest)) => PathBuf::from(format!("/proc/{pid}/root")).join(rest),
+        (Some(pid), Err(_)) => PathBuf::from(format!("/proc/{pid}/cwd")).join(path_on_host),
+        (None, Ok(_)) => return Ok(path_on_host.to_path_buf()),
+        (None, Err(_)) => {
+            return Err(Error::Runtime {
+                what: format!("drive {drive_id}"),
+                detail: format!(
+                    "its path {} is relative to the VMM's working directory, and the VMM's process \
+                     cannot be found",
+                    path_on_host.display()
+                ),
+            });
+        }
+    };
+    std::fs::canonicalize(&through).map_err(|e| Error::io(format!("drive {drive_id}: {}", path_on_host.display()), e))
+}
+
+/// True when process `pid` has `file` open (the same inode behind one of its descriptors).
+fn has_open(pid: i32, file: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(file).map_err(|e| Error::io(format!("stat {}", file.display()), e))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| Error::io(format!("/proc/{pid}/fd"), e))?;
+    Ok(fds
+        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+        .any(|m| m.dev() == want.dev() && m.ino() == want.ino()))
 }
 
 impl FirecrackerConfig {
@@ -104,6 +276,39 @@ impl FirecrackerConfig {
     pub(crate) fn api_gone(&self) -> bool {
         connect_by(&self.api_socket, Instant::now() + Duration::from_secs(2))
             .is_err_and(|e| matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound))
+    }
+
+    /// The VM's drives now, each with the file the engine reads it from: the ones the engine
+    /// set up when it started the VMM, else what the VMM reports. A writable drive's file must
+    /// be one the VMM has open: a path that since names another file (moved, replaced) is
+    /// refused rather than stored as the VM's disk.
+    pub fn current_drives(&self, api: &ApiClient) -> Result<Vec<Drive>> {
+        let pid = self.vmm_process().map(|(pid, _)| pid);
+        let drives = if self.drives.is_empty() {
+            let mut found = Vec::new();
+            for (drive_id, path_on_host, is_read_only) in api.drives()? {
+                let host_path = resolve_drive(&drive_id, &path_on_host, pid)?;
+                found.push(Drive { drive_id, path_on_host, is_read_only, host_path });
+            }
+            found
+        } else {
+            self.drives.clone()
+        };
+        if let Some(pid) = pid {
+            for d in drives.iter().filter(|d| !d.is_read_only) {
+                if !has_open(pid, &d.host_path)? {
+                    return Err(Error::Runtime {
+                        what: format!("drive {}", d.drive_id),
+                        detail: format!(
+                            "the VMM (pid {pid}) does not have {} open: it names another file now \
+                             (moved or replaced?), not the VM's disk",
+                            d.host_path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(drives)
     }
 
     /// The binary restores start.
@@ -270,6 +475,37 @@ impl ApiClient {
         self.expect_ok("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
     }
 
+    /// `GET /vm/config`'s drives, as (`drive_id`, `path_on_host`, `is_read_only`). A vhost-user
+    /// drive is refused: its contents live in its backend, out of the VMM's and snapfork's reach.
+    pub fn drives(&self) -> Result<Vec<(String, PathBuf, bool)>> {
+        let r = self.expect_ok("GET", "/vm/config", None, None)?;
+        let bad = |d: String| self.err("GET /vm/config", d);
+        let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| bad(format!("bad JSON: {e}")))?;
+        let list = match v.get("drives") {
+            None | Some(serde_json::Value::Null) => return Ok(vec![]),
+            Some(serde_json::Value::Array(list)) => list,
+            Some(other) => return Err(bad(format!("drives is not a list: {other}"))),
+        };
+        list.iter()
+            .map(|d| {
+                let id = d["drive_id"].as_str().ok_or_else(|| bad(format!("a drive without drive_id: {d}")))?;
+                let path = d["path_on_host"].as_str().ok_or_else(|| {
+                    bad(format!(
+                        "drive {id} has no path_on_host (a vhost-user drive?): its contents cannot be snapshotted"
+                    ))
+                })?;
+                Ok((id.to_string(), PathBuf::from(path), d["is_read_only"].as_bool().unwrap_or(false)))
+            })
+            .collect()
+    }
+
+    /// `PATCH /drives/{drive_id}`: the drive's backing file is now `path_on_host` (after a load,
+    /// before the guest resumes).
+    pub fn patch_drive(&self, drive_id: &str, path_on_host: &Path) -> Result<()> {
+        let body = serde_json::json!({"drive_id": drive_id, "path_on_host": path_on_host});
+        self.expect_ok("PATCH", &format!("/drives/{drive_id}"), Some(&body), None).map(|_| ())
+    }
+
     /// `PUT /snapshot/load` with the Uffd memory backend at `uffd_socket`. Both the old
     /// (`enable_diff_snapshots`, before 1.13) and the new (`track_dirty_pages`) field are sent.
     pub fn load_snapshot_uffd(
@@ -387,6 +623,57 @@ pub fn wait_for_vmm_api(socket: &Path, timeout: Duration, vmm: Option<(i32, u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn drive(id: &str, path: &Path, ro: bool) -> Drive {
+        Drive { drive_id: id.into(), path_on_host: path.into(), is_read_only: ro, host_path: path.into() }
+    }
+
+    /// Where a restore puts each kind of drive, and what it refuses.
+    #[test]
+    fn drives_are_planned_inside_the_vms_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (orig, shared) = (dir.path().join("rootfs.ext4"), dir.path().join("base.img"));
+        std::fs::write(&orig, b"").unwrap();
+        std::fs::write(&shared, b"").unwrap();
+        let cwd = dir.path().join("vm/drives");
+        let plan = plan_drives(
+            &[
+                drive("rootfs", &orig, false),
+                drive("data", Path::new("img/data.img"), false),
+                drive("base", &shared, true),
+                Drive { host_path: shared.clone(), ..drive("tools", Path::new("tools.img"), true) },
+            ],
+            &cwd,
+        )
+        .unwrap();
+        let got: Vec<(&Path, &Path, &Make, bool)> = plan
+            .iter()
+            .map(|d| (d.drive.path_on_host.as_path(), d.drive.host_path.as_path(), &d.make, d.patch))
+            .collect();
+        let link = Make::Link { at: cwd.join("tools.img") };
+        assert_eq!(
+            got,
+            [
+                (Path::new("rootfs"), cwd.join("rootfs").as_path(), &Make::Copy, true),
+                (Path::new("img/data.img"), cwd.join("img/data.img").as_path(), &Make::Copy, false),
+                (shared.as_path(), shared.as_path(), &Make::Nothing, false),
+                // Its record keeps the shared file: a later snapshot links to it, not to this link.
+                (Path::new("tools.img"), shared.as_path(), &link, false),
+            ]
+        );
+        for (bad, why) in [
+            (vec![drive("d", Path::new("../escape.img"), false)], "leaves"),
+            (vec![drive("d", Path::new("a/../../b"), true)], "leaves"),
+            (vec![drive("d", Path::new(""), false)], "leaves"),
+            (vec![drive("d", &dir.path().join("gone.img"), false)], "gone"),
+            (vec![drive("d/x", Path::new("d.img"), false)], "bad drive id"),
+            (vec![drive("a", &orig, false), drive("b", Path::new("a"), false)], "one place"),
+            (vec![drive("a", Path::new("x"), true), drive("b", Path::new("x/y"), false)], "one place"),
+        ] {
+            let err = plan_drives(&bad, &cwd).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
 
     /// A VMM that hangs: its API socket listens but never accepts, and its backlog is full.
     #[test]

@@ -101,6 +101,11 @@ impl Snapshot {
         self.body.parts.iter().find(|p| p.role == role)
     }
 
+    /// The part with `role` named `name`.
+    pub fn part_named(&self, role: Role, name: &str) -> Option<&Part> {
+        self.body.parts.iter().find(|p| p.role == role && p.name == name)
+    }
+
     /// A part's store id.
     pub fn part_id(part: &Part) -> Result<Hash> {
         parse_hash(&part.id).ok_or_else(|| Error::corrupt("snapshot part", format!("bad id {}", part.id)))

@@ -37,6 +37,7 @@ const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_ref
 const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
 const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
 const TEST_CORRUPT: &str = "firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls";
+const TEST_DRIVES: &str = "firecracker_forks_get_their_own_disks";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -55,9 +56,17 @@ fn main() {
     }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            for t in
-                [TEST, TEST_ADOPT, TEST_UNSERVABLE, TEST_EXITED, TEST_UNSERVED, TEST_HUNG, TEST_RM_HUNG, TEST_CORRUPT]
-            {
+            for t in [
+                TEST,
+                TEST_DRIVES,
+                TEST_ADOPT,
+                TEST_UNSERVABLE,
+                TEST_EXITED,
+                TEST_UNSERVED,
+                TEST_HUNG,
+                TEST_RM_HUNG,
+                TEST_CORRUPT,
+            ] {
                 println!("{t}: test");
             }
         }
@@ -68,6 +77,10 @@ fn main() {
     if selected(TEST) {
         runtime().block_on(firecracker_checkpoint_diff_restore_fork_via_uffd());
         println!("test {TEST} ... ok");
+    }
+    if selected(TEST_DRIVES) {
+        runtime().block_on(firecracker_forks_get_their_own_disks());
+        println!("test {TEST_DRIVES} ... ok");
     }
     if selected(TEST_ADOPT) {
         runtime().block_on(firecracker_vm_outlives_the_process_serving_its_memory());
@@ -117,6 +130,18 @@ mod fake {
         short_next_create: bool,
         /// After a load: guest memory is this registered mapping, filled by the UFFD server.
         loaded: Option<snapfork_lazy_restore::client::FakeVm>,
+        /// Block devices: config (`drive_id`, `path_on_host`, `is_read_only`) and the open file.
+        drives: Vec<(Value, std::fs::File)>,
+        /// What `GET /vm/config` reports of the drives: as configured or loaded, not as patched
+        /// since (Firecracker's `PATCH /drives` changes the device, not its configuration).
+        drives_config: Vec<Value>,
+    }
+
+    /// Opens a drive's file as Firecracker does: relative to the working directory, writable
+    /// unless read-only.
+    fn open_drive(d: &Value) -> std::io::Result<std::fs::File> {
+        let ro = d["is_read_only"].as_bool().unwrap_or(false);
+        std::fs::OpenOptions::new().read(true).write(!ro).open(d["path_on_host"].as_str().unwrap_or(""))
     }
 
     impl Vm {
@@ -158,7 +183,15 @@ mod fake {
             hang_in_next_create: false,
             short_next_create: false,
             loaded: None,
+            drives: vec![],
+            drives_config: vec![],
         };
+        // Drives configured before boot (`PUT /drives/{id}`), as a JSON list of their bodies.
+        if let Ok(list) = std::env::var("FAKE_FC_DRIVES") {
+            let list: Vec<Value> = serde_json::from_str(&list).unwrap();
+            vm.drives = list.iter().map(|d| (d.clone(), open_drive(d).unwrap())).collect();
+            vm.drives_config = list;
+        }
         if std::env::var("FAKE_FC_SEED").is_ok() {
             for (i, page) in vm.own.chunks_mut(PAGE).enumerate() {
                 page.fill((i * 7 % 251) as u8 + 1);
@@ -241,7 +274,9 @@ mod fake {
                     std::fs::write(mp, &vm.mem()[..vm.mem().len() / 2]).unwrap();
                     std::process::exit(137);
                 }
-                let vmstate = json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE});
+                let drives: Vec<&Value> = vm.drives.iter().map(|(d, _)| d).collect();
+                let vmstate =
+                    json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE, "drives": drives});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
                 match body["snapshot_type"].as_str().unwrap_or("Full") {
@@ -276,6 +311,21 @@ mod fake {
                 }
                 let st: Value =
                     serde_json::from_slice(&std::fs::read(body["snapshot_path"].as_str().unwrap()).unwrap()).unwrap();
+                // Each drive reopened by the path the vmstate names, as Firecracker does.
+                let mut drives = vec![];
+                for d in st["drives"].as_array().into_iter().flatten() {
+                    match open_drive(d) {
+                        Ok(f) => drives.push((d.clone(), f)),
+                        Err(e) => {
+                            return fault(
+                                s,
+                                &format!("Load snapshot error: cannot open block device {}: {e}", d["path_on_host"]),
+                            );
+                        }
+                    }
+                }
+                vm.drives_config = drives.iter().map(|(d, _)| d.clone()).collect();
+                vm.drives = drives;
                 let size = st["regions"][0]["size"].as_u64().unwrap();
                 let spec = snapfork_lazy_restore::client::RegionSpec { size, offset: 0, page_size: PAGE as u64 };
                 let mut fvm = snapfork_lazy_restore::client::FakeVm::new(&[spec]).unwrap();
@@ -289,6 +339,52 @@ mod fake {
                 vm.loaded = Some(fvm);
                 vm.state = if body["resume_vm"].as_bool() == Some(true) { "Running" } else { "Paused" };
                 reply(s, 204, None)
+            }
+            ("GET", "/vm/config") => reply(s, 200, Some(json!({"drives": vm.drives_config}))),
+            ("PATCH", p) if p.starts_with("/drives/") => {
+                if vm.state == "Not started" {
+                    return fault(s, "The requested operation is not supported before starting the microVM.");
+                }
+                let id = &p["/drives/".len()..];
+                if body["drive_id"] != id {
+                    return fault(s, "The id from the path does not match the id from the body!");
+                }
+                let Some(drive) = vm.drives.iter_mut().find(|(d, _)| d["drive_id"] == id) else {
+                    return fault(s, "Invalid block device ID!");
+                };
+                let mut new = drive.0.clone();
+                new["path_on_host"] = body["path_on_host"].clone();
+                match open_drive(&new) {
+                    Ok(f) => *drive = (new, f),
+                    Err(e) => return fault(s, &format!("Unable to patch the block device: {e}")),
+                }
+                reply(s, 204, None)
+            }
+            ("PUT", "/fake/disk-write") => {
+                // The guest writes a block of its disk.
+                use std::os::unix::fs::FileExt;
+                let Some((_, f)) = vm.drives.iter().find(|(d, _)| d["drive_id"] == body["drive"]) else {
+                    return fault(s, "no such drive");
+                };
+                let block = vec![body["byte"].as_u64().unwrap() as u8; PAGE];
+                match f.write_all_at(&block, body["block"].as_u64().unwrap() * PAGE as u64) {
+                    Ok(()) => reply(s, 204, None),
+                    Err(e) => fault(s, &format!("write: {e}")),
+                }
+            }
+            ("GET", "/fake/disks") => {
+                // Each drive: the file it really has open, and what that file holds.
+                use std::os::fd::AsRawFd;
+                let mut out = serde_json::Map::new();
+                for (d, f) in &vm.drives {
+                    let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+                    let bytes = std::fs::read(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+                    out.insert(
+                        d["drive_id"].as_str().unwrap().into(),
+                        json!({"path": path, "blake3": blake3::hash(&bytes).to_hex().to_string()}),
+                    );
+                }
+                reply(s, 200, Some(Value::Object(out)))
             }
             ("PUT", "/fake/write") => {
                 let p = body["page"].as_u64().unwrap() as usize;
@@ -372,15 +468,13 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
         std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
     );
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
-    let disk = dir.path().join("rootfs.ext4");
-    std::fs::write(&disk, vec![5u8; 8 * PAGE]).unwrap();
     let ws = dir.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::write(ws.join("task.txt"), "step 1").unwrap();
     let cfg = FirecrackerConfig {
         api_socket: api.clone(),
         binary: Some(me.clone()),
-        disks: vec![disk.clone()],
+        drives: vec![],
         page_size: PAGE as u32,
         diff: true,
         pid: None,
@@ -609,6 +703,139 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     trusting.rm("vm-imported").await.unwrap();
 }
 
+/// A stand-in VM's drives: for each, the file it really has open and that file's blake3.
+fn disks(api: &Path) -> Value {
+    serde_json::from_str(&ApiClient::new(api).call("GET", "/fake/disks", None).unwrap().body).unwrap()
+}
+
+/// The guest of the VM at `api` writes `byte` over block `block` of drive `drive`.
+fn disk_write(api: &Path, drive: &str, block: u64, byte: u8) {
+    let body = json!({"drive": drive, "block": block, "byte": byte});
+    let r = ApiClient::new(api).call("PUT", "/fake/disk-write", Some(&body)).unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+/// Forks of one snapshot write disks of their own, never the original's or each other's:
+/// drives named absolutely and relatively (to the VMM's working directory), writable (stored
+/// with the snapshot, copied for each restore) and read-only (shared). A snapshot of a restored
+/// VM restores with nothing outside the engine's directory.
+async fn firecracker_forks_get_their_own_disks() {
+    if !common::require(TEST_DRIVES, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let _guard = common::Guard(engine.clone());
+    let vm_cwd = dir.path().join("vm");
+    std::fs::create_dir_all(&vm_cwd).unwrap();
+    let (rootfs, base) = (dir.path().join("rootfs.ext4"), dir.path().join("base.img"));
+    std::fs::write(&rootfs, vec![5u8; 8 * PAGE]).unwrap();
+    std::fs::write(vm_cwd.join("data.img"), vec![6u8; 4 * PAGE]).unwrap();
+    std::fs::write(&base, vec![7u8; 4 * PAGE]).unwrap();
+    std::fs::write(vm_cwd.join("tools.img"), vec![8u8; 2 * PAGE]).unwrap();
+    let drives = json!([
+        {"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false},
+        {"drive_id": "data", "path_on_host": "data.img", "is_root_device": false, "is_read_only": false},
+        {"drive_id": "base", "path_on_host": base, "is_root_device": false, "is_read_only": true},
+        {"drive_id": "tools", "path_on_host": "tools.img", "is_root_device": false, "is_read_only": true},
+    ]);
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let vm = KillOnDrop(
+        std::process::Command::new(&me)
+            .arg("--api-sock")
+            .arg(&api)
+            .current_dir(&vm_cwd)
+            .env("FAKE_FC_SEED", "1")
+            .env("FAKE_FC_DRIVES", drives.to_string())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    let at_a = disks(&api);
+    let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    let stored: BTreeSet<String> = engine
+        .show(&a.id)
+        .await
+        .unwrap()
+        .body
+        .parts
+        .iter()
+        .filter(|p| p.role == snapfork_engine::model::Role::Disk)
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(stored, BTreeSet::from(["data".to_string(), "rootfs".to_string()]), "read-only drives are shared");
+    // The original VM goes on writing its disk after A.
+    disk_write(&api, "rootfs", 0, 0x11);
+    let original = disks(&api);
+    assert_ne!(original["rootfs"]["blake3"], at_a["rootfs"]["blake3"]);
+
+    // Two forks of A: each has A's disks, in files of its own; read-only drives are shared.
+    let forks = engine.fork(&a.id, 2, Some("f")).await.unwrap();
+    let fork_apis: Vec<PathBuf> = forks.iter().map(|f| api_of(dir.path(), &f.name)).collect();
+    for (f, fapi) in forks.iter().zip(&fork_apis) {
+        let d = disks(fapi);
+        let own = dir.path().join("engine/sandboxes").join(&f.name);
+        for id in ["rootfs", "data"] {
+            assert_eq!(d[id]["blake3"], at_a[id]["blake3"], "{}: drive {id} is not A's", f.name);
+            let path = PathBuf::from(d[id]["path"].as_str().unwrap());
+            assert!(path.starts_with(&own), "{}: drive {id} is {}, not its own", f.name, path.display());
+        }
+        assert_eq!(d["base"]["path"], json!(base));
+        assert_eq!(d["tools"]["path"], json!(vm_cwd.join("tools.img")));
+    }
+    // Their guests write their disks: each sees only its own writes; the original sees none.
+    for (i, fapi) in fork_apis.iter().enumerate() {
+        disk_write(fapi, "rootfs", 1, 0x20 + i as u8);
+        disk_write(fapi, "data", 0, 0x30 + i as u8);
+    }
+    let (d0, d1) = (disks(&fork_apis[0]), disks(&fork_apis[1]));
+    for id in ["rootfs", "data"] {
+        assert_ne!(d0[id]["blake3"], d1[id]["blake3"], "the forks share drive {id}");
+        assert_ne!(d0[id]["blake3"], at_a[id]["blake3"]);
+    }
+    assert_eq!(disks(&api), original, "a fork wrote the original VM's disks");
+
+    // A snapshot of a fork names its drives relatively: once the original VM, its disk files
+    // and the fork are gone, it still restores, with the fork's disks.
+    let f0 = engine
+        .checkpoint(&forks[0].name, CheckpointOptions { leave_running: true, ..Default::default() })
+        .await
+        .unwrap();
+    engine.rm("vm").await.unwrap();
+    drop(vm);
+    engine.rm(&forks[0].name).await.unwrap();
+    std::fs::remove_file(&rootfs).unwrap();
+    std::fs::remove_file(vm_cwd.join("data.img")).unwrap();
+    engine.restore(&f0.id, "f0-again").await.unwrap();
+    let again = disks(&api_of(dir.path(), "f0-again"));
+    for id in ["rootfs", "data"] {
+        assert_eq!(again[id]["blake3"], d0[id]["blake3"], "drive {id} of the fork's snapshot");
+    }
+    assert_eq!(again["tools"]["path"], json!(vm_cwd.join("tools.img")), "the shared read-only drive");
+    // A itself names the original's rootfs, which Firecracker would open on load: refused,
+    // saying why, with nothing left behind.
+    let err = engine.restore(&a.id, "a-again").await.unwrap_err().to_string();
+    assert!(err.contains("rootfs") && err.contains("gone"), "{err}");
+    assert!(engine.ls().await.unwrap().iter().all(|s| s.name != "a-again"));
+    assert!(!dir.path().join("engine/sandboxes/a-again").exists(), "the refused restore left files");
+
+    // Revert: the other fork gets that snapshot's disks, in new files of its own.
+    let reverted = engine.revert(&forks[1].name, &f0.id).await.unwrap();
+    let rapi = api_of(dir.path(), &reverted.name);
+    assert_ne!(rapi, fork_apis[1]);
+    let r = disks(&rapi);
+    for id in ["rootfs", "data"] {
+        assert_eq!(r[id]["blake3"], d0[id]["blake3"], "drive {id} after the revert");
+        assert_ne!(r[id]["path"], d1[id]["path"]);
+        assert_ne!(r[id]["path"], again[id]["path"]);
+    }
+    for s in engine.ls().await.unwrap() {
+        engine.rm(&s.name).await.unwrap();
+    }
+}
+
 /// The serving process of [`firecracker_vm_outlives_the_process_serving_its_memory`], in a
 /// process of its own so that the test can SIGKILL it: restores `SNAP` as `NAME` from the store
 /// in `DIR`, says so on stdout, and serves the VM's memory until killed.
@@ -627,7 +854,7 @@ fn stand_in_vm(api: &Path) -> RunSpec {
     let cfg = FirecrackerConfig {
         api_socket: api.to_path_buf(),
         binary: Some(std::env::current_exe().unwrap()),
-        disks: vec![],
+        drives: vec![],
         page_size: PAGE as u32,
         diff: false,
         pid: None,
