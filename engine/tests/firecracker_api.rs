@@ -1,16 +1,21 @@
 //! The firecracker driver against Firecracker's published API, served by a stand-in (Firecracker
 //! cannot be installed here). This test binary is both the test and, when started with
 //! `--api-sock PATH`, the stand-in: it implements the endpoints the driver uses (`GET /`,
-//! `PATCH /vm`, `PUT /snapshot/create` Full and Diff, `PUT /snapshot/load` with the Uffd backend)
-//! the way the swagger definition describes them, keeps "guest memory" in a buffer, and on load
-//! maps that memory exactly as Firecracker does (lazy-restore's `FakeVm`: anonymous mapping
-//! registered with userfaultfd, handshake over the backend socket) and reads it, so every page
-//! comes from snapfork's UFFD server. Test-only endpoints: `PUT /fake/write` (a guest write,
-//! which dirties a page), `PUT /fake/discard` (the guest gives a page back: madvise DONTNEED, as
-//! a balloon does), `GET /fake/memory` (reads all of it), `PUT /fake/fail-next-create`,
+//! `PATCH /vm`, `PUT /snapshot/create` Full and Diff, `PUT /snapshot/load` with the Uffd backend,
+//! `GET /vm/config`, `PATCH /drives/{id}`) the way the swagger definition describes them. It keeps
+//! "guest memory" in a buffer, and on load maps that memory exactly as Firecracker does
+//! (lazy-restore's `FakeVm`: anonymous mapping registered with userfaultfd, handshake over the
+//! backend socket) and reads it, so every page comes from snapfork's UFFD server. Its drives
+//! (`$FAKE_FC_DRIVES`: the bodies of `PUT /drives`) are files it holds open; a load reopens them
+//! by the paths the vmstate names, relative to its working directory, as Firecracker does.
+//! Test-only endpoints: `PUT /fake/write` (a guest write, which dirties a page),
+//! `PUT /fake/discard` (the guest gives a page back: madvise DONTNEED, as a balloon does),
+//! `GET /fake/memory` (reads all of it), `PUT /fake/disk-write` (the guest writes a block of a
+//! drive), `GET /fake/disks` (each drive's open file and its hash), `PUT /fake/fail-next-create`,
 //! `PUT /fake/die-in-next-create` (the process exits half way through the memory file),
-//! `PUT /fake/hang-in-next-create` (the process hangs inside its write of the memory file). A loaded
-//! VM reads half its memory at load, like a guest that resumes; the rest faults in when touched.
+//! `PUT /fake/hang-in-next-create` (the process hangs inside its write of the memory file). A
+//! loaded VM reads half its memory at load, like a guest that resumes; the rest faults in when
+//! touched.
 //!
 //! `harness = false` with the small part of libtest's protocol nextest uses (`--list`).
 
