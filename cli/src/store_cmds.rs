@@ -43,6 +43,10 @@ pub enum StoreCmd {
         /// Store FILE as a blob (content-defined chunks) rather than as an image of pages.
         #[arg(long, conflicts_with_all = ["parent", "dirty_pages", "dirty_bitmap", "diff_snapshot"])]
         blob: bool,
+        /// Move NAME when it already names something else (without it, only an ingest onto
+        /// NAME itself, `--parent NAME`, moves it).
+        #[arg(long)]
+        force: bool,
     },
     /// Write a stored image or blob to a file (images stay sparse where pages are zero).
     Cat {
@@ -95,9 +99,18 @@ pub fn open_store(global: &Global, read_only: bool) -> anyhow::Result<Store> {
 /// Runs one store command.
 pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
-        StoreCmd::Ingest { file, name, parent, dirty_pages, dirty_bitmap, diff_snapshot, page_size, blob } => {
+        StoreCmd::Ingest { file, name, parent, dirty_pages, dirty_bitmap, diff_snapshot, page_size, blob, force } => {
             let store = open_store(global, false)?;
             let size = fs::metadata(&file).with_context(|| format!("stat {}", file.display()))?.len();
+            // Checked before the work: nobody else writes refs while this process holds the store.
+            let replaced = store.get_ref(&name)?;
+            let parent = parent.map(|p| store.resolve(&p)).transpose()?;
+            if let Some(old) = replaced
+                && !force
+                && parent != Some(old)
+            {
+                bail!("{name} already names {}: --force moves it (or --parent {name} ingests onto it)", old.short());
+            }
             let started = Instant::now();
             if blob {
                 let busy = crate::output::spinner(global, "ingest (blob)");
@@ -115,11 +128,11 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
                 );
                 let mut j = serde_json::to_value(&info)?;
                 j["name"] = json!(name);
+                j["replaced"] = json!(replaced);
                 j["kind"] = json!("blob");
                 j["seconds"] = json!(secs);
                 return Ok(Report::new(j, text));
             }
-            let parent = parent.map(|p| store.resolve(&p)).transpose()?;
             let dirty = match (dirty_pages, dirty_bitmap) {
                 (Some(p), _) => Some(PageSet::parse_text(&read_text(&p)?, size.div_ceil(u64::from(page_size).max(1)))?),
                 (_, Some(p)) => {
@@ -147,6 +160,7 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             );
             let mut j = serde_json::to_value(&info)?;
             j["name"] = json!(name);
+            j["replaced"] = json!(replaced);
             j["kind"] = json!("image");
             j["seconds"] = json!(secs);
             Ok(Report::new(j, text))

@@ -103,6 +103,36 @@ fn gc_reports_and_removes_orphaned_file_objects() {
     assert!(!orphan.exists(), "gc left it");
 }
 
+/// A ref already in use moves only when asked: by `--force`, or by an ingest onto it.
+#[test]
+fn ingest_does_not_move_a_ref_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let mut rng = StdRng::seed_from_u64(2);
+    let files: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let f = tmp.path().join(format!("img-{i}"));
+            fs::write(&f, image(&mut rng, 20)).unwrap();
+            f
+        })
+        .collect();
+    let ingest = |args: &[&str], file: &Path| snapfork(&store).arg("ingest").args(args).arg(file).output().unwrap();
+    let named = || json(&snapfork(&store).args(["ls", "--json"]).output().unwrap())["refs"][0]["id"].clone();
+    let a = json(&ingest(&["--json", "--name", "vm"], &files[0]));
+    assert_eq!(a["replaced"], Value::Null);
+
+    for args in [&["--name", "vm"][..], &["--name", "vm", "--blob"]] {
+        let out = ingest(args, &files[1]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("already names") && err.contains("--force"), "{err}");
+        assert_eq!(named(), a["id"], "{args:?} moved the ref");
+    }
+    let b = json(&ingest(&["--json", "--name", "vm", "--parent", "vm"], &files[1]));
+    assert_eq!((&b["replaced"], named()), (&a["id"], b["id"].clone()));
+    let c = json(&ingest(&["--json", "--name", "vm", "--force", "--blob"], &files[2]));
+    assert_eq!((&c["replaced"], named()), (&b["id"], c["id"].clone()));
+}
+
 #[test]
 fn a_second_process_waits_for_the_writer_then_names_it() {
     let tmp = tempfile::tempdir().unwrap();
