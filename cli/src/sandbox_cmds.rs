@@ -378,6 +378,9 @@ fn info_text(i: &SandboxInfo) -> String {
         i.head.as_deref().map(|h| &h[..12]).unwrap_or("-"),
         i.timings.total_ms
     );
+    if let Some(vsock) = &i.vsock {
+        line.push_str(&format!("\tvsock {}", vsock.display()));
+    }
     if let Some(why) = &i.ended {
         line.push_str(&format!("\t{why}"));
     }
@@ -441,7 +444,7 @@ fn run_spec(a: RunArgs, global: &Global) -> anyhow::Result<RunSpec> {
                 a.api_socket.ok_or_else(|| invalid("firecracker: give api_socket (--api-socket PATH)"))?,
             )?,
             binary: a.firecracker_bin.map(std::path::absolute).transpose()?,
-            drives: vec![],
+            devices: None,
             page_size: a.page_size,
             diff: a.diff,
             pid: None,

@@ -211,6 +211,13 @@ pub struct SandboxInfo {
     pub workspace: Option<PathBuf>,
     /// The runtime's container id.
     pub runtime_id: Option<String>,
+    /// A Firecracker VM's API socket: where to reach its VMM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// A Firecracker VM's vsock socket, when it has a vsock device and the engine knows it (it
+    /// restored the VM, or took a snapshot of it): where to reach the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<PathBuf>,
     /// Why snapfork ended its VM, when it did (`ls` only): the memory server killed it because
     /// a page of its memory failed verification in the store, or could no longer be served.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -846,6 +853,10 @@ impl Inner {
     }
 
     fn info(rec: &SandboxRecord, timings: Timings) -> SandboxInfo {
+        let vm = match DriverConfig::from_parts(&rec.driver, &rec.config) {
+            Ok(DriverConfig::Firecracker(c)) => Some(c),
+            _ => None,
+        };
         SandboxInfo {
             name: rec.name.clone(),
             driver: rec.driver.clone(),
@@ -853,6 +864,8 @@ impl Inner {
             head: rec.head.clone(),
             workspace: rec.workspace.clone(),
             runtime_id: rec.runtime_id.clone(),
+            api_socket: vm.as_ref().map(|c| c.api_socket.clone()),
+            vsock: vm.and_then(|c| c.devices?.vsock).map(|v| v.host_path),
             ended: None,
             timings,
         }
@@ -1245,7 +1258,7 @@ impl Inner {
                     // A Diff snapshot holds only the pages dirtied since the last one: it is
                     // ingested onto the parent's image.
                     let diff = cfg.diff && prev_mem.is_some() && !full_needed.exists();
-                    let drives = cfg.current_drives(&api)?;
+                    let devices = cfg.current_devices(&api)?;
                     let (vmstate, mem) = (dir.join("vmstate"), dir.join("mem"));
                     if cfg.diff {
                         write_synced(&full_needed, b"")?;
@@ -1277,7 +1290,7 @@ impl Inner {
                         size: m.size,
                     });
                     // Flushed by snapshot/create; read-only drives are shared, not stored.
-                    for drive in drives.iter().filter(|d| !d.is_read_only) {
+                    for drive in devices.drives.iter().filter(|d| !d.is_read_only) {
                         crate::firecracker::check_drive_id(&drive.drive_id)?;
                         let o = snapfork_store::IngestOptions {
                             page_size: 4096,
@@ -1295,8 +1308,8 @@ impl Inner {
                         });
                     }
                     clock.step("ingest");
-                    // The snapshot records the drives as its vmstate names them, for restores.
-                    let taken = FirecrackerConfig { drives, ..cfg.clone() };
+                    // The snapshot records the devices as its vmstate names them, for restores.
+                    let taken = FirecrackerConfig { devices: Some(devices), ..cfg.clone() };
                     let config = serde_json::to_value(&taken).map_err(|e| Error::Invalid(e.to_string()))?;
                     let id =
                         self.commit_snapshot(tx, &SandboxRecord { config, ..rec.clone() }, parent, opts, &parts)?;
@@ -2231,16 +2244,20 @@ impl Inner {
             let mut f = std::fs::File::create(&vmstate).map_err(|e| Error::io("create vmstate", e))?;
             self.store.read_blob(&Snapshot::part_id(part(Role::State)?)?, &mut f)?;
         }
-        // The VMM runs in a directory of its own, where each writable drive gets its copy.
-        let cwd = dir.join("drives");
+        // The VMM runs in a directory of its own, where each writable drive gets its copy and
+        // its vsock device its socket.
+        let cwd = dir.join("files");
         std::fs::create_dir_all(&cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
-        // The snapshot's drives, as its vmstate names them (a revert's `cfg` is its sandbox's).
+        // The snapshot's devices, as its vmstate names them (a revert's `cfg` is its sandbox's).
         let recorded = match DriverConfig::from_parts(&s.body.driver, &s.body.config)? {
-            DriverConfig::Firecracker(taken) => taken.drives,
-            _ => vec![],
+            DriverConfig::Firecracker(taken) => taken.devices,
+            _ => None,
         };
-        let drives = crate::firecracker::plan_drives(&recorded, &cwd)?;
-        for d in &drives {
+        let plan = crate::firecracker::plan_devices(&recorded.clone().unwrap_or_default(), &cwd)?;
+        if let Some(parent) = plan.vsock.as_ref().and_then(|v| v.host_path.parent()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
+        }
+        for d in &plan.drives {
             let Some(dest) = d.place() else { continue };
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
@@ -2260,7 +2277,7 @@ impl Inner {
                 crate::firecracker::Make::Nothing => {}
             }
         }
-        if recorded.is_empty() {
+        if recorded.is_none() {
             // A snapshot taken before drives were recorded: its disks by name, for a vmstate
             // that names them relatively.
             for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
@@ -2268,7 +2285,9 @@ impl Inner {
                 self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&cwd.join(&p.name), None)?;
             }
         }
-        let patches: Vec<&crate::firecracker::Drive> = drives.iter().filter(|d| d.patch).map(|d| &d.drive).collect();
+        let patches: Vec<&crate::firecracker::Drive> =
+            plan.drives.iter().filter(|d| d.patch).map(|d| &d.drive).collect();
+        let vsock_override = plan.vsock_override.as_deref();
         let uffd = self.uffd_server(Snapshot::part_id(part(Role::Memory)?)?)?;
         let api_sock = dir.join("api.sock");
         let _ = std::fs::remove_file(&api_sock);
@@ -2300,7 +2319,7 @@ impl Inner {
         let started = FirecrackerConfig {
             api_socket: api_sock,
             binary: cfg.binary.clone(),
-            drives: drives.iter().map(|d| d.drive.clone()).collect(),
+            devices: Some(plan.devices()),
             page_size: cfg.page_size,
             diff: cfg.diff,
             pid: Some(pid),
@@ -2319,7 +2338,7 @@ impl Inner {
             .and_then(|_| {
                 // Pointed at their copies before the guest runs: loaded paused when any is.
                 let api = self.api(&started.api_socket);
-                api.load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume && patches.is_empty())?;
+                api.load_snapshot_uffd(&vmstate, &uffd, cfg.diff, resume && patches.is_empty(), vsock_override)?;
                 for d in &patches {
                     api.patch_drive(&d.drive_id, &d.path_on_host)?;
                 }

@@ -18,7 +18,9 @@
 //! jailer's way; the copy is then what the load opens), else loaded from the original path and
 //! pointed at the copy with `PATCH /drives/{id}` (a relative path) before the guest runs a single
 //! instruction. Snapshots of restored VMs therefore name their drives relatively, and restore
-//! with nothing outside their directory. ([`plan_drives`] says where each file goes.)
+//! with nothing outside their directory. ([`plan_devices`] says where each file goes; a vsock socket,
+//! bound anew by every load, is put in the VM's directory the same way, with `vsock_override`
+//! where the vmstate names it absolutely.)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -40,11 +42,12 @@ pub struct FirecrackerConfig {
     /// The firecracker binary for restores (default: `$FIRECRACKER`, else `firecracker`).
     #[serde(default)]
     pub binary: Option<PathBuf>,
-    /// The VM's drives: in a snapshot, as they were when it was taken (the paths its vmstate
-    /// holds); in the record of a VM the engine started, as its restore set them up. Empty for
-    /// a VM handed over with `run`, whose VMM reports them ([`ApiClient::drives`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub drives: Vec<Drive>,
+    /// The VM's host-side devices: in a snapshot, as they were when it was taken (the paths its
+    /// vmstate holds); in the record of a VM the engine started, as its restore set them up.
+    /// None for a VM handed over with `run`, whose VMM reports them ([`ApiClient::devices`]),
+    /// and in snapshots taken before they were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Devices>,
     /// Guest page size (4096, or 2097152 for huge pages).
     #[serde(default = "default_page")]
     pub page_size: u32,
@@ -65,6 +68,32 @@ pub struct FirecrackerConfig {
 fn default_page() -> u32 {
     4096
 }
+
+/// What a restore must know of a VM's host-side devices to give it its own: Firecracker's
+/// vmstate names each by the host path it had, and a VMM that loads it reopens that path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Devices {
+    /// Its block devices.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// Its vsock device. A restore binds its socket anew, so forks cannot share one: each gets
+    /// its own in its directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+}
+
+/// A VM's vsock device, as a snapshot records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vsock {
+    /// Its host socket as the VMM names it (`uds_path`): what its vmstate holds. Relative to the
+    /// VMM's working directory when relative.
+    pub uds_path: PathBuf,
+    /// The socket itself, as the engine (and whoever talks to the guest) reaches it.
+    pub host_path: PathBuf,
+}
+
+/// The vsock socket of a restored VM, in its working directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// One block device of a VM, as a snapshot records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,24 +149,43 @@ impl DriveSetup {
     }
 }
 
-/// Plans the drives `drives` of a snapshot for a VMM that will run in `cwd`. Refuses names that
-/// would leave `cwd`, two drives on one file, and (with a clear word on why) a snapshot whose
-/// vmstate names a file that is gone: Firecracker opens every drive when it loads.
-pub fn plan_drives(drives: &[Drive], cwd: &Path) -> Result<Vec<DriveSetup>> {
+/// How a restore sets up a snapshot's devices ([`plan_devices`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// Each drive.
+    pub drives: Vec<DriveSetup>,
+    /// The vsock device as the restored VM has it, if it has one.
+    pub vsock: Option<Vsock>,
+    /// The `vsock_override` that puts its socket there (the vmstate names it absolutely).
+    pub vsock_override: Option<PathBuf>,
+}
+
+impl DevicePlan {
+    /// The devices as the restored VM has them, for its record.
+    pub fn devices(&self) -> Devices {
+        Devices { drives: self.drives.iter().map(|d| d.drive.clone()).collect(), vsock: self.vsock.clone() }
+    }
+}
+
+/// Refuses a relative path that would leave the VMM's working directory.
+fn check_inside(what: &str, path: &Path) -> Result<()> {
     use std::path::Component;
-    let mut plan = Vec::with_capacity(drives.len());
-    for d in drives {
+    if path.as_os_str().is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(Error::Invalid(format!("{what}: its path {} leaves the VM's directory", path.display())));
+    }
+    Ok(())
+}
+
+/// Plans the devices of a snapshot for a VMM that will run in `cwd`. Refuses names that would
+/// leave `cwd`, two devices in one place, and (with a clear word on why) a snapshot whose
+/// vmstate names a file that is gone: Firecracker opens every drive when it loads.
+pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
+    let mut plan = Vec::with_capacity(devices.drives.len());
+    for d in &devices.drives {
         check_drive_id(&d.drive_id)?;
         let relative = !d.path_on_host.is_absolute();
-        if relative
-            && (d.path_on_host.as_os_str().is_empty()
-                || !d.path_on_host.components().all(|c| matches!(c, Component::Normal(_))))
-        {
-            return Err(Error::Invalid(format!(
-                "drive {}: its path {} leaves the VM's directory",
-                d.drive_id,
-                d.path_on_host.display()
-            )));
+        if relative {
+            check_inside(&format!("drive {}", d.drive_id), &d.path_on_host)?;
         }
         if !relative && std::fs::symlink_metadata(&d.path_on_host).is_err() {
             return Err(Error::Invalid(format!(
@@ -186,7 +234,27 @@ pub fn plan_drives(drives: &[Drive], cwd: &Path) -> Result<Vec<DriveSetup>> {
         }
         plan.push(setup);
     }
-    Ok(plan)
+    let (vsock, vsock_override) = match devices.vsock.as_ref().map(|v| &v.uds_path) {
+        None => (None, None),
+        Some(uds) if uds.is_absolute() => {
+            let relative = PathBuf::from(VSOCK_SOCKET);
+            (Some(Vsock { host_path: cwd.join(&relative), uds_path: relative.clone() }), Some(relative))
+        }
+        Some(uds) => {
+            check_inside("the vsock socket", uds)?;
+            (Some(Vsock { uds_path: uds.clone(), host_path: cwd.join(uds) }), None)
+        }
+    };
+    if let Some(at) = vsock.as_ref().map(|v| &v.host_path)
+        && let Some(d) = plan.iter().find(|d| d.place().is_some_and(|p| p.starts_with(at) || at.starts_with(p)))
+    {
+        return Err(Error::Invalid(format!(
+            "drive {} and the vsock socket: the snapshot restores them to one place ({})",
+            d.drive.drive_id,
+            at.display()
+        )));
+    }
+    Ok(DevicePlan { drives: plan, vsock, vsock_override })
 }
 
 /// Firecracker's rule for API resource ids (1-64 of `[A-Za-z0-9_]`), which makes a drive id a
@@ -198,26 +266,26 @@ pub fn check_drive_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The file `path_on_host` names for the VMM `pid`: relative paths resolve in its working
-/// directory, absolute ones under its root (a jailer's chroot). Without the process, an
-/// absolute path is taken as it is.
-fn resolve_drive(drive_id: &str, path_on_host: &Path, pid: Option<i32>) -> Result<PathBuf> {
-    let through = match (pid, path_on_host.strip_prefix("/")) {
+/// The file `path` (of `what`: a drive, the vsock socket) names for the VMM `pid`: relative paths
+/// resolve in its working directory, absolute ones under its root (a jailer's chroot). Without
+/// the process, an absolute path is taken as it is.
+fn resolve_path(what: &str, path: &Path, pid: Option<i32>) -> Result<PathBuf> {
+    let through = match (pid, path.strip_prefix("/")) {
         (Some(pid), Ok(rest)) => PathBuf::from(format!("/proc/{pid}/root")).join(rest),
-        (Some(pid), Err(_)) => PathBuf::from(format!("/proc/{pid}/cwd")).join(path_on_host),
-        (None, Ok(_)) => return Ok(path_on_host.to_path_buf()),
+        (Some(pid), Err(_)) => PathBuf::from(format!("/proc/{pid}/cwd")).join(path),
+        (None, Ok(_)) => return Ok(path.to_path_buf()),
         (None, Err(_)) => {
             return Err(Error::Runtime {
-                what: format!("drive {drive_id}"),
+                what: what.to_string(),
                 detail: format!(
                     "its path {} is relative to the VMM's working directory, and the VMM's process \
                      cannot be found",
-                    path_on_host.display()
+                    path.display()
                 ),
             });
         }
     };
-    std::fs::canonicalize(&through).map_err(|e| Error::io(format!("drive {drive_id}: {}", path_on_host.display()), e))
+    std::fs::canonicalize(&through).map_err(|e| Error::io(format!("{what}: {}", path.display()), e))
 }
 
 /// True when process `pid` has `file` open (the same inode behind one of its descriptors).
@@ -278,24 +346,31 @@ impl FirecrackerConfig {
             .is_err_and(|e| matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound))
     }
 
-    /// The VM's drives now, each with the file the engine reads it from: the ones the engine
-    /// set up when it started the VMM, else what the VMM reports. A writable drive's file must
-    /// be one the VMM has open: a path that since names another file (moved, replaced) is
-    /// refused rather than stored as the VM's disk.
-    pub fn current_drives(&self, api: &ApiClient) -> Result<Vec<Drive>> {
+    /// The VM's devices now, each drive with the file the engine reads it from: the ones the
+    /// engine set up when it started the VMM, else what the VMM reports (Firecracker's
+    /// `PATCH /drives` changes a device, not what `GET /vm/config` says of it). A writable
+    /// drive's file must be one the VMM has open: a path that since names another file (moved,
+    /// replaced) is refused rather than stored as the VM's disk.
+    pub fn current_devices(&self, api: &ApiClient) -> Result<Devices> {
         let pid = self.vmm_process().map(|(pid, _)| pid);
-        let drives = if self.drives.is_empty() {
-            let mut found = Vec::new();
-            for (drive_id, path_on_host, is_read_only) in api.drives()? {
-                let host_path = resolve_drive(&drive_id, &path_on_host, pid)?;
-                found.push(Drive { drive_id, path_on_host, is_read_only, host_path });
+        let devices = match &self.devices {
+            Some(known) => known.clone(),
+            None => {
+                let reported = api.devices()?;
+                let mut drives = Vec::new();
+                for (drive_id, path_on_host, is_read_only) in reported.drives {
+                    let host_path = resolve_path(&format!("drive {drive_id}"), &path_on_host, pid)?;
+                    drives.push(Drive { drive_id, path_on_host, is_read_only, host_path });
+                }
+                let vsock = match reported.vsock {
+                    Some(uds_path) => Some(Vsock { host_path: resolve_path("vsock", &uds_path, pid)?, uds_path }),
+                    None => None,
+                };
+                Devices { drives, vsock }
             }
-            found
-        } else {
-            self.drives.clone()
         };
         if let Some(pid) = pid {
-            for d in drives.iter().filter(|d| !d.is_read_only) {
+            for d in devices.drives.iter().filter(|d| !d.is_read_only) {
                 if !has_open(pid, &d.host_path)? {
                     return Err(Error::Runtime {
                         what: format!("drive {}", d.drive_id),
@@ -308,7 +383,7 @@ impl FirecrackerConfig {
                 }
             }
         }
-        Ok(drives)
+        Ok(devices)
     }
 
     /// The binary restores start.
@@ -475,18 +550,19 @@ impl ApiClient {
         self.expect_ok("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
     }
 
-    /// `GET /vm/config`'s drives, as (`drive_id`, `path_on_host`, `is_read_only`). A vhost-user
-    /// drive is refused: its contents live in its backend, out of the VMM's and snapfork's reach.
-    pub fn drives(&self) -> Result<Vec<(String, PathBuf, bool)>> {
+    /// `GET /vm/config`'s drives and vsock. A vhost-user drive is refused: its contents live in
+    /// its backend, out of the VMM's and snapfork's reach.
+    pub fn devices(&self) -> Result<ReportedDevices> {
         let r = self.expect_ok("GET", "/vm/config", None, None)?;
         let bad = |d: String| self.err("GET /vm/config", d);
         let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| bad(format!("bad JSON: {e}")))?;
         let list = match v.get("drives") {
-            None | Some(serde_json::Value::Null) => return Ok(vec![]),
+            None | Some(serde_json::Value::Null) => &vec![],
             Some(serde_json::Value::Array(list)) => list,
             Some(other) => return Err(bad(format!("drives is not a list: {other}"))),
         };
-        list.iter()
+        let drives = list
+            .iter()
             .map(|d| {
                 let id = d["drive_id"].as_str().ok_or_else(|| bad(format!("a drive without drive_id: {d}")))?;
                 let path = d["path_on_host"].as_str().ok_or_else(|| {
@@ -496,7 +572,14 @@ impl ApiClient {
                 })?;
                 Ok((id.to_string(), PathBuf::from(path), d["is_read_only"].as_bool().unwrap_or(false)))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        let vsock = match v.get("vsock") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(vs) => Some(PathBuf::from(
+                vs["uds_path"].as_str().ok_or_else(|| bad(format!("a vsock without uds_path: {vs}")))?,
+            )),
+        };
+        Ok(ReportedDevices { drives, vsock })
     }
 
     /// `PATCH /drives/{drive_id}`: the drive's backing file is now `path_on_host` (after a load,
@@ -508,22 +591,47 @@ impl ApiClient {
 
     /// `PUT /snapshot/load` with the Uffd memory backend at `uffd_socket`. Both the old
     /// (`enable_diff_snapshots`, before 1.13) and the new (`track_dirty_pages`) field are sent.
+    ///
+    /// With `vsock` (`vsock_override`), the VM's vsock device binds that socket instead of the
+    /// one its vmstate names; only Firecracker releases that know the field take it.
     pub fn load_snapshot_uffd(
         &self,
         vmstate: &Path,
         uffd_socket: &Path,
         track_dirty: bool,
         resume: bool,
+        vsock: Option<&Path>,
     ) -> Result<()> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "snapshot_path": vmstate,
             "mem_backend": {"backend_type": "Uffd", "backend_path": uffd_socket},
             "enable_diff_snapshots": track_dirty,
             "track_dirty_pages": track_dirty,
             "resume_vm": resume,
         });
-        self.expect_ok("PUT", "/snapshot/load", Some(&body), None).map(|_| ())
+        if let Some(uds) = vsock {
+            body["vsock_override"] = serde_json::json!({"uds_path": uds});
+        }
+        self.expect_ok("PUT", "/snapshot/load", Some(&body), None).map(|_| ()).map_err(|e| match e {
+            Error::Runtime { what, detail } if detail.contains("vsock_override") => Error::Runtime {
+                what,
+                detail: format!(
+                    "{detail} (this Firecracker does not take vsock_override, which a restore of a \
+                     VM whose vsock socket is named absolutely needs: each restore binds its own)"
+                ),
+            },
+            e => e,
+        })
     }
+}
+
+/// A VM's devices as its VMM reports them (`GET /vm/config`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportedDevices {
+    /// Each drive's `drive_id`, `path_on_host` and `is_read_only`.
+    pub drives: Vec<(String, PathBuf, bool)>,
+    /// The vsock's `uds_path`.
+    pub vsock: Option<PathBuf>,
 }
 
 /// The longest status or header line a response may have.
@@ -635,18 +743,23 @@ mod tests {
         let (orig, shared) = (dir.path().join("rootfs.ext4"), dir.path().join("base.img"));
         std::fs::write(&orig, b"").unwrap();
         std::fs::write(&shared, b"").unwrap();
-        let cwd = dir.path().join("vm/drives");
-        let plan = plan_drives(
-            &[
-                drive("rootfs", &orig, false),
-                drive("data", Path::new("img/data.img"), false),
-                drive("base", &shared, true),
-                Drive { host_path: shared.clone(), ..drive("tools", Path::new("tools.img"), true) },
-            ],
-            &cwd,
-        )
-        .unwrap();
+        let cwd = dir.path().join("vm/files");
+        let drives = vec![
+            drive("rootfs", &orig, false),
+            drive("data", Path::new("img/data.img"), false),
+            drive("base", &shared, true),
+            Drive { host_path: shared.clone(), ..drive("tools", Path::new("tools.img"), true) },
+        ];
+        let vsock = |p: &str| Some(Vsock { uds_path: p.into(), host_path: p.into() });
+        let plan = plan_devices(&Devices { drives: drives.clone(), vsock: vsock("/run/vm/v.sock") }, &cwd).unwrap();
+        // A vsock socket named absolutely is overridden with one in the VM's directory.
+        let own = Vsock { uds_path: VSOCK_SOCKET.into(), host_path: cwd.join(VSOCK_SOCKET) };
+        assert_eq!((plan.vsock.as_ref(), plan.vsock_override.as_deref()), (Some(&own), Some(Path::new(VSOCK_SOCKET))));
+        let relative = plan_devices(&Devices { drives: vec![], vsock: vsock("s/v.sock") }, &cwd).unwrap();
+        let own = Vsock { uds_path: "s/v.sock".into(), host_path: cwd.join("s/v.sock") };
+        assert_eq!((relative.vsock, relative.vsock_override), (Some(own), None));
         let got: Vec<(&Path, &Path, &Make, bool)> = plan
+            .drives
             .iter()
             .map(|d| (d.drive.path_on_host.as_path(), d.drive.host_path.as_path(), &d.make, d.patch))
             .collect();
@@ -670,7 +783,14 @@ mod tests {
             (vec![drive("a", &orig, false), drive("b", Path::new("a"), false)], "one place"),
             (vec![drive("a", Path::new("x"), true), drive("b", Path::new("x/y"), false)], "one place"),
         ] {
-            let err = plan_drives(&bad, &cwd).unwrap_err().to_string();
+            let err = plan_devices(&Devices { drives: bad.clone(), vsock: None }, &cwd).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        for (bad, why) in [
+            (Devices { drives: vec![], vsock: vsock("../v.sock") }, "leaves"),
+            (Devices { drives: vec![drive("a", Path::new("v.sock"), false)], vsock: vsock("v.sock") }, "one place"),
+        ] {
+            let err = plan_devices(&bad, &cwd).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
     }

@@ -42,7 +42,7 @@ const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_ref
 const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
 const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
 const TEST_CORRUPT: &str = "firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls";
-const TEST_DRIVES: &str = "firecracker_forks_get_their_own_disks";
+const TEST_DRIVES: &str = "firecracker_forks_get_their_own_disks_and_sockets";
 
 fn main() {
     // Restores of imported snapshots start the local Firecracker: here, the stand-in.
@@ -84,7 +84,7 @@ fn main() {
         println!("test {TEST} ... ok");
     }
     if selected(TEST_DRIVES) {
-        runtime().block_on(firecracker_forks_get_their_own_disks());
+        runtime().block_on(firecracker_forks_get_their_own_disks_and_sockets());
         println!("test {TEST_DRIVES} ... ok");
     }
     if selected(TEST_ADOPT) {
@@ -140,6 +140,17 @@ mod fake {
         /// What `GET /vm/config` reports of the drives: as configured or loaded, not as patched
         /// since (Firecracker's `PATCH /drives` changes the device, not its configuration).
         drives_config: Vec<Value>,
+        /// The vsock device: its config (`guest_cid`, `uds_path`) and the socket it listens on.
+        vsock: Option<(Value, UnixListener)>,
+    }
+
+    /// Binds a vsock device's host socket as Firecracker does, which fails where one exists.
+    fn bind_vsock(cfg: &Value, uds_path: &Value) -> Result<(Value, UnixListener), String> {
+        let path = uds_path.as_str().unwrap_or("");
+        let l = UnixListener::bind(path).map_err(|e| format!("vsock: cannot bind {path}: {e}"))?;
+        let mut cfg = cfg.clone();
+        cfg["uds_path"] = uds_path.clone();
+        Ok((cfg, l))
     }
 
     /// Opens a drive's file as Firecracker does: relative to the working directory, writable
@@ -190,12 +201,17 @@ mod fake {
             loaded: None,
             drives: vec![],
             drives_config: vec![],
+            vsock: None,
         };
         // Drives configured before boot (`PUT /drives/{id}`), as a JSON list of their bodies.
         if let Ok(list) = std::env::var("FAKE_FC_DRIVES") {
             let list: Vec<Value> = serde_json::from_str(&list).unwrap();
             vm.drives = list.iter().map(|d| (d.clone(), open_drive(d).unwrap())).collect();
             vm.drives_config = list;
+        }
+        if let Ok(v) = std::env::var("FAKE_FC_VSOCK") {
+            let cfg: Value = serde_json::from_str(&v).unwrap();
+            vm.vsock = Some(bind_vsock(&cfg, &cfg["uds_path"]).unwrap());
         }
         if std::env::var("FAKE_FC_SEED").is_ok() {
             for (i, page) in vm.own.chunks_mut(PAGE).enumerate() {
@@ -280,8 +296,9 @@ mod fake {
                     std::process::exit(137);
                 }
                 let drives: Vec<&Value> = vm.drives.iter().map(|(d, _)| d).collect();
-                let vmstate =
-                    json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE, "drives": drives});
+                let vsock = vm.vsock.as_ref().map(|(v, _)| v);
+                let vmstate = json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE,
+                    "drives": drives, "vsock": vsock});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
                 match body["snapshot_type"].as_str().unwrap_or("Full") {
@@ -329,6 +346,17 @@ mod fake {
                         }
                     }
                 }
+                // The vsock device binds its socket anew: the vmstate's, or the override.
+                if st["vsock"].is_object() {
+                    let uds = match &body["vsock_override"] {
+                        Value::Null => &st["vsock"]["uds_path"],
+                        o => &o["uds_path"],
+                    };
+                    match bind_vsock(&st["vsock"], uds) {
+                        Ok(v) => vm.vsock = Some(v),
+                        Err(e) => return fault(s, &format!("Load snapshot error: {e}")),
+                    }
+                }
                 vm.drives_config = drives.iter().map(|(d, _)| d.clone()).collect();
                 vm.drives = drives;
                 let size = st["regions"][0]["size"].as_u64().unwrap();
@@ -345,7 +373,10 @@ mod fake {
                 vm.state = if body["resume_vm"].as_bool() == Some(true) { "Running" } else { "Paused" };
                 reply(s, 204, None)
             }
-            ("GET", "/vm/config") => reply(s, 200, Some(json!({"drives": vm.drives_config}))),
+            ("GET", "/vm/config") => {
+                let vsock = vm.vsock.as_ref().map(|(v, _)| v);
+                reply(s, 200, Some(json!({"drives": vm.drives_config, "vsock": vsock})))
+            }
             ("PATCH", p) if p.starts_with("/drives/") => {
                 if vm.state == "Not started" {
                     return fault(s, "The requested operation is not supported before starting the microVM.");
@@ -479,7 +510,7 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let cfg = FirecrackerConfig {
         api_socket: api.clone(),
         binary: Some(me.clone()),
-        drives: vec![],
+        devices: None,
         page_size: PAGE as u32,
         diff: true,
         pid: None,
@@ -720,11 +751,26 @@ fn disk_write(api: &Path, drive: &str, block: u64, byte: u8) {
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
+/// The process listening on the Unix socket at `path`.
+fn listener_pid(path: &Path) -> i32 {
+    let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+    nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).unwrap().pid()
+}
+
+/// The pid of sandbox `name`'s VMM, from its record.
+fn vmm_pid(dir: &Path, name: &str) -> i32 {
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("engine/sandboxes").join(name).join("sandbox.json")).unwrap())
+            .unwrap();
+    rec["config"]["pid"].as_i64().unwrap() as i32
+}
+
 /// Forks of one snapshot write disks of their own, never the original's or each other's:
 /// drives named absolutely and relatively (to the VMM's working directory), writable (stored
-/// with the snapshot, copied for each restore) and read-only (shared). A snapshot of a restored
-/// VM restores with nothing outside the engine's directory.
-async fn firecracker_forks_get_their_own_disks() {
+/// with the snapshot, copied for each restore) and read-only (shared). Each has its own vsock
+/// socket too (Firecracker binds it anew on load). A snapshot of a restored VM restores with
+/// nothing outside the engine's directory.
+async fn firecracker_forks_get_their_own_disks_and_sockets() {
     if !common::require(TEST_DRIVES, false) {
         return;
     }
@@ -753,6 +799,7 @@ async fn firecracker_forks_get_their_own_disks() {
             .current_dir(&vm_cwd)
             .env("FAKE_FC_SEED", "1")
             .env("FAKE_FC_DRIVES", drives.to_string())
+            .env("FAKE_FC_VSOCK", json!({"guest_cid": 3, "uds_path": dir.path().join("vm-vsock.sock")}).to_string())
             .spawn()
             .unwrap(),
     );
@@ -789,6 +836,11 @@ async fn firecracker_forks_get_their_own_disks() {
         }
         assert_eq!(d["base"]["path"], json!(base));
         assert_eq!(d["tools"]["path"], json!(vm_cwd.join("tools.img")));
+        // Its vsock socket, in its own directory, answered by its own VMM.
+        assert_eq!(f.api_socket.as_ref(), Some(fapi));
+        let vsock = f.vsock.clone().unwrap_or_else(|| panic!("{}: no vsock socket in {f:?}", f.name));
+        assert!(vsock.starts_with(&own), "{}: vsock socket {}", f.name, vsock.display());
+        assert_eq!(listener_pid(&vsock), vmm_pid(dir.path(), &f.name), "{}", f.name);
     }
     // Their guests write their disks: each sees only its own writes; the original sees none.
     for (i, fapi) in fork_apis.iter().enumerate() {
@@ -813,7 +865,8 @@ async fn firecracker_forks_get_their_own_disks() {
     engine.rm(&forks[0].name).await.unwrap();
     std::fs::remove_file(&rootfs).unwrap();
     std::fs::remove_file(vm_cwd.join("data.img")).unwrap();
-    engine.restore(&f0.id, "f0-again").await.unwrap();
+    let f0_again = engine.restore(&f0.id, "f0-again").await.unwrap();
+    assert_eq!(listener_pid(&f0_again.vsock.unwrap()), vmm_pid(dir.path(), "f0-again"));
     let again = disks(&api_of(dir.path(), "f0-again"));
     for id in ["rootfs", "data"] {
         assert_eq!(again[id]["blake3"], d0[id]["blake3"], "drive {id} of the fork's snapshot");
@@ -859,7 +912,7 @@ fn stand_in_vm(api: &Path) -> RunSpec {
     let cfg = FirecrackerConfig {
         api_socket: api.to_path_buf(),
         binary: Some(std::env::current_exe().unwrap()),
-        drives: vec![],
+        devices: None,
         page_size: PAGE as u32,
         diff: false,
         pid: None,
