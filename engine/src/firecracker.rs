@@ -4,23 +4,25 @@
 //! lazy-restore.
 //!
 //! Calls used: `GET /` (instance info), `PATCH /vm {"state": "Paused"|"Resumed"}`,
-//! `PUT /snapshot/create {"snapshot_type": "Full"|"Diff", "snapshot_path", "mem_file_path"}` and
+//! `PUT /snapshot/create {"snapshot_type": "Full"|"Diff", "snapshot_path", "mem_file_path"}`,
 //! `PUT /snapshot/load {"snapshot_path", "mem_backend": {"backend_type": "Uffd", "backend_path"},
-//! "enable_diff_snapshots", "track_dirty_pages", "resume_vm"}`. Successful calls answer 204 (or
-//! 200 with a body); failures answer 4xx with `{"fault_message": "..."}`.
+//! "enable_diff_snapshots", "track_dirty_pages", "resume_vm", "vsock_override"}`,
+//! `GET /vm/config` (drives, vsock) and `PATCH /drives/{id} {"drive_id", "path_on_host"}`.
+//! Successful calls answer 204 (or 200 with a body); failures answer 4xx with
+//! `{"fault_message": "..."}`.
 //!
-//! Drives: the vmstate names each block device's host file by the path it had, and a VMM that
-//! loads it reopens that path, so without more every fork of a snapshot would write the one
-//! disk. A checkpoint asks the VMM for its drives (`GET /vm/config`), stores each writable one
+//! Devices: the vmstate names each block device's host file, and the vsock device's socket, by
+//! the path it had, and a VMM that loads it reopens (rebinds) that path: without more, every fork
+//! of a snapshot would write the one disk, and all but one would fail to bind the socket. A
+//! checkpoint asks the VMM for its devices (`GET /vm/config`), stores each writable drive
 //! (read-only ones are shared, as Firecracker intends) and records them in the snapshot
-//! ([`Drive`]). A restore starts its VMM in a directory of its own and gives it a copy of each
+//! ([`Devices`]). A restore starts its VMM in a directory of its own and gives it a copy of each
 //! writable drive there: at the same relative path when the vmstate names it relatively (the
 //! jailer's way; the copy is then what the load opens), else loaded from the original path and
 //! pointed at the copy with `PATCH /drives/{id}` (a relative path) before the guest runs a single
-//! instruction. Snapshots of restored VMs therefore name their drives relatively, and restore
-//! with nothing outside their directory. ([`plan_devices`] says where each file goes; a vsock socket,
-//! bound anew by every load, is put in the VM's directory the same way, with `vsock_override`
-//! where the vmstate names it absolutely.)
+//! instruction. The vsock socket goes there too (`vsock_override` where the vmstate names it
+//! absolutely). Snapshots of restored VMs therefore name their devices relatively, and restore
+//! with nothing outside their directory. [`plan_devices`] says where each file goes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -362,10 +364,11 @@ impl FirecrackerConfig {
                     let host_path = resolve_path(&format!("drive {drive_id}"), &path_on_host, pid)?;
                     drives.push(Drive { drive_id, path_on_host, is_read_only, host_path });
                 }
-                let vsock = match reported.vsock {
-                    Some(uds_path) => Some(Vsock { host_path: resolve_path("vsock", &uds_path, pid)?, uds_path }),
-                    None => None,
-                };
+                // (Where it is only tells users where to reach the guest: never a reason to fail.)
+                let vsock = reported.vsock.map(|uds_path| Vsock {
+                    host_path: resolve_path("vsock", &uds_path, pid).unwrap_or_else(|_| uds_path.clone()),
+                    uds_path,
+                });
                 Devices { drives, vsock }
             }
         };
