@@ -218,6 +218,10 @@ pub struct SandboxInfo {
     /// restored the VM, or took a snapshot of it): where to reach the guest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<PathBuf>,
+    /// A restored Firecracker VM's network namespace (`/proc/PID/ns/net`), when it has network
+    /// interfaces: it holds the VM's taps and nothing else, for the host to wire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
     /// Why snapfork ended its VM, when it did (`ls` only): the memory server killed it because
     /// a page of its memory failed verification in the store, or could no longer be served.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -865,6 +869,11 @@ impl Inner {
             workspace: rec.workspace.clone(),
             runtime_id: rec.runtime_id.clone(),
             api_socket: vm.as_ref().map(|c| c.api_socket.clone()),
+            netns: vm
+                .as_ref()
+                .filter(|c| c.pid.is_some() && c.devices.as_ref().is_some_and(|d| !d.network.is_empty()))
+                .and_then(|c| c.vmm_process())
+                .map(|(pid, _)| PathBuf::from(format!("/proc/{pid}/ns/net"))),
             vsock: vm.and_then(|c| c.devices?.vsock).map(|v| v.host_path),
             ended: None,
             timings,
@@ -2299,18 +2308,27 @@ impl Inner {
         let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
         let cfg = &FirecrackerConfig { binary: if imported { None } else { cfg.binary.clone() }, ..cfg.clone() };
         let binary = cfg.binary();
-        let mut child = std::process::Command::new(&binary)
-            .current_dir(&cwd)
-            .arg("--api-sock")
-            .arg(&api_sock)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| Error::Runtime {
-                what: "firecracker start".into(),
-                detail: format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display()),
-            })?;
+        let mut command = std::process::Command::new(&binary);
+        command.current_dir(&cwd).arg("--api-sock").arg(&api_sock).stdin(std::process::Stdio::null());
+        command.stdout(log).stderr(log2);
+        let networked = !plan.network.is_empty();
+        if networked {
+            // Its taps, by the names the vmstate holds, in a network namespace of its own.
+            let taps =
+                crate::vmnet::Taps::new(&plan.network.iter().map(|n| n.host_dev_name.clone()).collect::<Vec<_>>())?;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: `enter` only makes system calls (unshare, open, ioctl, socket, close) and
+            // allocates nothing, as code between fork and exec must.
+            unsafe { command.pre_exec(move || taps.enter()) };
+        }
+        let mut child = command.spawn().map_err(|e| Error::Runtime {
+            what: "firecracker start".into(),
+            detail: if networked {
+                format!("{}: {e} (or making its network namespace and taps)", binary.display())
+            } else {
+                format!("{}: {e} (set $FIRECRACKER or the config's binary)", binary.display())
+            },
+        })?;
         let pid = child.id() as i32;
         // Read before it can be reaped: what tells this VMM from a later process of its pid.
         let start_time = snapfork_lazy_restore::journal::process_start_time(pid);

@@ -7,7 +7,7 @@
 //! `PUT /snapshot/create {"snapshot_type": "Full"|"Diff", "snapshot_path", "mem_file_path"}`,
 //! `PUT /snapshot/load {"snapshot_path", "mem_backend": {"backend_type": "Uffd", "backend_path"},
 //! "enable_diff_snapshots", "track_dirty_pages", "resume_vm", "vsock_override"}`,
-//! `GET /vm/config` (drives, vsock) and `PATCH /drives/{id} {"drive_id", "path_on_host"}`.
+//! `GET /vm/config` (drives, vsock, network interfaces) and `PATCH /drives/{id} {"drive_id", "path_on_host"}`.
 //! Successful calls answer 204 (or 200 with a body); failures answer 4xx with
 //! `{"fault_message": "..."}`.
 //!
@@ -22,7 +22,9 @@
 //! pointed at the copy with `PATCH /drives/{id}` (a relative path) before the guest runs a single
 //! instruction. The vsock socket goes there too (`vsock_override` where the vmstate names it
 //! absolutely). Snapshots of restored VMs therefore name their devices relatively, and restore
-//! with nothing outside their directory. [`plan_devices`] says where each file goes.
+//! with nothing outside their directory. [`plan_devices`] says where each file goes. Network
+//! interfaces keep their tap names: a restored VM runs in a network namespace of its own that
+//! holds those taps (the engine's `vmnet`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -82,6 +84,19 @@ pub struct Devices {
     /// its own in its directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
+    /// Its network interfaces. A load opens each one's tap by name, and a tap serves one VMM at
+    /// a time: a restored VM runs in a network namespace of its own with taps of these names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NetInterface>,
+}
+
+/// A VM's network interface, as a snapshot records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// Firecracker's `iface_id`.
+    pub iface_id: String,
+    /// The host tap device it is backed by (`host_dev_name`).
+    pub host_dev_name: String,
 }
 
 /// A VM's vsock device, as a snapshot records it.
@@ -160,12 +175,18 @@ pub struct DevicePlan {
     pub vsock: Option<Vsock>,
     /// The `vsock_override` that puts its socket there (the vmstate names it absolutely).
     pub vsock_override: Option<PathBuf>,
+    /// The network interfaces, whose taps the VMM's own network namespace holds.
+    pub network: Vec<NetInterface>,
 }
 
 impl DevicePlan {
     /// The devices as the restored VM has them, for its record.
     pub fn devices(&self) -> Devices {
-        Devices { drives: self.drives.iter().map(|d| d.drive.clone()).collect(), vsock: self.vsock.clone() }
+        Devices {
+            drives: self.drives.iter().map(|d| d.drive.clone()).collect(),
+            vsock: self.vsock.clone(),
+            network: self.network.clone(),
+        }
     }
 }
 
@@ -256,7 +277,7 @@ pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
             at.display()
         )));
     }
-    Ok(DevicePlan { drives: plan, vsock, vsock_override })
+    Ok(DevicePlan { drives: plan, vsock, vsock_override, network: devices.network.clone() })
 }
 
 /// Firecracker's rule for API resource ids (1-64 of `[A-Za-z0-9_]`), which makes a drive id a
@@ -369,7 +390,7 @@ impl FirecrackerConfig {
                     host_path: resolve_path("vsock", &uds_path, pid).unwrap_or_else(|_| uds_path.clone()),
                     uds_path,
                 });
-                Devices { drives, vsock }
+                Devices { drives, vsock, network: reported.network }
             }
         };
         if let Some(pid) = pid {
@@ -553,7 +574,7 @@ impl ApiClient {
         self.expect_ok("PUT", "/snapshot/create", Some(&body), Some(&written)).map(|_| ())
     }
 
-    /// `GET /vm/config`'s drives and vsock. A vhost-user drive is refused: its contents live in
+    /// `GET /vm/config`'s drives, vsock and network interfaces. A vhost-user drive is refused: its contents live in
     /// its backend, out of the VMM's and snapfork's reach.
     pub fn devices(&self) -> Result<ReportedDevices> {
         let r = self.expect_ok("GET", "/vm/config", None, None)?;
@@ -582,7 +603,18 @@ impl ApiClient {
                 vs["uds_path"].as_str().ok_or_else(|| bad(format!("a vsock without uds_path: {vs}")))?,
             )),
         };
-        Ok(ReportedDevices { drives, vsock })
+        let network = match v.get("network-interfaces") {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .map(|n| match (n["iface_id"].as_str(), n["host_dev_name"].as_str()) {
+                    (Some(i), Some(h)) => Ok(NetInterface { iface_id: i.into(), host_dev_name: h.into() }),
+                    _ => Err(bad(format!("a network interface without iface_id or host_dev_name: {n}"))),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => return Err(bad(format!("network-interfaces is not a list: {other}"))),
+        };
+        Ok(ReportedDevices { drives, vsock, network })
     }
 
     /// `PATCH /drives/{drive_id}`: the drive's backing file is now `path_on_host` (after a load,
@@ -635,6 +667,8 @@ pub struct ReportedDevices {
     pub drives: Vec<(String, PathBuf, bool)>,
     /// The vsock's `uds_path`.
     pub vsock: Option<PathBuf>,
+    /// The network interfaces.
+    pub network: Vec<NetInterface>,
 }
 
 /// The longest status or header line a response may have.
@@ -754,11 +788,14 @@ mod tests {
             Drive { host_path: shared.clone(), ..drive("tools", Path::new("tools.img"), true) },
         ];
         let vsock = |p: &str| Some(Vsock { uds_path: p.into(), host_path: p.into() });
-        let plan = plan_devices(&Devices { drives: drives.clone(), vsock: vsock("/run/vm/v.sock") }, &cwd).unwrap();
+        let plan =
+            plan_devices(&Devices { drives: drives.clone(), vsock: vsock("/run/vm/v.sock"), network: vec![] }, &cwd)
+                .unwrap();
         // A vsock socket named absolutely is overridden with one in the VM's directory.
         let own = Vsock { uds_path: VSOCK_SOCKET.into(), host_path: cwd.join(VSOCK_SOCKET) };
         assert_eq!((plan.vsock.as_ref(), plan.vsock_override.as_deref()), (Some(&own), Some(Path::new(VSOCK_SOCKET))));
-        let relative = plan_devices(&Devices { drives: vec![], vsock: vsock("s/v.sock") }, &cwd).unwrap();
+        let relative =
+            plan_devices(&Devices { drives: vec![], vsock: vsock("s/v.sock"), network: vec![] }, &cwd).unwrap();
         let own = Vsock { uds_path: "s/v.sock".into(), host_path: cwd.join("s/v.sock") };
         assert_eq!((relative.vsock, relative.vsock_override), (Some(own), None));
         let got: Vec<(&Path, &Path, &Make, bool)> = plan
@@ -786,12 +823,21 @@ mod tests {
             (vec![drive("a", &orig, false), drive("b", Path::new("a"), false)], "one place"),
             (vec![drive("a", Path::new("x"), true), drive("b", Path::new("x/y"), false)], "one place"),
         ] {
-            let err = plan_devices(&Devices { drives: bad.clone(), vsock: None }, &cwd).unwrap_err().to_string();
+            let err = plan_devices(&Devices { drives: bad.clone(), vsock: None, network: vec![] }, &cwd)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
         for (bad, why) in [
-            (Devices { drives: vec![], vsock: vsock("../v.sock") }, "leaves"),
-            (Devices { drives: vec![drive("a", Path::new("v.sock"), false)], vsock: vsock("v.sock") }, "one place"),
+            (Devices { drives: vec![], vsock: vsock("../v.sock"), network: vec![] }, "leaves"),
+            (
+                Devices {
+                    drives: vec![drive("a", Path::new("v.sock"), false)],
+                    vsock: vsock("v.sock"),
+                    network: vec![],
+                },
+                "one place",
+            ),
         ] {
             let err = plan_devices(&bad, &cwd).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");

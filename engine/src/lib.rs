@@ -21,6 +21,7 @@ pub mod gvisor;
 pub mod model;
 pub mod raw;
 pub mod runsc;
+mod vmnet;
 pub mod workspace;
 
 pub use engine::{

@@ -142,6 +142,26 @@ mod fake {
         drives_config: Vec<Value>,
         /// The vsock device: its config (`guest_cid`, `uds_path`) and the socket it listens on.
         vsock: Option<(Value, UnixListener)>,
+        /// Network interfaces: config (`iface_id`, `host_dev_name`) and the tap it has open.
+        net: Vec<(Value, std::fs::File)>,
+    }
+
+    /// Opens a network interface's tap as Firecracker does (TUNSETIFF by name; a tap another
+    /// process has open is busy).
+    fn open_tap(cfg: &Value) -> Result<std::fs::File, String> {
+        use std::os::fd::AsRawFd;
+        let name = cfg["host_dev_name"].as_str().unwrap_or("");
+        let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(|e| e.to_string())?;
+        // SAFETY: zeroed ifreq is valid; TUNSETIFF reads one ifreq on the tun descriptor.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (r, b) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+            *r = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        if unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(format!("tap {name}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f)
     }
 
     /// Binds a vsock device's host socket as Firecracker does, which fails where one exists.
@@ -202,12 +222,17 @@ mod fake {
             drives: vec![],
             drives_config: vec![],
             vsock: None,
+            net: vec![],
         };
         // Drives configured before boot (`PUT /drives/{id}`), as a JSON list of their bodies.
         if let Ok(list) = std::env::var("FAKE_FC_DRIVES") {
             let list: Vec<Value> = serde_json::from_str(&list).unwrap();
             vm.drives = list.iter().map(|d| (d.clone(), open_drive(d).unwrap())).collect();
             vm.drives_config = list;
+        }
+        if let Ok(list) = std::env::var("FAKE_FC_NET") {
+            let list: Vec<Value> = serde_json::from_str(&list).unwrap();
+            vm.net = list.iter().map(|n| (n.clone(), open_tap(n).unwrap())).collect();
         }
         if let Ok(v) = std::env::var("FAKE_FC_VSOCK") {
             let cfg: Value = serde_json::from_str(&v).unwrap();
@@ -297,8 +322,9 @@ mod fake {
                 }
                 let drives: Vec<&Value> = vm.drives.iter().map(|(d, _)| d).collect();
                 let vsock = vm.vsock.as_ref().map(|(v, _)| v);
+                let net: Vec<&Value> = vm.net.iter().map(|(n, _)| n).collect();
                 let vmstate = json!({"regions": [{"size": vm.mem().len(), "offset": 0}], "page_size": PAGE,
-                    "drives": drives, "vsock": vsock});
+                    "drives": drives, "vsock": vsock, "network-interfaces": net});
                 std::fs::write(st, vmstate.to_string()).unwrap();
                 let mut f = std::fs::File::create(mp).unwrap();
                 match body["snapshot_type"].as_str().unwrap_or("Full") {
@@ -346,6 +372,15 @@ mod fake {
                         }
                     }
                 }
+                // Each interface's tap, opened by name.
+                let mut net = vec![];
+                for n in st["network-interfaces"].as_array().into_iter().flatten() {
+                    match open_tap(n) {
+                        Ok(f) => net.push((n.clone(), f)),
+                        Err(e) => return fault(s, &format!("Load snapshot error: {e}")),
+                    }
+                }
+                vm.net = net;
                 // The vsock device binds its socket anew: the vmstate's, or the override.
                 if st["vsock"].is_object() {
                     let uds = match &body["vsock_override"] {
@@ -375,7 +410,8 @@ mod fake {
             }
             ("GET", "/vm/config") => {
                 let vsock = vm.vsock.as_ref().map(|(v, _)| v);
-                reply(s, 200, Some(json!({"drives": vm.drives_config, "vsock": vsock})))
+                let net: Vec<&Value> = vm.net.iter().map(|(n, _)| n).collect();
+                reply(s, 200, Some(json!({"drives": vm.drives_config, "vsock": vsock, "network-interfaces": net})))
             }
             ("PATCH", p) if p.starts_with("/drives/") => {
                 if vm.state == "Not started" {
@@ -407,6 +443,12 @@ mod fake {
                     Ok(()) => reply(s, 204, None),
                     Err(e) => fault(s, &format!("write: {e}")),
                 }
+            }
+            ("GET", "/fake/net") => {
+                // The network namespace it runs in, and the taps it has open there.
+                let ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+                let taps: Vec<&Value> = vm.net.iter().map(|(n, _)| &n["host_dev_name"]).collect();
+                reply(s, 200, Some(json!({"netns": ns, "taps": taps})))
             }
             ("GET", "/fake/disks") => {
                 // Each drive: the file it really has open, and what that file holds.
@@ -751,6 +793,11 @@ fn disk_write(api: &Path, drive: &str, block: u64, byte: u8) {
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
+/// A stand-in VM's network namespace and the taps it holds open there.
+fn net(api: &Path) -> Value {
+    serde_json::from_str(&ApiClient::new(api).call("GET", "/fake/net", None).unwrap().body).unwrap()
+}
+
 /// The process listening on the Unix socket at `path`.
 fn listener_pid(path: &Path) -> i32 {
     let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
@@ -768,7 +815,8 @@ fn vmm_pid(dir: &Path, name: &str) -> i32 {
 /// Forks of one snapshot write disks of their own, never the original's or each other's:
 /// drives named absolutely and relatively (to the VMM's working directory), writable (stored
 /// with the snapshot, copied for each restore) and read-only (shared). Each has its own vsock
-/// socket too (Firecracker binds it anew on load). A snapshot of a restored VM restores with
+/// socket too (Firecracker binds it anew on load), and its own tap of the original's name in a
+/// network namespace of its own (a load opens the tap by name, and the original holds it). A snapshot of a restored VM restores with
 /// nothing outside the engine's directory.
 async fn firecracker_forks_get_their_own_disks_and_sockets() {
     if !common::require(TEST_DRIVES, false) {
@@ -792,6 +840,8 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
     ]);
     let api = dir.path().join("vm.sock");
     let me = std::env::current_exe().unwrap();
+    // A tap of the host's (gone with the stand-in that holds it, which is not persistent).
+    let tap = format!("sft{}", std::process::id() % 100_000);
     let vm = KillOnDrop(
         std::process::Command::new(&me)
             .arg("--api-sock")
@@ -800,6 +850,7 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
             .env("FAKE_FC_SEED", "1")
             .env("FAKE_FC_DRIVES", drives.to_string())
             .env("FAKE_FC_VSOCK", json!({"guest_cid": 3, "uds_path": dir.path().join("vm-vsock.sock")}).to_string())
+            .env("FAKE_FC_NET", json!([{"iface_id": "eth0", "host_dev_name": tap}]).to_string())
             .spawn()
             .unwrap(),
     );
@@ -841,7 +892,14 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
         let vsock = f.vsock.clone().unwrap_or_else(|| panic!("{}: no vsock socket in {f:?}", f.name));
         assert!(vsock.starts_with(&own), "{}: vsock socket {}", f.name, vsock.display());
         assert_eq!(listener_pid(&vsock), vmm_pid(dir.path(), &f.name), "{}", f.name);
+        // Its tap, of the same name, in a network namespace of its own.
+        let net = net(fapi);
+        assert_eq!(net["taps"], json!([tap]), "{}", f.name);
+        assert_ne!(net["netns"], json!(std::fs::read_link("/proc/self/ns/net").unwrap()), "{}", f.name);
+        let netns = f.netns.clone().unwrap_or_else(|| panic!("{}: no netns in {f:?}", f.name));
+        assert_eq!(json!(std::fs::read_link(&netns).unwrap()), net["netns"]);
     }
+    assert_ne!(net(&fork_apis[0])["netns"], net(&fork_apis[1])["netns"], "the forks share a network namespace");
     // Their guests write their disks: each sees only its own writes; the original sees none.
     for (i, fapi) in fork_apis.iter().enumerate() {
         disk_write(fapi, "rootfs", 1, 0x20 + i as u8);
