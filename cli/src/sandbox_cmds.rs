@@ -381,6 +381,9 @@ fn info_text(i: &SandboxInfo) -> String {
     if let Some(vsock) = &i.vsock {
         line.push_str(&format!("\tvsock {}", vsock.display()));
     }
+    if let Some(netns) = &i.netns {
+        line.push_str(&format!("\tnetns {}", netns.display()));
+    }
     if let Some(why) = &i.ended {
         line.push_str(&format!("\t{why}"));
     }

@@ -96,6 +96,11 @@ pub fn open_store(global: &Global, read_only: bool) -> anyhow::Result<Store> {
     Store::open(&global.store, opts).with_context(|| format!("open store {}", global.store.display()))
 }
 
+/// " (was ID)" for a ref an ingest moved.
+fn was(replaced: Option<snapfork_store::Hash>) -> String {
+    replaced.map(|old| format!(" (was {})", old.short())).unwrap_or_default()
+}
+
 /// Runs one store command.
 pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
     match cmd {
@@ -118,8 +123,9 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
                 drop(busy);
                 let secs = started.elapsed().as_secs_f64();
                 let text = format!(
-                    "{name} = {} (blob, {} in {} chunks, {} new, {} stored, {:.2}s)",
+                    "{name} = {}{} (blob, {} in {} chunks, {} new, {} stored, {:.2}s)",
                     info.id.short(),
+                    was(replaced),
                     bytes(info.size),
                     info.chunks,
                     info.new_chunks,
@@ -148,8 +154,9 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             let text = format!(
-                "{name} = {} ({} pages: {} zero, {} hashed, {} new; {} stored; {:.2}s, {}/s)",
+                "{name} = {}{} ({} pages: {} zero, {} hashed, {} new; {} stored; {:.2}s, {}/s)",
                 info.id.short(),
+                was(replaced),
                 info.pages,
                 info.zero_pages,
                 info.hashed_pages,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use snapfork_store::{Hash, Store};
 
 use crate::error::{Error, Result};
-use crate::firecracker::{ApiClient, FirecrackerConfig};
+use crate::firecracker::{ApiClient, FirecrackerConfig, Make};
 use crate::gvisor::GvisorConfig;
 use crate::model::{
     self, PartKind, Role, SandboxRecord, Snapshot, SnapshotBody, Status, check_name, head_ref, snaps_prefix, tag_ref,
@@ -214,8 +214,8 @@ pub struct SandboxInfo {
     /// A Firecracker VM's API socket: where to reach its VMM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
-    /// A Firecracker VM's vsock socket, when it has a vsock device and the engine knows it (it
-    /// restored the VM, or took a snapshot of it): where to reach the guest.
+    /// A Firecracker VM's vsock socket, when it has a vsock device and the engine restored it:
+    /// where to reach the guest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<PathBuf>,
     /// A restored Firecracker VM's network namespace (`/proc/PID/ns/net`), when it has network
@@ -1233,6 +1233,7 @@ impl Inner {
                          which takes the VM over, and checkpoint it through the daemon"
                     )));
                 }
+                cfg.check_unjailed()?;
                 let api = self.api(&cfg.api_socket);
                 // Before the pause, so that failing to make it leaves the VM running.
                 let dir = tempdir(&self.state.join("tmp"), "fc")?;
@@ -2251,8 +2252,13 @@ impl Inner {
         }
         // The VMM runs in a directory of its own, where each writable drive gets its copy and
         // its vsock device its socket.
+        // Made afresh: what a crashed restore left there (a symlink at a drive's name) must
+        // never be written through.
         let cwd = dir.join("files");
-        std::fs::create_dir_all(&cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
+        if std::fs::symlink_metadata(&cwd).is_ok() {
+            std::fs::remove_dir_all(&cwd).map_err(|e| Error::io(format!("remove {}", cwd.display()), e))?;
+        }
+        std::fs::create_dir(&cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
         // The snapshot's devices, as its vmstate names them (a revert's `cfg` is its sandbox's).
         let recorded = match DriverConfig::from_parts(&s.body.driver, &s.body.config)? {
             DriverConfig::Firecracker(taken) => taken.devices,
@@ -2268,7 +2274,7 @@ impl Inner {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
             }
             match &d.make {
-                crate::firecracker::Make::Copy => {
+                Make::Copy => {
                     let p = s.part_named(Role::Disk, &d.drive.drive_id).ok_or_else(|| {
                         Error::corrupt(
                             format!("snapshot {}", s.id.short()),
@@ -2277,9 +2283,9 @@ impl Inner {
                     })?;
                     self.store.open_image(&Snapshot::part_id(p)?)?.materialize(dest, None)?;
                 }
-                crate::firecracker::Make::Link { .. } => std::os::unix::fs::symlink(&d.drive.host_path, dest)
+                Make::Link { .. } => std::os::unix::fs::symlink(&d.drive.host_path, dest)
                     .map_err(|e| Error::io(format!("symlink {}", dest.display()), e))?,
-                crate::firecracker::Make::Nothing => {}
+                Make::Nothing => {}
             }
         }
         if recorded.is_none() {
@@ -2333,7 +2339,8 @@ impl Inner {
         let started = FirecrackerConfig {
             api_socket: api_sock,
             binary: cfg.binary.clone(),
-            devices: Some(plan.devices()),
+            // (From a snapshot that recorded none, its VMM is asked at each checkpoint.)
+            devices: recorded.is_some().then(|| plan.devices()),
             page_size: cfg.page_size,
             diff: cfg.diff,
             pid: Some(pid),

@@ -210,7 +210,7 @@ pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
         if relative {
             check_inside(&format!("drive {}", d.drive_id), &d.path_on_host)?;
         }
-        if !relative && std::fs::symlink_metadata(&d.path_on_host).is_err() {
+        if !relative && std::fs::metadata(&d.path_on_host).is_err() {
             return Err(Error::Invalid(format!(
                 "drive {}: the snapshot's vmstate names {}, which Firecracker opens when it loads the \
                  snapshot (before snapfork points the VM at a copy of its own), and that file is gone; \
@@ -223,6 +223,13 @@ pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
         let setup = match (d.is_read_only, relative) {
             (true, false) => DriveSetup { drive: d.clone(), make: Make::Nothing, patch: false },
             (true, true) => {
+                if !d.host_path.is_absolute() || std::fs::metadata(&d.host_path).is_err() {
+                    return Err(Error::Invalid(format!(
+                        "drive {}: the shared file {} it stands for is gone (or not named absolutely)",
+                        d.drive_id,
+                        d.host_path.display()
+                    )));
+                }
                 DriveSetup { drive: d.clone(), make: Make::Link { at: cwd.join(&d.path_on_host) }, patch: false }
             }
             (false, true) => DriveSetup {
@@ -370,10 +377,11 @@ impl FirecrackerConfig {
     }
 
     /// The VM's devices now, each drive with the file the engine reads it from: the ones the
-    /// engine set up when it started the VMM, else what the VMM reports (Firecracker's
-    /// `PATCH /drives` changes a device, not what `GET /vm/config` says of it). A writable
-    /// drive's file must be one the VMM has open: a path that since names another file (moved,
-    /// replaced) is refused rather than stored as the VM's disk.
+    /// engine set up when it started the VMM (it knows where it put each file and what a
+    /// read-only drive's link stands for, whatever a release reports after a load), else what
+    /// the VMM reports. A writable drive's file must be one the VMM has open: a path
+    /// that since names another file (moved, replaced, patched) is refused rather than stored as
+    /// the VM's disk; so is a writable drive of a VMM whose process cannot be told.
     pub fn current_devices(&self, api: &ApiClient) -> Result<Devices> {
         let pid = self.vmm_process().map(|(pid, _)| pid);
         let devices = match &self.devices {
@@ -393,29 +401,52 @@ impl FirecrackerConfig {
                 Devices { drives, vsock, network: reported.network }
             }
         };
-        if let Some(pid) = pid {
-            for d in devices.drives.iter().filter(|d| !d.is_read_only) {
-                if !has_open(pid, &d.host_path)? {
-                    return Err(Error::Runtime {
-                        what: format!("drive {}", d.drive_id),
-                        detail: format!(
-                            "the VMM (pid {pid}) does not have {} open: it names another file now \
-                             (moved or replaced?), not the VM's disk",
-                            d.host_path.display()
-                        ),
-                    });
-                }
+        for d in devices.drives.iter().filter(|d| !d.is_read_only) {
+            let refuse = |detail: String| Error::Runtime { what: format!("drive {}", d.drive_id), detail };
+            let Some(pid) = pid else {
+                return Err(refuse(
+                    "the VMM's process cannot be told (in another pid namespace?), nor the file it \
+                     writes: refusing to store a file it may not use"
+                        .into(),
+                ));
+            };
+            if !has_open(pid, &d.host_path)? {
+                return Err(refuse(format!(
+                    "the VMM (pid {pid}) does not have {} open: it names another file now (moved, \
+                     replaced, patched?), not the VM's disk",
+                    d.host_path.display()
+                )));
             }
         }
         Ok(devices)
     }
 
-    /// The binary restores start.
+    /// Refuses a VMM that runs in a chroot (Firecracker's jailer): the paths the engine gives
+    /// it (snapshot files) and takes from it (drives) are host paths, which name other files in
+    /// there.
+    pub fn check_unjailed(&self) -> Result<()> {
+        let Some((pid, _)) = self.vmm_process() else { return Ok(()) };
+        match std::fs::canonicalize(format!("/proc/{pid}/root")) {
+            Ok(root) if root != Path::new("/") => Err(Error::Invalid(format!(
+                "the VMM (pid {pid}) runs in a chroot ({}, the jailer's?), where the host paths of \
+                 snapshot files and drives name other files: snapfork checkpoints VMMs that run \
+                 unjailed",
+                root.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The binary restores start: a bare name is looked up in `$PATH`, any other path made
+    /// absolute (the VMM starts in a directory of its own, where a relative one means another
+    /// file).
     pub fn binary(&self) -> PathBuf {
-        self.binary
+        let b = self
+            .binary
             .clone()
             .or_else(|| std::env::var_os("FIRECRACKER").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("firecracker"))
+            .unwrap_or_else(|| PathBuf::from("firecracker"));
+        if b.components().count() > 1 { std::path::absolute(&b).unwrap_or(b) } else { b }
     }
 }
 
@@ -581,8 +612,8 @@ impl ApiClient {
         let bad = |d: String| self.err("GET /vm/config", d);
         let v: serde_json::Value = serde_json::from_str(&r.body).map_err(|e| bad(format!("bad JSON: {e}")))?;
         let list = match v.get("drives") {
-            None | Some(serde_json::Value::Null) => &vec![],
-            Some(serde_json::Value::Array(list)) => list,
+            None | Some(serde_json::Value::Null) => &[][..],
+            Some(serde_json::Value::Array(list)) => list.as_slice(),
             Some(other) => return Err(bad(format!("drives is not a list: {other}"))),
         };
         let drives = list
@@ -603,6 +634,19 @@ impl ApiClient {
                 vs["uds_path"].as_str().ok_or_else(|| bad(format!("a vsock without uds_path: {vs}")))?,
             )),
         };
+        // A pmem device's file is reopened by path like a drive's, with no PATCH to point it
+        // elsewhere: a writable one would be shared by every fork, and one named relatively
+        // would not be found.
+        for p in v.get("pmem").and_then(|p| p.as_array()).into_iter().flatten() {
+            let path = p["path_on_host"].as_str().unwrap_or("");
+            if !p["read_only"].as_bool().unwrap_or(false) || !path.starts_with('/') {
+                return Err(bad(format!(
+                    "pmem device {} ({path}) is {}: snapfork cannot give each restore its own",
+                    p["id"],
+                    if path.starts_with('/') { "writable" } else { "named relatively" }
+                )));
+            }
+        }
         let network = match v.get("network-interfaces") {
             None | Some(serde_json::Value::Null) => vec![],
             Some(serde_json::Value::Array(list)) => list
@@ -648,13 +692,17 @@ impl ApiClient {
             body["vsock_override"] = serde_json::json!({"uds_path": uds});
         }
         self.expect_ok("PUT", "/snapshot/load", Some(&body), None).map(|_| ()).map_err(|e| match e {
-            Error::Runtime { what, detail } if detail.contains("vsock_override") => Error::Runtime {
-                what,
-                detail: format!(
-                    "{detail} (this Firecracker does not take vsock_override, which a restore of a \
+            Error::Runtime { what, detail }
+                if detail.contains("unknown field") && detail.contains("vsock_override") =>
+            {
+                Error::Runtime {
+                    what,
+                    detail: format!(
+                        "{detail} (this Firecracker does not take vsock_override, which a restore of a \
                      VM whose vsock socket is named absolutely needs: each restore binds its own)"
-                ),
-            },
+                    ),
+                }
+            }
             e => e,
         })
     }
@@ -769,6 +817,23 @@ pub fn wait_for_vmm_api(socket: &Path, timeout: Duration, vmm: Option<(i32, u64)
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_relative_binary_is_made_absolute_and_a_bare_name_left_to_path() {
+        let cfg = |b: &str| FirecrackerConfig {
+            api_socket: "api.sock".into(),
+            binary: Some(b.into()),
+            devices: None,
+            page_size: 4096,
+            diff: false,
+            pid: None,
+            pid_start_time: None,
+        };
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(cfg("./bin/firecracker").binary(), cwd.join("bin/firecracker"));
+        assert_eq!(cfg("/opt/fc").binary(), PathBuf::from("/opt/fc"));
+        assert_eq!(cfg("firecracker").binary(), PathBuf::from("firecracker"));
+    }
+
     fn drive(id: &str, path: &Path, ro: bool) -> Drive {
         Drive { drive_id: id.into(), path_on_host: path.into(), is_read_only: ro, host_path: path.into() }
     }
@@ -821,7 +886,15 @@ mod tests {
             (vec![drive("d", &dir.path().join("gone.img"), false)], "gone"),
             (vec![drive("d/x", Path::new("d.img"), false)], "bad drive id"),
             (vec![drive("a", &orig, false), drive("b", Path::new("a"), false)], "one place"),
-            (vec![drive("a", Path::new("x"), true), drive("b", Path::new("x/y"), false)], "one place"),
+            (
+                vec![
+                    Drive { host_path: shared.clone(), ..drive("a", Path::new("x"), true) },
+                    drive("b", Path::new("x/y"), false),
+                ],
+                "one place",
+            ),
+            (vec![drive("a", Path::new("x"), true)], "not named absolutely"),
+            (vec![Drive { host_path: dir.path().join("gone"), ..drive("a", Path::new("x"), true) }], "gone"),
         ] {
             let err = plan_devices(&Devices { drives: bad.clone(), vsock: None, network: vec![] }, &cwd)
                 .unwrap_err()
@@ -927,5 +1000,39 @@ mod tests {
         });
         let err = ApiClient::new(&path).with_timeout(Duration::from_secs(10)).instance_info().unwrap_err();
         assert!(err.to_string().contains("response line"), "{err}");
+    }
+
+    /// `GET /vm/config` answered with `body`, as the devices the VMM reports.
+    fn reported(body: serde_json::Value) -> Result<ReportedDevices> {
+        let (_dir, path) = vmm_answering(move |mut s| {
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            let b = body.to_string();
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{b}", b.len());
+        });
+        ApiClient::new(&path).devices()
+    }
+
+    /// The devices of `GET /vm/config`, and the ones no restore can give a VM of its own.
+    #[test]
+    fn vm_config_devices_are_read_and_unforkable_ones_refused() {
+        let got = reported(serde_json::json!({
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/img/root.ext4", "is_read_only": false}],
+            "vsock": {"guest_cid": 3, "uds_path": "v.sock"},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"}],
+            "pmem": [{"id": "pm0", "path_on_host": "/img/base.pmem", "read_only": true}],
+        }))
+        .unwrap();
+        assert_eq!(got.drives, [("rootfs".to_string(), PathBuf::from("/img/root.ext4"), false)]);
+        assert_eq!(got.vsock, Some(PathBuf::from("v.sock")));
+        assert_eq!(got.network, [NetInterface { iface_id: "eth0".into(), host_dev_name: "tap0".into() }]);
+        for (body, why) in [
+            (serde_json::json!({"pmem": [{"id": "pm0", "path_on_host": "/img/p", "read_only": false}]}), "writable"),
+            (serde_json::json!({"pmem": [{"id": "pm0", "path_on_host": "p", "read_only": true}]}), "relatively"),
+            (serde_json::json!({"drives": [{"drive_id": "vhost", "socket": "/run/vu.sock"}]}), "vhost-user"),
+        ] {
+            let err = reported(body).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

@@ -29,6 +29,9 @@ impl Taps {
             if !ok {
                 return Err(Error::Invalid(format!("bad tap device name {name:?}")));
             }
+            if names.iter().filter(|n| *n == name).count() > 1 {
+                return Err(Error::Invalid(format!("two network interfaces on one tap, {name}")));
+            }
             let mut raw = [0 as libc::c_char; libc::IFNAMSIZ];
             for (r, b) in raw.iter_mut().zip(name.bytes()) {
                 *r = b as libc::c_char;
@@ -105,5 +108,6 @@ mod tests {
         for bad in ["", "a/b", "tap 0", "eth0:1", "..", &"a".repeat(16)] {
             assert!(Taps::new(&[bad.to_string()]).is_err(), "{bad:?}");
         }
+        assert!(Taps::new(&["tap0".into(), "tap0".into()]).is_err());
     }
 }

@@ -42,6 +42,8 @@ const TEST_UNSERVED: &str = "firecracker_checkpoint_of_a_vm_nobody_serves_is_ref
 const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create_fails_in_time_and_holds_nothing";
 const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
 const TEST_CORRUPT: &str = "firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls";
+const TEST_OLD: &str = "firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_its_disks";
+const TEST_JAILED: &str = "firecracker_checkpoint_of_a_jailed_vm_is_refused";
 const TEST_DRIVES: &str = "firecracker_forks_get_their_own_disks_and_sockets";
 
 fn main() {
@@ -64,6 +66,8 @@ fn main() {
             for t in [
                 TEST,
                 TEST_DRIVES,
+                TEST_OLD,
+                TEST_JAILED,
                 TEST_ADOPT,
                 TEST_UNSERVABLE,
                 TEST_EXITED,
@@ -86,6 +90,14 @@ fn main() {
     if selected(TEST_DRIVES) {
         runtime().block_on(firecracker_forks_get_their_own_disks_and_sockets());
         println!("test {TEST_DRIVES} ... ok");
+    }
+    if selected(TEST_OLD) {
+        runtime().block_on(firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_its_disks());
+        println!("test {TEST_OLD} ... ok");
+    }
+    if selected(TEST_JAILED) {
+        runtime().block_on(firecracker_checkpoint_of_a_jailed_vm_is_refused());
+        println!("test {TEST_JAILED} ... ok");
     }
     if selected(TEST_ADOPT) {
         runtime().block_on(firecracker_vm_outlives_the_process_serving_its_memory());
@@ -137,8 +149,7 @@ mod fake {
         loaded: Option<snapfork_lazy_restore::client::FakeVm>,
         /// Block devices: config (`drive_id`, `path_on_host`, `is_read_only`) and the open file.
         drives: Vec<(Value, std::fs::File)>,
-        /// What `GET /vm/config` reports of the drives: as configured or loaded, not as patched
-        /// since (Firecracker's `PATCH /drives` changes the device, not its configuration).
+        /// What `GET /vm/config` reports of the drives.
         drives_config: Vec<Value>,
         /// The vsock device: its config (`guest_cid`, `uds_path`) and the socket it listens on.
         vsock: Option<(Value, UnixListener)>,
@@ -210,6 +221,11 @@ mod fake {
     pub fn serve(sock: &Path) {
         let _ = std::fs::remove_file(sock);
         let listener = UnixListener::bind(sock).unwrap();
+        // Jailed: the rest happens inside a chroot, as under Firecracker's jailer.
+        if let Ok(root) = std::env::var("FAKE_FC_CHROOT") {
+            std::os::unix::fs::chroot(&root).unwrap();
+            std::env::set_current_dir("/").unwrap();
+        }
         let mut vm = Vm {
             own: vec![0; PAGES * PAGE],
             dirty: BTreeSet::new(),
@@ -417,6 +433,11 @@ mod fake {
                 if vm.state == "Not started" {
                     return fault(s, "The requested operation is not supported before starting the microVM.");
                 }
+                if vm.state == "Running" {
+                    // Firecracker allows it; the engine must never need it (the guest would have
+                    // run on another VM's disk until then).
+                    return fault(s, "stand-in: a drive patched while the guest runs");
+                }
                 let id = &p["/drives/".len()..];
                 if body["drive_id"] != id {
                     return fault(s, "The id from the path does not match the id from the body!");
@@ -427,8 +448,12 @@ mod fake {
                 let mut new = drive.0.clone();
                 new["path_on_host"] = body["path_on_host"].clone();
                 match open_drive(&new) {
-                    Ok(f) => *drive = (new, f),
+                    Ok(f) => *drive = (new.clone(), f),
                     Err(e) => return fault(s, &format!("Unable to patch the block device: {e}")),
+                }
+                // What `GET /vm/config` reports follows the device.
+                for d in vm.drives_config.iter_mut().filter(|d| d["drive_id"] == id) {
+                    *d = new.clone();
                 }
                 reply(s, 204, None)
             }
@@ -858,16 +883,11 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
     engine.run(stand_in_vm(&api)).await.unwrap();
     let at_a = disks(&api);
     let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
-    let stored: BTreeSet<String> = engine
-        .show(&a.id)
-        .await
-        .unwrap()
-        .body
-        .parts
-        .iter()
-        .filter(|p| p.role == snapfork_engine::model::Role::Disk)
-        .map(|p| p.name.clone())
-        .collect();
+    let disks_of = |snap: &snapfork_engine::Snapshot| -> BTreeSet<String> {
+        let disk = snapfork_engine::model::Role::Disk;
+        snap.body.parts.iter().filter(|p| p.role == disk).map(|p| p.name.clone()).collect()
+    };
+    let stored = disks_of(&engine.show(&a.id).await.unwrap());
     assert_eq!(stored, BTreeSet::from(["data".to_string(), "rootfs".to_string()]), "read-only drives are shared");
     // The original VM goes on writing its disk after A.
     disk_write(&api, "rootfs", 0, 0x11);
@@ -950,6 +970,94 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
     }
+}
+
+/// A snapshot as taken before devices were recorded (no `devices` in its config; its disks
+/// named by file): its restore reopens the original disk, as its vmstate says, and the engine
+/// asks that VMM for its devices at each checkpoint, so its disk is still stored.
+async fn firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_its_disks() {
+    if !common::require(TEST_OLD, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let _guard = common::Guard(engine.clone());
+    let rootfs = dir.path().join("rootfs.ext4");
+    std::fs::write(&rootfs, vec![5u8; 8 * PAGE]).unwrap();
+    let drives = json!([{"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false}]);
+    let api = dir.path().join("vm.sock");
+    let me = std::env::current_exe().unwrap();
+    let _vm = KillOnDrop(
+        std::process::Command::new(&me)
+            .arg("--api-sock")
+            .arg(&api)
+            .env("FAKE_FC_SEED", "1")
+            .env("FAKE_FC_DRIVES", drives.to_string())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    let mut old = engine.show(&a.id).await.unwrap().body;
+    old.config.as_object_mut().unwrap().remove("devices");
+    for p in old.parts.iter_mut().filter(|p| p.name == "rootfs") {
+        p.name = "rootfs.ext4".into();
+    }
+    let old_id = {
+        let mut tx = engine.store().begin().unwrap();
+        let id = tx.put_node(&old.to_node().unwrap()).unwrap();
+        tx.set_ref("tag/before-devices", id).unwrap();
+        tx.commit().unwrap();
+        id
+    };
+    engine.restore(&old_id.to_hex(), "from-old").await.unwrap();
+    assert_eq!(disks(&api_of(dir.path(), "from-old"))["rootfs"]["path"], json!(rootfs), "the original, as before");
+    let c =
+        engine.checkpoint("from-old", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
+    let parts = engine.show(&c.id).await.unwrap().body.parts;
+    assert!(
+        parts.iter().any(|p| p.role == snapfork_engine::model::Role::Disk && p.name == "rootfs"),
+        "a VM restored from it stores no disk: {parts:?}"
+    );
+    for s in engine.ls().await.unwrap() {
+        engine.rm(&s.name).await.unwrap();
+    }
+}
+
+/// A VM run by the jailer, in a chroot: the host paths the engine passes (snapshot files) and
+/// reads (drives) mean other files in there, so its checkpoint is refused at once, saying so,
+/// and the VM runs on untouched.
+async fn firecracker_checkpoint_of_a_jailed_vm_is_refused() {
+    if !common::require(TEST_JAILED, false) {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("sf-engine-").tempdir_in("/var/tmp").unwrap();
+    let engine = engine_at(dir.path());
+    let _guard = common::Guard(engine.clone());
+    let jail = dir.path().join("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    std::fs::write(jail.join("rootfs.ext4"), vec![5u8; 4 * PAGE]).unwrap();
+    let drives =
+        json!([{"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": true, "is_read_only": false}]);
+    let api = dir.path().join("vm.sock");
+    let _vm = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--api-sock")
+            .arg(&api)
+            .env("FAKE_FC_SEED", "1")
+            .env("FAKE_FC_CHROOT", &jail)
+            .env("FAKE_FC_DRIVES", drives.to_string())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
+    assert!(err.contains("chroot") && err.contains(&jail.display().to_string()), "{err}");
+    assert_eq!(state(&api), "Running");
+    assert!(snapshot_refs(&engine).is_empty());
+    engine.rm("vm").await.unwrap();
 }
 
 /// The serving process of [`firecracker_vm_outlives_the_process_serving_its_memory`], in a
