@@ -2252,50 +2252,8 @@ impl Inner {
         }
         // The VMM runs in a directory of its own, where each writable drive gets its copy and
         // its vsock device its socket.
-        // Made afresh: what a crashed restore left there (a symlink at a drive's name) must
-        // never be written through.
         let cwd = dir.join("files");
-        if std::fs::symlink_metadata(&cwd).is_ok() {
-            std::fs::remove_dir_all(&cwd).map_err(|e| Error::io(format!("remove {}", cwd.display()), e))?;
-        }
-        std::fs::create_dir(&cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
-        // The snapshot's devices, as its vmstate names them (a revert's `cfg` is its sandbox's).
-        let recorded = match DriverConfig::from_parts(&s.body.driver, &s.body.config)? {
-            DriverConfig::Firecracker(taken) => taken.devices,
-            _ => None,
-        };
-        let plan = crate::firecracker::plan_devices(&recorded.clone().unwrap_or_default(), &cwd)?;
-        if let Some(parent) = plan.vsock.as_ref().and_then(|v| v.host_path.parent()) {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
-        }
-        for d in &plan.drives {
-            let Some(dest) = d.place() else { continue };
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))?;
-            }
-            match &d.make {
-                Make::Copy => {
-                    let p = s.part_named(Role::Disk, &d.drive.drive_id).ok_or_else(|| {
-                        Error::corrupt(
-                            format!("snapshot {}", s.id.short()),
-                            format!("no disk part {}", d.drive.drive_id),
-                        )
-                    })?;
-                    self.store.open_image(&Snapshot::part_id(p)?)?.materialize(dest, None)?;
-                }
-                Make::Link { .. } => std::os::unix::fs::symlink(&d.drive.host_path, dest)
-                    .map_err(|e| Error::io(format!("symlink {}", dest.display()), e))?,
-                Make::Nothing => {}
-            }
-        }
-        if recorded.is_none() {
-            // A snapshot taken before drives were recorded: its disks by name, for a vmstate
-            // that names them relatively.
-            for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
-                model::check_part_name(&p.name)?;
-                self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&cwd.join(&p.name), None)?;
-            }
-        }
+        let (plan, recorded) = self.set_up_devices(s, &cwd)?;
         let patches: Vec<&crate::firecracker::Drive> =
             plan.drives.iter().filter(|d| d.patch).map(|d| &d.drive).collect();
         let vsock_override = plan.vsock_override.as_deref();
@@ -2340,7 +2298,7 @@ impl Inner {
             api_socket: api_sock,
             binary: cfg.binary.clone(),
             // (From a snapshot that recorded none, its VMM is asked at each checkpoint.)
-            devices: recorded.is_some().then(|| plan.devices()),
+            devices: recorded.then(|| plan.devices()),
             page_size: cfg.page_size,
             diff: cfg.diff,
             pid: Some(pid),
@@ -2374,6 +2332,59 @@ impl Inner {
             return Err(e);
         }
         Ok(started)
+    }
+
+    /// Makes `cwd` afresh (what a crashed restore left there, a symlink at a drive's name, must
+    /// never be written through) and sets up snapshot `s`'s devices in it: a copy of each
+    /// writable drive, a link for each relatively named read-only one. Returns the plan and
+    /// whether the snapshot recorded its devices.
+    fn set_up_devices(&self, s: &Snapshot, cwd: &Path) -> Result<(crate::firecracker::DevicePlan, bool)> {
+        if std::fs::symlink_metadata(cwd).is_ok() {
+            std::fs::remove_dir_all(cwd).map_err(|e| Error::io(format!("remove {}", cwd.display()), e))?;
+        }
+        std::fs::create_dir(cwd).map_err(|e| Error::io(format!("mkdir {}", cwd.display()), e))?;
+        let mkdir_for = |path: &Path| match path.parent() {
+            Some(parent) => {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("mkdir {}", parent.display()), e))
+            }
+            None => Ok(()),
+        };
+        // The snapshot's devices, as its vmstate names them (a revert's config is its sandbox's).
+        let recorded = match DriverConfig::from_parts(&s.body.driver, &s.body.config)? {
+            DriverConfig::Firecracker(taken) => taken.devices,
+            _ => None,
+        };
+        let plan = crate::firecracker::plan_devices(&recorded.clone().unwrap_or_default(), cwd)?;
+        if let Some(v) = &plan.vsock {
+            mkdir_for(&v.host_path)?;
+        }
+        for d in &plan.drives {
+            let Some(dest) = d.place() else { continue };
+            mkdir_for(dest)?;
+            match &d.make {
+                Make::Copy => {
+                    let p = s.part_named(Role::Disk, &d.drive.drive_id).ok_or_else(|| {
+                        Error::corrupt(
+                            format!("snapshot {}", s.id.short()),
+                            format!("no disk part {}", d.drive.drive_id),
+                        )
+                    })?;
+                    self.store.open_image(&Snapshot::part_id(p)?)?.materialize(dest, None)?;
+                }
+                Make::Link { .. } => std::os::unix::fs::symlink(&d.drive.host_path, dest)
+                    .map_err(|e| Error::io(format!("symlink {}", dest.display()), e))?,
+                Make::Nothing => {}
+            }
+        }
+        if recorded.is_none() {
+            // A snapshot taken before devices were recorded: its disks by name, for a vmstate
+            // that names them relatively.
+            for p in s.body.parts.iter().filter(|p| p.role == Role::Disk) {
+                model::check_part_name(&p.name)?;
+                self.store.open_image(&Snapshot::part_id(p)?)?.materialize(&cwd.join(&p.name), None)?;
+            }
+        }
+        Ok((plan, recorded.is_some()))
     }
 
     /// A client of the Firecracker API at `socket`, with [`EngineOptions::vmm_timeout`].
