@@ -114,7 +114,8 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
                 && !force
                 && parent != Some(old)
             {
-                bail!("{name} already names {}: --force moves it (or --parent {name} ingests onto it)", old.short());
+                let onto = if blob { String::new() } else { format!(" (or --parent {name} ingests onto it)") };
+                bail!("{name} already names {}: --force moves it{onto}", old.short());
             }
             let started = Instant::now();
             if blob {

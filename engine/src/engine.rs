@@ -449,7 +449,9 @@ pub struct Engine {
 impl Engine {
     /// Opens the engine on `store`, creating its state directory.
     pub fn open(store: Store, opts: EngineOptions) -> Result<Engine> {
-        let state = opts.state_dir;
+        // Absolute: restored VMMs run in directories of their own, and get paths under it.
+        let state = std::path::absolute(&opts.state_dir)
+            .map_err(|e| Error::io(format!("state directory {}", opts.state_dir.display()), e))?;
         for d in ["sandboxes", "workspaces", "runsc", "tmp"] {
             let p = state.join(d);
             std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
@@ -870,7 +872,11 @@ impl Inner {
                 .filter(|c| c.pid.is_some() && c.devices.as_ref().is_some_and(|d| !d.network.is_empty()))
                 .and_then(|c| c.vmm_process())
                 .map(|(pid, _)| PathBuf::from(format!("/proc/{pid}/ns/net"))),
-            vsock: vm.and_then(|c| c.devices?.vsock).map(|v| v.host_path),
+            // (Only while something listens on it.)
+            vsock: vm
+                .filter(|_| matches!(rec.status, Status::Running | Status::Paused))
+                .and_then(|c| c.devices?.vsock)
+                .map(|v| v.host_path),
             ended: None,
             timings,
         }
@@ -953,6 +959,15 @@ impl Inner {
                     rec.status = Status::Running;
                 }
                 DriverConfig::Firecracker(cfg) => {
+                    // What the engine knows of VMMs it started is not a caller's to say: a
+                    // read-only drive's recorded file becomes what a restore links to.
+                    if cfg.devices.is_some() || cfg.pid.is_some() {
+                        return Err(Error::Invalid(
+                            "firecracker: devices and pid are the engine's own record of VMs it \
+                             started; a running VM is handed over by its api_socket"
+                                .into(),
+                        ));
+                    }
                     // Attach to a running microVM: it must answer on its API socket.
                     let info = self.api(&cfg.api_socket).instance_info()?;
                     tracing::info!(sandbox = %name, ?info, "attached to firecracker");
@@ -1707,9 +1722,9 @@ impl Inner {
             cleanup_prepared();
             return Err(e);
         }
-        // A Firecracker VM too: its successor may open the same disk files (it loads from the
-        // paths its vmstate names before it is pointed at its copies), so the two must never
-        // run at once. The successor loads paused and resumes only once this one is gone
+        // A Firecracker VM too: its successor may open the same files (it loads from the paths
+        // its vmstate names before it is pointed at its copies; one of a snapshot that recorded
+        // no devices keeps them), so the two must never run at once. The successor loads paused and resumes only once this one is gone
         // (below); one that does not pause runs until it is ended.
         let old_vm = match &driver {
             DriverConfig::Firecracker(c) => Some(c),

@@ -22,7 +22,7 @@
 //! pointed at the copy with `PATCH /drives/{id}` (a relative path) before the guest runs a single
 //! instruction. The vsock socket goes there too (`vsock_override` where the vmstate names it
 //! absolutely). Snapshots of restored VMs therefore name their devices relatively, and restore
-//! with nothing outside their directory. [`plan_devices`] says where each file goes. Network
+//! with nothing outside their directory but the shared files of read-only drives. [`plan_devices`] says where each file goes. Network
 //! interfaces keep their tap names: a restored VM runs in a network namespace of its own that
 //! holds those taps (the engine's `vmnet`).
 
@@ -193,7 +193,8 @@ impl DevicePlan {
 /// Refuses a relative path that would leave the VMM's working directory.
 fn check_inside(what: &str, path: &Path) -> Result<()> {
     use std::path::Component;
-    if path.as_os_str().is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
+    let mut parts = path.components().filter(|c| *c != Component::CurDir).peekable();
+    if parts.peek().is_none() || !parts.all(|c| matches!(c, Component::Normal(_))) {
         return Err(Error::Invalid(format!("{what}: its path {} leaves the VM's directory", path.display())));
     }
     Ok(())
@@ -284,6 +285,7 @@ pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
             at.display()
         )));
     }
+    crate::vmnet::Taps::new(&devices.network.iter().map(|n| n.host_dev_name.clone()).collect::<Vec<_>>())?;
     Ok(DevicePlan { drives: plan, vsock, vsock_override, network: devices.network.clone() })
 }
 
@@ -418,6 +420,8 @@ impl FirecrackerConfig {
                 )));
             }
         }
+        // The checks a restore makes: no snapshot is taken that nothing could restore.
+        plan_devices(&devices, Path::new("files"))?;
         Ok(devices)
     }
 
@@ -859,6 +863,10 @@ mod tests {
         // A vsock socket named absolutely is overridden with one in the VM's directory.
         let own = Vsock { uds_path: VSOCK_SOCKET.into(), host_path: cwd.join(VSOCK_SOCKET) };
         assert_eq!((plan.vsock.as_ref(), plan.vsock_override.as_deref()), (Some(&own), Some(Path::new(VSOCK_SOCKET))));
+        // "./x" is "x": a relative name Firecracker opens in its working directory.
+        let dotted = drive("root", Path::new("./root.ext4"), false);
+        let p = plan_devices(&Devices { drives: vec![dotted], vsock: None, network: vec![] }, &cwd).unwrap();
+        assert_eq!(p.drives[0].drive.host_path, cwd.join("./root.ext4"));
         let relative =
             plan_devices(&Devices { drives: vec![], vsock: vsock("s/v.sock"), network: vec![] }, &cwd).unwrap();
         let own = Vsock { uds_path: "s/v.sock".into(), host_path: cwd.join("s/v.sock") };

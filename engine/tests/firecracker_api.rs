@@ -841,8 +841,9 @@ fn vmm_pid(dir: &Path, name: &str) -> i32 {
 /// drives named absolutely and relatively (to the VMM's working directory), writable (stored
 /// with the snapshot, copied for each restore) and read-only (shared). Each has its own vsock
 /// socket too (Firecracker binds it anew on load), and its own tap of the original's name in a
-/// network namespace of its own (a load opens the tap by name, and the original holds it). A snapshot of a restored VM restores with
-/// nothing outside the engine's directory.
+/// network namespace of its own (a load opens the tap by name, and the original holds it). A
+/// snapshot of a restored VM restores with nothing outside the engine's directory but its
+/// read-only drives' shared files.
 async fn firecracker_forks_get_their_own_disks_and_sockets() {
     if !common::require(TEST_DRIVES, false) {
         return;
@@ -880,6 +881,14 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
             .unwrap(),
     );
     wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    // Devices are the engine's own record, never a caller's word (a read-only drive's recorded
+    // file is what restores link to).
+    let mut told = stand_in_vm(&api);
+    if let DriverConfig::Firecracker(c) = &mut told.driver {
+        c.devices = Some(Default::default());
+    }
+    let err = engine.run(told).await.unwrap_err().to_string();
+    assert!(err.contains("engine's own record"), "{err}");
     engine.run(stand_in_vm(&api)).await.unwrap();
     let at_a = disks(&api);
     let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
@@ -932,6 +941,20 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
     }
     assert_eq!(disks(&api), original, "a fork wrote the original VM's disks");
 
+    // A revert to A (its rootfs named absolutely: loaded paused, patched, resumed once the old
+    // VMM is gone) gives A's disks in new files, and a new socket and namespace that work.
+    let back = engine.revert(&forks[1].name, &a.id).await.unwrap();
+    let bapi = api_of(dir.path(), &back.name);
+    let b = disks(&bapi);
+    for id in ["rootfs", "data"] {
+        assert_eq!(b[id]["blake3"], at_a[id]["blake3"], "drive {id} after the revert to A");
+        assert_ne!(b[id]["path"], d1[id]["path"]);
+    }
+    assert_eq!(state(&bapi), "Running");
+    assert_eq!(listener_pid(back.vsock.as_ref().unwrap()), vmm_pid(dir.path(), &back.name));
+    assert_eq!(net(&bapi)["taps"], json!([tap]));
+    assert_ne!(Some(back.vsock.clone().unwrap()), forks[1].vsock);
+
     // A snapshot of a fork names its drives relatively: once the original VM, its disk files
     // and the fork are gone, it still restores, with the fork's disks.
     let f0 = engine
@@ -960,7 +983,7 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
     // Revert: the other fork gets that snapshot's disks, in new files of its own.
     let reverted = engine.revert(&forks[1].name, &f0.id).await.unwrap();
     let rapi = api_of(dir.path(), &reverted.name);
-    assert_ne!(rapi, fork_apis[1]);
+    assert_ne!(rapi, bapi);
     let r = disks(&rapi);
     for id in ["rootfs", "data"] {
         assert_eq!(r[id]["blake3"], d0[id]["blake3"], "drive {id} after the revert");
