@@ -865,22 +865,17 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
         {"drive_id": "tools", "path_on_host": "tools.img", "is_root_device": false, "is_read_only": true},
     ]);
     let api = dir.path().join("vm.sock");
-    let me = std::env::current_exe().unwrap();
     // A tap of the host's (gone with the stand-in that holds it, which is not persistent).
     let tap = format!("sft{}", std::process::id() % 100_000);
-    let vm = KillOnDrop(
-        std::process::Command::new(&me)
-            .arg("--api-sock")
-            .arg(&api)
-            .current_dir(&vm_cwd)
-            .env("FAKE_FC_SEED", "1")
-            .env("FAKE_FC_DRIVES", drives.to_string())
-            .env("FAKE_FC_VSOCK", json!({"guest_cid": 3, "uds_path": dir.path().join("vm-vsock.sock")}).to_string())
-            .env("FAKE_FC_NET", json!([{"iface_id": "eth0", "host_dev_name": tap}]).to_string())
-            .spawn()
-            .unwrap(),
+    let vm = seeded_stand_in(
+        &api,
+        &vm_cwd,
+        &[
+            ("FAKE_FC_DRIVES", drives.to_string()),
+            ("FAKE_FC_VSOCK", json!({"guest_cid": 3, "uds_path": dir.path().join("vm-vsock.sock")}).to_string()),
+            ("FAKE_FC_NET", json!([{"iface_id": "eth0", "host_dev_name": tap}]).to_string()),
+        ],
     );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
     // Devices are the engine's own record, never a caller's word (a read-only drive's recorded
     // file is what restores link to).
     let mut told = stand_in_vm(&api);
@@ -1009,17 +1004,7 @@ async fn firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_it
     std::fs::write(&rootfs, vec![5u8; 8 * PAGE]).unwrap();
     let drives = json!([{"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false}]);
     let api = dir.path().join("vm.sock");
-    let me = std::env::current_exe().unwrap();
-    let _vm = KillOnDrop(
-        std::process::Command::new(&me)
-            .arg("--api-sock")
-            .arg(&api)
-            .env("FAKE_FC_SEED", "1")
-            .env("FAKE_FC_DRIVES", drives.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    let _vm = seeded_stand_in(&api, dir.path(), &[("FAKE_FC_DRIVES", drives.to_string())]);
     engine.run(stand_in_vm(&api)).await.unwrap();
     let a = engine.checkpoint("vm", CheckpointOptions { leave_running: true, ..Default::default() }).await.unwrap();
     let mut old = engine.show(&a.id).await.unwrap().body;
@@ -1064,17 +1049,8 @@ async fn firecracker_checkpoint_of_a_jailed_vm_is_refused() {
     let drives =
         json!([{"drive_id": "rootfs", "path_on_host": "/rootfs.ext4", "is_root_device": true, "is_read_only": false}]);
     let api = dir.path().join("vm.sock");
-    let _vm = KillOnDrop(
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .arg("--api-sock")
-            .arg(&api)
-            .env("FAKE_FC_SEED", "1")
-            .env("FAKE_FC_CHROOT", &jail)
-            .env("FAKE_FC_DRIVES", drives.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    let chroot = jail.display().to_string();
+    let _vm = seeded_stand_in(&api, dir.path(), &[("FAKE_FC_CHROOT", chroot), ("FAKE_FC_DRIVES", drives.to_string())]);
     engine.run(stand_in_vm(&api)).await.unwrap();
     let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
     assert!(err.contains("chroot") && err.contains(&jail.display().to_string()), "{err}");
@@ -1110,15 +1086,24 @@ fn stand_in_vm(api: &Path) -> RunSpec {
     RunSpec { name: "vm".into(), driver: DriverConfig::Firecracker(cfg), workspace: None }
 }
 
+/// Starts a stand-in VM (its memory seeded, running) listening at `api`, in `cwd`, with the
+/// `FAKE_FC_*` settings `env`; killed when dropped.
+fn seeded_stand_in(api: &Path, cwd: &Path, env: &[(&str, String)]) -> KillOnDrop {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.arg("--api-sock").arg(api).current_dir(cwd).env("FAKE_FC_SEED", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let vm = KillOnDrop(cmd.spawn().unwrap());
+    wait_for_api(api, Duration::from_secs(10)).unwrap();
+    vm
+}
+
 /// Starts a stand-in VM (its memory seeded, running) at `dir/vm.sock` and hands it to `engine`
 /// as sandbox `vm`: the VM (killed when dropped) and its API socket.
 async fn run_stand_in(engine: &snapfork_engine::Engine, dir: &Path) -> (KillOnDrop, PathBuf) {
     let api = dir.join("vm.sock");
-    let me = std::env::current_exe().unwrap();
-    let vm = KillOnDrop(
-        std::process::Command::new(&me).arg("--api-sock").arg(&api).env("FAKE_FC_SEED", "1").spawn().unwrap(),
-    );
-    wait_for_api(&api, Duration::from_secs(10)).unwrap();
+    let vm = seeded_stand_in(&api, dir, &[]);
     engine.run(stand_in_vm(&api)).await.unwrap();
     (vm, api)
 }
