@@ -347,8 +347,19 @@ async fn gvisor_runtime_killed_during_checkpoint_leaves_no_snapshot() {
     let refs = engine.store().list_refs("").unwrap();
     let e = engine.clone();
     let ck = tokio::spawn(async move { e.checkpoint("big", CheckpointOptions::default()).await });
-    // Into runsc's checkpoint, then the sandbox dies.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Into runsc's checkpoint (its image half written, not a fixed time that a loaded machine
+    // can make too early or too late), then the sandbox dies.
+    let tmp = dir.path().join("engine/tmp");
+    let written = || -> u64 {
+        let dirs = std::fs::read_dir(&tmp).into_iter().flatten().flatten();
+        dirs.filter_map(|d| std::fs::metadata(d.path().join("checkpoint.img")).ok()).map(|m| m.len()).sum()
+    };
+    let t = std::time::Instant::now();
+    while written() < 8 << 20 {
+        assert!(t.elapsed() < Duration::from_secs(60), "runsc never wrote its image");
+        assert!(!ck.is_finished(), "the checkpoint ended before its image was half written");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     let err = ck.await.unwrap().unwrap_err();
     eprintln!("checkpoint with its runtime killed: {err}");
