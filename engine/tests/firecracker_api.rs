@@ -43,7 +43,7 @@ const TEST_HUNG: &str = "firecracker_checkpoint_of_a_vmm_hung_in_snapshot_create
 const TEST_RM_HUNG: &str = "firecracker_rm_does_not_wait_for_a_checkpoint_hung_in_the_vmm";
 const TEST_CORRUPT: &str = "firecracker_vm_killed_for_a_corrupt_page_says_so_in_ls";
 const TEST_OLD: &str = "firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_its_disks";
-const TEST_JAILED: &str = "firecracker_checkpoint_of_a_jailed_vm_is_refused";
+const TEST_JAILED: &str = "firecracker_checkpoints_no_restore_could_use_are_refused";
 const TEST_DRIVES: &str = "firecracker_forks_get_their_own_disks_and_sockets";
 
 fn main() {
@@ -96,7 +96,7 @@ fn main() {
         println!("test {TEST_OLD} ... ok");
     }
     if selected(TEST_JAILED) {
-        runtime().block_on(firecracker_checkpoint_of_a_jailed_vm_is_refused());
+        runtime().block_on(firecracker_checkpoints_no_restore_could_use_are_refused());
         println!("test {TEST_JAILED} ... ok");
     }
     if selected(TEST_ADOPT) {
@@ -1033,10 +1033,10 @@ async fn firecracker_vm_restored_from_a_snapshot_without_devices_still_stores_it
     }
 }
 
-/// A VM run by the jailer, in a chroot: the host paths the engine passes (snapshot files) and
-/// reads (drives) mean other files in there, so its checkpoint is refused at once, saying so,
-/// and the VM runs on untouched.
-async fn firecracker_checkpoint_of_a_jailed_vm_is_refused() {
+/// Checkpoints no restore could use are refused, saying why, and the VM runs on untouched: a VM
+/// run by the jailer, in a chroot (the host paths the engine passes, snapshot files, and reads,
+/// drives, mean other files in there), and one with a drive outside its working directory.
+async fn firecracker_checkpoints_no_restore_could_use_are_refused() {
     if !common::require(TEST_JAILED, false) {
         return;
     }
@@ -1054,6 +1054,23 @@ async fn firecracker_checkpoint_of_a_jailed_vm_is_refused() {
     engine.run(stand_in_vm(&api)).await.unwrap();
     let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
     assert!(err.contains("chroot") && err.contains(&jail.display().to_string()), "{err}");
+    assert_eq!(state(&api), "Running");
+    assert!(snapshot_refs(&engine).is_empty());
+    engine.rm("vm").await.unwrap();
+    drop(_vm);
+
+    // Unjailed, with a drive named relatively but outside the VMM's working directory: no
+    // restore could give it a copy, so no snapshot is taken, and the VM runs on.
+    let vm_cwd = dir.path().join("vm");
+    std::fs::create_dir_all(&vm_cwd).unwrap();
+    std::fs::write(dir.path().join("outside.img"), vec![5u8; 4 * PAGE]).unwrap();
+    let drives =
+        json!([{"drive_id": "data", "path_on_host": "../outside.img", "is_root_device": false, "is_read_only": false}]);
+    let api = dir.path().join("vm2.sock");
+    let _vm = seeded_stand_in(&api, &vm_cwd, &[("FAKE_FC_DRIVES", drives.to_string())]);
+    engine.run(stand_in_vm(&api)).await.unwrap();
+    let err = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap_err().to_string();
+    assert!(err.contains("leaves the VM's directory"), "{err}");
     assert_eq!(state(&api), "Running");
     assert!(snapshot_refs(&engine).is_empty());
     engine.rm("vm").await.unwrap();
