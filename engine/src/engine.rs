@@ -1267,13 +1267,8 @@ impl Inner {
                     add_workspace_part(&self.store, rec.workspace.as_deref(), &opts.message, created, &mut parts)?;
                     clock.step("workspace");
                     let prev = |role: Role, name: &str| {
-                        parent_snap.as_ref().and_then(|p| {
-                            p.body
-                                .parts
-                                .iter()
-                                .find(|x| x.role == role && x.name == name && x.kind == PartKind::Image)
-                                .and_then(|x| Snapshot::part_id(x).ok())
-                        })
+                        let part = parent_snap.as_ref()?.part_named(role, name)?;
+                        (part.kind == PartKind::Image).then(|| Snapshot::part_id(part).ok())?
                     };
                     let prev_mem = prev(Role::Memory, "mem");
                     // A Diff snapshot holds only the pages dirtied since the last one: it is
@@ -1311,8 +1306,8 @@ impl Inner {
                         size: m.size,
                     });
                     // Flushed by snapshot/create; read-only drives are shared, not stored.
+                    // (Their ids were checked with the rest by `current_devices`.)
                     for drive in devices.drives.iter().filter(|d| !d.is_read_only) {
-                        crate::firecracker::check_drive_id(&drive.drive_id)?;
                         let o = snapfork_store::IngestOptions {
                             page_size: 4096,
                             parent: prev(Role::Disk, &drive.drive_id),
@@ -2369,7 +2364,8 @@ impl Inner {
             DriverConfig::Firecracker(taken) => taken.devices,
             _ => None,
         };
-        let plan = crate::firecracker::plan_devices(&recorded.clone().unwrap_or_default(), cwd)?;
+        let none = crate::firecracker::Devices::default();
+        let plan = crate::firecracker::plan_devices(recorded.as_ref().unwrap_or(&none), cwd)?;
         if let Some(v) = &plan.vsock {
             mkdir_for(&v.host_path)?;
         }

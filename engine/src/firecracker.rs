@@ -291,7 +291,7 @@ pub fn plan_devices(devices: &Devices, cwd: &Path) -> Result<DevicePlan> {
 
 /// Firecracker's rule for API resource ids (1-64 of `[A-Za-z0-9_]`), which makes a drive id a
 /// plain file name and a URL path segment as it is.
-pub fn check_drive_id(id: &str) -> Result<()> {
+fn check_drive_id(id: &str) -> Result<()> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(Error::Invalid(format!("bad drive id {id:?}: Firecracker's are 1-64 of [A-Za-z0-9_]")));
     }
