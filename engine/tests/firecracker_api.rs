@@ -30,7 +30,7 @@ use std::time::Duration;
 use common::engine_at;
 use serde_json::{Value, json};
 use snapfork_engine::firecracker::{ApiClient, wait_for_api};
-use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec};
+use snapfork_engine::{CheckpointOptions, DriverConfig, FirecrackerConfig, RunSpec, Status};
 
 const PAGE: usize = 4096;
 const PAGES: usize = 64;
@@ -985,6 +985,11 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
         assert_ne!(r[id]["path"], d1[id]["path"]);
         assert_ne!(r[id]["path"], again[id]["path"]);
     }
+    // A stopped VM's vsock socket is no longer shown: nothing listens on it.
+    let stopped = engine.stop(&reverted.name).await.unwrap();
+    assert_eq!(stopped.vsock, None, "{stopped:?}");
+    let listed = engine.ls().await.unwrap().into_iter().find(|s| s.name == reverted.name).unwrap();
+    assert_eq!((listed.status, listed.vsock), (Status::Stopped, None));
     for s in engine.ls().await.unwrap() {
         engine.rm(&s.name).await.unwrap();
     }
