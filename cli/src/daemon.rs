@@ -138,6 +138,49 @@ fn opt_field<T: serde::de::DeserializeOwned + Default>(body: &Value, key: &str) 
     }
 }
 
+/// Refuses a body that is not an object of the fields `allowed`: a misspelt field (say
+/// `leave-running`) must fail the call, not be ignored and change what it does.
+fn only_fields(body: &Value, allowed: &[&str]) -> anyhow::Result<()> {
+    let fields = match body {
+        Value::Null => return Ok(()),
+        Value::Object(m) => m,
+        other => bail!("body must be a JSON object, not {other}"),
+    };
+    match fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) if allowed.is_empty() => bail!("unknown body field {k:?}: this call takes no body fields"),
+        Some(k) => bail!("unknown body field {k:?} (this call takes {})", allowed.join(", ")),
+    }
+}
+
+/// The body fields each route takes (`POST /v1/sandboxes` is checked by its own type).
+fn route_fields(method: &str, seg: &[&str]) -> &'static [&'static str] {
+    match (method, seg) {
+        ("POST", ["v1", "sandboxes", _, "checkpoint"]) => &["message", "labels", "leave_running"],
+        ("POST", ["v1", "sandboxes", _, "revert"]) => &["snapshot"],
+        ("POST", ["v1", "sandboxes", _, "exec"]) => &["cmd"],
+        ("POST", ["v1", "rm"]) => &["names"],
+        ("POST", ["v1", "snapshots", _, "restore"]) => &["as"],
+        ("POST", ["v1", "snapshots", _, "fork"]) => &["n", "prefix"],
+        ("PUT", ["v1", "tags", _]) => &["snapshot", "force"],
+        ("POST", ["v1", "export"]) => &["snapshot", "output"],
+        ("POST", ["v1", "import"]) => &["file"],
+        ("POST", ["v1", "gc"]) => &["dry_run", "grace_seconds"],
+        _ => &[],
+    }
+}
+
+/// What `POST /v1/gc` asks for: a field of the wrong type is refused, never read as a real
+/// gc with the default grace.
+fn gc_options(body: &Value) -> anyhow::Result<snapfork_store::GcOptions> {
+    only_fields(body, route_fields("POST", &["v1", "gc"]))?;
+    Ok(snapfork_store::GcOptions {
+        dry_run: opt_field(body, "dry_run")?,
+        grace: std::time::Duration::from_secs(opt_field::<Option<u64>>(body, "grace_seconds")?.unwrap_or(3600)),
+        ..Default::default()
+    })
+}
+
 /// The command an HTTP request asks for.
 pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<EngineCmd> {
     use SandboxCmd as S;
@@ -151,6 +194,9 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
     let seg: Vec<&str> = seg.iter().map(String::as_str).collect();
     let qget = |k: &str| q.get(k).cloned().ok_or_else(|| anyhow!("query parameter {k} missing"));
     let sb = |c| Ok(EngineCmd::Sandbox(c));
+    if !(method == "POST" && seg == ["v1", "sandboxes"]) {
+        only_fields(body, route_fields(method, &seg))?;
+    }
     match (method, seg.as_slice()) {
         ("GET", ["v1", "sandboxes"]) => sb(S::Ls),
         ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(body.clone())?))),
@@ -304,10 +350,12 @@ async fn read_request(conn: &mut tokio::net::UnixStream) -> anyhow::Result<Reque
     let target = first.next().context("no target")?.to_string();
     let mut len = 0usize;
     for l in lines {
-        if let Some((k, v)) = l.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
+        let Some((k, v)) = l.split_once(':') else { continue };
+        if k.trim().eq_ignore_ascii_case("content-length") {
             len = v.trim().parse().context("bad Content-Length")?;
+        } else if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+            // Read as no body, a chunked request would run with its fields missing.
+            bail!("Transfer-Encoding {} is not supported: send the body with a Content-Length", v.trim());
         }
     }
     if len > MAX_BODY {
@@ -392,10 +440,9 @@ async fn serve_request(
     // gc is the store's, not a sandbox operation; it runs here because the daemon holds the
     // store's writer lock (sandboxes and their snapshots are refs, so gc keeps what they need).
     if req.method == "POST" && req.target == "/v1/gc" {
-        let opts = snapfork_store::GcOptions {
-            dry_run: body["dry_run"].as_bool().unwrap_or(false),
-            grace: std::time::Duration::from_secs(body["grace_seconds"].as_u64().unwrap_or(3600)),
-            ..Default::default()
+        let opts = match gc_options(&body) {
+            Ok(o) => o,
+            Err(e) => return respond(conn, 400, &json!({"error": crate::output::error_line(&e)})).await,
         };
         let dry_run = opts.dry_run;
         let e = engine.clone();

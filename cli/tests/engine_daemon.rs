@@ -270,6 +270,68 @@ fn daemon_socket_in_a_shared_directory_is_private_and_leaves_the_directory_alone
     assert!(std::fs::symlink_metadata(store.join("engine/run/daemon.sock")).is_err(), "its link goes with it");
 }
 
+/// Bodies the daemon would misread are refused, never half understood: a misspelt field (a
+/// checkpoint's `leave-running` would stop the sandbox), a field of the wrong type (a gc's
+/// `"dry_run": "true"` would be a real gc), a body that is not an object, a chunked body (read
+/// as none). The sandbox keeps running and the store keeps its data.
+#[test]
+fn daemon_refuses_request_bodies_it_would_misread() {
+    use std::io::{Read, Write};
+    if !common::require("daemon_refuses_request_bodies_it_would_misread", true) {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("sf-daemon-body-").tempdir_in("/var/tmp").unwrap();
+    let store = tmp.path().join("store");
+    // Something a real gc with no grace would remove: a ref's image, its ref deleted (store
+    // commands other than gc open the store themselves: before the daemon holds it).
+    let img = tmp.path().join("img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    json(&snapfork(&store).args(["ingest"]).arg(&img).args(["--name", "scratch"]).output().unwrap());
+    json(&snapfork(&store).args(["rm", "scratch"]).output().unwrap());
+    let daemon = Daemon::start(&store);
+    json(
+        &snapfork(&store)
+            .args(["sandbox", "run", "--busybox", "busy", "--", "/bin/sh", "-c", COUNTER])
+            .output()
+            .unwrap(),
+    );
+    let before = json(&snapfork(&store).args(["gc", "--dry-run", "--grace", "0"]).output().unwrap());
+    assert!(before["removed_chunks"].as_u64().unwrap() > 0, "{before}");
+
+    for (target, body, expect) in [
+        ("/v1/sandboxes/busy/checkpoint", r#"{"leave-running": true}"#, "unknown body field \"leave-running\""),
+        ("/v1/sandboxes/busy/checkpoint", r#""x""#, "must be a JSON object"),
+        ("/v1/sandboxes/busy/stop", r#"{"force": true}"#, "takes no body fields"),
+        ("/v1/gc", r#"{"dry_run": "true", "grace_seconds": 0}"#, "dry_run"),
+        ("/v1/gc", r#"{"grace_seconds": 0.5}"#, "grace_seconds"),
+    ] {
+        let (status, v) = request(&store, "POST", target, body);
+        assert_eq!(status, 400, "{target} {body}: {v}");
+        let err = v["error"].as_str().unwrap();
+        assert!(err.contains(expect), "{target} {body}: {err}");
+    }
+    let mut c = std::os::unix::net::UnixStream::connect(store.join("engine/run/daemon.sock")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let chunk = r#"{"leave_running":true}"#;
+    write!(
+        c,
+        "POST /v1/sandboxes/busy/checkpoint HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("Content-Length"), "{resp}");
+
+    let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    assert_eq!(ls["sandboxes"][0]["status"], "running", "{ls}");
+    assert_eq!(ls["sandboxes"][0]["head"], serde_json::Value::Null, "a refused checkpoint took a snapshot: {ls}");
+    let after = json(&snapfork(&store).args(["gc", "--dry-run", "--grace", "0"]).output().unwrap());
+    assert_eq!(after["removed_chunks"], before["removed_chunks"], "a refused gc removed data");
+    json(&snapfork(&store).args(["sandbox", "rm", "busy"]).output().unwrap());
+    assert!(daemon.term().success());
+}
+
 /// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait
 /// for the writer lock and fail).
 #[test]
