@@ -1048,6 +1048,15 @@ impl Inner {
                 }
                 let rid = rec.runtime_id.clone().ok_or_else(|| Error::Invalid("no runtime id".into()))?;
                 let was_paused = rec.status == Status::Paused;
+                if was_paused && opts.leave_running {
+                    // Seen with this runsc: `pause` of a restored sandbox succeeds, `state` says
+                    // paused, and its tasks go on running.
+                    return Err(Error::Invalid(format!(
+                        "sandbox {name} is paused, and runsc cannot pause the sandbox a checkpoint \
+                         leaves running (it restores it): resume it first, or checkpoint without \
+                         --leave-running"
+                    )));
+                }
                 // runsc ends the sandbox when it cannot write its image (a full disk): refuse
                 // first, while the sandbox is untouched, when the image cannot fit.
                 let usage = self.runsc.memory_usage(&rid);
@@ -1089,8 +1098,18 @@ impl Inner {
                 // runsc checkpoint ended the sandbox (its container is deleted in the background).
                 self.runsc.discard(&rid);
                 let new_rid = self.runtime_id(name, rec.generation + 1);
+                // A restore that fails half way leaves no container behind.
                 let restore_in_place = || -> Result<()> {
-                    self.runsc.restore_detached(&new_rid, &self.bundle_dir(name), &img_dir, &self.console_log(name))
+                    let r = self.runsc.restore_detached(
+                        &new_rid,
+                        &self.bundle_dir(name),
+                        &img_dir,
+                        &self.console_log(name),
+                    );
+                    if r.is_err() {
+                        let _ = self.runsc.destroy(&new_rid);
+                    }
+                    r
                 };
                 // The image is stored (chunked and hashed on the cores runsc no longer needs) and
                 // checksummed for the image cache while the workspace is checkpointed. With
@@ -1175,8 +1194,11 @@ impl Inner {
                         rec.runtime_id = Some(new_rid.clone());
                         rec.status = Status::Running;
                         if was_paused {
-                            let _ = self.runsc.pause(&new_rid);
-                            rec.status = Status::Paused;
+                            tracing::warn!(
+                                sandbox = name,
+                                "the paused sandbox's checkpoint failed and it was restored running: \
+                                 runsc cannot pause a restored sandbox"
+                            );
                         }
                     }
                     Some(Err(e)) => {
@@ -2478,6 +2500,7 @@ impl Inner {
             return Ok(());
         };
         let status = match self.runsc.state(&rid)? {
+            Some(st) if !st.sandbox_alive() => Status::Exited,
             Some(st) if st.status == "running" => Status::Running,
             Some(st) if st.status == "paused" => Status::Paused,
             _ => Status::Exited,

@@ -7,6 +7,9 @@
 //!   must be files (a pipe would never reach EOF while the sandbox lives).
 //! - `checkpoint` kills the sandbox once the image is written; the container then reports
 //!   `stopped` (or keeps reporting `paused` if it was paused, until `resume` finds it gone).
+//! - `pause` of a restored sandbox returns 0 and `state` says `paused`, but its tasks run on; a
+//!   paused container whose sandbox died stays `paused`; `delete --force` of a paused container
+//!   removes it and then panics.
 //! - `checkpoint --leave-running` is implemented by runsc as "checkpoint, destroy, then `run` a new
 //!   container with the same id and *wait for it*": the command never returns, and the gofer of the
 //!   new sandbox is its child, so killing the command (e.g. on a timeout) leaves a sandbox whose
@@ -47,6 +50,26 @@ pub struct ContainerState {
     /// The sandbox's host pid (-1 or 0 once stopped).
     #[serde(default)]
     pub pid: i64,
+}
+
+impl ContainerState {
+    /// False when the sandbox process runsc names is gone (or a zombie, or another process
+    /// now has its pid): this runsc goes on reporting a paused container whose sandbox died
+    /// as `paused`. True when it cannot tell.
+    pub fn sandbox_alive(&self) -> bool {
+        if self.pid <= 0 {
+            return true;
+        }
+        let proc = PathBuf::from(format!("/proc/{}", self.pid));
+        let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+            return proc.exists();
+        };
+        // A zombie has an empty command line; any other process that is not this sandbox
+        // does not name its container.
+        let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        !zombie && cmdline.split(|&b| b == 0).any(|arg| arg == self.id.as_bytes())
+    }
 }
 
 impl Runsc {
@@ -228,13 +251,16 @@ impl Runsc {
     }
 
     /// Removes the container whatever its state; a container runsc does not know is fine.
+    /// A `delete` that fails is fine too once the container is gone: this runsc's `delete` of a
+    /// paused container whose sandbox died panics after removing it.
     pub fn destroy(&self, id: &str) -> Result<()> {
-        match self.state(id)? {
-            None => Ok(()),
-            Some(_) => {
-                let _ = self.kill(id);
-                self.delete(id)
-            }
+        let _ = self.kill(id);
+        match self.delete(id) {
+            Ok(()) => Ok(()),
+            Err(e) => match self.state(id) {
+                Ok(None) => Ok(()),
+                _ => Err(e),
+            },
         }
     }
 }

@@ -448,3 +448,60 @@ async fn gvisor_a_stuck_sandbox_holds_up_only_its_own_operations() {
     assert_eq!(stopped.head.as_deref(), Some(ck.id.as_str()), "the stop came after the checkpoint");
     cleanup(&engine).await;
 }
+
+/// A sandbox paused with `runsc pause`: a checkpoint that would leave it running is refused
+/// (this runsc cannot pause the sandbox such a checkpoint restores: it would run) and leaves it
+/// paused, with no snapshot; a plain checkpoint stores it and restores; once a paused sandbox's
+/// process dies it is reported exited (this runsc goes on saying `paused`), and `stop` and
+/// `rm` work (this runsc's `delete` of a paused container panics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gvisor_paused_sandbox_checkpoints_and_is_seen_to_die() {
+    if !require("gvisor_paused_sandbox_checkpoints_and_is_seen_to_die", true) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let rootfs = rootfs(dir.path());
+    let mut logs = vec![];
+    for name in ["p", "q"] {
+        let info = engine.run(counter_spec(name, &rootfs)).await.unwrap();
+        let log = info.workspace.clone().unwrap().join("counter.log");
+        wait_lines(&log, 3).await;
+        engine.runsc().pause(info.runtime_id.as_deref().unwrap()).unwrap();
+        logs.push((log.clone(), lines(&log).len()));
+    }
+    let err = engine
+        .checkpoint("p", CheckpointOptions { leave_running: true, ..Default::default() })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("paused") && err.contains("resume it first"), "{err}");
+    let ck = engine.checkpoint("q", CheckpointOptions::default()).await.unwrap();
+    assert_eq!(ck.status, Status::Stopped);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(lines(&logs[0].0).len(), logs[0].1, "the paused sandbox ran");
+    let me = engine.ls().await.unwrap().into_iter().find(|s| s.name == "p").unwrap();
+    assert_eq!((me.status, me.head), (Status::Paused, None));
+    let rid = me.runtime_id.clone().unwrap();
+    // The plain checkpoint holds the paused state, and restores (running).
+    let r = engine.restore(&ck.id, "q-again").await.unwrap();
+    let again = wait_lines(&r.workspace.unwrap().join("counter.log"), logs[1].1 + 3).await;
+    assert!(consecutive_from_one(&again), "{again:?}");
+
+    // The paused sandbox's process dies.
+    let pid = engine.runsc().state(&rid).unwrap().unwrap().pid;
+    assert!(pid > 0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the sandbox process does not die");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let me = engine.ls().await.unwrap().into_iter().find(|s| s.name == "p").unwrap();
+    assert_eq!(me.status, Status::Exited, "{me:?}");
+    let stopped = engine.stop("p").await.unwrap();
+    assert_eq!(stopped.status, Status::Stopped);
+    assert_eq!(engine.runsc().state(&rid).unwrap().map(|s| s.status), None, "its container is left");
+    engine.rm("p").await.unwrap();
+    cleanup(&engine).await;
+}
