@@ -226,6 +226,11 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         let mut len = [0u8; 8];
         read_exact(&mut r, &mut len, &mut whole, &mut pos)?;
         let len = u64::from_le_bytes(len);
+        // Sent twice (say as data, then as a node), an object would be checked as one and
+        // written as the other.
+        if entries.contains_key(&id) {
+            return Err(bad(format!("object {} appears twice", id.short())));
+        }
         if len > total.saturating_sub(pos) {
             return Err(bad(format!("object {} claims {len} bytes, more than the bundle holds", id.short())));
         }
@@ -263,7 +268,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                 return Err(bad(format!("unknown record tag {t} at byte {}", offset - 41)));
             }
         }
-        entries.entry(id).or_insert(Entry { tag: tag[0], offset, len });
+        entries.insert(id, Entry { tag: tag[0], offset, len });
     }
     // ---- closure: everything reachable from the root exists, snapshots decode ----
     let root_node = nodes.get(&root).ok_or_else(|| bad("the root snapshot is not in the bundle".into()))?;
@@ -332,8 +337,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         }
     }
     // ---- pass 2: write, in one transaction ----
-    let staging = store.staging_dir().join(format!("import-{}-{}", std::process::id(), crate::model::now_ms()));
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(format!("mkdir {}", staging.display()), e))?;
+    let staging = crate::engine::tempdir(&store.staging_dir(), "import")?;
     let result = (|| -> Result<()> {
         let mut f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         let mut tx = store.begin()?;

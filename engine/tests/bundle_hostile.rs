@@ -1,6 +1,7 @@
 //! Hostile bundles: a workspace tree whose entry names would escape the restore directory or
 //! whose entries would carry privileges onto the host (device nodes, set-id files, capability
-//! xattrs), a snapshot whose parent is no snapshot, a forged snapshot, garbage after the end.
+//! xattrs), a snapshot whose parent is no snapshot, a forged snapshot, garbage after the end, an
+//! object sent twice (as data, then as a node).
 //! Each is refused and leaves nothing in the store.
 
 mod common;
@@ -139,6 +140,28 @@ async fn hostile_bundles_refused_and_nothing_kept() {
         assert!(dst.import(&p).await.is_err(), "flip at {off} accepted");
         assert_empty(&dst);
     }
+    // The root snapshot sent twice, first as data: refused (it would be checked as a node
+    // and written as data).
+    let mut b = bytes.clone();
+    let (mut pos, mut at) = (48, None);
+    while b[pos] != 0xFF {
+        let len = u64::from_le_bytes(b[pos + 33..pos + 41].try_into().unwrap()) as usize;
+        if b[pos + 1..pos + 33] == b[16..48] {
+            at = Some((pos, 41 + len));
+        }
+        pos += 41 + len;
+    }
+    let (at, len) = at.expect("the root's record");
+    let mut record = b[at..at + len].to_vec();
+    record[0] = 2;
+    b.splice(at..at, record);
+    let end = pos + len;
+    let digest = *blake3::hash(&b[..end + 1]).as_bytes();
+    b[end + 1..end + 33].copy_from_slice(&digest);
+    std::fs::write(&p, &b).unwrap();
+    let err = dst.import(&p).await.unwrap_err().to_string();
+    assert!(err.contains("appears twice"), "{err}");
+    assert_empty(&dst);
     let r = dst.import(&good).await.unwrap();
     assert_eq!(r.id, ck.id);
     // Imported twice: the second import adds nothing new.
