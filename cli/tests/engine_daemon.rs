@@ -36,14 +36,22 @@ struct Daemon {
 
 impl Daemon {
     fn start(store: &Path) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_snapfork"))
-            .arg("--store")
-            .arg(store)
-            .arg("daemon")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        Daemon::start_with(store, |_| {})
+    }
+
+    /// The daemon as a terminal's foreground job runs: leading a process group of its own.
+    fn start_as_job(store: &Path) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        Daemon::start_with(store, |c| {
+            c.process_group(0);
+        })
+    }
+
+    fn start_with(store: &Path, set_up: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_snapfork"));
+        cmd.arg("--store").arg(store).arg("daemon").stdout(Stdio::null()).stderr(Stdio::null());
+        set_up(&mut cmd);
+        let child = cmd.spawn().unwrap();
         let sock = store.join("engine/run/daemon.sock");
         let t = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -330,6 +338,52 @@ fn daemon_refuses_request_bodies_it_would_misread() {
     assert_eq!(after["removed_chunks"], before["removed_chunks"], "a refused gc removed data");
     json(&snapfork(&store).args(["sandbox", "rm", "busy"]).output().unwrap());
     assert!(daemon.term().success());
+}
+
+/// Ctrl-C in the daemon's terminal sends SIGINT to its whole process group: the daemon shuts
+/// down gracefully, and what it started is not in that group. Its sandboxes, one run and one
+/// restored by a checkpoint that left it running, go on working: their gofers (without which
+/// the workspace fails) are alive, and they keep writing their workspaces.
+#[test]
+fn ctrl_c_in_the_daemons_terminal_leaves_its_sandboxes_running() {
+    if !common::require("ctrl_c_in_the_daemons_terminal_leaves_its_sandboxes_running", true) {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("sf-daemon-int-").tempdir_in("/var/tmp").unwrap();
+    let store = tmp.path().join("store");
+    let mut daemon = Daemon::start_as_job(&store);
+    let mut logs = vec![];
+    for name in ["a", "b"] {
+        let run = json(
+            &snapfork(&store)
+                .args(["sandbox", "run", "--busybox", name, "--", "/bin/sh", "-c", COUNTER])
+                .output()
+                .unwrap(),
+        );
+        logs.push(PathBuf::from(run["workspace"].as_str().unwrap()).join("counter.log"));
+    }
+    json(&snapfork(&store).args(["sandbox", "checkpoint", "b", "--leave-running"]).output().unwrap());
+    let count = |log: &Path| std::fs::read_to_string(log).unwrap_or_default().lines().count();
+    let group = format!("-{}", daemon.child.id());
+    assert!(Command::new("kill").args(["-INT", "--", &group]).status().unwrap().success());
+    assert!(daemon.child.wait().unwrap().success(), "the daemon's exit on SIGINT");
+    std::mem::forget(daemon);
+    let at_int: Vec<usize> = logs.iter().map(|l| count(l)).collect();
+    let t = Instant::now();
+    while logs.iter().zip(&at_int).any(|(l, &n)| count(l) < n + 5) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "a sandbox stopped writing its workspace after the Ctrl-C: {:?} then {:?}",
+            at_int,
+            logs.iter().map(|l| count(l)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ls = json(&snapfork(&store).args(["sandbox", "ls"]).output().unwrap());
+    for s in ls["sandboxes"].as_array().unwrap() {
+        assert_eq!(s["status"], "running", "{s}");
+    }
+    json(&snapfork(&store).args(["sandbox", "rm", "a", "b"]).output().unwrap());
 }
 
 /// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait

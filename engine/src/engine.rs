@@ -2300,15 +2300,17 @@ impl Inner {
         let log2 = log.try_clone().map_err(|e| Error::io("dup console log", e))?;
         let cfg = &FirecrackerConfig { binary: if imported { None } else { cfg.binary.clone() }, ..cfg.clone() };
         let binary = cfg.binary();
+        use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new(&binary);
         command.current_dir(&cwd).arg("--api-sock").arg(&api_sock).stdin(std::process::Stdio::null());
         command.stdout(log).stderr(log2);
+        // Its own process group: the caller's Ctrl-C or hangup must not end the VM.
+        command.process_group(0);
         let networked = !plan.network.is_empty();
         if networked {
             // Its taps, by the names the vmstate holds, in a network namespace of its own.
             let taps =
                 crate::vmnet::Taps::new(&plan.network.iter().map(|n| n.host_dev_name.clone()).collect::<Vec<_>>())?;
-            use std::os::unix::process::CommandExt;
             // SAFETY: `enter` only makes system calls (unshare, open, ioctl, socket, close) and
             // allocates nothing, as code between fork and exec must.
             unsafe { command.pre_exec(move || taps.enter()) };

@@ -17,6 +17,7 @@
 //!   image in place with `restore -detach` (see [`crate::gvisor`]).
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,6 +89,10 @@ impl Runsc {
             cmd.arg(format!("--platform={p}"));
         }
         cmd.stdin(Stdio::null());
+        // A process group of its own: a terminal's Ctrl-C or hangup reaches the caller's group
+        // (a daemon that shuts down gracefully on SIGINT), never a runsc command in flight or
+        // the gofer that `run`/`restore` leave behind (its sandbox's files fail without it).
+        cmd.process_group(0);
         cmd
     }
 

@@ -916,6 +916,9 @@ async fn firecracker_forks_get_their_own_disks_and_sockets() {
         let vsock = f.vsock.clone().unwrap_or_else(|| panic!("{}: no vsock socket in {f:?}", f.name));
         assert!(vsock.starts_with(&own), "{}: vsock socket {}", f.name, vsock.display());
         assert_eq!(listener_pid(&vsock), vmm_pid(dir.path(), &f.name), "{}", f.name);
+        // In a process group of its own: a Ctrl-C to the engine's does not end the VM.
+        let group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(vmm_pid(dir.path(), &f.name)))).unwrap();
+        assert_ne!(group, nix::unistd::getpgrp(), "{}", f.name);
         // Its tap, of the same name, in a network namespace of its own.
         let net = net(fapi);
         assert_eq!(net["taps"], json!([tap]), "{}", f.name);
