@@ -44,8 +44,12 @@ const MAX_BODY: usize = 1 << 20;
 /// Longest a client may take to send its request, and to take its response: a client that
 /// stalls is dropped instead of holding a task and a descriptor.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections served at once; more wait in the socket's backlog.
-const MAX_CONNECTIONS: usize = 256;
+/// Most operations served at once; more wait (connected, their request read).
+const MAX_OPERATIONS: usize = 256;
+/// How many connections are open at once, operations and requests still being read together:
+/// beyond [`MAX_OPERATIONS`], so that a health probe is answered while every operation slot
+/// is taken (or held by clients that have not sent their request yet).
+const MAX_CONNECTIONS: usize = 1024;
 /// How long the CLI waits for a daemon to answer its health probe before calling it hung.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -404,6 +408,7 @@ async fn handle(
     engine: snapfork_engine::Engine,
     global: Arc<Global>,
     in_flight: Arc<AtomicUsize>,
+    operations: Arc<tokio::sync::Semaphore>,
 ) {
     let req = match tokio::time::timeout(CLIENT_TIMEOUT, read_request(&mut conn)).await {
         Ok(Ok(r)) => r,
@@ -413,8 +418,15 @@ async fn handle(
             return respond(&mut conn, 400, &json!({"error": e})).await;
         }
     };
+    if req.method == "GET" && req.target == "/v1/health" {
+        return respond(&mut conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}))
+            .await;
+    }
     in_flight.fetch_add(1, Ordering::SeqCst);
+    // (Only fails once closed, which it never is.)
+    let slot = operations.acquire_owned().await;
     serve_request(&mut conn, req, engine, global).await;
+    drop(slot);
     in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -424,9 +436,6 @@ async fn serve_request(
     engine: snapfork_engine::Engine,
     global: Arc<Global>,
 ) {
-    if req.method == "GET" && req.target == "/v1/health" {
-        return respond(conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"})).await;
-    }
     let body: Value = if req.body.is_empty() {
         Value::Null
     } else {
@@ -585,6 +594,7 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let in_flight = Arc::new(AtomicUsize::new(0));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let operations = Arc::new(tokio::sync::Semaphore::new(MAX_OPERATIONS));
         let mut served = 0u64;
         loop {
             let slot = tokio::select! {
@@ -606,9 +616,9 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
                         }
                     };
                     served += 1;
-                    let (engine, global, n) = (engine.clone(), global.clone(), in_flight.clone());
+                    let (engine, global, n, ops) = (engine.clone(), global.clone(), in_flight.clone(), operations.clone());
                     tokio::spawn(async move {
-                        handle(conn, engine, global, n).await;
+                        handle(conn, engine, global, n, ops).await;
                         drop(slot);
                     });
                 }
