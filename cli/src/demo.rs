@@ -59,6 +59,13 @@ pub fn run(a: DemoArgs, global: &Global) -> anyhow::Result<Report> {
     runtime()?.block_on(demo(engine, rootfs, a, global.json))
 }
 
+/// Runs `script` in sandbox `name`'s shell; a non-zero exit is an error.
+async fn sh(engine: &Engine, name: &str, script: &str) -> anyhow::Result<()> {
+    let r = engine.exec(name, vec!["/bin/sh".into(), "-c".into(), script.into()]).await?;
+    anyhow::ensure!(r.exit_code == 0, "`{script}` in {name} exited {}: {}", r.exit_code, r.stderr.trim_end());
+    Ok(())
+}
+
 async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyhow::Result<Report> {
     let say = |s: String| {
         if !quiet {
@@ -102,7 +109,7 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
         ck.stored_bytes_added
     ));
 
-    engine.exec(&name, vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()]).await?;
+    sh(&engine, &name, "rm -rf /workspace/*; kill -USR1 1").await?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let after = lines(&log);
     say(format!(
@@ -129,16 +136,12 @@ async fn demo(engine: Engine, rootfs: PathBuf, a: DemoArgs, quiet: bool) -> anyh
     timings.push(("fork x3 (slowest)".into(), fork_ms));
     for (k, f) in forks.iter().enumerate() {
         let step = 10i64.pow(k as u32 + 1);
-        engine
-            .exec(
-                &f.name,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    format!("echo {step} > /workspace/step; echo branch {k} > /workspace/branch.txt; kill -USR2 1"),
-                ],
-            )
-            .await?;
+        sh(
+            &engine,
+            &f.name,
+            &format!("echo {step} > /workspace/step; echo branch {k} > /workspace/branch.txt; kill -USR2 1"),
+        )
+        .await?;
     }
     say(format!(
         "5. forked 3 sandboxes from {} in parallel (slowest {:.0} ms); each now counts in steps of 10, 100, 1000:",

@@ -13,12 +13,33 @@ pub struct Report {
     pub json: Value,
     /// The text printed otherwise.
     pub text: String,
+    /// A command run in a sandbox (`sandbox exec`): its output is printed as it is (stdout
+    /// and stderr) and its exit code becomes ours.
+    pub passthrough: Option<Passthrough>,
+}
+
+/// The stderr and exit code of a command run in a sandbox (its stdout is the report's text).
+pub struct Passthrough {
+    /// What it wrote to stderr.
+    pub stderr: String,
+    /// Its exit code.
+    pub exit_code: i32,
 }
 
 impl Report {
     /// A report whose text is given and whose JSON is `json`.
     pub fn new(json: Value, text: impl Into<String>) -> Self {
-        Report { json, text: text.into() }
+        Report { json, text: text.into(), passthrough: None }
+    }
+
+    /// The report of a command run in a sandbox, from the JSON of its `ExecReport`.
+    pub fn command_output(json: Value) -> Self {
+        let field = |k: &str| json[k].as_str().unwrap_or_default().to_string();
+        let passthrough = Passthrough {
+            stderr: field("stderr"),
+            exit_code: json["exit_code"].as_i64().and_then(|c| i32::try_from(c).ok()).unwrap_or(1),
+        };
+        Report { text: field("stdout"), passthrough: Some(passthrough), json }
     }
 }
 
@@ -49,12 +70,17 @@ pub fn error_line(err: &anyhow::Error) -> String {
 pub fn finish(result: anyhow::Result<Report>, global: &Global) -> i32 {
     match result {
         Ok(report) => {
+            let code = report.passthrough.as_ref().map_or(0, |p| p.exit_code);
             if global.json {
                 println!("{}", report.json);
+            } else if let Some(p) = &report.passthrough {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(report.text.as_bytes());
+                let _ = std::io::stderr().write_all(p.stderr.as_bytes());
             } else if !report.text.is_empty() {
                 println!("{}", report.text.trim_end());
             }
-            0
+            code
         }
         Err(err) => {
             let message = error_line(&err);

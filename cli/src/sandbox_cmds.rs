@@ -78,6 +78,10 @@ pub fn run_top(mut cmd: EngineCmd, global: &Global) -> anyhow::Result<Report> {
     // Checkpoints, restores, forks, exports take seconds to minutes, here or in the daemon.
     let _busy = crate::output::spinner(global, &command_name(&cmd));
     if let Some(report) = crate::daemon::try_call(&cmd, global)? {
+        // The daemon's answer is JSON and text: a command's stderr and exit code are in the JSON.
+        if matches!(cmd, EngineCmd::Sandbox(SandboxCmd::Exec { .. })) {
+            return Ok(Report::command_output(report.json));
+        }
         return Ok(report);
     }
     let engine = open_engine(global)?;
@@ -252,7 +256,9 @@ pub enum SandboxCmd {
     },
     /// List sandboxes.
     Ls,
-    /// Run a command inside a running gvisor sandbox.
+    /// Run a command inside a running gvisor sandbox: its stdout and stderr come out as it
+    /// wrote them (at most 16 MiB of each), and its exit code is ours (also with --json, whose
+    /// object holds exit_code, stdout, stderr and truncated).
     Exec {
         /// The sandbox.
         name: String,
@@ -548,9 +554,6 @@ async fn run_async(cmd: SandboxCmd, global: &Global, engine: &Engine) -> anyhow:
             let text: Vec<String> = v.iter().map(info_text).collect();
             Report::new(json!({"sandboxes": v.iter().map(info_json).collect::<Vec<_>>()}), text.join("\n"))
         }
-        SandboxCmd::Exec { name, cmd } => {
-            let out = engine.exec(&name, cmd).await?;
-            Report::new(json!({"stdout": out}), out.clone())
-        }
+        SandboxCmd::Exec { name, cmd } => Report::command_output(serde_json::to_value(engine.exec(&name, cmd).await?)?),
     })
 }

@@ -387,6 +387,70 @@ fn ctrl_c_in_the_daemons_terminal_leaves_its_sandboxes_running() {
     json(&snapfork(&store).args(["sandbox", "rm", "a", "b"]).output().unwrap());
 }
 
+/// `sandbox exec`, directly and through the daemon: the command's stdout and stderr come out
+/// as it wrote them and its exit code is the CLI's (`--json`: the same in one object); output
+/// past 16 MiB is dropped and said to be; a command that leaves a process in the background
+/// holding its output returns when the command does; a sandbox that is not running is an error.
+#[test]
+fn sandbox_exec_returns_the_commands_output_and_exit_code() {
+    if !common::require("sandbox_exec_returns_the_commands_output_and_exit_code", true) {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("sf-exec-").tempdir_in("/var/tmp").unwrap();
+    let store = tmp.path().join("store");
+    json(
+        &snapfork(&store).args(["sandbox", "run", "--busybox", "x", "--", "/bin/sh", "-c", COUNTER]).output().unwrap(),
+    );
+    let exec = |args: &[&str], json_out: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_snapfork"));
+        c.arg("--store").arg(&store);
+        if json_out {
+            c.arg("--json");
+        }
+        c.args(["sandbox", "exec", "x", "--"]).args(args).output().unwrap()
+    };
+    let mut daemon = None;
+    for via in ["direct", "daemon"] {
+        if via == "daemon" {
+            daemon = Some(Daemon::start(&store));
+        }
+        let out = exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], false);
+        assert_eq!(out.status.code(), Some(3), "{via}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "{via}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"), "{via}");
+        let out = exec(&["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], true);
+        assert_eq!(out.status.code(), Some(3), "{via}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (v["exit_code"].as_i64(), v["stdout"].as_str(), v["truncated"].as_bool()),
+            (Some(3), Some("out\n"), Some(false)),
+            "{via}: {v}"
+        );
+        assert!(v["stderr"].as_str().unwrap().contains("err\n"), "{via}: {v}");
+        // 20 MB printed: 16 MiB kept, said to be cut.
+        let v: serde_json::Value =
+            serde_json::from_slice(&exec(&["/bin/sh", "-c", "head -c 20000000 /dev/zero; exit 0"], true).stdout)
+                .unwrap();
+        assert_eq!((v["exit_code"].as_i64(), v["truncated"].as_bool()), (Some(0), Some(true)), "{via}");
+        assert_eq!(v["stdout"].as_str().unwrap().len(), 16 << 20, "{via}");
+        // A background process keeps the output open: the call returns with the command.
+        let t = Instant::now();
+        let out = exec(&["/bin/sh", "-c", "sleep 30 & echo started"], false);
+        assert!(t.elapsed() < Duration::from_secs(10), "{via}: {:?}", t.elapsed());
+        assert_eq!(
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()),
+            (Some(0), "started\n".into()),
+            "{via}"
+        );
+    }
+    json(&snapfork(&store).args(["sandbox", "stop", "x"]).output().unwrap());
+    let out = exec(&["/bin/true"], true);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not running"), "{}", String::from_utf8_lossy(&out.stdout));
+    json(&snapfork(&store).args(["sandbox", "rm", "x"]).output().unwrap());
+    assert!(daemon.take().unwrap().term().success());
+}
+
 /// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait
 /// for the writer lock and fail).
 #[test]

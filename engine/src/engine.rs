@@ -196,6 +196,23 @@ pub struct CheckpointReport {
     pub timings: Timings,
 }
 
+/// Most of each of stdout and stderr that `exec` returns: beyond it, output is dropped.
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+
+/// What `exec` returns: the command's exit code and output (text; bytes that are not UTF-8
+/// are replaced).
+#[derive(Clone, Debug, Serialize)]
+pub struct ExecReport {
+    /// Its exit code (128 + N when signal N ended it).
+    pub exit_code: i32,
+    /// Its stdout, up to [`MAX_EXEC_OUTPUT`] bytes.
+    pub stdout: String,
+    /// Its stderr, up to [`MAX_EXEC_OUTPUT`] bytes.
+    pub stderr: String,
+    /// True when stdout or stderr was longer than [`MAX_EXEC_OUTPUT`] (the rest was dropped).
+    pub truncated: bool,
+}
+
 /// A sandbox as reported by `ls`, `run`, `restore`, `fork`, `revert`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SandboxInfo {
@@ -750,17 +767,29 @@ impl Engine {
     }
 
     /// Runs a command inside running sandbox `name` (gvisor: `runsc exec`); returns its stdout.
-    pub async fn exec(&self, name: &str, args: Vec<String>) -> Result<String> {
+    pub async fn exec(&self, name: &str, args: Vec<String>) -> Result<ExecReport> {
         let name = name.to_string();
         let _g = self.lock(std::slice::from_ref(&name)).await;
         self.blocking(move |i| {
-            let rec = i.load_record(&name)?;
+            let mut rec = i.load_record(&name)?;
             if rec.driver != "gvisor" {
                 return Err(Error::Invalid(format!("exec needs a gvisor sandbox; {name} is {}", rec.driver)));
             }
-            let rid = rec.runtime_id.ok_or_else(|| Error::Invalid(format!("sandbox {name} is not running")))?;
+            // Once it is known to run, a failure is the command's (runsc's own errors are rare
+            // then, and come as exit code 128 with their message on stderr).
+            i.refresh(&mut rec)?;
+            let rid = match (&rec.runtime_id, rec.status) {
+                (Some(rid), Status::Running) => rid.clone(),
+                (_, status) => return Err(Error::Invalid(format!("sandbox {name} is {status:?}, not running"))),
+            };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            i.runsc.exec_in(&rid, &args)
+            let out = i.runsc.exec_in(&rid, &args, MAX_EXEC_OUTPUT)?;
+            Ok(ExecReport {
+                exit_code: out.exit_code,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                truncated: out.truncated,
+            })
         })
         .await
     }

@@ -25,8 +25,8 @@ mod vmnet;
 pub mod workspace;
 
 pub use engine::{
-    AdoptedVm, CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, Log, LogEntry, RunSpec,
-    SandboxInfo, SnapshotDiff, Timings, UFFD_IDLE,
+    AdoptedVm, CheckpointOptions, CheckpointReport, DriverConfig, Engine, EngineOptions, ExecReport, Log, LogEntry,
+    MAX_EXEC_OUTPUT, RunSpec, SandboxInfo, SnapshotDiff, Timings, UFFD_IDLE,
 };
 pub use error::{Error, Result};
 pub use firecracker::FirecrackerConfig;

@@ -53,6 +53,19 @@ pub struct ContainerState {
     pub pid: i64,
 }
 
+/// What a command run in a sandbox (`runsc exec`) returned.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOutput {
+    /// Its exit code (128 + N when signal N ended it).
+    pub exit_code: i32,
+    /// Its stdout, up to the limit asked for.
+    pub stdout: Vec<u8>,
+    /// Its stderr (and runsc's errors), up to the limit asked for.
+    pub stderr: Vec<u8>,
+    /// True when either stream printed more than the limit (the rest was dropped).
+    pub truncated: bool,
+}
+
 impl ContainerState {
     /// False when the sandbox process runsc names is gone (or a zombie, or another process
     /// now has its pid): this runsc goes on reporting a paused container whose sandbox died
@@ -218,11 +231,58 @@ impl Runsc {
         self.exec(&["delete", "--force", id], None, "delete").map(|_| ())
     }
 
-    /// `runsc exec ID ARGS...`: runs a command inside the sandbox and returns its stdout.
-    pub fn exec_in(&self, id: &str, args: &[&str]) -> Result<String> {
-        let mut all = vec!["exec", id];
-        all.extend_from_slice(args);
-        self.exec(&all, None, "exec")
+    /// `runsc exec ID ARGS...`: runs a command inside the sandbox; returns its exit code and
+    /// up to `limit` bytes of each of its stdout and stderr (the rest is read and dropped, so
+    /// the command never blocks on a full pipe). Its output goes through pipes, never files:
+    /// a command that prints without end cannot fill the disk. runsc hands the pipes to the
+    /// sandbox, where a process the command left in the background may hold them open: once
+    /// runsc exits, what they hold is read and they are closed.
+    pub fn exec_in(&self, id: &str, args: &[&str], limit: usize) -> Result<ExecOutput> {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let fail = |detail: String| Error::Runtime { what: "runsc exec".into(), detail };
+        let mut cmd = self.command();
+        cmd.arg("exec").arg(id).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start {}: {e}", self.binary.display())))?;
+        let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(fail("no pipes".into()));
+        };
+        for fd in [out.as_fd(), err.as_fd()] {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| fail(e.to_string()))?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| fail(e.to_string()))?;
+        }
+        let mut res = ExecOutput::default();
+        let mut buf = vec![0u8; 64 << 10];
+        // Reads what each pipe holds now, keeping up to `limit` bytes.
+        let mut drain = |res: &mut ExecOutput| {
+            for (pipe, kept) in [(&mut out as &mut dyn Read, &mut res.stdout), (&mut err, &mut res.stderr)] {
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    let room = limit.saturating_sub(kept.len()).min(n);
+                    kept.extend_from_slice(&buf[..room]);
+                    res.truncated |= room < n;
+                }
+            }
+        };
+        let start = Instant::now();
+        let status = loop {
+            drain(&mut res);
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("timed out after {:?}", self.timeout)));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        drain(&mut res);
+        use std::os::unix::process::ExitStatusExt;
+        res.exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Ok(res)
     }
 
     /// Deletes container `id` (killing it if needed) in the background: runsc's `delete` waits

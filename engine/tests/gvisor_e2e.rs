@@ -45,10 +45,11 @@ async fn gvisor_checkpoint_fork3_revert() {
     // Each fork continues with its own step: memory diverges, files are separate.
     for (k, f) in forks.iter().enumerate() {
         let step = 10i64.pow(k as u32 + 1);
-        engine
+        let r = engine
             .exec(&f.name, vec!["/bin/sh".into(), "-c".into(), format!("echo {step} > /workspace/step; kill -USR2 1")])
             .await
             .unwrap();
+        assert_eq!(r.exit_code, 0, "{}", r.stderr);
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The checkpointed file, read back from the snapshot: 1..=N.
@@ -72,7 +73,11 @@ async fn gvisor_checkpoint_fork3_revert() {
     }
 
     // Wreck the original, then revert it.
-    engine.exec("orig", vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()]).await.unwrap();
+    let r = engine
+        .exec("orig", vec!["/bin/sh".into(), "-c".into(), "rm -rf /workspace/*; kill -USR1 1".into()])
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let wrecked = lines(&log);
     // The file was deleted and the counter corrupted (at most one line raced the signal).
