@@ -270,7 +270,18 @@ pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) ->
         return Ok(None);
     }
     // A socket left by a daemon that died: nobody listens.
-    if !probe(&path)? {
+    let Some(serves) = probe(&path)? else {
+        return Ok(None);
+    };
+    // A link left by a daemon of this store that died (`daemon --socket`) may now lead to
+    // another store's daemon: that one must not be told what to do here.
+    let ours = std::fs::canonicalize(&global.store).unwrap_or_else(|_| global.store.clone());
+    if let Some(other) = serves.filter(|s| *s != ours) {
+        tracing::warn!(
+            socket = %path.display(),
+            serves = %other.display(),
+            "the daemon socket of this store leads to another store's daemon; opening the store directly"
+        );
         return Ok(None);
     }
     let mut stream =
@@ -297,13 +308,14 @@ pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) ->
     )))
 }
 
-/// Asks the daemon at `path` whether it is up: false when nobody listens (a stale socket), an
-/// error when it accepts but does not answer in time (stopped or hung), rather than waiting on it
-/// forever. Operations themselves get no deadline: a checkpoint may take minutes.
-fn probe(path: &Path) -> anyhow::Result<bool> {
+/// Asks the daemon at `path` whether it is up, and which store it serves (None from a daemon
+/// that does not say): None when nobody listens (a stale socket), an error when it accepts but
+/// does not answer in time (stopped or hung), rather than waiting on it forever. Operations
+/// themselves get no deadline: a checkpoint may take minutes.
+fn probe(path: &Path) -> anyhow::Result<Option<Option<PathBuf>>> {
     let mut s = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
     };
     s.set_read_timeout(Some(PROBE_TIMEOUT))?;
@@ -313,7 +325,11 @@ fn probe(path: &Path) -> anyhow::Result<bool> {
         .write_all(b"GET /v1/health HTTP/1.1\r\nHost: snapfork\r\nConnection: close\r\n\r\n")
         .and_then(|_| s.read_to_end(&mut resp));
     match answered {
-        Ok(_) if resp.starts_with(b"HTTP/1.1 200") => Ok(true),
+        Ok(_) if resp.starts_with(b"HTTP/1.1 200") => {
+            let body = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(&[][..], |p| &resp[p + 4..]);
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            Ok(Some(v["result"]["store"].as_str().map(PathBuf::from)))
+        }
         Ok(_) => bail!("the daemon at {} answered its health check with an error", path.display()),
         Err(e) => bail!(
             "the daemon at {} does not answer ({e}): is it stopped or hung? (stop it, or remove the socket if it is gone)",
@@ -419,8 +435,8 @@ async fn handle(
         }
     };
     if req.method == "GET" && req.target == "/v1/health" {
-        return respond(&mut conn, 200, &json!({"result": {"ok": true, "pid": std::process::id()}, "text": "ok"}))
-            .await;
+        let health = json!({"ok": true, "pid": std::process::id(), "store": global.store});
+        return respond(&mut conn, 200, &json!({"result": health, "text": "ok"})).await;
     }
     in_flight.fetch_add(1, Ordering::SeqCst);
     // (Only fails once closed, which it never is.)
@@ -569,13 +585,19 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         None => socket_path(global),
     };
     let engine = open_engine(global)?;
-    // Holding the store, we are its only daemon: what is at its socket path is stale.
+    // Holding the store, we are its only daemon: what is at its socket path is stale, a link
+    // (left by a `--socket` daemon) too, wherever it leads now.
     let default = socket_path(global);
     prepare_run_dir(&default)?;
+    if std::fs::symlink_metadata(&default).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(&default).with_context(|| format!("remove {}", default.display()))?;
+    }
     prepare_socket(&default)?;
     prepare_socket(&path)?;
     let rt = runtime()?;
-    let global = Arc::new(global.clone());
+    // The store as clients name it once resolved: health says which store this daemon serves.
+    let store = std::fs::canonicalize(&global.store).with_context(|| format!("resolve {}", global.store.display()))?;
+    let global = Arc::new(Global { store, ..global.clone() });
     let served = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(bind_private(&path)?)?;
         if path != default {

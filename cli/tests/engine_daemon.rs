@@ -29,6 +29,18 @@ fn request(store: &Path, method: &str, target: &str, body: &str) -> (u16, serde_
     (status, serde_json::from_str(body).unwrap())
 }
 
+/// The pid of the daemon the store's socket leads to, if one answers.
+fn health_pid(store: &Path) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(store.join("engine/run/daemon.sock")).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).ok()?;
+    let v: serde_json::Value = serde_json::from_str(resp.split_once("\r\n\r\n")?.1).ok()?;
+    v["result"]["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
 struct Daemon {
     child: std::process::Child,
     store: PathBuf,
@@ -52,9 +64,9 @@ impl Daemon {
         cmd.arg("--store").arg(store).arg("daemon").stdout(Stdio::null()).stderr(Stdio::null());
         set_up(&mut cmd);
         let child = cmd.spawn().unwrap();
-        let sock = store.join("engine/run/daemon.sock");
+        // Up once the store's socket leads to this daemon (not one a stale link leads to).
         let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        while health_pid(store) != Some(child.id()) {
             assert!(t.elapsed() < Duration::from_secs(30), "daemon did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -449,6 +461,44 @@ fn sandbox_exec_returns_the_commands_output_and_exit_code() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("not running"), "{}", String::from_utf8_lossy(&out.stdout));
     json(&snapfork(&store).args(["sandbox", "rm", "x"]).output().unwrap());
     assert!(daemon.take().unwrap().term().success());
+}
+
+/// A `daemon --socket P` of store X dies (killed), leaving X's socket path a link to P; a
+/// daemon of store Y then serves at P. The CLI on X must not act through Y's daemon (it opens
+/// X itself), and X's daemon starts again (before, it found Y's daemon through the link and
+/// refused, "a daemon already serves this store").
+#[test]
+fn a_stale_socket_link_never_leads_to_another_stores_daemon() {
+    if !common::require("a_stale_socket_link_never_leads_to_another_stores_daemon", true) {
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("sf-daemon-link-").tempdir_in("/var/tmp").unwrap();
+    let (x, y, p) = (tmp.path().join("x"), tmp.path().join("y"), tmp.path().join("d.sock"));
+    let with_socket = |store: &Path| {
+        Daemon::start_with(store, |c| {
+            c.arg("--socket").arg(&p);
+        })
+    };
+    let mut dx = with_socket(&x);
+    dx.child.kill().unwrap();
+    dx.child.wait().unwrap();
+    std::mem::forget(dx);
+    assert!(std::fs::symlink_metadata(x.join("engine/run/daemon.sock")).unwrap().file_type().is_symlink());
+    std::fs::remove_file(&p).unwrap();
+    let dy = with_socket(&y);
+    json(&snapfork(&y).args(["sandbox", "run", "--busybox", "in-y", "--", "/bin/sh", "-c", COUNTER]).output().unwrap());
+    let ls = json(&snapfork(&x).args(["--lock-timeout", "1", "sandbox", "ls"]).output().unwrap());
+    assert_eq!(ls["sandboxes"], serde_json::json!([]), "store x listed store y's sandboxes");
+    // X's own daemon starts (on its default socket) and is the one its CLI uses.
+    let dx = Daemon::start(&x);
+    let ls = json(&snapfork(&x).args(["--lock-timeout", "1", "sandbox", "ls"]).output().unwrap());
+    assert_eq!(ls["sandboxes"], serde_json::json!([]));
+    let (status, health) = request(&x, "GET", "/v1/health", "");
+    assert_eq!(status, 200);
+    assert_eq!(health["result"]["store"].as_str(), Some(std::fs::canonicalize(&x).unwrap().to_str().unwrap()));
+    assert!(dx.term().success());
+    json(&snapfork(&y).args(["sandbox", "rm", "in-y"]).output().unwrap());
+    assert!(dy.term().success());
 }
 
 /// `snapfork gc` while a daemon holds the store: the daemon runs it (the CLI alone would wait
