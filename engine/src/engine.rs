@@ -1730,6 +1730,7 @@ impl Inner {
                     vm.kill_vmm();
                 }
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = workspace::forget(&self.store, &ws);
                 let _ = std::fs::remove_dir_all(&ws);
                 Err(e)
             }
@@ -2569,6 +2570,7 @@ impl Inner {
         if rec.owns_workspace
             && let Some(ws) = &rec.workspace
         {
+            workspace::forget(&self.store, ws)?;
             remove_dir_if_exists(ws)?;
         }
         remove_dir_if_exists(&self.sandbox_dir(name))?;

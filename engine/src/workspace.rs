@@ -69,6 +69,12 @@ pub fn checkpoint_ref(id: &Hash) -> String {
     format!("{}{}", ws::CHECKPOINT_REF_PREFIX, id.to_hex())
 }
 
+/// Forgets the fsfork records of workspace `dir` (its record, stat cache and place in
+/// offspring lists): the sandbox that owned it is removed.
+pub fn forget(store: &Store, dir: &Path) -> Result<()> {
+    Ok(ws::forget(store, dir)?)
+}
+
 /// Materializes the workspace of `part` into the new directory `dest` (reflinks where the
 /// store's filesystem allows).
 pub fn materialize(store: &Store, part: &Part, dest: &Path) -> Result<()> {

@@ -134,6 +134,50 @@ async fn concurrent_forks_with_one_prefix_take_different_names() {
     }
 }
 
+/// Removing a fork removes what the store kept about its workspace: its record, its stat
+/// cache and its place in the checkpoint's list of offspring. Forks made and removed leave the
+/// store's workspace metadata as it was (before, each left its records for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removed_forks_leave_no_workspace_records_behind() {
+    if !require("removed_forks_leave_no_workspace_records_behind", false) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let mem = dir.path().join("mem");
+    write(&mem, &[1, 2, 0, 3]);
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    std::fs::write(ws.join("sub/f"), "x").unwrap();
+    let cfg = RawConfig { memory: Some(mem), state: vec![], disks: vec![], page_size: 4096 };
+    engine.run(RunSpec { name: "vm".into(), driver: DriverConfig::Raw(cfg), workspace: Some(ws) }).await.unwrap();
+    let snap = engine.checkpoint("vm", CheckpointOptions::default()).await.unwrap().id;
+    let keys = || -> Vec<String> { engine.store().meta_list("fsfork/").unwrap().into_iter().map(|(k, _)| k).collect() };
+    let before = keys();
+    let forks = engine.fork(&snap, 3, Some("f")).await.unwrap();
+    // A fork's checkpoint adds a stat cache of its own; the one left is removed with it.
+    engine.checkpoint("f-1", CheckpointOptions::default()).await.unwrap();
+    let offspring = keys().into_iter().filter(|k| k.starts_with("fsfork/offspring/")).count();
+    assert!(offspring > before.iter().filter(|k| k.starts_with("fsfork/offspring/")).count());
+    assert!(keys().len() >= before.len() + 3 * 2, "{:?}", keys());
+    for f in &forks[..2] {
+        engine.rm(&f.name).await.unwrap();
+    }
+    // The one left is still listed as an offspring of the checkpoint it was made from.
+    let lists: Vec<String> = engine
+        .store()
+        .meta_list("fsfork/offspring/")
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
+        .collect();
+    let kept = forks[2].workspace.as_ref().unwrap().canonicalize().unwrap();
+    assert!(lists.iter().any(|l| l.contains(kept.to_str().unwrap())), "{lists:?}");
+    assert!(!lists.iter().any(|l| l.contains("f-1") || l.contains("f-2")), "{lists:?}");
+    engine.rm(&forks[2].name).await.unwrap();
+    assert_eq!(keys(), before);
+}
+
 /// A revert that fails on its last file (the disk's directory is gone) changes nothing: the
 /// memory image written before it, the workspace and the sandbox's head are all as they were;
 /// once the directory is back, the same revert puts every file back.

@@ -1429,6 +1429,10 @@ pub fn restore(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<RestoreReport> 
     restore_as(repo, ckpt, dst, "restore")
 }
 
+/// Held while an offspring list is read and written back: restores of one checkpoint run in
+/// parallel (fork -n N), each adding itself to the list it read.
+static OFFSPRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<RestoreReport> {
     let target = canonical_new(dst)?;
     let (report, cache) = materialize(repo, ckpt, &target)?;
@@ -1442,9 +1446,6 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
         events: vec![Event { kind: kind.into(), checkpoint: ckpt.hex(), time: now(), message: None }],
     };
     tx.meta_put(&record_key(&target), &json_bytes("workspace record", &record)?);
-    // Restores of one checkpoint run in parallel (fork -n N): each adds itself to the list it
-    // read, so the read and the commit must not interleave with another's.
-    static OFFSPRING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = OFFSPRING.lock().unwrap_or_else(|p| p.into_inner());
     let key = format!("fsfork/offspring/{}", ckpt.hex());
     let mut list: Vec<Offspring> = load_json(repo, &key)?;
@@ -1453,6 +1454,41 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
     tx.commit()?;
     tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "restore: cache and records committed");
     Ok(report)
+}
+
+/// Forgets the workspace at `dir` (about to be deleted, or gone): its record, its stat cache
+/// and its entries in the offspring lists of the checkpoints it was made from, in one commit.
+/// Its checkpoints stay (refs keep them). Without this, every restore and fork that is later
+/// removed would leave metadata behind for good, and each offspring list, read and rewritten
+/// whole by every restore of its checkpoint, would grow without end.
+pub fn forget(repo: &dyn Repo, dir: &Path) -> Result<()> {
+    let ws = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let record = workspace_record(repo, &ws)?;
+    let mut tx = repo.begin()?;
+    tx.meta_delete(&record_key(&ws));
+    for (k, _) in repo.meta_list(&cache_prefix(&ws))? {
+        tx.meta_delete(&k);
+    }
+    tx.meta_delete(&legacy_cache_key(&ws));
+    let _one_at_a_time = OFFSPRING.lock().unwrap_or_else(|p| p.into_inner());
+    let made_from: HashSet<&str> = record
+        .events
+        .iter()
+        .filter(|e| e.kind == "restore" || e.kind == "fork")
+        .map(|e| e.checkpoint.as_str())
+        .collect();
+    for ckpt in made_from {
+        let key = format!("fsfork/offspring/{ckpt}");
+        let mut list: Vec<Offspring> = load_json(repo, &key)?;
+        let before = list.len();
+        list.retain(|o| Path::new(&o.path) != ws);
+        if list.is_empty() {
+            tx.meta_delete(&key);
+        } else if list.len() != before {
+            tx.meta_put(&key, &json_bytes("offspring", &list)?);
+        }
+    }
+    tx.commit()
 }
 
 /// Makes one independent copy of a checkpoint at the new directory `dst`, recorded as a fork.
