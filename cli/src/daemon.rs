@@ -438,12 +438,18 @@ async fn handle(
         let health = json!({"ok": true, "pid": std::process::id(), "store": global.store});
         return respond(&mut conn, 200, &json!({"result": health, "text": "ok"})).await;
     }
+    // Counted until answered, even if serving panics: shutdown waits for the count.
+    struct InFlight(Arc<AtomicUsize>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     in_flight.fetch_add(1, Ordering::SeqCst);
+    let _counted = InFlight(in_flight);
     // (Only fails once closed, which it never is.)
-    let slot = operations.acquire_owned().await;
+    let _slot = operations.acquire_owned().await;
     serve_request(&mut conn, req, engine, global).await;
-    drop(slot);
-    in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
 async fn serve_request(
@@ -652,9 +658,19 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         if path != default && std::fs::read_link(&default).is_ok_and(|to| to == path) {
             let _ = std::fs::remove_file(&default);
         }
-        let waited = std::time::Instant::now();
-        while in_flight.load(Ordering::SeqCst) > 0 && waited.elapsed() < Duration::from_secs(300) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // However long they take (a checkpoint of a large VM takes minutes). A second signal
+        // ends the wait for their answers; their work still ends (done, or failed leaving no
+        // half snapshot) before the process exits, as the runtime waits for blocking tasks.
+        while in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        let abandoned = in_flight.load(Ordering::SeqCst);
+        if abandoned > 0 {
+            eprintln!("snapfork daemon: second signal: {abandoned} operation(s) in flight go unanswered");
         }
         anyhow::Ok(served)
     })?;
