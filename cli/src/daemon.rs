@@ -263,6 +263,24 @@ pub fn try_call(cmd: &EngineCmd, global: &Global) -> anyhow::Result<Option<Repor
     try_request(method, &target, &body, global)
 }
 
+/// Refuses at once, naming the daemon, to open this store for writing while its daemon holds
+/// it: waiting for the lock (`--lock-timeout`) would only end in a less clear error.
+pub fn refuse_if_serving(global: &Global, what: &str) -> anyhow::Result<()> {
+    let path = socket_path(global);
+    if !path.exists() {
+        return Ok(());
+    }
+    let ours = std::fs::canonicalize(&global.store).unwrap_or_else(|_| global.store.clone());
+    match probe(&path) {
+        Ok(Some(serves)) if serves.as_ref().is_none_or(|s| *s == ours) => bail!(
+            "the snapfork daemon serving {} holds the store: {what} opens the store itself and runs only \
+             while the daemon is stopped (the daemon serves sandbox commands and gc)",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Sends one request to the daemon serving this store, if one runs; None when there is none.
 pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) -> anyhow::Result<Option<Report>> {
     let path = socket_path(global);

@@ -73,6 +73,9 @@ pub enum FsCmd {
 }
 
 fn open(global: &Global, read_only: bool) -> anyhow::Result<Store> {
+    if !read_only {
+        crate::daemon::refuse_if_serving(global, "this command")?;
+    }
     Store::open(
         &global.store,
         OpenOptions { read_only, lock_timeout: global.lock_timeout(), create: !read_only, ..OpenOptions::default() },

@@ -92,6 +92,9 @@ pub enum StoreCmd {
 
 /// Opens the store named by the global options.
 pub fn open_store(global: &Global, read_only: bool) -> anyhow::Result<Store> {
+    if !read_only {
+        crate::daemon::refuse_if_serving(global, "this command")?;
+    }
     let opts = OpenOptions { read_only, lock_timeout: global.lock_timeout(), ..OpenOptions::default() };
     Store::open(&global.store, opts).with_context(|| format!("open store {}", global.store.display()))
 }

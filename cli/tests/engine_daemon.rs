@@ -514,6 +514,17 @@ fn gc_runs_in_the_daemon_that_holds_the_store() {
         let v = json(&out);
         assert!(v["removed_chunks"].is_u64() && v["pack_bytes_after"].is_u64(), "{v}");
     }
+    // A command that writes the store itself is refused at once, naming the daemon (not after
+    // the 30 s lock timeout); one that only reads runs.
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![3u8; 8192]).unwrap();
+    let t = Instant::now();
+    let out = snapfork(&store).arg("ingest").arg(&img).args(["--name", "i"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daemon") && err.contains("holds the store"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(json(&snapfork(&store).arg("ls").output().unwrap())["refs"], serde_json::json!([]));
     assert!(daemon.term().success());
 }
 
