@@ -28,7 +28,7 @@ use snapfork_engine::tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Global;
 use crate::output::Report;
-use crate::sandbox_cmds::{EngineCmd, RunArgs, SandboxCmd, execute, open_engine, runtime};
+use crate::sandbox_cmds::{EngineCmd, RunArgs, SandboxCmd, execute, runtime};
 
 /// `daemon` options.
 #[derive(Args, Debug)]
@@ -157,9 +157,10 @@ fn only_fields(body: &Value, allowed: &[&str]) -> anyhow::Result<()> {
     }
 }
 
-/// The body fields each route takes (`POST /v1/sandboxes` is checked by its own type).
-fn route_fields(method: &str, seg: &[&str]) -> &'static [&'static str] {
-    match (method, seg) {
+/// The body fields each route takes (`POST /v1/sandboxes` is checked by its own type); None
+/// for no route (a 404, whatever the body).
+fn route_fields(method: &str, seg: &[&str]) -> Option<&'static [&'static str]> {
+    Some(match (method, seg) {
         ("POST", ["v1", "sandboxes", _, "checkpoint"]) => &["message", "labels", "leave_running"],
         ("POST", ["v1", "sandboxes", _, "revert"]) => &["snapshot"],
         ("POST", ["v1", "sandboxes", _, "exec"]) => &["cmd"],
@@ -170,14 +171,17 @@ fn route_fields(method: &str, seg: &[&str]) -> &'static [&'static str] {
         ("POST", ["v1", "export"]) => &["snapshot", "output"],
         ("POST", ["v1", "import"]) => &["file"],
         ("POST", ["v1", "gc"]) => &["dry_run", "grace_seconds"],
-        _ => &[],
-    }
+        ("POST", ["v1", "sandboxes", _, "stop"])
+        | ("DELETE", ["v1", "sandboxes", _] | ["v1", "tags", _])
+        | ("GET", ["v1", "sandboxes"] | ["v1", "snapshots", _] | ["v1", "diff"] | ["v1", "log"]) => &[],
+        _ => return None,
+    })
 }
 
 /// What `POST /v1/gc` asks for: a field of the wrong type is refused, never read as a real
 /// gc with the default grace.
 fn gc_options(body: &Value) -> anyhow::Result<snapfork_store::GcOptions> {
-    only_fields(body, route_fields("POST", &["v1", "gc"]))?;
+    only_fields(body, route_fields("POST", &["v1", "gc"]).unwrap_or_default())?;
     Ok(snapfork_store::GcOptions {
         dry_run: opt_field(body, "dry_run")?,
         grace: std::time::Duration::from_secs(opt_field::<Option<u64>>(body, "grace_seconds")?.unwrap_or(3600)),
@@ -198,12 +202,18 @@ pub fn from_request(method: &str, target: &str, body: &Value) -> anyhow::Result<
     let seg: Vec<&str> = seg.iter().map(String::as_str).collect();
     let qget = |k: &str| q.get(k).cloned().ok_or_else(|| anyhow!("query parameter {k} missing"));
     let sb = |c| Ok(EngineCmd::Sandbox(c));
-    if !(method == "POST" && seg == ["v1", "sandboxes"]) {
-        only_fields(body, route_fields(method, &seg))?;
+    if let Some(fields) = route_fields(method, &seg) {
+        only_fields(body, fields)?;
     }
     match (method, seg.as_slice()) {
         ("GET", ["v1", "sandboxes"]) => sb(S::Ls),
-        ("POST", ["v1", "sandboxes"]) => sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(body.clone())?))),
+        ("POST", ["v1", "sandboxes"]) => {
+            // (serde would read an array field by field, in order.)
+            if !body.is_object() {
+                bail!("body must be a JSON object, not {body}");
+            }
+            sb(S::Run(Box::new(serde_json::from_value::<RunArgs>(body.clone())?)))
+        }
         ("POST", ["v1", "sandboxes", name, "checkpoint"]) => sb(S::Checkpoint {
             name: name.to_string(),
             message: opt_field(body, "message")?,
@@ -270,9 +280,8 @@ pub fn refuse_if_serving(global: &Global, what: &str) -> anyhow::Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let ours = std::fs::canonicalize(&global.store).unwrap_or_else(|_| global.store.clone());
     match probe(&path) {
-        Ok(Some(serves)) if serves.as_ref().is_none_or(|s| *s == ours) => bail!(
+        Ok(Some(serves)) if serves.as_ref().is_none_or(|s| s.is_store(&global.store)) => bail!(
             "the snapfork daemon serving {} holds the store: {what} opens the store itself and runs only \
              while the daemon is stopped (the daemon serves sandbox commands and gc)",
             path.display()
@@ -293,11 +302,10 @@ pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) ->
     };
     // A link left by a daemon of this store that died (`daemon --socket`) may now lead to
     // another store's daemon: that one must not be told what to do here.
-    let ours = std::fs::canonicalize(&global.store).unwrap_or_else(|_| global.store.clone());
-    if let Some(other) = serves.filter(|s| *s != ours) {
+    if let Some(other) = serves.filter(|s| !s.is_store(&global.store)) {
         tracing::warn!(
             socket = %path.display(),
-            serves = %other.display(),
+            serves = %other.path,
             "the daemon socket of this store leads to another store's daemon; opening the store directly"
         );
         return Ok(None);
@@ -326,11 +334,30 @@ pub fn try_request(method: &str, target: &str, body: &Value, global: &Global) ->
     )))
 }
 
+/// The store a daemon serves, as its health says: its directory's (device, inode), which name
+/// it whatever path (a bind mount, another mount namespace) each side knows it by.
+struct Serves {
+    path: String,
+    inode: (u64, u64),
+}
+
+impl Serves {
+    fn is_store(&self, store: &Path) -> bool {
+        store_inode(store) == Some(self.inode)
+    }
+}
+
+/// The (device, inode) of the store directory.
+fn store_inode(store: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(store).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Asks the daemon at `path` whether it is up, and which store it serves (None from a daemon
 /// that does not say): None when nobody listens (a stale socket), an error when it accepts but
 /// does not answer in time (stopped or hung), rather than waiting on it forever. Operations
 /// themselves get no deadline: a checkpoint may take minutes.
-fn probe(path: &Path) -> anyhow::Result<Option<Option<PathBuf>>> {
+fn probe(path: &Path) -> anyhow::Result<Option<Option<Serves>>> {
     let mut s = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
@@ -346,7 +373,9 @@ fn probe(path: &Path) -> anyhow::Result<Option<Option<PathBuf>>> {
         Ok(_) if resp.starts_with(b"HTTP/1.1 200") => {
             let body = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(&[][..], |p| &resp[p + 4..]);
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            Ok(Some(v["result"]["store"].as_str().map(PathBuf::from)))
+            let r = &v["result"];
+            let inode = r["store_inode"].as_array().and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?)));
+            Ok(Some(inode.map(|inode| Serves { path: r["store"].as_str().unwrap_or_default().to_string(), inode })))
         }
         Ok(_) => bail!("the daemon at {} answered its health check with an error", path.display()),
         Err(e) => bail!(
@@ -453,7 +482,7 @@ async fn handle(
         }
     };
     if req.method == "GET" && req.target == "/v1/health" {
-        let health = json!({"ok": true, "pid": std::process::id(), "store": global.store});
+        let health = json!({"ok": true, "pid": std::process::id(), "store": global.store.to_string_lossy(), "store_inode": store_inode(&global.store)});
         return respond(&mut conn, 200, &json!({"result": health, "text": "ok"})).await;
     }
     // Counted until answered, even if serving panics: shutdown waits for the count.
@@ -608,7 +637,9 @@ pub fn serve(a: DaemonArgs, global: &Global) -> anyhow::Result<Report> {
         Some(p) => std::path::absolute(p)?,
         None => socket_path(global),
     };
-    let engine = open_engine(global)?;
+    let engine = crate::sandbox_cmds::open_engine_as(global, true)?;
+    // Each client holds a descriptor: allow many more than the connections served at once.
+    snapfork_fsfork::sys::raise_nofile_limit();
     // Holding the store, we are its only daemon: what is at its socket path is stale, a link
     // (left by a `--socket` daemon) too, wherever it leads now.
     let default = socket_path(global);

@@ -350,12 +350,18 @@ impl Default for RunArgs {
 
 /// Opens the store (creating it) and the engine next to it.
 pub fn open_engine(global: &Global) -> anyhow::Result<Engine> {
+    open_engine_as(global, false)
+}
+
+/// [`open_engine`], for a daemon when `daemon` (see `EngineOptions::detach_children`).
+pub fn open_engine_as(global: &Global, daemon: bool) -> anyhow::Result<Engine> {
     let opts = OpenOptions { lock_timeout: global.lock_timeout(), ..Default::default() };
     let store =
         Store::open(&global.store, opts).with_context(|| format!("opening store {}", global.store.display()))?;
     let mut eopts = EngineOptions::for_store(&store);
     eopts.trusted_host_dirs = global.trust_host_dirs.clone();
     eopts.trust_imported_vm_state = global.trust_imported_vm_state;
+    eopts.detach_children = daemon;
     // Made by snapfork itself: nothing of the host's in it.
     let busybox = eopts.state_dir.join(BUSYBOX_ROOTFS);
     if busybox.is_dir() {

@@ -21,7 +21,8 @@ fn request(store: &Path, method: &str, target: &str, body: &str) -> (u16, serde_
     use std::io::{Read, Write};
     let mut c = std::os::unix::net::UnixStream::connect(store.join("engine/run/daemon.sock")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(c, "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    c.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     c.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
@@ -325,21 +326,25 @@ fn daemon_refuses_request_bodies_it_would_misread() {
         ("/v1/sandboxes/busy/stop", r#"{"force": true}"#, "takes no body fields"),
         ("/v1/gc", r#"{"dry_run": "true", "grace_seconds": 0}"#, "dry_run"),
         ("/v1/gc", r#"{"grace_seconds": 0.5}"#, "grace_seconds"),
+        ("/v1/sandboxes", r#"["busy2", "gvisor"]"#, "must be a JSON object"),
     ] {
         let (status, v) = request(&store, "POST", target, body);
         assert_eq!(status, 400, "{target} {body}: {v}");
         let err = v["error"].as_str().unwrap();
         assert!(err.contains(expect), "{target} {body}: {err}");
     }
+    // No such route is a 404, whatever the body.
+    assert_eq!(request(&store, "POST", "/v1/nothing", r#"{"x": 1}"#).0, 404);
     let mut c = std::os::unix::net::UnixStream::connect(store.join("engine/run/daemon.sock")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let chunk = r#"{"leave_running":true}"#;
-    write!(
-        c,
+    // In one write: the daemon answers once it has read the head, and may close before a
+    // second write.
+    let req = format!(
         "POST /v1/sandboxes/busy/checkpoint HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
         chunk.len()
-    )
-    .unwrap();
+    );
+    c.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     c.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("Content-Length"), "{resp}");

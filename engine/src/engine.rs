@@ -56,6 +56,10 @@ pub struct EngineOptions {
     /// for `snapshot/create`, unanswered with its files not growing: a snapshot of a big VM
     /// may take minutes, but never stops writing for this long).
     pub vmm_timeout: Duration,
+    /// Every runsc command leads a process group of its own, not only those that leave
+    /// processes behind (see [`Runsc::own_groups`]): for a daemon, whose terminal's Ctrl-C must
+    /// reach it alone. VMMs always do.
+    pub detach_children: bool,
 }
 
 /// [`EngineOptions::uffd_idle`] by default.
@@ -74,6 +78,7 @@ impl EngineOptions {
             trusted_host_dirs: Vec::new(),
             trust_imported_vm_state: false,
             vmm_timeout: VMM_TIMEOUT,
+            detach_children: false,
         }
     }
 }
@@ -474,6 +479,7 @@ impl Engine {
             std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("mkdir {}", p.display()), e))?;
         }
         let mut runsc = Runsc::new(state.join("runsc"));
+        runsc.own_groups = opts.detach_children;
         if let Some(b) = opts.runsc {
             runsc.binary = b;
         }
@@ -766,7 +772,8 @@ impl Engine {
         self.inner.resolve(spec)
     }
 
-    /// Runs a command inside running sandbox `name` (gvisor: `runsc exec`); returns its stdout.
+    /// Runs a command inside running sandbox `name` (gvisor: `runsc exec`); returns its exit
+    /// code and (up to [`MAX_EXEC_OUTPUT`] bytes each) its stdout and stderr.
     pub async fn exec(&self, name: &str, args: Vec<String>) -> Result<ExecReport> {
         let name = name.to_string();
         let _g = self.lock(std::slice::from_ref(&name)).await;
@@ -2532,7 +2539,8 @@ impl Inner {
             return Ok(());
         };
         let status = match self.runsc.state(&rid)? {
-            Some(st) if !st.sandbox_alive() => Status::Exited,
+            // (Only a paused container's status goes stale: runsc checks a running one.)
+            Some(st) if st.status == "paused" && !st.sandbox_alive() => Status::Exited,
             Some(st) if st.status == "running" => Status::Running,
             Some(st) if st.status == "paused" => Status::Paused,
             _ => Status::Exited,

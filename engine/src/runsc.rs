@@ -37,6 +37,11 @@ pub struct Runsc {
     pub network: String,
     /// `--platform`, when not runsc's default (ptrace).
     pub platform: Option<String>,
+    /// Every command leads a process group of its own (a daemon's choice: a Ctrl-C in its
+    /// terminal must reach the daemon alone, which then lets its operations finish). Otherwise
+    /// only the commands that leave processes behind (`run`, `restore`: their gofers) do, and
+    /// a Ctrl-C of a command that waits for runsc (`sandbox exec`) reaches runsc too.
+    pub own_groups: bool,
     /// Upper bound on any one runsc command.
     pub timeout: Duration,
 }
@@ -75,8 +80,14 @@ impl ContainerState {
             return true;
         }
         let proc = PathBuf::from(format!("/proc/{}", self.pid));
-        let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
-            return proc.exists();
+        let cmdline = match std::fs::read(proc.join("cmdline")) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            // Hidden (hidepid) or not ours to read: only a signal can tell (EPERM: it exists).
+            Err(_) => {
+                let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+                return !matches!(nix::sys::signal::kill(pid, None), Err(nix::errno::Errno::ESRCH));
+            }
         };
         // A zombie has an empty command line; any other process that is not this sandbox
         // does not name its container.
@@ -90,10 +101,18 @@ impl Runsc {
     /// A runsc whose state lives in `root`; the binary is `$RUNSC` or `runsc` from `PATH`.
     pub fn new(root: PathBuf) -> Runsc {
         let binary = std::env::var_os("RUNSC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runsc"));
-        Runsc { binary, root, network: "none".into(), platform: None, timeout: Duration::from_secs(120) }
+        Runsc {
+            binary,
+            root,
+            network: "none".into(),
+            platform: None,
+            own_groups: false,
+            timeout: Duration::from_secs(120),
+        }
     }
 
-    fn command(&self) -> Command {
+    /// A runsc command; `outlives_call` for one that leaves processes behind.
+    fn command(&self, outlives_call: bool) -> Command {
         let mut cmd = Command::new(&self.binary);
         // Every command gets the same global flags (see the module docs).
         cmd.arg(format!("--root={}", self.root.display()));
@@ -102,17 +121,24 @@ impl Runsc {
             cmd.arg(format!("--platform={p}"));
         }
         cmd.stdin(Stdio::null());
-        // A process group of its own: a terminal's Ctrl-C or hangup reaches the caller's group
-        // (a daemon that shuts down gracefully on SIGINT), never a runsc command in flight or
-        // the gofer that `run`/`restore` leave behind (its sandbox's files fail without it).
-        cmd.process_group(0);
+        // A process group of its own: a terminal's Ctrl-C or hangup reaches the caller's group,
+        // never the gofer that `run`/`restore` leave behind (its sandbox's files fail without
+        // it), nor, in a daemon, a command in flight (see `own_groups`).
+        if outlives_call || self.own_groups {
+            cmd.process_group(0);
+        }
         cmd
     }
 
     /// Runs `args`, with stdout and stderr appended to `log` (or captured when `log` is None),
     /// failing after the timeout. Returns captured stdout.
     fn exec(&self, args: &[&str], log: Option<&Path>, what: &str) -> Result<String> {
-        let mut cmd = self.command();
+        self.exec_as(args, log, what, false)
+    }
+
+    /// [`Runsc::exec`] of a command that leaves processes behind when `outlives_call`.
+    fn exec_as(&self, args: &[&str], log: Option<&Path>, what: &str, outlives_call: bool) -> Result<String> {
+        let mut cmd = self.command(outlives_call);
         cmd.args(args);
         let start = Instant::now();
         // Output goes to files, never pipes: detached sandboxes inherit it (see module docs).
@@ -164,11 +190,11 @@ impl Runsc {
     /// Runs a create-style command; when a stale container of that id exists (left by a crashed
     /// engine), removes it and tries once more. Checking first would cost a runsc call every time.
     fn create_retrying(&self, args: &[&str], id: &str, log: &Path, what: &str) -> Result<()> {
-        match self.exec(args, Some(log), what) {
+        match self.exec_as(args, Some(log), what, true) {
             Err(Error::Runtime { detail, .. }) if detail.contains("already exists") => {
                 tracing::warn!(id, "removing a stale container of the same id");
                 self.destroy(id)?;
-                self.exec(args, Some(log), what).map(|_| ())
+                self.exec_as(args, Some(log), what, true).map(|_| ())
             }
             r => r.map(|_| ()),
         }
@@ -241,7 +267,7 @@ impl Runsc {
         use std::io::Read;
         use std::os::fd::AsFd;
         let fail = |detail: String| Error::Runtime { what: "runsc exec".into(), detail };
-        let mut cmd = self.command();
+        let mut cmd = self.command(false);
         cmd.arg("exec").arg(id).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start {}: {e}", self.binary.display())))?;
         let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
@@ -254,19 +280,30 @@ impl Runsc {
         }
         let mut res = ExecOutput::default();
         let mut buf = vec![0u8; 64 << 10];
-        // Reads what each pipe holds now, keeping up to `limit` bytes.
-        let mut drain = |res: &mut ExecOutput| {
+        // Waits up to 5 ms for output, then reads what each pipe holds, keeping up to `limit`
+        // bytes of each; at most one buffer per pipe per call, so the timeout is checked however
+        // fast the command prints.
+        let mut drain = |res: &mut ExecOutput, wait_ms: u16| {
+            let mut fds = [out.as_fd(), err.as_fd()].map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN));
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms));
             for (pipe, kept) in [(&mut out as &mut dyn Read, &mut res.stdout), (&mut err, &mut res.stderr)] {
-                while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                    let room = limit.saturating_sub(kept.len()).min(n);
-                    kept.extend_from_slice(&buf[..room]);
-                    res.truncated |= room < n;
+                for _ in 0..16 {
+                    match pipe.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let room = limit.saturating_sub(kept.len()).min(n);
+                            kept.extend_from_slice(&buf[..room]);
+                            res.truncated |= room < n;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
                 }
             }
         };
         let start = Instant::now();
         let status = loop {
-            drain(&mut res);
+            drain(&mut res, 5);
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
@@ -277,9 +314,15 @@ impl Runsc {
                 let _ = child.wait();
                 return Err(fail(format!("timed out after {:?}", self.timeout)));
             }
-            std::thread::sleep(Duration::from_millis(5));
         };
-        drain(&mut res);
+        // What the pipes still hold (a background process may go on writing: not waited for).
+        for _ in 0..64 {
+            let before = res.stdout.len() + res.stderr.len();
+            drain(&mut res, 0);
+            if res.stdout.len() + res.stderr.len() == before {
+                break;
+            }
+        }
         use std::os::unix::process::ExitStatusExt;
         res.exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
         Ok(res)
@@ -289,7 +332,7 @@ impl Runsc {
     /// about a second for the sandbox's processes, which no caller should wait for once the
     /// sandbox is replaced. The delete runs as its own process, so it completes even if this one exits.
     pub fn discard(&self, id: &str) {
-        let mut cmd = self.command();
+        let mut cmd = self.command(true);
         cmd.args(["delete", "--force", id]).stdout(Stdio::null()).stderr(Stdio::null());
         match cmd.spawn() {
             Ok(mut child) => {
