@@ -280,9 +280,9 @@ impl Runsc {
         }
         let mut res = ExecOutput::default();
         let mut buf = vec![0u8; 64 << 10];
-        // Waits up to 5 ms for output, then reads what each pipe holds, keeping up to `limit`
-        // bytes of each; at most one buffer per pipe per call, so the timeout is checked however
-        // fast the command prints.
+        // Waits up to `wait_ms` for output, then reads what each pipe holds, keeping up to
+        // `limit` bytes of each; at most 16 buffers (1 MiB) per pipe per call, so the timeout is
+        // checked however fast the command prints.
         let mut drain = |res: &mut ExecOutput, wait_ms: u16| {
             let mut fds = [out.as_fd(), err.as_fd()].map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN));
             let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms));
