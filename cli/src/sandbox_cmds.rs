@@ -283,7 +283,8 @@ pub struct RunArgs {
     /// gvisor: use a minimal busybox root filesystem (built once from busybox-static).
     #[arg(long)]
     pub busybox: bool,
-    /// Host directory to use as the workspace (default: a fresh one owned by the sandbox).
+    /// Host directory to use as the workspace (default: a fresh one owned by the sandbox); not
+    /// one another sandbox's workspace overlaps.
     #[arg(long)]
     pub workspace: Option<PathBuf>,
     /// gvisor: where the workspace appears in the sandbox.

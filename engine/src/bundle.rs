@@ -15,6 +15,7 @@
 //! the objects in one transaction (hashing them again as they go in), so a refused bundle leaves
 //! nothing behind.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -271,6 +272,10 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         entries.insert(id, Entry { tag: tag[0], offset, len });
     }
     // ---- closure: everything reachable from the root exists, snapshots decode ----
+    // What the bundle leaves out must stay until the import commits: the transaction pins each
+    // such object before asking for it, so a gc meanwhile (the daemon runs both) keeps it.
+    let tx = RefCell::new(store.begin()?);
+    let pin = |id: &Hash| tx.borrow_mut().pin(*id);
     let root_node = nodes.get(&root).ok_or_else(|| bad("the root snapshot is not in the bundle".into()))?;
     if root_node.kind != KIND_SNAPSHOT {
         return Err(bad("the root is not a snapshot".into()));
@@ -292,7 +297,10 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                     let parent = crate::model::parse_hash(p).ok_or_else(|| bad(format!("bad parent id {p}")))?;
                     let is_snapshot = match nodes.get(&parent) {
                         Some(n) => n.kind == KIND_SNAPSHOT,
-                        None => store.contains(&parent)? && store.get_node(&parent)?.kind == KIND_SNAPSHOT,
+                        None => {
+                            pin(&parent);
+                            store.contains(&parent)? && store.get_node(&parent)?.kind == KIND_SNAPSHOT
+                        }
                     };
                     if !is_snapshot {
                         return Err(bad(format!(
@@ -308,7 +316,10 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
                         let is_file = |h: &Hash| -> Result<bool> {
                             Ok(match entries.get(h) {
                                 Some(e) => e.tag == TAG_FILE,
-                                None => store.has_file_object(h)?,
+                                None => {
+                                    pin(h);
+                                    store.has_file_object(h)?
+                                }
                             })
                         };
                         crate::workspace::check_tree(store, &nodes, tree, &is_file)
@@ -322,6 +333,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
         if entries.contains_key(&id) {
             continue;
         }
+        pin(&id);
         if store.contains(&id)? || store.has_file_object(&id)? {
             report.already_present += 1;
             continue;
@@ -340,7 +352,7 @@ pub fn import(store: &Store, path: &Path) -> Result<BundleReport> {
     let staging = crate::engine::tempdir(&store.staging_dir(), "import")?;
     let result = (|| -> Result<()> {
         let mut f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        let mut tx = store.begin()?;
+        let mut tx = tx.into_inner();
         let mut ordered: Vec<(&Hash, &Entry)> = entries.iter().filter(|(id, _)| seen.contains(*id)).collect();
         ordered.sort_by_key(|(_, e)| e.offset);
         for (id, e) in ordered {

@@ -133,6 +133,7 @@ pub struct RunSpec {
     /// Its driver and configuration.
     pub driver: DriverConfig,
     /// An existing host directory to use as its workspace; default: a fresh, engine-owned one.
+    /// It may not overlap another sandbox's workspace, the engine's state or the store.
     pub workspace: Option<PathBuf>,
 }
 
@@ -462,6 +463,9 @@ impl UffdServerHandle {
     }
 }
 
+/// The lock runs given a workspace take (no sandbox or tag is named with a '/').
+const RUN_WORKSPACE_LOCK: &str = "/run-workspace";
+
 /// The engine. Cheap to clone; share one per store.
 #[derive(Clone)]
 pub struct Engine {
@@ -547,7 +551,12 @@ impl Engine {
     /// Starts a new sandbox.
     pub async fn run(&self, spec: RunSpec) -> Result<SandboxInfo> {
         check_name(&spec.name)?;
-        let _g = self.lock(std::slice::from_ref(&spec.name)).await;
+        // Runs given a workspace take turns, so that two cannot both find the same one free.
+        let mut keys = vec![spec.name.clone()];
+        if spec.workspace.is_some() {
+            keys.push(RUN_WORKSPACE_LOCK.into());
+        }
+        let _g = self.lock(&keys).await;
         self.blocking(move |i| i.run(spec)).await
     }
 
@@ -817,6 +826,43 @@ impl Engine {
 }
 
 impl Inner {
+    /// Refuses a caller's workspace that overlaps another sandbox's (the same directory, one
+    /// inside the other), the engine's state or the store: a revert puts the whole tree back,
+    /// so it would rewrite the other sandbox's files, or the store's own.
+    fn check_workspace_free(&self, w: &Path) -> Result<()> {
+        let overlap = |other: &Path| w.starts_with(other) || other.starts_with(w);
+        for (what, dir) in
+            [("the engine's state directory", &self.state), ("the store", &self.store.dir().to_path_buf())]
+        {
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+            if overlap(&dir) {
+                return Err(Error::Invalid(format!(
+                    "workspace {} overlaps {what} {}: a revert would rewrite it",
+                    w.display(),
+                    dir.display()
+                )));
+            }
+        }
+        let sandboxes = self.state.join("sandboxes");
+        let entries =
+            std::fs::read_dir(&sandboxes).map_err(|e| Error::io(format!("read {}", sandboxes.display()), e))?;
+        for name in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            let Ok(rec) = self.load_record(&name) else {
+                continue;
+            };
+            if let Some(theirs) = &rec.workspace
+                && overlap(theirs)
+            {
+                return Err(Error::Exists(format!(
+                    "workspace {} overlaps sandbox {name}'s workspace {} (one sandbox's revert would rewrite the other's files); remove {name} first or give another directory",
+                    w.display(),
+                    theirs.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn sandbox_dir(&self, name: &str) -> PathBuf {
         self.state.join("sandboxes").join(name)
     }
@@ -955,6 +1001,7 @@ impl Inner {
         let (workspace, owns) = match &spec.workspace {
             Some(w) => {
                 let w = std::fs::canonicalize(w).map_err(|e| Error::io(format!("workspace {}", w.display()), e))?;
+                self.check_workspace_free(&w)?;
                 (w, false)
             }
             // A fresh path per sandbox incarnation: fsfork keys its stat cache by path, and a

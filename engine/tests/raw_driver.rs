@@ -234,3 +234,51 @@ async fn raw_revert_is_all_or_nothing() {
     assert_eq!(std::fs::read_to_string(ws.join("notes.txt")).unwrap(), "v1");
     assert_eq!(engine.show("vm").await.unwrap().id.to_hex(), a.id);
 }
+
+/// A workspace is one sandbox's: a second sandbox given the same directory, one inside it or
+/// one around it, or the store's or the engine's own directories, is refused (a revert of
+/// either would rewrite the other's files). Once the first is removed, the directory is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_belongs_to_one_sandbox() {
+    if !require("a_workspace_belongs_to_one_sandbox", false) {
+        return;
+    }
+    let (dir, engine) = new_engine();
+    let _guard = Guard(engine.clone());
+    let mem = dir.path().join("mem");
+    write(&mem, &[1, 2]);
+    let spec = |name: &str, ws: &std::path::Path| RunSpec {
+        name: name.into(),
+        driver: DriverConfig::Raw(RawConfig {
+            memory: Some(mem.clone()),
+            state: vec![],
+            disks: vec![],
+            page_size: 4096,
+        }),
+        workspace: Some(ws.to_path_buf()),
+    };
+    let ws = dir.path().join("work");
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    std::fs::write(ws.join("sub/f"), "a's").unwrap();
+    engine.run(spec("a", &ws)).await.unwrap();
+    // Through a symlink too: the check compares real paths.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&ws, &link).unwrap();
+    for (what, other) in
+        [("same", ws.clone()), ("link", link.clone()), ("inside", ws.join("sub")), ("around", dir.path().to_path_buf())]
+    {
+        let e = engine.run(spec("b", &other)).await.expect_err(what);
+        assert!(matches!(e, snapfork_engine::Error::Exists(_) | snapfork_engine::Error::Invalid(_)), "{what}: {e}");
+        assert!(e.to_string().contains("overlaps"), "{what}: {e}");
+        assert!(engine.ls().await.unwrap().iter().all(|s| s.name != "b"), "{what}: no sandbox b is recorded");
+    }
+    for own in [dir.path().join("store"), dir.path().join("engine").join("workspaces")] {
+        let e = engine.run(spec("b", &own)).await.expect_err("the engine's own directory");
+        assert!(matches!(e, snapfork_engine::Error::Invalid(_)), "{}: {e}", own.display());
+    }
+    // A's files are untouched, and the directory is free again once a is removed.
+    assert_eq!(std::fs::read_to_string(ws.join("sub/f")).unwrap(), "a's");
+    engine.rm("a").await.unwrap();
+    engine.run(spec("b", &ws)).await.unwrap();
+    assert_eq!(std::fs::read_to_string(ws.join("sub/f")).unwrap(), "a's");
+}
