@@ -63,6 +63,19 @@ pub enum FsCmd {
         /// The workspace directory.
         dir: PathBuf,
     },
+    /// Forget workspaces: their records, stat caches and places in their checkpoints' lists of
+    /// forks (the trees and checkpoints stay). For trees you remove yourself.
+    Forget {
+        /// The workspace directories (gone or not).
+        #[arg(required_unless_present = "gone", conflicts_with = "gone")]
+        dirs: Vec<PathBuf>,
+        /// Every recorded workspace whose directory is gone (removed by hand).
+        #[arg(long)]
+        gone: bool,
+        /// With --gone: only list them.
+        #[arg(long, requires = "gone")]
+        dry_run: bool,
+    },
     /// Clone a directory tree with reflinks (sparse-aware copy where impossible).
     Clone {
         /// The source tree.
@@ -213,6 +226,25 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
                 }
             }
             Ok(Report::new(json!({ "workspace": record.path, "head": record.head, "events": entries }), text))
+        }
+        FsCmd::Forget { dirs, gone: false, .. } => {
+            let store = open(global, false)?;
+            let mut forgotten = Vec::new();
+            for d in &dirs {
+                forgotten.push(workspace::forget(&store, d).with_context(|| format!("forget {}", d.display()))?);
+            }
+            let text = forgotten.iter().map(|p| format!("forgot {}", p.display())).collect::<Vec<_>>().join("\n");
+            Ok(Report::new(json!({ "forgotten": forgotten, "dry_run": false }), text))
+        }
+        FsCmd::Forget { gone: true, dry_run, .. } => {
+            let store = open(global, dry_run)?;
+            let gone = workspace::prune(&store, dry_run)?;
+            let verb = if dry_run { "would forget" } else { "forgot" };
+            let mut text = gone.iter().map(|p| format!("{verb} {}", p.display())).collect::<Vec<_>>().join("\n");
+            if gone.is_empty() {
+                text = "every recorded workspace is still there".into();
+            }
+            Ok(Report::new(json!({ "forgotten": gone, "dry_run": dry_run }), text))
         }
         FsCmd::Clone { src, dst } => {
             let _busy = output::spinner(global, "clone");

@@ -72,7 +72,8 @@ pub fn checkpoint_ref(id: &Hash) -> String {
 /// Forgets the fsfork records of workspace `dir` (its record, stat cache and place in
 /// offspring lists): the sandbox that owned it is removed.
 pub fn forget(store: &Store, dir: &Path) -> Result<()> {
-    Ok(ws::forget(store, dir)?)
+    ws::forget(store, dir)?;
+    Ok(())
 }
 
 /// Materializes the workspace of `part` into the new directory `dest` (reflinks where the

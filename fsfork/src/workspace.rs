@@ -1458,11 +1458,15 @@ fn restore_as(repo: &dyn Repo, ckpt: &Id, dst: &Path, kind: &str) -> Result<Rest
 
 /// Forgets the workspace at `dir` (about to be deleted, or gone): its record, its stat cache
 /// and its entries in the offspring lists of the checkpoints it was made from, in one commit.
-/// Its checkpoints stay (refs keep them). Without this, every restore and fork that is later
-/// removed would leave metadata behind for good, and each offspring list, read and rewritten
-/// whole by every restore of its checkpoint, would grow without end.
-pub fn forget(repo: &dyn Repo, dir: &Path) -> Result<()> {
-    let ws = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+/// Its checkpoints stay (refs keep them). Returns the path it forgot. Without this, every
+/// restore and fork that is later removed would leave metadata behind for good, and each
+/// offspring list, read and rewritten whole by every restore of its checkpoint, would grow
+/// without end.
+pub fn forget(repo: &dyn Repo, dir: &Path) -> Result<PathBuf> {
+    // A tree already gone is named as it was recorded: its parent resolved, or absolute.
+    let ws = std::fs::canonicalize(dir)
+        .or_else(|_| canonical_new(dir))
+        .or_else(|_| std::path::absolute(dir).ctx("resolve", dir))?;
     let record = workspace_record(repo, &ws)?;
     let mut tx = repo.begin()?;
     tx.meta_delete(&record_key(&ws));
@@ -1488,7 +1492,36 @@ pub fn forget(repo: &dyn Repo, dir: &Path) -> Result<()> {
             tx.meta_put(&key, &json_bytes("offspring", &list)?);
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(ws)
+}
+
+/// Forgets (see [`forget`]) every recorded workspace whose directory is gone: trees removed by
+/// hand (`rm -rf` of a fork) rather than through the engine. With `dry_run`, only lists them.
+/// A directory that cannot be told gone (a permission error on its parent, say) is kept; so
+/// is a record whose path is not valid UTF-8 (its stored path is lossy). Returns the paths.
+pub fn prune(repo: &dyn Repo, dry_run: bool) -> Result<Vec<PathBuf>> {
+    let mut gone = Vec::new();
+    for (key, bytes) in repo.meta_list("fsfork/ws/")? {
+        let Ok(record) = serde_json::from_slice::<WorkspaceRecord>(&bytes) else {
+            tracing::warn!(key, "unreadable workspace record; kept");
+            continue;
+        };
+        let path = PathBuf::from(&record.path);
+        if key != record_key(&path) {
+            tracing::warn!(key, path = %path.display(), "a workspace record whose path is not UTF-8; kept");
+            continue;
+        }
+        if matches!(std::fs::symlink_metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            gone.push(path);
+        }
+    }
+    if !dry_run {
+        for path in &gone {
+            forget(repo, path)?;
+        }
+    }
+    Ok(gone)
 }
 
 /// Makes one independent copy of a checkpoint at the new directory `dst`, recorded as a fork.

@@ -619,15 +619,17 @@ fn a_hard_link_losing_its_first_name_keeps_the_other() {
     }
 }
 
-/// The stat cache must not vouch for a file object that gc removed after every checkpoint that
-/// used it was deleted: the next checkpoint reads the file again, and restores whole.
+/// The stat cache must not vouch for a file object or a directory node that gc removed after
+/// every checkpoint that used it was deleted: the next checkpoint reads the file again, writes
+/// the directory's node again (the same bytes: its entries did not change), and restores whole.
 #[test]
 fn stat_cache_never_links_an_object_gc_removed() {
     let Some(env) = Env::new(FsType::Xfs, "stat_cache_never_links_an_object_gc_removed", 512) else {
         return;
     };
     let ws = env.p("ws");
-    std::fs::create_dir(&ws).unwrap();
+    std::fs::create_dir_all(ws.join("sub/deeper")).unwrap();
+    std::fs::write(ws.join("sub/deeper/c.txt"), b"in a subdirectory\n").unwrap();
     std::fs::write(ws.join("a.txt"), b"kept across checkpoints\n").unwrap();
     std::fs::write(ws.join("b.bin"), vec![7u8; 100_000]).unwrap();
     let first = workspace::checkpoint(&env.store, &ws, Some("first")).unwrap();
@@ -647,6 +649,7 @@ fn stat_cache_never_links_an_object_gc_removed() {
     workspace::restore(&env.store, &second.id, &out).unwrap();
     assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"kept across checkpoints\n");
     assert_eq!(std::fs::read(out.join("b.bin")).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(std::fs::read(out.join("sub/deeper/c.txt")).unwrap(), b"in a subdirectory\n");
 }
 
 /// Directories that hold at least one entry, below and including `root`.

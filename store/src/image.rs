@@ -334,7 +334,7 @@ impl Txn {
             read_from_file: &read_from_file,
             level: store.inner.level,
             // Chunks this transaction already holds: not compressed again.
-            known: self.new_chunks.keys().chain(self.pinned.iter()).copied().collect(),
+            known: self.new_chunks.keys().chain(self.found.keys()).copied().collect(),
             pinned: Vec::new(),
         };
         // Two stages run at once: this thread hashes and compresses batch after batch (on all
@@ -388,6 +388,7 @@ impl Txn {
         // The pins the hashing stage took are the transaction's now (released when it ends),
         // whether or not the ingest succeeded; each id stays pinned once.
         for id in hasher.pinned {
+            self.found.entry(id).or_insert(false);
             if !self.pinned.insert(id) {
                 self.store.unpin(&[id]);
             }

@@ -40,8 +40,11 @@ pub struct Txn {
     pack: Option<PackWriter>,
     finished_packs: Vec<PackWriter>,
     pub(crate) new_chunks: HashMap<Hash, Location>,
-    /// Ids known to exist in the index, pinned against gc until this transaction ends.
+    /// Ids pinned against gc until this transaction ends (each pinned once). A pin alone says
+    /// nothing of presence: [`Txn::pin`] pins what a manifest will name, found or not.
     pub(crate) pinned: HashSet<Hash>,
+    /// Pinned ids found in the index, and whether as a node: what need not be written again.
+    pub(crate) found: HashMap<Hash, bool>,
     files: Vec<(PathBuf, Hash, u64)>,
     batch: WriteBatch,
     created_packs: bool,
@@ -61,6 +64,7 @@ impl Txn {
             finished_packs: Vec::new(),
             new_chunks: HashMap::new(),
             pinned: HashSet::new(),
+            found: HashMap::new(),
             files: Vec::new(),
             batch: WriteBatch::default(),
             created_packs: false,
@@ -105,35 +109,50 @@ impl Txn {
     pub(crate) fn known(&mut self, ids: &[Hash], nodes: bool) -> Result<Vec<bool>> {
         let mut answer = vec![true; ids.len()];
         let mut ask = Vec::new();
-        let mut ask_at = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
-            if !self.new_chunks.contains_key(id) && !self.pinned.contains(id) {
+        let mut asked = HashSet::new();
+        for id in ids {
+            let written = self.new_chunks.contains_key(id);
+            let found = self.found.get(id).is_some_and(|&is_node| is_node || !nodes);
+            if !written && !found && asked.insert(*id) {
                 ask.push(*id);
-                ask_at.push(i);
             }
         }
         if ask.is_empty() {
             return Ok(answer);
         }
-        self.store.pin(&ask);
-        let found = self.store.locations(&ask);
-        let found = match found {
+        // Pinned before the lookup (once: an id pinned already, but not found, is asked again).
+        let newly: Vec<Hash> = ask.iter().filter(|id| !self.pinned.contains(*id)).copied().collect();
+        self.store.pin(&newly);
+        let found = match self.store.locations(&ask) {
             Ok(f) => f,
             Err(e) => {
-                self.store.unpin(&ask);
+                self.store.unpin(&newly);
                 return Err(e);
             }
         };
-        let mut not_found = Vec::new();
-        for ((id, i), loc) in ask.iter().zip(ask_at).zip(found) {
-            if loc.is_some_and(|l| l.is_node || !nodes) {
-                self.pinned.insert(*id);
-            } else {
-                answer[i] = false;
-                not_found.push(*id);
+        let newly: HashSet<Hash> = newly.into_iter().collect();
+        let mut missing = HashSet::new();
+        let mut unpin = Vec::new();
+        for (id, loc) in ask.iter().zip(found) {
+            match loc {
+                Some(l) if l.is_node || !nodes => {
+                    self.found.insert(*id, l.is_node);
+                    self.pinned.insert(*id);
+                }
+                _ => {
+                    missing.insert(*id);
+                    if newly.contains(id) {
+                        unpin.push(*id);
+                    }
+                }
             }
         }
-        self.store.unpin(&not_found);
+        self.store.unpin(&unpin);
+        for (i, id) in ids.iter().enumerate() {
+            if missing.contains(id) {
+                answer[i] = false;
+            }
+        }
         Ok(answer)
     }
 
@@ -344,6 +363,7 @@ impl Txn {
 impl Drop for Txn {
     fn drop(&mut self) {
         let pinned: Vec<Hash> = self.pinned.drain().collect();
+        self.found.clear();
         self.store.unpin(&pinned);
         let mut active = self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner());
         for n in &self.my_packs {

@@ -145,6 +145,22 @@ fn fsfork_cli_end_to_end() {
     assert_eq!(kinds, vec!["checkpoint", "checkpoint", "revert"]);
     assert_eq!(log["events"][0]["offspring"].as_array().unwrap().len(), 3);
 
+    // A fork removed by hand is forgotten by `forget --gone` (listed first by --dry-run), one
+    // still there only when named; the rest stays recorded.
+    let offspring = |cli: &Cli| cli.json(&["log", "ws"])["events"][0]["offspring"].as_array().unwrap().len();
+    std::fs::remove_dir_all(fs.path().join("forks/fork-1")).unwrap();
+    let fork1 = std::fs::canonicalize(fs.path()).unwrap().join("forks/fork-1");
+    let listed = cli.json(&["forget", "--gone", "--dry-run"]);
+    assert_eq!(listed["forgotten"], serde_json::json!([fork1]));
+    assert_eq!(offspring(&cli), 3, "a dry run forgets nothing");
+    assert_eq!(cli.json(&["forget", "--gone"])["forgotten"], serde_json::json!([fork1]));
+    assert_eq!(offspring(&cli), 2);
+    assert_eq!(cli.json(&["forget", "--gone"])["forgotten"], serde_json::json!([]));
+    assert_eq!(cli.json(&["forget", "forks/fork-2"])["forgotten"].as_array().unwrap().len(), 1);
+    assert_eq!(offspring(&cli), 1);
+    assert!(fs.path().join("forks/fork-2/README").exists(), "forget leaves the tree");
+    assert_eq!(cli.json(&["log", "ws"])["events"].as_array().unwrap().len(), 3, "ws keeps its history");
+
     let cl = cli.json(&["clone", "ws", "ws2"]);
     assert_eq!(cl["mode"], "reflink");
     assert_eq!(cl["id"], "ws2");
