@@ -225,6 +225,18 @@ impl Store {
         let mut buf = vec![0u8; CHUNK_MAX];
         for (k, (chunk, len)) in manifest.chunks.iter().enumerate() {
             if *len as usize > buf.len() {
+                // The manifest's word is checked against the index before it sizes a buffer: a
+                // forged length (a bundle's) must not cost gigabytes of memory first.
+                let stored = self.location(chunk)?.map(|l| l.raw_len);
+                if stored != Some(*len) {
+                    return Err(Error::Corrupt {
+                        what: format!("blob {} chunk {k}", id.short()),
+                        detail: match stored {
+                            Some(n) => format!("the manifest says {len} bytes, the chunk holds {n}"),
+                            None => format!("the manifest says {len} bytes of a chunk the store lacks"),
+                        },
+                    });
+                }
                 buf.resize(*len as usize, 0);
             }
             let n = self.read_chunk_into(chunk, &mut buf, &|| format!("blob {} chunk {k}", id.short()))?;
