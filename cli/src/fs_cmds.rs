@@ -227,24 +227,22 @@ pub fn run(cmd: FsCmd, global: &Global) -> anyhow::Result<Report> {
             }
             Ok(Report::new(json!({ "workspace": record.path, "head": record.head, "events": entries }), text))
         }
-        FsCmd::Forget { dirs, gone: false, .. } => {
-            let store = open(global, false)?;
-            let mut forgotten = Vec::new();
-            for d in &dirs {
-                forgotten.push(workspace::forget(&store, d).with_context(|| format!("forget {}", d.display()))?);
-            }
-            let text = forgotten.iter().map(|p| format!("forgot {}", p.display())).collect::<Vec<_>>().join("\n");
-            Ok(Report::new(json!({ "forgotten": forgotten, "dry_run": false }), text))
-        }
-        FsCmd::Forget { gone: true, dry_run, .. } => {
+        FsCmd::Forget { dirs, gone, dry_run } => {
             let store = open(global, dry_run)?;
-            let gone = workspace::prune(&store, dry_run)?;
+            let forgotten = if gone {
+                workspace::prune(&store, dry_run)?
+            } else {
+                let forget =
+                    |d: &PathBuf| workspace::forget(&store, d).with_context(|| format!("forget {}", d.display()));
+                dirs.iter().map(forget).collect::<anyhow::Result<Vec<_>>>()?
+            };
             let verb = if dry_run { "would forget" } else { "forgot" };
-            let mut text = gone.iter().map(|p| format!("{verb} {}", p.display())).collect::<Vec<_>>().join("\n");
-            if gone.is_empty() {
-                text = "every recorded workspace is still there".into();
-            }
-            Ok(Report::new(json!({ "forgotten": gone, "dry_run": dry_run }), text))
+            let text = if forgotten.is_empty() {
+                "every recorded workspace is still there".to_string()
+            } else {
+                forgotten.iter().map(|p| format!("{verb} {}", p.display())).collect::<Vec<_>>().join("\n")
+            };
+            Ok(Report::new(json!({ "forgotten": forgotten, "dry_run": dry_run }), text))
         }
         FsCmd::Clone { src, dst } => {
             let _busy = output::spinner(global, "clone");

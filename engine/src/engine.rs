@@ -831,10 +831,8 @@ impl Inner {
     /// so it would rewrite the other sandbox's files, or the store's own.
     fn check_workspace_free(&self, w: &Path) -> Result<()> {
         let overlap = |other: &Path| w.starts_with(other) || other.starts_with(w);
-        for (what, dir) in
-            [("the engine's state directory", &self.state), ("the store", &self.store.dir().to_path_buf())]
-        {
-            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        for (what, dir) in [("the engine's state directory", self.state.as_path()), ("the store", self.store.dir())] {
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
             if overlap(&dir) {
                 return Err(Error::Invalid(format!(
                     "workspace {} overlaps {what} {}: a revert would rewrite it",
@@ -843,10 +841,7 @@ impl Inner {
                 )));
             }
         }
-        let sandboxes = self.state.join("sandboxes");
-        let entries =
-            std::fs::read_dir(&sandboxes).map_err(|e| Error::io(format!("read {}", sandboxes.display()), e))?;
-        for name in entries.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+        for name in self.sandbox_names()? {
             let Ok(rec) = self.load_record(&name) else {
                 continue;
             };
@@ -2632,9 +2627,9 @@ impl Inner {
         Ok(())
     }
 
-    fn ls(&self) -> Result<Vec<SandboxInfo>> {
+    /// The names of every recorded sandbox, sorted.
+    fn sandbox_names(&self) -> Result<Vec<String>> {
         let dir = self.state.join("sandboxes");
-        let mut out = Vec::new();
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
@@ -2642,7 +2637,12 @@ impl Inner {
             .filter(|n| check_name(n).is_ok())
             .collect();
         names.sort();
-        for n in names {
+        Ok(names)
+    }
+
+    fn ls(&self) -> Result<Vec<SandboxInfo>> {
+        let mut out = Vec::new();
+        for n in self.sandbox_names()? {
             // Refreshing saves the record: only while no operation holds the sandbox, which
             // would otherwise have its own save overwritten with what was read before it.
             let lock = self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(n.clone()).or_default().clone();

@@ -106,8 +106,11 @@ fn load_json<T: for<'de> Deserialize<'de> + Default>(repo: &dyn Repo, key: &str)
 
 /// The metadata key of workspace `ws`'s record.
 fn record_key(ws: &Path) -> String {
-    format!("fsfork/ws/{}", ws_key(ws))
+    format!("{RECORD_PREFIX}{}", ws_key(ws))
 }
+
+/// Where workspace records are kept (see [`record_key`]).
+const RECORD_PREFIX: &str = "fsfork/ws/";
 
 /// The record of the workspace at `path` (canonical).
 pub fn workspace_record(repo: &dyn Repo, path: &Path) -> Result<WorkspaceRecord> {
@@ -1502,7 +1505,7 @@ pub fn forget(repo: &dyn Repo, dir: &Path) -> Result<PathBuf> {
 /// is a record whose path is not valid UTF-8 (its stored path is lossy). Returns the paths.
 pub fn prune(repo: &dyn Repo, dry_run: bool) -> Result<Vec<PathBuf>> {
     let mut gone = Vec::new();
-    for (key, bytes) in repo.meta_list("fsfork/ws/")? {
+    for (key, bytes) in repo.meta_list(RECORD_PREFIX)? {
         let Ok(record) = serde_json::from_slice::<WorkspaceRecord>(&bytes) else {
             tracing::warn!(key, "unreadable workspace record; kept");
             continue;

@@ -130,9 +130,7 @@ impl Txn {
                 return Err(e);
             }
         };
-        let newly: HashSet<Hash> = newly.into_iter().collect();
         let mut missing = HashSet::new();
-        let mut unpin = Vec::new();
         for (id, loc) in ask.iter().zip(found) {
             match loc {
                 Some(l) if l.is_node || !nodes => {
@@ -141,12 +139,11 @@ impl Txn {
                 }
                 _ => {
                     missing.insert(*id);
-                    if newly.contains(id) {
-                        unpin.push(*id);
-                    }
                 }
             }
         }
+        // What was missing and pinned just now (not in `pinned`) goes back.
+        let unpin: Vec<Hash> = missing.iter().filter(|id| !self.pinned.contains(*id)).copied().collect();
         self.store.unpin(&unpin);
         for (i, id) in ids.iter().enumerate() {
             if missing.contains(id) {
@@ -363,7 +360,6 @@ impl Txn {
 impl Drop for Txn {
     fn drop(&mut self) {
         let pinned: Vec<Hash> = self.pinned.drain().collect();
-        self.found.clear();
         self.store.unpin(&pinned);
         let mut active = self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner());
         for n in &self.my_packs {
