@@ -230,14 +230,22 @@ pub fn run(cmd: StoreCmd, global: &Global) -> anyhow::Result<Report> {
             Ok(Report::new(json!({ "removed": refs }), format!("removed {}", refs.join(", "))))
         }
         StoreCmd::Gc { dry_run, grace } => {
-            let _busy = crate::output::spinner(global, "gc");
+            let bar = crate::output::spinner(global, "gc");
             // A running daemon holds the store: it runs the gc.
             let body = json!({"dry_run": dry_run, "grace_seconds": grace});
             if let Some(r) = crate::daemon::try_request("POST", "/v1/gc", &body, global)? {
                 return Ok(r);
             }
             let store = open_store(global, false)?;
-            let report = store.gc(&GcOptions { dry_run, grace: Duration::from_secs(grace), ..GcOptions::default() })?;
+            let b = bar.0.clone();
+            let progress: snapfork_store::Progress = Arc::new(move |n| b.inc(n));
+            let opts = GcOptions {
+                dry_run,
+                grace: Duration::from_secs(grace),
+                progress: Some(progress),
+                ..Default::default()
+            };
+            let report = store.gc(&opts)?;
             Ok(gc_report(&report, dry_run))
         }
         StoreCmd::Verify { reference } => {

@@ -107,9 +107,14 @@ pub trait RepoTx {
     fn meta_put(&mut self, key: &str, value: &[u8]);
     /// Deletes metadata `key` as part of the transaction.
     fn meta_delete(&mut self, key: &str);
-    /// Keeps `id` (a file object or node this transaction links without writing it) alive until
-    /// commit, even against a concurrent gc; false when the store no longer holds it.
-    fn keep(&mut self, id: &Id) -> Result<bool>;
+    /// Keeps file object `id`, which this transaction links without writing it, alive until
+    /// commit, even against a concurrent gc; false when the store holds no such file object.
+    /// A chunk of the same id (a memory page, a blob chunk with the same bytes) is not one:
+    /// restore reads file contents from file objects only.
+    fn keep_file(&mut self, id: &Id) -> Result<bool>;
+    /// As [`RepoTx::keep_file`], for node `id` (a directory listing): false unless the store
+    /// holds it as a node.
+    fn keep_node(&mut self, id: &Id) -> Result<bool>;
     /// Makes everything durable and visible.
     fn commit(self: Box<Self>) -> Result<()>;
 }

@@ -105,11 +105,15 @@ impl RepoTx for StoreTx {
         self.0.meta_put(key, None);
     }
 
-    fn keep(&mut self, id: &Id) -> Result<bool> {
+    fn keep_file(&mut self, id: &Id) -> Result<bool> {
         // Pin first, then look: gc either saw the pin (and keeps it) or had already removed it.
         self.0.pin(h(id));
-        let store = self.0.store();
-        Ok(store.has_file_object(&h(id))? || store.contains(&h(id))?)
+        Ok(self.0.store().has_file_object(&h(id))?)
+    }
+
+    fn keep_node(&mut self, id: &Id) -> Result<bool> {
+        self.0.pin(h(id));
+        Ok(self.0.store().location(&h(id))?.is_some_and(|l| l.is_node))
     }
 
     fn commit(self: Box<Self>) -> Result<()> {

@@ -608,3 +608,38 @@ pub fn nofile_limit() -> u64 {
     // SAFETY: `rl` is a valid rlimit struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 { rl.rlim_cur } else { 1024 }
 }
+
+/// The mount points strictly below `dir` (an absolute, canonical path), from
+/// `/proc/self/mountinfo`: bind mounts of the same filesystem included, which `st_dev` alone
+/// would not show.
+pub fn mount_points_under(dir: &std::path::Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    Ok(info
+        .split(|&b| b == b'\n')
+        // The fifth field is the mount point, with space, tab, newline and backslash as octal escapes.
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| std::path::PathBuf::from(OsString::from_vec(unescape_octal(field))))
+        .filter(|m| m != dir && m.starts_with(dir))
+        .collect())
+}
+
+/// Undoes the kernel's `\ooo` escapes in a mountinfo field.
+fn unescape_octal(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let digits =
+            field.get(i + 1..i + 4).filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match digits {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}

@@ -652,6 +652,12 @@ pub fn checkpoint_then(
             && range[d].clone().all(|i| same[i] && scan.entries[i].subdir.is_none_or(|sd| candidate[sd]));
     }
     let mut tx = repo.begin()?;
+    // The new checkpoint links its parent: keep it against a gc that runs meanwhile (the
+    // engine removes checkpoint refs with their snapshots). One gone already starts no line.
+    let parent = match parent {
+        Some(p) if tx.keep_node(&p)? => Some(p),
+        _ => None,
+    };
     // Top-down: pin each topmost reused node (pin, then look: a concurrent gc either sees the
     // pin or had removed the node, and then the directory is read like a changed one). A node
     // the store holds has its whole closure (gc drops index entries of unreachable objects in
@@ -667,7 +673,7 @@ pub fn checkpoint_then(
             || match cached[dir_entry[d]].and_then(|c| c.id) {
                 Some(nid) => {
                     pinned += 1;
-                    tx.keep(&nid)?
+                    tx.keep_node(&nid)?
                 }
                 None => false,
             };
@@ -841,8 +847,8 @@ pub fn checkpoint_then(
             let (Some(p), Some(id)) = (&s.staged, &s.id) else {
                 continue;
             };
-            // `keep` pins before it looks: a gc cannot take the object away before our commit.
-            if adopted.contains(id) || tx.keep(id)? {
+            // `keep_file` pins before it looks: a gc cannot take the object away before our commit.
+            if adopted.contains(id) || tx.keep_file(id)? {
                 let _ = std::fs::remove_file(p);
                 continue;
             }
@@ -857,7 +863,7 @@ pub fn checkpoint_then(
             let s = &seen[i];
             if let (None, Some(id), false) = (&s.staged, &s.id, s.vanished)
                 && !adopted.contains(id)
-                && !tx.keep(id)?
+                && !tx.keep_file(id)?
             {
                 return Err(Error::Corrupt {
                     id: id.to_string(),
@@ -1584,6 +1590,17 @@ pub fn revert(repo: &dyn Repo, dir: &Path, ckpt: &Id) -> Result<RevertReport> {
             reason: format!(
                 "the store {} is inside this workspace; keep it outside (--store) to revert",
                 store.display()
+            ),
+        });
+    }
+    // A filesystem mounted inside would move with the old tree, and its files be removed with it.
+    if let Some(mount) = sys::mount_points_under(&ws).ctx("read", "/proc/self/mountinfo")?.first() {
+        return Err(Error::InvalidPath {
+            path: ws,
+            reason: format!(
+                "{} is a mount point inside this workspace: a revert would move it away with the old tree \
+                 and remove its files; unmount it first",
+                mount.display()
             ),
         });
     }

@@ -1024,3 +1024,60 @@ fn a_revert_the_store_cannot_record_is_undone() {
     workspace::revert(&env.store, &ws, &c.id).unwrap();
     assert_eq!(std::fs::read_to_string(ws.join("src/a.txt")).unwrap(), "version 1");
 }
+
+/// A file's id and a memory page's id are both the blake3 of the bytes. A workspace file equal
+/// to a page (or a small blob) the store already holds still becomes a file object of its own:
+/// restore reads files from file objects.
+#[test]
+fn a_file_with_the_bytes_of_a_stored_page_still_restores() {
+    let Some(env) = Env::new(FsType::Ext4, "a_file_with_the_bytes_of_a_stored_page_still_restores", 256) else {
+        return;
+    };
+    let page: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let image = env.p("mem.raw");
+    std::fs::write(&image, [&page[..], &page[..]].concat()).unwrap();
+    env.store.ingest_image(&image, &snapfork_store::IngestOptions::default(), Some("mem")).unwrap();
+    let ws = env.p("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("page.bin"), &page).unwrap();
+    let c1 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    assert_eq!(c1.new_objects, 1, "{c1:?}");
+    // A second checkpoint takes the file from the stat cache: still the file object.
+    std::fs::write(ws.join("other"), b"x").unwrap();
+    let c2 = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    for (n, c) in [(1, &c1), (2, &c2)] {
+        let dst = env.p(&format!("restored{n}"));
+        workspace::restore(&env.store, &c.id, &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("page.bin")).unwrap(), page, "checkpoint {n}");
+    }
+}
+
+/// A filesystem mounted inside a workspace would move away with the old tree in a revert, and
+/// the removal of the old tree would delete its files: the revert is refused, nothing changes.
+#[test]
+fn a_revert_refuses_a_workspace_with_a_mount_inside() {
+    let Some(env) = Env::new(FsType::Ext4, "a_revert_refuses_a_workspace_with_a_mount_inside", 256) else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("data")).unwrap();
+    std::fs::write(ws.join("a.txt"), "v1").unwrap();
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    std::fs::write(ws.join("a.txt"), "v2").unwrap();
+    // A bind mount of a directory on the same filesystem: the same st_dev as the workspace.
+    let elsewhere = env.p("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("precious"), "keep me").unwrap();
+    let st = Command::new("mount").arg("--bind").arg(&elsewhere).arg(ws.join("data")).status().unwrap();
+    assert!(st.success(), "bind mount");
+    let err = workspace::revert(&env.store, &ws, &c.id);
+    let unmounted = Command::new("umount").arg(ws.join("data")).status().unwrap();
+    let err = err.expect_err("a revert over a mount point").to_string();
+    assert!(unmounted.success(), "the mount stayed where it was");
+    assert!(err.contains("mount point") && err.contains("data"), "{err}");
+    assert_eq!(std::fs::read_to_string(elsewhere.join("precious")).unwrap(), "keep me");
+    assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "v2");
+    // Unmounted, the same revert goes through.
+    workspace::revert(&env.store, &ws, &c.id).unwrap();
+    assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "v1");
+}

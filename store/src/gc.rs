@@ -1,11 +1,13 @@
 //! Garbage collection: mark what refs reach, sweep the rest, rewrite sparse packs.
 //!
 //! Safe while transactions run in this process: gc holds the commit lock from its mark to the end
-//! of its sweep (ingests keep hashing and writing; only their final commit waits), keeps the
-//! closure of every id a transaction has pinned (dedup hits, parents), and never touches packs a
-//! transaction is writing. Pack files, file objects and staged files that no index entry names
-//! (the remains of a killed process, or of a removal that failed) are removed once older than
-//! the grace period.
+//! of its sweep (ingests keep writing; their hashing of a batch and their final commit wait),
+//! keeps the closure of every id a transaction has pinned (dedup hits, parents), and never
+//! touches packs a transaction is writing. The rewrite of sparse packs, which copies data and
+//! takes long, runs without it and takes it again only to point the index at the copies (see
+//! `rewrite_packs`). One gc runs at a time. Pack files, file objects and staged files that no
+//! index entry names (the remains of a killed process, or of a removal that failed) are removed
+//! once older than the grace period.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -17,12 +19,13 @@ use serde::Serialize;
 
 use crate::error::{IoContext, Result};
 use crate::hash::Hash;
+use crate::image::Progress;
 use crate::node::Node;
 use crate::pack::{FILE_MAGIC, Location, PackWriter, RECORD_HEADER, pack_path, parse_pack_name};
 use crate::store::{Store, key, sync_dir};
 
 /// How to collect.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GcOptions {
     /// Report what would go; change nothing.
     pub dry_run: bool,
@@ -32,11 +35,24 @@ pub struct GcOptions {
     pub grace: Duration,
     /// Packs whose live fraction falls below this are rewritten.
     pub repack_below: f64,
+    /// Called with the pack bytes copied as sparse packs are rewritten (the long part of a gc).
+    pub progress: Option<Progress>,
 }
 
 impl Default for GcOptions {
     fn default() -> Self {
-        GcOptions { dry_run: false, grace: Duration::from_secs(3600), repack_below: 0.5 }
+        GcOptions { dry_run: false, grace: Duration::from_secs(3600), repack_below: 0.5, progress: None }
+    }
+}
+
+impl std::fmt::Debug for GcOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcOptions")
+            .field("dry_run", &self.dry_run)
+            .field("grace", &self.grace)
+            .field("repack_below", &self.repack_below)
+            .field("progress", &self.progress.is_some())
+            .finish()
     }
 }
 
@@ -137,7 +153,8 @@ impl Store {
             return Err(crate::Error::ReadOnly);
         }
         let mut report = GcReport { dry_run: opts.dry_run, ..GcReport::default() };
-        let _commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
+        let _one_gc = self.inner.gc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
 
         // Mark.
         let (attached, refs): (Vec<_>, Vec<_>) =
@@ -221,17 +238,17 @@ impl Store {
         }
         self.sweep_orphaned_files(&indexed_files, &marked, opts, &mut report);
 
-        // Packs: delete the dead, rewrite the sparse.
+        // Packs: delete the dead now, plan the rewrite of the sparse. Both are decided under the
+        // commit lock: a pack that a commit indexes after the scan above would look dead.
         // Asked afresh for each pack: one a transaction starts meanwhile is active (registered
         // before its file exists) and must not be taken for an abandoned one.
         let is_active = |n: &u32| self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).contains(n);
         let packs_dir = self.packs_dir();
-        let mut repack_into: Option<PackWriter> = None;
         // Rewriting needs room for the live bytes first; what does not fit beyond the store's
         // reserve waits for a later gc (deleting dead packs needs none).
         let mut room = crate::pack::free_bytes(&packs_dir)?.saturating_sub(self.inner.min_free);
-        let mut moved = WriteBatch::default();
-        let mut to_delete = Vec::new();
+        let mut dead_packs = Vec::new();
+        let mut rewrite: Vec<(u32, Vec<(Hash, Location)>)> = Vec::new();
         for entry in fs::read_dir(&packs_dir).ctx(|| format!("list {}", packs_dir.display()))? {
             let entry = entry.ctx(|| format!("list {}", packs_dir.display()))?;
             let Some(n) = entry.file_name().to_str().and_then(parse_pack_name) else {
@@ -251,7 +268,7 @@ impl Store {
                 // A pack whose chunks all died is garbage; one that the index never named may be
                 // an ingest in progress elsewhere, so it gets the grace period.
                 if indexed_packs.contains(&n) || age >= opts.grace {
-                    to_delete.push(n);
+                    dead_packs.push(n);
                     report.removed_packs += 1;
                 } else {
                     report.pack_bytes_after += meta.len();
@@ -268,45 +285,79 @@ impl Store {
                 report.repacked += 1;
                 report.removed_packs += 1;
                 report.pack_bytes_after += live;
-                if opts.dry_run {
-                    continue;
-                }
-                if repack_into.is_none() {
-                    let number = self.alloc_pack();
-                    self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
-                    // No reserve check of its own: `room` already keeps the reserve.
-                    repack_into = Some(PackWriter::create(&packs_dir, number, 0)?);
-                }
-                let writer = repack_into.as_mut().expect("repack pack was just created");
-                for (id, loc) in live_locs.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
-                    let mut payload = vec![0u8; loc.stored_len as usize];
-                    self.inner.packs.read_at(loc.pack, loc.offset, &mut payload)?;
-                    let new = writer.append(id, loc.is_node, loc.codec, loc.raw_len, &payload)?;
-                    moved.put(key::id(key::CHUNK, id), new.encode());
-                }
-                to_delete.push(n);
+                rewrite.push((n, live_locs.remove(&n).unwrap_or_default()));
             } else {
                 report.pack_bytes_after += meta.len();
             }
         }
+        if !rewrite.is_empty() {
+            report.pack_bytes_after += FILE_MAGIC.len() as u64;
+        }
         if opts.dry_run {
             return Ok(report);
         }
-        if let Some(mut writer) = repack_into {
-            writer.sync()?;
-            sync_dir(&packs_dir)?;
-            report.pack_bytes_after += FILE_MAGIC.len() as u64;
-            self.write_batch(moved)?;
-            self.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).remove(&writer.number);
+        self.remove_packs(&dead_packs)?;
+        self.clean_staging(opts.grace)?;
+        drop(commits);
+        if !rewrite.is_empty() {
+            self.rewrite_packs(rewrite, opts.progress.as_ref())?;
         }
-        for n in to_delete {
+        Ok(report)
+    }
+
+    /// Copies the live chunks of the packs in `rewrite` into one new pack, points the index at
+    /// the copies, and deletes the old packs.
+    ///
+    /// The copy runs without the commit lock, so ingests and commits go on meanwhile (a paused
+    /// VM waiting for its checkpoint to commit is not kept waiting for gc). That is safe because
+    /// nothing else writes to these packs: they are not active, nothing can index a new chunk
+    /// into them, and only this gc (it holds the gc lock) moves or removes chunks. A commit may
+    /// index one of their chunks afresh elsewhere meanwhile (a transaction that wrote the same
+    /// page before it could see ours): the index then keeps that entry, and our copy of it is
+    /// garbage for a later gc. Readers that looked a chunk up before the move and read after
+    /// the old pack went look it up again (see `read_found`).
+    fn rewrite_packs(&self, rewrite: Vec<(u32, Vec<(Hash, Location)>)>, progress: Option<&Progress>) -> Result<()> {
+        let packs_dir = self.packs_dir();
+        let mut out = RepackOutput::create(self, &packs_dir)?;
+        let mut moved = Vec::new();
+        for (_, locs) in &rewrite {
+            for (id, loc) in locs {
+                let mut payload = vec![0u8; loc.stored_len as usize];
+                self.inner.packs.read_at(loc.pack, loc.offset, &mut payload)?;
+                let new = out.writer.append(id, loc.is_node, loc.codec, loc.raw_len, &payload)?;
+                moved.push((*id, *loc, new));
+                if let Some(p) = progress {
+                    p(RECORD_HEADER + u64::from(loc.stored_len));
+                }
+            }
+        }
+        out.writer.sync()?;
+        sync_dir(&packs_dir)?;
+        let _commits = self.inner.commit_lock.write().unwrap_or_else(|e| e.into_inner());
+        let mut batch = WriteBatch::default();
+        for (id, old, new) in &moved {
+            if self.location(id)? == Some(*old) {
+                batch.put(key::id(key::CHUNK, id), new.encode());
+            }
+        }
+        self.write_batch(batch)?;
+        out.done();
+        let old: Vec<u32> = rewrite.iter().map(|(n, _)| *n).collect();
+        self.remove_packs(&old)
+    }
+
+    /// Deletes packs that no index entry names, durably.
+    fn remove_packs(&self, packs: &[u32]) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let packs_dir = self.packs_dir();
+        for &n in packs {
             let path = pack_path(&packs_dir, n);
             fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
             self.inner.packs.forget(n);
         }
-        sync_dir(&packs_dir)?;
-        self.clean_staging(opts.grace)?;
-        Ok(report)
+        sync_dir(&packs_dir)
     }
 
     /// Removes (with `dry_run`, only counts) the files under `objects/` that no `f` index entry
@@ -419,5 +470,47 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// The pack a gc rewrites live chunks into: active while it is written (no other gc or scan
+/// takes it for abandoned), and deleted again unless [`RepackOutput::done`] says the index
+/// names it.
+struct RepackOutput<'a> {
+    store: &'a Store,
+    writer: PackWriter,
+    indexed: bool,
+}
+
+impl<'a> RepackOutput<'a> {
+    fn create(store: &'a Store, packs_dir: &Path) -> Result<Self> {
+        let number = store.alloc_pack();
+        store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(number);
+        // No reserve check of its own: gc's plan already keeps the reserve.
+        match PackWriter::create(packs_dir, number, 0) {
+            Ok(writer) => Ok(RepackOutput { store, writer, indexed: false }),
+            Err(e) => {
+                store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).remove(&number);
+                Err(e)
+            }
+        }
+    }
+
+    /// The index names the pack now: it stays.
+    fn done(&mut self) {
+        self.indexed = true;
+    }
+}
+
+impl Drop for RepackOutput<'_> {
+    fn drop(&mut self) {
+        let n = self.writer.number;
+        if !self.indexed {
+            let path = pack_path(&self.store.packs_dir(), n);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the pack of a failed repack");
+            }
+        }
+        self.store.inner.active_packs.lock().unwrap_or_else(|e| e.into_inner()).remove(&n);
     }
 }

@@ -308,8 +308,12 @@ impl Txn {
         }
         let parent_size = parent.as_ref().map_or(0, |p| p.size);
         let read_from_file = |i: u64| -> bool {
-            // New pages, and a last page whose length differs from the parent's, come from the file.
-            if i >= parent_pages || (i + 1 == pages && parent_size != size) {
+            // New pages come from the file, and so does every page whose length or extent differs
+            // from the parent's: the last page when the sizes differ, and the parent's short last
+            // page, which the file has since grown past.
+            let parent_short_tail = i + 1 == parent_pages && parent_size % ps64 != 0;
+            let reshaped = parent_size != size && (i + 1 == pages || parent_short_tail);
+            if i >= parent_pages || reshaped {
                 return true;
             }
             if opts.diff_snapshot {

@@ -101,6 +101,9 @@ pub(crate) struct Inner {
     /// Commits take it shared; gc takes it exclusively so that nothing commits between its mark
     /// and its sweep.
     pub commit_lock: RwLock<()>,
+    /// Held by a gc from start to end: one gc at a time (its rewrite of sparse packs runs
+    /// without the commit lock).
+    pub gc_lock: Mutex<()>,
     _lock: Option<StoreLock>,
     /// A read-only store's own directory for its secondary index instance (last: removed after
     /// the index closes).
@@ -193,6 +196,7 @@ impl Store {
                 active_packs: Mutex::default(),
                 pins: Mutex::default(),
                 commit_lock: RwLock::default(),
+                gc_lock: Mutex::default(),
                 _lock: lock,
                 _secondary: secondary,
             }),

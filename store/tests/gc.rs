@@ -132,6 +132,94 @@ fn gc_rewrites_packs_that_are_mostly_dead() {
     assert!(store.verify(None, None).unwrap().is_ok());
 }
 
+/// Rewriting packs copies data and takes long; ingests and commits go on meanwhile (a VM paused
+/// for its checkpoint must not wait for a gc to finish copying).
+#[test]
+fn ingests_commit_while_gc_rewrites_packs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let small = big_and_small_in_one_pack(&store, tmp.path());
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("big");
+    tx.commit().unwrap();
+    let during = make_image(300, 7, 77);
+    let during_path = write(tmp.path(), "during", &during);
+    // Called as gc copies: the first time, an ingest and commit run to the end on another
+    // thread while the copy waits for them.
+    let committed = Arc::new(std::sync::Mutex::new(None));
+    let progress: snapfork_store::Progress = {
+        let (store, committed, path) = (store.clone(), committed.clone(), during_path.clone());
+        let once = std::sync::Once::new();
+        Arc::new(move |_| {
+            once.call_once(|| {
+                let (store, path) = (store.clone(), path.clone());
+                let (done, finished) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = done.send(store.ingest_image(&path, &IngestOptions::default(), Some("during")));
+                });
+                let result = finished.recv_timeout(Duration::from_secs(60));
+                *committed.lock().unwrap() =
+                    Some(result.map_err(|e| format!("{e}")).and_then(|r| r.map_err(|e| format!("{e}"))));
+            })
+        })
+    };
+    let report = store.gc(&GcOptions { progress: Some(progress), ..gc_now() }).unwrap();
+    assert_eq!(report.repacked, 1, "{report:?}");
+    let during_info = committed
+        .lock()
+        .unwrap()
+        .take()
+        .expect("gc reported its copying")
+        .expect("an ingest and commit completed while gc was copying (they waited for it: timeout)");
+    assert_eq!(store.get_ref("during").unwrap(), Some(during_info.id));
+    for (name, data) in [("small", &small), ("during", &during)] {
+        let out = tmp.path().join(format!("{name}.out"));
+        store.open_image_ref(name).unwrap().materialize(&out, None).unwrap();
+        assert_eq!(&std::fs::read(out).unwrap(), data, "{name}");
+    }
+    assert!(store.verify(None, None).unwrap().is_ok());
+}
+
+/// A rewrite that fails half way (the pack it copies from is cut short under it) keeps the
+/// index as it was and removes the pack it was writing; once the pack is whole again, the next
+/// gc rewrites it and every page reads back.
+#[test]
+fn a_failed_pack_rewrite_leaves_no_half_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path());
+    let small = big_and_small_in_one_pack(&store, tmp.path());
+    let mut tx = store.begin().unwrap();
+    tx.delete_ref("big");
+    tx.commit().unwrap();
+    let packs_dir = tmp.path().join("store/packs");
+    let packs = || {
+        let mut names: Vec<_> = std::fs::read_dir(&packs_dir).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        names
+    };
+    let before = packs();
+    let [shared] = before.as_slice() else { panic!("one pack expected: {before:?}") };
+    let whole = std::fs::read(shared).unwrap();
+    let progress: snapfork_store::Progress = {
+        let shared = shared.clone();
+        Arc::new(move |_| {
+            let f = std::fs::OpenOptions::new().write(true).open(&shared).unwrap();
+            f.set_len(16).unwrap();
+        })
+    };
+    let err = store.gc(&GcOptions { progress: Some(progress), ..gc_now() }).expect_err("the pack was cut short");
+    assert!(err.to_string().contains("read pack"), "{err}");
+    assert_eq!(packs(), before, "a half-written pack was left behind");
+    std::fs::write(shared, &whole).unwrap();
+    let report = store.gc(&gc_now()).unwrap();
+    assert_eq!(report.repacked, 1, "{report:?}");
+    assert_eq!(packs().len(), 1);
+    let out = tmp.path().join("out");
+    store.open_image_ref("small").unwrap().materialize(&out, None).unwrap();
+    assert_eq!(std::fs::read(out).unwrap(), small);
+    assert!(store.verify(None, None).unwrap().is_ok());
+}
+
 /// A reader that opened the store read-only beside its writer (`snapfork serve-uffd`, `cat`,
 /// `verify` next to a daemon) sees the index as it was; the writer's gc then moves its pages.
 #[test]
