@@ -210,9 +210,10 @@ fn perm_for(meta: &Meta, owned: bool) -> u32 {
     if owned { meta.perm() } else { meta.perm() & !0o6000 }
 }
 
-/// Sets owner, permissions, extended attributes and times of an open file or directory, in
-/// that order: chown clears setuid bits, and setting xattrs would not touch mtime but chmod
-/// must come after chown. An owner this process may not give is counted (see [`owner_set`]).
+/// Sets owner, extended attributes, permissions and times of an open file or directory, in
+/// that order: chown clears setuid bits and file capabilities (so both come after it), and
+/// `user.*` xattrs need write permission on the inode, which a read-only mode would take away
+/// from anyone but root. An owner this process may not give is counted (see [`owner_set`]).
 pub fn apply_meta_fd(
     fd: BorrowedFd<'_>,
     meta: &Meta,
@@ -220,11 +221,11 @@ pub fn apply_meta_fd(
     c: &Counters,
 ) -> std::io::Result<()> {
     let owned = owner_set(sys::fchown(fd, meta.uid, meta.gid), c, || sys::fchown(fd, u32::MAX, meta.gid))?;
-    sys::fchmod(fd, perm_for(meta, owned))?;
     if !xattrs.is_empty() {
         let failed = sys::write_xattrs(XattrTarget::Fd(fd), xattrs)?;
         c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
     }
+    sys::fchmod(fd, perm_for(meta, owned))?;
     sys::futimens(fd, meta.atime, meta.mtime)
 }
 
@@ -238,15 +239,16 @@ pub fn apply_meta_at(
 ) -> std::io::Result<()> {
     let owned =
         owner_set(sys::lchownat(dir, name, meta.uid, meta.gid), c, || sys::lchownat(dir, name, u32::MAX, meta.gid))?;
-    if meta.kind() != Kind::Symlink {
-        // The entry was created by us a moment ago under a directory only we know about, so
-        // fchmodat (which follows symlinks) cannot be redirected.
-        sys::fchmodat(dir, name, perm_for(meta, owned))?;
-    }
+    // The same order as `apply_meta_fd`: xattrs before the mode.
     if !xattrs.is_empty() {
         let p = sys::proc_path(dir, name);
         let failed = sys::write_xattrs(XattrTarget::Path(&p), xattrs)?;
         c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
+    }
+    if meta.kind() != Kind::Symlink {
+        // The entry was created by us a moment ago under a directory only we know about, so
+        // fchmodat (which follows symlinks) cannot be redirected.
+        sys::fchmodat(dir, name, perm_for(meta, owned))?;
     }
     sys::lutimensat(dir, name, meta.atime, meta.mtime)
 }
@@ -306,7 +308,9 @@ pub fn create_file_lean(
     let perm = meta.perm();
     // setuid/setgid/sticky bits are cleared by the reflink (it removes privileges) and by
     // chown, so they are always set explicitly, last.
-    let mode_at_create = perm & 0o7000 == 0 && d.umask.is_some_and(|u| perm & u == 0);
+    // A file that gets xattrs is created writable: `user.*` xattrs need write permission.
+    let mode_at_create =
+        perm & 0o7000 == 0 && d.umask.is_some_and(|u| perm & u == 0) && (xattrs.is_empty() || perm & 0o200 != 0);
     let owner_at_create = (meta.uid, meta.gid) == (d.uid, d.gid);
     let dst = sys::openat(
         dir,
@@ -318,12 +322,12 @@ pub fn create_file_lean(
     let fd = dst.as_fd();
     let owned =
         owner_at_create || owner_set(sys::fchown(fd, meta.uid, meta.gid), c, || sys::fchown(fd, u32::MAX, meta.gid))?;
-    if !mode_at_create || !owned {
-        sys::fchmod(fd, perm_for(meta, owned))?;
-    }
     if !xattrs.is_empty() {
         let failed = sys::write_xattrs(XattrTarget::Fd(fd), xattrs)?;
         c.xattr_failures.fetch_add(failed as u64, Ordering::Relaxed);
+    }
+    if !mode_at_create || !owned {
+        sys::fchmod(fd, perm_for(meta, owned))?;
     }
     sys::futimens(fd, meta.atime, meta.mtime)?;
     let mut st = sys::fstat(fd)?;

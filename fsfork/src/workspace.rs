@@ -835,6 +835,9 @@ pub fn checkpoint_then(
             seen[i].id = seen[p].id;
             seen[i].meta.size = seen[p].meta.size;
             seen[i].vanished = seen[p].vanished;
+            // One inode, one set of xattrs: every name records them (and caches them), so that
+            // whichever name comes first in a later walk carries them.
+            seen[i].xattrs = seen[p].xattrs.clone();
         }
     }
 
@@ -1336,6 +1339,13 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                 .ctx("link", dst.join(&dirs[di].rel).join(OsStr::from_bytes(&e.name)))?;
         }
         let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
+        // The xattrs a link group's inode got: those of the name that created it (manifests
+        // written before every name recorded them have none on the others).
+        let group_xattrs: HashMap<u64, &[(Vec<u8>, Vec<u8>)]> = links
+            .iter()
+            .map(|&(_, (fdi, fei))| &dirs[fdi].entries[fei])
+            .map(|f| (f.link_group, &f.xattrs[..]))
+            .collect();
         // Hard-linked files are cached once all their links exist (linking changes ctime).
         for (di, d) in dirs.iter().enumerate() {
             for e in d.entries.iter().filter(|e| e.link_group != 0 && e.kind == Kind::File) {
@@ -1345,7 +1355,11 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     sys::lstatat(dfds.get(di).ctx("open", dst.join(&d.rel))?.fd(), &n).ctx("stat", dst.join(&rel))?;
                 cache.insert(
                     rel.as_os_str().as_bytes(),
-                    CacheEntry::new(&Meta::from_stat(&st), e.link, e.xattrs.clone()),
+                    CacheEntry::new(
+                        &Meta::from_stat(&st),
+                        e.link,
+                        group_xattrs.get(&e.link_group).map_or_else(|| e.xattrs.clone(), |x| x.to_vec()),
+                    ),
                 );
             }
         }

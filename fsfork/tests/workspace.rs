@@ -1081,3 +1081,35 @@ fn a_revert_refuses_a_workspace_with_a_mount_inside() {
     workspace::revert(&env.store, &ws, &c.id).unwrap();
     assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "v1");
 }
+
+/// The names of a hard-linked file share one inode and its xattrs. Whichever name a later walk
+/// meets first (here, after its directory was renamed, a name that came second before) records
+/// them: the restored inode keeps its xattrs.
+#[test]
+fn hard_linked_files_keep_their_xattrs_whichever_name_comes_first() {
+    let Some(env) = Env::new(FsType::Ext4, "hard_linked_files_keep_their_xattrs_whichever_name_comes_first", 256)
+    else {
+        return;
+    };
+    let ws = env.p("ws");
+    std::fs::create_dir_all(ws.join("a")).unwrap();
+    std::fs::create_dir_all(ws.join("b")).unwrap();
+    std::fs::write(ws.join("a/x"), "linked").unwrap();
+    std::fs::hard_link(ws.join("a/x"), ws.join("b/y")).unwrap();
+    common::setxattr(&ws.join("a/x"), "user.tag", b"kept");
+    workspace::checkpoint(&env.store, &ws, None).unwrap();
+    // A rename of the directory changes neither inode: `b/y` now comes first, from the cache.
+    std::fs::rename(ws.join("a"), ws.join("z")).unwrap();
+    let before = common::snapshot(&ws);
+    let c = workspace::checkpoint(&env.store, &ws, None).unwrap();
+    let dst = env.p("restored");
+    workspace::restore(&env.store, &c.id, &dst).unwrap();
+    common::assert_same(&before, &common::snapshot(&dst));
+    let d = workspace::diff(&env.store, Side::Checkpoint(c.id), Side::Dir(&ws)).unwrap();
+    assert!(d.changed.is_empty(), "{d:?}");
+    // The restored tree, checkpointed from its seeded cache, records them too.
+    let c2 = workspace::checkpoint(&env.store, &dst, None).unwrap();
+    let again = env.p("again");
+    workspace::restore(&env.store, &c2.id, &again).unwrap();
+    common::assert_same(&before, &common::snapshot(&again));
+}
