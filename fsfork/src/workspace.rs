@@ -1341,11 +1341,8 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
         let mut cache = cache.into_inner().unwrap_or_else(|p| p.into_inner());
         // The xattrs a link group's inode got: those of the name that created it (manifests
         // written before every name recorded them have none on the others).
-        let group_xattrs: HashMap<u64, &[(Vec<u8>, Vec<u8>)]> = links
-            .iter()
-            .map(|&(_, (fdi, fei))| &dirs[fdi].entries[fei])
-            .map(|f| (f.link_group, &f.xattrs[..]))
-            .collect();
+        let group_xattrs: HashMap<u64, &Vec<_>> =
+            links.iter().map(|&(_, (fdi, fei))| &dirs[fdi].entries[fei]).map(|f| (f.link_group, &f.xattrs)).collect();
         // Hard-linked files are cached once all their links exist (linking changes ctime).
         for (di, d) in dirs.iter().enumerate() {
             for e in d.entries.iter().filter(|e| e.link_group != 0 && e.kind == Kind::File) {
