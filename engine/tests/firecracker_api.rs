@@ -710,8 +710,15 @@ async fn firecracker_checkpoint_diff_restore_fork_via_uffd() {
     let err = engine.checkpoint("vm-b", CheckpointOptions::default()).await.unwrap_err();
     eprintln!("checkpoint with the VMM dying: {err}");
     assert_eq!(snapshot_refs(), refs);
-    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("engine/tmp")).unwrap().collect();
-    assert!(tmp.is_empty(), "left in the engine's tmp: {tmp:?}");
+    // A failed checkpoint removes its scratch directory in the background (the VMM may still
+    // be writing into it): give that a moment.
+    let tmp_left =
+        || std::fs::read_dir(dir.path().join("engine/tmp")).unwrap().flatten().map(|e| e.path()).collect::<Vec<_>>();
+    let waited = std::time::Instant::now();
+    while !tmp_left().is_empty() && waited.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(tmp_left().is_empty(), "left in the engine's tmp: {:?}", tmp_left());
     assert!(engine.store().verify(None, None).unwrap().is_ok());
     let vm_b = engine.ls().await.unwrap().into_iter().find(|s| s.name == "vm-b").unwrap();
     assert_eq!(vm_b.status, snapfork_engine::Status::Exited, "{vm_b:?}");
