@@ -1355,7 +1355,7 @@ fn materialize(repo: &dyn Repo, ckpt: &Id, dst: &Path) -> Result<(RestoreReport,
                     CacheEntry::new(
                         &Meta::from_stat(&st),
                         e.link,
-                        group_xattrs.get(&e.link_group).map_or_else(|| e.xattrs.clone(), |x| x.to_vec()),
+                        group_xattrs.get(&e.link_group).copied().unwrap_or(&e.xattrs).clone(),
                     ),
                 );
             }
